@@ -1,0 +1,43 @@
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from diffpro_cli.commands.common import JsonOut, Quiet, Seed, make_ui
+from diffpro_cli.errors import UsageError
+
+
+def train_cmd(
+    name: Annotated[str, typer.Argument(help="Built-in model to train: dit-mnist or unet-mnist.")] = "dit-mnist",
+    out: Annotated[Optional[Path], typer.Option("--out", help="Checkpoint directory (default .train/NAME).")] = None,
+    data: Annotated[Optional[Path], typer.Option("--data", help="Directory with MNIST IDX files (default $DIFFPRO_MNIST).")] = None,
+    steps: Annotated[int, typer.Option("--steps")] = 2400,
+    batch: Annotated[int, typer.Option("--batch")] = 128,
+    lr: Annotated[float, typer.Option("--lr")] = 5e-4,
+    max_minutes: Annotated[Optional[float], typer.Option("--max-minutes", help="Stop (and export) after this much training time.")] = None,
+    threads: Annotated[Optional[int], typer.Option("--threads")] = None,
+    install: Annotated[bool, typer.Option("--install", help="Copy the exported weights into the package.")] = False,
+    seed: Seed = 0,
+    json_output: JsonOut = False,
+    quiet: Quiet = False,
+):
+    """Train (or resume training) a built-in MNIST model and export fp16 weights with a model card."""
+    import shutil
+
+    from diffpro_cli.models.builtin import BUILTIN_CONFIGS, WEIGHTS_DIR
+    from diffpro_cli.train import train
+
+    ui = make_ui(quiet, json_output)
+    if name not in BUILTIN_CONFIGS:
+        raise UsageError(f"{name}: unknown built-in model; choose one of {', '.join(BUILTIN_CONFIGS)}")
+    if steps < 1 or batch < 1:
+        raise UsageError("--steps and --batch must be at least 1")
+    out = out or Path(".train") / name
+    card = train(name, out, data_dir=data, steps=steps, batch=batch, lr=lr, seed=seed,
+                 max_minutes=max_minutes, threads=threads, log=ui.info)
+    if install:
+        for ext in (".safetensors", ".json"):
+            shutil.copy(out / f"{name}{ext}", WEIGHTS_DIR / f"{name}{ext}")
+    ui.result(card, human=f"trained {name}: {card['steps']} steps, final loss {card['final_loss']:.4f} → {out}")

@@ -1,0 +1,1 @@
+"""Integer formats, quantized layers and the kernel registry."""

@@ -1,0 +1,59 @@
+"""The shared skeleton of a resumable stage: check the lock, compute, record."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from diffpro_cli.artifacts import Lock
+from diffpro_cli.console import UI, QUIET_UI
+
+
+@dataclass
+class StageOutcome:
+    stage: str
+    status: str          # "computed" | "up to date"
+    reason: str
+    outputs: dict[str, str]
+    wall_s: float
+
+    def as_dict(self) -> dict:
+        return {"stage": self.stage, "status": self.status, "reason": self.reason,
+                "outputs": self.outputs, "wall_s": round(self.wall_s, 3)}
+
+
+def run_stage(
+    workdir: str | Path,
+    stage: str,
+    inputs: dict[str, dict],
+    config: dict,
+    outputs: dict[str, Path],
+    compute: Callable[[], None],
+    *,
+    force: bool = False,
+    seed: int | None = None,
+    ui: UI = QUIET_UI,
+) -> StageOutcome:
+    """Run `compute` unless the lock says this stage is up to date.
+
+    inputs: name → {"path": ..., "sha256": ...} (see artifacts.input_record); config must be JSON-able.
+    `compute` must write every path in `outputs` atomically.
+    """
+    workdir = Path(workdir)
+    lock = Lock(workdir)
+    digests = {k: v["sha256"] for k, v in inputs.items()}
+    check = lock.check(stage, digests, config)
+    out_paths = {k: str(v) for k, v in outputs.items()}
+    if check.up_to_date and not force:
+        ui.info(f"{stage}: up to date (use --force to recompute)")
+        return StageOutcome(stage, "up to date", check.reason, out_paths, 0.0)
+    reason = "forced" if force else check.reason
+    if check.reason != "never run" or force:
+        ui.info(f"{stage}: recomputing ({reason})")
+    t0 = time.time()
+    compute()
+    wall = time.time() - t0
+    lock.record(stage, inputs, config, outputs, seed, wall)
+    return StageOutcome(stage, "computed", reason, out_paths, wall)
