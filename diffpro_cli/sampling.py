@@ -107,9 +107,8 @@ def step(x, eps, a_t: float, a_prev: float, cfg: SamplerConfig, gens) -> torch.T
             return mean
         return mean + var ** 0.5 * _randn_like(x, gens)
     if cfg.method == "ddim":
-        eps_used = (x - a_t ** 0.5 * x0) / (1 - a_t) ** 0.5 if cfg.clip_x0 else eps
         sigma = cfg.eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)) ** 0.5 if a_prev < 1 else 0.0
-        out = a_prev ** 0.5 * x0 + max(0.0, 1 - a_prev - sigma ** 2) ** 0.5 * eps_used
+        out = a_prev ** 0.5 * x0 + max(0.0, 1 - a_prev - sigma ** 2) ** 0.5 * eps
         if sigma > 0:
             out = out + sigma * _randn_like(x, gens)
         return out
@@ -166,7 +165,7 @@ def save_grid(images: torch.Tensor, path, nrow: int | None = None) -> None:
     import numpy as np
 
     from diffpro_cli.artifacts import atomic_write_bytes
-    from diffpro_cli.data import to_uint8
+    from diffpro_cli.mnist import to_uint8
 
     n, c, h, w = images.shape
     nrow = nrow or max(1, math.ceil(math.sqrt(n)))

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from diffpro_cli.data import load_mnist, to_model_space
+from diffpro_cli.mnist import load_mnist, to_model_space
 from diffpro_cli.models.base import linear_alphas_cumprod
 from diffpro_cli.models.builtin import BUILTIN_CONFIGS, build_net, dit_forward, unet_forward
 

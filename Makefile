@@ -1,0 +1,34 @@
+# diffpro — everything a fresh machine needs: `make demo`, `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: install demo test bench lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python scripts/fetch_fid_weights.py
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/diffpro run sample_configs/demo.toml
+
+# pytest's exit code 5 (no tests collected) counts as a failure.
+test: install
+	@$(BIN)/python -m pytest -q -p no:cacheprovider; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests"; exit 1; fi; exit $$rc
+
+bench: install
+	$(BIN)/python benchmarks/kernels.py
+
+lint: install
+	$(BIN)/python -m ruff check diffpro_cli tests benchmarks scripts
+
+clean:
+	rm -rf $(VENV) diffpro-work build *.egg-info

@@ -1,0 +1,1 @@
+"""Quality metrics: FID (pytorch-fid numerics, offline Inception weights)."""

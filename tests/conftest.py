@@ -1,0 +1,46 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("CI", "true")  # no progress bars in tests
+torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+
+@pytest.fixture
+def cli(capsys):
+    """Run the CLI in-process: returns (exit_code, stdout, stderr)."""
+    from diffpro_cli.app import main
+
+    def run(*args):
+        code = main([str(a) for a in args])
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    return run
+
+
+class TinyEps(torch.nn.Module):
+    """A tiny conditional noise predictor: fast enough for 1000-step sampler tests."""
+
+    def __init__(self, channels=1, classes=10):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(channels, channels, 3, padding=1)
+        self.temb = torch.nn.Linear(1, channels)
+        self.cemb = torch.nn.Embedding(classes + 1, channels)
+
+    def forward(self, x, t, y):
+        h = self.conv(x) + self.temb(t.float().view(-1, 1) / 1000).view(-1, x.shape[1], 1, 1)
+        if y is not None:
+            h = h + self.cemb(y).view(-1, x.shape[1], 1, 1)
+        return torch.tanh(h)
+
+
+@pytest.fixture
+def tiny_model():
+    from diffpro_cli.models.base import DiffusionModel, linear_alphas_cumprod
+
+    return DiffusionModel(spec="test:tiny", net=TinyEps().eval(), kind="custom", sample_shape=(1, 8, 8),
+                          alphas_cumprod=linear_alphas_cumprod(), num_classes=10,
+                          forward_fn=lambda net, x, t, y: net(x, t, y))

@@ -1,0 +1,78 @@
+import json
+
+import pytest
+import torch
+
+
+def _one_error_line(err):
+    lines = [l for l in err.strip().splitlines() if l.strip()]
+    assert lines and lines[-1].startswith("error: "), err
+    assert "Traceback" not in err
+    return lines[-1]
+
+
+def test_help_lists_every_stage(cli):
+    code, out, _ = cli("--help")
+    assert code == 0
+    for name in ("profile", "score", "prune", "allocate", "quantize", "bench", "run", "sample"):
+        assert name in out
+
+
+def test_version(cli):
+    code, out, _ = cli("--version")
+    assert code == 0 and out.startswith("diffpro ")
+
+
+def test_sample_writes_grid_and_raw(cli, tmp_path):
+    out = tmp_path / "g.png"
+    code, stdout, _ = cli("sample", "builtin:dit-mnist", "--steps", "3", "--n", "4", "--out", out, "--json", "--batch", "3")
+    assert code == 0
+    res = json.loads(stdout)
+    assert res["n"] == 4 and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from safetensors.torch import load_file
+
+    raw = load_file(str(tmp_path / "g.safetensors"))
+    assert raw["samples"].shape == (4, 1, 32, 32)
+    assert raw["labels"].tolist() == [0, 1, 2, 3]
+
+
+def test_sample_same_seed_same_samples_any_batch(cli, tmp_path):
+    from safetensors.torch import load_file
+
+    for b in ("1", "4"):
+        assert cli("sample", "--steps", "2", "--n", "4", "--batch", b, "--out", tmp_path / f"b{b}.png", "-q")[0] == 0
+    a, b = (load_file(str(tmp_path / f"b{b}.safetensors"))["samples"] for b in ("1", "4"))
+    # identical noise; only GEMM blocking differs with batch size (~1e-6 in eps, amplified at t=999)
+    assert torch.allclose(a, b, atol=1e-4)
+
+
+@pytest.mark.parametrize("args,code,needle", [
+    (["sample", "nope/model.pt"], 3, "no such model"),
+    (["sample", "builtin:nope"], 3, "unknown built-in"),
+    (["sample", "--method", "euler", "--steps", "2", "--n", "1"], 2, "unknown sampler"),
+    (["sample", "--steps", "0"], 2, "--steps 0"),
+    (["sample", "--labels", "3,x"], 2, "--labels"),
+    (["sample", "--labels", "12"], 2, "classes must be"),
+    (["sample", "some.module:factory"], 5, "--trust-code"),
+])
+def test_bad_input_one_line_nonzero(cli, tmp_path, args, code, needle):
+    rc, _, err = cli(*args, "--out", tmp_path / "x.png")
+    assert rc == code, err
+    assert needle in _one_error_line(err)
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_sample_timesteps_file_schema_checked(cli, tmp_path):
+    bad = tmp_path / "timesteps.json"
+    bad.write_text(json.dumps({"schema": "diffpro.timesteps/7", "timesteps": [0, 10]}))
+    rc, _, err = cli("sample", "--timesteps", bad, "--out", tmp_path / "x.png")
+    assert rc == 3 and "cannot be read" in _one_error_line(err)
+    good = tmp_path / "t2.json"
+    good.write_text(json.dumps({"schema": "diffpro.timesteps/1", "timesteps": [0, 500, 999]}))
+    rc, out, _ = cli("sample", "--timesteps", good, "--n", "2", "--out", tmp_path / "y.png", "--json")
+    assert rc == 0 and json.loads(out)["steps"] == 3
+
+
+def test_unknown_option_is_usage_error(cli):
+    rc, _, err = cli("sample", "--bogus")
+    assert rc == 2 and "No such option" in err
