@@ -1,24 +1,71 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
-from diffpro_cli.commands.common import DEFAULT_WORKDIR, Force, JsonOut, ModelArg, Quiet, TrustCode, Workdir
-from diffpro_cli.errors import NotImplementedStage
+from diffpro_cli.commands.common import DEFAULT_WORKDIR, Force, JsonOut, ModelArg, Quiet, Seed, TrustCode, Weights, Workdir, make_ui
+from diffpro_cli.errors import UsageError
 
 
 def bench_cmd(
     model: ModelArg = "builtin:dit-mnist",
+    quantized: Annotated[Optional[Path], typer.Option("--quantized", help="diffpro checkpoint dir (default WORKDIR/quantized if present).")] = None,
+    timesteps: Annotated[Optional[Path], typer.Option("--timesteps", help="timesteps.json for the diffpro row (default WORKDIR/timesteps.json, else the checkpoint's).")] = None,
+    rows: Annotated[str, typer.Option("--rows", help="Comma list of rows: fp32,w8a8-uniform,w4-uniform,ddim,dpmsolver,diffpro.")] = "fp32,w8a8-uniform,w4-uniform,ddim,dpmsolver,diffpro",
+    reference_steps: Annotated[int, typer.Option("--reference-steps", help="Steps of the full-precision schedule.")] = 100,
+    steps: Annotated[Optional[int], typer.Option("--steps", help="Reduced step count for ddim/dpmsolver rows (default: diffpro's).")] = None,
+    method: Annotated[str, typer.Option("--method", help="ddim or ddpm for subset samplers.")] = "ddim",
+    cfg_scale: Annotated[float, typer.Option("--cfg", help="Classifier-free guidance scale.")] = 1.0,
+    fid: Annotated[bool, typer.Option("--fid/--no-fid", help="Compute FID (pytorch-fid InceptionV3).")] = False,
+    fid_n: Annotated[int, typer.Option("--fid-n", help="Samples per row for FID.")] = 200,
+    reference: Annotated[str, typer.Option("--reference", help="FID reference: builtin:mnist or a pytorch-fid .npz.")] = "builtin:mnist",
+    inception_weights: Annotated[Optional[str], typer.Option("--inception-weights", help="FID Inception weights file.")] = None,
+    repeats: Annotated[int, typer.Option("--repeats", help="Timed repeats per row (after one warm-up).")] = 5,
+    latency_batch: Annotated[int, typer.Option("--latency-batch", help="Images per timed sampling call.")] = 8,
+    latency_steps: Annotated[Optional[int], typer.Option("--latency-steps", help="Time only this many steps and scale (huge models).")] = None,
+    threads: Annotated[Optional[int], typer.Option("--threads", help="torch CPU threads (default: torch's).")] = None,
     workdir: Workdir = DEFAULT_WORKDIR,
+    seed: Seed = 0,
     trust_code: TrustCode = False,
+    weights: Weights = None,
     force: Force = False,
     json_output: JsonOut = False,
     quiet: Quiet = False,
 ):
-    """Measure FID, latency, memory, size and energy against baselines."""
-    from diffpro_cli.models import load_model
+    """Measure FID, latency, memory, size and energy of diffpro's plan against every baseline."""
+    import torch
 
-    load_model(model, trust_code=trust_code)  # validate the spec before saying what is missing
-    raise NotImplementedStage("bench: not available yet (the benchmark and report land with issue #9); nothing was written")
+    from diffpro_cli.artifacts import read_json
+    from diffpro_cli.stages.bench import ALL_ROWS, BenchConfig, run_bench
+
+    ui = make_ui(quiet, json_output)
+    names = [r.strip() for r in rows.split(",") if r.strip()]
+    bad = [r for r in names if r not in ALL_ROWS]
+    if bad:
+        raise UsageError(f"--rows: unknown row(s) {', '.join(bad)}; choose from {', '.join(ALL_ROWS)}")
+    if repeats < 1 or latency_batch < 1 or fid_n < 2 or reference_steps < 1:
+        raise UsageError("--repeats, --latency-batch, --reference-steps must be ≥ 1 and --fid-n ≥ 2")
+    if method not in ("ddim", "ddpm"):
+        raise UsageError(f"--method {method}: use ddim or ddpm")
+    if threads:
+        torch.set_num_threads(threads)
+    if quantized is None and (workdir / "quantized" / "diffpro.json").exists():
+        quantized = workdir / "quantized"
+    if quantized is not None and not (quantized / "diffpro.json").exists():
+        raise UsageError(f"--quantized {quantized}: no diffpro.json there; run `diffpro quantize` first")
+    ts = None
+    if timesteps is None and (workdir / "timesteps.json").exists():
+        timesteps = workdir / "timesteps.json"
+    if timesteps is not None:
+        ts = read_json(timesteps, "diffpro.timesteps/1")["timesteps"]
+    cfg = BenchConfig(rows=names, reference_steps=reference_steps, steps=steps, method=method, cfg_scale=cfg_scale,
+                      fid=fid, fid_n=fid_n, reference=reference, inception_weights=inception_weights, seed=seed,
+                      repeats=repeats, latency_batch=latency_batch, latency_steps=latency_steps)
+    report = run_bench(model, workdir, cfg, quantized=quantized, timesteps=ts,
+                       load_kwargs={"trust_code": trust_code, "weights": weights}, ui=ui, force=force)
+    lines = [f"{r['name']:>14s}: {r['steps']:4d} steps, {r['weight_bits_avg']:5.2f} bits, "
+             f"{r['latency_s_per_image']['median'] * 1000:8.1f} ms/img, speedup {report['derived'][r['name']]['speedup']:.2f}x"
+             + (f", FID {r['fid']:.2f}" if r["fid"] is not None else "") for r in report["rows"]]
+    ui.result(report, human="\n".join(lines) + f"\nwrote {workdir / 'bench' / 'report.json'} and report.md")

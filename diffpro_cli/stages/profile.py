@@ -272,9 +272,8 @@ class Profiler:
         self.shares: dict[str, str] = {}            # layer → owner whose input it shares
         self.out_rows = {n: torch.zeros(self.n_t, dtype=torch.int64) for n in layers}
         self.out_sumsq = {n: torch.zeros(self.n_t, dtype=torch.float64) for n in layers}
-        self.rows_per_sample: dict[str, float] = {}
+        self.samples_seen = 0                       # Σ batch sizes of the model calls
         self.ti = None
-        self.batch = 1
         self._last_input = None
         self._last_owner = None
         self._handles = []
@@ -294,7 +293,7 @@ class Profiler:
         if len(values) != 1 or next(iter(values)) not in self.t_index:
             raise RuntimeError(f"profiler: model called at timesteps {sorted(values)} outside the calibration schedule")
         self.ti = self.t_index[values.pop()]
-        self.batch = batch
+        self.samples_seen += batch
 
     def end(self) -> None:
         self._last_input = self._last_owner = None
@@ -313,7 +312,6 @@ class Profiler:
         mat = layer_input_matrix(module, x)
         if name not in self.stats:
             self.stats[name] = LayerStats(mat.shape[1], self.n_t, self.max_dim, self.max_rows, layer_seed(self.seed, name))
-            self.rows_per_sample[name] = mat.shape[0] / self.batch
         peak = float(mat.abs().max()) if mat.numel() else 0.0
         if not math.isfinite(peak):
             raise InputError(f"layer {name} sees non-finite activations; check the model weights (NaN/Inf) before profiling")
@@ -403,7 +401,7 @@ def layer_row(name: str, module: nn.Module, role: str, prof: Profiler) -> dict:
     st = prof.stats[owner]
     d, out = input_dim(module), output_dim(module)
     groups = getattr(module, "groups", 1)
-    rows = prof.rows_per_sample.get(owner, 0.0)
+    rows = int(st.rows.sum()) / max(prof.samples_seen, 1)   # GEMM rows per sample per model call
     row = {
         "name": name, "kind": type(module).__name__, "role": role,
         "in_features": d, "out_features": out,

@@ -207,14 +207,16 @@ def select_greedy(cost: np.ndarray, steps: int, tail: int) -> tuple[list[int], f
 
 
 def tail_uniform(C: int, steps: int, tail: int) -> list[int]:
-    """Top, the protected tail, and the remaining steps evenly spaced (by index) over the free candidates."""
+    """Top, the protected tail, and the other steps evenly spaced (by candidate index) in between."""
     free = steps - tail - 1
     tail_nodes = list(range(C - tail, C))
-    if free <= 0:
-        return [0] + tail_nodes
-    inner = np.unique(np.round(np.linspace(1, C - tail - 1, free + 2)[1:-1]).astype(int)).tolist()
+    if tail:
+        inner = np.linspace(0, C - tail, free + 2)[1:-1]    # strictly between the top and the tail
+    else:
+        inner = np.linspace(0, C - 1, free + 1)[1:]          # no tail: reach down to the lowest candidate
+    inner = sorted(set(np.round(inner).astype(int).tolist()) - {0} - set(tail_nodes))
     pool = [k for k in range(1, C - tail) if k not in inner]
-    while len(inner) < free and pool:     # rounding collisions on a tight grid: fill from the rest
+    while len(inner) < free and pool:                         # rounding collisions on a tight grid
         inner.append(pool.pop(0))
     return sorted([0] + inner) + tail_nodes
 
@@ -359,8 +361,6 @@ def _select_one(model, cfg, teacher, cost, cands_desc, K, T, uniform, labels, ui
                              "local_drift": path_cost(cost, nodes), "timesteps": subset})
     best = min(alternatives, key=lambda a: a["drift"])
     chosen = measured[tuple(best["timesteps"])]
-    for a in alternatives:
-        a.pop("timesteps") if a is not best else None
     ui.info(f"prune: K={K} drift {best['drift']:.4g} ({best['name']}) vs uniform {uni[cfg.metric]:.4g}")
     return {
         "steps": K, "protect_tail": T, "timesteps": best["timesteps"], "protected": sorted(cands_desc[C - T:]),

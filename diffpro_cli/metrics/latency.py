@@ -1,0 +1,51 @@
+"""Wall-clock latency with warm-up and repeats; medians, not means (these machines are shared)."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+
+def _sync():
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def time_call(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> dict:
+    """Run fn warmup times untimed, then `repeats` timed; returns median/min/max seconds and repeats."""
+    if repeats < 1:
+        raise ValueError("repeats must be >= 1")
+    for _ in range(warmup):
+        fn()
+    _sync()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        _sync()
+        times.append(time.perf_counter() - t0)
+    return {"median": statistics.median(times), "min": min(times), "max": max(times), "repeats": repeats}
+
+
+def interleaved(fns: dict[str, Callable[[], object]], repeats: int = 5, warmup: int = 1) -> dict[str, dict]:
+    """Time several candidates round-robin so drifting machine load hits them all alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    samples = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            _sync()
+            t0 = time.perf_counter()
+            fn()
+            _sync()
+            samples[k].append(time.perf_counter() - t0)
+    return {k: {"median": statistics.median(v), "min": min(v), "max": max(v), "repeats": repeats} for k, v in samples.items()}
+
+
+def scale(stats: dict, factor: float) -> dict:
+    """Divide a latency record by `factor` (e.g. per batch → per image)."""
+    return {k: (v / factor if k != "repeats" else v) for k, v in stats.items()}

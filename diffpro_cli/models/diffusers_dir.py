@@ -1,0 +1,286 @@
+"""Diffusers directories: a model folder (config.json + weights) or a pipeline folder (model_index.json).
+
+Supported networks: DiTTransformer2DModel (also the legacy `Transformer2DModel` name with
+norm_type ada_norm_zero, as in facebook/DiT-XL-2-256) and UNet2DModel. A pipeline is DiTPipeline-like
+(transformer/ + scheduler/ + optional vae/) or DDPMPipeline-like (unet/ + scheduler/).
+
+- Schedule: from scheduler/scheduler_config.json (num_train_timesteps, beta_start, beta_end,
+  beta_schedule linear | scaled_linear | squaredcos_cap_v2, or trained_betas) when present, else
+  the linear 1000-step DDPM schedule. Only epsilon prediction is supported.
+- Latent models: with a vae/ (AutoencoderKL), decode(z) = vae.decode(z / scaling_factor).sample.
+  A DiT without a VAE decodes as the identity (samples stay latents).
+- Classes: DiT → num_embeds_ada_norm (the extra CFG row is the null label). A U-Net with
+  num_class_embeds=K → K-1 classes: the last class index is treated as the null label.
+
+Weights are read here (not via from_pretrained) so every failure is one clear line and the exact
+files are hashed: diffusion_pytorch_model.safetensors (or a sharded .index.json), else the .bin via
+torch.load(weights_only=True). Pre-0.14 attention key names (query/key/value/proj_attn) are renamed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import math
+import re
+from pathlib import Path
+
+import torch
+
+from diffpro_cli.errors import InputError, TrustError
+from diffpro_cli.models.base import DiffusionModel, linear_alphas_cumprod
+
+WEIGHT_NAMES = (
+    "diffusion_pytorch_model.safetensors",
+    "diffusion_pytorch_model.safetensors.index.json",
+    "diffusion_pytorch_model.bin",
+    "diffusion_pytorch_model.bin.index.json",
+    "diffusion_pytorch_model.fp16.safetensors",
+    "diffusion_pytorch_model.fp16.bin",
+)
+_OLD_ATTENTION_NAMES = {".query.": ".to_q.", ".key.": ".to_k.", ".value.": ".to_v.", ".proj_attn.": ".to_out.0."}
+_WRAPPER_KEYS = ("ema", "state_dict", "model", "module")
+
+
+# ---------------------------------------------------------------------------------------------
+# Weight files (shared with original_dit.py and custom.py)
+# ---------------------------------------------------------------------------------------------
+
+
+def read_weights(path: str | Path):
+    """The object stored in a .safetensors or torch pickle file, loaded without running any code.
+
+    Torch pickles load with weights_only=True (argparse.Namespace, as in DiT training checkpoints, is
+    allowed). Pickles that need other classes are refused with a TrustError: diffpro never unpickles
+    arbitrary code, even with --trust-code; re-save such files as a plain state dict.
+    """
+    from diffpro_cli.artifacts import load_safetensors
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such file; check the path")
+    if path.suffix == ".safetensors":
+        return load_safetensors(path)[0]
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, KeyError, EOFError ... for bad files
+        text = str(exc)
+        if "Weights only load failed" in text:
+            found = re.findall(r"GLOBAL ([\w.]+)", text)
+            what = f" (it pickles {found[0]})" if found else ""
+            raise TrustError(f"{path}: not a plain state dict{what} and diffpro does not unpickle code; "
+                             "re-save it with torch.save(model.state_dict(), ...) or as .safetensors") from None
+        first = text.splitlines()[0][:80] if text else type(exc).__name__
+        raise InputError(f"{path}: not a readable PyTorch checkpoint ({first}); re-create or re-download it") from None
+
+
+def extract_state_dict(obj, path: str | Path) -> tuple[dict[str, torch.Tensor], str | None]:
+    """(name → float tensor, wrapper key used) from a loaded object; unwraps {"ema"/"state_dict"/"model": ...}."""
+    wrapper = None
+    if isinstance(obj, dict):
+        for key in _WRAPPER_KEYS:
+            if isinstance(obj.get(key), dict):
+                obj, wrapper = obj[key], key
+                break
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        kind = type(obj).__name__ if not isinstance(obj, dict) else "dict without (only) tensors"
+        raise InputError(f"{path}: holds a {kind}, not a state dict (name → tensor); save model.state_dict() instead")
+    state = {}
+    for k, v in obj.items():
+        k = k[len("module."):] if k.startswith("module.") else k  # DistributedDataParallel prefix
+        state[k] = v.float() if v.is_floating_point() else v
+    return state, wrapper
+
+
+def load_into(net: torch.nn.Module, state: dict, source: str | Path) -> None:
+    """Strictly load `state` into `net` (tensors are assigned, not copied); a mismatch is an InputError."""
+    expected = net.state_dict()
+    _rename_old_attention_keys(state, expected)
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
+        raise InputError(f"{source}: weights do not match the architecture: {'; '.join(parts)}; check that config and weights belong together")
+    bad = [k for k in expected if expected[k].shape != state[k].shape]
+    if bad:
+        k = bad[0]
+        raise InputError(f"{source}: {len(bad)} tensors have the wrong shape (e.g. {k}: {tuple(state[k].shape)} vs "
+                         f"{tuple(expected[k].shape)}); check that config and weights belong together")
+    net.load_state_dict(state, strict=True, assign=True)
+
+
+def _rename_old_attention_keys(state: dict, expected: dict) -> None:
+    for k in list(state):
+        if k in expected:
+            continue
+        for old, new in _OLD_ATTENTION_NAMES.items():
+            renamed = k.replace(old, new)
+            if renamed != k and renamed in expected:
+                state[renamed] = state.pop(k)
+                break
+
+
+# ---------------------------------------------------------------------------------------------
+# Model folders
+# ---------------------------------------------------------------------------------------------
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise InputError(f"{path}: no such file; pass a complete diffusers model or pipeline directory")
+    try:
+        obj = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: not valid JSON ({getattr(exc, 'msg', exc)}); re-create or re-download it") from None
+    if not isinstance(obj, dict):
+        raise InputError(f"{path}: expected a JSON object; re-create or re-download it")
+    return obj
+
+
+def _model_classes() -> dict:
+    from diffusers import AutoencoderKL, DiTTransformer2DModel, UNet2DModel
+
+    return {"DiTTransformer2DModel": DiTTransformer2DModel, "UNet2DModel": UNet2DModel, "AutoencoderKL": AutoencoderKL}
+
+
+def _weights_files(folder: Path) -> list[Path]:
+    for name in WEIGHT_NAMES:
+        p = folder / name
+        if p.is_file():
+            if name.endswith(".index.json"):
+                shards = sorted(set(_read_json(p).get("weight_map", {}).values()))
+                if not shards:
+                    raise InputError(f"{p}: sharded index has no weight_map; re-download the model")
+                return [folder / s for s in shards]
+            return [p]
+    raise InputError(f"{folder}: no weights file (expected {WEIGHT_NAMES[0]} or {WEIGHT_NAMES[2]}); re-download or re-save the model")
+
+
+def load_module_dir(folder: Path, allowed: tuple[str, ...]) -> tuple[torch.nn.Module, str]:
+    """Build the diffusers class named in folder/config.json and load its weights; (net in eval mode, class name)."""
+    from diffusers.models.modeling_utils import no_init_weights
+
+    config = _read_json(folder / "config.json")
+    name = config.get("_class_name")
+    if name == "Transformer2DModel" and config.get("norm_type") == "ada_norm_zero":
+        name = "DiTTransformer2DModel"  # the legacy name facebook/DiT-* configs use
+    if name not in allowed:
+        raise InputError(f"{folder}: model class {name!r} is not supported; diffpro loads {', '.join(allowed)}")
+    cls = _model_classes()[name]
+    accepted = inspect.signature(cls.__init__).parameters
+    kwargs = {k: v for k, v in config.items() if k in accepted and k != "self"}
+    files = _weights_files(folder)
+    try:
+        with no_init_weights():  # every parameter is overwritten by the strict load below
+            net = cls(**kwargs)
+    except Exception as exc:  # diffusers validates configs with ValueError / NotImplementedError / TypeError
+        raise InputError(f"{folder / 'config.json'}: {name} rejects this config ({str(exc).splitlines()[0][:100]}); fix or re-download it") from None
+    state = {}
+    for f in files:
+        state.update(extract_state_dict(read_weights(f), f)[0])
+    load_into(net, state, files[0] if len(files) == 1 else folder)
+    return net.eval(), name
+
+
+# ---------------------------------------------------------------------------------------------
+# Schedules
+# ---------------------------------------------------------------------------------------------
+
+
+def alphas_cumprod_from_scheduler(config: dict, source: Path) -> torch.Tensor:
+    """alphas_cumprod (float64) for a diffusers scheduler config."""
+    if config.get("prediction_type", "epsilon") != "epsilon":
+        raise InputError(f"{source}: prediction_type {config['prediction_type']!r} is not supported; diffpro needs an epsilon-prediction model")
+    if config.get("rescale_betas_zero_snr"):
+        raise InputError(f"{source}: rescale_betas_zero_snr is not supported; use a model trained with a standard schedule")
+    n = int(config.get("num_train_timesteps", 1000))
+    start, end = float(config.get("beta_start", 1e-4)), float(config.get("beta_end", 0.02))
+    schedule = config.get("beta_schedule", "linear")
+    if config.get("trained_betas") is not None:
+        betas = torch.tensor(config["trained_betas"], dtype=torch.float64)
+    elif schedule == "linear":
+        return linear_alphas_cumprod(n, start, end)
+    elif schedule == "scaled_linear":
+        betas = torch.linspace(start ** 0.5, end ** 0.5, n, dtype=torch.float64) ** 2
+    elif schedule == "squaredcos_cap_v2":
+        def alpha_bar(s):
+            return math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
+
+        betas = torch.tensor([min(1 - alpha_bar((i + 1) / n) / alpha_bar(i / n), 0.999) for i in range(n)], dtype=torch.float64)
+    else:
+        raise InputError(f"{source}: beta_schedule {schedule!r} is not supported; use linear, scaled_linear or squaredcos_cap_v2")
+    return torch.cumprod(1.0 - betas, dim=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loader
+# ---------------------------------------------------------------------------------------------
+
+
+def _vae_decoder(vae, scaling_factor: float):
+    def decode(z: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return vae.decode(z / scaling_factor).sample
+
+    return decode
+
+
+def load_diffusers_dir(path: str | Path) -> DiffusionModel:
+    """A DiffusionModel from a diffusers model or pipeline directory (see module docstring)."""
+    from diffpro_cli.artifacts import input_record
+    from diffpro_cli.models.random_arch import dit_forward, unet_forward
+
+    path = Path(path)
+    if not path.is_dir():
+        raise InputError(f"{path}: no such directory; pass a diffusers model or pipeline directory")
+    index = None
+    if (path / "config.json").is_file():
+        model_dir, scheduler_file, vae_dir = path, path / "scheduler_config.json", None
+    elif (path / "model_index.json").is_file() or (path / "transformer").is_dir() or (path / "unet").is_dir():
+        index = _read_json(path / "model_index.json") if (path / "model_index.json").is_file() else {}
+        sub = next((s for s in ("transformer", "unet") if (path / s / "config.json").is_file()), None)
+        if sub is None:
+            raise InputError(f"{path}: pipeline has no transformer/config.json or unet/config.json; diffpro loads DiT and DDPM pipelines")
+        model_dir, scheduler_file = path / sub, path / "scheduler" / "scheduler_config.json"
+        vae_dir = path / "vae" if (path / "vae" / "config.json").is_file() else None
+    else:
+        raise InputError(f"{path}: no config.json or model_index.json; pass a diffusers model or pipeline directory")
+
+    net, class_name = load_module_dir(model_dir, ("DiTTransformer2DModel", "UNet2DModel"))
+    cfg = dict(net.config)
+    scheduler = _read_json(scheduler_file) if scheduler_file.is_file() else None
+    alphas = alphas_cumprod_from_scheduler(scheduler, scheduler_file) if scheduler else linear_alphas_cumprod()
+    size = cfg["sample_size"]
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+
+    if class_name == "DiTTransformer2DModel":
+        kind, forward, num_classes = "dit", dit_forward, int(cfg["num_embeds_ada_norm"])
+    else:
+        if cfg.get("time_embedding_type", "positional") == "fourier":
+            raise InputError(f"{model_dir}: score-SDE U-Nets (fourier time embedding) are not supported; use a DDPM-style UNet2DModel")
+        if cfg.get("class_embed_type") is not None:
+            raise InputError(f"{model_dir}: class_embed_type {cfg['class_embed_type']!r} is not supported; use num_class_embeds or an unconditional U-Net")
+        k = cfg.get("num_class_embeds")
+        kind, forward, num_classes = "unet", unet_forward, (int(k) - 1 if k else None)
+
+    decode, vae_info = (lambda x: x), None
+    if vae_dir is not None:
+        vae, _ = load_module_dir(vae_dir, ("AutoencoderKL",))
+        scaling = float(vae.config.get("scaling_factor", 0.18215))
+        decode, vae_info = _vae_decoder(vae, scaling), {"scaling_factor": scaling}
+
+    config = {"class": class_name, "config": json.loads(json.dumps(cfg, default=list)), "source": str(path),
+              "scheduler": scheduler, "vae": vae_info}
+    if index and index.get("id2label"):
+        config["id2label"] = index["id2label"]
+    return DiffusionModel(
+        spec=str(path), net=net, kind=kind, sample_shape=(int(cfg["in_channels"]), int(h), int(w)),
+        alphas_cumprod=alphas, forward_fn=forward, num_classes=num_classes, decode=decode,
+        sha256=input_record(path)["sha256"], config=config,
+    )

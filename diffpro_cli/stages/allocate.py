@@ -1,0 +1,867 @@
+"""Per-layer bit allocation under a budget, solved exactly as a mixed-integer program (docs/planning.md).
+
+The cost table has one row per quantizable layer (from scores.json) and one column per option
+(weight bits × activation bits). Each cell carries:
+- size in bits: weight elements × bits + fp32 scales (per output channel, or per group) + fp32 bias;
+  a 16-bit option means "kept in full precision" and is counted at 32 bits (fp32);
+- predicted error: measured single-layer error when `score --measure` ran (other bit widths
+  extrapolated as error ∝ 4^-bits), else the combined score × 4^-bits; activation quantization at a
+  bits adds the same per-bit term E(a); full precision adds nothing;
+- latency: the layer's forward at its real input shape, MEASURED with the integer kernels of
+  `diffpro_cli.quant.layers` on this machine (cached in WORKDIR/cost_table.json).
+The MILP picks exactly one option per layer (one-hot binaries), keeps every budget row, and minimises
+the summed predicted error. `--method cdf` is the paper's rank/CDF-threshold rule, for comparison.
+The joint plan sweeps step counts: total latency = steps × (Σ chosen layer latencies + non-GEMM
+remainder), predicted quality = drift(steps) + quant_weight × quantization error.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from diffpro_cli.console import QUIET_UI, UI
+from diffpro_cli.errors import BudgetError, InputError, UsageError
+
+PLAN_SCHEMA = "diffpro.plan/1"
+SCORES_SCHEMA = "diffpro.scores/1"
+TIMESTEPS_SCHEMA = "diffpro.timesteps/1"
+COST_SCHEMA = "diffpro.cost_table/1"
+PARETO_SCHEMA = "diffpro.pareto/1"
+WEIGHT_BITS = (2, 3, 4, 6, 8, 16)
+ACT_BITS = (8, 16)
+ACT_MODES = ("dynamic", "static")
+BUDGET_KINDS = ("avg-bits", "size-mb", "latency-ms")
+DEFAULT_PROTECT = ("patch_embed", "time_embed", "class_embed", "adaln", "final")
+METHODS = ("milp", "cdf")
+LATENCY_SOURCES = ("measured", "analytic")
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class AllocateConfig:
+    budget: str | None = None            # "avg-bits=5.0" | "size-mb=3" | "latency-ms=2.5" (per step, batch 1)
+    bits: list[int] = field(default_factory=lambda: [4, 8, 16])
+    act_bits: list[int] = field(default_factory=lambda: [8, 16])
+    act_mode: str = "dynamic"
+    group_size: int | None = None
+    method: str = "milp"
+    protect: list[str] = field(default_factory=lambda: list(DEFAULT_PROTECT))
+    protect_bits: int = 8
+    latency_budget: float | None = None  # joint plan: total ms per image over all steps
+    steps: str | None = None             # joint plan: "auto" (the artifact's sweep) or a step count
+    quant_weight: float = 1.0            # joint plan: units of quantization error per unit of drift
+    tokens: int | None = None            # tokens per image when scores.json has no MACs
+    latency_source: str = "measured"     # measured (real kernels) | analytic (labelled estimate)
+    repeats: int = 5
+    remainder_ms: float | None = None    # non-GEMM time per step; None → measured from the model
+    pareto: bool = False
+    time_limit: float = 60.0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Budget:
+    kind: str
+    value: float
+
+    def __str__(self) -> str:
+        return f"{self.kind}={self.value:g}"
+
+
+def parse_budget(text: str) -> Budget:
+    kind, sep, value = text.partition("=")
+    kind = kind.strip().lower()
+    try:
+        number = float(value)
+    except ValueError:
+        number = float("nan")
+    if not sep or kind not in BUDGET_KINDS or not math.isfinite(number) or number <= 0:
+        raise UsageError(f"--budget {text!r}: use avg-bits=5.0, size-mb=3.5 or latency-ms=2.0 (a positive number)")
+    return Budget(kind, number)
+
+
+@dataclass(frozen=True)
+class Option:
+    weight_bits: int
+    act_bits: int
+    act_mode: str
+    group_size: int | None
+
+    @property
+    def full_precision(self) -> bool:
+        return self.weight_bits >= 16
+
+    def label(self) -> str:
+        if self.full_precision:
+            return "fp32"
+        g = f"g{self.group_size}" if self.group_size else ""
+        a = f"a{self.act_bits}{self.act_mode[0]}" if self.act_bits < 16 else "a16"
+        return f"w{self.weight_bits}{g}{a}"
+
+
+def make_options(bits: list[int], act_bits: list[int], act_mode: str, group_size: int | None) -> list[Option]:
+    """Every weight × activation combination; 16-bit weights only with float activations (no quantization)."""
+    bad = [b for b in bits if b not in WEIGHT_BITS]
+    if bad or not bits:
+        raise UsageError(f"--bits {bits}: choose from {','.join(map(str, WEIGHT_BITS))} (16 = keep in full precision)")
+    if not act_bits or any(a not in ACT_BITS for a in act_bits):
+        raise UsageError(f"--act-bits {act_bits}: choose from 8,16 (16 = float activations, weight-only)")
+    if act_mode not in ACT_MODES:
+        raise UsageError(f"--act-mode {act_mode}: use dynamic or static")
+    if group_size is not None and group_size < 1:
+        raise UsageError(f"--group-size {group_size}: must be a positive integer (omit for per-channel scales)")
+    options = [Option(w, a, act_mode, group_size) for w in sorted(set(bits)) if w < 16 for a in sorted(set(act_bits))]
+    if 16 in bits:
+        options.append(Option(16, 16, act_mode, None))
+    return options
+
+
+@dataclass
+class Layer:
+    name: str
+    role: str
+    kind: str
+    in_features: int
+    out_features: int
+    params: int
+    macs: int
+    score: float
+    cdf: float
+    measured: dict[int, float]
+
+    @property
+    def weight_numel(self) -> int:
+        w = self.in_features * self.out_features
+        return w if w <= self.params else self.params
+
+    @property
+    def bias_numel(self) -> int:
+        return self.params - self.weight_numel
+
+    def tokens(self, default: int | None) -> int | None:
+        """Rows of the layer's GEMM per image and forward: MACs / weight elements, else --tokens."""
+        if self.macs and self.macs > 0:
+            return max(1, round(self.macs / self.weight_numel))
+        return default
+
+
+def load_layers(scores: dict, path: str | Path = "scores.json") -> list[Layer]:
+    layers = []
+    raw = scores.get("layers")
+    if not isinstance(raw, dict) or not raw:
+        raise InputError(f"{path}: has no layers; re-run `diffpro score`")
+    for name, d in raw.items():
+        try:
+            layers.append(Layer(
+                name=name, role=str(d.get("role", "other")), kind=str(d.get("kind", "Linear")),
+                in_features=int(d["in_features"]), out_features=int(d["out_features"]), params=int(d["params"]),
+                macs=int(d.get("macs") or 0), score=float(d.get("combined_score", 0.0)), cdf=float(d.get("cdf", 0.5)),
+                measured={int(k): float(v) for k, v in (d.get("measured_error") or {}).items() if v is not None}))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InputError(f"{path}: layer {name} lacks a valid {exc}; re-run `diffpro score`") from None
+    return layers
+
+
+# ---------------------------------------------------------------------------------------------
+# Cost model: size, error
+# ---------------------------------------------------------------------------------------------
+
+
+def option_bits(layer: Layer, opt: Option) -> int:
+    """Storage of the layer in bits under `opt` (exact integer)."""
+    if opt.full_precision:
+        return 32 * layer.params
+    groups = math.ceil(layer.in_features / opt.group_size) if opt.group_size else 1
+    scales = layer.out_features * groups
+    return layer.weight_numel * opt.weight_bits + 32 * scales + 32 * layer.bias_numel
+
+
+def error_model(layers: list[Layer]) -> tuple[str, Callable[[Layer, int], float]]:
+    """E(layer, bits): the predicted output error of quantizing one tensor of the layer to `bits`."""
+    use_cdf = any(l.score <= 0 for l in layers if not l.measured)
+
+    def bit_error(layer: Layer, bits: int) -> float:
+        if bits >= 16:
+            return 0.0
+        if layer.measured:
+            b0 = min(layer.measured, key=lambda b: (abs(b - bits), -b))
+            return layer.measured[b0] * 4.0 ** (b0 - bits)
+        return (layer.cdf if use_cdf else layer.score) * 4.0 ** (-bits)
+
+    if any(l.measured for l in layers):
+        name = "measured_error (other bits: × 4^-Δbits); layers without it: " + ("cdf" if use_cdf else "combined_score") + " × 4^-bits"
+    else:
+        name = ("cdf" if use_cdf else "combined_score") + " × 4^-bits"
+    return name, bit_error
+
+
+def option_error(bit_error, layer: Layer, opt: Option) -> float:
+    if opt.full_precision:
+        return 0.0
+    return bit_error(layer, opt.weight_bits) + (bit_error(layer, opt.act_bits) if opt.act_bits < 16 else 0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Cost model: latency (measured with the real kernels, cached)
+# ---------------------------------------------------------------------------------------------
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_key() -> str:
+    import torch
+
+    return f"cpu:{_cpu_name()}|torch {torch.__version__}|threads {torch.get_num_threads()}"
+
+
+def _median_ms(fn, repeats: int) -> float:
+    """Median over `repeats` samples; each sample averages enough calls to last ≥ 2 ms."""
+    fn()
+    t0 = time.perf_counter()
+    fn()
+    once = max(time.perf_counter() - t0, 1e-6)
+    inner = max(1, min(1000, int(0.002 / once)))
+    samples = []
+    for _ in range(max(1, repeats)):
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        samples.append((time.perf_counter() - t0) / inner * 1000.0)
+    return statistics.median(samples)
+
+
+def _kernels():
+    try:
+        from diffpro_cli.quant.layers import quantize_module
+    except ImportError:
+        return None
+    return quantize_module
+
+
+def measure_linear_ms(in_f: int, out_f: int, tokens: int, opt: Option, repeats: int, source: str) -> float:
+    """Forward time (ms) of one Linear(in_f → out_f) on [tokens, in_f] under `opt`.
+
+    measured: fp32 nn.Linear, or quantize_module(...) from diffpro_cli.quant.layers (real integer kernels).
+    analytic: the measured fp32 time × max(weight bits, act bits) / 32 (a labelled estimate, not a kernel).
+    """
+    import torch
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(in_f, out_f).eval()
+    x = torch.randn(tokens, in_f)
+    with torch.no_grad():
+        if opt.full_precision:
+            return _median_ms(lambda: lin(x), repeats)
+        if source == "analytic":
+            return _median_ms(lambda: lin(x), repeats) * max(opt.weight_bits, opt.act_bits) / 32.0
+        quantize_module = _kernels()
+        if quantize_module is None:
+            raise InputError("latency: the integer kernels (diffpro_cli.quant.layers) are not installed yet; "
+                             "pass --latency-source analytic for a labelled estimate")
+        try:
+            q = quantize_module(lin, opt.weight_bits, act_bits=opt.act_bits, act_mode=opt.act_mode, group_size=opt.group_size)
+            q.eval()
+            return _median_ms(lambda: q(x), repeats)
+        except Exception as exc:  # an option the kernels do not support
+            raise InputError(f"latency: kernel for {opt.label()} on Linear({in_f}, {out_f}) failed "
+                             f"({str(exc).splitlines()[0][:80]}); drop that option from --bits/--act-bits") from None
+
+
+class CostTable:
+    """WORKDIR/cost_table.json: measured latencies keyed by device, torch version, threads, shape and option."""
+
+    def __init__(self, path: str | Path, ui: UI = QUIET_UI):
+        from diffpro_cli.artifacts import read_json
+
+        self.path = Path(path)
+        self.entries: dict[str, dict] = {}
+        self.dirty = False
+        if self.path.exists():
+            try:
+                self.entries = read_json(self.path, COST_SCHEMA)["entries"]
+            except (InputError, KeyError):
+                ui.warn(f"{self.path}: unreadable cost table cache; re-measuring")
+
+    def get_or_measure(self, key: str, measure: Callable[[], float], source: str) -> float:
+        entry = self.entries.get(key)
+        if entry is None:
+            entry = {"ms": measure(), "source": source}
+            self.entries[key] = entry
+            self.dirty = True
+        return float(entry["ms"])
+
+    def save(self) -> None:
+        from diffpro_cli.artifacts import atomic_write_json
+
+        if self.dirty:
+            atomic_write_json(self.path, {"schema": COST_SCHEMA, "entries": self.entries})
+            self.dirty = False
+
+
+def measured_latency_fn(table: CostTable, cfg: AllocateConfig) -> Callable[[Layer, Option], float]:
+    """latency_fn(layer, option) → ms, from the cache or measured now. Conv layers are timed as their
+    im2col GEMM (in_features × out_features over `tokens` rows)."""
+    dev = device_key()
+
+    def latency(layer: Layer, opt: Option) -> float:
+        tokens = layer.tokens(cfg.tokens)
+        if tokens is None:
+            raise UsageError(f"scores.json has no MACs for {layer.name}; pass --tokens (tokens per image, e.g. 256 for DiT-XL/2 at 256px)")
+        source = "measured" if opt.full_precision else cfg.latency_source
+        key = f"{dev}|linear {tokens}x{layer.in_features}x{layer.out_features}|{opt.label()}|{source}"
+        return table.get_or_measure(key, lambda: measure_linear_ms(layer.in_features, layer.out_features, tokens, opt,
+                                                                   cfg.repeats, source), source)
+
+    return latency
+
+
+def measure_remainder_ms(model_spec: str, layers: list[Layer], latency_fn, table: CostTable, repeats: int,
+                         ui: UI = QUIET_UI) -> tuple[float, str]:
+    """Non-GEMM time per step: the whole fp32 model forward (batch 1) minus the sum of its fp32 layer times."""
+    import torch
+
+    from diffpro_cli.errors import DiffproError
+    from diffpro_cli.models import load_model
+
+    fp = Option(16, 16, "dynamic", None)
+    gemm = sum(latency_fn(l, fp) for l in layers)
+    key = f"{device_key()}|model {model_spec}|forward batch 1"
+    try:
+        model = None
+
+        def forward_ms() -> float:
+            nonlocal model
+            model = load_model(model_spec)
+            x = torch.randn(1, *model.sample_shape)
+            t = torch.full((1,), model.num_train_timesteps // 2)
+            y = torch.zeros(1, dtype=torch.long) if model.num_classes is not None else None
+            with torch.no_grad():
+                return _median_ms(lambda: model.eps(x, t, y), repeats)
+
+        total = table.get_or_measure(key, forward_ms, "measured")
+    except DiffproError as exc:
+        ui.warn(f"non-GEMM remainder not measured ({exc.message}); counting 0 ms, pass --remainder-ms to set it")
+        return 0.0, "unavailable"
+    return max(0.0, total - gemm), "measured"
+
+
+# ---------------------------------------------------------------------------------------------
+# The table and the solvers
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Table:
+    layers: list[Layer]
+    options: list[Option]
+    bits: np.ndarray        # [L, O] int64 storage bits
+    error: np.ndarray       # [L, O] predicted error
+    latency: np.ndarray     # [L, O] ms, nan when not measured
+    valid: np.ndarray       # [L, O] the option exists for the layer (group size divides in_features)
+    violates: np.ndarray    # [L, O] below the protection floor of a protected layer
+    error_model: str
+
+    @property
+    def params(self) -> int:
+        return sum(l.params for l in self.layers)
+
+
+def build_table(layers: list[Layer], options: list[Option], cfg: AllocateConfig,
+                latency_fn: Callable[[Layer, Option], float] | None) -> Table:
+    name, bit_error = error_model(layers)
+    L, O = len(layers), len(options)
+    bits = np.zeros((L, O), dtype=np.int64)
+    err = np.zeros((L, O))
+    lat = np.full((L, O), np.nan)
+    valid = np.ones((L, O), dtype=bool)
+    violates = np.zeros((L, O), dtype=bool)
+    protect = set(cfg.protect)
+    for i, layer in enumerate(layers):
+        for j, opt in enumerate(options):
+            if opt.group_size and not opt.full_precision and layer.in_features % opt.group_size:
+                valid[i, j] = False
+                continue
+            bits[i, j] = option_bits(layer, opt)
+            err[i, j] = option_error(bit_error, layer, opt)
+            violates[i, j] = layer.role in protect and opt.weight_bits < cfg.protect_bits
+            if latency_fn is not None:
+                lat[i, j] = latency_fn(layer, opt)
+    if not valid.any(axis=1).all():
+        bad = layers[int(np.argmin(valid.any(axis=1)))]
+        raise UsageError(f"--group-size {cfg.group_size} divides no option of {bad.name} (in_features {bad.in_features}); add 16 to --bits or pick a divisor")
+    return Table(layers, options, bits, err, lat, valid, violates, name)
+
+
+@dataclass
+class Constraint:
+    name: str            # shown in messages, e.g. "avg-bits"
+    cost: np.ndarray     # [L, O]
+    limit: float         # Σ chosen cost ≤ limit
+
+
+@dataclass
+class Solution:
+    choice: list[int]    # option index per layer
+    status: str
+    gap: float | None
+    method: str
+    relaxed: int = 0     # protected layers pushed below the floor because the budget forced it
+
+
+def solve_milp(error: np.ndarray, constraints: list[Constraint], allowed: np.ndarray,
+               penalty: np.ndarray | None = None, time_limit: float = 60.0) -> Solution | None:
+    """min Σ error·x  s.t. one option per layer, every constraint row, x binary. None when infeasible.
+
+    Errors are scaled to max 1 for conditioning; `penalty` (added as is) makes protection soft.
+    After rounding, each constraint is checked exactly; a row broken by solver tolerance is tightened
+    by the excess and the problem solved again.
+    """
+    from scipy.optimize import Bounds, LinearConstraint, milp
+    from scipy.sparse import csr_matrix
+
+    L, O = error.shape
+    cells = np.argwhere(allowed)                     # one binary per allowed (layer, option)
+    scale = error[allowed].max() if error[allowed].max() > 0 else 1.0
+    c = error[allowed] / scale + (penalty[allowed] if penalty is not None else 0.0)
+    onehot = csr_matrix((np.ones(len(cells)), (cells[:, 0], np.arange(len(cells)))), shape=(L, len(cells)))
+    limits = [float(k.limit) for k in constraints]
+    for _ in range(5):
+        rows = [LinearConstraint(onehot, 1, 1)]
+        rows += [LinearConstraint(k.cost[allowed][None, :], -np.inf, lim) for k, lim in zip(constraints, limits)]
+        res = milp(c, integrality=np.ones(len(cells)), bounds=Bounds(0, 1), constraints=rows,
+                   options={"time_limit": time_limit, "mip_rel_gap": 1e-9})
+        if res.x is None:
+            return None
+        x = np.round(res.x).astype(bool)
+        choice = [0] * L
+        for (i, j), on in zip(cells, x):
+            if on:
+                choice[i] = int(j)
+        excess = [chosen_total(k.cost, choice) - k.limit for k in constraints]
+        if all(e <= 0 for e in excess):
+            status = {0: "optimal", 1: "time limit (best found)"}.get(res.status, res.message)
+            gap = getattr(res, "mip_gap", None)
+            return Solution(choice, status, float(gap) if gap is not None else None, "milp")
+        limits = [lim - max(e, 0) - 1e-9 * max(1.0, abs(lim)) for lim, e in zip(limits, excess)]
+    return None
+
+
+def chosen_total(cost: np.ndarray, choice: list[int]):
+    """Σ cost[l, choice[l]] (exact Python ints for integer tables)."""
+    return sum(cost[i, j].item() for i, j in enumerate(choice))
+
+
+def solve_cdf(table: Table, constraints: list[Constraint], protect: bool = True) -> Solution | None:
+    """The paper's rank/CDF rule: layers whose score CDF exceeds θ keep the high bits, the rest get the
+    low bits (low/high = the smallest/largest quantized weight width, activations at the lowest width);
+    protected roles never go below the floor. θ is the smallest threshold that meets every budget."""
+    quant = [j for j, o in enumerate(table.options) if not o.full_precision]
+    if not quant:
+        return Solution([0] * len(table.layers), "rule", None, "cdf")
+    act = min(table.options[j].act_bits for j in quant)
+    by_bits = {table.options[j].weight_bits: j for j in quant if table.options[j].act_bits == act}
+    low, high = by_bits[min(by_bits)], by_bits[max(by_bits)]
+    floor = [j for j in quant if table.options[j].act_bits == act]
+    cdfs = np.array([l.cdf for l in table.layers])
+    for theta in [-1.0] + sorted(set(cdfs.tolist())):
+        choice = []
+        for i, layer in enumerate(table.layers):
+            j = high if cdfs[i] > theta else low
+            if protect and table.violates[i, j]:
+                ok = [k for k in floor if not table.violates[i, k] and table.valid[i, k]]
+                j = min(ok, key=lambda k: table.options[k].weight_bits) if ok else j
+            if not table.valid[i, j]:
+                j = next(k for k in range(len(table.options)) if table.valid[i, k])
+            choice.append(j)
+        if all(chosen_total(k.cost, choice) <= k.limit for k in constraints):
+            return Solution(choice, f"rule (theta={theta:.3g})", None, "cdf")
+    return solve_cdf(table, constraints, protect=False) if protect else None
+
+
+def smallest_feasible(table: Table, k: Constraint) -> float:
+    """Σ over layers of the cheapest valid option (protection ignored: the budget may force it)."""
+    return float(sum(np.min(k.cost[i][table.valid[i]]) for i in range(len(table.layers))))
+
+
+def solve(table: Table, constraints: list[Constraint], method: str, time_limit: float, ui: UI = QUIET_UI) -> Solution | None:
+    """Protected layers stay at ≥ the floor when some plan allows it; otherwise the floor is relaxed for
+    as few protected layers as possible (lexicographic penalty), with a warning."""
+    if method == "cdf":
+        return solve_cdf(table, constraints)
+    strict = table.valid & ~table.violates
+    sol = None
+    if strict.any(axis=1).all():
+        sol = solve_milp(table.error, constraints, strict, time_limit=time_limit)
+    if sol is None:
+        penalty = np.where(table.violates, float(len(table.layers) + 1), 0.0)
+        sol = solve_milp(table.error, constraints, table.valid, penalty=penalty, time_limit=time_limit)
+        if sol is not None:
+            sol.relaxed = int(sum(table.violates[i, j] for i, j in enumerate(sol.choice)))
+    return sol
+
+
+# ---------------------------------------------------------------------------------------------
+# Budgets → constraint rows, infeasibility messages
+# ---------------------------------------------------------------------------------------------
+
+
+def budget_constraint(table: Table, budget: Budget, remainder_ms: float, other_bytes: int) -> Constraint:
+    if budget.kind == "avg-bits":
+        return Constraint("avg-bits", table.bits, math.floor(budget.value * table.params + 1e-9))
+    if budget.kind == "size-mb":
+        return Constraint("size-mb", table.bits, math.floor((budget.value * 1e6 - other_bytes) * 8 + 1e-9))
+    _require_latency(table, "--budget latency-ms")
+    return Constraint("latency-ms", table.latency, budget.value - remainder_ms)
+
+
+def _require_latency(table: Table, what: str) -> None:
+    if np.isnan(table.latency[table.valid]).any():
+        raise UsageError(f"{what} needs the latency cost table; it was not measured (see the warning above)")
+
+
+def infeasible_message(table: Table, budget: Budget, k: Constraint, remainder_ms: float, other_bytes: int) -> str:
+    low = smallest_feasible(table, k)
+    if budget.kind == "avg-bits":
+        need = math.ceil(low / table.params * 100) / 100
+    elif budget.kind == "size-mb":
+        need = math.ceil((low / 8 + other_bytes) / 1e6 * 1000) / 1000
+    else:
+        need = math.ceil((low + remainder_ms) * 1000) / 1000
+    return (f"budget {budget} is infeasible: the smallest feasible is {budget.kind}={need:g} "
+            f"(every layer at its cheapest option); raise the budget or add lower --bits")
+
+
+# ---------------------------------------------------------------------------------------------
+# Plans
+# ---------------------------------------------------------------------------------------------
+
+
+def summarize(table: Table, sol: Solution, remainder_ms: float, other_bytes: int) -> dict:
+    total_bits = chosen_total(table.bits, sol.choice)
+    has_lat = not np.isnan([table.latency[i, j] for i, j in enumerate(sol.choice)]).any()
+    lat = chosen_total(table.latency, sol.choice) + remainder_ms if has_lat else None
+    return {
+        "avg_bits": total_bits / table.params,
+        "bytes": total_bits / 8,
+        "other_bytes": other_bytes,
+        "latency_ms": lat,
+        "error": float(chosen_total(table.error, sol.choice)),
+        "params": table.params,
+        "remainder_ms": remainder_ms if has_lat else None,
+    }
+
+
+def plan_layers(table: Table, sol: Solution) -> dict:
+    out = {}
+    for i, (layer, j) in enumerate(zip(table.layers, sol.choice)):
+        opt = table.options[j]
+        lat = table.latency[i, j]
+        out[layer.name] = {
+            "weight_bits": opt.weight_bits, "act_bits": opt.act_bits, "act_mode": opt.act_mode,
+            "group_size": None if opt.full_precision else opt.group_size,
+            "role": layer.role, "protected": layer.role in table_protect_roles(table),
+            "bytes": int(table.bits[i, j]) / 8, "latency_ms": None if np.isnan(lat) else float(lat),
+            "error": float(table.error[i, j]),
+        }
+    return out
+
+
+def table_protect_roles(table: Table) -> set[str]:
+    return {l.role for i, l in enumerate(table.layers) if table.violates[i].any()}
+
+
+@dataclass
+class StepEntry:
+    steps: int
+    timesteps: list[int]
+    drift: float | None
+
+
+def step_entries(cfg: AllocateConfig, timesteps: dict | None, num_train: int = 1000) -> list[StepEntry]:
+    """Candidate step counts for the joint plan: the artifact's sweep (--steps auto), one of its entries
+    (--steps K), its single subset, or the uniform subset of K steps when no artifact is given."""
+    if timesteps is None:
+        if cfg.steps is None or cfg.steps == "auto":
+            raise UsageError("--latency-budget needs steps: pass --timesteps timesteps.json (from `diffpro prune`) or --steps K")
+        from diffpro_cli.sampling import uniform_timesteps
+
+        k = _int_steps(cfg.steps)
+        return [StepEntry(k, uniform_timesteps(num_train, k), None)]
+    sweep = timesteps.get("sweep") or []
+    entries = [StepEntry(int(s["steps"]), list(s["timesteps"]), s.get("drift")) for s in sweep]
+    if not entries:
+        entries = [StepEntry(len(timesteps["timesteps"]), list(timesteps["timesteps"]), timesteps.get("drift"))]
+    if cfg.steps is None or cfg.steps == "auto":
+        return entries
+    k = _int_steps(cfg.steps)
+    match = [e for e in entries if e.steps == k]
+    if not match:
+        raise UsageError(f"--steps {k}: the timesteps artifact has step counts {sorted(e.steps for e in entries)}; "
+                         f"pick one, pass --steps auto, or re-run prune with --sweep {k}")
+    return match
+
+
+def _int_steps(text: str) -> int:
+    try:
+        k = int(text)
+    except ValueError:
+        raise UsageError(f"--steps {text!r}: use a step count or auto") from None
+    if k < 1:
+        raise UsageError(f"--steps {k}: must be at least 1")
+    return k
+
+
+def solve_joint(table: Table, cfg: AllocateConfig, entries: list[StepEntry], extra: list[Constraint],
+                remainder_ms: float, ui: UI = QUIET_UI) -> tuple[StepEntry, Solution, list[dict]]:
+    """For every step count K: per-step latency ≤ budget / K; keep the least drift + weight × quant error."""
+    _require_latency(table, "--latency-budget")
+    rows, best = [], None
+    for e in sorted(entries, key=lambda e: e.steps):
+        per_step = cfg.latency_budget / e.steps
+        k = Constraint("latency-ms", table.latency, per_step - remainder_ms)
+        sol = solve(table, [k] + extra, cfg.method, cfg.time_limit) if smallest_feasible(table, k) <= k.limit else None
+        row = {"steps": e.steps, "per_step_budget_ms": per_step, "feasible": sol is not None, "drift": e.drift}
+        if sol is not None:
+            q = float(chosen_total(table.error, sol.choice))
+            combined = (e.drift or 0.0) + cfg.quant_weight * q
+            row.update(quant_error=q, combined_error=combined,
+                       per_step_ms=chosen_total(table.latency, sol.choice) + remainder_ms,
+                       total_latency_ms=e.steps * (chosen_total(table.latency, sol.choice) + remainder_ms))
+            if best is None or combined < best[2]:
+                best = (e, sol, combined)
+        rows.append(row)
+    if best is None:
+        cheapest = min(e.steps * (smallest_feasible(table, Constraint("", table.latency, 0)) + remainder_ms) for e in entries)
+        k_min = min(entries, key=lambda e: e.steps).steps
+        raise BudgetError(f"--latency-budget {cfg.latency_budget:g} ms is infeasible: the smallest feasible is "
+                          f"{math.ceil(cheapest * 1000) / 1000:g} ms ({k_min} steps at the cheapest bits); raise it or prune to fewer steps")
+    return best[0], best[1], rows
+
+
+def allocate_plan(scores: dict, cfg: AllocateConfig, *, latency_fn: Callable[[Layer, Option], float] | None = None,
+                  remainder_ms: float = 0.0, remainder_source: str = "given", latency_source: str | None = None,
+                  timesteps: dict | None = None, scores_path: str | Path = "scores.json", ui: UI = QUIET_UI) -> tuple[dict, dict | None]:
+    """The plan.json payload (and the Pareto payload with cfg.pareto). Pure: writes nothing."""
+    if cfg.method not in METHODS:
+        raise UsageError(f"--method {cfg.method}: use milp or cdf")
+    if cfg.budget is None and cfg.latency_budget is None:
+        raise UsageError("no budget: pass --budget avg-bits=5.0 (or size-mb=… / latency-ms=…) or --latency-budget MS with --timesteps")
+    if cfg.latency_budget is not None and cfg.latency_budget <= 0:
+        raise UsageError(f"--latency-budget {cfg.latency_budget}: must be a positive number of milliseconds per image")
+    budget = parse_budget(cfg.budget) if cfg.budget else None
+    layers = load_layers(scores, scores_path)
+    options = make_options(cfg.bits, cfg.act_bits, cfg.act_mode, cfg.group_size)
+    table = build_table(layers, options, cfg, latency_fn)
+    other_bytes = 4 * max(0, int((scores.get("model") or {}).get("params") or 0) - table.params)
+
+    constraints = []
+    if budget is not None:
+        k = budget_constraint(table, budget, remainder_ms, other_bytes)
+        if smallest_feasible(table, k) > k.limit:
+            raise BudgetError(infeasible_message(table, budget, k, remainder_ms, other_bytes))
+        constraints.append(k)
+
+    joint = None
+    step_list = None
+    if cfg.latency_budget is not None:
+        entries = step_entries(cfg, timesteps)
+        entry, sol, rows = solve_joint(table, cfg, entries, constraints, remainder_ms, ui)
+        step_list = entry.timesteps
+        totals = summarize(table, sol, remainder_ms, other_bytes)
+        joint = {"steps": entry.steps, "drift": entry.drift, "quant_error": totals["error"],
+                 "quant_weight": cfg.quant_weight,
+                 "combined_error": (entry.drift or 0.0) + cfg.quant_weight * totals["error"],
+                 "latency_budget_ms": cfg.latency_budget, "total_latency_ms": entry.steps * totals["latency_ms"],
+                 "candidates": rows}
+    else:
+        sol = solve(table, constraints, cfg.method, cfg.time_limit, ui)
+        if sol is None:
+            raise BudgetError(f"budget {budget} cannot be met together with the other constraints; raise it")
+    if sol.relaxed:
+        ui.warn(f"the budget forces {sol.relaxed} protected layer(s) below {cfg.protect_bits} bits")
+
+    totals = summarize(table, sol, remainder_ms, other_bytes)
+    totals["latency_source"] = latency_source if latency_fn is not None else None
+    totals["remainder_source"] = remainder_source if latency_fn is not None else None
+    comparison = {}
+    if cfg.method == "milp" and cfg.latency_budget is None:
+        alt = solve_cdf(table, constraints)
+        if alt is not None:
+            comparison["cdf"] = {k: summarize(table, alt, remainder_ms, other_bytes)[k] for k in ("avg_bits", "error", "latency_ms")}
+    plan = {
+        "schema": PLAN_SCHEMA,
+        "model": scores.get("model"),
+        "scores_sha256": None,
+        "layers": plan_layers(table, sol),
+        "totals": totals,
+        "budget": {"kind": budget.kind, "value": budget.value} if budget else None,
+        "solver": {"method": sol.method, "status": sol.status, "gap": sol.gap, "protected_relaxed": sol.relaxed},
+        "options": {"bits": sorted(set(cfg.bits)), "act_bits": sorted(set(cfg.act_bits)), "act_mode": cfg.act_mode,
+                    "group_size": cfg.group_size, "protect": list(cfg.protect), "protect_bits": cfg.protect_bits},
+        "error_model": table.error_model,
+        "conventions": {"avg_bits": "storage bits (weights, fp32 scales, fp32 bias; 16 = kept at fp32) / parameters of the scored layers",
+                        "bytes": "scored layers only; other_bytes = remaining parameters at fp32",
+                        "latency_ms": "one denoising step, batch 1: chosen layer latencies + non-GEMM remainder",
+                        "size_mb": "1 MB = 1e6 bytes"},
+        "comparison": comparison,
+        "timesteps": step_list,
+        "joint": joint,
+    }
+    pareto = pareto_front(table, cfg, budget, constraints, remainder_ms, other_bytes, timesteps, plan) if cfg.pareto else None
+    return plan, pareto
+
+
+def pareto_front(table: Table, cfg: AllocateConfig, budget: Budget | None, constraints: list[Constraint],
+                 remainder_ms: float, other_bytes: int, timesteps: dict | None, plan: dict, points: int = 12) -> dict:
+    """Sweep the budget from the smallest feasible value to the one where nothing binds; MILP and CDF
+    rule at each (joint mode: the joint plan at each total latency)."""
+    out = []
+    if cfg.latency_budget is not None:
+        entries = step_entries(cfg, timesteps)
+        per_step_lo = smallest_feasible(table, Constraint("", table.latency, 0)) + remainder_ms
+        lo = min(e.steps for e in entries) * per_step_lo
+        hi = max(e.steps for e in entries) * (float(np.max(np.where(table.valid, table.latency, -np.inf), axis=1).sum()) + remainder_ms)
+        for value in np.linspace(lo, max(hi, lo), points):
+            sub = AllocateConfig(**{**cfg.as_dict(), "latency_budget": float(value) * (1 + 1e-9), "pareto": False})
+            try:
+                entry, sol, _ = solve_joint(table, sub, entries, [], remainder_ms)
+            except BudgetError:
+                continue
+            q = float(chosen_total(table.error, sol.choice))
+            per_step = chosen_total(table.latency, sol.choice) + remainder_ms
+            out.append({"method": "joint", "budget": float(value), "steps": entry.steps, "total_latency_ms": entry.steps * per_step,
+                        "error": (entry.drift or 0.0) + cfg.quant_weight * q, "quant_error": q})
+        x, x_label = "total_latency_ms", "total latency per image (ms)"
+        chosen = {"total_latency_ms": plan["joint"]["total_latency_ms"], "error": plan["joint"]["combined_error"]}
+    else:
+        k0 = constraints[0]
+        lo = smallest_feasible(table, k0)
+        best_err = np.where(table.valid, table.error, np.inf).argmin(axis=1)
+        hi = max(chosen_total(k0.cost, best_err.tolist()), lo)
+        for value in np.linspace(lo, hi, points):
+            k = Constraint(k0.name, k0.cost, float(value) if k0.name == "latency-ms" else math.floor(value))
+            for method in METHODS:
+                sol = solve(table, [k], method, cfg.time_limit)
+                if sol is not None:
+                    s = summarize(table, sol, remainder_ms, other_bytes)
+                    out.append({"method": method, "budget": float(value), **{key: s[key] for key in ("avg_bits", "bytes", "latency_ms", "error")}})
+        x = "latency_ms" if budget.kind == "latency-ms" else "avg_bits"
+        x_label = "latency per step (ms)" if x == "latency_ms" else "average weight bits"
+        chosen = {x: plan["totals"][x], "error": plan["totals"]["error"]}
+    method = "joint" if cfg.latency_budget is not None else "milp"
+    front = [p for p in out if p["method"] == method and not any(
+        q["method"] == method and q[x] <= p[x] and q["error"] <= p["error"] and (q[x] < p[x] or q["error"] < p["error"]) for q in out)]
+    return {"schema": PARETO_SCHEMA, "x": x, "x_label": x_label, "points": out,
+            "front": sorted(front, key=lambda p: p[x]), "chosen": chosen,
+            "title": f"predicted error vs {x_label}"}
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+# ---------------------------------------------------------------------------------------------
+
+
+def needs_latency(cfg: AllocateConfig) -> bool:
+    return cfg.latency_budget is not None or (cfg.budget is not None and parse_budget(cfg.budget).kind == "latency-ms")
+
+
+def run_allocate(scores_path: str | Path, workdir: str | Path, cfg: AllocateConfig, *,
+                 timesteps_path: str | Path | None = None, latency_fn: Callable[[Layer, Option], float] | None = None,
+                 force: bool = False, ui: UI = QUIET_UI):
+    """Write WORKDIR/plan.json (+ pareto.json and figures/pareto.png with cfg.pareto). Returns (outcome, plan).
+
+    `latency_fn(layer, option) → ms` replaces the measured cost table (tests); then the remainder is
+    cfg.remainder_ms or 0.
+    """
+    from diffpro_cli.artifacts import atomic_write_json, input_record, read_json
+    from diffpro_cli.stages.common import run_stage
+
+    workdir = Path(workdir)
+    scores_path = Path(scores_path)
+    scores = read_json(scores_path, SCORES_SCHEMA)
+    timesteps = None
+    if cfg.steps == "auto" and timesteps_path is None:
+        timesteps_path = workdir / "timesteps.json"
+    if timesteps_path is not None:
+        timesteps = read_json(timesteps_path, TIMESTEPS_SCHEMA)
+    # validate every option before measuring anything
+    if cfg.method not in METHODS:
+        raise UsageError(f"--method {cfg.method}: use milp or cdf")
+    if cfg.latency_source not in LATENCY_SOURCES:
+        raise UsageError(f"--latency-source {cfg.latency_source}: use measured or analytic")
+    if cfg.budget:
+        parse_budget(cfg.budget)
+    make_options(cfg.bits, cfg.act_bits, cfg.act_mode, cfg.group_size)
+    load_layers(scores, scores_path)
+    if cfg.latency_budget is not None:
+        step_entries(cfg, timesteps)
+
+    inputs = {"scores": input_record(scores_path)}
+    if timesteps_path is not None:
+        inputs["timesteps"] = input_record(timesteps_path)
+    out = workdir / "plan.json"
+    outputs = {"plan": out}
+    if cfg.pareto:
+        outputs["pareto"] = workdir / "pareto.json"
+        outputs["pareto_figure"] = workdir / "figures" / "pareto.png"
+    holder = {}
+
+    def compute():
+        fn, remainder, rsource, lsource = latency_fn, cfg.remainder_ms or 0.0, "given", "injected"
+        if fn is None:
+            table = CostTable(workdir / "cost_table.json", ui)
+            fn, lsource = measured_latency_fn(table, cfg), cfg.latency_source
+            if cfg.latency_source == "measured" and _kernels() is None:
+                if needs_latency(cfg):
+                    raise InputError("latency: the integer kernels (diffpro_cli.quant.layers) are not installed yet; "
+                                     "pass --latency-source analytic for a labelled estimate")
+                ui.warn("integer kernels not installed: plan latency not predicted (totals.latency_ms = null)")
+                fn, lsource = None, None
+            if fn is not None:
+                ui.info(f"allocate: cost table ({lsource}) in {table.path}")
+                if cfg.remainder_ms is None:
+                    remainder, rsource = measure_remainder_ms((scores.get("model") or {}).get("spec", ""),
+                                                              load_layers(scores, scores_path), fn, table, cfg.repeats, ui)
+            try:
+                plan, pareto = allocate_plan(scores, cfg, latency_fn=fn, remainder_ms=remainder, remainder_source=rsource,
+                                             latency_source=lsource, timesteps=timesteps, scores_path=scores_path, ui=ui)
+            finally:
+                table.save()
+        else:
+            plan, pareto = allocate_plan(scores, cfg, latency_fn=fn, remainder_ms=remainder, remainder_source=rsource,
+                                         latency_source=lsource, timesteps=timesteps, scores_path=scores_path, ui=ui)
+        plan["scores_sha256"] = inputs["scores"]["sha256"]
+        if pareto is not None:
+            from diffpro_cli.plots_plan import plot_pareto
+
+            atomic_write_json(outputs["pareto"], pareto)
+            plot_pareto(pareto, outputs["pareto_figure"])
+        atomic_write_json(out, plan)
+        holder["plan"] = plan
+
+    config = {**cfg.as_dict(), "latency_injected": latency_fn is not None}
+    outcome = run_stage(workdir, "allocate", inputs, config, outputs, compute, force=force, ui=ui)
+    plan = holder.get("plan") or read_json(out, PLAN_SCHEMA)
+    return outcome, plan

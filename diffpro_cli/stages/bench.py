@@ -1,0 +1,333 @@
+"""bench: every baseline and diffpro's plan, measured in one run with the same seeds.
+
+Rows (DESIGN.md): fp32 on the reference schedule, uniform W8A8 and uniform 4-bit weights on the same
+schedule, uniform step reduction (DDIM spacing) and DPM-Solver++ at diffpro's step count, and diffpro
+(its quantized checkpoint on its selected timesteps). Per row: latency per image (interleaved
+repeats across rows, median/min/max), peak memory while loading and running, checkpoint size,
+average weight bits, energy where a counter exists, FID against reference statistics and against
+the fp32 samples (same seeds), and which kernels ran. Quantized baselines are written to disk as real
+checkpoints and loaded back, so their size is a file size and their kernels are the deployed ones.
+"""
+
+from __future__ import annotations
+
+import platform
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from diffpro_cli import __version__
+from diffpro_cli.artifacts import atomic_save_safetensors, atomic_write_json, load_safetensors, read_json, sha256_json
+from diffpro_cli.console import QUIET_UI, UI
+from diffpro_cli.errors import InputError, UsageError
+from diffpro_cli.models.base import DiffusionModel
+from diffpro_cli.sampling import SamplerConfig, sample, sample_dpmsolver, uniform_timesteps
+
+REPORT_SCHEMA = "diffpro.report/1"
+ALL_ROWS = ("fp32", "w8a8-uniform", "w4-uniform", "ddim", "dpmsolver", "diffpro")
+
+
+@dataclass
+class BenchConfig:
+    rows: list[str] = field(default_factory=lambda: list(ALL_ROWS))
+    reference_steps: int = 100          # schedule of the full-precision and uniform-bits rows
+    steps: int | None = None            # reduced step count; default: diffpro's timesteps, else reference_steps // 2
+    method: str = "ddim"
+    cfg_scale: float = 1.0
+    fid: bool = False
+    fid_n: int = 200
+    reference: str = "builtin:mnist"
+    inception_weights: str | None = None
+    seed: int = 0
+    repeats: int = 5
+    latency_batch: int = 8
+    latency_steps: int | None = None    # time this many steps and scale to the row's count (huge models)
+    sample_batch: int = 50
+    grid_n: int = 10
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Row:
+    name: str
+    model: DiffusionModel
+    timesteps: list[int] | None          # None: DPM-Solver++
+    steps: int
+    size_bytes: int
+    weight_bits_avg: float
+    identity: str                        # what determines this row's samples (for caches)
+    peak_mem_bytes: int | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def sampler(self, cfg: BenchConfig, n: int, batch: int, first_index: int = 0, advance=lambda k: None):
+        if self.timesteps is None:
+            return sample_dpmsolver(self.model, n, self.steps, cfg.cfg_scale, seed=cfg.seed, batch_size=batch,
+                                    first_index=first_index, advance=advance)
+        return sample(self.model, n, self.timesteps, SamplerConfig(method=cfg.method, cfg_scale=cfg.cfg_scale),
+                      seed=cfg.seed, batch_size=batch, first_index=first_index, advance=advance)
+
+
+# ---------------------------------------------------------------------------------------------
+# building rows
+# ---------------------------------------------------------------------------------------------
+
+
+def float_size_bytes(model: DiffusionModel) -> int:
+    """Bytes of the network's state dict stored as fp32 (what an fp32 checkpoint holds)."""
+    return sum(t.numel() * 4 if t.is_floating_point() else t.numel() * t.element_size()
+               for t in model.net.state_dict().values())
+
+
+def kernel_counts(model: DiffusionModel) -> dict[str, int]:
+    counts = Counter()
+    for _, (mod, _) in model.quantizable_layers().items():
+        counts[getattr(mod, "kernel_name", None) or "fp32"] += 1
+    return dict(counts)
+
+
+def checkpoint_info(qdir: Path) -> dict:
+    """Size on disk, average weight bits and timesteps of a diffpro quantized checkpoint."""
+    meta = read_json(qdir / "diffpro.json")
+    weights = qdir / "model.safetensors"
+    if not weights.exists():
+        raise InputError(f"{qdir}: model.safetensors is missing; re-run `diffpro quantize`")
+    return {"size_bytes": weights.stat().st_size, "avg_bits": meta.get("totals", {}).get("avg_bits"),
+            "timesteps": meta.get("timesteps"), "meta": meta}
+
+
+def _load_measured(load):
+    """Load a model inside the memory meter; returns (model, peak bytes)."""
+    from diffpro_cli.metrics.memory import peak_memory
+
+    with peak_memory() as mem:
+        model = load()
+    return model, mem["peak_bytes"]
+
+
+def build_rows(model_spec: str, cfg: BenchConfig, workdir: Path, quantized: Path | None,
+               timesteps: list[int] | None, load_kwargs: dict, ui: UI = QUIET_UI, force: bool = False) -> tuple[list[Row], list[str]]:
+    from diffpro_cli.models import load_model
+
+    notes = []
+    fp, fp_mem = _load_measured(lambda: load_model(model_spec, **load_kwargs))
+    ref_ts = uniform_timesteps(fp.num_train_timesteps, cfg.reference_steps)
+    qinfo = checkpoint_info(quantized) if quantized is not None else None
+    diffpro_ts = timesteps or (qinfo["timesteps"] if qinfo else None)
+    k = cfg.steps or (len(diffpro_ts) if diffpro_ts else max(1, cfg.reference_steps // 2))
+    fp_id = fp.sha256 or sha256_json(fp.spec)
+    fp_bytes = float_size_bytes(fp)
+    rows: list[Row] = []
+    for name in cfg.rows:
+        if name == "fp32":
+            rows.append(Row("fp32", fp, ref_ts, len(ref_ts), fp_bytes, 32.0, f"fp32:{fp_id}", fp_mem))
+        elif name in ("w8a8-uniform", "w4-uniform"):
+            bits = 8 if name.startswith("w8") else 4
+            qdir = workdir / "bench" / "baselines" / name
+            uniform_checkpoint(fp, bits, qdir, model_spec, load_kwargs, force=force, ui=ui)
+            qm, mem = _load_measured(lambda: load_model(str(qdir)))
+            info = checkpoint_info(qdir)
+            rows.append(Row(name, qm, ref_ts, len(ref_ts), info["size_bytes"], info["avg_bits"], f"{name}:{fp_id}", mem))
+        elif name == "ddim":
+            rows.append(Row(f"ddim-{k}", fp, uniform_timesteps(fp.num_train_timesteps, k), k, fp_bytes, 32.0,
+                            f"ddim{k}:{fp_id}", fp_mem))
+        elif name == "dpmsolver":
+            rows.append(Row(f"dpmsolver-{k}", fp, None, k, fp_bytes, 32.0, f"dpm{k}:{fp_id}", fp_mem))
+        elif name == "diffpro":
+            if qinfo is None:
+                notes.append("diffpro row skipped: no quantized checkpoint (run `diffpro quantize` or pass --quantized)")
+                continue
+            qm, mem = _load_measured(lambda: load_model(str(quantized)))
+            ts = diffpro_ts or ref_ts
+            rows.append(Row("diffpro", qm, list(ts), len(ts), qinfo["size_bytes"], qinfo["avg_bits"],
+                            f"diffpro:{qinfo['meta'].get('provenance', {})}:{sha256_json(list(ts))}", mem))
+        else:
+            raise UsageError(f"--rows: unknown row {name!r}; choose from {', '.join(ALL_ROWS)}")
+    return rows, notes
+
+
+def uniform_checkpoint(model: DiffusionModel, bits: int, out_dir: Path, model_spec: str, load_kwargs: dict,
+                       force: bool = False, ui: UI = QUIET_UI) -> Path:
+    """A uniform-bits baseline written as a real checkpoint (reused when already there)."""
+    from diffpro_cli.stages.quantize import quantize_uniform_to_dir
+
+    if (out_dir / "diffpro.json").exists() and not force:
+        meta = read_json(out_dir / "diffpro.json")
+        if meta.get("model", {}).get("sha256") in (None, model.sha256):
+            return out_dir
+    quantize_uniform_to_dir(model, bits, out_dir)
+    return out_dir
+
+
+# ---------------------------------------------------------------------------------------------
+# measuring
+# ---------------------------------------------------------------------------------------------
+
+
+def measure_latency(rows: list[Row], cfg: BenchConfig, ui: UI = QUIET_UI) -> dict[str, dict]:
+    """Per-image latency of every row, timed round-robin so load drift hits all rows alike."""
+    from diffpro_cli.metrics.energy import energy_meter
+    from diffpro_cli.metrics.latency import interleaved, scale
+
+    fns = {}
+    for row in rows:
+        sub = row
+        if cfg.latency_steps and row.timesteps is not None and cfg.latency_steps < row.steps:
+            sub = Row(row.name, row.model, row.timesteps[-cfg.latency_steps:], cfg.latency_steps, 0, 0, "")
+        fns[row.name] = (lambda r=sub: r.sampler(cfg, cfg.latency_batch, cfg.latency_batch))
+    ui.info(f"bench: timing {len(rows)} rows × {cfg.repeats} repeats (batch {cfg.latency_batch})")
+    with energy_meter() as energy:
+        stats = interleaved(fns, repeats=cfg.repeats, warmup=1)
+    out = {}
+    total_images = cfg.repeats * cfg.latency_batch * len(rows)
+    for row in rows:
+        per_image = scale(stats[row.name], cfg.latency_batch)
+        if cfg.latency_steps and row.timesteps is not None and cfg.latency_steps < row.steps:
+            per_image = scale(per_image, cfg.latency_steps / row.steps)
+            row.notes.append(f"latency timed over {cfg.latency_steps} steps and scaled to {row.steps}")
+        out[row.name] = {"latency": per_image, "energy": None}
+        if energy["joules"] is not None:
+            # one counter for the whole interleaved run: share it by each row's time
+            share = stats[row.name]["median"] / sum(s["median"] for s in stats.values())
+            out[row.name]["energy"] = energy["joules"] * share * len(rows) / total_images
+    if energy["joules"] is None:
+        out["_note"] = energy["note"]
+    return out
+
+
+def row_samples(row: Row, cfg: BenchConfig, n: int, cache_dir: Path, ui: UI = QUIET_UI) -> torch.Tensor:
+    """The row's first n samples (seeded), cached on disk by what determines them."""
+    key = sha256_json({"id": row.identity, "ts": row.timesteps, "steps": row.steps, "method": cfg.method,
+                       "cfg": cfg.cfg_scale, "seed": cfg.seed})[:24]
+    path = cache_dir / f"{row.name}-{key}.safetensors"
+    have = None
+    if path.exists():
+        try:
+            have = load_safetensors(path)[0]["samples"]
+        except InputError:
+            have = None
+    start = 0 if have is None else len(have)
+    if start >= n:
+        return have[:n]
+    with ui.progress(f"sampling {row.name}", total=(n - start) * row.steps) as advance:
+        new = row.sampler(cfg, n - start, cfg.sample_batch, first_index=start, advance=advance)
+    x = new if have is None else torch.cat([have, new])
+    atomic_save_safetensors(path, {"samples": x.float()}, metadata={"row": row.name, "seed": str(cfg.seed)})
+    return x
+
+
+def fid_for_rows(rows: list[Row], cfg: BenchConfig, workdir: Path, ui: UI = QUIET_UI) -> tuple[dict, dict[str, torch.Tensor]]:
+    from diffpro_cli.metrics.fid import FeatureCache, fid_features, frechet_distance, load_inception, load_reference_stats, stats_from_features
+
+    for row in rows:
+        if row.model.random_weights:
+            raise UsageError(f"{row.model.spec} has random weights: FID is meaningless; drop --fid (speed and memory only)")
+    inception = load_inception(cfg.inception_weights)
+    mu_ref, sigma_ref, ref_n = load_reference_stats(cfg.reference)
+    cache = FeatureCache(workdir / "bench" / "fid-cache")
+    results, samples, stats = {}, {}, {}
+    for row in rows:
+        x = row_samples(row, cfg, cfg.fid_n, workdir / "bench" / "samples", ui)
+        samples[row.name] = x
+        key = FeatureCache.key(identity=row.identity, ts=row.timesteps, steps=row.steps, method=cfg.method,
+                               cfg=cfg.cfg_scale, seed=cfg.seed)
+        with ui.progress(f"inception {row.name}", total=len(x)) as advance:
+            feats = fid_features(x, inception, advance=advance, cache=cache, key=key)
+        stats[row.name] = stats_from_features(feats)
+        results[row.name] = {"fid": frechet_distance(*stats[row.name], mu_ref, sigma_ref), "n": len(x)}
+    if "fp32" in stats:
+        for name, st in stats.items():
+            results[name]["fid_vs_fp"] = 0.0 if name == "fp32" else frechet_distance(*st, *stats["fp32"])
+    results["_reference_n"] = ref_n
+    return results, samples
+
+
+def device_info() -> dict:
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"kind": "cpu", "name": name, "threads": torch.get_num_threads(), "torch": torch.__version__}
+
+
+def run_bench(model_spec: str, workdir: Path, cfg: BenchConfig, quantized: Path | None = None,
+              timesteps: list[int] | None = None, load_kwargs: dict | None = None, ui: UI = QUIET_UI,
+              force: bool = False) -> dict:
+    """Measure every row and write bench/report.json + report.md + figures; returns the report."""
+    from diffpro_cli import report as report_mod
+
+    bench_dir = workdir / "bench"
+    rows, notes = build_rows(model_spec, cfg, workdir, quantized, timesteps, load_kwargs or {}, ui, force)
+    if not rows:
+        raise UsageError("--rows selects nothing to measure; name at least one row")
+    fp_model = rows[0].model if rows[0].name == "fp32" else None
+    timing = measure_latency(rows, cfg, ui)
+    fid_results, samples = ({}, {})
+    if cfg.fid:
+        fid_results, samples = fid_for_rows(rows, cfg, workdir, ui)
+    else:
+        notes.append("FID not measured (pass --fid)")
+    if "_note" in timing:
+        notes.append(f"energy: {timing['_note']}")
+    model0 = rows[0].model if fp_model is None else fp_model
+    report = {
+        "schema": REPORT_SCHEMA,
+        "diffpro_version": __version__,
+        "model": {"spec": model_spec, "sha256": model0.sha256, "random_weights": bool(model0.random_weights),
+                  "untrained": bool(model0.untrained)},
+        "device": device_info(),
+        "fid": {"n_samples": cfg.fid_n if cfg.fid else None, "reference": cfg.reference if cfg.fid else None,
+                "reference_n": fid_results.get("_reference_n"), "seed": cfg.seed},
+        "sampler": {"method": cfg.method, "cfg_scale": cfg.cfg_scale, "reference_steps": cfg.reference_steps},
+        "baseline": "fp32" if any(r.name == "fp32" for r in rows) else rows[0].name,
+        "rows": [],
+        "notes": notes,
+        "config": cfg.as_dict(),
+    }
+    for row in rows:
+        f = fid_results.get(row.name, {})
+        report["rows"].append({
+            "name": row.name,
+            "weight_bits_avg": row.weight_bits_avg,
+            "size_bytes": row.size_bytes,
+            "steps": row.steps,
+            "latency_s_per_image": timing[row.name]["latency"],
+            "peak_mem_bytes": row.peak_mem_bytes,
+            "energy_j_per_image": timing[row.name]["energy"],
+            "fid": f.get("fid"),
+            "fid_vs_fp": f.get("fid_vs_fp"),
+            "kernels": kernel_counts(row.model),
+            "notes": row.notes,
+        })
+    report["derived"] = derived_ratios(report)
+    if model0.random_weights:
+        report["notes"].append("RANDOM WEIGHTS: speed and memory only; no quality metric is meaningful")
+    if model0.untrained:
+        report["notes"].append("UNTRAINED built-in weights: FID values are not meaningful")
+    atomic_write_json(bench_dir / "report.json", report)
+    report_mod.write_markdown(report, bench_dir, samples, workdir, cfg.grid_n)
+    return report
+
+
+def derived_ratios(report: dict) -> dict:
+    """Speedup, compression and ΔFID of every row against the baseline row (null where not measured)."""
+    base = next((r for r in report["rows"] if r["name"] == report["baseline"]), None)
+    out = {}
+    for r in report["rows"]:
+        if base is None:
+            break
+        speed = base["latency_s_per_image"]["median"] / r["latency_s_per_image"]["median"]
+        out[r["name"]] = {
+            "speedup": round(speed, 3),
+            "compression": round(base["size_bytes"] / r["size_bytes"], 3) if r["size_bytes"] else None,
+            "delta_fid": (r["fid"] - base["fid"]) if r["fid"] is not None and base["fid"] is not None else None,
+        }
+    return out
