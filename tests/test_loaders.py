@@ -120,6 +120,11 @@ def test_diffusers_dit_dir_matches_in_memory_model(tmp_path):
     with torch.no_grad():
         ref = net(x, timestep=t, class_labels=y).sample[:, :4]
         assert torch.equal(m.eps(x, t, y), ref)
+    # facebook/DiT-* configs use the legacy class name
+    cfg_file = tmp_path / "dit" / "config.json"
+    cfg_file.write_text(cfg_file.read_text().replace('"DiTTransformer2DModel"', '"Transformer2DModel"'))
+    with torch.no_grad():
+        assert torch.equal(load_diffusers_dir(tmp_path / "dit").eps(x, t, y), ref)
 
 
 def test_diffusers_unet_dir_bin_weights_with_classes(tmp_path):
@@ -150,6 +155,7 @@ def test_ddpm_pipeline_dir_uses_scheduler_config(tmp_path):
 
 def test_dit_pipeline_dir_with_vae_decodes(tmp_path):
     from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline
+    from safetensors.torch import load_file, save_file
 
     torch.manual_seed(0)
     vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
@@ -157,6 +163,16 @@ def test_dit_pipeline_dir_with_vae_decodes(tmp_path):
                         sample_size=16).eval()
     sched = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
     DiTPipeline(transformer=tiny_dit(), vae=vae, scheduler=sched).save_pretrained(tmp_path / "pipe")
+    # old VAE checkpoints (e.g. sd-vae-ft-ema) name the attention layers query/key/value/proj_attn
+    vae_file = tmp_path / "pipe" / "vae" / "diffusion_pytorch_model.safetensors"
+    old = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+    state = {}
+    for k, v in load_file(str(vae_file)).items():
+        for new_name, old_name in old.items():
+            k = k.replace(f".{new_name}.", f".{old_name}.")
+        state[k] = v
+    assert any(".query." in k for k in state)
+    save_file(state, str(vae_file))
     m = load_diffusers_dir(tmp_path / "pipe")
     assert m.kind == "dit" and m.config["vae"] == {"scaling_factor": 0.18215}
     assert torch.allclose(m.alphas_cumprod.float(), sched.alphas_cumprod, atol=1e-6)

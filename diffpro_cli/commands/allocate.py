@@ -1,20 +1,59 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
-from diffpro_cli.commands.common import DEFAULT_WORKDIR, Force, JsonOut, ModelArg, Quiet, TrustCode, Workdir
-from diffpro_cli.errors import NotImplementedStage
+from diffpro_cli.commands.common import DEFAULT_WORKDIR, Force, JsonOut, Quiet, Workdir, make_ui
+from diffpro_cli.commands.prune import parse_int_list
+from diffpro_cli.errors import UsageError
 
 
 def allocate_cmd(
-    source: Annotated[Path, typer.Argument(help="Input artifact or config file.")] = Path("."),
+    scores: Annotated[Optional[Path], typer.Argument(help="scores.json from `diffpro score` (default WORKDIR/scores.json).")] = None,
+    budget: Annotated[Optional[str], typer.Option("--budget", help="avg-bits=5.0 | size-mb=3.5 | latency-ms=2.0 (per step, batch 1).")] = None,
+    bits: Annotated[str, typer.Option("--bits", help="Weight bit options (from 2,3,4,6,8,16; 16 = keep fp32).")] = "4,8,16",
+    act_bits: Annotated[str, typer.Option("--act-bits", help="Activation bit options (8, 16 = float activations).")] = "8,16",
+    act_mode: Annotated[str, typer.Option("--act-mode", help="dynamic (per-token scales at every call) or static (per-timestep calibrated).")] = "dynamic",
+    group_size: Annotated[Optional[int], typer.Option("--group-size", help="Weight scale group size along the input dim (default per output channel).")] = None,
+    method: Annotated[str, typer.Option("--method", help="milp (exact) or cdf (the paper's rank/CDF-threshold rule).")] = "milp",
+    protect: Annotated[str, typer.Option("--protect", help="Roles kept at >= --protect-bits unless the budget forces otherwise ('none' to disable).")] = "patch_embed,time_embed,class_embed,adaln,final",
+    protect_bits: Annotated[int, typer.Option("--protect-bits", help="Weight-bit floor for protected roles.")] = 8,
+    latency_budget: Annotated[Optional[float], typer.Option("--latency-budget", help="Joint plan: total ms per image over all steps (chooses steps and bits).")] = None,
+    timesteps: Annotated[Optional[Path], typer.Option("--timesteps", help="timesteps.json from `diffpro prune` (its sweep gives the step counts).")] = None,
+    steps: Annotated[Optional[str], typer.Option("--steps", help="Joint plan: auto (every step count in the timesteps sweep) or a step count.")] = None,
+    quant_weight: Annotated[float, typer.Option("--quant-weight", help="Joint plan: weight of the quantization error against the step drift.")] = 1.0,
+    tokens: Annotated[Optional[int], typer.Option("--tokens", help="Tokens per image for the latency table when scores.json has no MACs.")] = None,
+    latency_source: Annotated[str, typer.Option("--latency-source", help="measured (real kernels) or analytic (labelled estimate).")] = "measured",
+    remainder_ms: Annotated[Optional[float], typer.Option("--remainder-ms", help="Non-GEMM time per step (default: measured from the model).")] = None,
+    repeats: Annotated[int, typer.Option("--repeats", help="Timing repeats per cost-table cell (median).")] = 5,
+    error_model: Annotated[str, typer.Option("--error-model", help="auto (measured > taylor > proxy > score > cdf), or one of them.")] = "auto",
+    pareto: Annotated[bool, typer.Option("--pareto", help="Also write WORKDIR/pareto.json and figures/pareto.png.")] = False,
     workdir: Workdir = DEFAULT_WORKDIR,
     force: Force = False,
     json_output: JsonOut = False,
     quiet: Quiet = False,
 ):
-    """Solve the per-layer bit allocation under a budget."""
-    raise NotImplementedStage("allocate: not available yet (the bit allocator lands with issue #8); nothing was written")
+    """Solve the per-layer bit allocation (and, with --latency-budget, the step count) under a budget; writes WORKDIR/plan.json."""
+    from diffpro_cli.stages.allocate import AllocateConfig, run_allocate
+
+    ui = make_ui(quiet, json_output)
+    if repeats < 1:
+        raise UsageError("--repeats must be at least 1")
+    roles = [] if protect.strip().lower() == "none" else [r.strip() for r in protect.split(",") if r.strip()]
+    cfg = AllocateConfig(budget=budget, bits=parse_int_list(bits, "--bits"), act_bits=parse_int_list(act_bits, "--act-bits"),
+                         act_mode=act_mode, group_size=group_size, method=method, protect=roles, protect_bits=protect_bits,
+                         latency_budget=latency_budget, steps=steps, quant_weight=quant_weight, tokens=tokens,
+                         latency_source=latency_source, repeats=repeats, remainder_ms=remainder_ms, pareto=pareto,
+                         error_model=error_model)
+    scores_path = scores if scores is not None else workdir / "scores.json"
+    outcome, plan = run_allocate(scores_path, workdir, cfg, timesteps_path=timesteps, force=force, ui=ui)
+    t = plan["totals"]
+    lat = f", {t['latency_ms']:.3f} ms/step" if t.get("latency_ms") is not None else ""
+    joint = plan.get("joint")
+    steps_txt = f", {joint['steps']} steps ({joint['total_latency_ms']:.1f} ms/image)" if joint else ""
+    result = {**outcome.as_dict(), "totals": t, "solver": plan["solver"], "joint": joint}
+    ui.result(result, human=(f"{outcome.outputs['plan']}: avg {t['avg_bits']:.3f} bits, {t['bytes'] / 1e6:.3f} MB{lat}{steps_txt}, "
+                             f"predicted error {t['error']:.4g} ({plan['solver']['method']}, {plan['solver']['status']})"
+                             f"{' [up to date]' if outcome.status == 'up to date' else ''}"))

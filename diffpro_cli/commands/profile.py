@@ -1,24 +1,50 @@
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
-from diffpro_cli.commands.common import DEFAULT_WORKDIR, Force, JsonOut, ModelArg, Quiet, TrustCode, Workdir
-from diffpro_cli.errors import NotImplementedStage
+from diffpro_cli.commands.common import (DEFAULT_WORKDIR, Force, JsonOut, ModelArg, Quiet, Seed, TrustCode, Weights,
+                                         Workdir, make_ui)
+from diffpro_cli.errors import UsageError
+
+
+def parse_classes(text: str | None) -> list[int] | None:
+    if text is None or not text.strip():
+        return None
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UsageError(f"--classes {text!r}: use a comma list of class ids like 0,1,2") from None
 
 
 def profile_cmd(
     model: ModelArg = "builtin:dit-mnist",
+    samples: Annotated[int, typer.Option("--samples", help="Calibration samples (trajectories).")] = 32,
+    timesteps: Annotated[str, typer.Option("--timesteps", help="Calibration timesteps: START:STOP:STEP (inclusive) or a comma list.")] = "1000:0:50",
+    classes: Annotated[Optional[str], typer.Option("--classes", help="Comma list of class ids, cycled over samples (default i % classes).")] = None,
+    batch: Annotated[int, typer.Option("--batch", help="Samples per model call (does not change the statistics' inputs).")] = 16,
+    cfg_scale: Annotated[float, typer.Option("--cfg", help="Classifier-free guidance scale of the calibration sampler (1 = off).")] = 1.0,
+    method: Annotated[str, typer.Option("--method", help="Calibration sampler: ddim or ddpm.")] = "ddim",
+    max_dim: Annotated[int, typer.Option("--max-dim", help="Layers wider than this keep a CountSketch of this width for PCA.")] = 2048,
+    max_rows: Annotated[int, typer.Option("--max-rows", help="Rows per model call fed to the covariance (seeded subsample).")] = 1024,
+    seed: Seed = 0,
     workdir: Workdir = DEFAULT_WORKDIR,
     trust_code: TrustCode = False,
+    weights: Weights = None,
     force: Force = False,
     json_output: JsonOut = False,
     quiet: Quiet = False,
 ):
-    """Record per-layer, per-timestep activation statistics (calibration sampling)."""
+    """Record per-layer, per-timestep activation statistics (calibration sampling) in WORKDIR/profile."""
     from diffpro_cli.models import load_model
+    from diffpro_cli.stages.profile import ProfileConfig, run_profile
 
-    load_model(model, trust_code=trust_code)  # validate the spec before saying what is missing
-    raise NotImplementedStage("profile: not available yet (the sensitivity profiler lands with issue #6); nothing was written")
+    ui = make_ui(quiet, json_output)
+    cfg = ProfileConfig(samples=samples, timesteps=timesteps, classes=parse_classes(classes), seed=seed, batch=batch,
+                        cfg_scale=cfg_scale, method=method, max_dim=max_dim, max_rows=max_rows)
+    m = load_model(model, trust_code=trust_code, weights=weights, seed=seed)
+    outcome = run_profile(m, cfg, workdir, force=force, ui=ui)
+    ui.result(outcome.as_dict() | {"model": m.spec, "untrained": m.untrained, "random_weights": m.random_weights},
+              human=f"profile: {outcome.status} ({outcome.wall_s:.1f}s) -> {outcome.outputs['profile']}"
+                    + (" [UNTRAINED model]" if m.untrained else "") + (" [RANDOM weights]" if m.random_weights else ""))

@@ -15,6 +15,22 @@ def linear_alphas_cumprod(num_steps: int = 1000, beta_start: float = 1e-4, beta_
     return torch.cumprod(1.0 - betas, dim=0)
 
 
+def dit_forward(net, x, t, y):
+    """DiT call; y=None means the null (CFG) label."""
+    if y is None:
+        y = torch.full((x.shape[0],), net.config.num_embeds_ada_norm, dtype=torch.long, device=x.device)
+    return net(x, timestep=t, class_labels=y, return_dict=False)[0]
+
+
+def unet_forward(net, x, t, y):
+    """UNet2DModel call; for a class-conditional U-Net y=None means the last class index (null)."""
+    if net.config.num_class_embeds is None:
+        y = None
+    elif y is None:
+        y = torch.full((x.shape[0],), net.config.num_class_embeds - 1, dtype=torch.long, device=x.device)
+    return net(x, t, class_labels=y, return_dict=False)[0]
+
+
 # Roles of quantizable layers; planners use them for protection defaults.
 ROLES = ("attn_qkv", "attn_out", "mlp", "adaln", "time_embed", "class_embed", "patch_embed", "final", "conv", "other")
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from diffpro_cli.errors import InputError
-from diffpro_cli.models.base import DiffusionModel, linear_alphas_cumprod
+from diffpro_cli.models.base import DiffusionModel, dit_forward, linear_alphas_cumprod, unet_forward
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 
@@ -37,14 +37,6 @@ BUILTIN_CONFIGS = {
         "num_classes": 10,
     },
 }
-
-
-def dit_forward(net, x, t, y):
-    return net(x, timestep=t, class_labels=y, return_dict=False)[0]
-
-
-def unet_forward(net, x, t, y):
-    return net(x, t, class_labels=y, return_dict=False)[0]
 
 
 def build_net(name: str, seed: int = 0):

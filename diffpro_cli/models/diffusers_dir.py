@@ -72,7 +72,7 @@ def read_weights(path: str | Path):
             what = f" (it pickles {found[0]})" if found else ""
             raise TrustError(f"{path}: not a plain state dict{what} and diffpro does not unpickle code; "
                              "re-save it with torch.save(model.state_dict(), ...) or as .safetensors") from None
-        first = text.splitlines()[0][:80] if text else type(exc).__name__
+        first = text.splitlines()[0].split(". ")[0][:100] if text else type(exc).__name__
         raise InputError(f"{path}: not a readable PyTorch checkpoint ({first}); re-create or re-download it") from None
 
 
@@ -234,7 +234,7 @@ def _vae_decoder(vae, scaling_factor: float):
 def load_diffusers_dir(path: str | Path) -> DiffusionModel:
     """A DiffusionModel from a diffusers model or pipeline directory (see module docstring)."""
     from diffpro_cli.artifacts import input_record
-    from diffpro_cli.models.random_arch import dit_forward, unet_forward
+    from diffpro_cli.models.base import dit_forward, unet_forward
 
     path = Path(path)
     if not path.is_dir():
@@ -253,7 +253,7 @@ def load_diffusers_dir(path: str | Path) -> DiffusionModel:
         raise InputError(f"{path}: no config.json or model_index.json; pass a diffusers model or pipeline directory")
 
     net, class_name = load_module_dir(model_dir, ("DiTTransformer2DModel", "UNet2DModel"))
-    cfg = dict(net.config)
+    cfg = {k: v for k, v in net.config.items() if not k.startswith("_")}
     scheduler = _read_json(scheduler_file) if scheduler_file.is_file() else None
     alphas = alphas_cumprod_from_scheduler(scheduler, scheduler_file) if scheduler else linear_alphas_cumprod()
     size = cfg["sample_size"]

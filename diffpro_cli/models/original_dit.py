@@ -177,7 +177,7 @@ def load_original_dit(path: str | Path, *, heads: int | None = None, sample_size
 
     from diffpro_cli.artifacts import sha256_file
     from diffpro_cli.models.diffusers_dir import extract_state_dict, load_into, read_weights
-    from diffpro_cli.models.random_arch import dit_forward
+    from diffpro_cli.models.base import dit_forward
 
     path = Path(path)
     state, wrapper = extract_state_dict(read_weights(path), path)

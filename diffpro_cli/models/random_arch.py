@@ -9,8 +9,8 @@ parameters here against 675M in the original layout) and unet-ddpm-32 (the googl
 U-Net, unconditional 3x32x32). Test-only archs, small enough for unit tests: dit-tiny, unet-tiny.
 
 Weights use the architecture's own (diffusers) initialisation under a fixed seed. Measured on a busy
-2-core CPU, skipping it and filling with a seeded uniform_ saved only ~30% of the 11-15 s DiT-XL/2
-build (touching 3 GB of fresh memory dominates), so the realistic default init is kept.
+2-core CPU, skipping it and filling with a seeded uniform_ saved only 10-15% of the 13-15 s DiT-XL/2
+build (touching 3 GB of fresh memory dominates), so the default init is kept.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from diffpro_cli.errors import InputError
-from diffpro_cli.models.base import DiffusionModel, linear_alphas_cumprod
+from diffpro_cli.models.base import DiffusionModel, dit_forward, linear_alphas_cumprod, unet_forward
 
 
 def _dit(layers: int, heads: int, head_dim: int, sample_size: int = 32, classes: int = 1000) -> dict:
@@ -57,22 +57,6 @@ TEST_ARCHS = {
         attention_head_dim=None, norm_num_groups=8,
     )),
 }
-
-
-def dit_forward(net, x, t, y):
-    """DiT call; y=None means the null (CFG) label."""
-    if y is None:
-        y = torch.full((x.shape[0],), net.config.num_embeds_ada_norm, dtype=torch.long, device=x.device)
-    return net(x, timestep=t, class_labels=y, return_dict=False)[0]
-
-
-def unet_forward(net, x, t, y):
-    """UNet2DModel call; for a class-conditional U-Net y=None means the last class index (null)."""
-    if net.config.num_class_embeds is None:
-        y = None
-    elif y is None:
-        y = torch.full((x.shape[0],), net.config.num_class_embeds - 1, dtype=torch.long, device=x.device)
-    return net(x, t, class_labels=y, return_dict=False)[0]
 
 
 def build_random_net(class_name: str, config: dict, seed: int):

