@@ -38,7 +38,7 @@ def bench_cmd(
     import torch
 
     from diffpro_cli.artifacts import read_json
-    from diffpro_cli.stages.bench import ALL_ROWS, BenchConfig, run_bench
+    from diffpro_cli.stages.bench import ALL_ROWS, BenchConfig, run_bench_stage
 
     ui = make_ui(quiet, json_output)
     names = [r.strip() for r in rows.split(",") if r.strip()]
@@ -55,16 +55,15 @@ def bench_cmd(
         quantized = workdir / "quantized"
     if quantized is not None and not (quantized / "diffpro.json").exists():
         raise UsageError(f"--quantized {quantized}: no diffpro.json there; run `diffpro quantize` first")
-    ts = None
     if timesteps is None and (workdir / "timesteps.json").exists():
         timesteps = workdir / "timesteps.json"
-    if timesteps is not None:
-        ts = read_json(timesteps, "diffpro.timesteps/1")["timesteps"]
     cfg = BenchConfig(rows=names, reference_steps=reference_steps, steps=steps, method=method, cfg_scale=cfg_scale,
                       fid=fid, fid_n=fid_n, reference=reference, inception_weights=inception_weights, seed=seed,
                       repeats=repeats, latency_batch=latency_batch, latency_steps=latency_steps)
-    report = run_bench(model, workdir, cfg, quantized=quantized, timesteps=ts,
-                       load_kwargs={"trust_code": trust_code, "weights": weights}, ui=ui, force=force)
+    outcome = run_bench_stage(model, workdir, cfg, quantized=quantized, timesteps_path=timesteps,
+                              load_kwargs={"trust_code": trust_code, "weights": weights}, ui=ui, force=force)
+    report = read_json(workdir / "bench" / "report.json", "diffpro.report/1")
+    report["stage"] = outcome.as_dict()
     lines = [f"{r['name']:>14s}: {r['steps']:4d} steps, {r['weight_bits_avg']:5.2f} bits, "
              f"{r['latency_s_per_image']['median'] * 1000:8.1f} ms/img, speedup {report['derived'][r['name']]['speedup']:.2f}x"
              + (f", FID {r['fid']:.2f}" if r["fid"] is not None else "") for r in report["rows"]]

@@ -1,20 +1,36 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
-from diffpro_cli.commands.common import DEFAULT_WORKDIR, Force, JsonOut, ModelArg, Quiet, TrustCode, Workdir
-from diffpro_cli.errors import NotImplementedStage
+from diffpro_cli.commands.common import Force, JsonOut, Quiet, make_ui
 
 
 def run_cmd(
-    source: Annotated[Path, typer.Argument(help="Input artifact or config file.")] = Path("."),
-    workdir: Workdir = DEFAULT_WORKDIR,
+    config: Annotated[Path, typer.Argument(help="TOML config (see sample_configs/).")],
+    workdir: Annotated[Optional[Path], typer.Option("--workdir", "-w", help="Override the config's workdir.")] = None,
+    stages: Annotated[Optional[str], typer.Option("--stages", help="Comma list overriding the config's stages.")] = None,
     force: Force = False,
     json_output: JsonOut = False,
     quiet: Quiet = False,
 ):
-    """Run the whole pipeline from one TOML config, skipping up-to-date stages."""
-    raise NotImplementedStage("run: not available yet (the end-to-end runner lands with issue #9); nothing was written")
+    """Run profile → score → prune → allocate → quantize → bench from one config, skipping up-to-date stages."""
+    from diffpro_cli.errors import UsageError
+    from diffpro_cli.stages.run import STAGES, load_run_config, run_pipeline
+
+    ui = make_ui(quiet, json_output)
+    cfg = load_run_config(config)
+    if workdir is not None:
+        cfg.workdir = str(workdir)
+    if stages:
+        cfg.stages = [s.strip() for s in stages.split(",") if s.strip()]
+        bad = [s for s in cfg.stages if s not in STAGES]
+        if bad:
+            raise UsageError(f"--stages: unknown {', '.join(bad)}; choose from {', '.join(STAGES)}")
+    outcomes = run_pipeline(cfg, force=force, ui=ui)
+    report = Path(cfg.workdir) / "bench" / "report.md"
+    ui.result({"workdir": cfg.workdir, "stages": outcomes},
+              human=f"done: {', '.join(o['stage'] + ' ' + o['status'] for o in outcomes)}"
+                    + (f"\nreport: {report}" if report.exists() else ""))

@@ -331,3 +331,33 @@ def derived_ratios(report: dict) -> dict:
             "delta_fid": (r["fid"] - base["fid"]) if r["fid"] is not None and base["fid"] is not None else None,
         }
     return out
+
+
+def run_bench_stage(model_spec: str, workdir: Path, cfg: BenchConfig, *, quantized: Path | None = None,
+                    timesteps_path: Path | None = None, load_kwargs: dict | None = None, force: bool = False,
+                    ui: UI = QUIET_UI):
+    """`run_bench` through the lock: skipped when the model, checkpoint, timesteps and config are unchanged."""
+    from diffpro_cli.artifacts import input_record
+    from diffpro_cli.commands.common import model_input_record
+    from diffpro_cli.models import load_model
+    from diffpro_cli.stages.common import run_stage
+
+    workdir = Path(workdir)
+    model = load_model(model_spec, **(load_kwargs or {}))
+    inputs = {"model": model_input_record(model)}
+    if quantized is not None:
+        inputs["quantized"] = input_record(quantized)
+    ts = None
+    if timesteps_path is not None:
+        inputs["timesteps"] = input_record(timesteps_path)
+        ts = read_json(timesteps_path, "diffpro.timesteps/1")["timesteps"]
+    del model
+    outputs = {"report": workdir / "bench" / "report.json", "markdown": workdir / "bench" / "report.md"}
+    holder = {}
+
+    def compute():
+        holder["report"] = run_bench(model_spec, workdir, cfg, quantized=quantized, timesteps=ts,
+                                     load_kwargs=load_kwargs, ui=ui, force=force)
+
+    outcome = run_stage(workdir, "bench", inputs, cfg.as_dict(), outputs, compute, force=force, seed=cfg.seed, ui=ui)
+    return outcome
