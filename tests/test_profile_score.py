@@ -273,3 +273,28 @@ def test_score_option_errors_and_tampered_stats(cli, tmp_path):
     stats.write_bytes(stats.read_bytes()[:-10] + b"0123456789")
     code, _, err = cli("score", "--workdir", tmp_path)
     assert code == 3 and "re-run `diffpro profile --force`" in err
+
+
+def test_non_finite_activations_are_an_input_error(tmp_path):
+    from diffpro_cli.errors import InputError
+    from diffpro_cli.models import load_model
+
+    m = load_model("builtin:dit-mnist")
+    with torch.no_grad():
+        m.net.transformer_blocks[0].attn1.to_out[0].weight[0, 0] = float("nan")
+    with pytest.raises(InputError, match="NaN/Inf"):
+        write_profile(m, ProfileConfig(samples=1, batch=1, timesteps="999"), tmp_path)
+
+
+def test_profile_and_score_a_diffusers_directory(cli, tmp_path):
+    from diffusers import DiTTransformer2DModel
+
+    torch.manual_seed(0)
+    DiTTransformer2DModel(sample_size=8, in_channels=4, out_channels=8, patch_size=2, num_attention_heads=2,
+                          attention_head_dim=8, num_layers=1, num_embeds_ada_norm=10, norm_type="ada_norm_zero",
+                          norm_elementwise_affine=False).save_pretrained(tmp_path / "dit")
+    w = tmp_path / "work"
+    assert cli("profile", tmp_path / "dit", *TINY, "--workdir", w, "-q")[0] == 0
+    assert cli("score", "--workdir", w, "-q", "--no-figures")[0] == 0
+    layers = json.loads((w / "scores.json").read_text())["layers"]
+    assert "pos_embed.proj" in layers and layers["pos_embed.proj"]["in_features"] == 4 * 2 * 2

@@ -51,6 +51,9 @@ def bench_cmd(
         raise UsageError(f"--method {method}: use ddim or ddpm")
     if threads:
         torch.set_num_threads(threads)
+    from diffpro_cli.distributed import init_from_env
+
+    init_from_env()  # no-op unless started by torchrun
     if quantized is None and (workdir / "quantized" / "diffpro.json").exists():
         quantized = workdir / "quantized"
     if quantized is not None and not (quantized / "diffpro.json").exists():
@@ -62,6 +65,10 @@ def bench_cmd(
                       repeats=repeats, latency_batch=latency_batch, latency_steps=latency_steps)
     outcome = run_bench_stage(model, workdir, cfg, quantized=quantized, timesteps_path=timesteps,
                               load_kwargs={"trust_code": trust_code, "weights": weights}, ui=ui, force=force)
+    from diffpro_cli.distributed import is_main
+
+    if not is_main():
+        return
     report = read_json(workdir / "bench" / "report.json", "diffpro.report/1")
     report["stage"] = outcome.as_dict()
     lines = [f"{r['name']:>14s}: {r['steps']:4d} steps, {r['weight_bits_avg']:5.2f} bits, "

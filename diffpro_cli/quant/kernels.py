@@ -252,6 +252,7 @@ class CpuOnednnConv2d:
         xq = quantize_u8(x, scale, qmax, clamp=static).contiguous(memory_format=torch.channels_last)
         y = torch.ops.onednn.qconv2d_pointwise(xq, 1.0, zp, self.w, self.w_scale, self.w_zp, None, self.stride, self.padding,
                                                self.dilation, self.groups, 1.0, 0, torch.float32, "none", [], "")
+        scale = torch.as_tensor(scale, dtype=torch.float32)
         y = y.mul_(scale) if self.bias is None else torch.addcmul(self.bias, y, scale)
         return y.contiguous().to(dtype)
 

@@ -187,12 +187,15 @@ def load_layers(scores: dict, path: str | Path = "scores.json") -> list[Layer]:
 
 
 def option_bits(layer: Layer, opt: Option) -> int:
-    """Storage of the layer in bits under `opt` (exact integer)."""
+    """Storage of the layer in bits under `opt` (exact integer), as the checkpoint stores it
+    (quant/formats.py): packed integer weights, fp32 scales [out, groups], fp32 bias."""
+    from diffpro_cli.quant.formats import packed_numel
+
     if opt.full_precision:
         return 32 * layer.params
     groups = math.ceil(layer.in_features / opt.group_size) if opt.group_size else 1
     scales = layer.out_features * groups
-    return layer.weight_numel * opt.weight_bits + 32 * scales + 32 * layer.bias_numel
+    return 8 * packed_numel(layer.weight_numel, opt.weight_bits) + 32 * scales + 32 * layer.bias_numel
 
 
 ERROR_MODELS = ("auto", "measured", "taylor", "proxy", "score", "cdf")
@@ -327,7 +330,9 @@ def measure_linear_ms(in_f: int, out_f: int, tokens: int, opt: Option, repeats: 
             raise InputError("latency: the integer kernels (diffpro_cli.quant.layers) are not installed yet; "
                              "pass --latency-source analytic for a labelled estimate")
         try:
-            q = quantize_module(lin, opt.weight_bits, act_bits=opt.act_bits, act_mode=opt.act_mode, group_size=opt.group_size)
+            static = float(x.abs().max()) if opt.act_bits < 16 and opt.act_mode == "static" else None
+            q = quantize_module(lin, opt.weight_bits, act_bits=opt.act_bits, act_mode=opt.act_mode,
+                                group_size=opt.group_size, static_absmax=static)
             q.eval()
             return _median_ms(lambda: q(x), repeats)
         except Exception as exc:  # an option the kernels do not support

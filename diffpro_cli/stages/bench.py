@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from diffpro_cli import __version__
-from diffpro_cli.artifacts import atomic_save_safetensors, atomic_write_json, load_safetensors, read_json, sha256_json
+from diffpro_cli.artifacts import atomic_write_json, read_json, sha256_json
 from diffpro_cli.console import QUIET_UI, UI
 from diffpro_cli.errors import InputError, UsageError
 from diffpro_cli.models.base import DiffusionModel
@@ -199,29 +199,34 @@ def measure_latency(rows: list[Row], cfg: BenchConfig, ui: UI = QUIET_UI) -> dic
     return out
 
 
-def row_samples(row: Row, cfg: BenchConfig, n: int, cache_dir: Path, ui: UI = QUIET_UI) -> torch.Tensor:
-    """The row's first n samples (seeded), cached on disk by what determines them."""
-    key = sha256_json({"id": row.identity, "ts": row.timesteps, "steps": row.steps, "method": cfg.method,
-                       "cfg": cfg.cfg_scale, "seed": cfg.seed})[:24]
-    path = cache_dir / f"{row.name}-{key}.safetensors"
-    have = None
-    if path.exists():
-        try:
-            have = load_safetensors(path)[0]["samples"]
-        except InputError:
-            have = None
-    start = 0 if have is None else len(have)
-    if start >= n:
-        return have[:n]
-    with ui.progress(f"sampling {row.name}", total=(n - start) * row.steps) as advance:
-        new = row.sampler(cfg, n - start, cfg.sample_batch, first_index=start, advance=advance)
-    x = new if have is None else torch.cat([have, new])
-    atomic_save_safetensors(path, {"samples": x.float()}, metadata={"row": row.name, "seed": str(cfg.seed)})
-    return x
+def row_features(row: Row, cfg: BenchConfig, n: int, inception, cache, ui: UI = QUIET_UI) -> tuple[np.ndarray, torch.Tensor]:
+    """Inception features of the row's first n seeded samples (cached; sharded over torchrun ranks)
+    and its first `grid_n` samples for the figure."""
+    from diffpro_cli.distributed import is_main, sharded_map
+    from diffpro_cli.metrics.fid import FeatureCache, inception_features
+
+    key = FeatureCache.key(identity=row.identity, ts=row.timesteps, steps=row.steps, method=cfg.method,
+                           cfg=cfg.cfg_scale, seed=cfg.seed)
+    feats = cache.get(key, n)
+    grid = {}
+    if feats is None or len(feats) < n:
+        with ui.progress(f"sampling + inception {row.name}", total=n * (row.steps + 1)) as advance:
+            def work(start: int, count: int) -> np.ndarray:
+                x = row.sampler(cfg, count, cfg.sample_batch, first_index=start, advance=advance)
+                if start == 0:
+                    grid["x"] = x[:cfg.grid_n]
+                return inception_features(x, inception, advance=advance)
+
+            feats = sharded_map(n, work)
+        if is_main():
+            cache.put(key, feats, meta={"row": row.name})
+    if "x" not in grid:
+        grid["x"] = row.sampler(cfg, min(cfg.grid_n, n), cfg.sample_batch)
+    return feats, grid["x"]
 
 
 def fid_for_rows(rows: list[Row], cfg: BenchConfig, workdir: Path, ui: UI = QUIET_UI) -> tuple[dict, dict[str, torch.Tensor]]:
-    from diffpro_cli.metrics.fid import FeatureCache, fid_features, frechet_distance, load_inception, load_reference_stats, stats_from_features
+    from diffpro_cli.metrics.fid import FeatureCache, frechet_distance, load_inception, load_reference_stats, stats_from_features
 
     for row in rows:
         if row.model.random_weights:
@@ -231,14 +236,9 @@ def fid_for_rows(rows: list[Row], cfg: BenchConfig, workdir: Path, ui: UI = QUIE
     cache = FeatureCache(workdir / "bench" / "fid-cache")
     results, samples, stats = {}, {}, {}
     for row in rows:
-        x = row_samples(row, cfg, cfg.fid_n, workdir / "bench" / "samples", ui)
-        samples[row.name] = x
-        key = FeatureCache.key(identity=row.identity, ts=row.timesteps, steps=row.steps, method=cfg.method,
-                               cfg=cfg.cfg_scale, seed=cfg.seed)
-        with ui.progress(f"inception {row.name}", total=len(x)) as advance:
-            feats = fid_features(x, inception, advance=advance, cache=cache, key=key)
+        feats, samples[row.name] = row_features(row, cfg, cfg.fid_n, inception, cache, ui)
         stats[row.name] = stats_from_features(feats)
-        results[row.name] = {"fid": frechet_distance(*stats[row.name], mu_ref, sigma_ref), "n": len(x)}
+        results[row.name] = {"fid": frechet_distance(*stats[row.name], mu_ref, sigma_ref), "n": len(feats)}
     if "fp32" in stats:
         for name, st in stats.items():
             results[name]["fid_vs_fp"] = 0.0 if name == "fp32" else frechet_distance(*st, *stats["fp32"])
@@ -268,13 +268,20 @@ def run_bench(model_spec: str, workdir: Path, cfg: BenchConfig, quantized: Path 
     rows, notes = build_rows(model_spec, cfg, workdir, quantized, timesteps, load_kwargs or {}, ui, force)
     if not rows:
         raise UsageError("--rows selects nothing to measure; name at least one row")
+    from diffpro_cli.distributed import barrier, is_main, rank_world
+
     fp_model = rows[0].model if rows[0].name == "fp32" else None
-    timing = measure_latency(rows, cfg, ui)
+    timing = measure_latency(rows, cfg, ui) if is_main() else {}   # other ranks would skew the timing
+    barrier()
     fid_results, samples = ({}, {})
     if cfg.fid:
         fid_results, samples = fid_for_rows(rows, cfg, workdir, ui)
+        if rank_world()[1] > 1:
+            notes.append(f"FID sampling and Inception features sharded over {rank_world()[1]} processes")
     else:
         notes.append("FID not measured (pass --fid)")
+    if not is_main():
+        return {}
     if "_note" in timing:
         notes.append(f"energy: {timing['_note']}")
     model0 = rows[0].model if fp_model is None else fp_model
@@ -359,5 +366,15 @@ def run_bench_stage(model_spec: str, workdir: Path, cfg: BenchConfig, *, quantiz
         holder["report"] = run_bench(model_spec, workdir, cfg, quantized=quantized, timesteps=ts,
                                      load_kwargs=load_kwargs, ui=ui, force=force)
 
-    outcome = run_stage(workdir, "bench", inputs, cfg.as_dict(), outputs, compute, force=force, seed=cfg.seed, ui=ui)
-    return outcome
+    from diffpro_cli.distributed import rank_world
+
+    # under torchrun every rank must take part in the collectives, so no rank may skip on its own:
+    # sharded runs always compute (rank 0 still records the lock)
+    sharded = rank_world()[1] > 1
+    if sharded and rank_world()[0] != 0:
+        compute()
+        from diffpro_cli.stages.common import StageOutcome
+
+        return StageOutcome("bench", "computed", "sharded worker", {k: str(v) for k, v in outputs.items()}, 0.0)
+    return run_stage(workdir, "bench", inputs, cfg.as_dict(), outputs, compute, force=force or sharded,
+                     seed=cfg.seed, ui=ui)

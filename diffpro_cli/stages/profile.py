@@ -191,7 +191,9 @@ class LayerStats:
         patch matrix repeats up to kh·kw times (zero padding is not counted there).
         """
         x = x.float()
-        cmin, cmax = x.amin(0), x.amax(0)
+        cmin, cmax = x.amin(0), x.amax(0)          # NaN propagates through amin/amax
+        if not (torch.isfinite(cmin).all() and torch.isfinite(cmax).all()):
+            raise ValueError("non-finite activations")
         s, sq = x.sum(0), (x * x).sum(0)
         self.rows[ti] += x.shape[0]
         self.sum[ti] += float(s.sum())
@@ -205,7 +207,7 @@ class LayerStats:
         if x.shape[0] > self.max_rows:
             x = x[torch.randperm(x.shape[0], generator=self.gen)[: self.max_rows]]
         z = self.sketch(x)
-        self.gram += (z.T @ z).double()
+        self.gram.add_(z.T @ z)                    # float32 GEMM, float64 accumulator
         self.gram_sum += z.sum(0)
         self.gram_rows += z.shape[0]
 
@@ -307,10 +309,10 @@ class Profiler:
         mat = layer_input_matrix(module, x)
         if name not in self.stats:
             self.stats[name] = LayerStats(mat.shape[1], self.n_t, self.max_dim, self.max_rows, layer_seed(self.seed, name))
-        st = self.stats[name]
-        st.add(self.ti, mat, elements=x if isinstance(module, nn.Conv2d) else None)
-        if not (math.isfinite(float(st.min[self.ti])) and math.isfinite(float(st.max[self.ti]))):
-            raise InputError(f"layer {name} sees non-finite activations; check the model weights (NaN/Inf) before profiling")
+        try:
+            self.stats[name].add(self.ti, mat, elements=x if isinstance(module, nn.Conv2d) else None)
+        except ValueError:
+            raise InputError(f"layer {name} sees NaN/Inf activations; check the model weights before profiling") from None
         self._last_input, self._last_owner = x, name
 
     def _post(self, name: str, module: nn.Module, out: torch.Tensor) -> None:

@@ -1,0 +1,59 @@
+"""Sharding sample generation and feature extraction over `torchrun` processes.
+
+Under `torchrun --nproc-per-node N -m diffpro_cli bench ...` every rank takes a contiguous slice of
+the sample indices (samples are seeded per index, so a slice is exactly the same images a single
+process would make), computes what it must for its slice, and the slices are gathered in rank
+order. Rank 0 writes the artifacts; the others only compute. gloo on CPU, nccl on CUDA.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+def init_from_env() -> tuple[int, int]:
+    """Join the process group torchrun describes (if any); returns (rank, world size)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend=backend)
+    return rank_world()
+
+
+def rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def is_main() -> bool:
+    return rank_world()[0] == 0
+
+
+def shard_range(n: int, rank: int, world: int) -> tuple[int, int]:
+    """[start, stop) of rank's contiguous share of n items (the first n % world ranks take one more)."""
+    base, extra = divmod(n, world)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+def sharded_map(n: int, fn: Callable[[int, int], np.ndarray]) -> np.ndarray:
+    """fn(start, count) → rows for items [start, start+count); returns all n rows on every rank."""
+    rank, world = rank_world()
+    start, stop = shard_range(n, rank, world)
+    local = fn(start, stop - start) if stop > start else None
+    if world == 1:
+        return local
+    parts = [None] * world
+    dist.all_gather_object(parts, local)
+    return np.concatenate([p for p in parts if p is not None and len(p)])
+
+
+def barrier() -> None:
+    if rank_world()[1] > 1:
+        dist.barrier()
