@@ -52,10 +52,18 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
     """diffpro: profile → score → prune → allocate → quantize → bench (or `run` for all)."""
 
 
+def _click_exceptions():
+    """typer ≥ 0.20 vendors click as typer._click; older typer uses click itself."""
+    try:
+        from typer._click import exceptions
+    except ImportError:  # pragma: no cover - older typer
+        from click import exceptions
+    return exceptions
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code. Known errors print one line on stderr, never a traceback."""
-    import click
-
+    cx = _click_exceptions()
     command = typer.main.get_command(app)
     try:
         command.main(args=argv if argv is not None else sys.argv[1:], prog_name="diffpro", standalone_mode=False)
@@ -63,15 +71,15 @@ def main(argv: list[str] | None = None) -> int:
     except DiffproError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return exc.exit_code
-    except click.exceptions.Exit as exc:
+    except (typer.Exit, getattr(cx, "Exit", typer.Exit)) as exc:
         return exc.exit_code
-    except click.exceptions.Abort:
+    except (typer.Abort, getattr(cx, "Abort", typer.Abort)):
         print("error: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except KeyboardInterrupt:
         print("error: interrupted; finished artifacts are kept, re-run to resume", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except click.exceptions.ClickException as exc:
+    except cx.ClickException as exc:
         exc.show()
         return exc.exit_code
 

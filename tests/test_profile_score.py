@@ -15,6 +15,16 @@ from diffpro_cli.stages.score import (ScoreConfig, dimension_ratio, k_for_varian
 TINY = ["--samples", "2", "--batch", "2", "--timesteps", "999:0:500"]
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread: 10x faster than 2 on the busy CI box, and GEMMs cannot change their threading
+    between two runs (MKL/oneDNN may adapt it to load), so same-seed artifacts are bit-identical."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _with_spectrum(n, lam, mean=None, seed=0):
     """n rows whose population covariance has exactly the eigenvalues lam (random orientation)."""
     g = torch.Generator().manual_seed(seed)
