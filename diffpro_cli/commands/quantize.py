@@ -1,24 +1,46 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
-from diffpro_cli.commands.common import DEFAULT_WORKDIR, Force, JsonOut, ModelArg, Quiet, TrustCode, Workdir
-from diffpro_cli.errors import NotImplementedStage
+from diffpro_cli.commands.common import DEFAULT_WORKDIR, Force, JsonOut, ModelArg, Quiet, Seed, TrustCode, Weights, Workdir, make_ui
 
 
 def quantize_cmd(
     model: ModelArg = "builtin:dit-mnist",
+    plan: Annotated[Optional[Path], typer.Option("--plan", help="plan.json from `diffpro allocate` (per-layer bits and activation mode).")] = None,
+    bits: Annotated[Optional[int], typer.Option("--bits", help="Uniform weight bits for every layer (2, 3, 4, 6, 8) instead of a plan.")] = None,
+    act_bits: Annotated[int, typer.Option("--act-bits", help="With --bits: 8 (int8 activations) or 16 (weight-only).")] = 8,
+    act_mode: Annotated[str, typer.Option("--act-mode", help="With --bits: dynamic (per-tensor, every call; fastest), dynamic-token (per-token, every call), or static (per-timestep calibrated).")] = "dynamic",
+    group_size: Annotated[Optional[int], typer.Option("--group-size", help="With --bits: weight scales per group of this many inputs (default: per output channel).")] = None,
+    timesteps: Annotated[Optional[Path], typer.Option("--timesteps", help="timesteps.json from `diffpro prune`: stored in the checkpoint; static ranges are calibrated on it.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Checkpoint directory (default WORKDIR/quantized).")] = None,
     workdir: Workdir = DEFAULT_WORKDIR,
+    seed: Seed = 0,
     trust_code: TrustCode = False,
+    weights: Weights = None,
     force: Force = False,
     json_output: JsonOut = False,
     quiet: Quiet = False,
 ):
-    """Write a real integer checkpoint from a plan (or uniform --bits)."""
+    """Write a real integer checkpoint (model.safetensors + diffpro.json) from a plan or uniform --bits."""
     from diffpro_cli.models import load_model
+    from diffpro_cli.stages.quantize import QuantizeConfig, run_quantize_stage
 
-    load_model(model, trust_code=trust_code)  # validate the spec before saying what is missing
-    raise NotImplementedStage("quantize: not available yet (integer quantization lands with issue #7); nothing was written")
+    ui = make_ui(quiet, json_output)
+    out_dir = out if out is not None else workdir / "quantized"
+    m = load_model(model, trust_code=trust_code, weights=weights, seed=seed)
+    if m.untrained:
+        ui.warn(f"{m.spec} is UNTRAINED (seeded random weights): the checkpoint is for speed and size only")
+    cfg = QuantizeConfig(bits=bits, act_bits=act_bits, act_mode=act_mode, group_size=group_size, seed=seed)
+    outcome, meta = run_quantize_stage(m, workdir, out_dir, cfg, plan_path=plan, timesteps_path=timesteps, force=force, ui=ui)
+    totals = meta["totals"]
+    ratio = totals["fp32_bytes"] / totals["bytes"] if totals.get("bytes") else None
+    kernels = sorted({rec["kernel"] for rec in meta["layers"].values()})
+    ui.result({"out": str(out_dir), "status": outcome.status, "avg_bits": totals["avg_bits"], "bytes": totals["bytes"],
+               "fp32_bytes": totals["fp32_bytes"], "compression": ratio, "quantized_layers": totals["quantized_layers"],
+               "float_layers": totals["float_layers"], "kernels": kernels, "timesteps": meta.get("timesteps")},
+              human=(f"{outcome.status}: {out_dir} — {totals['quantized_layers']} integer layers, {totals['float_layers']} float, "
+                     f"avg {totals['avg_bits']:.2f} bits, {totals['bytes'] / 1e6:.2f} MB ({ratio:.2f}x smaller than fp32)"))

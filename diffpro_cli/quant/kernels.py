@@ -3,28 +3,25 @@
 A kernel is prepared once from the stored integers of one layer, or of several layers that always see
 the same input (attention q/k/v, fused into one GEMM), and is then called with float activations.
 
-Activation modes:
-  * "dynamic": symmetric int8 scales computed at every call: per token for Linear (one scale per row
-    of the [tokens, features] input), per sample for Conv2d (a convolution mixes neighbouring pixels,
-    so one scale per image is the finest that factors out of it). Each denoising step is its own call,
-    so the scales follow the timestep by construction.
-  * "static": one calibrated scale per timestep, stored in the checkpoint (see layers.timestep_context).
+Activation modes (all int8, symmetric unless said; "per call" = per denoising step, since every step is
+its own forward pass, so every dynamic mode follows the timestep by construction):
+  * "dynamic": one scale per input tensor, found at every call. CPU: fbgemm's fused
+    `quantized.linear_dynamic` (asymmetric u8 range, the range search, quantization, int8 GEMM and
+    dequantization in ONE op). The fast default: see docs/quantization.md for the measurements.
+  * "dynamic-token": one scale per token (row of the [tokens, features] input), found at every call.
+    Most accurate; costs ~5 extra elementwise passes per layer (oneDNN u8×s8 matmul with zero point 128
+    and scale 1, then y = b + s_token·(Σ q_x q_w s_w) in one fused multiply-add).
+  * "static": one calibrated scale per timestep, stored in the checkpoint (layers.timestep_context);
+    CPU: fbgemm's fused quantize→GEMM→dequantize op, one call per layer.
   * "none": weight-only, float activations.
+Conv2d (native oneDNN int8 convolution, channels-last inside) uses one scale per sample for both dynamic
+modes: a convolution mixes neighbouring pixels, so a per-pixel scale cannot be factored out of it.
 
-CPU integer kernels (x86):
-  * dynamic Linear: oneDNN u8×s8→s32 matmul via `torch.ops.onednn.qlinear_pointwise` (the kernel behind
-    torch's x86 inductor quantization) with the activation zero point at 128 and scale 1; the per-token
-    scale and the bias are applied to its fp32 output in one fused multiply-add: y = b + s_x·(Σ q_x q_w s_w).
-  * static Linear: fbgemm's fused quantize→int8 GEMM→dequantize op
-    (`quantized.linear_with_input_q_dq_qweight_dq_output_fp32`, one call per layer) where this torch has
-    it, else the oneDNN matmul with the calibrated scale passed in.
-  * Conv2d: native oneDNN int8 convolution (`onednn.qconv2d_pointwise`), channels-last inside.
-Weights of any width ≤ 8 bits run on the int8 grid (4-bit storage → W4A8 compute); group-wise scales are
-folded onto one int8 grid per output channel at prepare time (formats.fold_to_channel_grid).
-
-Activation rounding in the CPU kernels is floor(x/s + zp + 1/2) (one `addcdiv` plus a truncating cast);
-it differs from round-half-even only for values within float32 rounding of a half step (about 1 in 65k
-elements, by one step). reference.kernel_tolerance accounts for exactly those elements.
+Weights of any width ≤ 8 bits run on the int8 grid (4-bit storage → W4A8 compute); group-wise scales
+are folded onto one int8 grid per output channel at prepare time (formats.fold_to_channel_grid).
+Each kernel says which activation scheme it computes (`act_scheme`), so tests pick the matching
+reference; rounding may differ from the reference only for values within float rounding of a half step
+(reference.rounding_ambiguity), which reference.kernel_tolerance accounts for.
 
 CUDA kernels (`torch._int_mm`, tinygemm int4 weight-only, FP8 `_scaled_mm`) follow the documented
 contracts of those ops but have NOT run on a GPU in this project (see docs/quantization.md).
@@ -41,7 +38,7 @@ import torch.nn.functional as F
 
 from diffpro_cli.quant.formats import STORAGE_BITS, dequantize_weight, fold_to_channel_grid
 
-ACT_MODES = ("dynamic", "static", "none")
+ACT_MODES = ("dynamic", "dynamic-token", "static", "none")
 ACT_ZERO_POINT = {127: 128, 63: 64}   # u8 zero point for a symmetric grid of ±qmax
 
 
@@ -70,6 +67,11 @@ def act_bits_of(qmax: int) -> int:
 def row_scales(x2d: torch.Tensor, qmax: int) -> torch.Tensor:
     """Per-token symmetric scale [M, 1] (same arithmetic as reference.fake_quant_act_per_token)."""
     return x2d.abs().amax(dim=-1, keepdim=True).clamp_min_(1e-12).div_(qmax)
+
+
+def tensor_scale(x: torch.Tensor, qmax: int) -> float:
+    """One symmetric scale for the whole input."""
+    return max(float(torch.linalg.vector_norm(x, float("inf"))), 1e-12) / qmax
 
 
 def sample_scales(x: torch.Tensor, qmax: int) -> torch.Tensor:
@@ -149,33 +151,41 @@ class CpuOnednnLinear:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).float()
         qmax, zp = self.act_qmax, ACT_ZERO_POINT[self.act_qmax]
-        if layer.act_mode == "static":   # one scale: oneDNN applies it and the bias
-            scale = layer.static_scale(qmax)
-            xq = quantize_u8(x2, scale, qmax, clamp=True)
-            y = torch.ops.onednn.qlinear_pointwise(xq, scale, zp, self.w, self.w_scale, self.w_zp, self.bias,
-                                                   1.0, 0, torch.float32, "none", [], "")
-        else:
+        if layer.act_mode == "dynamic-token":
             scale = row_scales(x2, qmax)
             xq = quantize_u8(x2, scale, qmax, clamp=False)
             y = torch.ops.onednn.qlinear_pointwise(xq, 1.0, zp, self.w, self.w_scale, self.w_zp, None,
                                                    1.0, 0, torch.float32, "none", [], "")
             y = y.mul_(scale) if self.bias is None else torch.addcmul(self.bias, y, scale)
+        else:   # one scale for the whole input: oneDNN applies it and the bias
+            static = layer.act_mode == "static"
+            scale = layer.static_scale(qmax) if static else tensor_scale(x2, qmax)
+            xq = quantize_u8(x2, scale, qmax, clamp=static)
+            y = torch.ops.onednn.qlinear_pointwise(xq, scale, zp, self.w, self.w_scale, self.w_zp, self.bias,
+                                                   1.0, 0, torch.float32, "none", [], "")
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+
+    def act_scheme(self, layer) -> str:
+        return {"dynamic-token": "token", "dynamic": "tensor"}.get(layer.act_mode, "static")
 
 
 @register
-class CpuFbgemmStaticLinear:
-    """Static activations: fbgemm quantizes with the calibrated scale, runs the int8 GEMM and dequantizes
-    with the bias, all in one op. Uses torch's (deprecated) quantized-tensor API; where that is gone the
+class CpuFbgemmLinear:
+    """One fused op per layer through fbgemm (torch's quantized-tensor API):
+    "dynamic": quantized.linear_dynamic — per-tensor asymmetric u8 range found, quantized, int8 GEMM,
+    dequantized with the bias, all inside one call; "static": the same with the calibrated scale
+    (linear_with_input_q_dq_qweight_dq_output_fp32). The API is deprecated in torch; where it is gone the
     registry falls back to the oneDNN kernel."""
 
-    name = "cpu-fbgemm-int8-static"
+    name = "cpu-fbgemm-int8"
 
     @staticmethod
     def usable(layer, device: torch.device) -> bool:
-        # fbgemm clamps activations to the full u8 range, so it needs a CPU that cannot saturate.
-        return (device.type == "cpu" and layer.act_mode == "static" and cpu_act_qmax(layer.weight_bits) == 127
-                and _fbgemm_engine() is not None and hasattr(torch.ops.quantized, "linear_with_input_q_dq_qweight_dq_output_fp32"))
+        if device.type != "cpu" or _fbgemm_engine() is None or not hasattr(torch.ops.quantized, "linear_dynamic"):
+            return False
+        if layer.act_mode == "static":   # fbgemm clamps static activations to the full u8 range
+            return cpu_act_qmax(layer.weight_bits) == 127 and hasattr(torch.ops.quantized, "linear_with_input_q_dq_qweight_dq_output_fp32")
+        return layer.act_mode == "dynamic"
 
     def __init__(self, layers, device: torch.device):
         q8, s8, bias = _stacked_weights(layers)
@@ -184,14 +194,21 @@ class CpuFbgemmStaticLinear:
             qw = torch._make_per_channel_quantized_tensor(q8, s8.double(), torch.zeros(s8.numel(), dtype=torch.long), 0)
             self.packed = torch.ops.quantized.linear_prepack(qw, bias)
         self.act_qmax = _group_qmax(layers)
+        self.reduce_range = self.act_qmax != 127   # 7-bit activations where u8×s8 could saturate
         self.out_features = s8.numel()
 
     def __call__(self, layer, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).float()
-        scale = layer.static_scale(self.act_qmax)
-        y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(x2, scale, ACT_ZERO_POINT[self.act_qmax], self.packed)
+        if layer.act_mode == "static":
+            scale = layer.static_scale(self.act_qmax)
+            y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(x2, scale, ACT_ZERO_POINT[self.act_qmax], self.packed)
+        else:
+            y = torch.ops.quantized.linear_dynamic(x2, self.packed, self.reduce_range)
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+
+    def act_scheme(self, layer) -> str:
+        return "static" if layer.act_mode == "static" else "tensor-asym"
 
 
 @functools.lru_cache(maxsize=None)
@@ -256,6 +273,9 @@ class CpuOnednnConv2d:
         y = y.mul_(scale) if self.bias is None else torch.addcmul(self.bias, y, scale)
         return y.contiguous().to(dtype)
 
+    def act_scheme(self, layer) -> str:
+        return "static" if layer.act_mode == "static" else "sample"
+
 
 @register
 class DequantFloat:
@@ -281,6 +301,9 @@ class DequantFloat:
         if layer.kind == "conv2d":
             return layer.float_conv(x, w, b)
         return F.linear(x, w, b)
+
+    def act_scheme(self, layer) -> str:
+        return "float"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -323,12 +346,17 @@ class CudaIntMmLinear:
         x2 = x.reshape(-1, shape[-1])
         if layer.act_mode == "static":
             scale = torch.full((x2.shape[0], 1), layer.static_scale(127), device=x.device)
+        elif layer.act_mode == "dynamic":
+            scale = (x2.float().abs().amax().clamp_min(1e-12) / 127).expand(x2.shape[0], 1)
         else:
             scale = x2.float().abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / 127
         y = _int_mm(_int8_rows(x2, scale), self.wt).float() * (scale * self.w_scale)
         if self.bias is not None:
             y = y + self.bias
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+
+    def act_scheme(self, layer) -> str:
+        return {"dynamic-token": "token", "dynamic": "tensor"}.get(layer.act_mode, "static")
 
 
 @register
@@ -367,6 +395,9 @@ class CudaIm2colIntMmConv2d:
         oh = (h + 2 * self.padding[0] - layer.dilation[0] * (layer.kernel_size[0] - 1) - 1) // layer.stride[0] + 1
         ow = (w + 2 * self.padding[1] - layer.dilation[1] * (layer.kernel_size[1] - 1) - 1) // layer.stride[1] + 1
         return y.transpose(1, 2).reshape(b, -1, oh, ow).to(x.dtype)
+
+    def act_scheme(self, layer) -> str:
+        return "static" if layer.act_mode == "static" else "sample"
 
 
 @register
@@ -407,6 +438,9 @@ class CudaInt4WeightOnly:
             y = y + self.bias
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
 
+    def act_scheme(self, layer) -> str:
+        return "float"
+
 
 @register
 class CudaFp8Linear:
@@ -441,6 +475,9 @@ class CudaFp8Linear:
         y = torch._scaled_mm(xq, self.wt, scale_a=xs, scale_b=self.w_scale, bias=self.bias, out_dtype=torch.bfloat16)
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
 
+    def act_scheme(self, layer) -> str:
+        return "fp8-token"
+
 
 # ---------------------------------------------------------------------------------------------
 # The registry table and the selection rule
@@ -451,17 +488,18 @@ def _build_table() -> dict[tuple[str, str, int, str], list[str]]:
     """Kernels in order of preference for every (op, device, weight bits, activation mode)."""
     table = {}
     for bits in STORAGE_BITS:
-        table[("linear", "cpu", bits, "dynamic")] = ["cpu-onednn-int8", "dequant-float"]
-        table[("linear", "cpu", bits, "static")] = ["cpu-fbgemm-int8-static", "cpu-onednn-int8", "dequant-float"]
-        table[("linear", "cpu", bits, "none")] = ["dequant-float"]
-        for mode in ("dynamic", "static"):
+        table[("linear", "cpu", bits, "dynamic")] = ["cpu-fbgemm-int8", "cpu-onednn-int8", "dequant-float"]
+        table[("linear", "cpu", bits, "dynamic-token")] = ["cpu-onednn-int8", "dequant-float"]
+        table[("linear", "cpu", bits, "static")] = ["cpu-fbgemm-int8", "cpu-onednn-int8", "dequant-float"]
+        for mode in ("dynamic", "dynamic-token", "static"):
             table[("conv2d", "cpu", bits, mode)] = ["cpu-onednn-int8-conv", "dequant-float"]
             table[("linear", "cuda", bits, mode)] = ["cuda-int8-intmm", "dequant-float"]
             table[("conv2d", "cuda", bits, mode)] = ["cuda-int8-im2col-intmm", "dequant-float"]
-        table[("conv2d", "cpu", bits, "none")] = ["dequant-float"]
+        for op in ("linear", "conv2d"):
+            table[(op, "cpu", bits, "none")] = ["dequant-float"]
         table[("linear", "cuda", bits, "none")] = (["cuda-int4-tinygemm"] if bits <= 4 else []) + ["dequant-float"]
         table[("conv2d", "cuda", bits, "none")] = ["dequant-float"]
-    table[("linear", "cuda", 8, "dynamic")].append("cuda-fp8")
+    table[("linear", "cuda", 8, "dynamic-token")].append("cuda-fp8")
     return table
 
 

@@ -100,9 +100,15 @@ def run_pipeline(cfg: RunConfig, *, force: bool = False, ui: UI = QUIET_UI) -> l
                                   timesteps_path=ts_path, force=force, ui=ui)
         done(outcome)
     if "quantize" in cfg.stages:
-        from diffpro_cli.stages.quantize import run_quantize_from_config
+        from diffpro_cli.stages.quantize import QuantizeConfig, run_quantize_stage
 
-        done(run_quantize_from_config(model, workdir, sec["quantize"], force=force, ui=ui))
+        qsec = dict(sec["quantize"])
+        qcfg = section(QuantizeConfig, qsec, "quantize", seed=cfg.seed)
+        plan = workdir / "plan.json" if qcfg.bits is None else None
+        ts_path = workdir / "timesteps.json" if (workdir / "timesteps.json").exists() else None
+        outcome, _ = run_quantize_stage(model, workdir, workdir / "quantized", qcfg, plan_path=plan,
+                                        timesteps_path=ts_path, force=force, ui=ui)
+        done(outcome)
     if "bench" in cfg.stages:
         from diffpro_cli.stages.bench import BenchConfig, run_bench_stage
 

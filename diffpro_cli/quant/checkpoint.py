@@ -1,0 +1,274 @@
+"""The quantized checkpoint: `model.safetensors` + `diffpro.json` in one directory.
+
+model.safetensors holds, by the network's own qualified names,
+  * every quantized layer's buffers: `<layer>.qweight` (int8, or packed uint8 for < 8 bits),
+    `<layer>.weight_scale` (float32 [out, groups]), `<layer>.bias`, and for static activations
+    `<layer>.act_timesteps` / `<layer>.act_absmax`;
+  * every other parameter and buffer of the network unchanged (full-precision layers as they are),
+    non-persistent buffers included, so nothing depends on the architecture's initialisation;
+  * `__diffpro__.alphas_cumprod` (float64): the noise schedule.
+diffpro.json holds the format version, the architecture (class + config, so the network is rebuilt
+with `Class.from_config` on the meta device: no float weights are ever materialised for quantized
+layers), per-layer bits / layout / kernel / activation mode, the timestep subset and provenance hashes.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from diffpro_cli import __version__
+from diffpro_cli.artifacts import atomic_save_safetensors, atomic_write_json, read_json, sha256_file, sha256_json
+from diffpro_cli.errors import InputError, TrustError
+from diffpro_cli.models.base import DiffusionModel, dit_forward, unet_forward
+from diffpro_cli.quant.layers import QuantConv2d, QuantLinear, _QuantBase, empty_from_record, fuse_shared_inputs, normalise_act, timestep_context
+
+SCHEMA = "diffpro.quantized/1"
+FORMAT_VERSION = 1
+WEIGHTS = "model.safetensors"
+META = "diffpro.json"
+SCHEDULE_KEY = "__diffpro__.alphas_cumprod"
+FORWARDS = {"dit": dit_forward, "unet": unet_forward}
+
+
+def quant_layers(net: nn.Module) -> dict[str, _QuantBase]:
+    return {name: mod for name, mod in net.named_modules() if isinstance(mod, _QuantBase)}
+
+
+def set_submodule(net: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(net.get_submodule(parent) if parent else net, child, new)
+
+
+def plan_layer(module: nn.Module, entry: dict | None, static_range: tuple | None = None) -> _QuantBase | None:
+    """The quant layer a plan entry asks for (None: the layer stays in full precision)."""
+    if isinstance(module, _QuantBase):
+        return module
+    if entry is None or int(entry.get("weight_bits", 16)) >= 16:
+        return None
+    mode = normalise_act(int(entry.get("act_bits", 8)), entry.get("act_mode", "dynamic"))
+    cls = QuantLinear if isinstance(module, nn.Linear) else QuantConv2d
+    layer = cls.from_float(module, int(entry["weight_bits"]), mode, entry.get("group_size"))
+    if mode == "static":
+        if static_range is None:
+            raise InputError("static activations need calibrated ranges; run quantize with --act-mode static through the stage")
+        layer.set_static_ranges(*static_range)
+    return layer
+
+
+def checkpoint_tensors(model: DiffusionModel, qlayers: dict[str, _QuantBase]) -> dict[str, torch.Tensor]:
+    """Everything the checkpoint stores, by name (see module docstring)."""
+    tensors = {}
+    for name, layer in qlayers.items():
+        for key, value in layer.state_dict().items():
+            tensors[f"{name}.{key}"] = value.detach().cpu()
+    prefixes = tuple(f"{name}." for name in qlayers)
+    state = model.net.state_dict()
+    for name, buf in model.net.named_buffers():      # non-persistent buffers too
+        state.setdefault(name, buf)
+    for key, value in state.items():
+        if value is not None and not key.startswith(prefixes):
+            tensors[key] = value.detach().cpu()
+    tensors[SCHEDULE_KEY] = model.alphas_cumprod.detach().double().cpu()
+    return tensors
+
+
+def _architecture(model: DiffusionModel) -> dict:
+    """How to rebuild the network without its weights."""
+    cfg = model.config or {}
+    if model.kind == "custom":
+        return {"builder": "factory", "spec": model.spec}
+    cls = cfg.get("class") or type(model.net).__name__
+    config = cfg.get("config")
+    if config is None and hasattr(model.net, "config"):
+        config = {k: v for k, v in dict(model.net.config).items() if not k.startswith("_")}
+    if config is None:
+        raise InputError(f"{model.spec}: the loader recorded no architecture config; this model cannot be saved as a diffpro checkpoint")
+    return {"builder": "diffusers", "class": cls, "config": config}
+
+
+def _avg_bits(model: DiffusionModel, qlayers: dict[str, _QuantBase]) -> float:
+    """Average weight bits over every quantizable layer's weights (float layers count 32)."""
+    total_bits = total = 0
+    for name, (mod, _) in model.quantizable_layers().items():
+        q = qlayers.get(name)
+        numel = q.weight_shape[0] * q.in_flat if q is not None else mod.weight.numel()
+        total_bits += numel * (q.weight_bits if q is not None else 32)
+        total += numel
+    return total_bits / total if total else 32.0
+
+
+def save_quantized(model: DiffusionModel, plan: dict | None, out_dir: str | Path, timesteps: list[int] | None = None,
+                   static_ranges: dict[str, tuple] | None = None, provenance: dict | None = None) -> dict:
+    """Quantize `model` layer by layer as `plan` says and write the checkpoint; returns diffpro.json.
+
+    The float model is not modified (each quant layer lives only until its integers are collected), so
+    a caller can keep using it. Layers that are already quant layers are stored as they are.
+    static_ranges: layer name → (timesteps, max |x| per timestep), for act_mode "static" entries.
+    """
+    out_dir = Path(out_dir)
+    entries = (plan or {}).get("layers", {})
+    static_ranges = static_ranges or {}
+    qlayers = {}
+    for name, (mod, _) in model.quantizable_layers().items():
+        layer = plan_layer(mod, entries.get(name), static_ranges.get(name))
+        if layer is not None:
+            qlayers[name] = layer
+    tensors = checkpoint_tensors(model, qlayers)
+    float_bytes = sum(t.numel() * 4 for t in model.net.state_dict().values() if t.is_floating_point())
+    layers = {name: layer.describe() for name, layer in qlayers.items()}
+    static_ts = sorted({int(t) for layer in qlayers.values() if layer.act_mode == "static" for t in layer.act_timesteps.tolist()})
+    meta = {
+        "schema": SCHEMA,
+        "format_version": FORMAT_VERSION,
+        "model": {"spec": model.spec, "sha256": model.sha256, "kind": model.kind, "sample_shape": list(model.sample_shape),
+                  "num_classes": model.num_classes, "num_train_timesteps": model.num_train_timesteps,
+                  "random_weights": model.random_weights, "untrained": model.untrained,
+                  "architecture": _architecture(model), "source_config": _jsonable(model.config)},
+        "layers": layers,
+        "activation": {"modes": sorted({rec["act_mode"] for rec in layers.values()}), "bits": 8, "symmetric_weights": True,
+                       "dynamic": "int8, one asymmetric range per input tensor (Linear) / symmetric per sample (Conv2d), found at every call",
+                       "dynamic-token": "int8, symmetric, one scale per token (Linear) / per sample (Conv2d), found at every call",
+                       "static": "int8, symmetric, one calibrated scale per timestep and tensor (<layer>.act_absmax)",
+                       "static_timesteps": static_ts},
+        "timesteps": None if timesteps is None else [int(t) for t in timesteps],
+        "totals": {"avg_bits": round(_avg_bits(model, qlayers), 4), "quantized_layers": len(qlayers),
+                   "float_layers": len(model.quantizable_layers()) - len(qlayers), "fp32_bytes": float_bytes},
+        "provenance": {"model_sha256": model.sha256, "plan_sha256": None if plan is None else sha256_json(plan),
+                       "diffpro_version": __version__, "torch": torch.__version__,
+                       "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **(provenance or {})},
+    }
+    weights = atomic_save_safetensors(out_dir / WEIGHTS, tensors, metadata={"diffpro_schema": SCHEMA, "format_version": str(FORMAT_VERSION)})
+    meta["provenance"]["tensors_sha256"] = sha256_file(weights)
+    meta["totals"]["bytes"] = weights.stat().st_size
+    atomic_write_json(out_dir / META, meta)
+    return meta
+
+
+def _jsonable(obj):
+    import json
+
+    return json.loads(json.dumps(obj, default=str))
+
+
+def _build_empty(arch: dict, trust_code: bool) -> nn.Module:
+    """The architecture with no weights allocated (meta device) where possible."""
+    if arch["builder"] == "factory":
+        if not trust_code:
+            raise TrustError(f"this checkpoint's network comes from {arch['spec']}; pass --trust-code to import and run its code")
+        from diffpro_cli.models.custom import load_custom
+
+        return load_custom(arch["spec"], trust_code=True).net
+    import diffusers
+
+    cls = getattr(diffusers, arch["class"], None)
+    if cls is None:
+        raise InputError(f"checkpoint architecture {arch['class']} is not a diffusers model class; re-quantize from the original model")
+    with torch.device("meta"):
+        net = cls.from_config(arch["config"])
+    return net.eval()
+
+
+def _attach_vae(model: DiffusionModel, source_config: dict) -> None:
+    """Latent pipelines: reuse the original pipeline's VAE (not quantized) if it is still on disk."""
+    source = source_config.get("source") if isinstance(source_config, dict) else None
+    if not source or not source_config.get("vae") or not (Path(source) / "vae" / "config.json").is_file():
+        return
+    from diffpro_cli.models.diffusers_dir import _vae_decoder, load_module_dir
+
+    vae, _ = load_module_dir(Path(source) / "vae", ("AutoencoderKL",))
+    model.decode = _vae_decoder(vae, float(source_config["vae"]["scaling_factor"]))
+
+
+def read_meta(path: str | Path) -> dict:
+    path = Path(path)
+    meta = read_json(path / META, SCHEMA)
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise InputError(f"{path / META}: format version {meta.get('format_version')} is not readable by diffpro {__version__}; re-run `diffpro quantize`")
+    return meta
+
+
+def load_quantized(path: str | Path, *, trust_code: bool = False, verify: bool = True, fuse: bool = True) -> DiffusionModel:
+    """Rebuild a quantized model from a checkpoint directory, without the original float weights."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    meta = read_meta(path)
+    weights = path / WEIGHTS
+    if not weights.exists():
+        raise InputError(f"{weights}: missing; re-run `diffpro quantize` to write the checkpoint again")
+    if verify and meta["provenance"].get("tensors_sha256") not in (None, sha256_file(weights)):
+        raise InputError(f"{weights}: sha256 does not match {META} (mixed-up or modified checkpoint); re-run `diffpro quantize`")
+    m = meta["model"]
+    net = _build_empty(m["architecture"], trust_code)
+    for name, record in meta["layers"].items():
+        try:
+            net.get_submodule(name)
+        except AttributeError:
+            raise InputError(f"{path / META}: layer {name} does not exist in {m['architecture'].get('class')}; the checkpoint does not match its config") from None
+        set_submodule(net, name, empty_from_record(record, device="meta"))
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:
+        raise InputError(f"{weights}: not a readable safetensors file ({str(exc).splitlines()[0][:80]}); re-run `diffpro quantize`") from None
+    alphas = state.pop(SCHEDULE_KEY, None)
+    _assign(net, state, weights)
+    net.eval()
+    for mod in quant_layers(net).values():
+        mod.prepare("cpu")
+    if fuse:
+        fuse_shared_inputs(net)
+    kind = m["kind"]
+    base_forward = FORWARDS.get(kind)
+    if base_forward is None:
+        from diffpro_cli.models.custom import custom_forward as base_forward
+    model = DiffusionModel(
+        spec=str(path), net=net, kind=kind, sample_shape=tuple(m["sample_shape"]),
+        alphas_cumprod=alphas if alphas is not None else torch.empty(0), forward_fn=_timestep_aware(base_forward),
+        num_classes=m["num_classes"], random_weights=m["random_weights"], untrained=m["untrained"],
+        sha256=meta["provenance"].get("tensors_sha256"),
+        config={"quantized_from": m["spec"], "model_sha256": m["sha256"], "architecture": m["architecture"],
+                "timesteps": meta.get("timesteps"), "totals": meta.get("totals")},
+    )
+    _attach_vae(model, m.get("source_config") or {})
+    return model
+
+
+def _assign(net: nn.Module, state: dict, source: Path) -> None:
+    """Put every stored tensor in place (params, persistent and non-persistent buffers) and make sure
+    nothing is left on the meta device."""
+    for name, tensor in state.items():
+        module_name, _, leaf = name.rpartition(".")
+        try:
+            owner = net.get_submodule(module_name) if module_name else net
+        except AttributeError:
+            raise InputError(f"{source}: tensor {name} has no place in the rebuilt network; the checkpoint does not match its config") from None
+        if leaf in owner._parameters:
+            owner._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
+        elif leaf in owner._buffers:
+            owner._buffers[leaf] = tensor
+        else:
+            raise InputError(f"{source}: tensor {name} has no place in the rebuilt network; the checkpoint does not match its config")
+    missing = [n for n, t in list(net.named_parameters()) + list(net.named_buffers()) if t is not None and t.is_meta]
+    if missing:
+        raise InputError(f"{source}: {len(missing)} tensors are missing (e.g. {missing[0]}); re-run `diffpro quantize`")
+
+
+def _timestep_aware(forward_fn):
+    """The model's forward inside a timestep context, so static-activation layers find their scales."""
+    def forward(net, x, t, y):
+        with timestep_context(t):
+            return forward_fn(net, x, t, y)
+    return forward
+
+
+def check_model_matches(path: str | Path, model: DiffusionModel) -> None:
+    """Refuse a checkpoint quantized from a different model than `model`."""
+    meta = read_meta(path)
+    stored = meta["model"].get("sha256")
+    if stored is not None and model.sha256 is not None and stored != model.sha256:
+        raise InputError(f"{path}: quantized from another model (sha256 {stored[:12]}… ≠ {model.sha256[:12]}…); quantize {model.spec} again")

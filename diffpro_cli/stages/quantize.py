@@ -1,0 +1,210 @@
+"""The quantize stage: validate a plan against the model, calibrate static ranges if asked, write the
+integer checkpoint (quant/checkpoint.py) through the resumable stage skeleton."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from diffpro_cli.artifacts import input_record, read_json, sha256_json
+from diffpro_cli.console import QUIET_UI, UI
+from diffpro_cli.errors import InputError, UsageError
+from diffpro_cli.models.base import DiffusionModel
+from diffpro_cli.quant.formats import STORAGE_BITS
+from diffpro_cli.quant.kernels import ACT_MODES
+
+PLAN_SCHEMA = "diffpro.plan/1"
+TIMESTEPS_SCHEMA = "diffpro.timesteps/1"
+
+
+@dataclass
+class QuantizeConfig:
+    bits: int | None = None            # uniform weight bits when there is no plan
+    act_bits: int = 8
+    act_mode: str = "dynamic"
+    group_size: int | None = None
+    calib_samples: int = 4             # static mode: samples whose trajectories calibrate the ranges
+    calib_steps: int = 50              # static mode without a timesteps file: uniform steps calibrated
+    seed: int = 0
+
+
+def _model_id(model: DiffusionModel) -> set:
+    from diffpro_cli.commands.common import model_input_record
+
+    return {model.sha256, model_input_record(model)["sha256"]} - {None}
+
+
+def check_same_model(what: str, recorded: dict | None, model: DiffusionModel) -> None:
+    """Refuse an artifact made for another model (by sha256, or by spec when no hash was recorded)."""
+    if not recorded:
+        return
+    sha, spec = recorded.get("sha256"), recorded.get("spec")
+    if sha is not None and _model_id(model) and sha not in _model_id(model):
+        raise InputError(f"{what} was made for another model ({spec}, sha256 {str(sha)[:12]}…), not {model.spec}; re-run it for this model")
+    if sha is None and spec is not None and spec != model.spec:
+        raise InputError(f"{what} was made for {spec}, not {model.spec}; re-run it for this model")
+
+
+def validate_plan(plan: dict, model: DiffusionModel, source: str = "plan") -> dict:
+    """Every layer named exists and is quantizable, bits and modes are supported; returns plan["layers"]."""
+    layers = plan.get("layers")
+    if not isinstance(layers, dict):
+        raise InputError(f"{source}: no 'layers' table; re-run `diffpro allocate`")
+    check_same_model(source, plan.get("model"), model)
+    known = model.quantizable_layers()
+    for name, entry in layers.items():
+        if name not in known:
+            raise InputError(f"{source}: layer {name!r} does not exist in {model.spec}; re-run `diffpro allocate` for this model")
+        bits = entry.get("weight_bits")
+        if bits not in (*STORAGE_BITS, 16):
+            raise UsageError(f"{source}: layer {name}: weight_bits {bits} unsupported; use one of {', '.join(map(str, STORAGE_BITS))} or 16")
+        if entry.get("act_bits", 8) not in (8, 16):
+            raise UsageError(f"{source}: layer {name}: act_bits {entry.get('act_bits')} unsupported; use 8 or 16")
+        if entry.get("act_mode", "dynamic") not in ACT_MODES:
+            raise UsageError(f"{source}: layer {name}: act_mode {entry.get('act_mode')!r} unsupported; use one of {', '.join(ACT_MODES)}")
+        g = entry.get("group_size")
+        mod = known[name][0]
+        in_flat = mod.weight[0].numel() if hasattr(mod, "weight") else getattr(mod, "in_flat", 0)
+        if g is not None and (not isinstance(g, int) or g <= 0 or in_flat % g):
+            raise UsageError(f"{source}: layer {name}: group_size {g} does not divide its input size {in_flat}; pick a divisor or null")
+    return layers
+
+
+def uniform_plan(model: DiffusionModel, bits: int, act_bits: int = 8, act_mode: str = "dynamic", group_size: int | None = None) -> dict:
+    """Every quantizable layer at `bits` (the uniform baselines). Layers a group size does not divide
+    keep per-channel scales."""
+    if bits not in (*STORAGE_BITS, 16):
+        raise UsageError(f"--bits {bits}: supported weight widths are {', '.join(map(str, STORAGE_BITS))} (16 = float)")
+    layers = {}
+    for name, (mod, _) in model.quantizable_layers().items():
+        in_flat = mod.weight[0].numel()
+        g = group_size if group_size and in_flat % group_size == 0 else None
+        layers[name] = {"weight_bits": bits, "act_bits": act_bits, "act_mode": act_mode, "group_size": g}
+    return {"schema": PLAN_SCHEMA, "model": {"spec": model.spec, "sha256": model.sha256}, "layers": layers,
+            "solver": {"method": "uniform", "status": "n/a"}}
+
+
+def read_timesteps(path: Path, model: DiffusionModel) -> list[int]:
+    from diffpro_cli.sampling import validate_timesteps
+
+    doc = read_json(path, TIMESTEPS_SCHEMA)
+    check_same_model(str(path), doc.get("model"), model)
+    return validate_timesteps(doc.get("timesteps", []), model.num_train_timesteps)
+
+
+@torch.no_grad()
+def calibrate_static(model: DiffusionModel, names: list[str], timesteps: list[int], n_samples: int = 4, seed: int = 0) -> dict[str, tuple]:
+    """Max |input| of each named layer at each timestep, along the float model's own sampling
+    trajectories (DDIM over `timesteps`). Returns name → (timesteps, absmax)."""
+    from diffpro_cli.sampling import SamplerConfig, sample
+
+    index = {t: i for i, t in enumerate(timesteps)}
+    absmax = {name: torch.zeros(len(timesteps)) for name in names}
+    current = {"i": 0}
+    modules = model.quantizable_layers()
+
+    def hook(name):
+        def record(mod, inputs):
+            i = current["i"]
+            absmax[name][i] = max(float(absmax[name][i]), float(inputs[0].detach().abs().max()))
+        return record
+
+    handles = [modules[name][0].register_forward_pre_hook(hook(name)) for name in names]
+    forward = model.forward_fn
+
+    def tracking(net, x, t, y):
+        current["i"] = index.get(int(t.reshape(-1)[0]), current["i"])
+        return forward(net, x, t, y)
+
+    model.forward_fn = tracking
+    try:
+        sample(model, n_samples, timesteps, SamplerConfig(method="ddim"), seed=seed, batch_size=n_samples)
+    finally:
+        model.forward_fn = forward
+        for h in handles:
+            h.remove()
+    return {name: (list(timesteps), absmax[name]) for name in names}
+
+
+def apply_plan(model: DiffusionModel, plan: dict, static_ranges: dict | None = None, fuse: bool = True) -> DiffusionModel:
+    """Swap the model's layers for quant layers IN PLACE (for in-memory use; the checkpoint path is
+    `quantize_to_dir`, which leaves the float model untouched)."""
+    from diffpro_cli.quant.checkpoint import plan_layer, set_submodule
+    from diffpro_cli.quant.layers import fuse_shared_inputs
+
+    entries = plan.get("layers", {})
+    for name, (mod, _) in list(model.quantizable_layers().items()):
+        layer = plan_layer(mod, entries.get(name), (static_ranges or {}).get(name))
+        if layer is not None and layer is not mod:
+            set_submodule(model.net, name, layer.prepare("cpu"))
+    if fuse:
+        fuse_shared_inputs(model.net)
+    return model
+
+
+def quantize_to_dir(model: DiffusionModel, plan: dict, out_dir: Path, timesteps: list[int] | None = None,
+                    cfg: QuantizeConfig | None = None, provenance: dict | None = None, ui: UI = QUIET_UI) -> dict:
+    """Calibrate (static layers only) and write the checkpoint; returns diffpro.json's content."""
+    from diffpro_cli.quant.checkpoint import save_quantized
+    from diffpro_cli.sampling import uniform_timesteps
+
+    cfg = cfg or QuantizeConfig()
+    static = [n for n, e in plan["layers"].items() if e.get("act_mode") == "static" and e.get("act_bits", 8) < 16 and e.get("weight_bits", 16) < 16]
+    ranges = None
+    if static:
+        cal_ts = timesteps or uniform_timesteps(model.num_train_timesteps, cfg.calib_steps)
+        ui.info(f"quantize: calibrating {len(static)} static layers over {len(cal_ts)} timesteps ({cfg.calib_samples} samples)")
+        ranges = calibrate_static(model, static, cal_ts, cfg.calib_samples, cfg.seed)
+    return save_quantized(model, plan, out_dir, timesteps, static_ranges=ranges, provenance=provenance)
+
+
+def quantize_uniform_to_dir(model: DiffusionModel, bits: int, out_dir: Path, act_mode: str = "dynamic") -> dict:
+    """The uniform W`bits`A8 baseline checkpoint (used by bench)."""
+    return quantize_to_dir(model, uniform_plan(model, bits, 8, act_mode), Path(out_dir))
+
+
+def run_quantize_stage(model: DiffusionModel, workdir: Path, out_dir: Path, cfg: QuantizeConfig, *,
+                       plan_path: Path | None = None, timesteps_path: Path | None = None, force: bool = False,
+                       ui: UI = QUIET_UI):
+    """Everything `diffpro quantize` does; all inputs are validated before anything is written."""
+    from diffpro_cli.commands.common import model_input_record
+    from diffpro_cli.stages.common import run_stage
+
+    if cfg.act_mode not in ACT_MODES:
+        raise UsageError(f"--act-mode {cfg.act_mode}: use one of {', '.join(ACT_MODES)}")
+    if cfg.act_bits not in (8, 16):
+        raise UsageError(f"--act-bits {cfg.act_bits}: use 8 (int8 activations) or 16 (weight-only)")
+    if cfg.group_size is not None and cfg.group_size <= 0:
+        raise UsageError(f"--group-size {cfg.group_size}: must be a positive divisor of the layers' input sizes")
+    if plan_path is not None and cfg.bits is not None:
+        raise UsageError("--plan and --bits both given; use --plan for a mixed-precision plan or --bits for a uniform baseline")
+    inputs = {"model": model_input_record(model)}
+    if plan_path is not None:
+        plan = read_json(plan_path, PLAN_SCHEMA)
+        validate_plan(plan, model, str(plan_path))
+        inputs["plan"] = input_record(plan_path)
+    elif cfg.bits is not None:
+        plan = uniform_plan(model, cfg.bits, cfg.act_bits, cfg.act_mode, cfg.group_size)
+    else:
+        raise UsageError("quantize needs --plan PLAN.json (from `diffpro allocate`) or --bits 8|4 for a uniform baseline")
+    timesteps = None
+    if timesteps_path is not None:
+        timesteps = read_timesteps(timesteps_path, model)
+        inputs["timesteps"] = input_record(timesteps_path)
+    elif plan.get("timesteps"):
+        timesteps = [int(t) for t in plan["timesteps"]]
+    config = asdict(cfg) | {"out": str(out_dir)}
+    provenance = {"plan_sha256": sha256_json(plan), "timesteps_sha256": None if timesteps is None else sha256_json(timesteps),
+                  "inputs": {k: v["sha256"] for k, v in inputs.items()}}
+    holder = {}
+
+    def compute():
+        holder["meta"] = quantize_to_dir(model, plan, out_dir, timesteps, cfg, provenance, ui)
+
+    outcome = run_stage(workdir, "quantize", inputs, config,
+                        {"weights": out_dir / "model.safetensors", "meta": out_dir / "diffpro.json"},
+                        compute, force=force, seed=cfg.seed, ui=ui)
+    meta = holder.get("meta") or read_json(out_dir / "diffpro.json")
+    return outcome, meta
