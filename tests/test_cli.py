@@ -42,8 +42,8 @@ def test_sample_same_seed_same_samples_any_batch(cli, tmp_path):
     for b in ("1", "4"):
         assert cli("sample", "--steps", "2", "--n", "4", "--batch", b, "--out", tmp_path / f"b{b}.png", "-q")[0] == 0
     a, b = (load_file(str(tmp_path / f"b{b}.safetensors"))["samples"] for b in ("1", "4"))
-    # identical noise; only GEMM blocking differs with batch size (~1e-6 in eps, amplified at t=999)
-    assert torch.allclose(a, b, atol=1e-4)
+    # identical noise; only GEMM blocking differs with batch size (~1e-6 in eps, amplified by 1/sqrt(ᾱ) at t=999)
+    assert (a - b).abs().max() < 1e-3
 
 
 @pytest.mark.parametrize("args,code,needle", [

@@ -136,3 +136,15 @@ def kernel_tolerance(x_hat: torch.Tensor, step: torch.Tensor, ambiguous: torch.T
         k = x_hat.shape[-1]
         tol = tol + (xa.sum(dim=-1, keepdim=True) + k * step.reshape(-1, 1) / 2) * (w_grid_step.double().reshape(1, -1) / 2)
     return tol
+
+
+def conv_kernel_tolerance(conv, x_hat: torch.Tensor, step: torch.Tensor, ambiguous: torch.Tensor, w_ref: torch.Tensor,
+                          bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`kernel_tolerance` for a convolution: the same three parts, with the sums over each output
+    position's receptive field taken by convolving |x̂| and the ambiguity mask with |ŵ|.
+    `conv(x, w)` is the layer's float convolution without bias (its geometry)."""
+    wa = w_ref.double().abs()
+    tol = 16 * 2.0 ** -24 * conv(x_hat.double().abs(), wa)
+    if bias is not None:
+        tol = tol + 16 * 2.0 ** -24 * bias.double().abs().view(1, -1, 1, 1)
+    return tol + torch.as_tensor(step, dtype=torch.float64) * conv(ambiguous.double(), wa)

@@ -1,0 +1,277 @@
+"""Kernel benchmark: fp32 vs torch's dynamic int8 vs torchao vs diffpro's integer kernels.
+
+    python benchmarks/kernels.py                       # everything (DiT-XL/2 takes a while on 2 cores)
+    python benchmarks/kernels.py --skip-forward --skip-memory   # per-layer table, sizes only
+    python benchmarks/kernels.py --forward-layers 4    # a 4-block DiT-XL/2-width model for a quick look
+
+Every number is a ratio against fp32 measured in the same run, variants interleaved round-robin so load
+drift on a shared machine hits them alike; ratios are of medians (min in brackets). Random weights:
+speed, size and memory only — never quality.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+warnings.filterwarnings("ignore")
+
+# (name, tokens, in, out): DiT-XL/2 at 256 px, batch 2 (2 × 256 tokens), hidden 1152
+DIT_XL_LAYERS = [
+    ("attn qkv (fused)", 512, 1152, 3456),
+    ("attn out", 512, 1152, 1152),
+    ("mlp fc1", 512, 1152, 4608),
+    ("mlp fc2", 512, 4608, 1152),
+    ("adaLN (6x1152)", 2, 1152, 6912),
+]
+
+
+def interleaved(fns: dict, repeats: int) -> dict[str, list[float]]:
+    times = {k: [] for k in fns}
+    with torch.inference_mode():
+        for f in fns.values():
+            f()
+        for _ in range(repeats):
+            for k, f in fns.items():
+                t0 = time.perf_counter()
+                f()
+                times[k].append(time.perf_counter() - t0)
+    return times
+
+
+def ratios(times: dict[str, list[float]], base: str = "fp32") -> dict[str, str]:
+    med, low = statistics.median(times[base]), min(times[base])
+    return {k: f"{med / statistics.median(v):.2f}x ({low / min(v):.2f}x)" for k, v in times.items()}
+
+
+def print_table(title: str, rows: dict[str, dict[str, str]], base_ms: dict[str, float]) -> None:
+    print(f"\n## {title}")
+    cols = list(next(iter(rows.values())).keys())
+    print("| layer | fp32 ms | " + " | ".join(cols) + " |")
+    print("|---|---|" + "---|" * len(cols))
+    for name, r in rows.items():
+        print(f"| {name} | {base_ms[name]:.1f} | " + " | ".join(r[c] for c in cols) + " |")
+
+
+def torch_dynamic(module: nn.Module) -> nn.Module:
+    torch.backends.quantized.engine = "x86" if "x86" in torch.backends.quantized.supported_engines else "fbgemm"
+    return torch.ao.quantization.quantize_dynamic(module, {nn.Linear}, dtype=torch.qint8)
+
+
+def torchao_variants(module: nn.Module) -> dict[str, nn.Module]:
+    try:
+        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig, quantize_
+    except Exception:
+        return {}
+    out = {}
+    for name, cfg in (("torchao-int8dyn", Int8DynamicActivationInt8WeightConfig), ("torchao-int8wo", Int8WeightOnlyConfig)):
+        try:
+            m = copy.deepcopy(module)
+            quantize_(m, cfg())
+            out[name] = m
+        except Exception as exc:  # a config that does not run on this build
+            print(f"  {name}: skipped ({str(exc).splitlines()[0][:80]})")
+    return out
+
+
+def diffpro_variants(make, static_absmax=None) -> dict[str, nn.Module]:
+    """make(bits, act_mode) -> quantized module."""
+    return {"diffpro-w8a8-dyn": make(8, "dynamic"), "diffpro-w8a8-token": make(8, "dynamic-token"),
+            "diffpro-w8a8-static": make(8, "static"), "diffpro-w4a8-dyn": make(4, "dynamic")}
+
+
+def bench_layers(repeats: int, with_torchao: bool) -> None:
+    from diffpro_cli.quant.layers import quantize_module
+
+    rows, base_ms = {}, {}
+    for name, tokens, fin, fout in DIT_XL_LAYERS:
+        torch.manual_seed(0)
+        lin = nn.Linear(fin, fout).eval()
+        x = torch.randn(tokens, fin)
+        amax = float(x.abs().max())
+        models = {"fp32": lin, "torch-dyn": torch_dynamic(copy.deepcopy(nn.Sequential(lin)))}
+        if with_torchao:
+            models.update(torchao_variants(nn.Sequential(copy.deepcopy(lin))))
+        models.update(diffpro_variants(lambda b, mode: quantize_module(lin, b, act_mode=mode, static_absmax=amax if mode == "static" else None)))
+        times = interleaved({k: (lambda m=m: m(x)) for k, m in models.items()}, repeats)
+        rows[name] = {k: v for k, v in ratios(times).items() if k != "fp32"}
+        base_ms[name] = statistics.median(times["fp32"]) * 1e3
+        print(f"  {name}: done", flush=True)
+    print_table("Per-layer latency vs fp32 (DiT-XL/2 shapes, batch 2): median ratio (min ratio)", rows, base_ms)
+
+
+def dit_xl(layers: int):
+    from diffpro_cli.models.random_arch import RANDOM_ARCHS, build_random_net
+    from diffpro_cli.models.base import DiffusionModel, dit_forward, linear_alphas_cumprod
+
+    cls, config = RANDOM_ARCHS["dit-xl-2"]
+    net = build_random_net(cls, dict(config, num_layers=layers), seed=0)
+    return DiffusionModel(spec=f"random:dit-xl-2[{layers} blocks]", net=net, kind="dit", sample_shape=(4, 32, 32),
+                          alphas_cumprod=linear_alphas_cumprod(), forward_fn=dit_forward, num_classes=1000,
+                          random_weights=True, config={"class": cls, "config": dict(config, num_layers=layers)})
+
+
+def quantized_copy(model, bits: int, act_mode: str, static_ranges=None):
+    from diffpro_cli.stages.quantize import apply_plan, uniform_plan
+
+    m = copy.deepcopy(model)
+    return apply_plan(m, uniform_plan(m, bits, 8, act_mode), static_ranges)
+
+
+def one_step_ranges(model, x, t, y) -> dict:
+    """Static ranges from one forward pass at the benchmark's timestep (speed only)."""
+    amax, hooks = {}, []
+    for name, (mod, _) in model.quantizable_layers().items():
+        hooks.append(mod.register_forward_pre_hook(lambda m, i, n=name: amax.__setitem__(n, float(i[0].abs().max()))))
+    with torch.inference_mode():
+        model.eps(x, t, y)
+    for h in hooks:
+        h.remove()
+    return {n: ([int(t[0])], [v]) for n, v in amax.items()}
+
+
+def bench_forward(model, batch: int, repeats: int, with_torchao: bool, title: str) -> None:
+    from diffpro_cli.quant.layers import timestep_context
+
+    torch.manual_seed(0)
+    x = torch.randn(batch, *model.sample_shape)
+    t = torch.full((batch,), 500)
+    y = (torch.arange(batch) % model.num_classes) if model.num_classes else None
+    ranges = one_step_ranges(model, x, t, y)
+    variants = {"fp32": model.net, "torch-dyn": torch_dynamic(copy.deepcopy(model.net))}
+    if with_torchao:
+        variants.update(torchao_variants(model.net))
+    for key, (bits, mode) in {"diffpro-w8a8-dyn": (8, "dynamic"), "diffpro-w8a8-token": (8, "dynamic-token"),
+                              "diffpro-w8a8-static": (8, "static"), "diffpro-w4a8-dyn": (4, "dynamic")}.items():
+        variants[key] = quantized_copy(model, bits, mode, ranges).net
+        gc.collect()
+    with torch.inference_mode():
+        ref = model.forward_fn(model.net, x, t, y)
+        err = {}
+        for k, net in variants.items():
+            with timestep_context(t):
+                out = model.forward_fn(net, x, t, y)
+            err[k] = float((out - ref).norm() / ref.norm())
+
+    def run(net):
+        with timestep_context(t):
+            model.forward_fn(net, x, t, y)
+
+    times = interleaved({k: (lambda n=net: run(n)) for k, n in variants.items()}, repeats)
+    r = ratios(times)
+    print(f"\n## Whole forward: {title} (batch {batch}, threads {torch.get_num_threads()}, {repeats} interleaved repeats)")
+    print(f"fp32 median {statistics.median(times['fp32']):.2f} s")
+    print("| variant | speed-up vs fp32: median (min) | rel. output error vs fp32 |")
+    print("|---|---|---|")
+    for k in variants:
+        print(f"| {k} | {r[k]} | {err[k]:.4f} |")
+    sys.stdout.flush()
+
+
+def bench_sizes(model, out_root: Path) -> None:
+    from diffpro_cli.quant.checkpoint import save_quantized
+    from diffpro_cli.stages.quantize import uniform_plan
+
+    fp32 = sum(t.numel() * 4 for t in model.net.state_dict().values() if t.is_floating_point())
+    plans = {"w8a8": uniform_plan(model, 8), "w4a8": uniform_plan(model, 4)}
+    mixed = uniform_plan(model, 4)
+    for name, (_, role) in model.quantizable_layers().items():   # sensitive roles keep 8 bits
+        if role in ("time_embed", "class_embed", "patch_embed", "final"):
+            mixed["layers"][name]["weight_bits"] = 8
+    plans["mixed 4/8 (embeddings, patch embed, final at 8)"] = mixed
+    print(f"\n## Checkpoint size on disk ({model.spec}; fp32 state dict {fp32 / 1e6:.1f} MB)")
+    print("| checkpoint | MB | avg weight bits | smaller than fp32 |")
+    print("|---|---|---|---|")
+    for name, plan in plans.items():
+        d = out_root / name.split()[0].replace("/", "-")
+        meta = save_quantized(model, plan, d)
+        print(f"| {name} | {meta['totals']['bytes'] / 1e6:.1f} | {meta['totals']['avg_bits']:.2f} | {fp32 / meta['totals']['bytes']:.2f}x |")
+    sys.stdout.flush()
+
+
+_PEAK = """
+import resource, sys, torch, diffusers, diffpro_cli.models, diffpro_cli.quant.checkpoint
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+from diffpro_cli.models import load_model
+m = load_model(sys.argv[1])
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024)
+"""
+
+
+def peak_load_bytes(spec: str) -> int:
+    out = subprocess.run([sys.executable, "-c", _PEAK, spec], capture_output=True, text=True, check=True)
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def bench_memory(model, out_root: Path) -> None:
+    """Peak RSS growth while loading: fp32 diffusers directory vs diffpro checkpoints (fresh processes)."""
+    fp_dir = out_root / "fp32-diffusers"
+    model.net.save_pretrained(fp_dir)
+    fp = max(peak_load_bytes(str(fp_dir)), 1)
+    print(f"\n## Peak load memory ({model.spec}), fresh process, RSS growth")
+    print("| checkpoint | peak MB | fraction of fp32 |")
+    print("|---|---|---|")
+    print(f"| fp32 (diffusers dir) | {fp / 1e6:.0f} | 1.00 |")
+    for name in ("w8a8", "w4a8", "mixed"):
+        d = out_root / name
+        if (d / "diffpro.json").exists():
+            q = peak_load_bytes(str(d))
+            print(f"| diffpro {name} | {q / 1e6:.0f} | {q / fp:.2f} |")
+    sys.stdout.flush()
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--layer-repeats", type=int, default=9)
+    ap.add_argument("--forward-repeats", type=int, default=3)
+    ap.add_argument("--forward-layers", type=int, default=28, help="DiT-XL/2 blocks (28 = the real model)")
+    ap.add_argument("--skip-layers", action="store_true")
+    ap.add_argument("--skip-forward", action="store_true")
+    ap.add_argument("--skip-builtin", action="store_true")
+    ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--skip-sizes", action="store_true")
+    ap.add_argument("--no-torchao", action="store_true")
+    ap.add_argument("--out", type=Path, default=None, help="scratch directory for checkpoints (default: a temp dir)")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from diffpro_cli.quant.kernels import cpu_has_vnni
+
+    print(f"# diffpro kernel benchmark — torch {torch.__version__}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads, "
+          f"capability {torch.backends.cpu.get_cpu_capability()}, VNNI {cpu_has_vnni()}")
+    with_torchao = not args.no_torchao
+    if not args.skip_layers:
+        bench_layers(args.layer_repeats, with_torchao)
+    if not args.skip_builtin:
+        from diffpro_cli.models import load_model
+
+        for spec in ("builtin:dit-mnist", "builtin:unet-mnist"):
+            bench_forward(load_model(spec), 16, max(args.forward_repeats, 5), with_torchao, spec)
+    with tempfile.TemporaryDirectory(dir=args.out) as tmp:
+        model = None
+        if not (args.skip_forward and args.skip_sizes and args.skip_memory):
+            model = dit_xl(args.forward_layers)
+        if not args.skip_forward:
+            bench_forward(model, 2, args.forward_repeats, with_torchao, model.spec)
+        if not args.skip_sizes:
+            bench_sizes(model, Path(tmp))
+        if not args.skip_memory:
+            bench_memory(model, Path(tmp))
+
+
+if __name__ == "__main__":
+    main()
