@@ -181,24 +181,70 @@ def bench_forward(model, batch: int, repeats: int, with_torchao: bool, title: st
     sys.stdout.flush()
 
 
-def bench_sizes(model, out_root: Path) -> None:
-    from diffpro_cli.quant.checkpoint import save_quantized
+def size_plans(model) -> dict[str, dict]:
     from diffpro_cli.stages.quantize import uniform_plan
 
-    fp32 = sum(t.numel() * 4 for t in model.net.state_dict().values() if t.is_floating_point())
     plans = {"w8a8": uniform_plan(model, 8), "w4a8": uniform_plan(model, 4)}
     mixed = uniform_plan(model, 4)
     for name, (_, role) in model.quantizable_layers().items():   # sensitive roles keep 8 bits
         if role in ("time_embed", "class_embed", "patch_embed", "final"):
             mixed["layers"][name]["weight_bits"] = 8
-    plans["mixed 4/8 (embeddings, patch embed, final at 8)"] = mixed
+    plans["mixed"] = mixed
+    return plans
+
+
+def bench_sizes(model, out_root: Path) -> None:
+    """Write the uniform and a 4/8 mixed checkpoint (reused by the forward and memory benchmarks)."""
+    from diffpro_cli.quant.checkpoint import save_quantized
+
+    fp32 = sum(t.numel() * 4 for t in model.net.state_dict().values() if t.is_floating_point())
     print(f"\n## Checkpoint size on disk ({model.spec}; fp32 state dict {fp32 / 1e6:.1f} MB)")
     print("| checkpoint | MB | avg weight bits | smaller than fp32 |")
     print("|---|---|---|---|")
-    for name, plan in plans.items():
-        d = out_root / name.split()[0].replace("/", "-")
-        meta = save_quantized(model, plan, d)
-        print(f"| {name} | {meta['totals']['bytes'] / 1e6:.1f} | {meta['totals']['avg_bits']:.2f} | {fp32 / meta['totals']['bytes']:.2f}x |")
+    labels = {"mixed": "mixed 4/8 (embeddings, patch embed, final at 8; rest 4)"}
+    for name, plan in size_plans(model).items():
+        meta = save_quantized(model, plan, out_root / name)
+        print(f"| {labels.get(name, name)} | {meta['totals']['bytes'] / 1e6:.1f} | {meta['totals']['avg_bits']:.2f} | {fp32 / meta['totals']['bytes']:.2f}x |")
+    sys.stdout.flush()
+
+
+def bench_forward_lean(model, out_root: Path, repeats: int, with_token: bool) -> None:
+    """Whole DiT-XL/2 forward with memory to spare: quantized variants are loaded from the checkpoints
+    bench_sizes wrote (the deployed path), torch's dynamic model from a second fresh build."""
+    from diffpro_cli.quant.checkpoint import load_quantized, save_quantized
+    from diffpro_cli.stages.quantize import uniform_plan
+
+    torch.manual_seed(0)
+    x = torch.randn(2, *model.sample_shape)
+    t = torch.full((2,), 500)
+    y = torch.arange(2)
+    torch_dyn = dit_xl(model.net.config.num_layers).net
+    torch.backends.quantized.engine = "x86" if "x86" in torch.backends.quantized.supported_engines else "fbgemm"
+    torch_dyn = torch.ao.quantization.quantize_dynamic(torch_dyn, {nn.Linear}, dtype=torch.qint8, inplace=True)
+    gc.collect()
+    variants = {"fp32": model, "torch-dyn": None, "diffpro-w8a8-dyn": load_quantized(out_root / "w8a8"),
+                "diffpro-w4a8-dyn": load_quantized(out_root / "w4a8")}
+    if with_token:
+        save_quantized(model, uniform_plan(model, 8, 8, "dynamic-token"), out_root / "w8a8-token")
+        variants["diffpro-w8a8-token"] = load_quantized(out_root / "w8a8-token")
+
+    def run(k):
+        if k == "torch-dyn":
+            return model.forward_fn(torch_dyn, x, t, y)
+        return variants[k].eps(x, t, y) if k != "fp32" else model.forward_fn(model.net, x, t, y)
+
+    with torch.inference_mode():
+        ref = run("fp32")
+        err = {k: float((run(k) - ref).norm() / ref.norm()) for k in variants}
+    times = interleaved({k: (lambda k=k: run(k)) for k in variants}, repeats)
+    r = ratios(times)
+    print(f"\n## Whole forward: {model.spec} (batch 2, threads {torch.get_num_threads()}, {repeats} interleaved repeats; "
+          f"diffpro loaded from its checkpoints)")
+    print(f"fp32 median {statistics.median(times['fp32']):.2f} s")
+    print("| variant | speed-up vs fp32: median (min) | rel. output error vs fp32 |")
+    print("|---|---|---|")
+    for k in variants:
+        print(f"| {k} | {r[k]} | {err[k]:.4f} |")
     sys.stdout.flush()
 
 
@@ -245,6 +291,7 @@ def main(argv=None) -> None:
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--skip-sizes", action="store_true")
     ap.add_argument("--no-torchao", action="store_true")
+    ap.add_argument("--with-token", action="store_true", help="also time a per-token W8A8 DiT-XL/2 (needs ~1.6 GB more)")
     ap.add_argument("--out", type=Path, default=None, help="scratch directory for checkpoints (default: a temp dir)")
     args = ap.parse_args(argv)
     if args.threads:
@@ -262,13 +309,13 @@ def main(argv=None) -> None:
         for spec in ("builtin:dit-mnist", "builtin:unet-mnist"):
             bench_forward(load_model(spec), 16, max(args.forward_repeats, 5), with_torchao, spec)
     with tempfile.TemporaryDirectory(dir=args.out) as tmp:
-        model = None
-        if not (args.skip_forward and args.skip_sizes and args.skip_memory):
-            model = dit_xl(args.forward_layers)
+        if args.skip_forward and args.skip_sizes and args.skip_memory:
+            return
+        model = dit_xl(args.forward_layers)
+        bench_sizes(model, Path(tmp))          # the checkpoints the next two steps use
         if not args.skip_forward:
-            bench_forward(model, 2, args.forward_repeats, with_torchao, model.spec)
-        if not args.skip_sizes:
-            bench_sizes(model, Path(tmp))
+            bench_forward_lean(model, Path(tmp), args.forward_repeats, args.with_token)
+            gc.collect()
         if not args.skip_memory:
             bench_memory(model, Path(tmp))
 

@@ -238,10 +238,10 @@ def fid_for_rows(rows: list[Row], cfg: BenchConfig, workdir: Path, ui: UI = QUIE
     for row in rows:
         feats, samples[row.name] = row_features(row, cfg, cfg.fid_n, inception, cache, ui)
         stats[row.name] = stats_from_features(feats)
-        results[row.name] = {"fid": frechet_distance(*stats[row.name], mu_ref, sigma_ref), "n": len(feats)}
+        results[row.name] = {"fid": frechet_distance(*stats[row.name], mu_ref, sigma_ref, method="eigh"), "n": len(feats)}
     if "fp32" in stats:
         for name, st in stats.items():
-            results[name]["fid_vs_fp"] = 0.0 if name == "fp32" else frechet_distance(*st, *stats["fp32"])
+            results[name]["fid_vs_fp"] = 0.0 if name == "fp32" else frechet_distance(*st, *stats["fp32"], method="eigh")
     results["_reference_n"] = ref_n
     return results, samples
 
