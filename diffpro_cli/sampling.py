@@ -69,6 +69,18 @@ def default_labels(model: DiffusionModel, n: int) -> torch.Tensor | None:
     return torch.arange(n) % model.num_classes
 
 
+def initial_batches(model: DiffusionModel, n: int, labels, seed: int, batch_size: int, first_index: int):
+    """Yields (global indices, per-sample generators, x_T, labels) batch by batch."""
+    if labels is None:
+        labels = default_labels(model, first_index + n)
+        labels = labels[first_index:] if labels is not None else None
+    for start in range(0, n, batch_size):
+        idx = list(range(first_index + start, first_index + min(n, start + batch_size)))
+        gens = sample_generators(seed, idx)
+        x = torch.stack([torch.randn(model.sample_shape, generator=g) for g in gens])
+        yield idx, gens, x, (labels[start:start + len(idx)] if labels is not None else None)
+
+
 @dataclass
 class SamplerConfig:
     method: str = "ddim"        # "ddim" | "ddpm"
@@ -136,15 +148,8 @@ def sample(
     """
     ts = validate_timesteps(timesteps, model.num_train_timesteps)
     acp = model.alphas_cumprod
-    if labels is None:
-        labels = default_labels(model, first_index + n)
-        labels = labels[first_index:] if labels is not None else None
     outs = []
-    for start in range(0, n, batch_size):
-        idx = list(range(first_index + start, first_index + min(n, start + batch_size)))
-        gens = sample_generators(seed, idx)
-        x = torch.stack([torch.randn(model.sample_shape, generator=g) for g in gens])
-        y = labels[start:start + len(idx)] if labels is not None else None
+    for idx, gens, x, y in initial_batches(model, n, labels, seed, batch_size, first_index):
         for i in range(len(ts) - 1, -1, -1):
             t = ts[i]
             a_t = float(acp[t])
@@ -224,15 +229,8 @@ def sample_dpmsolver(
         trained_betas=betas_from_alphas_cumprod(model.alphas_cumprod).float().numpy(),
         algorithm_type="dpmsolver++", solver_order=2,
     )
-    if labels is None:
-        labels = default_labels(model, first_index + n)
-        labels = labels[first_index:] if labels is not None else None
     outs = []
-    for start in range(0, n, batch_size):
-        idx = list(range(first_index + start, first_index + min(n, start + batch_size)))
-        gens = sample_generators(seed, idx)
-        x = torch.stack([torch.randn(model.sample_shape, generator=g) for g in gens])
-        y = labels[start:start + len(idx)] if labels is not None else None
+    for idx, gens, x, y in initial_batches(model, n, labels, seed, batch_size, first_index):
         sched.set_timesteps(steps)
         for t in sched.timesteps:
             eps = guided_eps(model, x, int(t), y, cfg_scale)
