@@ -61,15 +61,16 @@ def test_allowed_edges_never_skip_a_tail_node():
     assert allowed_edges(6, 0)[2, 6]      # no tail: any node may finish
 
 
-def test_local_drift_matrix_equals_explicit_ddim_steps(tiny_model):
+@pytest.mark.parametrize("clip", [False, True])
+def test_local_drift_matrix_equals_explicit_ddim_steps(tiny_model, clip):
     ref = uniform_timesteps(1000, 40)
     cands = candidate_grid(ref, 12)
-    cfg = PruneConfig(n=3, batch=3)
+    cfg = PruneConfig(n=3, batch=3, clip_x0=clip)
     teacher = run_teacher(tiny_model, ref, set(cands), cfg, default_labels(tiny_model, 3))
     desc = cands[::-1]
-    cost = local_drift_matrix(teacher, desc, tiny_model.alphas_cumprod)
+    cost = local_drift_matrix(teacher, desc, tiny_model.alphas_cumprod, clip_x0=clip)
     acp = tiny_model.alphas_cumprod
-    ddim = SamplerConfig(method="ddim", eta=0.0)
+    ddim = SamplerConfig(method="ddim", eta=0.0, clip_x0=clip)
     for i, j in [(0, 1), (0, 11), (3, 7), (10, 11)]:
         a, b = desc[i], desc[j]
         x_hat = step(teacher.x[a], teacher.eps[a], float(acp[a]), float(acp[b]), ddim, None)

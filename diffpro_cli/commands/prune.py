@@ -31,6 +31,7 @@ def prune_cmd(
     n: Annotated[int, typer.Option("--n", help="Calibration samples.")] = 16,
     batch: Annotated[int, typer.Option("--batch", help="Batch size (does not change results).")] = 16,
     cfg_scale: Annotated[float, typer.Option("--cfg", help="Classifier-free guidance scale for teacher and student (1 = off).")] = 1.0,
+    clip_x0: Annotated[bool, typer.Option("--clip-x0", help="Clip predicted x0 to [-1, 1] while measuring drift (off: DDIM with clipping does not converge to the teacher).")] = False,
     seed: Seed = 0,
     workdir: Workdir = DEFAULT_WORKDIR,
     trust_code: TrustCode = False,
@@ -46,7 +47,7 @@ def prune_cmd(
     ui = make_ui(quiet, json_output)
     cfg = PruneConfig(steps=steps, fraction=fraction, protect_tail=protect_tail, reference_steps=reference_steps,
                       candidates=candidates, search=search, metric=metric, n=n, batch=batch, seed=seed,
-                      cfg_scale=cfg_scale, sweep=parse_int_list(sweep, "--sweep"))
+                      cfg_scale=cfg_scale, clip_x0=clip_x0, sweep=parse_int_list(sweep, "--sweep"))
     m = load_model(model, trust_code=trust_code, weights=weights, seed=seed)
     outcome, payload = run_prune(m, workdir, cfg, force=force, ui=ui)
     result = {**outcome.as_dict(), "steps": len(payload["timesteps"]), "protect_tail": payload["protect_tail"],

@@ -47,6 +47,7 @@ class PruneConfig:
     batch: int = 16
     seed: int = 0
     cfg_scale: float = 1.0
+    clip_x0: bool = False               # clip predicted x0 to [-1, 1] in teacher and student (see sampler_config)
     sweep: list[int] = field(default_factory=list)  # extra step counts, for the joint plan (allocate --steps auto)
 
     def as_dict(self) -> dict:
@@ -111,7 +112,12 @@ def _recorder(keep: set[int]):
 
 
 def sampler_config(cfg: PruneConfig) -> SamplerConfig:
-    return SamplerConfig(method="ddim", eta=0.0, cfg_scale=cfg.cfg_scale)
+    """Deterministic DDIM without x0 clipping by default: it discretises the probability-flow ODE, so a
+    student converges to the teacher as steps are added. DDIM that clips x0 but keeps the model's eps
+    adds a jump √ᾱ·(clip(x0) − x0) at EVERY step, whatever the step size, so a 1000-step teacher is not
+    the limit of fewer-step students (measured on builtin:dit-mnist: MSE 0.66 at 10 steps, still 0.40
+    at 250) and drift would not measure the schedule."""
+    return SamplerConfig(method="ddim", eta=0.0, cfg_scale=cfg.cfg_scale, clip_x0=cfg.clip_x0)
 
 
 def run_teacher(model: DiffusionModel, reference: list[int], record: set[int], cfg: PruneConfig,
@@ -123,7 +129,7 @@ def run_teacher(model: DiffusionModel, reference: list[int], record: set[int], c
     return Teacher(x=x, eps=eps, final=final, reference=reference)
 
 
-def local_drift_matrix(teacher: Teacher, cands_desc: list[int], acp: torch.Tensor, clip_x0: bool = True) -> np.ndarray:
+def local_drift_matrix(teacher: Teacher, cands_desc: list[int], acp: torch.Tensor, clip_x0: bool = False) -> np.ndarray:
     """cost[i, j] for candidates in descending order (i < j: from the higher to the lower timestep).
 
     cost[i, j] = mean((DDIM(x_a, eps_a: ᾱ_a → ᾱ_b) − x_b)²) with a = cands_desc[i], b = cands_desc[j];
