@@ -253,6 +253,8 @@ import resource, sys, torch, diffusers, diffpro_cli.models, diffpro_cli.quant.ch
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 from diffpro_cli.models import load_model
 m = load_model(sys.argv[1])
+for t in list(m.net.parameters()) + list(m.net.buffers()):   # fault in lazily mapped weights
+    float(t.float().sum()) if t.is_floating_point() else int(t.sum())
 print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024)
 """
 
@@ -263,7 +265,8 @@ def peak_load_bytes(spec: str) -> int:
 
 
 def bench_memory(model, out_root: Path) -> None:
-    """Peak RSS growth while loading: fp32 diffusers directory vs diffpro checkpoints (fresh processes)."""
+    """Peak RSS growth while loading and touching every tensor once (safetensors files may be mapped
+    lazily): fp32 diffusers directory vs diffpro checkpoints, each in a fresh process."""
     fp_dir = out_root / "fp32-diffusers"
     model.net.save_pretrained(fp_dir)
     fp = max(peak_load_bytes(str(fp_dir)), 1)
