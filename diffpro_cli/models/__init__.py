@@ -33,7 +33,7 @@ def load_model(spec: str, *, trust_code: bool = False, weights: str | Path | Non
             if (path / "diffpro.json").exists():
                 from diffpro_cli.quant.checkpoint import load_quantized
 
-                return load_quantized(path)
+                return load_quantized(path, trust_code=trust_code)
             from diffpro_cli.models.diffusers_dir import load_diffusers_dir
 
             return load_diffusers_dir(path)

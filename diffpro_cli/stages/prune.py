@@ -40,7 +40,7 @@ class PruneConfig:
     fraction: float | None = None       # or K = round(fraction × training steps)
     protect_tail: int | None = None     # T; None → max(1, round(0.1 K))
     reference_steps: int | None = None  # teacher schedule size; None → every training step
-    candidates: int | None = None       # candidate grid size; None → min(reference, max(100, 2K))
+    candidates: int | None = None       # candidate grid size; None → min(reference, max(100, 2 × largest K))
     search: str = "best"                # best (dp + greedy + tail-uniform, keep least measured drift) | dp | greedy
     metric: str = "final"               # final: MSE of final samples; trajectory: mean MSE over kept steps and final
     n: int = 16                         # calibration samples
@@ -276,7 +276,8 @@ def _check(cfg: PruneConfig, num_train: int) -> tuple[int, int, list[int], list[
     if not 2 <= R <= num_train:
         raise UsageError(f"--reference-steps {R}: must be between 2 and {num_train}")
     reference = uniform_timesteps(num_train, R)
-    C = min(len(reference), max(100, 2 * K)) if cfg.candidates is None else cfg.candidates
+    k_max = max([K] + list(cfg.sweep))
+    C = min(len(reference), max(100, 2 * k_max)) if cfg.candidates is None else cfg.candidates
     if not K <= C <= len(reference):
         raise UsageError(f"--candidates {C}: must be between --steps ({K}) and --reference-steps ({len(reference)}); raise --reference-steps")
     for k in cfg.sweep:
