@@ -80,7 +80,7 @@ def plot_pareto(pareto: dict, path: str | Path) -> Path:
     if chosen and chosen["error"] > 0:
         ax.plot([chosen[x_key]], [chosen["error"]], "r*", ms=12, label="plan")
     ax.set_xlabel(pareto.get("x_label", x_key))
-    ax.set_ylabel("predicted error (zero-error plans, all fp32, not drawn)")
+    ax.set_ylabel("predicted error (log; zero-error plans not drawn)")
     ax.set_yscale("log")
     ax.legend(fontsize=8)
     ax.set_title(pareto.get("title", "allocation Pareto front"), fontsize=9)

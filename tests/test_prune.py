@@ -9,7 +9,7 @@ import torch
 
 from diffpro_cli.sampling import SamplerConfig, default_labels, sample, step, uniform_timesteps
 from diffpro_cli.stages.prune import (PruneConfig, allowed_edges, candidate_grid, local_drift_matrix, path_cost, run_teacher,
-                                      select_dp, select_greedy, select_timesteps, tail_uniform)
+                                      select_dp, select_greedy, select_timesteps, snap)
 
 
 @pytest.fixture
@@ -50,8 +50,6 @@ def test_dp_equals_brute_force_and_keeps_tail(C, K, T):
         greedy, g_value = select_greedy(cost, K, T)
         assert len(greedy) == K and greedy[0] == 0 and set(range(C - T, C)) <= set(greedy)
         assert g_value >= value - 1e-12
-        uni = tail_uniform(C, K, T)
-        assert len(uni) == K and uni[0] == 0 and set(range(C - T, C)) <= set(uni)
 
 
 def test_allowed_edges_never_skip_a_tail_node():
@@ -87,7 +85,9 @@ def test_selected_subset_runs_in_both_samplers_and_keeps_tail(tiny_model, one_th
     ts = payload["timesteps"]
     assert len(ts) == 8 and ts == sorted(set(ts)) and ts[-1] == 999
     assert len(payload["protected"]) == 3 and set(payload["protected"]) <= set(ts)
-    assert payload["protected"] == ts[:3]                      # the three lowest-noise candidates
+    assert payload["protected"] == ts[:3]                      # the last kept steps ...
+    reference = uniform_timesteps(1000, 100)
+    assert payload["protected"] == snap(uniform_timesteps(1000, 8), reference)[:3]   # ... = uniform's last three
     assert payload["drift"] <= min(a["drift"] for a in payload["alternatives"]) + 1e-12
     for method in ("ddim", "ddpm"):
         out = sample(tiny_model, 2, ts, SamplerConfig(method=method), seed=0)
@@ -95,6 +95,14 @@ def test_selected_subset_runs_in_both_samplers_and_keeps_tail(tiny_model, one_th
     assert [s["steps"] for s in payload["sweep"]] == [5, 8]
     for s in payload["sweep"]:
         assert len(s["timesteps"]) == s["steps"]
+
+
+def test_uniform_subset_is_a_verified_proposal_with_full_reference(tiny_model, one_thread):
+    payload = select_timesteps(tiny_model, PruneConfig(steps=10, n=2, batch=2))
+    names = [a["name"] for a in payload["alternatives"]]
+    assert "uniform" in names
+    assert payload["drift"] <= payload["uniform_drift"]
+    assert payload["protected"] == uniform_timesteps(1000, 10)[:1]
 
 
 def test_drift_selected_beats_uniform_on_builtin_model(tmp_path, one_thread):

@@ -24,7 +24,7 @@ def prune_cmd(
     fraction: Annotated[Optional[float], typer.Option("--fraction", help="Or keep this fraction of the training steps (default 0.5).")] = None,
     protect_tail: Annotated[Optional[int], typer.Option("--protect-tail", help="Always keep the T lowest-noise candidate steps (default max(1, 10% of K)).")] = None,
     metric: Annotated[str, typer.Option("--metric", help="final: MSE of final samples; trajectory: mean MSE over kept steps and final.")] = "final",
-    search: Annotated[str, typer.Option("--search", help="best (dp, greedy and tail-uniform, keep the least measured drift), dp or greedy.")] = "best",
+    search: Annotated[str, typer.Option("--search", help="best (dp, greedy and uniform, keep the least measured drift), dp or greedy.")] = "best",
     reference_steps: Annotated[Optional[int], typer.Option("--reference-steps", help="Teacher schedule size (default: every training step); use e.g. 250 for large models.")] = None,
     candidates: Annotated[Optional[int], typer.Option("--candidates", help="Candidate grid size (default min(reference, max(100, 2 x the largest step count))).")] = None,
     sweep: Annotated[Optional[str], typer.Option("--sweep", help="Also select subsets for these step counts (comma list), for `allocate --steps auto`.")] = None,

@@ -9,10 +9,12 @@
 3. Search: the kept subset is a path top → … → tail → end through the candidate grid. Dynamic
    programming finds the path with exactly K nodes and the least summed local drift; a greedy
    remover is offered too. The start (the highest timestep, where sampling begins from pure noise) and
-   the protected tail (the T lowest-noise candidates) are always kept.
-4. Verification: each proposed subset is run end to end as a student (DDIM from the same initial
-   noise) and its drift to the teacher is measured; the subset with the least measured drift is kept.
-   The uniform (DDIM-spaced) subset of the same size is measured the same way (`uniform_drift`).
+   the protected tail (the last T steps of the uniform schedule of the same size) are always kept.
+4. Verification: each proposed subset — dp, greedy and the uniform subset itself (the candidates
+   contain it) — is run end to end as a student (DDIM from the same initial noise) and its
+   drift to the teacher is measured; the subset with the least measured drift is kept, so the result
+   is never worse than uniform on the calibration batch. The uniform (DDIM-spaced) subset's drift is
+   written as `uniform_drift`.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ class PruneConfig:
     protect_tail: int | None = None     # T; None → max(1, round(0.1 K))
     reference_steps: int | None = None  # teacher schedule size; None → every training step
     candidates: int | None = None       # candidate grid size; None → min(reference, max(100, 2 × largest K))
-    search: str = "best"                # best (dp + greedy + tail-uniform, keep least measured drift) | dp | greedy
+    search: str = "best"                # best (dp + greedy + uniform, keep least measured drift) | dp | greedy
     metric: str = "final"               # final: MSE of final samples; trajectory: mean MSE over kept steps and final
     n: int = 16                         # calibration samples
     batch: int = 16
@@ -81,6 +83,24 @@ def candidate_grid(reference: list[int], size: int) -> list[int]:
     """`size` steps of the reference schedule, evenly spaced by index, always keeping both ends."""
     idx = np.unique(np.round(np.linspace(0, len(reference) - 1, size)).astype(int))
     return [reference[i] for i in idx]
+
+
+def snap(steps: list[int], reference: list[int]) -> list[int]:
+    """Each step moved to the nearest step of the reference schedule (identity when the reference is full)."""
+    ref = np.array(reference)
+    return sorted({int(ref[np.abs(ref - t).argmin()]) for t in steps})
+
+
+def protected_tail(num_train: int, reference: list[int], steps: int, tail: int) -> list[int]:
+    """The last `tail` (lowest-noise) steps of the standard uniform (DDIM) schedule with `steps` steps."""
+    return snap(uniform_timesteps(num_train, steps), reference)[:tail] if tail else []
+
+
+def candidates_for(all_cands: list[int], tail: list[int]) -> list[int]:
+    """The candidates one selection may use: everything above the protected tail, then the tail itself
+    (so the tail's steps are the lowest candidates and the last kept steps)."""
+    top = max(tail) if tail else -1
+    return sorted(set(t for t in all_cands if t > top) | set(tail))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,21 +232,6 @@ def select_greedy(cost: np.ndarray, steps: int, tail: int) -> tuple[list[int], f
     return kept, path_cost(cost, kept)
 
 
-def tail_uniform(C: int, steps: int, tail: int) -> list[int]:
-    """Top, the protected tail, and the other steps evenly spaced (by candidate index) in between."""
-    free = steps - tail - 1
-    tail_nodes = list(range(C - tail, C))
-    if tail:
-        inner = np.linspace(0, C - tail, free + 2)[1:-1]    # strictly between the top and the tail
-    else:
-        inner = np.linspace(0, C - 1, free + 1)[1:]          # no tail: reach down to the lowest candidate
-    inner = sorted(set(np.round(inner).astype(int).tolist()) - {0} - set(tail_nodes))
-    pool = [k for k in range(1, C - tail) if k not in inner]
-    while len(inner) < free and pool:                         # rounding collisions on a tight grid
-        inner.append(pool.pop(0))
-    return sorted([0] + inner) + tail_nodes
-
-
 def path_cost(cost: np.ndarray, nodes: list[int]) -> float:
     C = cost.shape[0]
     hops = list(zip(nodes, nodes[1:] + [C]))
@@ -289,13 +294,14 @@ def _check(cfg: PruneConfig, num_train: int) -> tuple[int, int, list[int], list[
 def select_timesteps(model: DiffusionModel, cfg: PruneConfig, ui: UI = QUIET_UI) -> dict:
     """The timesteps.json payload (without writing it)."""
     N = model.num_train_timesteps
-    K, T, reference, cands = _check(cfg, N)
-    cands_desc = cands[::-1]
-    C = len(cands)
-    ref_set = set(reference)
+    K, T, reference, grid = _check(cfg, N)
     sizes = sorted(set([K] + list(cfg.sweep)))
+    tails = {k: T if k == K else (default_tail(k) if cfg.protect_tail is None else min(T, k - 1)) for k in sizes}
     uniforms = {k: uniform_timesteps(N, k) for k in sizes}
-    record = set(cands) | {t for u in uniforms.values() for t in u if t in ref_set}
+    # one candidate set for every size: the grid plus each uniform subset (snapped onto the reference),
+    # so the uniform subset is itself a path the search can fall back to
+    cands = sorted(set(grid).union(*(snap(u, reference) for u in uniforms.values())))
+    cands_desc = cands[::-1]
     labels = default_labels(model, cfg.n)
     sampler = sampler_config(cfg)
 
@@ -303,13 +309,16 @@ def select_timesteps(model: DiffusionModel, cfg: PruneConfig, ui: UI = QUIET_UI)
         ui.warn(f"{model.spec} is UNTRAINED (seeded random weights): the drift numbers describe a random network")
     ui.info(f"prune: teacher DDIM on {len(reference)} steps for {cfg.n} calibration samples")
     with ui.progress("teacher", total=cfg.n * len(reference)) as advance:
-        teacher = run_teacher(model, reference, record, cfg, labels, advance)
+        teacher = run_teacher(model, reference, set(cands), cfg, labels, advance)
     cost = local_drift_matrix(teacher, cands_desc, model.alphas_cumprod, clip_x0=sampler.clip_x0)
 
     results = []
     for k in sizes:
-        t_k = T if k == K else (default_tail(k) if cfg.protect_tail is None else min(T, k - 1))
-        results.append(_select_one(model, cfg, teacher, cost, cands_desc, k, t_k, uniforms[k], labels, ui))
+        tail = protected_tail(N, reference, k, tails[k])
+        sub = candidates_for(cands, tail)[::-1]
+        idx = [cands_desc.index(t) for t in sub]
+        sub_cost = cost[np.ix_(idx, idx + [len(cands)])]          # the end column stays last
+        results.append(_select_one(model, cfg, teacher, sub_cost, sub, k, len(tail), uniforms[k], labels, ui))
     main = next(r for r in results if r["steps"] == K)
     payload = {
         "schema": SCHEMA,
@@ -331,7 +340,7 @@ def select_timesteps(model: DiffusionModel, cfg: PruneConfig, ui: UI = QUIET_UI)
         "drift_curve": main["drift_curve"],
         "teacher": {"sampler": "ddim", "eta": 0.0, "reference_steps": len(reference), "cfg_scale": cfg.cfg_scale,
                     "clip_x0": sampler.clip_x0, "n": cfg.n, "labels": "i % num_classes" if labels is not None else None},
-        "candidates": {"count": C, "first": cands[0], "last": cands[-1]},
+        "candidates": {"count": len(cands), "grid": len(grid), "first": cands[0], "last": cands[-1]},
         "units": "mean squared error per element of the model-space sample (not decoded)",
         "sweep": [{k: r[k] for k in ("steps", "protect_tail", "timesteps", "drift", "uniform_drift", "local_drift")}
                   for r in results],
@@ -340,18 +349,16 @@ def select_timesteps(model: DiffusionModel, cfg: PruneConfig, ui: UI = QUIET_UI)
 
 
 def _select_one(model, cfg, teacher, cost, cands_desc, K, T, uniform, labels, ui) -> dict:
-    """Propose subsets of size K (dp / greedy / tail-uniform), measure each end to end, keep the best."""
+    """Propose subsets of size K (dp, greedy, uniform), measure each end to end, keep the best."""
     C = len(cands_desc)
     proposals = {}
     if cfg.search in ("best", "dp"):
         proposals["dp"] = select_dp(cost, K, T)[0]
     if cfg.search in ("best", "greedy"):
         proposals["greedy"] = select_greedy(cost, K, T)[0]
-    if cfg.search == "best":
-        proposals["tail-uniform"] = tail_uniform(C, K, T)
-        protected = set(cands_desc[C - T:])
-        if protected <= set(uniform) and set(uniform) <= set(cands_desc):
-            proposals["uniform"] = [cands_desc.index(t) for t in sorted(uniform, reverse=True)]
+    on_grid = snap(uniform, cands_desc)                  # the uniform subset (exact when the reference is full)
+    if cfg.search == "best" and len(on_grid) == K:
+        proposals["uniform"] = [cands_desc.index(t) for t in reversed(on_grid)]
     measured = {}
     with ui.progress(f"students K={K}", total=cfg.n * K * (len(proposals) + 1)) as advance:
         for name, nodes in proposals.items():
