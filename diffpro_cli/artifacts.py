@@ -54,6 +54,21 @@ def _atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
     return path
 
 
+def remove_stale_temp_files(root: str | Path, older_than: float) -> list[Path]:
+    """Delete temporary files that an interrupted atomic write left under `root` (a kill -9 gives the
+    writer no chance to clean up). Only files older than `older_than` (a time.time() value) go, so a
+    concurrent writer's live temp file is kept."""
+    removed = []
+    for p in Path(root).rglob(".*.tmp"):
+        try:
+            if p.is_file() and p.stat().st_mtime < older_than:
+                p.unlink()
+                removed.append(p)
+        except OSError:
+            pass
+    return removed
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     return _atomic_write(Path(path), lambda p: p.write_bytes(data))
 

@@ -93,29 +93,25 @@ def cdf_figure(scores_path: Path, path: Path) -> str | None:
 
 
 def drift_figure(timesteps_path: Path, path: Path) -> str | None:
+    """MSE between student and teacher x_t at every kept step, for the selected and the uniform subset
+    (prune's `drift_curve`: {"selected": [[t, mse], ...], "uniform": [[t, mse], ...], ...})."""
     if not timesteps_path.exists():
         return None
     data = json.loads(timesteps_path.read_text())
     curve = data.get("drift_curve")
-    if not curve:
+    if not isinstance(curve, dict) or not curve.get("selected"):
         return None
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.5, 3.2))
-    if isinstance(curve, dict) and "t" in curve:
-        ax.plot(curve["t"], curve.get("drift", curve.get("value")), marker=".")
-        ax.set_xlabel("timestep")
-    elif isinstance(curve, list) and curve and isinstance(curve[0], dict):
-        keys = [k for k in curve[0] if k not in ("t", "timestep", "steps")]
-        xk = "t" if "t" in curve[0] else ("timestep" if "timestep" in curve[0] else "steps")
-        for k in keys[:2]:
-            ax.plot([c[xk] for c in curve], [c[k] for c in curve], marker=".", label=k)
-        ax.set_xlabel(xk)
-        ax.legend(fontsize=7)
-    else:
-        ax.plot(curve, marker=".")
-    for t in data.get("timesteps", []):
-        ax.axvline(t, color="k", alpha=0.08, lw=0.8)
-    ax.set_ylabel("drift")
+    for key, label in (("uniform", "uniform (DDIM) subset"), ("selected", "drift-selected subset")):
+        points = curve.get(key) or []
+        if points:
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker=".", label=label)
+    ax.set_xlabel("timestep (sampling runs right to left)")
+    ax.invert_xaxis()
+    ax.set_yscale("log")
+    ax.legend(fontsize=7)
+    ax.set_ylabel("MSE to teacher x_t")
     ax.set_title(f"Teacher–student drift (kept {len(data.get('timesteps', []))} steps)")
     return _save(fig, path)
 

@@ -86,7 +86,8 @@ class SamplerConfig:
     method: str = "ddim"        # "ddim" | "ddpm"
     eta: float = 0.0            # DDIM only
     cfg_scale: float = 1.0      # 1.0 = no guidance
-    clip_x0: bool = True        # clip the predicted x0 to [-1, 1] (pixel-space models)
+    clip_x0: bool = True        # clip the predicted x0 to [-1, 1] (pixel-space models); DDIM then uses
+                                # the eps implied by the clipped x0
 
     def as_dict(self) -> dict:
         return dict(method=self.method, eta=self.eta, cfg_scale=self.cfg_scale, clip_x0=self.clip_x0)
@@ -111,6 +112,10 @@ def step(x, eps, a_t: float, a_prev: float, cfg: SamplerConfig, gens) -> torch.T
     x0 = (x - (1 - a_t) ** 0.5 * eps) / a_t ** 0.5
     if cfg.clip_x0:
         x0 = x0.clamp(-1, 1)
+        if cfg.method == "ddim":
+            # the eps consistent with the clipped x0 (ADM's DDIM; diffusers' use_clipped_model_output):
+            # keeping the raw eps adds a jump at every step, so more steps would not converge
+            eps = (x - a_t ** 0.5 * x0) / (1 - a_t) ** 0.5
     if cfg.method == "ddpm":
         beta = 1 - a_t / a_prev
         mean = (a_prev ** 0.5 * beta / (1 - a_t)) * x0 + ((1 - beta) ** 0.5 * (1 - a_prev) / (1 - a_t)) * x
@@ -164,7 +169,9 @@ def sample(
 
 
 def save_grid(images: torch.Tensor, path, nrow: int | None = None) -> None:
-    """Write a PNG grid of samples in [-1, 1] (1 or 3 channels) without torchvision."""
+    """Write a PNG grid of samples in [-1, 1] without torchvision. 1 or 3 channels as they are; other
+    counts (undecoded latents, e.g. 4 channels) show their first three channels as RGB (first one as
+    gray for 2), the usual quick look at a latent."""
     import math
 
     import numpy as np
@@ -172,6 +179,8 @@ def save_grid(images: torch.Tensor, path, nrow: int | None = None) -> None:
     from diffpro_cli.artifacts import atomic_write_bytes
     from diffpro_cli.mnist import to_uint8
 
+    if images.shape[1] not in (1, 3):
+        images = images[:, :3] if images.shape[1] > 3 else images[:, :1]
     n, c, h, w = images.shape
     nrow = nrow or max(1, math.ceil(math.sqrt(n)))
     rows = math.ceil(n / nrow)

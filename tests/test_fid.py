@@ -224,3 +224,22 @@ def test_fid_stats_cli_errors(tmp_path, cli):
     code, _, err = cli("fid-stats", tmp_path / "missing", "--out", tmp_path / "s.npz")
     assert code == 3 and "not a directory" in err
     assert cli("fid-stats", tmp_path, "--out", tmp_path / "s.txt")[0] == 2
+
+
+def test_packed_sigma_round_trip_and_both_npz_layouts_load(tmp_path):
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(40, 7))
+    sigma = np.cov(a, rowvar=False)
+    mu = a.mean(0)
+    back = M.unpack_sigma(M.pack_sigma(sigma))
+    np.testing.assert_allclose(back, sigma, rtol=1e-6, atol=1e-7)
+    assert np.array_equal(back, back.T)
+    np.savez(tmp_path / "full.npz", mu=mu, sigma=sigma)
+    np.savez_compressed(tmp_path / "packed.npz", mu=mu, sigma_triu=M.pack_sigma(sigma), n=40)
+    mu1, s1, n1 = M.load_reference_stats(tmp_path / "full.npz")
+    mu2, s2, n2 = M.load_reference_stats(tmp_path / "packed.npz")
+    assert n1 is None and n2 == 40
+    np.testing.assert_array_equal(mu1, mu2)
+    np.testing.assert_allclose(s1, s2, atol=1e-7)
+    with pytest.raises(ValueError):
+        M.unpack_sigma(np.zeros(5, dtype=np.float32))

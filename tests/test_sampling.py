@@ -4,12 +4,12 @@ import torch
 from diffpro_cli.sampling import SamplerConfig, parse_timesteps, sample, sample_generators, uniform_timesteps
 
 
-def _diffusers_loop(model, scheduler, timesteps_loop, seed, idx, y):
+def _diffusers_loop(model, scheduler, timesteps_loop, seed, idx, y, **step_kwargs):
     (g,) = sample_generators(seed, [idx])
     x = torch.randn(model.sample_shape, generator=g).unsqueeze(0)
     for t in timesteps_loop:
         eps = model.eps(x, torch.tensor([int(t)]), y)
-        x = scheduler.step(eps, t, x, generator=g).prev_sample
+        x = scheduler.step(eps, t, x, generator=g, **step_kwargs).prev_sample
     return x[0]
 
 
@@ -32,8 +32,14 @@ def test_ddim_subset_equals_diffusers_ddim(tiny_model):
     sched.set_timesteps(50)
     subset = sorted(int(t) for t in sched.timesteps)
     ours = sample(tiny_model, 1, subset, SamplerConfig(method="ddim", eta=0.0), seed=1)
-    ref = _diffusers_loop(tiny_model, sched, sched.timesteps, 1, 0, torch.tensor([0]))
+    ref = _diffusers_loop(tiny_model, sched, sched.timesteps, 1, 0, torch.tensor([0]), use_clipped_model_output=True)
     assert torch.allclose(ours[0], ref, atol=1e-4)
+    unclipped = sample(tiny_model, 1, subset, SamplerConfig(method="ddim", eta=0.0, clip_x0=False), seed=1)
+    sched_nc = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False, set_alpha_to_one=True,
+                             timestep_spacing="leading", steps_offset=0)
+    sched_nc.set_timesteps(50)
+    ref_nc = _diffusers_loop(tiny_model, sched_nc, sched_nc.timesteps, 1, 0, torch.tensor([0]))
+    assert torch.allclose(unclipped[0], ref_nc, atol=1e-4)
 
 
 def test_ddim_eta0_deterministic_and_seed_matters(tiny_model):
@@ -79,3 +85,21 @@ def test_timestep_helpers():
     assert len(ts) == 50 and ts[0] == 0 and ts[-1] == 999
     assert parse_timesteps("999:0:250", 1000) == [249, 499, 749, 999]
     assert parse_timesteps("5,1,5", 1000) == [1, 5]
+
+
+@pytest.mark.parametrize("channels, png_channels", [(1, 1), (3, 3), (4, 3), (2, 1)])
+def test_save_grid_any_channel_count(tmp_path, channels, png_channels):
+    import struct
+    import zlib
+
+    from diffpro_cli.sampling import save_grid
+
+    x = torch.linspace(-1, 1, 3 * channels * 8 * 8).reshape(3, channels, 8, 8)
+    save_grid(x, tmp_path / "g.png", nrow=3)
+    data = (tmp_path / "g.png").read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height, depth, color = struct.unpack(">IIBB", data[16:26])
+    assert (width, height) == (3 * 10 + 2, 12) and depth == 8 and color == {1: 0, 3: 2}[png_channels]
+    idat = data[data.index(b"IDAT") + 4:]
+    raw = zlib.decompress(idat[:struct.unpack(">I", data[data.index(b"IDAT") - 4:data.index(b"IDAT")])[0]])
+    assert len(raw) == height * (1 + width * png_channels)

@@ -14,7 +14,7 @@ def allocate_cmd(
     scores: Annotated[Optional[Path], typer.Argument(help="scores.json from `diffpro score` (default WORKDIR/scores.json).")] = None,
     budget: Annotated[Optional[str], typer.Option("--budget", help="avg-bits=5.0 | size-mb=3.5 | latency-ms=2.0 (per step, batch 1).")] = None,
     bits: Annotated[str, typer.Option("--bits", help="Weight bit options (from 2,3,4,6,8,16; 16 = keep fp32).")] = "4,8,16",
-    act_bits: Annotated[str, typer.Option("--act-bits", help="Activation bit options (8, 16 = float activations).")] = "8,16",
+    act_bits: Annotated[str, typer.Option("--act-bits", help="Activation bit options: 8 (DiffPro's dynamic activation quantization, integer GEMMs; the default) and/or 16 (float activations, weight-only).")] = "8",
     act_mode: Annotated[str, typer.Option("--act-mode", help="dynamic (per-token scales at every call) or static (per-timestep calibrated).")] = "dynamic",
     group_size: Annotated[Optional[int], typer.Option("--group-size", help="Weight scale group size along the input dim (default per output channel).")] = None,
     method: Annotated[str, typer.Option("--method", help="milp (exact) or cdf (the paper's rank/CDF-threshold rule).")] = "milp",

@@ -31,7 +31,7 @@ def prune_cmd(
     n: Annotated[int, typer.Option("--n", help="Calibration samples.")] = 16,
     batch: Annotated[int, typer.Option("--batch", help="Batch size (does not change results).")] = 16,
     cfg_scale: Annotated[float, typer.Option("--cfg", help="Classifier-free guidance scale for teacher and student (1 = off).")] = 1.0,
-    clip_x0: Annotated[bool, typer.Option("--clip-x0", help="Clip predicted x0 to [-1, 1] while measuring drift (off: DDIM with clipping does not converge to the teacher).")] = False,
+    clip_x0: Annotated[bool, typer.Option("--clip-x0/--no-clip-x0", help="Clip predicted x0 to [-1, 1] while measuring drift, as bench's sampler does (turn off for latent models).")] = True,
     seed: Seed = 0,
     workdir: Workdir = DEFAULT_WORKDIR,
     trust_code: TrustCode = False,

@@ -53,7 +53,7 @@ LATENCY_SOURCES = ("measured", "analytic")
 class AllocateConfig:
     budget: str | None = None            # "avg-bits=5.0" | "size-mb=3" | "latency-ms=2.5" (per step, batch 1)
     bits: list[int] = field(default_factory=lambda: [4, 8, 16])
-    act_bits: list[int] = field(default_factory=lambda: [8, 16])
+    act_bits: list[int] = field(default_factory=lambda: [8])   # DAQ on every quantized layer (see docs/planning.md)
     act_mode: str = "dynamic"
     group_size: int | None = None
     method: str = "milp"

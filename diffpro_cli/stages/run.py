@@ -8,6 +8,7 @@ interrupted one was never written.
 from __future__ import annotations
 
 import dataclasses
+import time
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +69,10 @@ def run_pipeline(cfg: RunConfig, *, force: bool = False, ui: UI = QUIET_UI) -> l
 
     workdir = Path(cfg.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    from diffpro_cli.artifacts import remove_stale_temp_files
+
+    for p in remove_stale_temp_files(workdir, older_than=time.time() - 1):
+        ui.info(f"removed {p}: left by an interrupted earlier run")
     sec = cfg.sections
     load_kwargs = {"trust_code": cfg.trust_code, "weights": cfg.weights}
     model = load_model(cfg.model, seed=cfg.seed, **load_kwargs)

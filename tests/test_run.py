@@ -1,0 +1,124 @@
+"""`diffpro run`: the whole pipeline from one config, resumable after a kill at any point."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from diffpro_cli.stages.run import STAGES
+
+CONFIG = """\
+model = "random:dit-tiny"
+workdir = "{workdir}"
+seed = 3
+
+[profile]
+samples = 4
+timesteps = "999:0:250"
+batch = 4
+
+[score]
+figures = false
+
+[prune]
+steps = 6
+reference_steps = 24
+n = 4
+batch = 4
+
+[allocate]
+budget = "avg-bits=6"
+latency_source = "analytic"
+repeats = 1
+
+[quantize]
+act_mode = "dynamic"
+
+[bench]
+rows = ["fp32", "w8a8-uniform", "ddim", "diffpro"]
+reference_steps = 12
+repeats = 1
+latency_batch = 2
+grid_n = 2
+"""
+
+
+def _write_config(tmp_path: Path) -> Path:
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(CONFIG.format(workdir=tmp_path / "work"))
+    return cfg
+
+
+def _run(cfg: Path, *extra) -> subprocess.Popen:
+    env = {**os.environ, "CI": "true", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "diffpro_cli", "run", str(cfg), "--json", "--quiet", *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def _locked_stages(workdir: Path) -> set[str]:
+    try:
+        return set(json.loads((workdir / "diffpro.lock.json").read_text())["stages"])
+    except (OSError, ValueError, KeyError):
+        return set()
+
+
+def _statuses(stdout: str) -> dict[str, str]:
+    result = json.loads(stdout)
+    return {o["stage"]: o["status"] for o in result["stages"]}
+
+
+def test_run_end_to_end_then_everything_up_to_date(tmp_path):
+    cfg = _write_config(tmp_path)
+    proc = _run(cfg)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err
+    assert set(_statuses(out).values()) == {"computed"}
+    work = tmp_path / "work"
+    report = json.loads((work / "bench" / "report.json").read_text())
+    assert report["schema"] == "diffpro.report/1"
+    assert [r["name"] for r in report["rows"]] == ["fp32", "w8a8-uniform", "ddim-6", "diffpro"]
+    assert report["model"]["random_weights"] is True
+    diffpro_row = report["rows"][-1]
+    assert diffpro_row["steps"] == 6 and diffpro_row["weight_bits_avg"] <= 6.0 + 1e-6
+    assert any(k.startswith("cpu-") for k in diffpro_row["kernels"])   # real integer kernels ran
+
+    again = _run(cfg)
+    out, err = again.communicate(timeout=300)
+    assert again.returncode == 0, err
+    assert _statuses(out) == {s: "up to date" for s in STAGES}
+
+
+def test_run_killed_mid_pipeline_resumes_without_redoing_finished_stages(tmp_path):
+    cfg = _write_config(tmp_path)
+    work = tmp_path / "work"
+    proc = _run(cfg)
+    deadline = time.time() + 300
+    # kill -9 as soon as the first two stages are recorded: a later stage is then in progress
+    while time.time() < deadline and not {"profile", "score"} <= _locked_stages(work):
+        if proc.poll() is not None:
+            pytest.fail(f"run finished before it could be killed: {proc.stderr.read()}")
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finished_before = _locked_stages(work)
+    assert {"profile", "score"} <= finished_before and "bench" not in finished_before
+    lock_before = json.loads((work / "diffpro.lock.json").read_text())["stages"]
+    assert json.loads((work / "scores.json").read_text())   # finished artifacts are whole
+
+    resumed = _run(cfg)
+    out, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err
+    statuses = _statuses(out)
+    for stage in finished_before:
+        assert statuses[stage] == "up to date", (stage, statuses)
+    assert statuses["bench"] == "computed"
+    lock_after = json.loads((work / "diffpro.lock.json").read_text())["stages"]
+    for stage in finished_before:   # their records (and so their outputs) were not rewritten
+        assert lock_after[stage] == lock_before[stage]
+    assert (work / "bench" / "report.json").exists() and (work / "bench" / "report.md").exists()
+    assert not list(work.rglob("*.tmp")), "a temporary file was left behind"
