@@ -248,14 +248,24 @@ def bench_forward_lean(model, out_root: Path, repeats: int, with_token: bool) ->
     sys.stdout.flush()
 
 
+# VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss over fork + exec, so a child started by a
+# parent that holds DiT-XL/2 reports the parent's peak and the growth reads 0. VmHWM belongs to the
+# child's own address space.
 _PEAK = """
-import resource, sys, torch, diffusers, diffpro_cli.models, diffpro_cli.quant.checkpoint
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+import sys, torch, diffusers, diffpro_cli.models, diffpro_cli.quant.checkpoint
+from diffusers import DiTTransformer2DModel, UNet2DModel   # lazy imports: library code, not the weights
+
+def hwm():
+    for line in open('/proc/self/status'):
+        if line.startswith('VmHWM:'):
+            return int(line.split()[1]) * 1024
+
+base = hwm()
 from diffpro_cli.models import load_model
 m = load_model(sys.argv[1])
 for t in list(m.net.parameters()) + list(m.net.buffers()):   # fault in lazily mapped weights
     float(t.float().sum()) if t.is_floating_point() else int(t.sum())
-print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024)
+print(hwm() - base)
 """
 
 

@@ -240,10 +240,11 @@ def load_quantized(path: str | Path, *, trust_code: bool = False, verify: bool =
         state[f"{name}.weight"] = dequantize_weight(q, scale)
     _assign(net, state, weights)
     net.eval()
+    if fuse:   # before preparing, so fused q/k/v weights are packed once, not per layer and then again
+        fuse_shared_inputs(net)
     for mod in quant_layers(net).values():
         mod.prepare("cpu")
-    if fuse:
-        fuse_shared_inputs(net)
+        _release_freed_memory()   # per layer: otherwise unpacking temporaries pile up (peak +40% on DiT-B/2)
     kind = m["kind"]
     base_forward = FORWARDS.get(kind)
     if base_forward is None:
@@ -258,6 +259,17 @@ def load_quantized(path: str | Path, *, trust_code: bool = False, verify: bool =
     )
     _attach_vae(model, m.get("source_config") or {})
     return model
+
+
+def _release_freed_memory() -> None:
+    """Hand the unpacking temporaries back to the OS (glibc keeps freed heap pages otherwise)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _assign(net: nn.Module, state: dict, source: Path) -> None:

@@ -109,7 +109,9 @@ def _stacked_weights(layers):
         qs.append(q8)
         ss.append(s8)
         bs.append(layer.bias.detach().float().cpu() if layer.bias is not None else torch.zeros(s8.numel()))
-    bias = torch.cat(bs) if any(layer.bias is not None for layer in layers) else None
+    bias = (torch.cat(bs) if len(bs) > 1 else bs[0]) if any(layer.bias is not None for layer in layers) else None
+    if len(qs) == 1:   # no copy for a single layer (weights can be large)
+        return qs[0].contiguous(), ss[0].contiguous(), bias
     return torch.cat(qs).contiguous(), torch.cat(ss).contiguous(), bias
 
 

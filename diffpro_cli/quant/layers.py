@@ -283,6 +283,8 @@ class SharedInputGroup:
             m._kernel = None
 
     def prepare(self, device: torch.device) -> None:
+        if self.kernel is not None and self.device == device:
+            return
         lead = self.members[0]
         cls = kernels.select(lead, device, lead.prefer)
         self.kernel = cls(self.members, device)
