@@ -86,6 +86,10 @@ def test_run_end_to_end_then_everything_up_to_date(tmp_path):
     diffpro_row = report["rows"][-1]
     assert diffpro_row["steps"] == 6 and diffpro_row["weight_bits_avg"] <= 6.0 + 1e-6
     assert any(k.startswith("cpu-") for k in diffpro_row["kernels"])   # real integer kernels ran
+    for row in report["rows"]:   # measured in fresh processes: never the in-process ~0 of a reused heap
+        assert 0 < row["load_mem_bytes"] <= row["peak_mem_bytes"], row
+    fp32_row, ddim_row = report["rows"][0], report["rows"][2]
+    assert ddim_row["peak_mem_bytes"] == fp32_row["peak_mem_bytes"]   # same model, same measurement
 
     again = _run(cfg)
     out, err = again.communicate(timeout=300)

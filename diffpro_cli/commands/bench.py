@@ -13,7 +13,7 @@ def bench_cmd(
     model: ModelArg = "builtin:dit-mnist",
     quantized: Annotated[Optional[Path], typer.Option("--quantized", help="diffpro checkpoint dir (default WORKDIR/quantized if present).")] = None,
     timesteps: Annotated[Optional[Path], typer.Option("--timesteps", help="timesteps.json for the diffpro row (default WORKDIR/timesteps.json, else the checkpoint's).")] = None,
-    rows: Annotated[str, typer.Option("--rows", help="Comma list of rows: fp32,w8a8-uniform,w4-uniform,ddim,dpmsolver,diffpro.")] = "fp32,w8a8-uniform,w4-uniform,ddim,dpmsolver,diffpro",
+    rows: Annotated[str, typer.Option("--rows", help="Comma list of rows: fp32,w8a8-uniform,w4-uniform,ddim,dpmsolver,subset (fp32 on diffpro's timesteps),diffpro.")] = "fp32,w8a8-uniform,w4-uniform,ddim,dpmsolver,subset,diffpro",
     reference_steps: Annotated[int, typer.Option("--reference-steps", help="Steps of the full-precision schedule.")] = 100,
     steps: Annotated[Optional[int], typer.Option("--steps", help="Reduced step count for ddim/dpmsolver rows (default: diffpro's).")] = None,
     method: Annotated[str, typer.Option("--method", help="ddim or ddpm for subset samplers.")] = "ddim",

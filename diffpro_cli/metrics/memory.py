@@ -58,3 +58,78 @@ def peak_memory(device: str = "cpu", interval_s: float = 0.005):
         thread.join()
         peak[0] = max(peak[0], rss_bytes() or 0)
         result.update(peak_bytes=max(0, peak[0] - base), method="rss high-water minus rss before (sampled 5 ms)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Peak memory of loading and running a model, in a fresh process
+# ---------------------------------------------------------------------------------------------
+#
+# In-process RSS growth is meaningless after the first model: the allocator reuses the heap that an
+# earlier model freed, so a later load "costs" 0 bytes. And getrusage's ru_maxrss is carried over
+# fork + exec, so a child must read its own VmHWM.
+
+
+def vm_hwm_bytes() -> int | None:
+    """This process's own peak resident set size (Linux /proc/self/status VmHWM)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def subprocess_peak(spec: str, batch: int, steps: int = 2, trust_code: bool = False, weights: str | None = None,
+                    timeout: float = 900) -> dict:
+    """{"load_bytes", "run_bytes", "method"}: growth of a fresh process's peak RSS while loading `spec`
+    (every tensor touched) and then while sampling one batch of `batch` over `steps` steps.
+    Growth is counted from after the libraries are imported. Values are None where it failed."""
+    import json
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "diffpro_cli.metrics.memory", spec, str(batch), str(steps)]
+    if trust_code:
+        cmd.append("--trust-code")
+    if weights:
+        cmd += ["--weights", str(weights)]
+    method = "fresh process: VmHWM growth after imports (load: every tensor touched; run: + one sampling batch)"
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=True)
+        result = json.loads(out.stdout.strip().splitlines()[-1])
+    except (subprocess.SubprocessError, ValueError, IndexError, OSError) as exc:
+        return {"load_bytes": None, "run_bytes": None, "method": f"failed: {type(exc).__name__}"}
+    return {**result, "method": method}
+
+
+def _child(argv: list[str]) -> None:
+    import json
+
+    spec, batch, steps = argv[0], int(argv[1]), int(argv[2])
+    kwargs = {"trust_code": "--trust-code" in argv}
+    if "--weights" in argv:
+        kwargs["weights"] = argv[argv.index("--weights") + 1]
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    import diffusers  # noqa: F401  (library code, not weights)
+    from diffusers import DiTTransformer2DModel, UNet2DModel  # noqa: F401
+    from diffpro_cli.models import load_model
+    from diffpro_cli.sampling import SamplerConfig, sample, uniform_timesteps
+
+    base = vm_hwm_bytes()
+    model = load_model(spec, **kwargs)
+    with torch.no_grad():
+        for t in list(model.net.parameters()) + list(model.net.buffers()):   # fault in mapped weights
+            float(t.float().sum()) if t.is_floating_point() else int(t.sum())
+    loaded = vm_hwm_bytes()
+    ts = uniform_timesteps(model.num_train_timesteps, max(steps, 1))
+    sample(model, batch, ts, SamplerConfig(), seed=0, batch_size=batch)
+    ran = vm_hwm_bytes()
+    print(json.dumps({"load_bytes": loaded - base, "run_bytes": ran - base}))
+
+
+if __name__ == "__main__":
+    import sys
+
+    _child(sys.argv[1:])

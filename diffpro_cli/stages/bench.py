@@ -1,8 +1,9 @@
 """bench: every baseline and diffpro's plan, measured in one run with the same seeds.
 
 Rows (DESIGN.md): fp32 on the reference schedule, uniform W8A8 and uniform 4-bit weights on the same
-schedule, uniform step reduction (DDIM spacing) and DPM-Solver++ at diffpro's step count, and diffpro
-(its quantized checkpoint on its selected timesteps). Per row: latency per image (interleaved
+schedule, uniform step reduction (DDIM spacing) and DPM-Solver++ at diffpro's step count, fp32 on
+diffpro's selected timesteps ("subset": the step selection alone, against the ddim row at the same
+count), and diffpro (its quantized checkpoint on its selected timesteps). Per row: latency per image (interleaved
 repeats across rows, median/min/max), peak memory while loading and running, checkpoint size,
 average weight bits, energy where a counter exists, FID against reference statistics and against
 the fp32 samples (same seeds), and which kernels ran. Quantized baselines are written to disk as real
@@ -27,7 +28,7 @@ from diffpro_cli.models.base import DiffusionModel
 from diffpro_cli.sampling import SamplerConfig, sample, sample_dpmsolver, uniform_timesteps
 
 REPORT_SCHEMA = "diffpro.report/1"
-ALL_ROWS = ("fp32", "w8a8-uniform", "w4-uniform", "ddim", "dpmsolver", "diffpro")
+ALL_ROWS = ("fp32", "w8a8-uniform", "w4-uniform", "ddim", "dpmsolver", "subset", "diffpro")
 
 
 @dataclass
@@ -47,6 +48,7 @@ class BenchConfig:
     latency_steps: int | None = None    # time this many steps and scale to the row's count (huge models)
     sample_batch: int = 50
     grid_n: int = 10
+    memory: bool = True                 # peak memory per row, each in a fresh process
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -63,6 +65,8 @@ class Row:
     identity: str                        # what determines this row's samples (for caches)
     peak_mem_bytes: int | None = None
     notes: list[str] = field(default_factory=list)
+    load_spec: str = ""                  # what a fresh process loads to measure this row's memory
+    load_mem_bytes: int | None = None
 
     def sampler(self, cfg: BenchConfig, n: int, batch: int, first_index: int = 0, advance=lambda k: None):
         if self.timesteps is None:
@@ -100,21 +104,13 @@ def checkpoint_info(qdir: Path) -> dict:
             "timesteps": meta.get("timesteps"), "meta": meta}
 
 
-def _load_measured(load):
-    """Load a model inside the memory meter; returns (model, peak bytes)."""
-    from diffpro_cli.metrics.memory import peak_memory
-
-    with peak_memory() as mem:
-        model = load()
-    return model, mem["peak_bytes"]
-
-
 def build_rows(model_spec: str, cfg: BenchConfig, workdir: Path, quantized: Path | None,
                timesteps: list[int] | None, load_kwargs: dict, ui: UI = QUIET_UI, force: bool = False) -> tuple[list[Row], list[str]]:
     from diffpro_cli.models import load_model
 
     notes = []
-    fp, fp_mem = _load_measured(lambda: load_model(model_spec, **load_kwargs))
+    fp = load_model(model_spec, **load_kwargs)
+    fp_mem = None   # measured later in fresh processes (measure_memory)
     ref_ts = uniform_timesteps(fp.num_train_timesteps, cfg.reference_steps)
     qinfo = checkpoint_info(quantized) if quantized is not None else None
     diffpro_ts = timesteps or (qinfo["timesteps"] if qinfo else None)
@@ -129,25 +125,53 @@ def build_rows(model_spec: str, cfg: BenchConfig, workdir: Path, quantized: Path
             bits = 8 if name.startswith("w8") else 4
             qdir = workdir / "bench" / "baselines" / name
             uniform_checkpoint(fp, bits, qdir, model_spec, load_kwargs, force=force, ui=ui)
-            qm, mem = _load_measured(lambda: load_model(str(qdir)))
+            qm = load_model(str(qdir))
             info = checkpoint_info(qdir)
-            rows.append(Row(name, qm, ref_ts, len(ref_ts), info["size_bytes"], info["avg_bits"], f"{name}:{fp_id}", mem))
+            rows.append(Row(name, qm, ref_ts, len(ref_ts), info["size_bytes"], info["avg_bits"], f"{name}:{fp_id}",
+                            load_spec=str(qdir)))
         elif name == "ddim":
             rows.append(Row(f"ddim-{k}", fp, uniform_timesteps(fp.num_train_timesteps, k), k, fp_bytes, 32.0,
                             f"ddim{k}:{fp_id}", fp_mem))
         elif name == "dpmsolver":
             rows.append(Row(f"dpmsolver-{k}", fp, None, k, fp_bytes, 32.0, f"dpm{k}:{fp_id}", fp_mem))
+        elif name == "subset":   # full precision on diffpro's timesteps: the step selection alone
+            if not diffpro_ts:
+                notes.append("subset row skipped: no timesteps (run `diffpro prune` or pass --timesteps)")
+                continue
+            rows.append(Row(f"fp32-subset-{len(diffpro_ts)}", fp, list(diffpro_ts), len(diffpro_ts), fp_bytes, 32.0,
+                            f"subset:{fp_id}:{sha256_json(list(diffpro_ts))}", fp_mem))
         elif name == "diffpro":
             if qinfo is None:
                 notes.append("diffpro row skipped: no quantized checkpoint (run `diffpro quantize` or pass --quantized)")
                 continue
-            qm, mem = _load_measured(lambda: load_model(str(quantized)))
+            qm = load_model(str(quantized))
             ts = diffpro_ts or ref_ts
             rows.append(Row("diffpro", qm, list(ts), len(ts), qinfo["size_bytes"], qinfo["avg_bits"],
-                            f"diffpro:{qinfo['meta'].get('provenance', {})}:{sha256_json(list(ts))}", mem))
+                            f"diffpro:{qinfo['meta'].get('provenance', {})}:{sha256_json(list(ts))}",
+                            load_spec=str(quantized)))
         else:
             raise UsageError(f"--rows: unknown row {name!r}; choose from {', '.join(ALL_ROWS)}")
+    for row in rows:
+        row.load_spec = row.load_spec or model_spec
     return rows, notes
+
+
+def measure_memory(rows: list[Row], cfg: BenchConfig, model_spec: str, load_kwargs: dict, ui: UI = QUIET_UI) -> str:
+    """Peak memory of every row: a fresh process loads the row's model and samples one latency batch
+    (in-process numbers would be wrong: the heap an earlier model freed is reused). Rows that load the
+    same model share the number. Returns the method, for the notes."""
+    from diffpro_cli.metrics.memory import subprocess_peak
+
+    measured: dict[str, dict] = {}
+    for row in rows:
+        if row.load_spec not in measured:
+            ui.info(f"bench: peak memory of {row.load_spec} (fresh process)")
+            kw = load_kwargs if row.load_spec == model_spec else {}
+            measured[row.load_spec] = subprocess_peak(row.load_spec, cfg.latency_batch, trust_code=bool(kw.get("trust_code")),
+                                                      weights=kw.get("weights"))
+        row.load_mem_bytes = measured[row.load_spec]["load_bytes"]
+        row.peak_mem_bytes = measured[row.load_spec]["run_bytes"]
+    return next(iter(measured.values()))["method"] if measured else ""
 
 
 def uniform_checkpoint(model: DiffusionModel, bits: int, out_dir: Path, model_spec: str, load_kwargs: dict,
@@ -272,6 +296,11 @@ def run_bench(model_spec: str, workdir: Path, cfg: BenchConfig, quantized: Path 
 
     fp_model = rows[0].model if rows[0].name == "fp32" else None
     timing = measure_latency(rows, cfg, ui) if is_main() else {}   # other ranks would skew the timing
+    if is_main() and cfg.memory:
+        notes.append("peak_mem_bytes: " + measure_memory(rows, cfg, model_spec, load_kwargs or {}, ui)
+                     + f", batch {cfg.latency_batch}; load_mem_bytes: the load alone")
+    elif is_main():
+        notes.append("memory not measured (memory = false)")
     barrier()
     fid_results, samples = ({}, {})
     if cfg.fid:
@@ -308,6 +337,7 @@ def run_bench(model_spec: str, workdir: Path, cfg: BenchConfig, quantized: Path 
             "steps": row.steps,
             "latency_s_per_image": timing[row.name]["latency"],
             "peak_mem_bytes": row.peak_mem_bytes,
+            "load_mem_bytes": row.load_mem_bytes,
             "energy_j_per_image": timing[row.name]["energy"],
             "fid": f.get("fid"),
             "fid_vs_fp": f.get("fid_vs_fp"),
