@@ -107,7 +107,7 @@ def drift_figure(timesteps_path: Path, path: Path) -> str | None:
         points = curve.get(key) or []
         if points:
             ax.plot([p[0] for p in points], [p[1] for p in points], marker=".", label=label)
-    ax.set_xlabel("timestep (sampling runs right to left)")
+    ax.set_xlabel("timestep (sampling runs left to right, 999 → 0)")
     ax.invert_xaxis()
     ax.set_yscale("log")
     ax.legend(fontsize=7)
