@@ -10,8 +10,7 @@ import torch
 
 
 def weight_qparams(w: torch.Tensor, bits: int, group_size: int | None = None) -> tuple[torch.Tensor, int]:
-    """Symmetric per-output-channel (or per-group along the input dim) scales for weight [out, in, ...],
-    clipped where that lowers the rounding error (formats.mse_scale).
+    """Symmetric per-output-channel (or per-group along the input dim) scales for weight [out, in, ...].
 
     Returns (scale broadcastable to w reshaped as [out, groups, group], qmax).
     """
@@ -21,9 +20,8 @@ def weight_qparams(w: torch.Tensor, bits: int, group_size: int | None = None) ->
     if flat.shape[1] % g:
         raise ValueError(f"group size {g} does not divide {flat.shape[1]}")
     grouped = flat.reshape(flat.shape[0], -1, g)
-    from diffpro_cli.quant.formats import mse_scale   # the storage format's scale choice (MSE clip search)
-
-    return mse_scale(grouped, qmax), qmax
+    scale = grouped.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / qmax
+    return scale, qmax
 
 
 def fake_quant_weight(w: torch.Tensor, bits: int, group_size: int | None = None) -> torch.Tensor:
@@ -32,7 +30,7 @@ def fake_quant_weight(w: torch.Tensor, bits: int, group_size: int | None = None)
         return w
     scale, qmax = weight_qparams(w, bits, group_size)
     flat = w.reshape(w.shape[0], -1).float().reshape(scale.shape[0], scale.shape[1], -1)
-    q = torch.clamp(torch.round(flat / scale), -qmax, qmax)
+    q = torch.clamp(torch.round(flat / scale), -qmax - 1, qmax)
     return (q * scale).reshape(w.shape).to(w.dtype)
 
 
@@ -42,7 +40,7 @@ def fake_quant_act_per_token(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
         return x
     qmax = 2 ** (bits - 1) - 1
     scale = x.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / qmax
-    return torch.clamp(torch.round(x / scale), -qmax, qmax) * scale
+    return torch.clamp(torch.round(x / scale), -qmax - 1, qmax) * scale
 
 
 
@@ -62,7 +60,7 @@ def fake_quant_act_per_sample(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
     qmax = 2 ** (bits - 1) - 1
     dims = tuple(range(1, x.ndim))
     scale = x.abs().amax(dim=dims, keepdim=True).clamp_min(1e-12) / qmax
-    return torch.clamp(torch.round(x / scale), -qmax, qmax) * scale
+    return torch.clamp(torch.round(x / scale), -qmax - 1, qmax) * scale
 
 
 def asym_tensor_qparams(x: torch.Tensor, reduce_range: bool = False) -> tuple[float, int, int, int]:

@@ -127,8 +127,11 @@ def build_rows(model_spec: str, cfg: BenchConfig, workdir: Path, quantized: Path
             uniform_checkpoint(fp, bits, qdir, model_spec, load_kwargs, force=force, ui=ui)
             qm = load_model(str(qdir))
             info = checkpoint_info(qdir)
-            rows.append(Row(name, qm, ref_ts, len(ref_ts), info["size_bytes"], info["avg_bits"], f"{name}:{fp_id}",
-                            load_spec=str(qdir)))
+            # the cache identity names the checkpoint's own tensors: a re-quantized baseline (new code,
+            # --force) must not reuse the old one's FID features
+            tensors = info["meta"].get("provenance", {}).get("tensors_sha256")
+            rows.append(Row(name, qm, ref_ts, len(ref_ts), info["size_bytes"], info["avg_bits"],
+                            f"{name}:{fp_id}:{tensors}", load_spec=str(qdir)))
         elif name == "ddim":
             rows.append(Row(f"ddim-{k}", fp, uniform_timesteps(fp.num_train_timesteps, k), k, fp_bytes, 32.0,
                             f"ddim{k}:{fp_id}", fp_mem))
