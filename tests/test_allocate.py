@@ -239,3 +239,23 @@ def test_stage_joint_reads_workdir_timesteps(scores_file, tmp_path):
     assert "timesteps" in lock["stages"]["allocate"]["inputs"]
     with pytest.raises(UsageError, match="--latency-budget"):
         run_allocate(scores_file, work, AllocateConfig(budget="avg-bits=6", steps="auto"), latency_fn=fake_latency)
+
+
+def test_group_size_that_does_not_divide_a_layer_falls_back_to_per_channel_there():
+    scores = make_scores(n=3, measured=True)
+    widths = [16, 64, 128]
+    for (name, d), w in zip(scores["layers"].items(), widths):
+        d.update(in_features=w, params=w * d["out_features"] + d["out_features"])
+    layers = load_layers(scores)
+    cfg = AllocateConfig(bits=[4, 8], act_bits=[8], group_size=64, protect=[])
+    table = build_table(layers, make_options(cfg.bits, cfg.act_bits, "dynamic", cfg.group_size), cfg, None)
+    assert table.valid.all()
+    j4 = next(j for j, o in enumerate(table.options) if o.weight_bits == 4)
+    per_channel = Option(4, 8, "dynamic", None)
+    grouped = Option(4, 8, "dynamic", 64)
+    assert table.bits[0, j4] == option_bits(layers[0], per_channel)          # 16 % 64 != 0: per channel
+    assert table.bits[2, j4] == option_bits(layers[2], grouped) > option_bits(layers[2], per_channel)   # 2 groups
+    plan, _ = allocate_plan(scores, AllocateConfig(budget="avg-bits=8", bits=[4, 8], act_bits=[8], group_size=64, protect=[]),
+                            latency_fn=None)
+    assert plan["layers"][layers[0].name]["group_size"] is None
+    assert plan["layers"][layers[2].name]["group_size"] == 64

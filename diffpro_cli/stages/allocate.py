@@ -17,6 +17,8 @@ remainder), predicted quality = drift(steps) + quant_weight × quantization erro
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 import platform
 import statistics
@@ -184,6 +186,15 @@ def load_layers(scores: dict, path: str | Path = "scores.json") -> list[Layer]:
 # ---------------------------------------------------------------------------------------------
 # Cost model: size, error
 # ---------------------------------------------------------------------------------------------
+
+
+def effective_option(layer: Layer, opt: Option) -> Option:
+    """The option as this layer runs it: a --group-size that does not divide the layer's input width
+    (e.g. a DiT's 16-wide patch embedding with groups of 64) falls back to per-channel scales for that
+    layer instead of ruling the option out, so one odd layer does not force the whole plan up."""
+    if opt.group_size and not opt.full_precision and layer.in_features % opt.group_size:
+        return dataclasses.replace(opt, group_size=None)
+    return opt
 
 
 def option_bits(layer: Layer, opt: Option) -> int:
@@ -453,18 +464,13 @@ def build_table(layers: list[Layer], options: list[Option], cfg: AllocateConfig,
     violates = np.zeros((L, O), dtype=bool)
     protect = set(cfg.protect)
     for i, layer in enumerate(layers):
-        for j, opt in enumerate(options):
-            if opt.group_size and not opt.full_precision and layer.in_features % opt.group_size:
-                valid[i, j] = False
-                continue
+        for j, option in enumerate(options):
+            opt = effective_option(layer, option)
             bits[i, j] = option_bits(layer, opt)
             err[i, j] = option_error(bit_error, layer, opt)
             violates[i, j] = layer.role in protect and opt.weight_bits < cfg.protect_bits
             if latency_fn is not None:
                 lat[i, j] = latency_fn(layer, opt)
-    if not valid.any(axis=1).all():
-        bad = layers[int(np.argmin(valid.any(axis=1)))]
-        raise UsageError(f"--group-size {cfg.group_size} divides no option of {bad.name} (in_features {bad.in_features}); add 16 to --bits or pick a divisor")
     return Table(layers, options, bits, err, lat, valid, violates, name, protect)
 
 
@@ -648,7 +654,7 @@ def summarize(table: Table, sol: Solution, remainder_ms: float, other_bytes: int
 def plan_layers(table: Table, sol: Solution) -> dict:
     out = {}
     for i, (layer, j) in enumerate(zip(table.layers, sol.choice)):
-        opt = table.options[j]
+        opt = effective_option(layer, table.options[j])
         lat = table.latency[i, j]
         out[layer.name] = {
             "weight_bits": opt.weight_bits, "act_bits": opt.act_bits, "act_mode": opt.act_mode,
