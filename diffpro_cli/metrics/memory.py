@@ -111,7 +111,6 @@ def _child(argv: list[str]) -> None:
     kwargs = {"trust_code": "--trust-code" in argv}
     if "--weights" in argv:
         kwargs["weights"] = argv[argv.index("--weights") + 1]
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     import diffusers  # noqa: F401  (library code, not weights)
     from diffusers import DiTTransformer2DModel, UNet2DModel  # noqa: F401
     from diffpro_cli.models import load_model
