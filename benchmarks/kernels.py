@@ -17,7 +17,6 @@ import gc
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -248,30 +247,14 @@ def bench_forward_lean(model, out_root: Path, repeats: int, with_token: bool) ->
     sys.stdout.flush()
 
 
-# VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss over fork + exec, so a child started by a
-# parent that holds DiT-XL/2 reports the parent's peak and the growth reads 0. VmHWM belongs to the
-# child's own address space.
-_PEAK = """
-import sys, torch, diffusers, diffpro_cli.models, diffpro_cli.quant.checkpoint
-from diffusers import DiTTransformer2DModel, UNet2DModel   # lazy imports: library code, not the weights
-
-def hwm():
-    for line in open('/proc/self/status'):
-        if line.startswith('VmHWM:'):
-            return int(line.split()[1]) * 1024
-
-base = hwm()
-from diffpro_cli.models import load_model
-m = load_model(sys.argv[1])
-for t in list(m.net.parameters()) + list(m.net.buffers()):   # fault in lazily mapped weights
-    float(t.float().sum()) if t.is_floating_point() else int(t.sum())
-print(hwm() - base)
-"""
-
-
 def peak_load_bytes(spec: str) -> int:
-    out = subprocess.run([sys.executable, "-c", _PEAK, spec], capture_output=True, text=True, check=True)
-    return int(out.stdout.strip().splitlines()[-1])
+    """Peak RSS growth of a fresh process loading `spec` (diffpro_cli.metrics.memory; load only)."""
+    from diffpro_cli.metrics.memory import subprocess_peak
+
+    result = subprocess_peak(spec, batch=1, steps=0)
+    if result["load_bytes"] is None:
+        raise RuntimeError(f"loading {spec} in a fresh process {result['method']}")
+    return result["load_bytes"]
 
 
 def bench_memory(model, out_root: Path) -> None:

@@ -1,72 +1,13 @@
-"""Peak memory of a piece of work.
+"""Peak memory of loading (and running) a model, measured in a fresh process. Linux only (/proc).
 
-CUDA: torch's allocator high-water mark. CPU: the process's resident set size sampled every few
-milliseconds by a thread while the work runs, minus the RSS just before it (so the number is the
-memory the work added: model weights loaded inside it plus activations). Linux only (/proc).
+In-process RSS growth is meaningless after the first model: the allocator reuses the heap that an
+earlier model freed, so a later load "costs" 0 bytes. And getrusage's ru_maxrss is carried over
+fork + exec, so a child must read its own VmHWM.
 """
 
 from __future__ import annotations
 
-import os
-import threading
-from contextlib import contextmanager
-
 import torch
-
-_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-
-
-def rss_bytes() -> int | None:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * _PAGE
-    except OSError:
-        return None
-
-
-@contextmanager
-def peak_memory(device: str = "cpu", interval_s: float = 0.005):
-    """Yields a dict filled on exit with {"peak_bytes": int | None, "method": str}."""
-    result = {"peak_bytes": None, "method": None}
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        yield result
-        torch.cuda.synchronize()
-        result.update(peak_bytes=torch.cuda.max_memory_allocated() - base, method="cuda max_memory_allocated")
-        return
-    base = rss_bytes()
-    if base is None:
-        yield result
-        result["method"] = "unavailable (no /proc)"
-        return
-    peak = [base]
-    stop = threading.Event()
-
-    def watch():
-        while not stop.is_set():
-            peak[0] = max(peak[0], rss_bytes() or 0)
-            stop.wait(interval_s)
-
-    thread = threading.Thread(target=watch, daemon=True)
-    thread.start()
-    try:
-        yield result
-    finally:
-        stop.set()
-        thread.join()
-        peak[0] = max(peak[0], rss_bytes() or 0)
-        result.update(peak_bytes=max(0, peak[0] - base), method="rss high-water minus rss before (sampled 5 ms)")
-
-
-# ---------------------------------------------------------------------------------------------
-# Peak memory of loading and running a model, in a fresh process
-# ---------------------------------------------------------------------------------------------
-#
-# In-process RSS growth is meaningless after the first model: the allocator reuses the heap that an
-# earlier model freed, so a later load "costs" 0 bytes. And getrusage's ru_maxrss is carried over
-# fork + exec, so a child must read its own VmHWM.
 
 
 def vm_hwm_bytes() -> int | None:
@@ -84,8 +25,9 @@ def vm_hwm_bytes() -> int | None:
 def subprocess_peak(spec: str, batch: int, steps: int = 2, trust_code: bool = False, weights: str | None = None,
                     timeout: float = 900) -> dict:
     """{"load_bytes", "run_bytes", "method"}: growth of a fresh process's peak RSS while loading `spec`
-    (every tensor touched) and then while sampling one batch of `batch` over `steps` steps.
-    Growth is counted from after the libraries are imported. Values are None where it failed."""
+    (every tensor touched) and then while sampling one batch of `batch` over `steps` steps (steps 0:
+    load only, run_bytes = load_bytes). Growth is counted from after the libraries are imported.
+    Values are None where it failed."""
     import json
     import subprocess
     import sys
@@ -122,8 +64,8 @@ def _child(argv: list[str]) -> None:
         for t in list(model.net.parameters()) + list(model.net.buffers()):   # fault in mapped weights
             float(t.float().sum()) if t.is_floating_point() else int(t.sum())
     loaded = vm_hwm_bytes()
-    ts = uniform_timesteps(model.num_train_timesteps, max(steps, 1))
-    sample(model, batch, ts, SamplerConfig(), seed=0, batch_size=batch)
+    if steps > 0:
+        sample(model, batch, uniform_timesteps(model.num_train_timesteps, steps), SamplerConfig(), seed=0, batch_size=batch)
     ran = vm_hwm_bytes()
     print(json.dumps({"load_bytes": loaded - base, "run_bytes": ran - base}))
 

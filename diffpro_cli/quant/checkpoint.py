@@ -17,6 +17,8 @@ layers), per-layer bits / layout / kernel / activation mode, the timestep subset
 
 from __future__ import annotations
 
+import functools
+
 import time
 from pathlib import Path
 
@@ -261,15 +263,23 @@ def load_quantized(path: str | Path, *, trust_code: bool = False, verify: bool =
     return model
 
 
-def _release_freed_memory() -> None:
-    """Hand the unpacking temporaries back to the OS (glibc keeps freed heap pages otherwise)."""
+@functools.lru_cache(maxsize=1)
+def _malloc_trim():
+    """glibc's malloc_trim, looked up once (find_library runs an external command), or None."""
     import ctypes
     import ctypes.util
 
     try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
     except (OSError, AttributeError):
-        pass
+        return None
+
+
+def _release_freed_memory() -> None:
+    """Hand the unpacking temporaries back to the OS (glibc keeps freed heap pages otherwise)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def _assign(net: nn.Module, state: dict, source: Path) -> None:

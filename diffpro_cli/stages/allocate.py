@@ -443,7 +443,7 @@ class Table:
     bits: np.ndarray        # [L, O] int64 storage bits
     error: np.ndarray       # [L, O] predicted error
     latency: np.ndarray     # [L, O] ms, nan when not measured
-    valid: np.ndarray       # [L, O] the option exists for the layer (group size divides in_features)
+    valid: np.ndarray       # [L, O] the option exists for the layer (all True since group sizes fall back per layer)
     violates: np.ndarray    # [L, O] below the protection floor of a protected layer
     error_model: str
     protect: set[str]       # protected roles

@@ -109,8 +109,7 @@ def build_rows(model_spec: str, cfg: BenchConfig, workdir: Path, quantized: Path
     from diffpro_cli.models import load_model
 
     notes = []
-    fp = load_model(model_spec, **load_kwargs)
-    fp_mem = None   # measured later in fresh processes (measure_memory)
+    fp = load_model(model_spec, **load_kwargs)   # memory is measured later, in fresh processes (measure_memory)
     ref_ts = uniform_timesteps(fp.num_train_timesteps, cfg.reference_steps)
     qinfo = checkpoint_info(quantized) if quantized is not None else None
     diffpro_ts = timesteps or (qinfo["timesteps"] if qinfo else None)
@@ -120,7 +119,7 @@ def build_rows(model_spec: str, cfg: BenchConfig, workdir: Path, quantized: Path
     rows: list[Row] = []
     for name in cfg.rows:
         if name == "fp32":
-            rows.append(Row("fp32", fp, ref_ts, len(ref_ts), fp_bytes, 32.0, f"fp32:{fp_id}", fp_mem))
+            rows.append(Row("fp32", fp, ref_ts, len(ref_ts), fp_bytes, 32.0, f"fp32:{fp_id}"))
         elif name in ("w8a8-uniform", "w4-uniform"):
             bits = 8 if name.startswith("w8") else 4
             qdir = workdir / "bench" / "baselines" / name
@@ -134,15 +133,15 @@ def build_rows(model_spec: str, cfg: BenchConfig, workdir: Path, quantized: Path
                             f"{name}:{fp_id}:{tensors}", load_spec=str(qdir)))
         elif name == "ddim":
             rows.append(Row(f"ddim-{k}", fp, uniform_timesteps(fp.num_train_timesteps, k), k, fp_bytes, 32.0,
-                            f"ddim{k}:{fp_id}", fp_mem))
+                            f"ddim{k}:{fp_id}"))
         elif name == "dpmsolver":
-            rows.append(Row(f"dpmsolver-{k}", fp, None, k, fp_bytes, 32.0, f"dpm{k}:{fp_id}", fp_mem))
+            rows.append(Row(f"dpmsolver-{k}", fp, None, k, fp_bytes, 32.0, f"dpm{k}:{fp_id}"))
         elif name == "subset":   # full precision on diffpro's timesteps: the step selection alone
             if not diffpro_ts:
                 notes.append("subset row skipped: no timesteps (run `diffpro prune` or pass --timesteps)")
                 continue
             rows.append(Row(f"fp32-subset-{len(diffpro_ts)}", fp, list(diffpro_ts), len(diffpro_ts), fp_bytes, 32.0,
-                            f"subset:{fp_id}:{sha256_json(list(diffpro_ts))}", fp_mem))
+                            f"subset:{fp_id}:{sha256_json(list(diffpro_ts))}"))
         elif name == "diffpro":
             if qinfo is None:
                 notes.append("diffpro row skipped: no quantized checkpoint (run `diffpro quantize` or pass --quantized)")
