@@ -126,3 +126,11 @@ def test_run_killed_mid_pipeline_resumes_without_redoing_finished_stages(tmp_pat
         assert lock_after[stage] == lock_before[stage]
     assert (work / "bench" / "report.json").exists() and (work / "bench" / "report.md").exists()
     assert not list(work.rglob("*.tmp")), "a temporary file was left behind"
+
+
+def test_unknown_key_in_a_later_section_fails_before_any_stage_runs(tmp_path, cli):
+    cfg = _write_config(tmp_path)
+    cfg.write_text(cfg.read_text().replace("grid_n = 2", "grid_n = 2\nrowz = 1"))
+    code, out, err = cli("run", cfg)
+    assert code == 2 and "[bench] unknown key(s) rowz" in err and "Traceback" not in err
+    assert not (tmp_path / "work" / "diffpro.lock.json").exists()   # nothing was computed

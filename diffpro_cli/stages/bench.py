@@ -251,14 +251,22 @@ def row_features(row: Row, cfg: BenchConfig, n: int, inception, cache, ui: UI = 
     return feats, grid["x"]
 
 
-def fid_for_rows(rows: list[Row], cfg: BenchConfig, workdir: Path, ui: UI = QUIET_UI) -> tuple[dict, dict[str, torch.Tensor]]:
-    from diffpro_cli.metrics.fid import FeatureCache, frechet_distance, load_inception, load_reference_stats, stats_from_features
+def fid_inputs(rows: list[Row], cfg: BenchConfig) -> tuple:
+    """(Inception network, (mu, sigma, n) of the reference): checked before any measuring, so a bad
+    --reference or missing Inception weights fail at once, not after minutes of timing."""
+    from diffpro_cli.metrics.fid import load_inception, load_reference_stats
 
     for row in rows:
         if row.model.random_weights:
             raise UsageError(f"{row.model.spec} has random weights: FID is meaningless; drop --fid (speed and memory only)")
-    inception = load_inception(cfg.inception_weights)
-    mu_ref, sigma_ref, ref_n = load_reference_stats(cfg.reference)
+    return load_inception(cfg.inception_weights), load_reference_stats(cfg.reference)
+
+
+def fid_for_rows(rows: list[Row], cfg: BenchConfig, workdir: Path, inception, reference: tuple,
+                 ui: UI = QUIET_UI) -> tuple[dict, dict[str, torch.Tensor]]:
+    from diffpro_cli.metrics.fid import FeatureCache, frechet_distance, stats_from_features
+
+    mu_ref, sigma_ref, ref_n = reference
     cache = FeatureCache(workdir / "bench" / "fid-cache")
     results, samples, stats = {}, {}, {}
     for row in rows:
@@ -297,6 +305,7 @@ def run_bench(model_spec: str, workdir: Path, cfg: BenchConfig, quantized: Path 
     from diffpro_cli.distributed import barrier, is_main, rank_world
 
     fp_model = rows[0].model if rows[0].name == "fp32" else None
+    fid_setup = fid_inputs(rows, cfg) if cfg.fid else None
     timing = measure_latency(rows, cfg, ui) if is_main() else {}   # other ranks would skew the timing
     if is_main() and cfg.memory:
         notes.append("peak_mem_bytes: " + measure_memory(rows, cfg, model_spec, load_kwargs or {}, ui)
@@ -306,7 +315,7 @@ def run_bench(model_spec: str, workdir: Path, cfg: BenchConfig, quantized: Path 
     barrier()
     fid_results, samples = ({}, {})
     if cfg.fid:
-        fid_results, samples = fid_for_rows(rows, cfg, workdir, ui)
+        fid_results, samples = fid_for_rows(rows, cfg, workdir, *fid_setup, ui=ui)
         if rank_world()[1] > 1:
             notes.append(f"FID sampling and Inception features sharded over {rank_world()[1]} processes")
     else:

@@ -63,6 +63,25 @@ def section(cls, values: dict, name: str, **defaults):
     return cls(**{**{k: v for k, v in defaults.items() if k in fields}, **values})
 
 
+def stage_config_classes() -> dict:
+    from diffpro_cli.stages.allocate import AllocateConfig
+    from diffpro_cli.stages.bench import BenchConfig
+    from diffpro_cli.stages.profile import ProfileConfig
+    from diffpro_cli.stages.prune import PruneConfig
+    from diffpro_cli.stages.quantize import QuantizeConfig
+    from diffpro_cli.stages.score import ScoreConfig
+
+    return {"profile": ProfileConfig, "score": ScoreConfig, "prune": PruneConfig, "allocate": AllocateConfig,
+            "quantize": QuantizeConfig, "bench": BenchConfig}
+
+
+def check_sections(cfg: RunConfig) -> None:
+    """Build every configured stage's config once, so unknown keys are named before any work starts."""
+    classes = stage_config_classes()
+    for name in cfg.stages:
+        section(classes[name], cfg.sections[name], name, seed=cfg.seed)
+
+
 def run_pipeline(cfg: RunConfig, *, force: bool = False, ui: UI = QUIET_UI) -> list[dict]:
     """Run the configured stages in order; returns each stage's outcome as a dict."""
     from diffpro_cli.models import load_model
@@ -74,6 +93,7 @@ def run_pipeline(cfg: RunConfig, *, force: bool = False, ui: UI = QUIET_UI) -> l
     for p in remove_stale_temp_files(workdir, older_than=time.time() - 1):
         ui.info(f"removed {p}: left by an interrupted earlier run")
     sec = cfg.sections
+    check_sections(cfg)   # a typo in [bench] must fail now, not after the stages before it ran
     load_kwargs = {"trust_code": cfg.trust_code, "weights": cfg.weights}
     model = load_model(cfg.model, seed=cfg.seed, **load_kwargs)
     outcomes = []
