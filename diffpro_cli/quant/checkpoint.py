@@ -7,7 +7,7 @@ model.safetensors holds, by the network's own qualified names,
   * every other parameter and buffer of the network unchanged (full-precision layers as they are),
     non-persistent buffers included, so nothing depends on the architecture's initialisation —
     except nn.Embedding lookup tables (class labels), stored int8 per row as `<table>.weight.__int8__`
-    + `.__scale__` and dequantized to float at load (diffusers' DiT-XL/2 has 28 of them, 129 MB in fp32;
+    + `.__scale__` and kept so at load (layers.Int8Embedding; dequantized to float with keep_integers) (diffusers' DiT-XL/2 has 28 of them, 129 MB in fp32;
     `int8_embeddings=False` keeps them float);
   * `__diffpro__.alphas_cumprod` (float64): the noise schedule.
 diffpro.json holds the format version, the architecture (class + config, so the network is rebuilt
@@ -30,7 +30,7 @@ from diffpro_cli.artifacts import atomic_save_safetensors, atomic_write_json, re
 from diffpro_cli.errors import InputError, TrustError
 from diffpro_cli.models.base import DiffusionModel, dit_forward, unet_forward
 from diffpro_cli.quant.formats import dequantize_weight, quantize_weight
-from diffpro_cli.quant.layers import QuantConv2d, QuantLinear, _QuantBase, empty_from_record, fuse_shared_inputs, normalise_act, timestep_context
+from diffpro_cli.quant.layers import Int8Embedding, QuantConv2d, QuantLinear, _QuantBase, empty_from_record, fuse_shared_inputs, normalise_act, timestep_context
 
 SCHEMA = "diffpro.quantized/1"
 FORMAT_VERSION = 1
@@ -78,6 +78,9 @@ def checkpoint_tensors(model: DiffusionModel, qlayers: dict[str, _QuantBase], in
             q, scale = quantize_weight(model.net.get_submodule(name).weight, 8)
             tensors[f"{name}.weight{EMB_Q}"], tensors[f"{name}.weight{EMB_S}"] = q, scale
     for name, layer in qlayers.items():
+        if layer.integers_released:
+            raise InputError(f"{model.spec}: loaded for inference only (integer weights released after packing); "
+                             "quantize the float model instead, or load the checkpoint with keep_integers=True")
         for key, value in layer.state_dict().items():
             tensors[f"{name}.{key}"] = value.detach().cpu()
     prefixes = tuple(f"{name}." for name in qlayers)
@@ -210,10 +213,15 @@ def read_meta(path: str | Path) -> dict:
     return meta
 
 
-def load_quantized(path: str | Path, *, trust_code: bool = False, verify: bool = True, fuse: bool = True) -> DiffusionModel:
-    """Rebuild a quantized model from a checkpoint directory, without the original float weights."""
-    from safetensors import safe_open
+def load_quantized(path: str | Path, *, trust_code: bool = False, verify: bool = True, fuse: bool = True,
+                   keep_integers: bool = False) -> DiffusionModel:
+    """Rebuild a quantized model from a checkpoint directory, without the original float weights.
 
+    Layers are read from the file and packed for their kernel one at a time (or one fused q/k/v group
+    at a time); unless `keep_integers`, each layer's stored integers are then dropped, since the kernel
+    holds its own packed copy (inference-only: the model runs, but cannot be re-saved or moved to
+    another device). So the load peak is about the packed weights plus one layer, not twice the model.
+    """
     path = Path(path)
     meta = read_meta(path)
     weights = path / WEIGHTS
@@ -229,24 +237,37 @@ def load_quantized(path: str | Path, *, trust_code: bool = False, verify: bool =
         except AttributeError:
             raise InputError(f"{path / META}: layer {name} does not exist in {m['architecture'].get('class')}; the checkpoint does not match its config") from None
         set_submodule(net, name, empty_from_record(record, device="meta"))
-    try:
-        with safe_open(str(weights), framework="pt") as f:
-            state = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as exc:
-        raise InputError(f"{weights}: not a readable safetensors file ({str(exc).splitlines()[0][:80]}); re-run `diffpro quantize`") from None
-    alphas = state.pop(SCHEDULE_KEY, None)
-    for name in meta.get("embeddings", {}).get("tables", []):
-        q, scale = state.pop(f"{name}.weight{EMB_Q}", None), state.pop(f"{name}.weight{EMB_S}", None)
-        if q is None or scale is None:
-            raise InputError(f"{weights}: embedding table {name} is missing; re-run `diffpro quantize`")
-        state[f"{name}.weight"] = dequantize_weight(q, scale)
-    _assign(net, state, weights)
-    net.eval()
-    if fuse:   # before preparing, so fused q/k/v weights are packed once, not per layer and then again
-        fuse_shared_inputs(net)
-    for mod in quant_layers(net).values():
-        mod.prepare("cpu")
-        _release_freed_memory()   # per layer: otherwise unpacking temporaries pile up (peak +40% on DiT-B/2)
+    with TensorFile(weights) as reader:
+        packed_keys = {f"{name}.qweight" for name in meta["layers"]}
+        state = {k: reader.get(k) for k in reader.keys() if k not in packed_keys}   # everything small first
+        alphas = state.pop(SCHEDULE_KEY, None)
+        for name in meta.get("embeddings", {}).get("tables", []):
+            q, scale = state.pop(f"{name}.weight{EMB_Q}", None), state.pop(f"{name}.weight{EMB_S}", None)
+            if q is None or scale is None:
+                raise InputError(f"{weights}: embedding table {name} is missing; re-run `diffpro quantize`")
+            if keep_integers:   # a float table, so the model can be saved again as it was
+                state[f"{name}.weight"] = dequantize_weight(q, scale)
+            else:
+                set_submodule(net, name, Int8Embedding(q, scale))
+        _assign(net, state, weights)
+        del state
+        net.eval()
+        if fuse:   # before packing, so fused q/k/v weights are packed once, not per layer and then again
+            fuse_shared_inputs(net)
+        qlayers = quant_layers(net)
+        names = {id(mod): name for name, mod in qlayers.items()}
+        for mod in qlayers.values():
+            if not mod.qweight.is_meta:   # already read as a member of a fused group
+                continue
+            members = mod._group.members if mod._group is not None else [mod]
+            for member in members:
+                member.qweight = reader.get(f"{names[id(member)]}.qweight", like=member.qweight)
+            mod.prepare("cpu")
+            if not keep_integers:
+                for member in members:
+                    member.release_integers()
+            _release_freed_memory()   # per layer: otherwise unpacking temporaries pile up
+    _check_nothing_meta(net, weights)
     kind = m["kind"]
     base_forward = FORWARDS.get(kind)
     if base_forward is None:
@@ -261,6 +282,79 @@ def load_quantized(path: str | Path, *, trust_code: bool = False, verify: bool =
     )
     _attach_vae(model, m.get("source_config") or {})
     return model
+
+
+class TensorFile:
+    """Reads one tensor at a time from a safetensors file with plain reads.
+
+    Not through a memory map (safetensors' own safe_open): every page of a mapping that is touched
+    counts towards the process's resident memory until the mapping closes, so reading a checkpoint
+    layer by layer through one still peaks at the size of the file."""
+
+    DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+    def __init__(self, path: Path):
+        import json
+        import struct
+
+        self.path = Path(path)
+        self._file = open(self.path, "rb")
+        try:
+            (size,) = struct.unpack("<Q", self._file.read(8))
+            if size > 100_000_000:
+                raise ValueError("header too large")
+            header = json.loads(self._file.read(size))
+            header.pop("__metadata__", None)
+            for entry in header.values():
+                if entry["dtype"] not in self.DTYPES:
+                    raise ValueError(f"dtype {entry['dtype']}")
+        except (ValueError, KeyError, TypeError, struct.error) as exc:
+            self._file.close()
+            raise self._unreadable(exc) from None
+        self._base = 8 + size
+        self._entries = header
+
+    def _unreadable(self, exc) -> InputError:
+        return InputError(f"{self.path}: not a readable safetensors file ({str(exc).splitlines()[0][:80] if str(exc) else type(exc).__name__}); "
+                          "re-run `diffpro quantize`")
+
+    def keys(self) -> list[str]:
+        return list(self._entries)
+
+    def get(self, name: str, like: torch.Tensor | None = None) -> torch.Tensor:
+        """The tensor `name`; with `like`, it must have that tensor's shape and dtype."""
+        entry = self._entries.get(name)
+        if entry is None:
+            raise InputError(f"{self.path}: tensor {name} is missing; re-run `diffpro quantize`")
+        tensor = torch.empty(entry["shape"], dtype=self.DTYPES[entry["dtype"]])
+        if like is not None and (tensor.shape != like.shape or tensor.dtype != like.dtype):
+            raise InputError(f"{self.path}: tensor {name} is {entry['dtype']} {entry['shape']}, expected {like.dtype} {list(like.shape)}; "
+                             "the checkpoint does not match its config")
+        start, end = entry["data_offsets"]
+        nbytes = tensor.numel() * tensor.element_size()
+        if end - start != nbytes:
+            raise self._unreadable(ValueError(f"tensor {name} has {end - start} bytes, expected {nbytes}"))
+        if nbytes:
+            view = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+            self._file.seek(self._base + start)
+            done = 0
+            while done < nbytes:
+                got = self._file.readinto(view[done:])
+                if not got:
+                    raise self._unreadable(EOFError(f"file ends inside tensor {name}"))
+                done += got
+        return tensor
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> "TensorFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 @functools.lru_cache(maxsize=1)
@@ -283,8 +377,7 @@ def _release_freed_memory() -> None:
 
 
 def _assign(net: nn.Module, state: dict, source: Path) -> None:
-    """Put every stored tensor in place (params, persistent and non-persistent buffers) and make sure
-    nothing is left on the meta device."""
+    """Put every stored tensor in place (params, persistent and non-persistent buffers)."""
     for name, tensor in state.items():
         module_name, _, leaf = name.rpartition(".")
         try:
@@ -297,6 +390,9 @@ def _assign(net: nn.Module, state: dict, source: Path) -> None:
             owner._buffers[leaf] = tensor
         else:
             raise InputError(f"{source}: tensor {name} has no place in the rebuilt network; the checkpoint does not match its config")
+
+
+def _check_nothing_meta(net: nn.Module, source: Path) -> None:
     missing = [n for n, t in list(net.named_parameters()) + list(net.named_buffers()) if t is not None and t.is_meta]
     if missing:
         raise InputError(f"{source}: {len(missing)} tensors are missing (e.g. {missing[0]}); re-run `diffpro quantize`")

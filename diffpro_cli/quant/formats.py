@@ -60,15 +60,25 @@ def pack_bits(q: torch.Tensor, bits: int) -> torch.Tensor:
     return out.to(torch.uint8).reshape(-1)
 
 
-def unpack_bits(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
-    """Inverse of `pack_bits`: flat int8 tensor of the first `numel` values."""
+def unpack_bits(packed: torch.Tensor, bits: int, numel: int, chunk_groups: int = 1 << 16) -> torch.Tensor:
+    """Inverse of `pack_bits`: flat int8 tensor of the first `numel` values.
+
+    Works through the bytes in chunks, so its int64 temporaries stay a few MB whatever the layer size
+    (one pass over a 3.5M-weight layer would allocate ~100 MB of them, which the heap keeps)."""
     if bits == 8:
         return packed.reshape(-1)[:numel].to(torch.int8)
     values, nbytes = _group_shape(bits)
-    b = packed.reshape(-1, nbytes).to(torch.int64)
-    word = (b << (torch.arange(nbytes, dtype=torch.int64) * 8)).sum(dim=1, keepdim=True)
-    u = (word >> (torch.arange(values, dtype=torch.int64) * bits)) & ((1 << bits) - 1)
-    return (u.reshape(-1)[:numel] - (1 << (bits - 1))).to(torch.int8)
+    groups = packed.reshape(-1, nbytes)
+    out = torch.empty(groups.shape[0] * values, dtype=torch.int8)
+    byte_shifts = torch.arange(nbytes, dtype=torch.int64) * 8
+    value_shifts = torch.arange(values, dtype=torch.int64) * bits
+    mask, offset = (1 << bits) - 1, 1 << (bits - 1)
+    for start in range(0, groups.shape[0], chunk_groups):
+        b = groups[start:start + chunk_groups].to(torch.int64)
+        word = (b << byte_shifts).sum(dim=1, keepdim=True)
+        u = (word >> value_shifts) & mask
+        out[start * values:(start + b.shape[0]) * values] = (u.reshape(-1) - offset).to(torch.int8)
+    return out[:numel]
 
 
 def quantize_weight(w: torch.Tensor, bits: int, group_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -85,6 +85,7 @@ class _QuantBase(nn.Module):
         self._kernel_device = None
         self._kernel_label = ""
         self._group: SharedInputGroup | None = None
+        self._released_bytes: int | None = None   # set by release_integers (inference-only loads)
 
     # -- storage ------------------------------------------------------------------------------
 
@@ -98,8 +99,27 @@ class _QuantBase(nn.Module):
             self.bias = bias.detach().float().clone().to(device)
         self._forget_kernel()
 
+    @property
+    def integers_released(self) -> bool:
+        return self._released_bytes is not None
+
+    def release_integers(self) -> None:
+        """Drop the stored integers once the kernel holds its own packed copy (inference-only loads:
+        otherwise every weight sits in memory twice). The layer still runs on the prepared device;
+        repacking, re-saving or moving it needs a load with keep_integers=True."""
+        if self.integers_released:
+            return
+        kernel = self._group.kernel if self._group is not None else self._kernel
+        if kernel is None:
+            raise RuntimeError("release_integers needs a prepared kernel; call prepare() first")
+        self._released_bytes = self.storage_bytes()
+        self.qweight = torch.empty(0, dtype=self.qweight.dtype, device=self.qweight.device)
+
     def int_weight(self) -> torch.Tensor:
         """The signed integers as int8 [out, in·kh·kw] on the CPU (unpacked)."""
+        if self.integers_released:
+            raise UsageError("this quantized model was loaded for inference only (its integer weights were released after packing); "
+                             "load the checkpoint with keep_integers=True to repack, re-save or move it")
         out = self.weight_scale.shape[0]
         if self.weight_bits == 8:
             return self.qweight.cpu()
@@ -110,6 +130,8 @@ class _QuantBase(nn.Module):
         return dequantize_weight(self.int_weight(), self.weight_scale.cpu()).reshape(self.weight_shape)
 
     def storage_bytes(self) -> int:
+        if self._released_bytes is not None:
+            return self._released_bytes
         return sum(b.numel() * b.element_size() for b in self.buffers())
 
     # -- static activation ranges -------------------------------------------------------------
@@ -141,6 +163,10 @@ class _QuantBase(nn.Module):
     def prepare(self, device: torch.device | str = "cpu") -> "_QuantBase":
         """Build the kernel's runtime state (e.g. oneDNN prepacked weights) for `device` now."""
         device = torch.device(device)
+        if self.integers_released:
+            if device != self._kernel_device and not (self._group is not None and self._group.device == device):
+                self.int_weight()   # raises the inference-only error
+            return self
         if self._group is not None:
             self._group.prepare(device)
             return self
@@ -151,6 +177,8 @@ class _QuantBase(nn.Module):
         return self
 
     def _forget_kernel(self) -> None:
+        if self.integers_released:   # the packed kernel is all that is left: keep it
+            return
         self._kernel = None
         if self._group is not None:
             self._group.kernel = None
@@ -254,6 +282,24 @@ class QuantConv2d(_QuantBase):
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
                 f"w{self.weight_bits}, act={self.act_mode}, group={self.group_size}")
+
+
+class Int8Embedding(nn.Module):
+    """A lookup table kept as int8 rows with one float scale per row, dequantized per looked-up row
+    (the same values as dequantizing the whole table first). Inference-only loads use it for class
+    embeddings: diffusers' DiT-XL/2 has 28 tables of 1001×1152, 129 MB in float32."""
+
+    def __init__(self, qweight: torch.Tensor, scale: torch.Tensor):
+        super().__init__()
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scale", scale.reshape(-1, 1).float())
+        self.num_embeddings, self.embedding_dim = qweight.shape
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return F.embedding(idx, self.qweight).float() * F.embedding(idx, self.scale)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, int8 rows"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,113 @@
+"""Loading quantized checkpoints lean: plain-read tensors, packed layers with their integers released,
+int8 embedding tables, chunked unpacking."""
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from diffpro_cli.errors import InputError, UsageError
+from diffpro_cli.quant import formats
+from diffpro_cli.quant.checkpoint import TensorFile, load_quantized, save_quantized
+from diffpro_cli.quant.layers import Int8Embedding, _QuantBase
+
+
+def _inputs(model, batch=2):
+    torch.manual_seed(0)
+    x = torch.randn(batch, *model.sample_shape)
+    t = torch.tensor([3, 700])[:batch]
+    y = (torch.arange(batch) % model.num_classes) if model.num_classes else None
+    return x, t, y
+
+
+def test_tensor_file_reads_what_safetensors_wrote(tmp_path):
+    tensors = {"f32": torch.randn(3, 5), "f64": torch.randn(4, dtype=torch.float64), "i8": torch.randint(-128, 127, (7, 3), dtype=torch.int8),
+               "u8": torch.randint(0, 255, (9,), dtype=torch.uint8), "i64": torch.arange(5), "f16": torch.randn(2, 2).half(),
+               "bf16": torch.randn(3).bfloat16(), "b": torch.tensor([True, False, True]), "scalar": torch.tensor(2.5), "empty": torch.zeros(0, 4)}
+    save_file(tensors, str(tmp_path / "t.safetensors"), metadata={"k": "v"})
+    expected = load_file(str(tmp_path / "t.safetensors"))
+    with TensorFile(tmp_path / "t.safetensors") as f:
+        assert sorted(f.keys()) == sorted(tensors)
+        for name, value in expected.items():
+            got = f.get(name)
+            assert got.dtype == value.dtype and got.shape == value.shape and torch.equal(got, value), name
+        with pytest.raises(InputError, match="expected"):
+            f.get("f32", like=torch.zeros(5, 3))
+        with pytest.raises(InputError, match="missing"):
+            f.get("nope")
+
+
+def test_tensor_file_refuses_truncated_and_garbage_files(tmp_path):
+    save_file({"w": torch.randn(64, 64)}, str(tmp_path / "t.safetensors"))
+    data = (tmp_path / "t.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[:-100])
+    with TensorFile(tmp_path / "cut.safetensors") as f, pytest.raises(InputError, match="ends inside"):
+        f.get("w")
+    (tmp_path / "junk.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
+    with pytest.raises(InputError, match="not a readable safetensors"):
+        TensorFile(tmp_path / "junk.safetensors")
+
+
+@pytest.mark.parametrize("bits", formats.STORAGE_BITS)
+def test_chunked_unpack_equals_one_pass(bits):
+    qmax = formats.qmax_for(bits)
+    q = torch.randint(-qmax - 1, qmax + 1, (12345,), dtype=torch.int8)
+    packed = formats.pack_bits(q, bits)
+    assert torch.equal(formats.unpack_bits(packed, bits, q.numel(), chunk_groups=7), q)
+    assert torch.equal(formats.unpack_bits(packed, bits, q.numel()), q)
+
+
+def test_int8_embedding_equals_dequantized_table():
+    table = torch.randn(11, 24)
+    q, scale = formats.quantize_weight(table, 8)
+    emb = Int8Embedding(q, scale)
+    idx = torch.tensor([0, 10, 3, 3])
+    assert torch.equal(emb(idx), formats.dequantize_weight(q, scale)[idx])
+
+
+@pytest.mark.parametrize("spec", ["random:dit-tiny", "random:unet-tiny"])
+def test_inference_only_load_releases_integers_and_runs_the_same(spec, tmp_path):
+    from diffpro_cli.models import load_model
+    from diffpro_cli.stages.quantize import uniform_plan
+
+    m = load_model(spec)
+    plan = uniform_plan(m, 4)
+    save_quantized(m, plan, tmp_path / "q")
+    lean = load_quantized(tmp_path / "q")
+    full = load_quantized(tmp_path / "q", keep_integers=True)
+    lean_layers = [mod for mod in lean.net.modules() if isinstance(mod, _QuantBase)]
+    full_layers = [mod for mod in full.net.modules() if isinstance(mod, _QuantBase)]
+    assert lean_layers and all(mod.integers_released and mod.qweight.numel() == 0 for mod in lean_layers)
+    assert not any(mod.integers_released for mod in full_layers)
+    assert [a.storage_bytes() for a in lean_layers] == [b.storage_bytes() for b in full_layers]
+    if m.num_classes and spec.startswith("random:dit"):
+        assert any(isinstance(mod, Int8Embedding) for mod in lean.net.modules())
+        assert not any(isinstance(mod, Int8Embedding) for mod in full.net.modules())
+    x, t, y = _inputs(lean)
+    with torch.no_grad():
+        assert torch.equal(lean.eps(x, t, y), full.eps(x, t, y))
+        lean.net.to("cpu")                 # a no-op move keeps the packed kernels
+        assert torch.equal(lean.eps(x, t, y), full.eps(x, t, y))
+    with pytest.raises(UsageError, match="inference only"):
+        lean_layers[0].int_weight()
+    with pytest.raises(InputError, match="inference only"):
+        save_quantized(lean, None, tmp_path / "again")
+    assert not (tmp_path / "again").exists()
+    save_quantized(full, None, tmp_path / "again")      # a full load can be saved again
+    again = load_quantized(tmp_path / "again")
+    with torch.no_grad():
+        assert torch.equal(again.eps(x, t, y), full.eps(x, t, y))
+
+
+def test_checkpoint_missing_a_layer_tensor_is_refused(tmp_path):
+    from diffpro_cli.models import load_model
+    from diffpro_cli.stages.quantize import uniform_plan
+
+    m = load_model("random:dit-tiny")
+    save_quantized(m, uniform_plan(m, 8), tmp_path / "q")
+    path = tmp_path / "q" / "model.safetensors"
+    tensors = load_file(str(path))
+    dropped = next(k for k in tensors if k.endswith(".qweight"))
+    del tensors[dropped]
+    save_file(tensors, str(path))
+    with pytest.raises(InputError, match="missing"):
+        load_quantized(tmp_path / "q", verify=False)
