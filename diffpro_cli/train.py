@@ -115,8 +115,8 @@ def train(
             for pe, pn in zip(ema.parameters(), net.parameters()):
                 pe.lerp_(pn, 1 - decay)
         step += 1
-        losses.append(float(loss))
-        running = float(loss) if running is None else 0.98 * running + 0.02 * float(loss)
+        losses.append(loss.item())
+        running = losses[-1] if running is None else 0.98 * running + 0.02 * losses[-1]
         if step % 20 == 0:
             rate = (step * batch) / max(1e-6, elapsed_before + time.time() - t0)
             log(f"step {step}/{steps} loss {running:.4f} lr {_lr_at(step, steps, lr):.2e} ~{rate:.0f} img/s(avg)")
