@@ -111,3 +111,60 @@ def test_checkpoint_missing_a_layer_tensor_is_refused(tmp_path):
     save_file(tensors, str(path))
     with pytest.raises(InputError, match="missing"):
         load_quantized(tmp_path / "q", verify=False)
+
+
+# -- GPTQ rounding ---------------------------------------------------------------------------------
+
+def _correlated_inputs(n=512, d=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(d, d, generator=g) / d ** 0.5 + torch.eye(d)
+    return torch.randn(n, d, generator=g) @ mix * torch.linspace(0.2, 3.0, d)
+
+
+@pytest.mark.parametrize("bits,group", [(4, None), (3, None), (4, 8), (8, None)])
+def test_gptq_lowers_output_error_on_the_same_grid(bits, group):
+    x = _correlated_inputs()
+    w = torch.randn(24, 32, generator=torch.Generator().manual_seed(1))
+    hessian = (x.double().T @ x.double()) / x.shape[0]
+    q_rtn, s_rtn = formats.quantize_weight(w, bits, group)
+    q_gptq, s_gptq = formats.gptq_quantize(w, bits, hessian, group)
+    assert torch.equal(s_gptq, s_rtn)                        # same scales: same format and kernels
+    qmax = formats.qmax_for(bits)
+    assert q_gptq.dtype == torch.int8 and int(q_gptq.min()) >= -qmax - 1 and int(q_gptq.max()) <= qmax
+    err = lambda q, s: float((x @ (w - formats.dequantize_weight(q, s)).T).pow(2).mean())
+    assert err(q_gptq, s_gptq) < 0.9 * err(q_rtn, s_rtn)
+    assert not torch.equal(q_gptq, q_rtn)
+
+
+def test_gptq_with_identity_hessian_is_nearly_round_to_nearest():
+    w = torch.randn(16, 32, generator=torch.Generator().manual_seed(2))
+    q_rtn, _ = formats.quantize_weight(w, 4)
+    q, _ = formats.gptq_quantize(w, 4, torch.eye(32), damp=0.0)
+    assert torch.equal(q, q_rtn)        # no correlation: nothing to compensate
+
+
+def test_gptq_shape_mismatch_is_an_error():
+    with pytest.raises(ValueError, match="hessian"):
+        formats.gptq_quantize(torch.randn(4, 8), 4, torch.eye(7))
+
+
+def test_cli_quantize_gptq_records_rounding_and_lowers_error(tmp_path, cli):
+    import json
+
+    from diffpro_cli.models import load_model
+
+    for rounding in ("nearest", "gptq"):
+        code, out, err = cli("quantize", "random:dit-tiny", "--bits", "4", "--rounding", rounding, "--calib-samples", "2",
+                             "--out", tmp_path / rounding, "--workdir", tmp_path / f"w{rounding}", "--json")
+        assert code == 0, err
+    meta = json.loads((tmp_path / "gptq" / "diffpro.json").read_text())
+    kinds = {rec["rounding"] for rec in meta["layers"].values() if rec["type"] == "linear"}
+    assert kinds == {"gptq"}
+    code, _, err = cli("quantize", "random:dit-tiny", "--bits", "4", "--rounding", "best", "--out", tmp_path / "bad")
+    assert code == 2 and err.strip().startswith("error:") and "--rounding" in err and not (tmp_path / "bad").exists()
+    m = load_model("random:dit-tiny")
+    x, t, y = _inputs(m, batch=2)
+    with torch.no_grad():
+        ref = m.eps(x, t, y)
+        errs = {r: float((load_quantized(tmp_path / r).eps(x, t, y) - ref).pow(2).mean()) for r in ("nearest", "gptq")}
+    assert errs["gptq"] < errs["nearest"]

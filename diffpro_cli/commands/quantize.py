@@ -6,6 +6,7 @@ from typing import Annotated, Optional
 import typer
 
 from diffpro_cli.commands.common import DEFAULT_WORKDIR, Force, JsonOut, ModelArg, Quiet, Seed, TrustCode, Weights, Workdir, make_ui
+from diffpro_cli.errors import UsageError
 
 
 def quantize_cmd(
@@ -16,6 +17,8 @@ def quantize_cmd(
     act_mode: Annotated[str, typer.Option("--act-mode", help="With --bits: dynamic (per-tensor, every call; fastest), dynamic-token (per-token, every call), or static (per-timestep calibrated).")] = "dynamic",
     group_size: Annotated[Optional[int], typer.Option("--group-size", help="With --bits: weight scales per group of this many inputs (default: per output channel).")] = None,
     timesteps: Annotated[Optional[Path], typer.Option("--timesteps", help="timesteps.json from `diffpro prune`: stored in the checkpoint; static ranges are calibrated on it.")] = None,
+    rounding: Annotated[str, typer.Option("--rounding", help="nearest (round-to-nearest) or gptq (output-aware rounding of Linear weights from the float model's own trajectories; same format and kernels).")] = "nearest",
+    calib_samples: Annotated[int, typer.Option("--calib-samples", help="Trajectories that calibrate static ranges and GPTQ inputs.")] = 4,
     out: Annotated[Optional[Path], typer.Option("--out", help="Checkpoint directory (default WORKDIR/quantized).")] = None,
     workdir: Workdir = DEFAULT_WORKDIR,
     seed: Seed = 0,
@@ -34,7 +37,10 @@ def quantize_cmd(
     m = load_model(model, trust_code=trust_code, weights=weights, seed=seed)
     if m.untrained:
         ui.warn(f"{m.spec} is UNTRAINED (seeded random weights): the checkpoint is for speed and size only")
-    cfg = QuantizeConfig(bits=bits, act_bits=act_bits, act_mode=act_mode, group_size=group_size, seed=seed)
+    if calib_samples < 1:
+        raise UsageError(f"--calib-samples {calib_samples}: must be at least 1")
+    cfg = QuantizeConfig(bits=bits, act_bits=act_bits, act_mode=act_mode, group_size=group_size, rounding=rounding,
+                         calib_samples=calib_samples, seed=seed)
     outcome, meta = run_quantize_stage(m, workdir, out_dir, cfg, plan_path=plan, timesteps_path=timesteps, force=force, ui=ui)
     totals = meta["totals"]
     ratio = totals["fp32_bytes"] / totals["bytes"] if totals.get("bytes") else None

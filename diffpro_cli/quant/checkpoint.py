@@ -50,15 +50,19 @@ def set_submodule(net: nn.Module, name: str, new: nn.Module) -> None:
     setattr(net.get_submodule(parent) if parent else net, child, new)
 
 
-def plan_layer(module: nn.Module, entry: dict | None, static_range: tuple | None = None) -> _QuantBase | None:
-    """The quant layer a plan entry asks for (None: the layer stays in full precision)."""
+def plan_layer(module: nn.Module, entry: dict | None, static_range: tuple | None = None,
+               hessian: torch.Tensor | None = None) -> _QuantBase | None:
+    """The quant layer a plan entry asks for (None: the layer stays in full precision). `hessian`
+    (Linear layers only): GPTQ rounding instead of round-to-nearest."""
     if isinstance(module, _QuantBase):
         return module
     if entry is None or int(entry.get("weight_bits", 16)) >= 16:
         return None
     mode = normalise_act(int(entry.get("act_bits", 8)), entry.get("act_mode", "dynamic"))
-    cls = QuantLinear if isinstance(module, nn.Linear) else QuantConv2d
-    layer = cls.from_float(module, int(entry["weight_bits"]), mode, entry.get("group_size"))
+    if isinstance(module, nn.Linear):
+        layer = QuantLinear.from_float(module, int(entry["weight_bits"]), mode, entry.get("group_size"), hessian)
+    else:
+        layer = QuantConv2d.from_float(module, int(entry["weight_bits"]), mode, entry.get("group_size"))
     if mode == "static":
         if static_range is None:
             raise InputError("static activations need calibrated ranges; run quantize with --act-mode static through the stage")
@@ -122,24 +126,26 @@ def _avg_bits(model: DiffusionModel, qlayers: dict[str, _QuantBase]) -> float:
 
 def save_quantized(model: DiffusionModel, plan: dict | None, out_dir: str | Path, timesteps: list[int] | None = None,
                    static_ranges: dict[str, tuple] | None = None, provenance: dict | None = None,
-                   int8_embeddings: bool = True) -> dict:
+                   int8_embeddings: bool = True, hessians: dict[str, torch.Tensor] | None = None) -> dict:
     """Quantize `model` layer by layer as `plan` says and write the checkpoint; returns diffpro.json.
 
     The float model is not modified (each quant layer lives only until its integers are collected), so
     a caller can keep using it. Layers that are already quant layers are stored as they are.
     static_ranges: layer name → (timesteps, max |x| per timestep), for act_mode "static" entries.
+    hessians: layer name → E[x xᵀ] of its inputs, for GPTQ rounding of those (Linear) layers.
     """
     out_dir = Path(out_dir)
     entries = (plan or {}).get("layers", {})
-    static_ranges = static_ranges or {}
+    static_ranges, hessians = static_ranges or {}, hessians or {}
     qlayers = {}
     for name, (mod, _) in model.quantizable_layers().items():
-        layer = plan_layer(mod, entries.get(name), static_ranges.get(name))
+        layer = plan_layer(mod, entries.get(name), static_ranges.get(name), hessians.get(name))
         if layer is not None:
             qlayers[name] = layer
     tensors = checkpoint_tensors(model, qlayers, int8_embeddings)
     float_bytes = sum(t.numel() * 4 for t in model.net.state_dict().values() if t.is_floating_point())
-    layers = {name: layer.describe() for name, layer in qlayers.items()}
+    layers = {name: layer.describe() | {"rounding": "gptq" if name in hessians and layer.kind == "linear" else "nearest"}
+              for name, layer in qlayers.items()}
     static_ts = sorted({int(t) for layer in qlayers.values() if layer.act_mode == "static" for t in layer.act_timesteps.tolist()})
     meta = {
         "schema": SCHEMA,

@@ -97,6 +97,41 @@ def quantize_weight(w: torch.Tensor, bits: int, group_size: int | None = None) -
     return q.reshape(flat.shape).to(torch.int8), scale.reshape(flat.shape[0], -1)
 
 
+def gptq_quantize(w: torch.Tensor, bits: int, hessian: torch.Tensor, group_size: int | None = None,
+                  damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+    """Output-aware rounding (GPTQ, Frantar et al. 2022) on the same grid as `quantize_weight`.
+
+    The scales are round-to-nearest's (absmax per channel or group), so the stored format and kernels
+    are unchanged; only the choice of integers differs. Columns are rounded one at a time and each
+    one's rounding error is pushed onto the columns not yet rounded, weighted by the inverse of
+    `hessian` = E[x xᵀ] over calibration inputs, which minimises ‖(W - Ŵ) x‖² instead of ‖W - Ŵ‖².
+    """
+    qmax = qmax_for(bits)
+    _, scale = quantize_weight(w, bits, group_size)
+    W = w.detach().reshape(w.shape[0], -1).double().clone()
+    cols = W.shape[1]
+    g = group_size or cols
+    col_scale = scale.double().repeat_interleave(g, dim=1)               # [out, in]
+    H = hessian.double().clone()
+    if H.shape != (cols, cols):
+        raise ValueError(f"hessian is {tuple(H.shape)}, expected {(cols, cols)}")
+    dead = torch.diagonal(H) <= 0
+    H[dead, dead] = 1.0
+    H += damp * float(torch.diagonal(H).mean()) * torch.eye(cols, dtype=H.dtype)
+    try:
+        Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    except torch.linalg.LinAlgError:
+        return quantize_weight(w, bits, group_size)
+    Q = torch.empty_like(W)
+    for i in range(cols):
+        q = torch.clamp(torch.round(W[:, i] / col_scale[:, i]), -qmax - 1, qmax)
+        Q[:, i] = q
+        err = (W[:, i] - q * col_scale[:, i]) / Hinv[i, i]
+        if i + 1 < cols:
+            W[:, i + 1:] -= err.unsqueeze(1) * Hinv[i, i + 1:].unsqueeze(0)
+    return Q.to(torch.int8), scale
+
+
 def dequantize_weight(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """q int8 [out, in_flat], scale [out, groups] → float32 [out, in_flat]."""
     groups = scale.shape[1]

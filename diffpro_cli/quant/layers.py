@@ -23,7 +23,7 @@ from torch import nn
 
 from diffpro_cli.errors import UsageError
 from diffpro_cli.quant import kernels
-from diffpro_cli.quant.formats import STORAGE_BITS, dequantize_weight, layout_name, pack_bits, packed_numel, quantize_weight, unpack_bits
+from diffpro_cli.quant.formats import STORAGE_BITS, dequantize_weight, gptq_quantize, layout_name, pack_bits, packed_numel, quantize_weight, unpack_bits
 
 _TIMESTEPS: contextvars.ContextVar = contextvars.ContextVar("diffpro_timesteps", default=None)
 
@@ -89,9 +89,13 @@ class _QuantBase(nn.Module):
 
     # -- storage ------------------------------------------------------------------------------
 
-    def set_weight(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-        """Quantize a float weight into this layer's buffers."""
-        q, scale = quantize_weight(weight.cpu(), self.weight_bits, self.group_size)
+    def set_weight(self, weight: torch.Tensor, bias: torch.Tensor | None, hessian: torch.Tensor | None = None) -> None:
+        """Quantize a float weight into this layer's buffers (GPTQ rounding when given the input
+        second moment `hessian` = E[x xᵀ], else round-to-nearest)."""
+        if hessian is not None:
+            q, scale = gptq_quantize(weight.cpu(), self.weight_bits, hessian, self.group_size)
+        else:
+            q, scale = quantize_weight(weight.cpu(), self.weight_bits, self.group_size)
         device = self.weight_scale.device
         self.qweight = (q if self.weight_bits == 8 else pack_bits(q, self.weight_bits)).to(device)
         self.weight_scale = scale.to(device)
@@ -234,9 +238,10 @@ class QuantLinear(_QuantBase):
         self._init_state(out_features, in_features, bias, weight_bits, act_mode, group_size, num_act_timesteps, device)
 
     @classmethod
-    def from_float(cls, linear: nn.Linear, weight_bits: int, act_mode: str = "dynamic", group_size: int | None = None) -> "QuantLinear":
+    def from_float(cls, linear: nn.Linear, weight_bits: int, act_mode: str = "dynamic", group_size: int | None = None,
+                   hessian: torch.Tensor | None = None) -> "QuantLinear":
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, weight_bits, act_mode, group_size)
-        layer.set_weight(linear.weight, linear.bias)
+        layer.set_weight(linear.weight, linear.bias, hessian)
         return layer
 
     def extra_repr(self) -> str:

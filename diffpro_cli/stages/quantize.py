@@ -27,6 +27,7 @@ class QuantizeConfig:
     group_size: int | None = None
     calib_samples: int = 4             # static mode: samples whose trajectories calibrate the ranges
     calib_steps: int = 50              # static mode without a timesteps file: uniform steps calibrated
+    rounding: str = "nearest"          # "nearest" or "gptq" (output-aware rounding of Linear weights)
     seed: int = 0
 
 
@@ -128,6 +129,32 @@ def calibrate_static(model: DiffusionModel, names: list[str], timesteps: list[in
     return {name: (list(timesteps), absmax[name]) for name in names}
 
 
+@torch.no_grad()
+def collect_hessians(model: DiffusionModel, names: list[str], timesteps: list[int], n_samples: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:
+    """E[x xᵀ] of each named Linear layer's inputs over every token of the float model's own DDIM
+    trajectories on `timesteps` (GPTQ's Hessian, up to a factor of 2). Returns name → [in, in] float64."""
+    from diffpro_cli.sampling import SamplerConfig, sample
+
+    modules = model.quantizable_layers()
+    sums = {name: None for name in names}
+    counts = dict.fromkeys(names, 0)
+
+    def hook(name):
+        def record(mod, inputs):
+            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()
+            sums[name] = x.T @ x if sums[name] is None else sums[name].addmm_(x.T, x)
+            counts[name] += x.shape[0]
+        return record
+
+    handles = [modules[name][0].register_forward_pre_hook(hook(name)) for name in names]
+    try:
+        sample(model, n_samples, timesteps, SamplerConfig(method="ddim"), seed=seed, batch_size=n_samples)
+    finally:
+        for h in handles:
+            h.remove()
+    return {name: sums[name] / counts[name] for name in names if sums[name] is not None}
+
+
 def apply_plan(model: DiffusionModel, plan: dict, static_ranges: dict | None = None, fuse: bool = True) -> DiffusionModel:
     """Swap the model's layers for quant layers IN PLACE (for in-memory use; the checkpoint path is
     `quantize_to_dir`, which leaves the float model untouched)."""
@@ -157,7 +184,16 @@ def quantize_to_dir(model: DiffusionModel, plan: dict, out_dir: Path, timesteps:
         cal_ts = timesteps or uniform_timesteps(model.num_train_timesteps, cfg.calib_steps)
         ui.info(f"quantize: calibrating {len(static)} static layers over {len(cal_ts)} timesteps ({cfg.calib_samples} samples)")
         ranges = calibrate_static(model, static, cal_ts, cfg.calib_samples, cfg.seed)
-    return save_quantized(model, plan, out_dir, timesteps, static_ranges=ranges, provenance=provenance)
+    hessians = None
+    if cfg.rounding == "gptq":
+        from torch import nn
+
+        layers = model.quantizable_layers()
+        linear = [n for n, e in plan["layers"].items() if e.get("weight_bits", 16) < 16 and isinstance(layers[n][0], nn.Linear)]
+        cal_ts = timesteps or uniform_timesteps(model.num_train_timesteps, cfg.calib_steps)
+        ui.info(f"quantize: GPTQ rounding of {len(linear)} Linear layers, inputs from {cfg.calib_samples} trajectories over {len(cal_ts)} timesteps")
+        hessians = collect_hessians(model, linear, cal_ts, cfg.calib_samples, cfg.seed)
+    return save_quantized(model, plan, out_dir, timesteps, static_ranges=ranges, provenance=provenance, hessians=hessians)
 
 
 def quantize_uniform_to_dir(model: DiffusionModel, bits: int, out_dir: Path, act_mode: str = "dynamic") -> dict:
@@ -174,6 +210,8 @@ def run_quantize_stage(model: DiffusionModel, workdir: Path, out_dir: Path, cfg:
 
     if cfg.act_mode not in ACT_MODES:
         raise UsageError(f"--act-mode {cfg.act_mode}: use one of {', '.join(ACT_MODES)}")
+    if cfg.rounding not in ("nearest", "gptq"):
+        raise UsageError(f"--rounding {cfg.rounding}: use nearest or gptq")
     if cfg.act_bits not in (8, 16):
         raise UsageError(f"--act-bits {cfg.act_bits}: use 8 (int8 activations) or 16 (weight-only)")
     if cfg.group_size is not None and cfg.group_size <= 0:
