@@ -9,14 +9,7 @@ from diffpro_cli.errors import InputError, UsageError
 from diffpro_cli.quant import formats
 from diffpro_cli.quant.checkpoint import TensorFile, load_quantized, save_quantized
 from diffpro_cli.quant.layers import Int8Embedding, _QuantBase
-
-
-def _inputs(model, batch=2):
-    torch.manual_seed(0)
-    x = torch.randn(batch, *model.sample_shape)
-    t = torch.tensor([3, 700])[:batch]
-    y = (torch.arange(batch) % model.num_classes) if model.num_classes else None
-    return x, t, y
+from test_quant import _inputs
 
 
 def test_tensor_file_reads_what_safetensors_wrote(tmp_path):

@@ -7,8 +7,8 @@ model.safetensors holds, by the network's own qualified names,
   * every other parameter and buffer of the network unchanged (full-precision layers as they are),
     non-persistent buffers included, so nothing depends on the architecture's initialisation —
     except nn.Embedding lookup tables (class labels), stored int8 per row as `<table>.weight.__int8__`
-    + `.__scale__` and kept so at load (layers.Int8Embedding; dequantized to float with keep_integers) (diffusers' DiT-XL/2 has 28 of them, 129 MB in fp32;
-    `int8_embeddings=False` keeps them float);
+    + `.__scale__` (diffusers' DiT-XL/2 has 28 of them, 129 MB in fp32; `int8_embeddings=False` keeps
+    them float), kept int8 at load (layers.Int8Embedding), dequantized to float with keep_integers;
   * `__diffpro__.alphas_cumprod` (float64): the noise schedule.
 diffpro.json holds the format version, the architecture (class + config, so the network is rebuilt
 with `Class.from_config` on the meta device: no float weights are ever materialised for quantized

@@ -168,7 +168,8 @@ class _QuantBase(nn.Module):
         """Build the kernel's runtime state (e.g. oneDNN prepacked weights) for `device` now."""
         device = torch.device(device)
         if self.integers_released:
-            if device != self._kernel_device and not (self._group is not None and self._group.device == device):
+            packed_for = self._group.device if self._group is not None else self._kernel_device
+            if device != packed_for:
                 self.int_weight()   # raises the inference-only error
             return self
         if self._group is not None:

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from diffpro_cli.artifacts import input_record, read_json, sha256_json
 from diffpro_cli.console import QUIET_UI, UI
@@ -95,22 +96,18 @@ def read_timesteps(path: Path, model: DiffusionModel) -> list[int]:
     return validate_timesteps(doc.get("timesteps", []), model.num_train_timesteps)
 
 
-@torch.no_grad()
-def calibrate_static(model: DiffusionModel, names: list[str], timesteps: list[int], n_samples: int = 4, seed: int = 0) -> dict[str, tuple]:
-    """Max |input| of each named layer at each timestep, along the float model's own sampling
-    trajectories (DDIM over `timesteps`). Returns name → (timesteps, absmax)."""
+def _run_trajectories_with_input_hooks(model: DiffusionModel, names: list[str], record, timesteps: list[int],
+                                       n_samples: int, seed: int) -> None:
+    """Sample the float model's own DDIM trajectories over `timesteps`, calling
+    record(name, input, step_index) before each named layer runs."""
     from diffpro_cli.sampling import SamplerConfig, sample
 
     index = {t: i for i, t in enumerate(timesteps)}
-    absmax = {name: torch.zeros(len(timesteps)) for name in names}
     current = {"i": 0}
     modules = model.quantizable_layers()
 
     def hook(name):
-        def record(mod, inputs):
-            i = current["i"]
-            absmax[name][i] = max(float(absmax[name][i]), float(inputs[0].detach().abs().max()))
-        return record
+        return lambda mod, inputs: record(name, inputs[0].detach(), current["i"])
 
     handles = [modules[name][0].register_forward_pre_hook(hook(name)) for name in names]
     forward = model.forward_fn
@@ -126,6 +123,18 @@ def calibrate_static(model: DiffusionModel, names: list[str], timesteps: list[in
         model.forward_fn = forward
         for h in handles:
             h.remove()
+
+
+@torch.no_grad()
+def calibrate_static(model: DiffusionModel, names: list[str], timesteps: list[int], n_samples: int = 4, seed: int = 0) -> dict[str, tuple]:
+    """Max |input| of each named layer at each timestep, along the float model's own sampling
+    trajectories (DDIM over `timesteps`). Returns name → (timesteps, absmax)."""
+    absmax = {name: torch.zeros(len(timesteps)) for name in names}
+
+    def record(name, x, i):
+        absmax[name][i] = max(float(absmax[name][i]), float(x.abs().max()))
+
+    _run_trajectories_with_input_hooks(model, names, record, timesteps, n_samples, seed)
     return {name: (list(timesteps), absmax[name]) for name in names}
 
 
@@ -133,25 +142,15 @@ def calibrate_static(model: DiffusionModel, names: list[str], timesteps: list[in
 def collect_hessians(model: DiffusionModel, names: list[str], timesteps: list[int], n_samples: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:
     """E[x xᵀ] of each named Linear layer's inputs over every token of the float model's own DDIM
     trajectories on `timesteps` (GPTQ's Hessian, up to a factor of 2). Returns name → [in, in] float64."""
-    from diffpro_cli.sampling import SamplerConfig, sample
-
-    modules = model.quantizable_layers()
-    sums = {name: None for name in names}
+    sums = dict.fromkeys(names)
     counts = dict.fromkeys(names, 0)
 
-    def hook(name):
-        def record(mod, inputs):
-            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()
-            sums[name] = x.T @ x if sums[name] is None else sums[name].addmm_(x.T, x)
-            counts[name] += x.shape[0]
-        return record
+    def record(name, x, i):
+        x = x.reshape(-1, x.shape[-1]).double()
+        sums[name] = x.T @ x if sums[name] is None else sums[name].addmm_(x.T, x)
+        counts[name] += x.shape[0]
 
-    handles = [modules[name][0].register_forward_pre_hook(hook(name)) for name in names]
-    try:
-        sample(model, n_samples, timesteps, SamplerConfig(method="ddim"), seed=seed, batch_size=n_samples)
-    finally:
-        for h in handles:
-            h.remove()
+    _run_trajectories_with_input_hooks(model, names, record, timesteps, n_samples, seed)
     return {name: sums[name] / counts[name] for name in names if sums[name] is not None}
 
 
@@ -173,24 +172,20 @@ def apply_plan(model: DiffusionModel, plan: dict, static_ranges: dict | None = N
 
 def quantize_to_dir(model: DiffusionModel, plan: dict, out_dir: Path, timesteps: list[int] | None = None,
                     cfg: QuantizeConfig | None = None, provenance: dict | None = None, ui: UI = QUIET_UI) -> dict:
-    """Calibrate (static layers only) and write the checkpoint; returns diffpro.json's content."""
+    """Calibrate (static ranges; GPTQ inputs with rounding "gptq") and write the checkpoint; returns diffpro.json's content."""
     from diffpro_cli.quant.checkpoint import save_quantized
     from diffpro_cli.sampling import uniform_timesteps
 
     cfg = cfg or QuantizeConfig()
     static = [n for n, e in plan["layers"].items() if e.get("act_mode") == "static" and e.get("act_bits", 8) < 16 and e.get("weight_bits", 16) < 16]
-    ranges = None
+    cal_ts = timesteps or uniform_timesteps(model.num_train_timesteps, cfg.calib_steps)
+    ranges = hessians = None
     if static:
-        cal_ts = timesteps or uniform_timesteps(model.num_train_timesteps, cfg.calib_steps)
         ui.info(f"quantize: calibrating {len(static)} static layers over {len(cal_ts)} timesteps ({cfg.calib_samples} samples)")
         ranges = calibrate_static(model, static, cal_ts, cfg.calib_samples, cfg.seed)
-    hessians = None
     if cfg.rounding == "gptq":
-        from torch import nn
-
         layers = model.quantizable_layers()
         linear = [n for n, e in plan["layers"].items() if e.get("weight_bits", 16) < 16 and isinstance(layers[n][0], nn.Linear)]
-        cal_ts = timesteps or uniform_timesteps(model.num_train_timesteps, cfg.calib_steps)
         ui.info(f"quantize: GPTQ rounding of {len(linear)} Linear layers, inputs from {cfg.calib_samples} trajectories over {len(cal_ts)} timesteps")
         hessians = collect_hessians(model, linear, cal_ts, cfg.calib_samples, cfg.seed)
     return save_quantized(model, plan, out_dir, timesteps, static_ranges=ranges, provenance=provenance, hessians=hessians)
