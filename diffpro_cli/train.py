@@ -29,6 +29,29 @@ def _lr_at(step: int, total: int, base: float, warmup: int = 200, floor: float =
     return base * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+LOSS_WEIGHTINGS = ("uniform", "min-snr")
+
+
+def loss_weights(alphas_cumprod_t: torch.Tensor, weighting: str, snr_gamma: float = 5.0) -> torch.Tensor:
+    """Per-sample weights of the epsilon MSE.
+
+    "min-snr" is Min-SNR-gamma (Hang et al., 2023) for epsilon prediction: min(SNR, gamma) / SNR. The
+    plain epsilon loss is dominated by the almost-clean timesteps; this weighting moves the effort to the
+    mid and high noise levels where a digit's shape is decided, which is what a small DiT lacks.
+    """
+    if weighting == "uniform":
+        return torch.ones_like(alphas_cumprod_t)
+    if weighting == "min-snr":
+        snr = alphas_cumprod_t / (1 - alphas_cumprod_t)
+        return snr.clamp(max=snr_gamma) / snr
+    raise ValueError(f"unknown loss weighting {weighting!r}; choose one of {', '.join(LOSS_WEIGHTINGS)}")
+
+
+def _phase_lr(step: int, phase: dict) -> float:
+    """Learning rate inside a training phase: warm-up then cosine decay over the phase's own steps."""
+    return _lr_at(step - phase["start"], phase["end"] - phase["start"], phase["lr"], warmup=phase["warmup"])
+
+
 def train(
     name: str,
     out_dir: Path,
@@ -37,6 +60,8 @@ def train(
     batch: int = 128,
     lr: float = 5e-4,
     ema_decay: float = 0.999,
+    loss_weighting: str = "uniform",
+    snr_gamma: float = 5.0,
     seed: int = 0,
     max_minutes: float | None = None,
     checkpoint_every: int = 100,
@@ -44,7 +69,12 @@ def train(
     log=print,
     progress: bool = False,
 ) -> dict:
-    """Train until `steps` (or `max_minutes`), checkpointing to out_dir/ckpt.pt; returns the model card."""
+    """Train until `steps` (or `max_minutes`), checkpointing to out_dir/ckpt.pt; returns the model card.
+
+    Resuming with the same settings continues the current phase. Resuming with a new total `steps`,
+    `lr` or `loss_weighting` starts a new phase at the checkpoint's step (short warm-up, then its own
+    cosine decay to `steps`). Every phase is recorded in the checkpoint and the model card.
+    """
     from diffpro_cli.artifacts import atomic_write_json, atomic_torch_save
 
     if threads:
@@ -69,6 +99,7 @@ def train(
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
     step, losses, elapsed_before = 0, [], 0.0
+    phases: list[dict] = []
 
     ckpt_path = out_dir / "ckpt.pt"
     if ckpt_path.exists():
@@ -78,12 +109,25 @@ def train(
         opt.load_state_dict(ck["opt"])
         gen.set_state(ck["gen"])
         step, losses, elapsed_before = int(ck["step"]), list(ck["losses"]), float(ck["elapsed"])
+        # checkpoints from before phases were recorded: one plain phase up to their step
+        phases = [dict(p) for p in ck.get("phases", [])] or [
+            dict(start=0, end=step, lr=None, warmup=200, weighting="uniform", snr_gamma=None, batch=None,
+                 note="trained before phases were recorded")]
         log(f"resumed {name} at step {step}")
+    wanted = dict(end=steps, lr=lr, weighting=loss_weighting,
+                  snr_gamma=snr_gamma if loss_weighting == "min-snr" else None, batch=batch)
+    if not phases or any(phases[-1].get(k) != v for k, v in wanted.items()):
+        if step >= steps:
+            raise ValueError(f"the checkpoint is already at step {step}; ask for more --steps to train further")
+        phases.append(dict(start=step, warmup=200 if step == 0 else 100, **wanted))
+        if step:
+            log(f"new training phase from step {step} to {steps}: lr {lr:g}, loss weighting {loss_weighting}")
+    phase = phases[-1]
 
     def save():
         atomic_torch_save({
             "net": net.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-            "gen": gen.get_state(), "step": step, "losses": losses,
+            "gen": gen.get_state(), "step": step, "losses": losses, "phases": phases,
             "elapsed": elapsed_before + time.time() - t0,
         }, ckpt_path)
 
@@ -103,9 +147,10 @@ def train(
         a = acp[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         for g in opt.param_groups:
-            g["lr"] = _lr_at(step, steps, lr)
+            g["lr"] = _phase_lr(step, phase)
         pred = forward(net, xt, t, y)[:, : x0.shape[1]]
-        loss = F.mse_loss(pred, noise)
+        per_sample = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
+        loss = (per_sample * loss_weights(acp[t], phase["weighting"], snr_gamma)).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
@@ -115,11 +160,11 @@ def train(
             for pe, pn in zip(ema.parameters(), net.parameters()):
                 pe.lerp_(pn, 1 - decay)
         step += 1
-        losses.append(loss.item())
+        losses.append(per_sample.mean().item())  # the plain epsilon MSE, comparable across phases
         running = losses[-1] if running is None else 0.98 * running + 0.02 * losses[-1]
         if step % 20 == 0:
             rate = (step * batch) / max(1e-6, elapsed_before + time.time() - t0)
-            log(f"step {step}/{steps} loss {running:.4f} lr {_lr_at(step, steps, lr):.2e} ~{rate:.0f} img/s(avg)")
+            log(f"step {step}/{steps} loss {running:.4f} lr {_phase_lr(step, phase):.2e} ~{rate:.0f} img/s(avg)")
         if step % checkpoint_every == 0:
             save()
     save()
@@ -150,6 +195,7 @@ def export(name: str, out_dir: Path, data_dir=None, batch=None, lr=None, seed=0)
         "objective": "epsilon prediction, MSE, linear betas 1e-4..0.02 over 1000 steps",
         "steps": int(ck["step"]), "batch": batch, "lr": lr, "seed": seed, "ema": True,
         "train_seconds": round(float(ck["elapsed"]), 1), "threads": torch.get_num_threads(),
+        "phases": ck.get("phases", []),
         "final_loss": curve[-1] if curve else None,
         "loss_curve_per_100_steps": [round(c, 5) for c in curve],
         "dtype": "float16 (load as float32)",

@@ -18,6 +18,8 @@ def train_cmd(
     lr: Annotated[float, typer.Option("--lr")] = 5e-4,
     max_minutes: Annotated[Optional[float], typer.Option("--max-minutes", help="Stop (and export) after this much training time.")] = None,
     threads: Annotated[Optional[int], typer.Option("--threads")] = None,
+    loss_weighting: Annotated[str, typer.Option("--loss-weighting", help="uniform (plain epsilon MSE) or min-snr (Min-SNR-gamma).")] = "uniform",
+    snr_gamma: Annotated[float, typer.Option("--snr-gamma", help="gamma of --loss-weighting min-snr.")] = 5.0,
     install: Annotated[bool, typer.Option("--install", help="Copy the exported weights into the package.")] = False,
     seed: Seed = 0,
     json_output: JsonOut = False,
@@ -27,16 +29,24 @@ def train_cmd(
     import shutil
 
     from diffpro_cli.models.builtin import BUILTIN_CONFIGS, WEIGHTS_DIR
-    from diffpro_cli.train import train
+    from diffpro_cli.train import LOSS_WEIGHTINGS, train
 
     ui = make_ui(quiet, json_output)
     if name not in BUILTIN_CONFIGS:
         raise UsageError(f"{name}: unknown built-in model; choose one of {', '.join(BUILTIN_CONFIGS)}")
     if steps < 1 or batch < 1:
         raise UsageError("--steps and --batch must be at least 1")
+    if loss_weighting not in LOSS_WEIGHTINGS:
+        raise UsageError(f"--loss-weighting {loss_weighting}: unknown; choose one of {', '.join(LOSS_WEIGHTINGS)}")
+    if snr_gamma <= 0:
+        raise UsageError("--snr-gamma must be positive")
     out = out or Path(".train") / name
-    card = train(name, out, data_dir=data, steps=steps, batch=batch, lr=lr, seed=seed,
-                 max_minutes=max_minutes, threads=threads, log=ui.info)
+    try:
+        card = train(name, out, data_dir=data, steps=steps, batch=batch, lr=lr, seed=seed,
+                     max_minutes=max_minutes, threads=threads, loss_weighting=loss_weighting,
+                     snr_gamma=snr_gamma, log=ui.info)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     if install:
         for ext in (".safetensors", ".json"):
             shutil.copy(out / f"{name}{ext}", WEIGHTS_DIR / f"{name}{ext}")
