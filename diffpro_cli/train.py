@@ -150,7 +150,7 @@ def train(
             g["lr"] = _phase_lr(step, phase)
         pred = forward(net, xt, t, y)[:, : x0.shape[1]]
         per_sample = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
-        loss = (per_sample * loss_weights(acp[t], phase["weighting"], snr_gamma)).mean()
+        loss = (per_sample * loss_weights(acp[t], phase["weighting"], phase.get("snr_gamma") or snr_gamma)).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
