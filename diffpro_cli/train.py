@@ -32,7 +32,7 @@ def _lr_at(step: int, total: int, base: float, warmup: int = 200, floor: float =
 LOSS_WEIGHTINGS = ("uniform", "min-snr")
 
 
-def loss_weights(alphas_cumprod_t: torch.Tensor, weighting: str, snr_gamma: float = 5.0) -> torch.Tensor:
+def loss_weights(alphas_cumprod_t: torch.Tensor, weighting: str, snr_gamma: float | None = 5.0) -> torch.Tensor:
     """Per-sample weights of the epsilon MSE.
 
     "min-snr" is Min-SNR-gamma (Hang et al., 2023) for epsilon prediction: min(SNR, gamma) / SNR. The
@@ -150,7 +150,7 @@ def train(
             g["lr"] = _phase_lr(step, phase)
         pred = forward(net, xt, t, y)[:, : x0.shape[1]]
         per_sample = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
-        loss = (per_sample * loss_weights(acp[t], phase["weighting"], phase.get("snr_gamma") or snr_gamma)).mean()
+        loss = (per_sample * loss_weights(acp[t], phase["weighting"], phase["snr_gamma"])).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
@@ -192,7 +192,10 @@ def export(name: str, out_dir: Path, data_dir=None, batch=None, lr=None, seed=0)
         "config": BUILTIN_CONFIGS[name]["config"],
         "params": sum(v.numel() for v in state.values()),
         "data": "MNIST test set (10,000 images, 28x28 padded to 32x32, [-1,1]); labels 0-9, null class 10 (10% drop)",
-        "objective": "epsilon prediction, MSE, linear betas 1e-4..0.02 over 1000 steps",
+        "objective": "epsilon prediction, linear betas 1e-4..0.02 over 1000 steps; MSE weighted per phase: "
+                     + "; ".join(f"steps {p['start']}-{p['end']} {p['weighting']}"
+                                 + (f" (gamma {p['snr_gamma']:g})" if p.get("snr_gamma") else "")
+                                 for p in ck.get("phases", [])),
         "steps": int(ck["step"]), "batch": batch, "lr": lr, "seed": seed, "ema": True,
         "train_seconds": round(float(ck["elapsed"]), 1), "threads": torch.get_num_threads(),
         "phases": ck.get("phases", []),

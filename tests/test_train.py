@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from diffpro_cli.mnist import IMAGE_MAGIC, LABEL_MAGIC
 from diffpro_cli.models.base import linear_alphas_cumprod
 from diffpro_cli.train import loss_weights, train
 
@@ -15,8 +16,8 @@ def _fake_mnist(directory, n=8):
     images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
     labels = (np.arange(n) % 10).astype(np.uint8)
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "t10k-images-idx3-ubyte").write_bytes(struct.pack(">iiii", 2051, n, 28, 28) + images.tobytes())
-    (directory / "t10k-labels-idx1-ubyte").write_bytes(struct.pack(">ii", 2049, n) + labels.tobytes())
+    (directory / "t10k-images-idx3-ubyte").write_bytes(struct.pack(">iiii", IMAGE_MAGIC, n, 28, 28) + images.tobytes())
+    (directory / "t10k-labels-idx1-ubyte").write_bytes(struct.pack(">ii", LABEL_MAGIC, n) + labels.tobytes())
     return directory
 
 
@@ -44,6 +45,7 @@ def test_training_phases_are_recorded_and_resume(tmp_path):
     phases = card["phases"]
     assert card["steps"] == 4 and [p["start"] for p in phases] == [0, 2]
     assert phases[1]["weighting"] == "min-snr" and phases[1]["snr_gamma"] == 5.0 and phases[1]["end"] == 4
+    assert card["objective"].endswith("steps 0-2 uniform; steps 2-4 min-snr (gamma 5)")
     second = torch.load(out / "ckpt.pt", weights_only=True)
     assert second["losses"][:2] == first["losses"]     # resumed, not restarted
     assert any(not torch.equal(second["net"][k], first["net"][k]) for k in first["net"])
