@@ -79,12 +79,12 @@ def train(
 
     if threads:
         torch.set_num_threads(threads)
-    out_dir.mkdir(parents=True, exist_ok=True)
     spec = BUILTIN_CONFIGS[name]
     forward = dit_forward if spec["class"] == "DiTTransformer2DModel" else unet_forward
     null_class = spec["num_classes"]
 
-    images, labels = load_mnist(data_dir)
+    images, labels = load_mnist(data_dir)   # before creating out_dir: bad --data leaves nothing behind
+    out_dir.mkdir(parents=True, exist_ok=True)
     x_all = to_model_space(images)
     y_all = torch.from_numpy(labels.astype(np.int64))
     acp = linear_alphas_cumprod().float()

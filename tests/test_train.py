@@ -65,3 +65,5 @@ def test_new_phase_needs_more_steps(cli, tmp_path):
     assert code != 0 and "Traceback" not in err and "--steps" in lines[-1]
     code, _, err = cli("train", "unet-mnist", "--out", out, "--loss-weighting", "nope", "-q")
     assert code != 0 and "--loss-weighting" in err and "Traceback" not in err
+    code, _, err = cli("train", "unet-mnist", "--out", tmp_path / "never", "--data", tmp_path / "no-data", "-q")
+    assert code != 0 and "--data" in err and "Traceback" not in err and not (tmp_path / "never").exists()
