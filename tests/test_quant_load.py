@@ -161,3 +161,30 @@ def test_cli_quantize_gptq_records_rounding_and_lowers_error(tmp_path, cli):
         ref = m.eps(x, t, y)
         errs = {r: float((load_quantized(tmp_path / r).eps(x, t, y) - ref).pow(2).mean()) for r in ("nearest", "gptq")}
     assert errs["gptq"] < errs["nearest"]
+
+
+def test_static_and_gptq_calibrate_in_one_sampling_pass(monkeypatch):
+    """Static ranges and GPTQ Hessians come from the same trajectories: one sampling run, and the
+    same numbers each calibration gives on its own."""
+    import diffpro_cli.sampling as sampling
+    from diffpro_cli.models import load_model
+    from diffpro_cli.stages import quantize as qstage
+
+    model = load_model("random:dit-tiny")
+    names = list(model.quantizable_layers())
+    linear = [n for n, (mod, _) in model.quantizable_layers().items() if isinstance(mod, torch.nn.Linear)]
+    ts = [0, 400, 999]
+    static_alone = qstage.calibrate_static(model, names[:3], ts, n_samples=2, seed=1)
+    hessians_alone = qstage.collect_hessians(model, linear[:2], ts, n_samples=2, seed=1)
+    calls, real_sample = [], sampling.sample
+    monkeypatch.setattr(sampling, "sample", lambda *a, **k: calls.append(1) or real_sample(*a, **k))
+    ranges, hessians = qstage.calibrate(model, names[:3], linear[:2], ts, n_samples=2, seed=1)
+    assert len(calls) == 1
+    assert set(ranges) == set(names[:3]) and set(hessians) == set(linear[:2])
+    for name in names[:3]:
+        assert ranges[name][0] == ts and torch.equal(ranges[name][1], static_alone[name][1])
+        assert float(ranges[name][1].min()) > 0
+    for name in linear[:2]:
+        assert torch.allclose(hessians[name], hessians_alone[name])
+    calls.clear()
+    assert qstage.calibrate(model, [], [], ts) == ({}, {}) and not calls   # nothing asked: no sampling

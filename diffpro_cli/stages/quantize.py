@@ -126,32 +126,41 @@ def _run_trajectories_with_input_hooks(model: DiffusionModel, names: list[str], 
 
 
 @torch.no_grad()
+def calibrate(model: DiffusionModel, static_names: list[str], hessian_names: list[str], timesteps: list[int],
+              n_samples: int = 4, seed: int = 0) -> tuple[dict[str, tuple], dict[str, torch.Tensor]]:
+    """One pass over the float model's own DDIM trajectories on `timesteps` that records both
+    calibrations a plan can need, so static ranges and GPTQ inputs never cost two sampling runs:
+    - static_names → (timesteps, max |input| at each timestep);
+    - hessian_names (Linear layers) → E[x xᵀ] of the inputs over every token (GPTQ's Hessian, up to a
+      factor of 2), [in, in] float64."""
+    absmax = {name: torch.zeros(len(timesteps)) for name in static_names}
+    sums = dict.fromkeys(hessian_names)
+    counts = dict.fromkeys(hessian_names, 0)
+
+    def record(name, x, i):
+        if name in absmax:
+            absmax[name][i] = max(float(absmax[name][i]), float(x.abs().max()))
+        if name in sums:
+            flat = x.reshape(-1, x.shape[-1]).double()
+            sums[name] = flat.T @ flat if sums[name] is None else sums[name].addmm_(flat.T, flat)
+            counts[name] += flat.shape[0]
+
+    names = list(dict.fromkeys([*static_names, *hessian_names]))
+    if names:
+        _run_trajectories_with_input_hooks(model, names, record, timesteps, n_samples, seed)
+    ranges = {name: (list(timesteps), absmax[name]) for name in static_names}
+    hessians = {name: sums[name] / counts[name] for name in hessian_names if sums[name] is not None}
+    return ranges, hessians
+
+
 def calibrate_static(model: DiffusionModel, names: list[str], timesteps: list[int], n_samples: int = 4, seed: int = 0) -> dict[str, tuple]:
-    """Max |input| of each named layer at each timestep, along the float model's own sampling
-    trajectories (DDIM over `timesteps`). Returns name → (timesteps, absmax)."""
-    absmax = {name: torch.zeros(len(timesteps)) for name in names}
-
-    def record(name, x, i):
-        absmax[name][i] = max(float(absmax[name][i]), float(x.abs().max()))
-
-    _run_trajectories_with_input_hooks(model, names, record, timesteps, n_samples, seed)
-    return {name: (list(timesteps), absmax[name]) for name in names}
+    """Max |input| of each named layer at each timestep (see `calibrate`). Returns name → (timesteps, absmax)."""
+    return calibrate(model, names, [], timesteps, n_samples, seed)[0]
 
 
-@torch.no_grad()
 def collect_hessians(model: DiffusionModel, names: list[str], timesteps: list[int], n_samples: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:
-    """E[x xᵀ] of each named Linear layer's inputs over every token of the float model's own DDIM
-    trajectories on `timesteps` (GPTQ's Hessian, up to a factor of 2). Returns name → [in, in] float64."""
-    sums = dict.fromkeys(names)
-    counts = dict.fromkeys(names, 0)
-
-    def record(name, x, i):
-        x = x.reshape(-1, x.shape[-1]).double()
-        sums[name] = x.T @ x if sums[name] is None else sums[name].addmm_(x.T, x)
-        counts[name] += x.shape[0]
-
-    _run_trajectories_with_input_hooks(model, names, record, timesteps, n_samples, seed)
-    return {name: sums[name] / counts[name] for name in names if sums[name] is not None}
+    """E[x xᵀ] of each named Linear layer's inputs (see `calibrate`). Returns name → [in, in] float64."""
+    return calibrate(model, [], names, timesteps, n_samples, seed)[1]
 
 
 def apply_plan(model: DiffusionModel, plan: dict, static_ranges: dict | None = None, fuse: bool = True) -> DiffusionModel:
@@ -179,15 +188,15 @@ def quantize_to_dir(model: DiffusionModel, plan: dict, out_dir: Path, timesteps:
     cfg = cfg or QuantizeConfig()
     static = [n for n, e in plan["layers"].items() if e.get("act_mode") == "static" and e.get("act_bits", 8) < 16 and e.get("weight_bits", 16) < 16]
     cal_ts = timesteps or uniform_timesteps(model.num_train_timesteps, cfg.calib_steps)
-    ranges = hessians = None
-    if static:
-        ui.info(f"quantize: calibrating {len(static)} static layers over {len(cal_ts)} timesteps ({cfg.calib_samples} samples)")
-        ranges = calibrate_static(model, static, cal_ts, cfg.calib_samples, cfg.seed)
+    linear = []
     if cfg.rounding == "gptq":
         layers = model.quantizable_layers()
         linear = [n for n, e in plan["layers"].items() if e.get("weight_bits", 16) < 16 and isinstance(layers[n][0], nn.Linear)]
-        ui.info(f"quantize: GPTQ rounding of {len(linear)} Linear layers, inputs from {cfg.calib_samples} trajectories over {len(cal_ts)} timesteps")
-        hessians = collect_hessians(model, linear, cal_ts, cfg.calib_samples, cfg.seed)
+    ranges = hessians = None
+    if static or linear:
+        what = [f"{len(static)} static ranges"] * bool(static) + [f"GPTQ inputs of {len(linear)} Linear layers"] * bool(linear)
+        ui.info(f"quantize: calibrating {' and '.join(what)} over {len(cal_ts)} timesteps ({cfg.calib_samples} samples, one pass)")
+        ranges, hessians = calibrate(model, static, linear, cal_ts, cfg.calib_samples, cfg.seed)
     return save_quantized(model, plan, out_dir, timesteps, static_ranges=ranges, provenance=provenance, hessians=hessians)
 
 
