@@ -198,6 +198,8 @@ def test_cli_infeasible_budget_one_line_and_nothing_written(cli, scores_file, tm
     assert code == 2 and err.count("error:") == 1 and not (work / "plan.json").exists()
     code, out, err = cli("allocate", tmp_path / "missing.json", "-w", work, "--budget", "avg-bits=5", *CLI_FAST)
     assert code == 3 and err.count("error:") == 1
+    code, out, err = cli("allocate", scores_file, "-w", work, "--budget", "avg-bits=5", "--min-speedup", "0", *CLI_FAST)
+    assert code == 2 and err.count("error:") == 1 and "--min-speedup" in err and not (work / "plan.json").exists()
 
 
 def test_cli_writes_plan_skips_when_up_to_date_and_pareto(cli, scores_file, tmp_path):
@@ -259,3 +261,40 @@ def test_group_size_that_does_not_divide_a_layer_falls_back_to_per_channel_there
                             latency_fn=None)
     assert plan["layers"][layers[0].name]["group_size"] is None
     assert plan["layers"][layers[2].name]["group_size"] == 64
+
+
+def test_measured_activation_error_keeps_hard_inputs_float():
+    """A layer whose inputs are costly to quantize (measured_act_error) gets float activations from the
+    MILP when --act-bits 8,16 allows it, while --min-speedup keeps the costly GEMMs integer; without the
+    measurement the weight curve stands in and it gets 8-bit activations like the rest."""
+    scores = make_scores(n=6, measured=True, seed=3)
+    hard = "blocks.4.attn_out"
+    for name, d in scores["layers"].items():
+        d["measured_act_error"] = {"8": 1e-1 if name == hard else 1e-7}
+    cfg = AllocateConfig(budget="avg-bits=6", bits=[4, 8, 16], act_bits=[8, 16], protect=[], min_speedup=2.0)
+    plan, _ = allocate_plan(scores, cfg, latency_fn=fake_latency)
+    assert plan["layers"][hard]["act_bits"] == 16
+    assert any(e["act_bits"] == 8 for e in plan["layers"].values())     # the speed floor binds elsewhere
+    assert "measured_act_error" in plan["error_model"] and plan["min_speedup"] == 2.0
+    assert plan["totals"]["predicted_speedup"] >= 2.0
+    table = build_table(load_layers(scores), make_options([8], [8], "dynamic", None), cfg, None)
+    row = [l.name for l in table.layers].index(hard)
+    assert table.error[row, 0] == pytest.approx(scores["layers"][hard]["measured_error"]["8"] + 1e-1)
+    no_floor, _ = allocate_plan(scores, AllocateConfig(**{**cfg.as_dict(), "min_speedup": None}), latency_fn=fake_latency)
+    assert all(e["act_bits"] == 16 for e in no_floor["layers"].values())   # float activations cost nothing but time
+    for d in scores["layers"].values():
+        del d["measured_act_error"]
+    plan, _ = allocate_plan(scores, cfg, latency_fn=fake_latency)
+    assert plan["layers"][hard]["act_bits"] == 8
+    assert "as the weights'" in plan["error_model"]
+
+
+def test_min_speedup_infeasible_and_bad_values():
+    scores = make_scores(n=6, measured=True, seed=3)
+    with pytest.raises(BudgetError, match="fastest plan .* is 3.7x"):
+        allocate_plan(scores, AllocateConfig(budget="avg-bits=6", min_speedup=5.0, protect=[]), latency_fn=fake_latency)
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(UsageError, match="--min-speedup"):
+            allocate_plan(scores, AllocateConfig(budget="avg-bits=6", min_speedup=bad), latency_fn=fake_latency)
+    with pytest.raises(UsageError, match="cost table"):
+        allocate_plan(scores, AllocateConfig(budget="avg-bits=6", min_speedup=1.5), latency_fn=None)

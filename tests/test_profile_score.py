@@ -249,6 +249,7 @@ def test_score_measure_writes_contract_validation_and_figures(cli, tmp_path):
     for name, layer in doc["layers"].items():
         assert keys <= set(layer), name
         assert set(layer["measured_error"]) == {"4", "8"} and layer["measured_error"]["4"] >= layer["measured_error"]["8"]
+        assert set(layer["measured_act_error"]) == {"8"} and layer["measured_act_error"]["8"] > 0
     ranks = sorted(layer["rank"] for layer in doc["layers"].values())
     assert ranks == list(range(1, len(ranks) + 1))
     sp = doc["validation"]["spearman"]["4"]
@@ -278,6 +279,7 @@ def test_score_taylor_formula_ranks_by_estimated_error(cli, tmp_path):
     (["profile", "builtin:dit-mnist", "--classes", "0,x", "--workdir", "{tmp}"], 2, "--classes"),
     (["profile", "builtin:dit-mnist", "--classes", "12", "--samples", "1", "--workdir", "{tmp}"], 2, "--classes"),
     (["profile", "builtin:dit-mnist", "--timesteps", "a:b", "--workdir", "{tmp}"], 2, "timesteps"),
+    (["score", "--workdir", "{tmp}", "--measure", "--act-mode", "fast"], 2, "--act-mode"),
 ])
 def test_user_errors_are_one_line(cli, tmp_path, args, code, needle):
     got, _, err = cli(*[a.replace("{tmp}", str(tmp_path)) for a in args])
@@ -320,3 +322,33 @@ def test_profile_and_score_a_diffusers_directory(cli, tmp_path):
     assert cli("score", "--workdir", w, "-q", "--no-figures")[0] == 0
     layers = json.loads((w / "scores.json").read_text())["layers"]
     assert "pos_embed.proj" in layers and layers["pos_embed.proj"]["in_features"] == 4 * 2 * 2
+
+
+def test_measured_activation_error_is_what_the_integer_kernel_adds():
+    """measure_act_errors quantises one layer's input as its integer kernel does: its error plus the
+    8-bit weight error is the error of that layer really running W8A8 (errors add to first order).
+    The trained DiT's patch embedding, fed x_t itself, loses far more to its inputs than to its weights."""
+    from diffpro_cli.models import load_model
+    from diffpro_cli.quant.checkpoint import set_submodule
+    from diffpro_cli.quant.layers import quantize_module
+    from diffpro_cli.stages.score import _eps_all, measure_act_errors, measure_layer_errors
+
+    torch.manual_seed(0)
+    model = load_model("builtin:dit-mnist")
+    names = ["pos_embed.proj", "proj_out_2", "transformer_blocks.0.attn1.to_v", "transformer_blocks.1.ff.net.2"]
+    x, t, y = torch.randn(4, 1, 32, 32), torch.tensor([100, 400, 700, 950]), torch.tensor([0, 3, 7, 9])
+    act = measure_act_errors(model, names, x, t, y)
+    weight = measure_layer_errors(model, names, x, t, y, [8])
+    ref = _eps_all(model, x, t, y, 16)
+    layers = model.quantizable_layers()
+    for name in names:
+        float_layer = layers[name][0]
+        set_submodule(model.net, name, quantize_module(float_layer, 8, act_bits=8, act_mode="dynamic"))
+        try:
+            out = _eps_all(model, x, t, y, 16)
+        finally:
+            set_submodule(model.net, name, float_layer)
+        real = float((out - ref).double().square().sum() / ref.double().square().sum())
+        predicted = act[name]["8"] + weight[name]["8"]
+        assert act[name]["8"] > 0 and 0.8 * predicted <= real <= 1.25 * predicted, (name, act[name], weight[name], real)
+    assert act["pos_embed.proj"]["8"] > 20 * weight["pos_embed.proj"]["8"]

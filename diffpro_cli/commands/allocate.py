@@ -20,6 +20,7 @@ def allocate_cmd(
     method: Annotated[str, typer.Option("--method", help="milp (exact) or cdf (the paper's rank/CDF-threshold rule).")] = "milp",
     protect: Annotated[str, typer.Option("--protect", help="Roles kept at >= --protect-bits unless the budget forces otherwise ('none' to disable).")] = "patch_embed,time_embed,class_embed,adaln,final",
     protect_bits: Annotated[int, typer.Option("--protect-bits", help="Weight-bit floor for protected roles.")] = 8,
+    min_speedup: Annotated[Optional[float], typer.Option("--min-speedup", help="Also keep each step at least this much faster than fp32 (measured cost table, same run), e.g. 1.5.")] = None,
     latency_budget: Annotated[Optional[float], typer.Option("--latency-budget", help="Joint plan: total ms per image over all steps (chooses steps and bits).")] = None,
     timesteps: Annotated[Optional[Path], typer.Option("--timesteps", help="timesteps.json from `diffpro prune` (its sweep gives the step counts).")] = None,
     steps: Annotated[Optional[str], typer.Option("--steps", help="Joint plan: auto (every step count in the timesteps sweep) or a step count.")] = None,
@@ -44,13 +45,15 @@ def allocate_cmd(
     roles = [] if protect.strip().lower() == "none" else [r.strip() for r in protect.split(",") if r.strip()]
     cfg = AllocateConfig(budget=budget, bits=parse_int_list(bits, "--bits"), act_bits=parse_int_list(act_bits, "--act-bits"),
                          act_mode=act_mode, group_size=group_size, method=method, protect=roles, protect_bits=protect_bits,
-                         latency_budget=latency_budget, steps=steps, quant_weight=quant_weight, tokens=tokens,
+                         latency_budget=latency_budget, min_speedup=min_speedup, steps=steps, quant_weight=quant_weight, tokens=tokens,
                          latency_source=latency_source, repeats=repeats, remainder_ms=remainder_ms, pareto=pareto,
                          error_model=error_model)
     scores_path = scores if scores is not None else workdir / "scores.json"
     outcome, plan = run_allocate(scores_path, workdir, cfg, timesteps_path=timesteps, force=force, ui=ui)
     t = plan["totals"]
     lat = f", {t['latency_ms']:.3f} ms/step" if t.get("latency_ms") is not None else ""
+    if t.get("predicted_speedup"):
+        lat += f" ({t['predicted_speedup']:.2f}x fp32)"
     joint = plan.get("joint")
     steps_txt = f", {joint['steps']} steps ({joint['total_latency_ms']:.1f} ms/image)" if joint else ""
     result = {**outcome.as_dict(), "totals": t, "solver": plan["solver"], "joint": joint}

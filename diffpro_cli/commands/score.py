@@ -31,6 +31,7 @@ def score_cmd(
     calib_timesteps: Annotated[int, typer.Option("--calib-timesteps", help="Profile timesteps (evenly spread) used for --measure / taylor.")] = 8,
     probes: Annotated[int, typer.Option("--probes", help="Random probes per batch of the taylor estimate.")] = 2,
     group_size: Annotated[Optional[int], typer.Option("--group-size", help="Weight quantisation group size (default per output channel).")] = None,
+    act_mode: Annotated[str, typer.Option("--act-mode", help="--measure: activation mode whose 8-bit input error is measured per layer (dynamic, dynamic-token, static).")] = "dynamic",
     layer: Annotated[Optional[str], typer.Option("--layer", help="Layer shown in the activation-over-timesteps figure (default the top-ranked).")] = None,
     top: Annotated[int, typer.Option("--top", help="Layers drawn in the PCA spectra figure.")] = 8,
     figures: Annotated[bool, typer.Option("--figures/--no-figures", help="Write PNG figures to WORKDIR/figures.")] = True,
@@ -48,7 +49,7 @@ def score_cmd(
     ui = make_ui(quiet, json_output)
     cfg = ScoreConfig(formula=formula, pca_metric=pca_metric, variance=variance, weights=parse_weights(component_weights),
                       bits=parse_bits(bits), measure=measure, taylor=taylor, calib_samples=calib_samples, calib_timesteps=calib_timesteps,
-                      probes=probes, normalize=normalize, group_size=group_size, figures=figures, figure_layer=layer, top=top)
+                      probes=probes, normalize=normalize, group_size=group_size, act_mode=act_mode, figures=figures, figure_layer=layer, top=top)
     outcome, out = run_score(profile if profile is not None else Path(workdir) / "profile", cfg, workdir,
                              model_spec=model, trust_code=trust_code, weights=weights, force=force, ui=ui)
     doc = read_json(out, "diffpro.scores/1")

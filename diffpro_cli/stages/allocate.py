@@ -62,6 +62,7 @@ class AllocateConfig:
     protect: list[str] = field(default_factory=lambda: list(DEFAULT_PROTECT))
     protect_bits: int = 8
     latency_budget: float | None = None  # joint plan: total ms per image over all steps
+    min_speedup: float | None = None     # per-step latency ≤ the fp32 step's / this (measured kernels, same run)
     steps: str | None = None             # joint plan: "auto" (the artifact's sweep) or a step count
     quant_weight: float = 1.0            # joint plan: units of quantization error per unit of drift
     tokens: int | None = None            # tokens per image when scores.json has no MACs
@@ -147,6 +148,7 @@ class Layer:
     measured: dict[int, float]
     proxy: float | None = None     # log10 predicted relative output error at the score's proxy bits
     taylor: dict[int, float] = field(default_factory=dict)   # first-order error estimates per bit width
+    measured_act: dict[int, float] = field(default_factory=dict)   # measured error with only the inputs quantized
 
     @property
     def weight_numel(self) -> int:
@@ -177,7 +179,8 @@ def load_layers(scores: dict, path: str | Path = "scores.json") -> list[Layer]:
                 macs=int(d.get("macs") or 0), score=float(d.get("combined_score", 0.0)), cdf=float(d.get("cdf", 0.5)),
                 measured={int(k): float(v) for k, v in (d.get("measured_error") or {}).items() if v is not None},
                 proxy=float(d["output_error_proxy"]) if d.get("output_error_proxy") is not None else None,
-                taylor={int(k): float(v) for k, v in (d.get("taylor_error") or {}).items() if v is not None}))
+                taylor={int(k): float(v) for k, v in (d.get("taylor_error") or {}).items() if v is not None},
+                measured_act={int(k): float(v) for k, v in (d.get("measured_act_error") or {}).items() if v is not None}))
         except (KeyError, TypeError, ValueError) as exc:
             raise InputError(f"{path}: layer {name} lacks a valid {exc}; re-run `diffpro score`") from None
     return layers
@@ -274,10 +277,22 @@ def error_model(layers: list[Layer], choice: str = "auto", proxy_bits: int = 4) 
     return names[choice], bit_error
 
 
-def option_error(bit_error, layer: Layer, opt: Option) -> float:
+def activation_error_model(layers: list[Layer], weight_model: str, bit_error) -> tuple[str, Callable[[Layer, int], float]]:
+    """A(layer, act_bits): predicted error of quantizing the layer's inputs. With measured weight errors
+    and a measured_act_error for every layer (`score --measure`), the measured one, in the same units;
+    otherwise the weight curve stands in for it (E(layer, act_bits)), which misjudges layers whose inputs
+    are hard to quantize but whose weights are not, like a patch embedding fed x_t itself."""
+    if weight_model.startswith("measured") and all(l.measured_act for l in layers):
+        return "measured_act_error (outside: × 4^-Δbits)", lambda layer, bits: 0.0 if bits >= 16 else measured_at(layer.measured_act, bits)
+    return "as the weights' E(layer, bits)", bit_error
+
+
+def option_error(bit_error, layer: Layer, opt: Option, act_error=None) -> float:
+    """Weight error + activation error of one layer under `opt` (the two add, to first order)."""
     if opt.full_precision:
         return 0.0
-    return bit_error(layer, opt.weight_bits) + (bit_error(layer, opt.act_bits) if opt.act_bits < 16 else 0.0)
+    act_error = act_error or bit_error
+    return bit_error(layer, opt.weight_bits) + (act_error(layer, opt.act_bits) if opt.act_bits < 16 else 0.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -447,6 +462,7 @@ class Table:
     violates: np.ndarray    # [L, O] below the protection floor of a protected layer
     error_model: str
     protect: set[str]       # protected roles
+    fp_latency: np.ndarray | None = None   # [L] ms of each layer kept at fp32 (the speed-up baseline)
 
     @property
     def params(self) -> int:
@@ -456,6 +472,8 @@ class Table:
 def build_table(layers: list[Layer], options: list[Option], cfg: AllocateConfig,
                 latency_fn: Callable[[Layer, Option], float] | None, proxy_bits: int = 4) -> Table:
     name, bit_error = error_model(layers, cfg.error_model, proxy_bits)
+    act_name, act_error = activation_error_model(layers, name, bit_error)
+    name = f"weights: {name}; activations: {act_name}"
     L, O = len(layers), len(options)
     bits = np.zeros((L, O), dtype=np.int64)
     err = np.zeros((L, O))
@@ -467,11 +485,15 @@ def build_table(layers: list[Layer], options: list[Option], cfg: AllocateConfig,
         for j, option in enumerate(options):
             opt = effective_option(layer, option)
             bits[i, j] = option_bits(layer, opt)
-            err[i, j] = option_error(bit_error, layer, opt)
+            err[i, j] = option_error(bit_error, layer, opt, act_error)
             violates[i, j] = layer.role in protect and opt.weight_bits < cfg.protect_bits
             if latency_fn is not None:
                 lat[i, j] = latency_fn(layer, opt)
-    return Table(layers, options, bits, err, lat, valid, violates, name, protect)
+    fp_latency = None
+    if latency_fn is not None:
+        fp = Option(16, 16, cfg.act_mode, None)
+        fp_latency = np.array([latency_fn(layer, fp) for layer in layers], dtype=float)
+    return Table(layers, options, bits, err, lat, valid, violates, name, protect, fp_latency)
 
 
 @dataclass
@@ -609,6 +631,25 @@ def budget_constraint(table: Table, budget: Budget, remainder_ms: float, other_b
     return Constraint("latency-ms", table.latency, budget.value - remainder_ms)
 
 
+def speedup_constraint(table: Table, min_speedup: float, remainder_ms: float) -> Constraint:
+    """Per-step latency (chosen layers + remainder) ≤ the all-fp32 step's latency / min_speedup: a
+    ratio against a baseline measured in the same run, so one config works on any machine. With
+    --act-bits 8,16 this is what keeps float activations for the few layers where they pay."""
+    _require_latency(table, "--min-speedup")
+    fp_step = float(table.fp_latency.sum()) + remainder_ms
+    return Constraint("min-speedup", table.latency, fp_step / min_speedup - remainder_ms)
+
+
+def predicted_speedup(table: Table, sol: "Solution", remainder_ms: float) -> float | None:
+    """fp32 step latency / the plan's step latency, from the cost table (None when not measured)."""
+    if table.fp_latency is None or np.isnan(table.fp_latency).any():
+        return None
+    lat = chosen_total(table.latency, sol.choice)
+    if not math.isfinite(lat):
+        return None
+    return (float(table.fp_latency.sum()) + remainder_ms) / (lat + remainder_ms)
+
+
 def _require_latency(table: Table, what: str) -> None:
     if np.isnan(table.latency[table.valid]).any():
         raise UsageError(f"{what} needs the latency cost table; it was not measured (see the warning above)")
@@ -744,6 +785,8 @@ def allocate_plan(scores: dict, cfg: AllocateConfig, *, latency_fn: Callable[[La
         raise UsageError("no budget: pass --budget avg-bits=5.0 (or size-mb=… / latency-ms=…) or --latency-budget MS with --timesteps")
     if cfg.latency_budget is not None and cfg.latency_budget <= 0:
         raise UsageError(f"--latency-budget {cfg.latency_budget}: must be a positive number of milliseconds per image")
+    if cfg.min_speedup is not None and not (math.isfinite(cfg.min_speedup) and cfg.min_speedup > 0):
+        raise UsageError(f"--min-speedup {cfg.min_speedup}: must be a positive ratio against fp32, e.g. 1.5")
     budget = parse_budget(cfg.budget) if cfg.budget else None
     layers = load_layers(scores, scores_path)
     options = make_options(cfg.bits, cfg.act_bits, cfg.act_mode, cfg.group_size)
@@ -756,6 +799,14 @@ def allocate_plan(scores: dict, cfg: AllocateConfig, *, latency_fn: Callable[[La
         k = budget_constraint(table, budget, remainder_ms, other_bytes)
         if smallest_feasible(table, k) > k.limit:
             raise BudgetError(infeasible_message(table, budget, k, remainder_ms, other_bytes))
+        constraints.append(k)
+    if cfg.min_speedup is not None:
+        k = speedup_constraint(table, cfg.min_speedup, remainder_ms)
+        if smallest_feasible(table, k) > k.limit:
+            fp_step = float(table.fp_latency.sum()) + remainder_ms
+            best = fp_step / (smallest_feasible(table, k) + remainder_ms)
+            raise BudgetError(f"--min-speedup {cfg.min_speedup:g} is infeasible: the fastest plan of these options is "
+                              f"{math.floor(best * 100) / 100:g}x per step; lower --min-speedup or allow lower --bits / --act-bits")
         constraints.append(k)
 
     joint = None
@@ -781,6 +832,7 @@ def allocate_plan(scores: dict, cfg: AllocateConfig, *, latency_fn: Callable[[La
 
     totals = summarize(table, sol, remainder_ms, other_bytes)
     totals["latency_source"] = latency_source if latency_fn is not None else None
+    totals["predicted_speedup"] = predicted_speedup(table, sol, remainder_ms)
     totals["remainder_source"] = remainder_source if latency_fn is not None else None
     comparison = {}
     if cfg.method == "milp" and cfg.latency_budget is None:
@@ -795,6 +847,7 @@ def allocate_plan(scores: dict, cfg: AllocateConfig, *, latency_fn: Callable[[La
         "layers": plan_layers(table, sol),
         "totals": totals,
         "budget": {"kind": budget.kind, "value": budget.value} if budget else None,
+        "min_speedup": cfg.min_speedup,
         "solver": {"method": sol.method, "status": sol.status, "gap": sol.gap, "protected_relaxed": sol.relaxed},
         "options": {"bits": sorted(set(cfg.bits)), "act_bits": sorted(set(cfg.act_bits)), "act_mode": cfg.act_mode,
                     "group_size": cfg.group_size, "protect": list(cfg.protect), "protect_bits": cfg.protect_bits},
@@ -841,7 +894,7 @@ def pareto_front(table: Table, cfg: AllocateConfig, budget: Budget | None, const
         for value in np.linspace(lo, hi, points):
             k = Constraint(k0.name, k0.cost, float(value) if k0.name == "latency-ms" else math.floor(value))
             for method in METHODS:
-                sol = solve(table, [k], method, cfg.time_limit)
+                sol = solve(table, [k, *constraints[1:]], method, cfg.time_limit)
                 if sol is not None:
                     s = summarize(table, sol, remainder_ms, other_bytes)
                     out.append({"method": method, "budget": budget_value(table, budget, k.limit, remainder_ms, other_bytes), **{key: s[key] for key in ("avg_bits", "bytes", "latency_ms", "error")}})
@@ -862,7 +915,8 @@ def pareto_front(table: Table, cfg: AllocateConfig, budget: Budget | None, const
 
 
 def needs_latency(cfg: AllocateConfig) -> bool:
-    return cfg.latency_budget is not None or (cfg.budget is not None and parse_budget(cfg.budget).kind == "latency-ms")
+    return (cfg.latency_budget is not None or cfg.min_speedup is not None
+            or (cfg.budget is not None and parse_budget(cfg.budget).kind == "latency-ms"))
 
 
 def run_allocate(scores_path: str | Path, workdir: str | Path, cfg: AllocateConfig, *,
@@ -891,6 +945,8 @@ def run_allocate(scores_path: str | Path, workdir: str | Path, cfg: AllocateConf
         raise UsageError(f"--latency-source {cfg.latency_source}: use measured or analytic")
     if cfg.budget:
         parse_budget(cfg.budget)
+    if cfg.min_speedup is not None and not (math.isfinite(cfg.min_speedup) and cfg.min_speedup > 0):
+        raise UsageError(f"--min-speedup {cfg.min_speedup}: must be a positive ratio against fp32, e.g. 1.5")
     make_options(cfg.bits, cfg.act_bits, cfg.act_mode, cfg.group_size)
     from diffpro_cli.models.base import ROLES
 

@@ -52,6 +52,7 @@ class ScoreConfig:
     probes: int = 2
     normalize: str = "zscore"     # how components are put on one scale before weighting: zscore | rank
     group_size: int | None = None
+    act_mode: str = "dynamic"     # --measure: activation scheme whose 8-bit input error is measured
     figures: bool = True
     figure_layer: str | None = None
     top: int = 8
@@ -94,6 +95,10 @@ def validate_config(cfg: ScoreConfig) -> None:
         raise UsageError("--calib-samples, --calib-timesteps, --probes and --top must be at least 1")
     if cfg.group_size is not None and cfg.group_size < 1:
         raise UsageError("--group-size must be a positive number of input channels, e.g. 64")
+    from diffpro_cli.quant.kernels import ACT_MODES
+
+    if cfg.act_mode not in ACT_MODES:
+        raise UsageError(f"--act-mode {cfg.act_mode}: unknown; choose one of {', '.join(ACT_MODES)}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,6 +303,50 @@ def measure_layer_errors(model, names: list[str], x, t, y, bits: list[int], grou
     return result
 
 
+@torch.no_grad()
+def measure_act_errors(model, names: list[str], x, t, y, act_mode: str = "dynamic", batch: int = 16,
+                       advance=lambda n=1: None) -> dict[str, dict[str, float]]:
+    """Σ‖eps_q - eps‖² / Σ‖eps‖² when ONE layer's INPUT is quantised to 8 bits exactly as its CPU
+    integer kernel quantises it (the kernel's own scheme and grid, weights kept float), per layer →
+    {"8": error}. Why: a layer's activation error has nothing to do with its weight error (a patch
+    embedding sees x_t itself), so the allocator should not reuse the weight curve for it.
+    Static mode is measured with one range per call: its calibrated ranges do not exist yet."""
+    from diffpro_cli.quant.layers import quantize_module
+    from diffpro_cli.quant.reference import reference_activation
+
+    layers = model.quantizable_layers()
+    ref = _eps_all(model, x, t, y, batch)
+    denom = float(ref.double().square().sum()) or 1.0
+    mode = "dynamic" if act_mode == "static" else act_mode
+    result = {}
+    for name in names:
+        mod = layers[name][0]
+        probe = quantize_module(mod, 8, act_bits=8, act_mode=mode)
+        kernel = probe._kernel
+        scheme, qmax = kernel.act_scheme(probe), kernel.act_qmax
+        reduce_range = getattr(kernel, "reduce_range", False)
+        del probe
+        if scheme == "float" or qmax is None:   # a kernel with float activations adds no error
+            result[name] = {"8": 0.0}
+            advance(1)
+            continue
+
+        def quantise_input(module, inputs, scheme=scheme, qmax=qmax, reduce_range=reduce_range):
+            x_in = inputs[0]
+            flat = x_in if scheme == "sample" else x_in.reshape(-1, x_in.shape[-1])
+            x_hat = reference_activation(flat, scheme, qmax, None, reduce_range)[0]
+            return (x_hat.to(x_in.dtype).reshape(x_in.shape), *inputs[1:])
+
+        handle = mod.register_forward_pre_hook(quantise_input)
+        try:
+            out = _eps_all(model, x, t, y, batch)
+        finally:
+            handle.remove()
+        result[name] = {"8": float((out - ref).double().square().sum()) / denom}
+        advance(1)
+    return result
+
+
 def _layer_delta(module, x: torch.Tensor, dw: torch.Tensor) -> torch.Tensor:
     """The change of the layer's output when its weight changes by dw (bias unchanged)."""
     if isinstance(module, torch.nn.Conv2d):
@@ -472,11 +521,13 @@ def write_scores(profile_path: Path, cfg: ScoreConfig, workdir: Path, model=None
                                  "weights": "symmetric per output channel" + (f", groups of {cfg.group_size}" if cfg.group_size else "")}
     if cfg.measure:
         x, t, y, ts, n = calib
-        with ui.progress("measuring", total=len(names) * len(cfg.bits)) as advance:
-            errors = measure_layer_errors(model, names, x, t, y, cfg.bits, cfg.group_size,
-                                          batch=int(doc["calibration"]["batch"]), advance=advance)
+        batch = int(doc["calibration"]["batch"])
+        with ui.progress("measuring", total=len(names) * (len(cfg.bits) + 1)) as advance:
+            errors = measure_layer_errors(model, names, x, t, y, cfg.bits, cfg.group_size, batch=batch, advance=advance)
+            act_errors = measure_act_errors(model, names, x, t, y, cfg.act_mode, batch=batch, advance=advance)
         for name in names:
             layers[name]["measured_error"] = {b: _round(v) for b, v in errors[name].items()}
+            layers[name]["measured_act_error"] = {b: _round(v) for b, v in act_errors[name].items()}
         result["validation"] = {"metric": "relative MSE of the noise prediction (sum over calibration inputs), one layer quantised",
                                 "spearman": validation_report(layers, cfg.bits)}
     if cfg.figures:
