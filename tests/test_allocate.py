@@ -263,6 +263,24 @@ def test_group_size_that_does_not_divide_a_layer_falls_back_to_per_channel_there
     assert plan["layers"][layers[2].name]["group_size"] == 64
 
 
+def test_activation_error_follows_the_cpu_kernels_input_grid(monkeypatch):
+    """Without VNNI, 8-bit-weight layers run on a 7-bit input grid: their 8-bit activations cost the "7"
+    measurement (or 4x the "8" one when only that was measured); 4-bit-weight layers keep "8"."""
+    import diffpro_cli.quant.kernels as kernels
+    from diffpro_cli.stages.allocate import activation_error_model
+
+    layer = Layer("l", "mlp", "Linear", 8, 8, 72, 0, score=1.0, cdf=0.5, measured={4: 1e-2, 8: 1e-5},
+                  measured_act={7: 5e-3, 8: 1e-3})
+    only8 = Layer("m", "mlp", "Linear", 8, 8, 72, 0, score=1.0, cdf=0.5, measured={4: 1e-2, 8: 1e-5}, measured_act={8: 1e-3})
+    name, bit_error = error_model([layer, only8])
+    for vnni, w8_grid in ((True, 127), (False, 63)):
+        monkeypatch.setattr(kernels, "cpu_act_qmax", lambda w, v=vnni: 127 if w <= 6 or v else 63)
+        _, act = activation_error_model([layer, only8], name, bit_error)
+        assert act(layer, 8, 4) == 1e-3 and act(only8, 8, 4) == 1e-3 and act(layer, 16, 8) == 0.0
+        assert act(layer, 8, 8) == (1e-3 if vnni else 5e-3)
+        assert act(only8, 8, 8) == pytest.approx(1e-3 if vnni else 4e-3)
+
+
 def test_measured_activation_error_keeps_hard_inputs_float():
     """A layer whose inputs are costly to quantize (measured_act_error) gets float activations from the
     MILP when --act-bits 8,16 allows it, while --min-speedup keeps the costly GEMMs integer; without the
@@ -277,9 +295,9 @@ def test_measured_activation_error_keeps_hard_inputs_float():
     assert any(e["act_bits"] == 8 for e in plan["layers"].values())     # the speed floor binds elsewhere
     assert "measured_act_error" in plan["error_model"] and plan["min_speedup"] == 2.0
     assert plan["totals"]["predicted_speedup"] >= 2.0
-    table = build_table(load_layers(scores), make_options([8], [8], "dynamic", None), cfg, None)
+    table = build_table(load_layers(scores), make_options([4], [8], "dynamic", None), cfg, None)
     row = [l.name for l in table.layers].index(hard)
-    assert table.error[row, 0] == pytest.approx(scores["layers"][hard]["measured_error"]["8"] + 1e-1)
+    assert table.error[row, 0] == pytest.approx(scores["layers"][hard]["measured_error"]["4"] + 1e-1)
     no_floor, _ = allocate_plan(scores, AllocateConfig(**{**cfg.as_dict(), "min_speedup": None}), latency_fn=fake_latency)
     assert all(e["act_bits"] == 16 for e in no_floor["layers"].values())   # float activations cost nothing but time
     for d in scores["layers"].values():

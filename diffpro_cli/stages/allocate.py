@@ -277,22 +277,33 @@ def error_model(layers: list[Layer], choice: str = "auto", proxy_bits: int = 4) 
     return names[choice], bit_error
 
 
-def activation_error_model(layers: list[Layer], weight_model: str, bit_error) -> tuple[str, Callable[[Layer, int], float]]:
-    """A(layer, act_bits): predicted error of quantizing the layer's inputs. With measured weight errors
-    and a measured_act_error for every layer (`score --measure`), the measured one, in the same units;
-    otherwise the weight curve stands in for it (E(layer, act_bits)), which misjudges layers whose inputs
-    are hard to quantize but whose weights are not, like a patch embedding fed x_t itself."""
+def activation_error_model(layers: list[Layer], weight_model: str, bit_error) -> tuple[str, Callable[[Layer, int, int], float]]:
+    """A(layer, act_bits, weight_bits): predicted error of quantizing the layer's inputs. With measured
+    weight errors and a measured_act_error for every layer (`score --measure`), the measured one, in the
+    same units, on the grid this CPU's kernels really use: without VNNI an 8-bit-weight layer gets
+    7-bit inputs (kernels.cpu_act_qmax), so its 8-bit activations cost the "7" measurement (or the "8"
+    one × 4 when only that was measured). Otherwise the weight curve stands in (E(layer, act_bits)),
+    which misjudges layers whose inputs are hard to quantize but whose weights are not, like a patch
+    embedding fed x_t itself."""
     if weight_model.startswith("measured") and all(l.measured_act for l in layers):
-        return "measured_act_error (outside: × 4^-Δbits)", lambda layer, bits: 0.0 if bits >= 16 else measured_at(layer.measured_act, bits)
-    return "as the weights' E(layer, bits)", bit_error
+        from diffpro_cli.quant.kernels import act_bits_of, cpu_act_qmax
+
+        def measured_act(layer: Layer, act_bits: int, weight_bits: int) -> float:
+            if act_bits >= 16:
+                return 0.0
+            grid = min(act_bits, act_bits_of(cpu_act_qmax(weight_bits))) if act_bits == 8 else act_bits
+            return measured_at(layer.measured_act, grid)
+
+        return "measured_act_error on this CPU's kernel grid (outside: × 4^-Δbits)", measured_act
+    return "as the weights' E(layer, bits)", lambda layer, act_bits, weight_bits: bit_error(layer, act_bits)
 
 
 def option_error(bit_error, layer: Layer, opt: Option, act_error=None) -> float:
     """Weight error + activation error of one layer under `opt` (the two add, to first order)."""
     if opt.full_precision:
         return 0.0
-    act_error = act_error or bit_error
-    return bit_error(layer, opt.weight_bits) + (act_error(layer, opt.act_bits) if opt.act_bits < 16 else 0.0)
+    act = act_error(layer, opt.act_bits, opt.weight_bits) if act_error else bit_error(layer, opt.act_bits)
+    return bit_error(layer, opt.weight_bits) + (act if opt.act_bits < 16 else 0.0)
 
 
 # ---------------------------------------------------------------------------------------------

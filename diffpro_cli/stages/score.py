@@ -306,13 +306,14 @@ def measure_layer_errors(model, names: list[str], x, t, y, bits: list[int], grou
 @torch.no_grad()
 def measure_act_errors(model, names: list[str], x, t, y, act_mode: str = "dynamic", batch: int = 16,
                        advance=lambda n=1: None) -> dict[str, dict[str, float]]:
-    """Σ‖eps_q - eps‖² / Σ‖eps‖² when ONE layer's INPUT is quantised to 8 bits exactly as its CPU
-    integer kernel quantises it (the kernel's own scheme and grid, weights kept float), per layer →
-    {"8": error}. Why: a layer's activation error has nothing to do with its weight error (a patch
-    embedding sees x_t itself), so the allocator should not reuse the weight curve for it.
+    """Σ‖eps_q - eps‖² / Σ‖eps‖² when ONE layer's INPUT is quantised exactly as its CPU integer kernel
+    quantises it (the kernel's own scheme and grid, weights kept float), per layer → {act bits: error}:
+    "8", plus "7" on CPUs without VNNI, whose kernels give 8-bit-weight layers a 7-bit input grid
+    (quant/kernels.py::cpu_act_qmax). Why: a layer's activation error has nothing to do with its weight
+    error (a patch embedding sees x_t itself), so the allocator should not reuse the weight curve for it.
     Static mode is measured with one range per call: its calibrated ranges do not exist yet."""
+    from diffpro_cli.quant.kernels import act_bits_of
     from diffpro_cli.quant.layers import quantize_module
-    from diffpro_cli.quant.reference import reference_activation
 
     layers = model.quantizable_layers()
     ref = _eps_all(model, x, t, y, batch)
@@ -320,31 +321,39 @@ def measure_act_errors(model, names: list[str], x, t, y, act_mode: str = "dynami
     mode = "dynamic" if act_mode == "static" else act_mode
     result = {}
     for name in names:
-        mod = layers[name][0]
-        probe = quantize_module(mod, 8, act_bits=8, act_mode=mode)
-        kernel = probe._kernel
-        scheme, qmax = kernel.act_scheme(probe), kernel.act_qmax
-        reduce_range = getattr(kernel, "reduce_range", False)
-        del probe
-        if scheme == "float" or qmax is None:   # a kernel with float activations adds no error
-            result[name] = {"8": 0.0}
-            advance(1)
-            continue
-
-        def quantise_input(module, inputs, scheme=scheme, qmax=qmax, reduce_range=reduce_range):
-            x_in = inputs[0]
-            flat = x_in if scheme == "sample" else x_in.reshape(-1, x_in.shape[-1])
-            x_hat = reference_activation(flat, scheme, qmax, None, reduce_range)[0]
-            return (x_hat.to(x_in.dtype).reshape(x_in.shape), *inputs[1:])
-
-        handle = mod.register_forward_pre_hook(quantise_input)
-        try:
-            out = _eps_all(model, x, t, y, batch)
-        finally:
-            handle.remove()
-        result[name] = {"8": float((out - ref).double().square().sum()) / denom}
+        result[name] = {}
+        for weight_bits in (4, 8):   # the two activation grids the CPU kernels use (identical with VNNI)
+            probe = quantize_module(layers[name][0], weight_bits, act_bits=8, act_mode=mode)
+            kernel = probe._kernel
+            scheme, qmax = kernel.act_scheme(probe), kernel.act_qmax
+            del probe
+            key = "8" if qmax is None else str(act_bits_of(qmax))
+            if key not in result[name]:
+                result[name][key] = _act_error(model, layers[name][0], x, t, y, ref, denom, batch, scheme, qmax,
+                                               getattr(kernel, "reduce_range", False))
         advance(1)
     return result
+
+
+def _act_error(model, mod, x, t, y, ref, denom, batch, scheme, qmax, reduce_range) -> float:
+    """Relative eps error with `mod`'s input fake-quantised on the kernel's grid (0 for float kernels)."""
+    from diffpro_cli.quant.reference import reference_activation
+
+    if scheme == "float" or qmax is None:   # a kernel with float activations adds no error
+        return 0.0
+
+    def quantise_input(module, inputs, scheme=scheme, qmax=qmax, reduce_range=reduce_range):
+        x_in = inputs[0]
+        flat = x_in if scheme == "sample" else x_in.reshape(-1, x_in.shape[-1])
+        x_hat = reference_activation(flat, scheme, qmax, None, reduce_range)[0]
+        return (x_hat.to(x_in.dtype).reshape(x_in.shape), *inputs[1:])
+
+    handle = mod.register_forward_pre_hook(quantise_input)
+    try:
+        out = _eps_all(model, x, t, y, batch)
+    finally:
+        handle.remove()
+    return float((out - ref).double().square().sum()) / denom
 
 
 def _layer_delta(module, x: torch.Tensor, dw: torch.Tensor) -> torch.Tensor:
