@@ -281,10 +281,13 @@ def test_activation_error_follows_the_cpu_kernels_input_grid(monkeypatch):
         assert act(only8, 8, 8) == pytest.approx(1e-3 if vnni else 4e-3)
 
 
-def test_measured_activation_error_keeps_hard_inputs_float():
+def test_measured_activation_error_keeps_hard_inputs_float(monkeypatch):
     """A layer whose inputs are costly to quantize (measured_act_error) gets float activations from the
     MILP when --act-bits 8,16 allows it, while --min-speedup keeps the costly GEMMs integer; without the
     measurement the weight curve stands in and it gets 8-bit activations like the rest."""
+    import diffpro_cli.quant.kernels as kernels
+
+    monkeypatch.setattr(kernels, "cpu_act_qmax", lambda w: 127)   # a VNNI CPU: the "8" measurement applies as is
     scores = make_scores(n=6, measured=True, seed=3)
     hard = "blocks.4.attn_out"
     for name, d in scores["layers"].items():

@@ -249,8 +249,8 @@ def test_score_measure_writes_contract_validation_and_figures(cli, tmp_path):
     for name, layer in doc["layers"].items():
         assert keys <= set(layer), name
         assert set(layer["measured_error"]) == {"4", "8"} and layer["measured_error"]["4"] >= layer["measured_error"]["8"]
-        act = layer["measured_act_error"]      # "7" too where the CPU gives 8-bit weights a 7-bit input grid
-        assert set(act) in ({"8"}, {"7", "8"}) and act["8"] > 0 and act.get("7", act["8"]) >= act["8"]
+        act = layer["measured_act_error"]      # keyed by the input grid the CPU's kernels use: "8", or "7" without VNNI
+        assert act and set(act) <= {"7", "8"} and all(v > 0 for v in act.values())
     ranks = sorted(layer["rank"] for layer in doc["layers"].values())
     assert ranks == list(range(1, len(ranks) + 1))
     sp = doc["validation"]["spearman"]["4"]
@@ -354,4 +354,4 @@ def test_measured_activation_error_is_what_the_integer_kernel_adds():
         grid = str(act_bits_of(cpu_act_qmax(8)))     # the input grid an 8-bit-weight kernel uses here
         predicted = act[name][grid] + weight[name]["8"]
         assert act[name][grid] > 0 and 0.8 * predicted <= real <= 1.25 * predicted, (name, act[name], weight[name], real)
-    assert act["pos_embed.proj"]["8"] > 20 * weight["pos_embed.proj"]["8"]
+    assert act["pos_embed.proj"][grid] > 20 * weight["pos_embed.proj"]["8"]

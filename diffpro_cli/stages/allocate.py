@@ -280,9 +280,9 @@ def error_model(layers: list[Layer], choice: str = "auto", proxy_bits: int = 4) 
 def activation_error_model(layers: list[Layer], weight_model: str, bit_error) -> tuple[str, Callable[[Layer, int, int], float]]:
     """A(layer, act_bits, weight_bits): predicted error of quantizing the layer's inputs. With measured
     weight errors and a measured_act_error for every layer (`score --measure`), the measured one, in the
-    same units, on the grid this CPU's kernels really use: without VNNI an 8-bit-weight layer gets
-    7-bit inputs (kernels.cpu_act_qmax), so its 8-bit activations cost the "7" measurement (or the "8"
-    one × 4 when only that was measured). Otherwise the weight curve stands in (E(layer, act_bits)),
+    same units, on the grid this CPU's kernels really use (kernels.cpu_act_qmax): without VNNI the
+    inputs get a 7-bit grid, so 8-bit activations cost the "7" measurement (or the "8" one × 4 when
+    only that was measured). Otherwise the weight curve stands in (E(layer, act_bits)),
     which misjudges layers whose inputs are hard to quantize but whose weights are not, like a patch
     embedding fed x_t itself."""
     if weight_model.startswith("measured") and all(l.measured_act for l in layers):

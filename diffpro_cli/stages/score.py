@@ -307,8 +307,8 @@ def measure_layer_errors(model, names: list[str], x, t, y, bits: list[int], grou
 def measure_act_errors(model, names: list[str], x, t, y, act_mode: str = "dynamic", batch: int = 16,
                        advance=lambda n=1: None) -> dict[str, dict[str, float]]:
     """Σ‖eps_q - eps‖² / Σ‖eps‖² when ONE layer's INPUT is quantised exactly as its CPU integer kernel
-    quantises it (the kernel's own scheme and grid, weights kept float), per layer → {act bits: error}:
-    "8", plus "7" on CPUs without VNNI, whose kernels give 8-bit-weight layers a 7-bit input grid
+    quantises it (the kernel's own scheme and grid, weights kept float), per layer → {act bits: error}
+    for each input grid the kernels use at 4- and 8-bit weights: "8" with VNNI, "7" without
     (quant/kernels.py::cpu_act_qmax). Why: a layer's activation error has nothing to do with its weight
     error (a patch embedding sees x_t itself), so the allocator should not reuse the weight curve for it.
     Static mode is measured with one range per call: its calibrated ranges do not exist yet."""
