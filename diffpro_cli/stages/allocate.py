@@ -291,19 +291,17 @@ def activation_error_model(layers: list[Layer], weight_model: str, bit_error) ->
         def measured_act(layer: Layer, act_bits: int, weight_bits: int) -> float:
             if act_bits >= 16:
                 return 0.0
-            grid = min(act_bits, act_bits_of(cpu_act_qmax(weight_bits))) if act_bits == 8 else act_bits
-            return measured_at(layer.measured_act, grid)
+            return measured_at(layer.measured_act, act_bits_of(cpu_act_qmax(weight_bits)))   # act_bits is 8 here (ACT_BITS)
 
         return "measured_act_error on this CPU's kernel grid (outside: × 4^-Δbits)", measured_act
     return "as the weights' E(layer, bits)", lambda layer, act_bits, weight_bits: bit_error(layer, act_bits)
 
 
-def option_error(bit_error, layer: Layer, opt: Option, act_error=None) -> float:
+def option_error(bit_error, act_error, layer: Layer, opt: Option) -> float:
     """Weight error + activation error of one layer under `opt` (the two add, to first order)."""
     if opt.full_precision:
         return 0.0
-    act = act_error(layer, opt.act_bits, opt.weight_bits) if act_error else bit_error(layer, opt.act_bits)
-    return bit_error(layer, opt.weight_bits) + (act if opt.act_bits < 16 else 0.0)
+    return bit_error(layer, opt.weight_bits) + (act_error(layer, opt.act_bits, opt.weight_bits) if opt.act_bits < 16 else 0.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -496,7 +494,7 @@ def build_table(layers: list[Layer], options: list[Option], cfg: AllocateConfig,
         for j, option in enumerate(options):
             opt = effective_option(layer, option)
             bits[i, j] = option_bits(layer, opt)
-            err[i, j] = option_error(bit_error, layer, opt, act_error)
+            err[i, j] = option_error(bit_error, act_error, layer, opt)
             violates[i, j] = layer.role in protect and opt.weight_bits < cfg.protect_bits
             if latency_fn is not None:
                 lat[i, j] = latency_fn(layer, opt)
