@@ -37,13 +37,15 @@ def read_idx(path: str | Path, magic: int) -> np.ndarray:
     return data.reshape(dims)
 
 
+PACKAGE_MNIST_DIR = Path(__file__).resolve().parent / "data" / "mnist"  # the t10k files ship with the package (CC BY-SA 3.0, see its README.md)
+
+
 def default_mnist_dir() -> Path:
-    """$DIFFPRO_MNIST, else the project's shared assets next to the checkout."""
+    """$DIFFPRO_MNIST, else the MNIST test set shipped inside the package (diffpro_cli/data/mnist)."""
     env = os.environ.get("DIFFPRO_MNIST")
     if env:
         return Path(env)
-    here = Path(__file__).resolve().parents[1]
-    return here.parent / "shared" / "assets" / "mnist"
+    return PACKAGE_MNIST_DIR
 
 
 def _find(directory: Path, stem: str) -> Path:

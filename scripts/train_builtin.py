@@ -15,7 +15,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("name", choices=["dit-mnist", "unet-mnist"])
     ap.add_argument("--out", type=Path, default=None, help="checkpoint dir (default .train/NAME)")
-    ap.add_argument("--data", type=Path, default=None, help="MNIST IDX dir (default $DIFFPRO_MNIST or ../shared/assets/mnist)")
+    ap.add_argument("--data", type=Path, default=None, help="MNIST IDX dir (default $DIFFPRO_MNIST, else the MNIST test set shipped in diffpro_cli/data/mnist)")
     ap.add_argument("--steps", type=int, default=2400)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--lr", type=float, default=5e-4)
