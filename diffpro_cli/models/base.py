@@ -8,6 +8,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from diffpro_cli.errors import InputError
+
 
 def linear_alphas_cumprod(num_steps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
     """The DDPM/DiT linear beta schedule, as cumulative alpha products in float64."""
@@ -29,6 +31,43 @@ def unet_forward(net, x, t, y):
     elif y is None:
         y = torch.full((x.shape[0],), net.config.num_class_embeds - 1, dtype=torch.long, device=x.device)
     return net(x, t, class_labels=y, return_dict=False)[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Loader settings that a diffusers config cannot express. A loader that changes its network after
+# construction records the change in `config["net_patches"]` (name → value) and makes it through
+# `apply_net_patches`; a quantized checkpoint stores the same record with its architecture and
+# load_quantized re-applies it through the same function, so the two paths cannot drift apart.
+# (Everything else a loader decides — sample shape, classes, schedule — is stored by value; the
+# decoder is `config["decode"]`, built by diffusers_dir.build_decoder.)
+# ---------------------------------------------------------------------------------------------
+
+
+def _set_timestep_freq_shift(net: nn.Module, shift: float) -> None:
+    """downscale_freq_shift of every DiT block's sinusoidal timestep projection (diffusers builds 1;
+    the original facebookresearch/DiT uses 0)."""
+    blocks = getattr(net, "transformer_blocks", None)
+    if not blocks:
+        raise InputError(f"timestep_freq_shift applies to DiT transformers, not {type(net).__name__}; re-quantize from the original model")
+    for block in blocks:
+        block.norm1.emb.time_proj.downscale_freq_shift = shift
+
+
+NET_PATCHES: dict[str, Callable[[nn.Module, object], None]] = {
+    "timestep_freq_shift": _set_timestep_freq_shift,
+}
+
+
+def apply_net_patches(net: nn.Module, patches: dict | None) -> dict:
+    """Apply recorded post-construction settings to `net`; returns them (a copy) for config["net_patches"]."""
+    patches = dict(patches or {})
+    unknown = sorted(set(patches) - set(NET_PATCHES))
+    if unknown:
+        raise InputError(f"network setting {unknown[0]!r} is unknown to this diffpro (knows {', '.join(sorted(NET_PATCHES))}); "
+                         "upgrade diffpro or re-quantize from the original model")
+    for name, value in patches.items():
+        NET_PATCHES[name](net, value)
+    return patches
 
 
 # Roles of quantizable layers; planners use them for protection defaults.
@@ -53,7 +92,7 @@ class DiffusionModel:
     random_weights: bool = False           # True: never report FID on it
     untrained: bool = False
     sha256: str | None = None              # of the weights file(s) this was loaded from
-    config: dict = field(default_factory=dict)  # JSON-able description (architecture config, source)
+    config: dict = field(default_factory=dict)  # JSON-able description (architecture config, source; see below)
 
     @property
     def num_train_timesteps(self) -> int:

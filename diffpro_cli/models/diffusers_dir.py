@@ -7,7 +7,8 @@ norm_type ada_norm_zero, as in facebook/DiT-XL-2-256) and UNet2DModel. A pipelin
 - Schedule: from scheduler/scheduler_config.json (num_train_timesteps, beta_start, beta_end,
   beta_schedule linear | scaled_linear | squaredcos_cap_v2, or trained_betas) when present, else
   the linear 1000-step DDPM schedule. Only epsilon prediction is supported.
-- Latent models: with a vae/ (AutoencoderKL), decode(z) = vae.decode(z / scaling_factor).sample.
+- Latent models: with a vae/ (AutoencoderKL), decode(z) = vae.decode(z / scaling_factor).sample,
+  recorded as config["decode"] (see `build_decoder`) so a quantized checkpoint decodes the same way.
   A DiT without a VAE decodes as the identity (samples stay latents).
 - Classes: DiT → num_embeds_ada_norm (the extra CFG row is the null label). A U-Net with
   num_class_embeds=K → K-1 classes: the last class index is treated as the null label.
@@ -231,6 +232,22 @@ def _vae_decoder(vae, scaling_factor: float):
     return decode
 
 
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def build_decoder(record: dict | None):
+    """decode(x) for a config["decode"] record: None / {"type": "identity"}, or {"type": "vae", "path":
+    absolute VAE folder, "scaling_factor": s}. The loader and load_quantized both build it here."""
+    kind = (record or {}).get("type", "identity")
+    if kind == "identity":
+        return _identity
+    if kind == "vae":
+        vae, _ = load_module_dir(Path(record["path"]), ("AutoencoderKL",))
+        return _vae_decoder(vae, float(record["scaling_factor"]))
+    raise InputError(f"decoder type {kind!r} is unknown to this diffpro; upgrade diffpro or re-quantize from the original model")
+
+
 def load_diffusers_dir(path: str | Path) -> DiffusionModel:
     """A DiffusionModel from a diffusers model or pipeline directory (see module docstring)."""
     from diffpro_cli.artifacts import input_record
@@ -269,14 +286,16 @@ def load_diffusers_dir(path: str | Path) -> DiffusionModel:
         k = cfg.get("num_class_embeds")
         kind, forward, num_classes = "unet", unet_forward, (int(k) - 1 if k else None)
 
-    decode, vae_info = (lambda x: x), None
+    decode_record, vae_info = {"type": "identity"}, None
     if vae_dir is not None:
-        vae, _ = load_module_dir(vae_dir, ("AutoencoderKL",))
-        scaling = float(vae.config.get("scaling_factor", 0.18215))
-        decode, vae_info = _vae_decoder(vae, scaling), {"scaling_factor": scaling}
+        scaling = float(_read_json(vae_dir / "config.json").get("scaling_factor", 0.18215))
+        # absolute: a quantized checkpoint reloads this VAE from here, from any working directory
+        decode_record = {"type": "vae", "path": str(vae_dir.resolve()), "scaling_factor": scaling}
+        vae_info = {"scaling_factor": scaling}
+    decode = build_decoder(decode_record)
 
     config = {"class": class_name, "config": json.loads(json.dumps(cfg, default=list)), "source": str(path),
-              "scheduler": scheduler, "vae": vae_info}
+              "scheduler": scheduler, "vae": vae_info, "decode": decode_record}
     if index and index.get("id2label"):
         config["id2label"] = index["id2label"]
     return DiffusionModel(

@@ -20,9 +20,11 @@ for the final layer), so it is copied into every block.
 Exactness: diffusers' DiT differs from the original in two constants: its sinusoidal timestep
 frequencies use exp(-ln(10^4) i / (half-1)) instead of / half (downscale_freq_shift 1 vs 0), and the
 pre-MLP LayerNorm eps is 1e-5 instead of 1e-6. By default this loader reproduces the original network
-exactly (norm_eps=1e-6 in the config, downscale_freq_shift=0 set on every block's time projection,
-recorded as config["timestep_freq_shift"]; see `set_timestep_freq_shift`). `diffusers_compat=True`
-keeps the diffusers constants instead, i.e. the network HF's converted facebook/DiT-* pipelines run.
+exactly: norm_eps=1e-6 goes into the diffusers config; downscale_freq_shift=0 on every block's time
+projection is not a config field, so it is set after construction through base.apply_net_patches and
+recorded as config["net_patches"] (a quantized checkpoint stores and re-applies that record).
+`diffusers_compat=True` keeps the diffusers constants instead, i.e. the network HF's converted
+facebook/DiT-* pipelines run.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from pathlib import Path
 import torch
 
 from diffpro_cli.errors import InputError
-from diffpro_cli.models.base import DiffusionModel, linear_alphas_cumprod
+from diffpro_cli.models.base import DiffusionModel, apply_net_patches, linear_alphas_cumprod
 
 # hidden size → heads for the published DiT sizes (S, B, L, XL)
 HEADS_BY_HIDDEN = {384: 6, 768: 12, 1024: 16, 1152: 16}
@@ -150,8 +152,7 @@ def to_original_layout(state: dict, pos_embed: torch.Tensor | None = None) -> di
 
 def set_timestep_freq_shift(net, shift: float) -> None:
     """Set the sinusoidal-frequency shift of every block's timestep projection (0 = original DiT)."""
-    for block in net.transformer_blocks:
-        block.norm1.emb.time_proj.downscale_freq_shift = shift
+    apply_net_patches(net, {"timestep_freq_shift": shift})
 
 
 def _check_layout(state: dict, path: Path) -> None:
@@ -200,7 +201,7 @@ def load_original_dit(path: str | Path, *, heads: int | None = None, sample_size
             raise InputError(f"{path}: pos_embed has shape {tuple(pos.shape)}, expected {tuple(net.pos_embed.pos_embed.shape)}; the checkpoint is inconsistent")
         net.pos_embed.pos_embed.copy_(pos)
     shift = 1 if diffusers_compat else 0
-    set_timestep_freq_shift(net, shift)
+    patches = apply_net_patches(net, {"timestep_freq_shift": shift})
     net.eval()
     return DiffusionModel(
         spec=str(path), net=net, kind="dit",
@@ -208,5 +209,5 @@ def load_original_dit(path: str | Path, *, heads: int | None = None, sample_size
         alphas_cumprod=linear_alphas_cumprod(), forward_fn=dit_forward,
         num_classes=config["num_embeds_ada_norm"], sha256=sha256_file(path),
         config={"class": "DiTTransformer2DModel", "config": config, "source": "original-dit", "path": str(path),
-                "wrapper": wrapper, "timestep_freq_shift": shift, "latent_without_vae": True},
+                "wrapper": wrapper, "net_patches": patches, "timestep_freq_shift": shift, "latent_without_vae": True},
     )

@@ -12,7 +12,10 @@ model.safetensors holds, by the network's own qualified names,
   * `__diffpro__.alphas_cumprod` (float64): the noise schedule.
 diffpro.json holds the format version, the architecture (class + config, so the network is rebuilt
 with `Class.from_config` on the meta device: no float weights are ever materialised for quantized
-layers), per-layer bits / layout / kernel / activation mode, the timestep subset and provenance hashes.
+layers, plus `patches`, the loader's settings outside the config, re-applied through
+models.base.apply_net_patches; or the module:factory spec, re-run with --trust-code), the decoder
+record (models.diffusers_dir.build_decoder), per-layer bits / layout / kernel / activation mode, the
+timestep subset and provenance hashes.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from torch import nn
 from diffpro_cli import __version__
 from diffpro_cli.artifacts import atomic_save_safetensors, atomic_write_json, read_json, sha256_file, sha256_json
 from diffpro_cli.errors import InputError, TrustError
-from diffpro_cli.models.base import DiffusionModel, dit_forward, unet_forward
+from diffpro_cli.models.base import DiffusionModel, apply_net_patches, dit_forward, unet_forward
 from diffpro_cli.quant.formats import dequantize_weight, quantize_weight
 from diffpro_cli.quant.layers import Int8Embedding, QuantConv2d, QuantLinear, _QuantBase, empty_from_record, fuse_shared_inputs, normalise_act, timestep_context
 
@@ -100,9 +103,12 @@ def checkpoint_tensors(model: DiffusionModel, qlayers: dict[str, _QuantBase], in
 
 
 def _architecture(model: DiffusionModel) -> dict:
-    """How to rebuild the network without its weights."""
+    """How to rebuild the network without its weights: the class and its config, plus the loader's
+    post-construction settings (config["net_patches"]), or the factory that builds it."""
     cfg = model.config or {}
-    if model.kind == "custom":
+    if "architecture" in cfg:     # a reloaded checkpoint, saved again: rebuilt exactly as it was
+        return _jsonable(cfg["architecture"])
+    if model.kind == "custom" or "custom" in cfg:   # the factory's own model: forward and decode included
         return {"builder": "factory", "spec": model.spec}
     cls = cfg.get("class") or type(model.net).__name__
     config = cfg.get("config")
@@ -110,7 +116,27 @@ def _architecture(model: DiffusionModel) -> dict:
         config = {k: v for k, v in dict(model.net.config).items() if not k.startswith("_")}
     if config is None:
         raise InputError(f"{model.spec}: the loader recorded no architecture config; this model cannot be saved as a diffpro checkpoint")
-    return {"builder": "diffusers", "class": cls, "config": config}
+    return {"builder": "diffusers", "class": cls, "config": config, "patches": _jsonable(cfg.get("net_patches") or {})}
+
+
+def _net_patches(arch: dict, source_config: dict) -> dict:
+    """The architecture's recorded settings; checkpoints written before they were recorded only have
+    the original-DiT loader's `timestep_freq_shift` in their source config."""
+    if "patches" in arch or arch.get("builder") != "diffusers":
+        return arch.get("patches") or {}
+    if isinstance(source_config, dict) and source_config.get("timestep_freq_shift") is not None:
+        return {"timestep_freq_shift": source_config["timestep_freq_shift"]}
+    return {}
+
+
+def _decode_record(m: dict) -> dict | None:
+    """The model's decoder record; for older checkpoints, rebuilt from the pipeline's folder and VAE scale."""
+    if "decode" in m:
+        return m["decode"]
+    src = m.get("source_config") or {}
+    if src.get("vae") and src.get("source"):
+        return {"type": "vae", "path": str(Path(src["source"]).resolve() / "vae"), "scaling_factor": float(src["vae"]["scaling_factor"])}
+    return None
 
 
 def _avg_bits(model: DiffusionModel, qlayers: dict[str, _QuantBase]) -> float:
@@ -153,7 +179,8 @@ def save_quantized(model: DiffusionModel, plan: dict | None, out_dir: str | Path
         "model": {"spec": model.spec, "sha256": model.sha256, "kind": model.kind, "sample_shape": list(model.sample_shape),
                   "num_classes": model.num_classes, "num_train_timesteps": model.num_train_timesteps,
                   "random_weights": model.random_weights, "untrained": model.untrained,
-                  "architecture": _architecture(model), "source_config": _jsonable(model.config)},
+                  "architecture": _architecture(model), "decode": _jsonable((model.config or {}).get("decode")),
+                  "source_config": _jsonable(model.config)},
         "layers": layers,
         "activation": {"modes": sorted({rec["act_mode"] for rec in layers.values()}), "bits": 8, "symmetric_weights": True,
                        "dynamic": "int8, one asymmetric range per input tensor (Linear) / symmetric per sample (Conv2d), found at every call",
@@ -182,14 +209,16 @@ def _jsonable(obj):
     return json.loads(json.dumps(obj, default=str))
 
 
-def _build_empty(arch: dict, trust_code: bool) -> nn.Module:
-    """The architecture with no weights allocated (meta device) where possible."""
+def _build_empty(arch: dict, trust_code: bool) -> tuple[nn.Module, DiffusionModel | None]:
+    """(the architecture with no weights allocated (meta device) where possible and the loader's
+    network settings applied, the factory's own model for factory-built networks else None)."""
     if arch["builder"] == "factory":
         if not trust_code:
             raise TrustError(f"this checkpoint's network comes from {arch['spec']}; pass --trust-code to import and run its code")
         from diffpro_cli.models.custom import load_custom
 
-        return load_custom(arch["spec"], trust_code=True).net
+        built = load_custom(arch["spec"], trust_code=True)
+        return built.net, built
     import diffusers
 
     cls = getattr(diffusers, arch["class"], None)
@@ -197,18 +226,25 @@ def _build_empty(arch: dict, trust_code: bool) -> nn.Module:
         raise InputError(f"checkpoint architecture {arch['class']} is not a diffusers model class; re-quantize from the original model")
     with torch.device("meta"):
         net = cls.from_config(arch["config"])
-    return net.eval()
+    apply_net_patches(net, arch.get("patches"))
+    return net.eval(), None
 
 
-def _attach_vae(model: DiffusionModel, source_config: dict) -> None:
-    """Latent pipelines: reuse the original pipeline's VAE (not quantized) if it is still on disk."""
-    source = source_config.get("source") if isinstance(source_config, dict) else None
-    if not source or not source_config.get("vae") or not (Path(source) / "vae" / "config.json").is_file():
-        return
-    from diffpro_cli.models.diffusers_dir import _vae_decoder, load_module_dir
+def _decoder(record: dict | None):
+    """The loader's decoder, rebuilt from its record; a VAE that is no longer on disk fails when used,
+    not at load (latency and memory runs never decode)."""
+    from diffpro_cli.models.diffusers_dir import build_decoder
 
-    vae, _ = load_module_dir(Path(source) / "vae", ("AutoencoderKL",))
-    model.decode = _vae_decoder(vae, float(source_config["vae"]["scaling_factor"]))
+    try:
+        return build_decoder(record)
+    except InputError as exc:
+        message = f"decoding needs the VAE at {record.get('path')}, which cannot be loaded ({str(exc)[:120]}); " \
+                  "put the pipeline back there or quantize it again from where it is now"
+
+        def decode(x):
+            raise InputError(message)
+
+        return decode
 
 
 def read_meta(path: str | Path) -> dict:
@@ -236,12 +272,16 @@ def load_quantized(path: str | Path, *, trust_code: bool = False, verify: bool =
     if verify and meta["provenance"].get("tensors_sha256") not in (None, sha256_file(weights)):
         raise InputError(f"{weights}: sha256 does not match {META} (mixed-up or modified checkpoint); re-run `diffpro quantize`")
     m = meta["model"]
-    net = _build_empty(m["architecture"], trust_code)
+    source = m.get("source_config") if isinstance(m.get("source_config"), dict) else {}
+    arch = dict(m["architecture"])
+    if arch.get("builder") == "diffusers":
+        arch["patches"] = _net_patches(arch, source)
+    net, built = _build_empty(arch, trust_code)
     for name, record in meta["layers"].items():
         try:
             net.get_submodule(name)
         except AttributeError:
-            raise InputError(f"{path / META}: layer {name} does not exist in {m['architecture'].get('class')}; the checkpoint does not match its config") from None
+            raise InputError(f"{path / META}: layer {name} does not exist in {arch.get('class')}; the checkpoint does not match its config") from None
         set_submodule(net, name, empty_from_record(record, device="meta"))
     with TensorFile(weights) as reader:
         packed_keys = {f"{name}.qweight" for name in meta["layers"]}
@@ -275,19 +315,22 @@ def load_quantized(path: str | Path, *, trust_code: bool = False, verify: bool =
             _release_freed_memory()   # per layer: otherwise unpacking temporaries pile up
     _check_nothing_meta(net, weights)
     kind = m["kind"]
-    base_forward = FORWARDS.get(kind)
-    if base_forward is None:
-        from diffpro_cli.models.custom import custom_forward as base_forward
-    model = DiffusionModel(
+    decode_record = _decode_record(m)
+    if built is not None:      # the factory's own call convention and decoder
+        base_forward, decode = built.forward_fn, built.decode
+    else:
+        base_forward, decode = FORWARDS.get(kind), _decoder(decode_record)
+        if base_forward is None:
+            from diffpro_cli.models.custom import custom_forward as base_forward
+    return DiffusionModel(
         spec=str(path), net=net, kind=kind, sample_shape=tuple(m["sample_shape"]),
         alphas_cumprod=alphas if alphas is not None else torch.empty(0), forward_fn=_timestep_aware(base_forward),
-        num_classes=m["num_classes"], random_weights=m["random_weights"], untrained=m["untrained"],
+        num_classes=m["num_classes"], decode=decode, random_weights=m["random_weights"], untrained=m["untrained"],
         sha256=meta["provenance"].get("tensors_sha256"),
-        config={"quantized_from": m["spec"], "model_sha256": m["sha256"], "architecture": m["architecture"],
-                "timesteps": meta.get("timesteps"), "totals": meta.get("totals")},
+        # the source model's record too, so saving this model again keeps its settings
+        config=source | {"quantized_from": m["spec"], "model_sha256": m["sha256"], "architecture": arch,
+                         "decode": decode_record, "timesteps": meta.get("timesteps"), "totals": meta.get("totals")},
     )
-    _attach_vae(model, m.get("source_config") or {})
-    return model
 
 
 class TensorFile:
