@@ -3,7 +3,9 @@
 Under `torchrun --nproc-per-node N -m diffpro_cli bench ...` every rank takes a contiguous slice of
 the sample indices (samples are seeded per index, so a slice is exactly the same images a single
 process would make), computes what it must for its slice, and the slices are gathered in rank
-order. Rank 0 writes the artifacts; the others only compute. gloo on CPU, nccl on CUDA.
+order. Rank 0 writes the artifacts; the others only compute. The backend follows the device the run
+computes on (gloo for cpu, nccl only for cuda), not whether a GPU happens to exist: nccl cannot
+all-gather the CPU tensors and objects a CPU run exchanges.
 """
 
 from __future__ import annotations
@@ -15,12 +17,36 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from diffpro_cli.errors import UsageError
 
-def init_from_env() -> tuple[int, int]:
-    """Join the process group torchrun describes (if any); returns (rank, world size)."""
+DEVICE_ENV = "DIFFPRO_DEVICE"   # the device a run computes on, if the runner sets it (default cpu)
+
+
+def backend_for(device: str | torch.device | None = None) -> str:
+    """The process-group backend for a run on `device` (default: $DIFFPRO_DEVICE, else cpu)."""
+    if device is None:
+        device = os.environ.get(DEVICE_ENV) or "cpu"
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError):
+        raise UsageError(f"device {device!r}: not a torch device; use cpu or cuda") from None
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"device {device}: CUDA is not available here; run on cpu or on a machine with a GPU")
+        return "nccl"
+    if kind == "cpu":
+        return "gloo"
+    raise UsageError(f"device {device}: distributed runs support cpu (gloo) and cuda (nccl)")
+
+
+def init_from_env(device: str | torch.device | None = None) -> tuple[int, int]:
+    """Join the process group torchrun describes (if any) with the backend for `device` (see backend_for);
+    returns (rank, world size)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        backend = backend_for(device)
+        if backend == "nccl":   # one GPU per rank
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend=backend)
     return rank_world()
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from diffpro_cli.distributed import shard_range, sharded_map
+from diffpro_cli.distributed import backend_for, shard_range, sharded_map
+from diffpro_cli.errors import UsageError
 
 
 def _features(model, start, count):
@@ -56,3 +57,24 @@ def test_two_gloo_processes_equal_single_process(tmp_path, tiny_model):
         merged = np.load(tmp_path / f"rank{r}.npy")
         assert merged.shape == single.shape
         np.testing.assert_allclose(merged, single, rtol=1e-5, atol=1e-5)
+
+
+def test_backend_follows_the_run_device_not_gpu_presence(monkeypatch):
+    """A CPU run gets gloo even on a machine with CUDA (nccl cannot gather CPU tensors); only cuda gets nccl."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.delenv("DIFFPRO_DEVICE", raising=False)
+    assert backend_for() == "gloo"
+    assert backend_for("cpu") == "gloo" and backend_for(torch.device("cpu")) == "gloo"
+    assert backend_for("cuda") == "nccl" and backend_for("cuda:1") == "nccl"
+    monkeypatch.setenv("DIFFPRO_DEVICE", "cuda")
+    assert backend_for() == "nccl"
+    monkeypatch.setenv("DIFFPRO_DEVICE", "cpu")
+    assert backend_for() == "gloo"
+
+
+def test_backend_refuses_cuda_without_cuda_and_unknown_devices(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UsageError, match="CUDA is not available"):
+        backend_for("cuda")
+    with pytest.raises(UsageError, match="not a torch device"):
+        backend_for("gpu0")
