@@ -6,6 +6,7 @@ Exit codes are stable (see errors.py): 0 ok, 1 internal error, 2 usage / not yet
 
 from __future__ import annotations
 
+import os
 import sys
 
 import typer
@@ -63,6 +64,7 @@ def _click_exceptions():
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code. Known errors print one line on stderr, never a traceback."""
+    os.environ.setdefault("MPLBACKEND", "Agg")  # the one backend choice (headless); plots.py itself needs none
     cx = _click_exceptions()
     command = typer.main.get_command(app)
     try:

@@ -1,119 +1,30 @@
-"""report.md and its figures from bench/report.json (plus scores.json / timesteps.json when present)."""
+"""bench/report.md from bench/report.json (plus scores.json / timesteps.json when present); the
+figures it links are drawn by `diffpro_cli.plots`."""
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
-import torch
-
+from diffpro_cli import plots
 from diffpro_cli.artifacts import atomic_write_bytes
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: Path) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    _plt().close(fig)
-    atomic_write_bytes(path, buf.getvalue())
-    return f"figures/{path.name}"
-
-
-def latency_figure(report: dict, path: Path) -> str:
-    plt = _plt()
-    rows = report["rows"]
-    fig, ax = plt.subplots(figsize=(7, 3.2))
-    med = [r["latency_s_per_image"]["median"] * 1000 for r in rows]
-    lo = [m - r["latency_s_per_image"]["min"] * 1000 for m, r in zip(med, rows)]
-    hi = [r["latency_s_per_image"]["max"] * 1000 - m for m, r in zip(med, rows)]
-    ax.bar([r["name"] for r in rows], med, yerr=[lo, hi], color="#4C72B0", capsize=3)
-    ax.set_ylabel("ms per image (median, min–max)")
-    ax.set_title(f"Latency per image ({report['device']['name'][:40]}, {report['device']['threads']} threads)")
-    ax.tick_params(axis="x", rotation=25)
-    return _save(fig, path)
-
-
-def fid_bits_figure(report: dict, path: Path) -> str | None:
-    rows = [r for r in report["rows"] if r["fid"] is not None]
-    if not rows:
-        return None
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    for r in rows:
-        ax.scatter(r["weight_bits_avg"], r["fid"], s=40)
-        ax.annotate(f"{r['name']} ({r['steps']} st)", (r["weight_bits_avg"], r["fid"]), fontsize=7,
-                    xytext=(4, 3), textcoords="offset points")
-    ax.set_xlabel("average weight bits")
-    ax.set_ylabel(f"FID (N={report['fid']['n_samples']})")
-    ax.set_title("FID vs average weight bits")
-    return _save(fig, path)
-
-
-def sample_grid_figure(samples: dict[str, torch.Tensor], path: Path, per_row: int) -> str | None:
-    if not samples:
-        return None
-    plt = _plt()
-    names = list(samples)
-    fig, axes = plt.subplots(len(names), 1, figsize=(per_row * 0.7, len(names) * 0.85))
-    axes = [axes] if len(names) == 1 else axes
-    for ax, name in zip(axes, names):
-        x = samples[name][:per_row].clamp(-1, 1)
-        strip = torch.cat(list((x + 1) / 2), dim=-1)  # C, H, W*k
-        img = strip.permute(1, 2, 0).numpy()
-        ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=1)
-        ax.set_xticks([]), ax.set_yticks([])
-        ax.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=8)
-    fig.suptitle("Samples, same seeds and labels in every row", fontsize=9)
-    return _save(fig, path)
-
-
-def cdf_figure(scores_path: Path, path: Path) -> str | None:
-    if not scores_path.exists():
-        return None
-    layers = json.loads(scores_path.read_text()).get("layers", {})
-    vals = sorted(v.get("combined_score") for v in layers.values() if v.get("combined_score") is not None)
-    if not vals:
-        return None
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    ax.step(vals, [(i + 1) / len(vals) for i in range(len(vals))], where="post")
-    ax.set_xlabel("combined sensitivity score")
-    ax.set_ylabel("CDF over layers")
-    ax.set_title(f"Sensitivity CDF ({len(vals)} layers)")
-    return _save(fig, path)
-
-
-def drift_figure(timesteps_path: Path, path: Path) -> str | None:
-    """MSE between student and teacher x_t at every kept step, for the selected and the uniform subset
-    (prune's `drift_curve`: {"selected": [[t, mse], ...], "uniform": [[t, mse], ...], ...})."""
-    if not timesteps_path.exists():
-        return None
-    data = json.loads(timesteps_path.read_text())
-    curve = data.get("drift_curve")
-    if not isinstance(curve, dict) or not curve.get("selected"):
-        return None
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(5.5, 3.2))
-    for key, label in (("uniform", "uniform (DDIM) subset"), ("selected", "drift-selected subset")):
-        points = curve.get(key) or []
-        if points:
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker=".", label=label)
-    ax.set_xlabel("timestep (sampling runs left to right, 999 → 0)")
-    ax.invert_xaxis()
-    ax.set_yscale("log")
-    ax.legend(fontsize=7)
-    ax.set_ylabel("MSE to teacher x_t")
-    ax.set_title(f"Teacher–student drift (kept {len(data.get('timesteps', []))} steps)")
-    return _save(fig, path)
+def _figures(report: dict, figs: Path, samples: dict, workdir: Path, grid_n: int) -> dict[str, str | None]:
+    """Draw the report's figures into `figs`; {key: path relative to bench/, or None when not drawn}."""
+    scores_path, timesteps_path = workdir / "scores.json", workdir / "timesteps.json"
+    scores = json.loads(scores_path.read_text()) if scores_path.exists() else {}
+    timesteps = json.loads(timesteps_path.read_text()) if timesteps_path.exists() else {}
+    curve = timesteps.get("drift_curve")
+    made = {
+        "latency": plots.latency_figure(report, figs / "latency.png"),
+        "fid": plots.fid_bits_figure(report, figs / "fid_vs_bits.png"),
+        "samples": plots.sample_grid_figure(samples, figs / "samples.png", grid_n),
+        "cdf": plots.cdf_figure(scores, figs / "sensitivity_cdf.png"),
+        "drift": plots.plot_drift(timesteps, figs / "drift.png")
+        if isinstance(curve, dict) and curve.get("selected") else None,
+    }
+    return {k: None if p is None else f"figures/{Path(p).name}" for k, p in made.items()}
 
 
 def _fmt(v, spec="{:.3g}"):
@@ -121,14 +32,7 @@ def _fmt(v, spec="{:.3g}"):
 
 
 def write_markdown(report: dict, bench_dir: Path, samples: dict, workdir: Path, grid_n: int = 10) -> Path:
-    figs = bench_dir / "figures"
-    made = {
-        "latency": latency_figure(report, figs / "latency.png"),
-        "fid": fid_bits_figure(report, figs / "fid_vs_bits.png"),
-        "samples": sample_grid_figure(samples, figs / "samples.png", grid_n),
-        "cdf": cdf_figure(workdir / "scores.json", figs / "sensitivity_cdf.png"),
-        "drift": drift_figure(workdir / "timesteps.json", figs / "drift.png"),
-    }
+    made = _figures(report, bench_dir / "figures", samples, workdir, grid_n)
     d = report.get("derived", {})
     lines = [
         f"# diffpro report — {report['model']['spec']}",

@@ -5,7 +5,7 @@ import argparse
 import json
 from pathlib import Path
 
-from diffpro_cli.figures import lines_on, new_figure, save_figure
+from diffpro_cli.plots import lines_on, new_figure, save_figure
 from diffpro_cli.models.builtin import WEIGHTS_DIR
 
 

@@ -1016,7 +1016,7 @@ def run_allocate(scores_path: str | Path, workdir: str | Path, cfg: AllocateConf
                                          latency_source=lsource, timesteps=timesteps, scores_path=scores_path, ui=ui)
         plan["scores_sha256"] = inputs["scores"]["sha256"]
         if pareto is not None:
-            from diffpro_cli.plots_plan import plot_pareto
+            from diffpro_cli.plots import plot_pareto
 
             atomic_write_json(outputs["pareto"], pareto)
             plot_pareto(pareto, outputs["pareto_figure"])

@@ -411,7 +411,7 @@ def run_prune(model: DiffusionModel, workdir: str | Path, cfg: PruneConfig, *, f
     def compute():
         payload = select_timesteps(model, cfg, ui)
         if figure:
-            from diffpro_cli.plots_plan import plot_drift
+            from diffpro_cli.plots import plot_drift
 
             plot_drift(payload, fig)
         atomic_write_json(out, payload)

@@ -558,7 +558,7 @@ def write_figures(doc: dict, tensors: dict, result: dict, fig_dir: Path, cfg: Sc
     """The PNG figures next to scores.json (see figure_paths)."""
     import numpy as np
 
-    from diffpro_cli.figures import ecdf_on, heatmap_on, lines_on, new_figure, save_figure, scatter_on
+    from diffpro_cli.plots import ecdf_on, heatmap_on, lines_on, new_figure, save_figure, scatter_on
     from diffpro_cli.stages.profile import hist_magnitude_edges, magnitude_hist
 
     layers = result["layers"]
