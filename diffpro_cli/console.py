@@ -1,10 +1,17 @@
-"""Output for people and for scripts: rich text on stderr, `--json` results on stdout, quiet mode."""
+"""Output for people and for scripts: rich text on stderr, `--json` results on stdout, quiet mode.
+
+Progress: rich bars and spinners on a TTY; when stderr is not a TTY (CI logs, nohup, `make demo > log`)
+one plain line at most every DIFFPRO_PROGRESS_INTERVAL seconds (default 30) and one at the end, so a
+long phase is never silent; `--quiet` silences both.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import sys
+import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -12,17 +19,46 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 
+PROGRESS_INTERVAL_ENV = "DIFFPRO_PROGRESS_INTERVAL"
+DEFAULT_PROGRESS_INTERVAL = 30.0
+
+
 def _interactive() -> bool:
     return sys.stderr.isatty() and not os.environ.get("CI")
+
+
+def _secs(s: float) -> str:
+    return f"{s:.0f}s"
+
+
+def _interval_from_env() -> float:
+    raw = os.environ.get(PROGRESS_INTERVAL_ENV, "").strip()
+    try:
+        return max(0.0, float(raw)) if raw else DEFAULT_PROGRESS_INTERVAL
+    except ValueError:
+        return DEFAULT_PROGRESS_INTERVAL
 
 
 @dataclass
 class UI:
     quiet: bool = False
     json_output: bool = False
+    # seconds between plain progress lines when not a TTY (None: $DIFFPRO_PROGRESS_INTERVAL, else 30)
+    progress_interval: float | None = None
+    # None: detect (stderr is a TTY and $CI unset); True/False forces rich or plain progress
+    interactive: bool | None = None
 
     def __post_init__(self):
         self.err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+    def _is_interactive(self) -> bool:
+        return _interactive() if self.interactive is None else self.interactive
+
+    def _interval(self) -> float:
+        return _interval_from_env() if self.progress_interval is None else max(0.0, float(self.progress_interval))
+
+    def _plain(self, line: str) -> None:
+        self.err.print(line, markup=False, highlight=False)
 
     def info(self, message: str) -> None:
         if not self.quiet:
@@ -41,14 +77,86 @@ class UI:
 
     @contextmanager
     def progress(self, description: str, total: int | None):
-        """Yields advance(n=1); a rich bar only when interactive and not quiet."""
-        if self.quiet or not _interactive():
+        """Yields advance(n=1). TTY: a rich bar. Not a TTY: a plain line `<description>: done/total (pct%),
+        elapsed Xs, ETA Ys` at most every progress interval, and one when the block ends. Quiet: nothing."""
+        if self.quiet:
             yield lambda n=1: None
+            return
+        if not self._is_interactive():
+            plain = _PlainProgress(self, description, total, self._interval())
+            yield plain.advance
+            plain.finish()
             return
         columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
         with Progress(*columns, console=self.err, transient=True) as bar:
             task = bar.add_task(description, total=total)
             yield lambda n=1: bar.advance(task, n)
+
+    @contextmanager
+    def heartbeat(self, description: str):
+        """For a long phase with no known total. Not a TTY: a daemon thread prints `<description>: still
+        working, elapsed Xs` every progress interval until the block ends. TTY: a rich spinner. Quiet: nothing."""
+        if self.quiet:
+            yield
+            return
+        if self._is_interactive():
+            with self.err.status(description):
+                yield
+            return
+        stop = threading.Event()
+        t0 = time.monotonic()
+        interval = max(self._interval(), 0.01)   # an interval of 0 must not spin
+
+        def beat():
+            while not stop.wait(interval):
+                self._plain(f"{description}: still working, elapsed {_secs(time.monotonic() - t0)}")
+
+        thread = threading.Thread(target=beat, name="diffpro-heartbeat", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+
+
+class _PlainProgress:
+    """Throttled plain-text progress for logs (see UI.progress)."""
+
+    def __init__(self, ui: UI, description: str, total: int | None, interval: float):
+        self.ui, self.description, self.total, self.interval = ui, description, total, interval
+        self.done = 0
+        self.printed = None      # `done` at the last printed line
+        self.t0 = self.last = time.monotonic()
+        self.lock = threading.Lock()
+
+    def line(self, now: float) -> str:
+        elapsed = now - self.t0
+        if not self.total:
+            return f"{self.description}: {self.done} done, elapsed {_secs(elapsed)}"
+        pct = 100.0 * self.done / self.total
+        if self.done >= self.total:
+            eta = "0s"
+        elif self.done > 0:
+            eta = _secs(elapsed * (self.total - self.done) / self.done)
+        else:
+            eta = "?"
+        return f"{self.description}: {self.done}/{self.total} ({pct:.0f}%), elapsed {_secs(elapsed)}, ETA {eta}"
+
+    def advance(self, n: int = 1) -> None:
+        with self.lock:
+            self.done += n
+            now = time.monotonic()
+            if now - self.last < self.interval:
+                return
+            self.last, self.printed = now, self.done
+            text = self.line(now)
+        self.ui._plain(text)
+
+    def finish(self) -> None:
+        """The closing line (not printed when the block raised: the error says what happened)."""
+        if self.done != self.printed:
+            self.ui._plain(self.line(time.monotonic()))
 
 
 QUIET_UI = UI(quiet=True)

@@ -30,8 +30,15 @@ def time_call(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> di
     return {"median": statistics.median(times), "min": min(times), "max": max(times), "repeats": repeats}
 
 
-def interleaved(fns: dict[str, Callable[[], object]], repeats: int = 5, warmup: int = 1) -> dict[str, dict]:
-    """Time several candidates round-robin so drifting machine load hits them all alike."""
+def interleaved(fns: dict[str, Callable[[], object]], repeats: int = 5, warmup: int = 1, *,
+                advance: Callable[[int], object] | None = None, ui=None, description: str = "timing") -> dict[str, dict]:
+    """Time several candidates round-robin so drifting machine load hits them all alike.
+
+    Progress: `advance(1)` is called after each round of repeats; or pass `ui` (a console.UI) to get a
+    `description` progress over the `repeats` rounds (a plain line every 30 s when not a TTY)."""
+    if advance is None and ui is not None:
+        with ui.progress(description, total=repeats) as adv:
+            return interleaved(fns, repeats, warmup, advance=adv)
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -43,8 +50,9 @@ def interleaved(fns: dict[str, Callable[[], object]], repeats: int = 5, warmup: 
             fn()
             _sync()
             samples[k].append(time.perf_counter() - t0)
+        if advance is not None:
+            advance(1)
     return {k: {"median": statistics.median(v), "min": min(v), "max": max(v), "repeats": repeats} for k, v in samples.items()}
-
 
 def scale(stats: dict, factor: float) -> dict:
     """Divide a latency record by `factor` (e.g. per batch → per image)."""

@@ -23,11 +23,11 @@ def vm_hwm_bytes() -> int | None:
 
 
 def subprocess_peak(spec: str, batch: int, steps: int = 2, trust_code: bool = False, weights: str | None = None,
-                    timeout: float = 900) -> dict:
+                    timeout: float = 900, ui=None) -> dict:
     """{"load_bytes", "run_bytes", "method"}: growth of a fresh process's peak RSS while loading `spec`
     (every tensor touched) and then while sampling one batch of `batch` over `steps` steps (steps 0:
     load only, run_bytes = load_bytes). Growth is counted from after the libraries are imported.
-    Values are None where it failed."""
+    Values are None where it failed. With `ui` (a console.UI), a heartbeat line while the child runs."""
     import json
     import subprocess
     import sys
@@ -38,8 +38,11 @@ def subprocess_peak(spec: str, batch: int, steps: int = 2, trust_code: bool = Fa
     if weights:
         cmd += ["--weights", str(weights)]
     method = "fresh process: VmHWM growth after imports (load: every tensor touched; run: + one sampling batch)"
+    from contextlib import nullcontext
+
     try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=True)
+        with ui.heartbeat(f"memory: measuring {spec} in a fresh process") if ui is not None else nullcontext():
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=True)
         result = json.loads(out.stdout.strip().splitlines()[-1])
     except (subprocess.SubprocessError, ValueError, IndexError, OSError) as exc:
         return {"load_bytes": None, "run_bytes": None, "method": f"failed: {type(exc).__name__}"}
