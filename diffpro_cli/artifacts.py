@@ -4,24 +4,34 @@ Every file is written to a temporary name in the same directory and renamed into
 interrupted stage (Ctrl-C, kill) leaves the previous artifact readable. `diffpro.lock.json` records,
 per stage, the sha256 of its inputs, its config and its outputs; a stage whose inputs, config and
 outputs all still match is skipped as up to date.
+
+Concurrency (issue #18): the lock file's read-modify-write runs under an `fcntl.flock` on a sidecar
+file, and a stage holds `workdir_lock` (one process at a time per work directory, re-entrant within a
+process) from its up-to-date check to its lock record. Stale temp files are only removed while holding
+that lock, so a concurrent stage's live temp file is never taken for an interrupted write's leftover.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import tempfile
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from diffpro_cli import __version__
-from diffpro_cli.errors import InputError
+from diffpro_cli.errors import InputError, UsageError
 
 LOCK_NAME = "diffpro.lock.json"
 LOCK_SCHEMA = "diffpro.lock/1"
+LOCK_FLOCK_NAME = ".diffpro.lock.flock"    # guards the read-modify-write of diffpro.lock.json
+RUN_LOCK_NAME = ".diffpro.run.lock"        # held by the process running stages in this workdir (holds its pid)
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -66,6 +76,25 @@ def remove_stale_temp_files(root: str | Path, older_than: float) -> list[Path]:
                 removed.append(p)
         except OSError:
             pass
+    return removed
+
+
+def clean_stale_temp_files(workdir: str | Path, ui=None) -> list[Path]:
+    """Remove temp files that interrupted writes left in `workdir`, safely: only while this process holds
+    the workdir lock (re-entrant, so it may be called inside `workdir_lock`). If another process holds it,
+    its temp files may be live, so nothing is removed and [] is returned. Files modified after the lock was
+    taken belong to a writer that ignores the lock and are kept too."""
+    workdir = Path(workdir)
+    if not workdir.is_dir():
+        return []
+    try:
+        with workdir_lock(workdir, wait=False, ui=ui) as held_since:
+            removed = remove_stale_temp_files(workdir, older_than=held_since)
+    except UsageError:
+        return []
+    if ui is not None:
+        for p in removed:
+            ui.info(f"removed {p}: left by an interrupted earlier run")
     return removed
 
 
@@ -173,12 +202,130 @@ class StageCheck:
     reason: str
 
 
+@contextmanager
+def _flock(path: Path, mode: int):
+    """fcntl.flock on `path` (created if missing) for the duration of the block."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, mode)
+        yield fd
+    finally:
+        os.close(fd)   # closing the descriptor releases the lock
+
+
+# per-process state of workdir_lock: resolved workdir → [fd, depth, pid, acquired_at]
+_held: dict[Path, list] = {}
+_held_guard = threading.Lock()
+
+
+def _read_holder(fd: int) -> str:
+    """The pid written into the run-lock file by its holder ("?" if it has not written it yet)."""
+    for _ in range(20):     # the holder writes its pid right after taking the lock
+        try:
+            text = os.pread(fd, 64, 0).decode(errors="replace").strip()
+        except OSError:
+            text = ""
+        if text:
+            return text
+        time.sleep(0.025)
+    return "?"
+
+
+@contextmanager
+def workdir_lock(workdir: str | Path, wait: bool = False, ui=None):
+    """Hold the exclusive per-workdir run lock (fcntl.flock on WORKDIR/.diffpro.run.lock) for the block.
+
+    Re-entrant within one process (a `diffpro run` holds it and each of its stages takes it again); threads
+    of one process share it. On contention: with `wait`, print one info line and block until it is free;
+    else raise UsageError naming the holder's pid. Yields the time.time() at which the lock was taken.
+    """
+    key = Path(workdir).resolve()
+    pid = os.getpid()
+    with _held_guard:
+        state = _held.get(key)
+        if state is not None and state[2] == pid:
+            state[1] += 1
+            reentered = True
+        else:
+            reentered = False
+    if reentered:
+        try:
+            yield state[3]
+        finally:
+            with _held_guard:
+                state[1] -= 1
+                if state[1] == 0:
+                    _release(key, state)
+        return
+
+    key.mkdir(parents=True, exist_ok=True)
+    fd = os.open(key / RUN_LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        holder = None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_holder(fd)
+            try:    # "?" may mean the holder was just releasing: one more try before reporting
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                holder = None
+            except BlockingIOError:
+                pass
+        if holder is not None:
+            if not wait:
+                raise UsageError(f"workdir {workdir} is in use by pid {holder}; wait for it or pass --wait") from None
+            if ui is None:
+                from diffpro_cli.console import UI
+
+                ui = UI()
+            ui.info(f"waiting for workdir {workdir} (in use by pid {holder})")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{pid}\n".encode(), 0)
+    except BaseException:
+        os.close(fd)
+        raise
+    state = [fd, 1, pid, time.time()]
+    with _held_guard:
+        _held[key] = state
+    try:
+        yield state[3]
+    finally:
+        with _held_guard:
+            state[1] -= 1
+            if state[1] == 0:
+                _release(key, state)
+
+
+def _release(key: Path, state: list) -> None:
+    """Drop the run lock (caller holds _held_guard). The file stays: unlinking it would race a waiter."""
+    if _held.get(key) is state:
+        del _held[key]
+    try:
+        os.ftruncate(state[0], 0)
+    except OSError:
+        pass
+    os.close(state[0])
+
+
 class Lock:
-    """The work directory's `diffpro.lock.json`."""
+    """The work directory's `diffpro.lock.json`.
+
+    `check` and `record` hold an flock on WORKDIR/.diffpro.lock.flock around reading (and rewriting) the
+    file, so two processes recording stages at once never lose each other's records."""
 
     def __init__(self, workdir: str | Path):
         self.workdir = Path(workdir)
         self.path = self.workdir / LOCK_NAME
+
+    @contextmanager
+    def _guard(self, exclusive: bool):
+        if not exclusive and not self.workdir.is_dir():
+            yield None      # nothing recorded yet, nothing to guard
+            return
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        with _flock(self.workdir / LOCK_FLOCK_NAME, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) as fd:
+            yield fd
 
     def read(self) -> dict:
         if not self.path.exists():
@@ -190,7 +337,8 @@ class Lock:
 
     def check(self, stage: str, inputs: dict[str, str], config: dict) -> StageCheck:
         """Compare `inputs` (name → sha256) and `config` with the last record of `stage`."""
-        last = self.entry(stage)
+        with self._guard(exclusive=False):
+            last = self.entry(stage)
         if last is None:
             return StageCheck(False, "never run")
         changed = [k for k in inputs if last.get("inputs", {}).get(k, {}).get("sha256") != inputs[k]]
@@ -212,7 +360,6 @@ class Lock:
 
     def record(self, stage: str, inputs: dict[str, dict], config: dict, outputs: dict[str, str | Path],
                seed: int | None, wall_s: float) -> None:
-        lock = self.read()
         out_recs = {}
         for name, p in outputs.items():
             p = Path(p)
@@ -222,7 +369,7 @@ class Lock:
             except ValueError:
                 rec["path"] = str(p.resolve())
             out_recs[name] = rec
-        lock["stages"][stage] = {
+        entry = {
             "stage": stage,
             "inputs": inputs,
             "config": config,
@@ -232,4 +379,7 @@ class Lock:
             "wall_s": round(wall_s, 3),
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
-        atomic_write_json(self.path, lock)
+        with self._guard(exclusive=True):   # outputs are hashed above, outside the critical section
+            lock = self.read()
+            lock["stages"][stage] = entry
+            atomic_write_json(self.path, lock)

@@ -13,6 +13,7 @@ Workdir = Annotated[Path, typer.Option("--workdir", "-w", help="Work directory f
 JsonOut = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or info lines.")]
 Force = Annotated[bool, typer.Option("--force", help="Recompute even if the stage is up to date.")]
+Wait = Annotated[bool, typer.Option("--wait", help="If another diffpro process is using the workdir, wait for it instead of exiting with code 2.")]
 Seed = Annotated[int, typer.Option("--seed", help="Seed for every random choice (recorded in artifacts).")]
 TrustCode = Annotated[bool, typer.Option("--trust-code", help="Allow importing module:factory code and non-weights-only pickles.")]
 Weights = Annotated[Optional[Path], typer.Option("--weights", help="Weights file for a module:factory model.")]

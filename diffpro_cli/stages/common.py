@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from diffpro_cli.artifacts import Lock
+from diffpro_cli.artifacts import Lock, workdir_lock
 from diffpro_cli.console import UI, QUIET_UI
 
 
@@ -35,13 +35,22 @@ def run_stage(
     force: bool = False,
     seed: int | None = None,
     ui: UI = QUIET_UI,
+    wait: bool = False,
 ) -> StageOutcome:
     """Run `compute` unless the lock says this stage is up to date.
 
     inputs: name → {"path": ..., "sha256": ...} (see artifacts.input_record); config must be JSON-able.
-    `compute` must write every path in `outputs` atomically.
+    `compute` must write every path in `outputs` atomically. The workdir lock is held from the check to
+    the record, so a concurrent process cannot interleave; if another process holds it, `wait` blocks
+    (with one info line), else a UsageError names its pid.
     """
     workdir = Path(workdir)
+    with workdir_lock(workdir, wait=wait, ui=ui):
+        return _run_locked(workdir, stage, inputs, config, outputs, compute, force=force, seed=seed, ui=ui)
+
+
+def _run_locked(workdir: Path, stage: str, inputs: dict[str, dict], config: dict, outputs: dict[str, Path],
+                compute: Callable[[], None], *, force: bool, seed: int | None, ui: UI) -> StageOutcome:
     lock = Lock(workdir)
     digests = {k: v["sha256"] for k, v in inputs.items()}
     check = lock.check(stage, digests, config)
