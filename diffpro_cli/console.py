@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from rich.console import Console
+from rich.errors import LiveError
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 
@@ -88,9 +89,17 @@ class UI:
             plain.finish()
             return
         columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
-        with Progress(*columns, console=self.err, transient=True) as bar:
+        bar = Progress(*columns, console=self.err, transient=True)
+        try:
+            bar.start()
+        except LiveError:       # inside another live display (a heartbeat spinner): that one shows liveness
+            yield lambda n=1: None
+            return
+        try:
             task = bar.add_task(description, total=total)
             yield lambda n=1: bar.advance(task, n)
+        finally:
+            bar.stop()
 
     @contextmanager
     def heartbeat(self, description: str):
@@ -100,8 +109,16 @@ class UI:
             yield
             return
         if self._is_interactive():
-            with self.err.status(description):
+            spinner = self.err.status(description)
+            try:
+                spinner.start()
+            except LiveError:   # inside a progress bar, which already shows liveness
+                spinner = None
+            try:
                 yield
+            finally:
+                if spinner is not None:
+                    spinner.stop()
             return
         stop = threading.Event()
         t0 = time.monotonic()

@@ -118,3 +118,15 @@ def test_interleaved_reports_each_round_of_repeats():
     stats = interleaved({"a": lambda: None}, repeats=2, warmup=0, ui=ui, description="bench: timing")
     assert stats["a"]["repeats"] == 2
     assert [LINE.match(ln)["done"] for ln in lines(buf)] == ["1", "2"]
+
+
+def test_tty_bar_and_spinner_nest_without_rich_live_errors():
+    """rich allows one live display at a time: a heartbeat inside a bar (or the reverse) must not raise."""
+    ui = UI(interactive=True)
+    ui.err = Console(file=io.StringIO(), force_terminal=True)
+    with ui.progress("outer", total=2) as advance:
+        with ui.heartbeat("inner"):
+            advance()
+    with ui.heartbeat("outer"):
+        with ui.progress("inner", total=1) as advance:
+            advance()
