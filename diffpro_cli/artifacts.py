@@ -320,8 +320,10 @@ class Lock:
 
     @contextmanager
     def _guard(self, exclusive: bool):
-        if not exclusive and not self.workdir.is_dir():
-            yield None      # nothing recorded yet, nothing to guard
+        if not exclusive and not os.access(self.workdir, os.W_OK):
+            # nothing recorded yet, or a read-only workdir nobody can be recording into; the lock file
+            # itself is replaced atomically, so an unguarded read still sees a whole file
+            yield None
             return
         self.workdir.mkdir(parents=True, exist_ok=True)
         with _flock(self.workdir / LOCK_FLOCK_NAME, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) as fd:
