@@ -27,7 +27,7 @@ def test_pack_unpack_round_trip(bits):
         assert torch.equal(formats.unpack_bits(packed, bits, numel), q)
 
 
-def test_packed_sizes():
+def test_packed_byte_counts_per_width():
     assert formats.packed_numel(1000, 4) == 500      # two per byte
     assert formats.packed_numel(1000, 2) == 250
     assert formats.packed_numel(1000, 3) == 375      # 8 values in 3 bytes
@@ -132,13 +132,28 @@ def test_static_scales_follow_the_timestep():
     assert ql.static_scale(127) == pytest.approx(4.0 / 127)     # no context: the widest range
 
 
-def test_registry_covers_every_width_and_mode():
+def test_registry_names_only_registered_kernels_and_ends_in_the_float_fallback():
+    for key, names in kernels.REGISTRY.items():
+        assert set(names) <= set(kernels.KERNELS), key     # a misspelt name fails only when a layer selects it
+        # every layer can always run: the last kernel tried (opt-in ones are not) is the float fallback
+        assert [n for n in names if n not in kernels.OPT_IN][-1] == "dequant-float", key
+
+
+@pytest.mark.parametrize("op", ["linear", "conv2d"])
+def test_cpu_selects_an_integer_kernel_for_every_width_and_int8_mode(op):
+    """What the CLI reaches on a CPU: every plan entry (bits × activation mode) gets an integer kernel
+    from its registry list, and float activations ("none") get the dequant-float path."""
     for bits in BITS:
         for mode in kernels.ACT_MODES:
-            for op in ("linear", "conv2d"):
-                for device in ("cpu", "cuda"):
-                    assert kernels.candidates(op, device, bits, mode), (op, device, bits, mode)
-    assert kernels.candidates("linear", "cpu", 4, "dynamic")[0] == "cpu-fbgemm-int8"
+            module = nn.Linear(32, 16) if op == "linear" else nn.Conv2d(8, 8, 3, padding=1)
+            layer = quantize_module(module, bits, act_bits=16 if mode == "none" else 8, act_mode=mode,
+                                    static_absmax=1.0 if mode == "static" else None)
+            name = layer.kernel_name.split(":")[0]
+            assert name in kernels.candidates(op, "cpu", bits, mode), (op, bits, mode, name)
+            if mode == "none":
+                assert name == "dequant-float" and layer._kernel.act_qmax is None
+            else:
+                assert name.startswith("cpu-") and layer._kernel.act_qmax is not None, (op, bits, mode, name)
 
 
 def test_unsupported_bits_are_refused():
@@ -262,7 +277,7 @@ def _one_error_line(err):
     return len(lines) == 1 and lines[0].startswith("error:")
 
 
-def test_cli_quantize_and_reuse(tmp_path, cli):
+def test_cli_quantize_computes_then_is_up_to_date(tmp_path, cli):
     code, out, err = cli("quantize", "random:dit-tiny", "--bits", "4", "--workdir", tmp_path / "w", "--json")
     assert code == 0, err
     result = json.loads(out)
