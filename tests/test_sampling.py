@@ -42,7 +42,7 @@ def test_ddim_subset_equals_diffusers_ddim(tiny_model):
     assert torch.allclose(unclipped[0], ref_nc, atol=1e-4)
 
 
-def test_ddim_eta0_deterministic_and_seed_matters(tiny_model):
+def test_ddim_eta0_same_seed_same_samples_other_seed_differs(tiny_model):
     ts = uniform_timesteps(1000, 20)
     a = sample(tiny_model, 3, ts, seed=5)
     b = sample(tiny_model, 3, ts, seed=5)
@@ -52,7 +52,7 @@ def test_ddim_eta0_deterministic_and_seed_matters(tiny_model):
 
 
 @pytest.mark.parametrize("method", ["ddim", "ddpm"])
-def test_sample_i_independent_of_batch_size(tiny_model, method):
+def test_each_sample_depends_only_on_seed_and_index_not_batching(tiny_model, method):
     ts = uniform_timesteps(1000, 10)
     cfg = SamplerConfig(method=method, eta=1.0 if method == "ddim" else 0.0, cfg_scale=2.0)
     big = sample(tiny_model, 5, ts, cfg, seed=2, batch_size=5)
@@ -62,10 +62,26 @@ def test_sample_i_independent_of_batch_size(tiny_model, method):
     assert torch.allclose(big[3:], tail, atol=1e-5)
 
 
-def test_cfg_changes_output_and_scale_one_is_conditional(tiny_model):
+def test_cfg_is_uncond_plus_scale_times_difference_and_scale_one_calls_only_the_conditional_model(tiny_model):
+    from diffpro_cli.sampling import guided_eps
+
+    null = tiny_model.null_class
+    assert null is not None
+    torch.manual_seed(0)
+    x, y = torch.randn(2, *tiny_model.sample_shape), torch.tensor([3, 7])
+    t = torch.full((2,), 500)
+    with torch.no_grad():
+        cond, uncond = tiny_model.eps(x, t, y), tiny_model.eps(x, t, torch.full_like(y, null))
+        assert torch.allclose(guided_eps(tiny_model, x, 500, y, 3.0), uncond + 3.0 * (cond - uncond), atol=1e-6)
+    seen = []
+    forward = tiny_model.forward_fn
+    tiny_model.forward_fn = lambda net, x, t, y: (seen.append(y.clone()), forward(net, x, t, y))[1]
     ts = uniform_timesteps(1000, 10)
     plain = sample(tiny_model, 2, ts, SamplerConfig(cfg_scale=1.0), seed=0)
+    assert seen and not any(bool((labels == null).any()) for labels in seen)   # scale 1: no unconditional pass
+    seen.clear()
     guided = sample(tiny_model, 2, ts, SamplerConfig(cfg_scale=3.0), seed=0)
+    assert any(bool((labels == null).any()) for labels in seen)
     assert not torch.allclose(plain, guided)
 
 
@@ -79,7 +95,7 @@ def test_any_increasing_subset_runs_and_bad_subsets_fail(tiny_model):
             sample(tiny_model, 1, bad)
 
 
-def test_timestep_helpers():
+def test_uniform_timesteps_span_0_to_999_and_parse_timesteps_sorts_and_dedups():
     assert uniform_timesteps(1000, 1000) == list(range(1000))
     ts = uniform_timesteps(1000, 50)
     assert len(ts) == 50 and ts[0] == 0 and ts[-1] == 999
