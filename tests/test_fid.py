@@ -127,7 +127,7 @@ def test_fid_agrees_with_pytorch_fid_on_folders(inception, pytorch_fid_home, dig
     np.testing.assert_allclose(M.inception_features(digits[:8], inception), fa, rtol=0, atol=1e-5)
 
 
-def test_builtin_reference_stats_shipped():
+def test_builtin_reference_stats_load_and_match_their_recorded_sha256_and_source():
     from importlib.resources import files
 
     mu, sigma, n = M.load_reference_stats("builtin:mnist")
@@ -141,7 +141,7 @@ def test_builtin_reference_stats_shipped():
     assert meta["source_files"][0]["sha256"] == "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6"
 
 
-def test_fid_api_and_feature_cache(inception, digits, tmp_path):
+def test_fid_of_cached_features_runs_no_inception_and_gives_the_same_result(inception, digits, tmp_path):
     cache = M.FeatureCache(tmp_path / "features")
     key = M.FeatureCache.key(model_sha256="abc", sampler={"method": "ddim"}, seed=0)
     first = M.fid(digits[:4], "builtin:mnist", model=inception, cache=cache, key=key, method="eigh")
@@ -207,7 +207,7 @@ def test_cached_conversion_is_checked_by_sha256(inception, tmp_path, monkeypatch
     assert M._load_cached_conversion() is None
 
 
-def test_fid_stats_cli(inception, digits, tmp_path, cli):
+def test_fid_stats_cli_writes_the_mean_feature_of_a_folder(inception, digits, tmp_path, cli):
     folder = _save_pngs(digits[:3], tmp_path / "imgs")
     out = tmp_path / "stats.npz"
     code, stdout, _ = cli("fid-stats", folder, "--out", out, "--batch", 2, "--json")
@@ -219,11 +219,14 @@ def test_fid_stats_cli(inception, digits, tmp_path, cli):
     assert json.loads(out.with_suffix(".json").read_text())["n"] == 3
 
 
-def test_fid_stats_cli_errors(tmp_path, cli):
-    assert cli("fid-stats", "builtin:cifar", "--out", tmp_path / "s.npz")[0] == 2
-    code, _, err = cli("fid-stats", tmp_path / "missing", "--out", tmp_path / "s.npz")
-    assert code == 3 and "not a directory" in err
-    assert cli("fid-stats", tmp_path, "--out", tmp_path / "s.txt")[0] == 2
+def test_fid_stats_cli_errors_exit_2_or_3_with_one_error_line_and_write_nothing(tmp_path, cli):
+    for args, expected, needle in ((["builtin:cifar", "--out", tmp_path / "s.npz"], 2, "unknown built-in"),
+                                   ([tmp_path / "missing", "--out", tmp_path / "s.npz"], 3, "not a directory"),
+                                   ([tmp_path, "--out", tmp_path / "s.txt"], 2, ".npz")):
+        code, _, err = cli("fid-stats", *args)
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert code == expected and len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], err
+    assert not (tmp_path / "s.npz").exists() and not (tmp_path / "s.txt").exists()
 
 
 def test_packed_sigma_round_trip_and_both_npz_layouts_load(tmp_path):
