@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import warnings
 
 import torch
@@ -42,10 +43,39 @@ ACT_MODES = ("dynamic", "dynamic-token", "static", "none")
 ACT_ZERO_POINT = {127: 128, 63: 64}   # u8 zero point for a symmetric grid of ±qmax
 
 
+# ISA caps a user can set so that a VNNI CPU runs the AVX2 integer code (to test AVX2 numerics anywhere).
+# The libraries read them once, at their first use in the process; we read them the same way.
+#   oneDNN (`ONEDNN_MAX_CPU_ISA`, legacy `DNNL_MAX_CPU_ISA`): every level from AVX2_VNNI up has VNNI.
+#   fbgemm (`FBGEMM_ENABLE_INSTRUCTIONS`): AVX512_E1 / AVX512_E1_256 are its VNNI levels; unknown values
+#     are ignored by fbgemm, so they are ignored here too.
+#   ATen (`ATEN_CPU_CAPABILITY`): has no VNNI level and does not pick the integer GEMMs, but default /
+#     avx2 is how torch is told to behave as an AVX2 CPU, so it is honoured as that request.
+_ISA_CAPS_WITHOUT_VNNI = {
+    "ONEDNN_MAX_CPU_ISA": {"SSE41", "AVX", "AVX2", "AVX512_CORE"},
+    "DNNL_MAX_CPU_ISA": {"SSE41", "AVX", "AVX2", "AVX512_CORE"},
+    "FBGEMM_ENABLE_INSTRUCTIONS": {"AVX2", "AVX512", "AVX512_256"},
+    "ATEN_CPU_CAPABILITY": {"DEFAULT", "AVX2"},
+}
+
+
+def isa_cap_without_vnni() -> str | None:
+    """The first environment variable (as "NAME=value") that caps the integer kernels' ISA below VNNI."""
+    for name, levels in _ISA_CAPS_WITHOUT_VNNI.items():
+        value = os.environ.get(name, "").strip().upper()
+        if value in levels:
+            return f"{name}={os.environ[name].strip()}"
+    return None
+
+
 @functools.lru_cache(maxsize=None)
 def cpu_has_vnni() -> bool:
     """VNNI/AMX multiply u8×s8 straight into 32 bits; plain AVX2 uses vpmaddubsw, whose int16 pair sums
-    saturate (2·255·127 > 32767) when weights use the full int8 range."""
+    saturate (2·255·127 > 32767) when weights use the full int8 range. False when /proc/cpuinfo lacks
+    the flags OR an ISA cap (isa_cap_without_vnni) makes fbgemm/oneDNN run their pre-VNNI code.
+    Cached: call `cpu_has_vnni.cache_clear()` after changing those variables in-process (the libraries
+    themselves only read them at their first use, so real kernels need a fresh process)."""
+    if isa_cap_without_vnni() is not None:
+        return False
     try:
         with open("/proc/cpuinfo") as f:
             flags = next((line for line in f if line.startswith("flags")), "")
@@ -54,13 +84,23 @@ def cpu_has_vnni() -> bool:
     return any(flag in flags.split() for flag in ("avx512_vnni", "avx_vnni", "amx_int8"))
 
 
-def cpu_act_qmax(weight_bits: int) -> int:
-    """Activation grid of the CPU kernels: ±127 with VNNI/AMX, else ±63 (7-bit) for every weight width.
-    Why not ±127 for narrow weights, which cannot saturate an int16 pair sum: measured on an AVX2-only
-    EPYC (torch 2.14), fbgemm and oneDNN then disagree with the exact integer result by up to 2.0 on
-    unit-scale outputs (tests/test_quant.py::test_quant_linear_matches_reference), while the 7-bit grid
-    matches it. `weight_bits` stays in the signature: the rule is per kernel input, not global."""
-    return 127 if cpu_has_vnni() else 63
+SATURATION_FREE_QMAX = 64   # |q_w| ≤ 64: 2·255·64 = 32640 fits vpmaddubsw's int16 pair sum
+
+
+def cpu_act_qmax(weight_bits: int, group_size: int | None = None) -> int:
+    """Activation grid of the CPU kernels for a layer of `weight_bits` (group-wise if `group_size`).
+
+    ±127 with VNNI/AMX. Without VNNI (AVX2's vpmaddubsw sums u8·s8 pairs in saturating int16) the grid
+    depends on the integer weights the GEMM multiplies: per-channel weights of ≤ 6 bits (|q| ≤ 31:
+    2·255·31 < 32767) cannot saturate and keep ±127; 8-bit weights, and group-wise weights of any width
+    (folded onto a full ±127 per-channel grid, formats.fold_to_channel_grid), get ±63 (7 bits).
+    Measured with fbgemm and oneDNN capped to AVX2 (torch 2.14.1): per-channel W4/W6 with ±127 match the
+    exact integer result to 1e-7; W8, and W4/W6 with group size 32, miss it by up to 0.2 relative
+    (tests/test_kernels_cpu.py). Callers that do not know the group size get the per-channel answer."""
+    if cpu_has_vnni():
+        return 127
+    folded_max = 127 if weight_bits >= 8 or group_size else 2 ** (weight_bits - 1) - 1
+    return 127 if folded_max <= SATURATION_FREE_QMAX else 63
 
 
 def act_bits_of(qmax: int) -> int:
@@ -119,7 +159,7 @@ def _stacked_weights(layers):
 
 
 def _group_qmax(layers) -> int:
-    return min(cpu_act_qmax(layer.weight_bits) for layer in layers)
+    return min(cpu_act_qmax(layer.weight_bits, layer.group_size) for layer in layers)
 
 
 KERNELS: dict[str, type] = {}
@@ -189,7 +229,7 @@ class CpuFbgemmLinear:
         if device.type != "cpu" or _fbgemm_engine() is None or not hasattr(torch.ops.quantized, "linear_dynamic"):
             return False
         if layer.act_mode == "static":   # fbgemm clamps static activations to the full u8 range
-            return cpu_act_qmax(layer.weight_bits) == 127 and hasattr(torch.ops.quantized, "linear_with_input_q_dq_qweight_dq_output_fp32")
+            return cpu_act_qmax(layer.weight_bits, layer.group_size) == 127 and hasattr(torch.ops.quantized, "linear_with_input_q_dq_qweight_dq_output_fp32")
         return layer.act_mode == "dynamic"
 
     def __init__(self, layers, device: torch.device):

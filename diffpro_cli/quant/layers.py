@@ -196,7 +196,7 @@ class _QuantBase(nn.Module):
         if self._kernel is not None:
             return self._kernel_label
         cls = kernels.select(self, torch.device("cpu"), self.prefer)
-        qmax = kernels.cpu_act_qmax(self.weight_bits) if cls.name.startswith("cpu-") else None
+        qmax = kernels.cpu_act_qmax(self.weight_bits, self.group_size) if cls.name.startswith("cpu-") else None
         return kernels.describe(cls, self, qmax)
 
     @property

@@ -1,0 +1,147 @@
+"""CPU capability detection, the activation grid it implies, and the AVX2 integer code paths run on any
+x86 CPU through the libraries' ISA caps (a fresh process: fbgemm and oneDNN read them once)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from diffpro_cli.quant import kernels
+from diffpro_cli.quant.layers import quantize_module
+
+AVX2_ENV = {"FBGEMM_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+ISA_VARS = (*AVX2_ENV, "DNNL_MAX_CPU_ISA")
+
+
+@pytest.fixture
+def clean_isa_env(monkeypatch):
+    for name in ISA_VARS:
+        monkeypatch.delenv(name, raising=False)
+    kernels.cpu_has_vnni.cache_clear()
+    yield monkeypatch
+    kernels.cpu_has_vnni.cache_clear()
+
+
+def _cpuinfo_vnni() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & set(f.read().split()))
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("name,value", [("ONEDNN_MAX_CPU_ISA", "AVX2"), ("ONEDNN_MAX_CPU_ISA", "avx512_core"),
+                                        ("DNNL_MAX_CPU_ISA", "AVX2"), ("FBGEMM_ENABLE_INSTRUCTIONS", "avx2"),
+                                        ("FBGEMM_ENABLE_INSTRUCTIONS", "AVX512"), ("ATEN_CPU_CAPABILITY", "avx2"),
+                                        ("ATEN_CPU_CAPABILITY", "default")])
+def test_an_isa_cap_below_vnni_turns_vnni_off(clean_isa_env, name, value):
+    clean_isa_env.setenv(name, value)
+    kernels.cpu_has_vnni.cache_clear()
+    assert kernels.cpu_has_vnni() is False
+    assert kernels.isa_cap_without_vnni() == f"{name}={value}"
+    assert kernels.cpu_act_qmax(8) == 63
+
+
+@pytest.mark.parametrize("name,value", [("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_VNNI"), ("ONEDNN_MAX_CPU_ISA", "AVX2_VNNI"),
+                                        ("ONEDNN_MAX_CPU_ISA", "ALL"), ("FBGEMM_ENABLE_INSTRUCTIONS", "AVX512_E1"),
+                                        ("FBGEMM_ENABLE_INSTRUCTIONS", "nonsense"), ("ATEN_CPU_CAPABILITY", "avx512")])
+def test_a_cap_at_or_above_vnni_leaves_the_cpu_flags_in_charge(clean_isa_env, name, value):
+    clean_isa_env.setenv(name, value)
+    kernels.cpu_has_vnni.cache_clear()
+    assert kernels.isa_cap_without_vnni() is None
+    assert kernels.cpu_has_vnni() is _cpuinfo_vnni()
+
+
+def test_the_answer_is_cached_until_cleared(clean_isa_env):
+    kernels.cpu_has_vnni.cache_clear()
+    before = kernels.cpu_has_vnni()
+    clean_isa_env.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert kernels.cpu_has_vnni() is before          # the libraries read the caps once per process too
+    kernels.cpu_has_vnni.cache_clear()
+    assert kernels.cpu_has_vnni() is False
+
+
+@pytest.mark.parametrize("vnni", [True, False])
+def test_activation_grid_follows_the_integer_weights_the_gemm_multiplies(monkeypatch, vnni):
+    monkeypatch.setattr(kernels, "cpu_has_vnni", lambda: vnni)
+    expected = {  # (weight bits, group size) -> grid without VNNI: only |q_w| <= 64 cannot saturate int16 pairs
+        (8, None): 63, (6, None): 127, (4, None): 127, (3, None): 127, (2, None): 127,
+        (8, 32): 63, (6, 32): 63, (4, 32): 63, (2, 16): 63,
+    }
+    for (bits, group), qmax in expected.items():
+        assert kernels.cpu_act_qmax(bits, group) == (127 if vnni else qmax), (bits, group)
+    assert kernels.cpu_act_qmax(4) == kernels.cpu_act_qmax(4, None)     # callers that know no group size
+
+
+def test_layers_report_the_grid_they_run(monkeypatch):
+    monkeypatch.setattr(kernels, "cpu_has_vnni", lambda: False)
+    lin = nn.Linear(64, 32)
+    assert ":w8a7-" in quantize_module(lin, 8).kernel_name
+    assert ":w4a8-" in quantize_module(lin, 4).kernel_name
+    assert ":w4a7-" in quantize_module(lin, 4, group_size=32).kernel_name
+    assert quantize_module(lin, 4)._kernel.act_qmax == 127
+    assert quantize_module(lin, 4, group_size=32)._kernel.act_qmax == 63
+
+
+# The AVX2 code paths themselves, in a child process with the caps set. Every kernel (fbgemm dynamic and
+# static, oneDNN per-token, oneDNN conv) must equal the exact integer result on the grid cpu_act_qmax
+# chose, and the grid it did NOT choose for 8-bit weights must really saturate there (else the rule is
+# wasting a bit).
+_CHILD = r"""
+import json, torch
+from torch import nn
+from diffpro_cli.quant import kernels
+from diffpro_cli.quant.layers import quantize_module
+from diffpro_cli.quant.reference import conv_kernel_tolerance, kernel_tolerance, reference_activation
+
+def worst(ql, x, absmax):
+    k = ql._kernel
+    with torch.no_grad():
+        y = ql(x).double()
+    x_hat, step, amb = reference_activation(x, k.act_scheme(ql), k.act_qmax, absmax, getattr(k, "reduce_range", False))
+    w_ref = ql.dequantized_weight().double()
+    b = ql.bias
+    if ql.kind == "conv2d":
+        ref = ql.float_conv(x_hat, w_ref, b.double())
+        tol = conv_kernel_tolerance(lambda a, w: ql.float_conv(a, w, None), x_hat, step, amb, w_ref, b)
+    else:
+        ref = x_hat @ w_ref.T + b.double()
+        grid = kernels.fold_to_channel_grid(ql.int_weight(), ql.weight_scale)[1] if ql.group_size else None
+        tol = kernel_tolerance(x_hat, step, amb, w_ref, b, grid)
+    return float(((y - ref).abs() - tol).max()), k.act_qmax
+
+torch.manual_seed(0)
+out = {"vnni": kernels.cpu_has_vnni(), "capability": torch.backends.cpu.get_cpu_capability(), "rows": []}
+lin, conv = nn.Linear(256, 48), nn.Conv2d(16, 24, 3, padding=1)
+xl, xc = torch.randn(40, 256) * 3, torch.randn(2, 16, 8, 8) * 3
+for bits, group in ((8, None), (6, None), (4, None), (4, 32)):
+    for mode in ("dynamic", "dynamic-token", "static"):
+        ql = quantize_module(lin, bits, act_mode=mode, group_size=group, static_absmax=6.0 if mode == "static" else None)
+        out["rows"].append([f"linear w{bits} g{group} {mode} {ql.kernel_name}", *worst(ql, xl, 6.0 if mode == "static" else None)])
+    if group is None:
+        qc = quantize_module(conv, bits, act_mode="dynamic")
+        out["rows"].append([f"conv w{bits} {qc.kernel_name}", *worst(qc, xc, None)])
+# the grid the rule refuses for 8-bit weights: force +-127 and show that it saturates here
+kernels.cpu_act_qmax = lambda bits, group=None: 127
+ql = quantize_module(lin, 8, act_mode="dynamic-token")
+out["forced_127_w8_excess"] = worst(ql, xl, None)[0]
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN (x86)")
+def test_avx2_code_paths_match_the_exact_integer_result():
+    env = dict(os.environ, **AVX2_ENV)
+    run = subprocess.run([sys.executable, "-c", _CHILD], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    assert out["vnni"] is False and out["capability"] == "AVX2"
+    for name, excess, qmax in out["rows"]:
+        assert excess <= 0.0, f"{name}: beyond the exact-integer tolerance by {excess:.3g}"
+        assert qmax == (63 if " w8 " in name or "g32" in name else 127), name
+    if _cpuinfo_vnni():   # a VNNI CPU capped to AVX2 runs vpmaddubsw: full-range weights x +-127 must saturate
+        assert out["forced_127_w8_excess"] > 1e-3
