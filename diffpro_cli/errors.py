@@ -7,7 +7,6 @@ problem and the fix; the CLI prints that line (no traceback) and exits with the 
 EXIT_OK = 0
 EXIT_FAILURE = 1          # an unexpected internal error (a bug): traceback shown
 EXIT_USAGE = 2            # bad option or argument value (same code as typer/click usage errors)
-EXIT_NOT_IMPLEMENTED = 2  # the stage exists but its algorithm has not landed yet
 EXIT_INPUT = 3            # missing / unreadable / corrupt / mismatched input
 EXIT_BUDGET = 4           # infeasible budget or constraint
 EXIT_UNTRUSTED = 5        # refusing to run code or unpickle without --trust-code
@@ -36,7 +35,3 @@ class BudgetError(DiffproError):
 
 class TrustError(DiffproError):
     exit_code = EXIT_UNTRUSTED
-
-
-class NotImplementedStage(DiffproError):
-    exit_code = EXIT_NOT_IMPLEMENTED

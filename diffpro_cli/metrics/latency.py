@@ -14,22 +14,6 @@ def _sync():
         torch.cuda.synchronize()
 
 
-def time_call(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> dict:
-    """Run fn warmup times untimed, then `repeats` timed; returns median/min/max seconds and repeats."""
-    if repeats < 1:
-        raise ValueError("repeats must be >= 1")
-    for _ in range(warmup):
-        fn()
-    _sync()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        _sync()
-        times.append(time.perf_counter() - t0)
-    return {"median": statistics.median(times), "min": min(times), "max": max(times), "repeats": repeats}
-
-
 def interleaved(fns: dict[str, Callable[[], object]], repeats: int = 5, warmup: int = 1, *,
                 advance: Callable[[int], object] | None = None, ui=None, description: str = "timing") -> dict[str, dict]:
     """Time several candidates round-robin so drifting machine load hits them all alike.

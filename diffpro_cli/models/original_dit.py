@@ -150,11 +150,6 @@ def to_original_layout(state: dict, pos_embed: torch.Tensor | None = None) -> di
     return out
 
 
-def set_timestep_freq_shift(net, shift: float) -> None:
-    """Set the sinusoidal-frequency shift of every block's timestep projection (0 = original DiT)."""
-    apply_net_patches(net, {"timestep_freq_shift": shift})
-
-
 def _check_layout(state: dict, path: Path) -> None:
     missing = [k for k in REQUIRED_KEYS if k not in state]
     if not missing:

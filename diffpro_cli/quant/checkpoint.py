@@ -453,11 +453,3 @@ def _timestep_aware(forward_fn):
         with timestep_context(t):
             return forward_fn(net, x, t, y)
     return forward
-
-
-def check_model_matches(path: str | Path, model: DiffusionModel) -> None:
-    """Refuse a checkpoint quantized from a different model than `model`."""
-    meta = read_meta(path)
-    stored = meta["model"].get("sha256")
-    if stored is not None and model.sha256 is not None and stored != model.sha256:
-        raise InputError(f"{path}: quantized from another model (sha256 {stored[:12]}… ≠ {model.sha256[:12]}…); quantize {model.spec} again")

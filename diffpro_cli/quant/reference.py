@@ -43,26 +43,6 @@ def fake_quant_act_per_token(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
     return torch.clamp(torch.round(x / scale), -qmax - 1, qmax) * scale
 
 
-
-def fake_quant_act_static(x: torch.Tensor, absmax: float, bits: int = 8) -> torch.Tensor:
-    """Static symmetric per-tensor activation fake-quant with a calibrated range (clamped)."""
-    if bits >= 16:
-        return x
-    qmax = 2 ** (bits - 1) - 1
-    scale = max(float(absmax), 1e-12) / qmax
-    return torch.clamp(torch.round(x / scale), -qmax, qmax) * scale
-
-
-def fake_quant_act_per_sample(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
-    """Dynamic symmetric per-sample (all dims but the first) activation fake-quant, for convolutions."""
-    if bits >= 16:
-        return x
-    qmax = 2 ** (bits - 1) - 1
-    dims = tuple(range(1, x.ndim))
-    scale = x.abs().amax(dim=dims, keepdim=True).clamp_min(1e-12) / qmax
-    return torch.clamp(torch.round(x / scale), -qmax - 1, qmax) * scale
-
-
 def asym_tensor_qparams(x: torch.Tensor, reduce_range: bool = False) -> tuple[float, int, int, int]:
     """(scale, zero_point, qmin, qmax) of a per-tensor asymmetric u8 range that includes 0, chosen the
     way fbgemm's ChooseQuantizationParams does (torch.ops.quantized.linear_dynamic uses it)."""
