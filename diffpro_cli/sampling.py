@@ -20,13 +20,17 @@ SAMPLE_SEED_STRIDE = 1_000_003
 
 
 def uniform_timesteps(num_train: int, steps: int) -> list[int]:
-    """`steps` evenly spaced training timesteps, always including 0 (DDIM "leading"-free spacing)."""
+    """`steps` evenly spaced training timesteps from 0 to num_train - 1, increasing: diffusers' DDIM
+    "linspace" spacing, except that one step is the last timestep (diffusers gives 0, a no-op sampler)."""
+    from diffusers import DDIMScheduler
+
     if not 1 <= steps <= num_train:
         raise UsageError(f"--steps {steps}: must be between 1 and {num_train}")
     if steps == 1:
         return [num_train - 1]
-    grid = torch.linspace(0, num_train - 1, steps).round().long().tolist()
-    return sorted(set(grid))
+    sched = DDIMScheduler(num_train_timesteps=num_train, timestep_spacing="linspace")
+    sched.set_timesteps(steps)
+    return sorted(set(int(t) for t in sched.timesteps))
 
 
 def parse_timesteps(text: str, num_train: int) -> list[int]:
@@ -169,12 +173,14 @@ def sample(
 
 
 def save_grid(images: torch.Tensor, path, nrow: int | None = None) -> None:
-    """Write a PNG grid of samples in [-1, 1] without torchvision. 1 or 3 channels as they are; other
-    counts (undecoded latents, e.g. 4 channels) show their first three channels as RGB (first one as
-    gray for 2), the usual quick look at a latent."""
+    """Write a PNG grid of samples in [-1, 1]. 1 or 3 channels as they are; other counts (undecoded
+    latents, e.g. 4 channels) show their first three channels as RGB (first one as gray for 2), the
+    usual quick look at a latent."""
+    import io
     import math
 
     import numpy as np
+    from PIL import Image
 
     from diffpro_cli.artifacts import atomic_write_bytes
     from diffpro_cli.mnist import to_uint8
@@ -190,26 +196,9 @@ def save_grid(images: torch.Tensor, path, nrow: int | None = None) -> None:
     for k in range(n):
         r, q = divmod(k, nrow)
         grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + q * (w + pad): pad + q * (w + pad) + w] = pix[k]
-    atomic_write_bytes(path, encode_png(grid))
-
-
-def encode_png(arr) -> bytes:
-    """Minimal PNG encoder (8-bit gray or RGB) so sample grids need no imaging library."""
-    import struct
-    import zlib
-
-    import numpy as np
-
-    arr = np.ascontiguousarray(arr)
-    h, w, c = arr.shape
-    color = {1: 0, 3: 2}[c]
-    raw = b"".join(b"\x00" + arr[r].tobytes() for r in range(h))
-
-    def chunk(tag: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
-
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, color, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
+    buf = io.BytesIO()
+    Image.fromarray(grid[..., 0] if c == 1 else grid).save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def betas_from_alphas_cumprod(acp: torch.Tensor) -> torch.Tensor:
