@@ -184,6 +184,11 @@ def load_safetensors(path: str | Path) -> tuple[dict, dict]:
 # ---------------------------------------------------------------------------------------------
 
 
+def model_input_record(model) -> dict:
+    """Lock-file input record for a loaded model (its weights' sha256, or the spec for random/untrained)."""
+    return {"path": model.spec, "sha256": model.sha256 or sha256_json({"spec": model.spec, "untrained": model.untrained})}
+
+
 def input_record(path: str | Path) -> dict:
     path = Path(path)
     if path.is_dir():

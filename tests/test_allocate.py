@@ -220,9 +220,15 @@ def test_cli_writes_plan_skips_when_up_to_date_and_pareto(cli, scores_file, tmp_
     assert code == 0 and "up to date" in err
 
 
+def _ctx(workdir):
+    from diffpro_cli.stages.context import StageContext
+
+    return StageContext.create("", workdir)
+
+
 def test_stage_with_injected_latency(scores_file, tmp_path):
-    outcome, plan = run_allocate(scores_file, tmp_path / "w", AllocateConfig(budget="latency-ms=0.3", protect=[]),
-                                 latency_fn=fake_latency)
+    outcome, plan = run_allocate(_ctx(tmp_path / "w"), AllocateConfig(budget="latency-ms=0.3", protect=[]),
+                                 scores_path=scores_file, latency_fn=fake_latency)
     assert outcome.status == "computed" and plan["totals"]["latency_ms"] <= 0.3
     assert plan["totals"]["latency_source"] == "injected"
 
@@ -234,13 +240,14 @@ def test_stage_joint_reads_workdir_timesteps(scores_file, tmp_path):
     (work / "timesteps.json").write_text(json.dumps({"schema": "diffpro.timesteps/1", "model": {"spec": "test:synthetic"},
                                                      "timesteps": sweep[1]["timesteps"], "sweep": sweep}))
     cfg = AllocateConfig(latency_budget=10.0, steps="auto", protect=[])
-    outcome, plan = run_allocate(scores_file, work, cfg, latency_fn=fake_latency)
+    outcome, plan = run_allocate(_ctx(work), cfg, scores_path=scores_file, latency_fn=fake_latency)
     assert plan["joint"]["steps"] in (5, 10) and plan["joint"]["total_latency_ms"] <= 10.0
     assert plan["timesteps"] == next(s["timesteps"] for s in sweep if s["steps"] == plan["joint"]["steps"])
     lock = json.loads((work / "diffpro.lock.json").read_text())
     assert "timesteps" in lock["stages"]["allocate"]["inputs"]
     with pytest.raises(UsageError, match="--latency-budget"):
-        run_allocate(scores_file, work, AllocateConfig(budget="avg-bits=6", steps="auto"), latency_fn=fake_latency)
+        run_allocate(_ctx(work), AllocateConfig(budget="avg-bits=6", steps="auto"), scores_path=scores_file,
+                     latency_fn=fake_latency)
 
 
 def test_group_size_that_does_not_divide_a_layer_falls_back_to_per_channel_there():

@@ -1,6 +1,7 @@
 import json
 
-from diffpro_cli.stages.bench import BenchConfig, derived_ratios, run_bench
+from diffpro_cli.stages.bench import BenchConfig, derived_ratios, measure_bench
+from diffpro_cli.stages.context import StageContext
 
 ROW_KEYS = {"name", "weight_bits_avg", "size_bytes", "steps", "latency_s_per_image", "peak_mem_bytes",
             "energy_j_per_image", "fid", "fid_vs_fp", "kernels"}
@@ -8,7 +9,7 @@ ROW_KEYS = {"name", "weight_bits_avg", "size_bytes", "steps", "latency_s_per_ima
 
 def test_report_json_and_md_hold_every_row_field_without_quantized_rows(tmp_path):
     cfg = BenchConfig(rows=["fp32", "ddim", "dpmsolver"], reference_steps=6, steps=3, repeats=1, latency_batch=2)
-    rep = run_bench("builtin:dit-mnist", tmp_path, cfg)
+    rep = measure_bench(StageContext.create("builtin:dit-mnist", tmp_path), cfg)
     on_disk = json.loads((tmp_path / "bench" / "report.json").read_text())
     assert on_disk["schema"] == "diffpro.report/1" and on_disk["baseline"] == "fp32"
     assert [r["name"] for r in on_disk["rows"]] == ["fp32", "ddim-3", "dpmsolver-3"]

@@ -134,3 +134,107 @@ def test_unknown_key_in_a_later_section_fails_before_any_stage_runs(tmp_path, cl
     code, out, err = cli("run", cfg)
     assert code == 2 and "[bench] unknown key(s) rowz" in err and "Traceback" not in err
     assert not (tmp_path / "work" / "diffpro.lock.json").exists()   # nothing was computed
+
+
+FACTORY_MODULE = '''\
+import torch
+from torch import nn
+
+
+class TinyUNet(nn.Module):
+    """A small third-party style noise predictor: convs, a time MLP and a class embedding."""
+
+    sample_shape = (1, 8, 8)
+    num_classes = 10
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp = nn.Conv2d(1, 16, 3, padding=1)
+        self.temb = nn.Linear(1, 16)
+        self.cemb = nn.Embedding(11, 16)
+        self.mid = nn.Conv2d(16, 16, 3, padding=1)
+        self.out = nn.Conv2d(16, 1, 3, padding=1)
+
+    def forward(self, x, t, y):
+        h = self.inp(x) + self.temb(t.float().view(-1, 1) / 1000).view(-1, 16, 1, 1)
+        if y is not None:
+            h = h + self.cemb(y).view(-1, 16, 1, 1)
+        return self.out(torch.tanh(self.mid(torch.tanh(h))))
+
+
+def factory():
+    return TinyUNet()
+'''
+
+FACTORY_CONFIG = """\
+model = "{module}:factory"
+workdir = "{workdir}"
+seed = 1
+trust_code = true
+
+[profile]
+samples = 4
+timesteps = "999:0:250"
+batch = 4
+
+[score]
+figures = false
+
+[prune]
+steps = 4
+reference_steps = 16
+n = 4
+batch = 4
+
+[allocate]
+budget = "avg-bits=8"
+latency_source = "analytic"
+repeats = 1
+
+[bench]
+rows = ["fp32", "w8a8-uniform", "ddim", "diffpro"]
+reference_steps = 8
+repeats = 1
+latency_batch = 2
+grid_n = 2
+"""
+
+
+def test_module_factory_model_runs_every_stage_with_trust_code_from_the_config(tmp_path):
+    """#18: trust_code must reach bench's reloads of quantized checkpoints, their fresh-process memory
+    measurement and allocate's timing of the model (it used to fail in bench / time 0 ms)."""
+    pkg = tmp_path / "thirdparty"
+    pkg.mkdir()
+    (pkg / "tiny_factory_unet.py").write_text(FACTORY_MODULE)
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(FACTORY_CONFIG.format(module="tiny_factory_unet", workdir=tmp_path / "work"))
+    env = {**os.environ, "CI": "true", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(pkg), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-m", "diffpro_cli", "run", str(cfg), "--json", "--quiet"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert set(_statuses(proc.stdout).values()) == {"computed"}
+    work = tmp_path / "work"
+    plan = json.loads((work / "plan.json").read_text())
+    assert plan["totals"]["remainder_source"] == "measured"        # allocate loaded the factory model
+    report = json.loads((work / "bench" / "report.json").read_text())
+    rows = {r["name"]: r for r in report["rows"]}
+    assert set(rows) == {"fp32", "w8a8-uniform", "ddim-4", "diffpro"}
+    for name in ("w8a8-uniform", "diffpro"):   # quantized checkpoints of the factory network, reloaded
+        assert rows[name]["load_mem_bytes"] and rows[name]["load_mem_bytes"] > 0, rows[name]
+        assert any(k.startswith("cpu-") for k in rows[name]["kernels"]), rows[name]["kernels"]
+
+
+def test_untrusted_module_factory_run_stops_before_any_stage(tmp_path):
+    pkg = tmp_path / "thirdparty"
+    pkg.mkdir()
+    (pkg / "tiny_factory_unet2.py").write_text(FACTORY_MODULE)
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(FACTORY_CONFIG.format(module="tiny_factory_unet2", workdir=tmp_path / "work").replace("trust_code = true\n", ""))
+    env = {**os.environ, "CI": "true", "PYTHONPATH": str(pkg)}
+    proc = subprocess.run([sys.executable, "-m", "diffpro_cli", "run", str(cfg), "--quiet"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 5 and proc.stderr.startswith("error:") and "--trust-code" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "work" / "diffpro.lock.json").exists()

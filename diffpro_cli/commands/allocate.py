@@ -5,7 +5,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from diffpro_cli.commands.common import DEFAULT_WORKDIR, Force, JsonOut, Quiet, Workdir, make_ui
+from diffpro_cli.commands.common import DEFAULT_WORKDIR, Force, Wait, JsonOut, Quiet, TrustCode, Weights, Workdir, make_context
 from diffpro_cli.commands.prune import parse_int_list
 from diffpro_cli.errors import UsageError
 
@@ -31,15 +31,21 @@ def allocate_cmd(
     repeats: Annotated[int, typer.Option("--repeats", help="Timing repeats per cost-table cell (median).")] = 5,
     error_model: Annotated[str, typer.Option("--error-model", help="auto (measured > taylor > proxy > score > cdf), or one of them.")] = "auto",
     pareto: Annotated[bool, typer.Option("--pareto", help="Also write WORKDIR/pareto.json and figures/pareto.png.")] = False,
+    model: Annotated[Optional[str], typer.Option("--model", help="Model timed for the non-GEMM remainder (default: the scored one).")] = None,
     workdir: Workdir = DEFAULT_WORKDIR,
+    trust_code: TrustCode = False,
+    weights: Weights = None,
     force: Force = False,
+    wait: Wait = False,
     json_output: JsonOut = False,
     quiet: Quiet = False,
 ):
     """Solve the per-layer bit allocation (and, with --latency-budget, the step count) under a budget; writes WORKDIR/plan.json."""
     from diffpro_cli.stages.allocate import AllocateConfig, run_allocate
 
-    ui = make_ui(quiet, json_output)
+    ctx = make_context(model, workdir, trust_code=trust_code, weights=weights, quiet=quiet, json_output=json_output,
+                       force=force, wait=wait)
+    ui = ctx.ui
     if repeats < 1:
         raise UsageError("--repeats must be at least 1")
     roles = [] if protect.strip().lower() == "none" else [r.strip() for r in protect.split(",") if r.strip()]
@@ -48,8 +54,8 @@ def allocate_cmd(
                          latency_budget=latency_budget, min_speedup=min_speedup, steps=steps, quant_weight=quant_weight, tokens=tokens,
                          latency_source=latency_source, repeats=repeats, remainder_ms=remainder_ms, pareto=pareto,
                          error_model=error_model)
-    scores_path = scores if scores is not None else workdir / "scores.json"
-    outcome, plan = run_allocate(scores_path, workdir, cfg, timesteps_path=timesteps, force=force, ui=ui)
+    result = run_allocate(ctx, cfg, scores_path=scores, timesteps_path=timesteps)
+    outcome, plan = result.outcome, result.value
     t = plan["totals"]
     lat = f", {t['latency_ms']:.3f} ms/step" if t.get("latency_ms") is not None else ""
     if t.get("predicted_speedup"):

@@ -5,7 +5,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from diffpro_cli.commands.common import DEFAULT_WORKDIR, Force, JsonOut, ModelArg, Quiet, Seed, TrustCode, Weights, Workdir, make_ui
+from diffpro_cli.commands.common import DEFAULT_WORKDIR, Force, Wait, JsonOut, ModelArg, Quiet, Seed, TrustCode, Weights, Workdir, make_context
 from diffpro_cli.errors import UsageError
 
 
@@ -31,6 +31,7 @@ def bench_cmd(
     trust_code: TrustCode = False,
     weights: Weights = None,
     force: Force = False,
+    wait: Wait = False,
     json_output: JsonOut = False,
     quiet: Quiet = False,
 ):
@@ -38,9 +39,11 @@ def bench_cmd(
     import torch
 
     from diffpro_cli.artifacts import read_json
-    from diffpro_cli.stages.bench import ALL_ROWS, BenchConfig, run_bench_stage
+    from diffpro_cli.stages.bench import ALL_ROWS, BenchConfig, run_bench
 
-    ui = make_ui(quiet, json_output)
+    ctx = make_context(model, workdir, trust_code=trust_code, weights=weights, seed=seed, quiet=quiet,
+                       json_output=json_output, force=force, wait=wait)
+    ui = ctx.ui
     names = [r.strip() for r in rows.split(",") if r.strip()]
     bad = [r for r in names if r not in ALL_ROWS]
     if bad:
@@ -53,7 +56,7 @@ def bench_cmd(
         torch.set_num_threads(threads)
     from diffpro_cli.distributed import init_from_env
 
-    init_from_env()  # no-op unless started by torchrun
+    init_from_env(ctx.device)  # no-op unless started by torchrun
     if quantized is None and (workdir / "quantized" / "diffpro.json").exists():
         quantized = workdir / "quantized"
     if quantized is not None and not (quantized / "diffpro.json").exists():
@@ -63,8 +66,7 @@ def bench_cmd(
     cfg = BenchConfig(rows=names, reference_steps=reference_steps, steps=steps, method=method, cfg_scale=cfg_scale,
                       fid=fid, fid_n=fid_n, reference=reference, inception_weights=inception_weights, seed=seed,
                       repeats=repeats, latency_batch=latency_batch, latency_steps=latency_steps)
-    outcome = run_bench_stage(model, workdir, cfg, quantized=quantized, timesteps_path=timesteps,
-                              load_kwargs={"trust_code": trust_code, "weights": weights}, ui=ui, force=force)
+    outcome = run_bench(ctx, cfg, quantized=quantized, timesteps_path=timesteps).outcome
     from diffpro_cli.distributed import is_main
 
     if not is_main():

@@ -26,8 +26,10 @@ def make_ui(quiet: bool, json_output: bool) -> UI:
     return UI(quiet=quiet or json_output, json_output=json_output)
 
 
-def model_input_record(model) -> dict:
-    """Lock-file input record for a loaded model (its weights' sha256, or the spec for random/untrained)."""
-    from diffpro_cli.artifacts import sha256_json
+def make_context(model: str | None, workdir, *, trust_code: bool = False, weights=None, seed: int = 0,
+                 quiet: bool = False, json_output: bool = False, force: bool = False, wait: bool = False):
+    """The one StageContext a command hands to its stage: load options, workdir, UI, force, wait."""
+    from diffpro_cli.stages.context import StageContext
 
-    return {"path": model.spec, "sha256": model.sha256 or sha256_json({"spec": model.spec, "untrained": model.untrained})}
+    return StageContext.create(model or "", workdir, trust_code=trust_code, weights=weights, seed=seed,
+                               ui=make_ui(quiet, json_output), force=force, wait=wait)

@@ -4,8 +4,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from diffpro_cli.commands.common import (DEFAULT_WORKDIR, Force, JsonOut, ModelArg, Quiet, Seed, TrustCode, Weights,
-                                         Workdir, make_ui)
+from diffpro_cli.commands.common import (DEFAULT_WORKDIR, Force, Wait, JsonOut, ModelArg, Quiet, Seed, TrustCode, Weights,
+                                         Workdir, make_context)
 from diffpro_cli.errors import UsageError
 
 
@@ -33,18 +33,20 @@ def profile_cmd(
     trust_code: TrustCode = False,
     weights: Weights = None,
     force: Force = False,
+    wait: Wait = False,
     json_output: JsonOut = False,
     quiet: Quiet = False,
 ):
     """Record per-layer, per-timestep activation statistics (calibration sampling) in WORKDIR/profile."""
-    from diffpro_cli.models import load_model
     from diffpro_cli.stages.profile import ProfileConfig, run_profile
 
-    ui = make_ui(quiet, json_output)
+    ctx = make_context(model, workdir, trust_code=trust_code, weights=weights, seed=seed, quiet=quiet,
+                       json_output=json_output, force=force, wait=wait)
+    ui = ctx.ui
     cfg = ProfileConfig(samples=samples, timesteps=timesteps, classes=parse_classes(classes), seed=seed, batch=batch,
                         cfg_scale=cfg_scale, method=method, max_dim=max_dim, max_rows=max_rows)
-    m = load_model(model, trust_code=trust_code, weights=weights, seed=seed)
-    outcome = run_profile(m, cfg, workdir, force=force, ui=ui)
+    result = run_profile(ctx, cfg)
+    outcome, m = result.outcome, result.value
     ui.result(outcome.as_dict() | {"model": m.spec, "untrained": m.untrained, "random_weights": m.random_weights},
               human=f"profile: {outcome.status} ({outcome.wall_s:.1f}s) -> {outcome.outputs['profile']}"
                     + (" [UNTRAINED model]" if m.untrained else "") + (" [RANDOM weights]" if m.random_weights else ""))

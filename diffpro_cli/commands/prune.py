@@ -4,8 +4,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from diffpro_cli.commands.common import (DEFAULT_WORKDIR, Force, JsonOut, ModelArg, Quiet, Seed, TrustCode, Weights,
-                                         Workdir, make_ui)
+from diffpro_cli.commands.common import (DEFAULT_WORKDIR, Force, Wait, JsonOut, ModelArg, Quiet, Seed, TrustCode, Weights,
+                                         Workdir, make_context)
 from diffpro_cli.errors import UsageError
 
 
@@ -37,19 +37,21 @@ def prune_cmd(
     trust_code: TrustCode = False,
     weights: Weights = None,
     force: Force = False,
+    wait: Wait = False,
     json_output: JsonOut = False,
     quiet: Quiet = False,
 ):
     """Select a budgeted timestep subset guided by teacher-student drift; writes WORKDIR/timesteps.json."""
-    from diffpro_cli.models import load_model
     from diffpro_cli.stages.prune import PruneConfig, run_prune
 
-    ui = make_ui(quiet, json_output)
+    ctx = make_context(model, workdir, trust_code=trust_code, weights=weights, seed=seed, quiet=quiet,
+                       json_output=json_output, force=force, wait=wait)
+    ui = ctx.ui
     cfg = PruneConfig(steps=steps, fraction=fraction, protect_tail=protect_tail, reference_steps=reference_steps,
                       candidates=candidates, search=search, metric=metric, n=n, batch=batch, seed=seed,
                       cfg_scale=cfg_scale, clip_x0=clip_x0, sweep=parse_int_list(sweep, "--sweep"))
-    m = load_model(model, trust_code=trust_code, weights=weights, seed=seed)
-    outcome, payload = run_prune(m, workdir, cfg, force=force, ui=ui)
+    result = run_prune(ctx, cfg)
+    outcome, payload = result.outcome, result.value
     result = {**outcome.as_dict(), "steps": len(payload["timesteps"]), "protect_tail": payload["protect_tail"],
               "drift": payload["drift"], "uniform_drift": payload["uniform_drift"], "selected_by": payload["selected_by"],
               "untrained": payload["model"].get("untrained", False)}

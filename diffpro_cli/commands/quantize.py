@@ -5,7 +5,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from diffpro_cli.commands.common import DEFAULT_WORKDIR, Force, JsonOut, ModelArg, Quiet, Seed, TrustCode, Weights, Workdir, make_ui
+from diffpro_cli.commands.common import DEFAULT_WORKDIR, Force, Wait, JsonOut, ModelArg, Quiet, Seed, TrustCode, Weights, Workdir, make_context
 from diffpro_cli.errors import UsageError
 
 
@@ -25,23 +25,26 @@ def quantize_cmd(
     trust_code: TrustCode = False,
     weights: Weights = None,
     force: Force = False,
+    wait: Wait = False,
     json_output: JsonOut = False,
     quiet: Quiet = False,
 ):
     """Write a real integer checkpoint (model.safetensors + diffpro.json) from a plan or uniform --bits."""
-    from diffpro_cli.models import load_model
-    from diffpro_cli.stages.quantize import QuantizeConfig, run_quantize_stage
+    from diffpro_cli.stages.quantize import QuantizeConfig, run_quantize
 
-    ui = make_ui(quiet, json_output)
+    ctx = make_context(model, workdir, trust_code=trust_code, weights=weights, seed=seed, quiet=quiet,
+                       json_output=json_output, force=force, wait=wait)
+    ui = ctx.ui
     out_dir = out if out is not None else workdir / "quantized"
-    m = load_model(model, trust_code=trust_code, weights=weights, seed=seed)
+    m = ctx.model()
     if m.untrained:
         ui.warn(f"{m.spec} is UNTRAINED (seeded random weights): the checkpoint is for speed and size only")
     if calib_samples < 1:
         raise UsageError(f"--calib-samples {calib_samples}: must be at least 1")
     cfg = QuantizeConfig(bits=bits, act_bits=act_bits, act_mode=act_mode, group_size=group_size, rounding=rounding,
                          calib_samples=calib_samples, seed=seed)
-    outcome, meta = run_quantize_stage(m, workdir, out_dir, cfg, plan_path=plan, timesteps_path=timesteps, force=force, ui=ui)
+    result = run_quantize(ctx, cfg, plan_path=plan, timesteps_path=timesteps, out_dir=out_dir)
+    outcome, meta = result.outcome, result.value
     totals = meta["totals"]
     ratio = totals["fp32_bytes"] / totals["bytes"] if totals.get("bytes") else None
     kernels = sorted({rec["kernel"] for rec in meta["layers"].values()})

@@ -5,14 +5,17 @@ from typing import Annotated, Optional
 
 import typer
 
-from diffpro_cli.commands.common import Force, JsonOut, Quiet, make_ui
+from diffpro_cli.commands.common import Force, Wait, JsonOut, Quiet, TrustCode, Weights, make_ui
 
 
 def run_cmd(
     config: Annotated[Path, typer.Argument(help="TOML config (see sample_configs/).")],
     workdir: Annotated[Optional[Path], typer.Option("--workdir", "-w", help="Override the config's workdir.")] = None,
     stages: Annotated[Optional[str], typer.Option("--stages", help="Comma list overriding the config's stages.")] = None,
+    trust_code: TrustCode = False,
+    weights: Weights = None,
     force: Force = False,
+    wait: Wait = False,
     json_output: JsonOut = False,
     quiet: Quiet = False,
 ):
@@ -24,12 +27,16 @@ def run_cmd(
     cfg = load_run_config(config)
     if workdir is not None:
         cfg.workdir = str(workdir)
+    if trust_code:          # given once, it reaches every stage (the config's trust_code = true does the same)
+        cfg.trust_code = True
+    if weights is not None:
+        cfg.weights = str(weights)
     if stages:
         cfg.stages = [s.strip() for s in stages.split(",") if s.strip()]
         bad = [s for s in cfg.stages if s not in STAGES]
         if bad:
             raise UsageError(f"--stages: unknown {', '.join(bad)}; choose from {', '.join(STAGES)}")
-    outcomes = run_pipeline(cfg, force=force, ui=ui)
+    outcomes = run_pipeline(cfg, force=force, wait=wait, ui=ui)
     report = Path(cfg.workdir) / "bench" / "report.md"
     ui.result({"workdir": cfg.workdir, "stages": outcomes},
               human=f"done: {', '.join(o['stage'] + ' ' + o['status'] for o in outcomes)}"

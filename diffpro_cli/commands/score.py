@@ -5,7 +5,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from diffpro_cli.commands.common import DEFAULT_WORKDIR, Force, JsonOut, Quiet, TrustCode, Weights, Workdir, make_ui
+from diffpro_cli.commands.common import DEFAULT_WORKDIR, Force, Wait, JsonOut, Quiet, TrustCode, Weights, Workdir, make_context
 from diffpro_cli.errors import UsageError
 
 
@@ -39,6 +39,7 @@ def score_cmd(
     trust_code: TrustCode = False,
     weights: Weights = None,
     force: Force = False,
+    wait: Wait = False,
     json_output: JsonOut = False,
     quiet: Quiet = False,
 ):
@@ -46,12 +47,14 @@ def score_cmd(
     from diffpro_cli.artifacts import read_json
     from diffpro_cli.stages.score import ScoreConfig, parse_weights, run_score
 
-    ui = make_ui(quiet, json_output)
+    ctx = make_context(model, workdir, trust_code=trust_code, weights=weights, quiet=quiet, json_output=json_output,
+                       force=force, wait=wait)
+    ui = ctx.ui
     cfg = ScoreConfig(formula=formula, pca_metric=pca_metric, variance=variance, weights=parse_weights(component_weights),
                       bits=parse_bits(bits), measure=measure, taylor=taylor, calib_samples=calib_samples, calib_timesteps=calib_timesteps,
                       probes=probes, normalize=normalize, group_size=group_size, act_mode=act_mode, figures=figures, figure_layer=layer, top=top)
-    outcome, out = run_score(profile if profile is not None else Path(workdir) / "profile", cfg, workdir,
-                             model_spec=model, trust_code=trust_code, weights=weights, force=force, ui=ui)
+    result = run_score(ctx, cfg, profile_path=profile)
+    outcome, out = result.outcome, result.value
     doc = read_json(out, "diffpro.scores/1")
     payload = outcome.as_dict() | {"scores": str(out), "formula": doc["formula"], "layers": len(doc["layers"])}
     human = f"score: {outcome.status} ({outcome.wall_s:.1f}s) -> {out}"

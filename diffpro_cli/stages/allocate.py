@@ -427,20 +427,21 @@ def measured_latency_fn(table: CostTable, cfg: AllocateConfig) -> Callable[[Laye
     return latency
 
 
-def measure_remainder_ms(model_spec: str, layers: list[Layer], latency_fn, table: CostTable, repeats: int,
-                         ui: UI = QUIET_UI) -> tuple[float, str]:
-    """Non-GEMM time per step: the whole fp32 model forward (batch 1) minus the sum of its fp32 layer times."""
+def measure_remainder_ms(load: Callable[[], object], model_spec: str, layers: list[Layer], latency_fn, table: CostTable,
+                         repeats: int, ui: UI = QUIET_UI) -> tuple[float, str]:
+    """Non-GEMM time per step: the whole fp32 model forward (batch 1) minus the sum of its fp32 layer times.
+    `load()` gives the model (the stage context's loader: a module:factory model needs its trust flag;
+    refusing untrusted code is an error, not a silent 0 ms)."""
     import torch
 
-    from diffpro_cli.errors import DiffproError
-    from diffpro_cli.models import load_model
+    from diffpro_cli.errors import DiffproError, TrustError
 
     fp = Option(16, 16, "dynamic", None)
     gemm = sum(latency_fn(l, fp) for l in layers)
     key = f"{device_key()}|model {model_spec}|forward batch 1"
 
     def forward_ms() -> float:
-        model = load_model(model_spec)
+        model = load()
         x = torch.randn(1, *model.sample_shape)
         t = torch.full((1,), model.num_train_timesteps // 2)
         y = torch.zeros(1, dtype=torch.long) if model.num_classes is not None else None
@@ -449,6 +450,8 @@ def measure_remainder_ms(model_spec: str, layers: list[Layer], latency_fn, table
 
     try:
         total = table.get_or_measure(key, forward_ms, "measured")
+    except TrustError:
+        raise
     except DiffproError as exc:
         ui.warn(f"non-GEMM remainder not measured ({exc.message}); counting 0 ms, pass --remainder-ms to set it")
         return 0.0, "unavailable"
@@ -928,19 +931,20 @@ def needs_latency(cfg: AllocateConfig) -> bool:
             or (cfg.budget is not None and parse_budget(cfg.budget).kind == "latency-ms"))
 
 
-def run_allocate(scores_path: str | Path, workdir: str | Path, cfg: AllocateConfig, *,
-                 timesteps_path: str | Path | None = None, latency_fn: Callable[[Layer, Option], float] | None = None,
-                 force: bool = False, ui: UI = QUIET_UI):
-    """Write WORKDIR/plan.json (+ pareto.json and figures/pareto.png with cfg.pareto). Returns (outcome, plan).
+def run_allocate(ctx, cfg: AllocateConfig, *, scores_path: str | Path | None = None,
+                 timesteps_path: str | Path | None = None, latency_fn: Callable[[Layer, Option], float] | None = None):
+    """Write WORKDIR/plan.json (+ pareto.json and figures/pareto.png with cfg.pareto). Returns a
+    StageResult (value: the plan).
 
     `latency_fn(layer, option) → ms` replaces the measured cost table (tests); then the remainder is
-    cfg.remainder_ms or 0.
+    cfg.remainder_ms or 0. The model timed for the remainder is the context's (default: the scored one).
     """
     from diffpro_cli.artifacts import atomic_write_json, input_record, read_json
-    from diffpro_cli.stages.common import run_stage
+    from diffpro_cli.stages.context import StageResult
 
-    workdir = Path(workdir)
-    scores_path = Path(scores_path)
+    ui = ctx.ui
+    workdir = ctx.workdir
+    scores_path = Path(scores_path) if scores_path is not None else workdir / "scores.json"
     scores = read_json(scores_path, SCORES_SCHEMA)
     timesteps = None
     if cfg.steps == "auto" and timesteps_path is None:
@@ -1004,8 +1008,11 @@ def run_allocate(scores_path: str | Path, workdir: str | Path, cfg: AllocateConf
             if fn is not None:
                 ui.info(f"allocate: cost table ({lsource}) in {cache.path}")
                 if cfg.remainder_ms is None:
-                    remainder, rsource = measure_remainder_ms((scores.get("model") or {}).get("spec", ""),
-                                                              load_layers(scores, scores_path), fn, cache, cfg.repeats, ui)
+                    if not ctx.model_spec:     # `diffpro allocate` without --model: the scored model
+                        ctx.model_spec = (scores.get("model") or {}).get("spec", "")
+                    spec = ctx.model_spec
+                    remainder, rsource = measure_remainder_ms(ctx.load, spec, load_layers(scores, scores_path),
+                                                              fn, cache, cfg.repeats, ui)
             try:
                 plan, pareto = allocate_plan(scores, cfg, latency_fn=fn, remainder_ms=remainder, remainder_source=rsource,
                                              latency_source=lsource, timesteps=timesteps, scores_path=scores_path, ui=ui)
@@ -1024,6 +1031,6 @@ def run_allocate(scores_path: str | Path, workdir: str | Path, cfg: AllocateConf
         holder["plan"] = plan
 
     config = {**cfg.as_dict(), "latency_injected": latency_fn is not None}
-    outcome = run_stage(workdir, "allocate", inputs, config, outputs, compute, force=force, ui=ui)
+    outcome = ctx.run_stage("allocate", inputs, config, outputs, compute)
     plan = holder.get("plan") or read_json(out, PLAN_SCHEMA)
-    return outcome, plan
+    return StageResult(outcome, plan)

@@ -104,12 +104,11 @@ def checkpoint_info(qdir: Path) -> dict:
             "timesteps": meta.get("timesteps"), "meta": meta}
 
 
-def build_rows(model_spec: str, cfg: BenchConfig, workdir: Path, quantized: Path | None,
-               timesteps: list[int] | None, load_kwargs: dict, ui: UI = QUIET_UI, force: bool = False) -> tuple[list[Row], list[str]]:
-    from diffpro_cli.models import load_model
-
+def build_rows(ctx, cfg: BenchConfig, quantized: Path | None, timesteps: list[int] | None) -> tuple[list[Row], list[str]]:
+    """Every requested row; quantized checkpoints are loaded through the context (its trust flag)."""
     notes = []
-    fp = load_model(model_spec, **load_kwargs)   # memory is measured later, in fresh processes (measure_memory)
+    workdir, model_spec = ctx.workdir, ctx.model_spec
+    fp = ctx.model()   # memory is measured later, in fresh processes (measure_memory)
     ref_ts = uniform_timesteps(fp.num_train_timesteps, cfg.reference_steps)
     qinfo = checkpoint_info(quantized) if quantized is not None else None
     diffpro_ts = timesteps or (qinfo["timesteps"] if qinfo else None)
@@ -123,8 +122,8 @@ def build_rows(model_spec: str, cfg: BenchConfig, workdir: Path, quantized: Path
         elif name in ("w8a8-uniform", "w4-uniform"):
             bits = 8 if name.startswith("w8") else 4
             qdir = workdir / "bench" / "baselines" / name
-            uniform_checkpoint(fp, bits, qdir, model_spec, load_kwargs, force=force, ui=ui)
-            qm = load_model(str(qdir))
+            uniform_checkpoint(fp, bits, qdir, force=ctx.force)
+            qm = ctx.load(qdir)
             info = checkpoint_info(qdir)
             # the cache identity names the checkpoint's own tensors: a re-quantized baseline (new code,
             # --force) must not reuse the old one's FID features
@@ -146,7 +145,7 @@ def build_rows(model_spec: str, cfg: BenchConfig, workdir: Path, quantized: Path
             if qinfo is None:
                 notes.append("diffpro row skipped: no quantized checkpoint (run `diffpro quantize` or pass --quantized)")
                 continue
-            qm = load_model(str(quantized))
+            qm = ctx.load(quantized)
             ts = diffpro_ts or ref_ts
             rows.append(Row("diffpro", qm, list(ts), len(ts), qinfo["size_bytes"], qinfo["avg_bits"],
                             f"diffpro:{qinfo['meta'].get('provenance', {})}:{sha256_json(list(ts))}",
@@ -158,26 +157,28 @@ def build_rows(model_spec: str, cfg: BenchConfig, workdir: Path, quantized: Path
     return rows, notes
 
 
-def measure_memory(rows: list[Row], cfg: BenchConfig, model_spec: str, load_kwargs: dict, ui: UI = QUIET_UI) -> str:
+def measure_memory(rows: list[Row], cfg: BenchConfig, ctx) -> str:
     """Peak memory of every row: a fresh process loads the row's model and samples one latency batch
     (in-process numbers would be wrong: the heap an earlier model freed is reused). Rows that load the
     same model share the number. Returns the method, for the notes."""
     from diffpro_cli.metrics.memory import subprocess_peak
 
     measured: dict[str, dict] = {}
+    opts = ctx.load_options
     for row in rows:
         if row.load_spec not in measured:
-            ui.info(f"bench: peak memory of {row.load_spec} (fresh process)")
-            kw = load_kwargs if row.load_spec == model_spec else {}
-            measured[row.load_spec] = subprocess_peak(row.load_spec, cfg.latency_batch, trust_code=bool(kw.get("trust_code")),
-                                                      weights=kw.get("weights"))
+            ctx.ui.info(f"bench: peak memory of {row.load_spec} (fresh process)")
+            # the trust flag reaches quantized checkpoints too (their network may come from module:factory);
+            # --weights belongs to the float model only
+            weights = opts.weights if row.load_spec == ctx.model_spec else None
+            measured[row.load_spec] = subprocess_peak(row.load_spec, cfg.latency_batch, trust_code=opts.trust_code,
+                                                      weights=weights, ui=ctx.ui)
         row.load_mem_bytes = measured[row.load_spec]["load_bytes"]
         row.peak_mem_bytes = measured[row.load_spec]["run_bytes"]
     return next(iter(measured.values()))["method"] if measured else ""
 
 
-def uniform_checkpoint(model: DiffusionModel, bits: int, out_dir: Path, model_spec: str, load_kwargs: dict,
-                       force: bool = False, ui: UI = QUIET_UI) -> Path:
+def uniform_checkpoint(model: DiffusionModel, bits: int, out_dir: Path, force: bool = False) -> Path:
     """A uniform-bits baseline written as a real checkpoint (reused when already there)."""
     from diffpro_cli.stages.quantize import quantize_uniform_to_dir
 
@@ -207,7 +208,7 @@ def measure_latency(rows: list[Row], cfg: BenchConfig, ui: UI = QUIET_UI) -> dic
         fns[row.name] = (lambda r=sub: r.sampler(cfg, cfg.latency_batch, cfg.latency_batch))
     ui.info(f"bench: timing {len(rows)} rows × {cfg.repeats} repeats (batch {cfg.latency_batch})")
     with energy_meter() as energy:
-        stats = interleaved(fns, repeats=cfg.repeats, warmup=1)
+        stats = interleaved(fns, repeats=cfg.repeats, warmup=1, ui=ui, description="bench: timing")
     out = {}
     total_images = cfg.repeats * cfg.latency_batch * len(rows)
     for row in rows:
@@ -292,14 +293,13 @@ def device_info() -> dict:
     return {"kind": "cpu", "name": name, "threads": torch.get_num_threads(), "torch": torch.__version__}
 
 
-def run_bench(model_spec: str, workdir: Path, cfg: BenchConfig, quantized: Path | None = None,
-              timesteps: list[int] | None = None, load_kwargs: dict | None = None, ui: UI = QUIET_UI,
-              force: bool = False) -> dict:
+def measure_bench(ctx, cfg: BenchConfig, quantized: Path | None = None, timesteps: list[int] | None = None) -> dict:
     """Measure every row and write bench/report.json + report.md + figures; returns the report."""
     from diffpro_cli import report as report_mod
 
+    ui, workdir, model_spec = ctx.ui, ctx.workdir, ctx.model_spec
     bench_dir = workdir / "bench"
-    rows, notes = build_rows(model_spec, cfg, workdir, quantized, timesteps, load_kwargs or {}, ui, force)
+    rows, notes = build_rows(ctx, cfg, quantized, timesteps)
     if not rows:
         raise UsageError("--rows selects nothing to measure; name at least one row")
     from diffpro_cli.distributed import barrier, is_main, rank_world
@@ -308,7 +308,7 @@ def run_bench(model_spec: str, workdir: Path, cfg: BenchConfig, quantized: Path 
     fid_setup = fid_inputs(rows, cfg) if cfg.fid else None
     timing = measure_latency(rows, cfg, ui) if is_main() else {}   # other ranks would skew the timing
     if is_main() and cfg.memory:
-        notes.append("peak_mem_bytes: " + measure_memory(rows, cfg, model_spec, load_kwargs or {}, ui)
+        notes.append("peak_mem_bytes: " + measure_memory(rows, cfg, ctx)
                      + f", batch {cfg.latency_batch}; load_mem_bytes: the load alone")
     elif is_main():
         notes.append("memory not measured (memory = false)")
@@ -381,41 +381,34 @@ def derived_ratios(report: dict) -> dict:
     return out
 
 
-def run_bench_stage(model_spec: str, workdir: Path, cfg: BenchConfig, *, quantized: Path | None = None,
-                    timesteps_path: Path | None = None, load_kwargs: dict | None = None, force: bool = False,
-                    ui: UI = QUIET_UI):
-    """`run_bench` through the lock: skipped when the model, checkpoint, timesteps and config are unchanged."""
+def run_bench(ctx, cfg: BenchConfig, *, quantized: Path | None = None, timesteps_path: Path | None = None):
+    """`measure_bench` through the lock: skipped when the model, checkpoint, timesteps and config are
+    unchanged. Returns a StageResult (value: the report, or None when up to date)."""
     from diffpro_cli.artifacts import input_record
-    from diffpro_cli.commands.common import model_input_record
-    from diffpro_cli.models import load_model
-    from diffpro_cli.stages.common import run_stage
+    from diffpro_cli.distributed import rank_world
+    from diffpro_cli.stages.common import StageOutcome
+    from diffpro_cli.stages.context import StageResult
 
-    workdir = Path(workdir)
-    model = load_model(model_spec, **(load_kwargs or {}))
-    inputs = {"model": model_input_record(model)}
+    workdir = ctx.workdir
+    inputs = {"model": ctx.model_record()}
     if quantized is not None:
         inputs["quantized"] = input_record(quantized)
     ts = None
     if timesteps_path is not None:
         inputs["timesteps"] = input_record(timesteps_path)
         ts = read_json(timesteps_path, "diffpro.timesteps/1")["timesteps"]
-    del model
     outputs = {"report": workdir / "bench" / "report.json", "markdown": workdir / "bench" / "report.md"}
     holder = {}
 
     def compute():
-        holder["report"] = run_bench(model_spec, workdir, cfg, quantized=quantized, timesteps=ts,
-                                     load_kwargs=load_kwargs, ui=ui, force=force)
-
-    from diffpro_cli.distributed import rank_world
+        holder["report"] = measure_bench(ctx, cfg, quantized=quantized, timesteps=ts)
 
     # under torchrun every rank must take part in the collectives, so no rank may skip on its own:
     # sharded runs always compute (rank 0 still records the lock)
     sharded = rank_world()[1] > 1
     if sharded and rank_world()[0] != 0:
         compute()
-        from diffpro_cli.stages.common import StageOutcome
-
-        return StageOutcome("bench", "computed", "sharded worker", {k: str(v) for k, v in outputs.items()}, 0.0)
-    return run_stage(workdir, "bench", inputs, cfg.as_dict(), outputs, compute, force=force or sharded,
-                     seed=cfg.seed, ui=ui)
+        return StageResult(StageOutcome("bench", "computed", "sharded worker", {k: str(v) for k, v in outputs.items()}, 0.0))
+    outcome = ctx.run_stage("bench", inputs, cfg.as_dict(), outputs, compute, seed=cfg.seed,
+                            force=ctx.force or sharded)
+    return StageResult(outcome, holder.get("report"))

@@ -470,17 +470,16 @@ def write_profile(model, cfg: ProfileConfig, out_dir: Path, ui=None, advance=lam
     return json_path, stats_path
 
 
-def run_profile(model, cfg: ProfileConfig, workdir: str | Path, *, force: bool = False, ui=None):
-    """The `profile` stage through the resumable skeleton; returns a StageOutcome."""
-    from diffpro_cli.commands.common import model_input_record
-    from diffpro_cli.console import QUIET_UI
+def run_profile(ctx, cfg: ProfileConfig):
+    """The `profile` stage through the resumable skeleton; returns a StageResult (value: the model)."""
     from diffpro_cli.sampling import parse_timesteps
-    from diffpro_cli.stages.common import run_stage
+    from diffpro_cli.stages.context import StageResult
 
-    ui = ui or QUIET_UI
+    ui = ctx.ui
     validate_config(cfg)
+    model = ctx.model()
     n_steps = len(parse_timesteps(cfg.timesteps, model.num_train_timesteps))
-    out_dir = Path(workdir) / "profile"
+    out_dir = ctx.workdir / "profile"
     outputs = {"profile": out_dir / "profile.json", "stats": out_dir / "stats.safetensors"}
 
     def compute():
@@ -491,8 +490,8 @@ def run_profile(model, cfg: ProfileConfig, workdir: str | Path, *, force: bool =
         with ui.progress("profiling", total=cfg.samples * n_steps) as advance:
             write_profile(model, cfg, out_dir, ui, advance)
 
-    return run_stage(workdir, "profile", {"model": model_input_record(model)}, cfg.as_dict(), outputs, compute,
-                     force=force, seed=cfg.seed, ui=ui)
+    outcome = ctx.run_stage("profile", {"model": ctx.model_record(model)}, cfg.as_dict(), outputs, compute, seed=cfg.seed)
+    return StageResult(outcome, model)
 
 
 def resolve_profile_path(path: str | Path) -> Path:

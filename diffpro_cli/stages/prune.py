@@ -392,14 +392,14 @@ def _select_one(model, cfg, teacher, cost, cands_desc, K, T, uniform, labels, ui
 # ---------------------------------------------------------------------------------------------
 
 
-def run_prune(model: DiffusionModel, workdir: str | Path, cfg: PruneConfig, *, force: bool = False,
-              ui: UI = QUIET_UI, figure: bool = True):
-    """Write WORKDIR/timesteps.json (and figures/drift.png) unless up to date. Returns (outcome, payload)."""
+def run_prune(ctx, cfg: PruneConfig, *, figure: bool = True):
+    """Write WORKDIR/timesteps.json (and figures/drift.png) unless up to date. Returns a StageResult
+    (value: the timesteps payload)."""
     from diffpro_cli.artifacts import atomic_write_json, read_json
-    from diffpro_cli.commands.common import model_input_record
-    from diffpro_cli.stages.common import run_stage
+    from diffpro_cli.stages.context import StageResult
 
-    workdir = Path(workdir)
+    model = ctx.model()
+    workdir = ctx.workdir
     _check(cfg, model.num_train_timesteps)       # bad options fail before anything runs
     out = workdir / "timesteps.json"
     fig = workdir / "figures" / "drift.png"
@@ -409,7 +409,7 @@ def run_prune(model: DiffusionModel, workdir: str | Path, cfg: PruneConfig, *, f
     holder = {}
 
     def compute():
-        payload = select_timesteps(model, cfg, ui)
+        payload = select_timesteps(model, cfg, ctx.ui)
         if figure:
             from diffpro_cli.plots import plot_drift
 
@@ -418,7 +418,6 @@ def run_prune(model: DiffusionModel, workdir: str | Path, cfg: PruneConfig, *, f
         holder["payload"] = payload
 
     config = {"model": model.spec, **cfg.as_dict(), "figure": figure}
-    outcome = run_stage(workdir, "prune", {"model": model_input_record(model)}, config, outputs, compute,
-                        force=force, seed=cfg.seed, ui=ui)
+    outcome = ctx.run_stage("prune", {"model": ctx.model_record(model)}, config, outputs, compute, seed=cfg.seed)
     payload = holder.get("payload") or read_json(out, SCHEMA)
-    return outcome, payload
+    return StageResult(outcome, payload)

@@ -33,7 +33,7 @@ class QuantizeConfig:
 
 
 def _model_id(model: DiffusionModel) -> set:
-    from diffpro_cli.commands.common import model_input_record
+    from diffpro_cli.artifacts import model_input_record
 
     return {model.sha256, model_input_record(model)["sha256"]} - {None}
 
@@ -205,13 +205,13 @@ def quantize_uniform_to_dir(model: DiffusionModel, bits: int, out_dir: Path, act
     return quantize_to_dir(model, uniform_plan(model, bits, 8, act_mode), Path(out_dir))
 
 
-def run_quantize_stage(model: DiffusionModel, workdir: Path, out_dir: Path, cfg: QuantizeConfig, *,
-                       plan_path: Path | None = None, timesteps_path: Path | None = None, force: bool = False,
-                       ui: UI = QUIET_UI):
-    """Everything `diffpro quantize` does; all inputs are validated before anything is written."""
-    from diffpro_cli.commands.common import model_input_record
-    from diffpro_cli.stages.common import run_stage
+def run_quantize(ctx, cfg: QuantizeConfig, *, plan_path: Path | None = None, timesteps_path: Path | None = None,
+                 out_dir: Path | None = None):
+    """Everything `diffpro quantize` does; all inputs are validated before anything is written.
+    Returns a StageResult (value: the checkpoint's diffpro.json record)."""
+    from diffpro_cli.stages.context import StageResult
 
+    out_dir = Path(out_dir) if out_dir is not None else ctx.workdir / "quantized"
     if cfg.act_mode not in ACT_MODES:
         raise UsageError(f"--act-mode {cfg.act_mode}: use one of {', '.join(ACT_MODES)}")
     if cfg.rounding not in ("nearest", "gptq"):
@@ -222,7 +222,8 @@ def run_quantize_stage(model: DiffusionModel, workdir: Path, out_dir: Path, cfg:
         raise UsageError(f"--group-size {cfg.group_size}: must be a positive divisor of the layers' input sizes")
     if plan_path is not None and cfg.bits is not None:
         raise UsageError("--plan and --bits both given; use --plan for a mixed-precision plan or --bits for a uniform baseline")
-    inputs = {"model": model_input_record(model)}
+    model = ctx.model()
+    inputs = {"model": ctx.model_record(model)}
     if plan_path is not None:
         plan = read_json(plan_path, PLAN_SCHEMA)
         validate_plan(plan, model, str(plan_path))
@@ -243,10 +244,10 @@ def run_quantize_stage(model: DiffusionModel, workdir: Path, out_dir: Path, cfg:
     holder = {}
 
     def compute():
-        holder["meta"] = quantize_to_dir(model, plan, out_dir, timesteps, cfg, provenance, ui)
+        holder["meta"] = quantize_to_dir(model, plan, out_dir, timesteps, cfg, provenance, ctx.ui)
 
-    outcome = run_stage(workdir, "quantize", inputs, config,
-                        {"weights": out_dir / "model.safetensors", "meta": out_dir / "diffpro.json"},
-                        compute, force=force, seed=cfg.seed, ui=ui)
+    outcome = ctx.run_stage("quantize", inputs, config,
+                            {"weights": out_dir / "model.safetensors", "meta": out_dir / "diffpro.json"},
+                            compute, seed=cfg.seed)
     meta = holder.get("meta") or read_json(out_dir / "diffpro.json")
-    return outcome, meta
+    return StageResult(outcome, meta)

@@ -8,7 +8,6 @@ interrupted one was never written.
 from __future__ import annotations
 
 import dataclasses
-import time
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,64 +81,65 @@ def check_sections(cfg: RunConfig) -> None:
         section(classes[name], cfg.sections[name], name, seed=cfg.seed)
 
 
-def run_pipeline(cfg: RunConfig, *, force: bool = False, ui: UI = QUIET_UI) -> list[dict]:
-    """Run the configured stages in order; returns each stage's outcome as a dict."""
-    from diffpro_cli.models import load_model
+def run_pipeline(cfg: RunConfig, *, force: bool = False, wait: bool = False, ui: UI = QUIET_UI) -> list[dict]:
+    """Run the configured stages in order through one StageContext (the float model is loaded once and
+    shared; trust_code and weights reach every load, quantized checkpoints included); returns each
+    stage's outcome as a dict."""
+    from diffpro_cli.artifacts import workdir_lock
+    from diffpro_cli.stages.context import StageContext
 
-    workdir = Path(cfg.workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    from diffpro_cli.artifacts import remove_stale_temp_files
-
-    for p in remove_stale_temp_files(workdir, older_than=time.time() - 1):
-        ui.info(f"removed {p}: left by an interrupted earlier run")
-    sec = cfg.sections
     check_sections(cfg)   # a typo in [bench] must fail now, not after the stages before it ran
-    load_kwargs = {"trust_code": cfg.trust_code, "weights": cfg.weights}
-    model = load_model(cfg.model, seed=cfg.seed, **load_kwargs)
+    ctx = StageContext.create(cfg.model, cfg.workdir, trust_code=cfg.trust_code, weights=cfg.weights, seed=cfg.seed,
+                              ui=ui, force=force, wait=wait)
+    ctx.model()           # load errors (bad spec, untrusted code) before any stage runs or anything is written
+    ctx.workdir.mkdir(parents=True, exist_ok=True)
+    classes = stage_config_classes()
+    runners = _runners()
     outcomes = []
-
-    def done(outcome):
-        outcomes.append(outcome.as_dict())
-        ui.info(f"{outcome.stage}: {outcome.status}" + (f" ({outcome.wall_s:.1f} s)" if outcome.status == "computed" else ""))
-
-    if "profile" in cfg.stages:
-        from diffpro_cli.stages.profile import ProfileConfig, run_profile
-
-        done(run_profile(model, section(ProfileConfig, sec["profile"], "profile", seed=cfg.seed), workdir, force=force, ui=ui))
-    if "score" in cfg.stages:
-        from diffpro_cli.stages.score import ScoreConfig, run_score
-
-        outcome, _ = run_score(workdir / "profile", section(ScoreConfig, sec["score"], "score"), workdir,
-                               model_spec=cfg.model, force=force, ui=ui, **load_kwargs)
-        done(outcome)
-    if "prune" in cfg.stages:
-        from diffpro_cli.stages.prune import PruneConfig, run_prune
-
-        outcome, _ = run_prune(model, workdir, section(PruneConfig, sec["prune"], "prune", seed=cfg.seed), force=force, ui=ui)
-        done(outcome)
-    if "allocate" in cfg.stages:
-        from diffpro_cli.stages.allocate import AllocateConfig, run_allocate
-
-        ts_path = workdir / "timesteps.json" if (workdir / "timesteps.json").exists() else None
-        outcome, _ = run_allocate(workdir / "scores.json", workdir, section(AllocateConfig, sec["allocate"], "allocate"),
-                                  timesteps_path=ts_path, force=force, ui=ui)
-        done(outcome)
-    if "quantize" in cfg.stages:
-        from diffpro_cli.stages.quantize import QuantizeConfig, run_quantize_stage
-
-        qsec = dict(sec["quantize"])
-        qcfg = section(QuantizeConfig, qsec, "quantize", seed=cfg.seed)
-        plan = workdir / "plan.json" if qcfg.bits is None else None
-        ts_path = workdir / "timesteps.json" if (workdir / "timesteps.json").exists() else None
-        outcome, _ = run_quantize_stage(model, workdir, workdir / "quantized", qcfg, plan_path=plan,
-                                        timesteps_path=ts_path, force=force, ui=ui)
-        done(outcome)
-    if "bench" in cfg.stages:
-        from diffpro_cli.stages.bench import BenchConfig, run_bench_stage
-
-        bcfg = section(BenchConfig, sec["bench"], "bench", seed=cfg.seed)
-        quantized = workdir / "quantized" if (workdir / "quantized" / "diffpro.json").exists() else None
-        ts_path = workdir / "timesteps.json" if (workdir / "timesteps.json").exists() else None
-        done(run_bench_stage(cfg.model, workdir, bcfg, quantized=quantized, timesteps_path=ts_path,
-                             load_kwargs=load_kwargs, force=force, ui=ui))
+    # one run holds the workdir for all its stages: a concurrent run waits (--wait) or exits 2
+    with workdir_lock(ctx.workdir, wait=wait, ui=ui):
+        _clean_temp_files(ctx)
+        for name in STAGES:
+            if name not in cfg.stages:
+                continue
+            stage_cfg = section(classes[name], cfg.sections[name], name, seed=cfg.seed)
+            outcome = runners[name](ctx, stage_cfg).outcome
+            outcomes.append(outcome.as_dict())
+            ui.info(f"{outcome.stage}: {outcome.status}" + (f" ({outcome.wall_s:.1f} s)" if outcome.status == "computed" else ""))
     return outcomes
+
+
+def _clean_temp_files(ctx) -> None:
+    """Temp files an interrupted earlier run left behind; only removed while holding the workdir lock,
+    so a concurrent stage's live temp file is never touched."""
+    from diffpro_cli.artifacts import clean_stale_temp_files
+
+    clean_stale_temp_files(ctx.workdir, ctx.ui)
+
+
+def _existing(path: Path) -> Path | None:
+    return path if path.exists() else None
+
+
+def _runners() -> dict:
+    """Stage name → fn(ctx, cfg): each wires the previous stages' artifacts in the workdir as inputs."""
+    from diffpro_cli.stages.allocate import run_allocate
+    from diffpro_cli.stages.bench import run_bench
+    from diffpro_cli.stages.profile import run_profile
+    from diffpro_cli.stages.prune import run_prune
+    from diffpro_cli.stages.quantize import run_quantize
+    from diffpro_cli.stages.score import run_score
+
+    def allocate(ctx, c):
+        return run_allocate(ctx, c, timesteps_path=_existing(ctx.workdir / "timesteps.json"))
+
+    def quantize(ctx, c):
+        plan = ctx.workdir / "plan.json" if c.bits is None else None
+        return run_quantize(ctx, c, plan_path=plan, timesteps_path=_existing(ctx.workdir / "timesteps.json"))
+
+    def bench(ctx, c):
+        quantized = ctx.workdir / "quantized" if (ctx.workdir / "quantized" / "diffpro.json").exists() else None
+        return run_bench(ctx, c, quantized=quantized, timesteps_path=_existing(ctx.workdir / "timesteps.json"))
+
+    return {"profile": run_profile, "score": run_score, "prune": run_prune, "allocate": allocate,
+            "quantize": quantize, "bench": bench}

@@ -630,32 +630,29 @@ def write_figures(doc: dict, tensors: dict, result: dict, fig_dir: Path, cfg: Sc
     return list(paths.values())
 
 
-def load_profiled_model(doc: dict, model_spec: str | None, trust_code: bool = False, weights=None):
-    """The model for --measure / --formula taylor: --model or the profiled one, refused if it differs."""
-    from diffpro_cli.models import load_model
-
+def load_profiled_model(doc: dict, ctx):
+    """The model for --measure / --formula taylor: the context's model, refused if it is not the profiled one."""
     profiled = doc["model"]
-    spec = model_spec or profiled["spec"]
-    model = load_model(spec, trust_code=trust_code, weights=weights, seed=int(doc["calibration"]["seed"]))
+    model = ctx.model()
     same = model.describe()
     if (profiled.get("sha256") or same["sha256"]) and profiled.get("sha256") != same["sha256"] \
             or bool(profiled.get("untrained")) != bool(same["untrained"]) or profiled.get("params") != same["params"]:
-        raise InputError(f"{spec}: is not the profiled model ({profiled['spec']}); re-run `diffpro profile` on it, or pass --model with the profiled one")
+        raise InputError(f"{ctx.model_spec}: is not the profiled model ({profiled['spec']}); re-run `diffpro profile` on it, or pass --model with the profiled one")
     return model
 
 
-def run_score(profile_path: str | Path, cfg: ScoreConfig, workdir: str | Path, *, model_spec: str | None = None,
-              trust_code: bool = False, weights=None, force: bool = False, ui=None):
-    """The `score` stage through the resumable skeleton; returns (StageOutcome, scores.json path)."""
+def run_score(ctx, cfg: ScoreConfig, *, profile_path: str | Path | None = None):
+    """The `score` stage through the resumable skeleton; returns a StageResult (value: the scores.json path).
+
+    The context's model spec may be empty (`diffpro score` without --model): the profiled model's spec is
+    used then, loaded with the context's trust flag and weights."""
     from diffpro_cli.artifacts import input_record, read_json
-    from diffpro_cli.commands.common import model_input_record
-    from diffpro_cli.console import QUIET_UI
-    from diffpro_cli.stages.common import run_stage
+    from diffpro_cli.stages.context import StageResult
     from diffpro_cli.stages.profile import SCHEMA as PROFILE_SCHEMA, resolve_profile_path
 
-    ui = ui or QUIET_UI
+    ui = ctx.ui
     validate_config(cfg)
-    json_path = resolve_profile_path(profile_path)
+    json_path = resolve_profile_path(profile_path if profile_path is not None else ctx.workdir / "profile")
     doc = read_json(json_path, PROFILE_SCHEMA)
     names = [r["name"] for r in doc["layers"]]
     if cfg.figure_layer is not None and cfg.figure_layer not in names:
@@ -666,12 +663,14 @@ def run_score(profile_path: str | Path, cfg: ScoreConfig, workdir: str | Path, *
     inputs = {"profile": input_record(json_path), "stats": input_record(stats_path)}
     model = None
     if cfg.needs_model:
-        model = load_profiled_model(doc, model_spec, trust_code, weights)
-        inputs["model"] = model_input_record(model)
-    workdir = Path(workdir)
+        if not ctx.model_spec:
+            ctx.model_spec = doc["model"]["spec"]
+        model = load_profiled_model(doc, ctx)
+        inputs["model"] = ctx.model_record(model)
+    workdir = ctx.workdir
     out = workdir / "scores.json"
     outputs = {"scores": out, **(figure_paths(workdir / "figures", cfg) if cfg.figures else {})}
-    outcome = run_stage(workdir, "score", inputs, cfg.as_dict(), outputs,
-                        lambda: write_scores(json_path, cfg, workdir, model, ui), force=force,
-                        seed=int(doc["calibration"]["seed"]), ui=ui)
-    return outcome, out
+    outcome = ctx.run_stage("score", inputs, cfg.as_dict(), outputs,
+                            lambda: write_scores(json_path, cfg, workdir, model, ui),
+                            seed=int(doc["calibration"]["seed"]))
+    return StageResult(outcome, out)

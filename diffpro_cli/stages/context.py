@@ -1,0 +1,111 @@
+"""One context for every stage: what to load and how, where to write, the seed, the UI.
+
+Every stage is `run_<stage>(ctx, cfg, **inputs) -> StageResult`. The context loads the float model once
+(`ctx.model()`) and loads anything else the run needs (a quantized checkpoint of the same model, the
+model a cost table is timed on) through `ctx.load(spec)`, with the same `trust_code` / `weights` /
+seed. That is what keeps `--trust-code`, given once, reaching every stage (issue #18: bench and
+allocate used to reload quantized checkpoints of `module:factory` models without it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from diffpro_cli.console import QUIET_UI, UI
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How models are loaded: the trust flag and weights file reach every loader, quantized dirs included."""
+
+    trust_code: bool = False
+    weights: str | None = None
+    seed: int = 0
+
+    def as_dict(self) -> dict:
+        return {"trust_code": self.trust_code, "weights": None if self.weights is None else str(self.weights)}
+
+
+@dataclass
+class StageResult:
+    """A stage's lock outcome plus the record its artifact holds (plan, timesteps payload, report...)."""
+
+    outcome: Any                 # stages.common.StageOutcome
+    value: Any = None
+
+    def as_dict(self) -> dict:
+        return self.outcome.as_dict()
+
+    @property
+    def status(self) -> str:
+        return self.outcome.status
+
+    def __iter__(self):      # `outcome, value = run_<stage>(...)`
+        return iter((self.outcome, self.value))
+
+
+@dataclass
+class StageContext:
+    model_spec: str
+    workdir: Path
+    load_options: LoadOptions = field(default_factory=LoadOptions)
+    ui: UI = field(default_factory=lambda: QUIET_UI)
+    force: bool = False
+    wait: bool = False
+    device: str = "cpu"
+    _models: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        self.workdir = Path(self.workdir)
+
+    @property
+    def seed(self) -> int:
+        return self.load_options.seed
+
+    @classmethod
+    def create(cls, model_spec: str, workdir: str | Path, *, trust_code: bool = False, weights=None, seed: int = 0,
+               ui: UI = QUIET_UI, force: bool = False, wait: bool = False, device: str = "cpu") -> "StageContext":
+        return cls(model_spec, Path(workdir), LoadOptions(bool(trust_code), None if weights is None else str(weights), int(seed)),
+                   ui=ui, force=force, wait=wait, device=device)
+
+    def load(self, spec: str | Path | None = None):
+        """Load `spec` (default: the run's model) with the run's trust flag, weights and seed. The run's own
+        model is loaded once and shared; quantized checkpoints are loaded fresh each call (callers keep them)."""
+        from diffpro_cli.models import load_model
+
+        spec = self.model_spec if spec is None else str(spec)
+        if spec == self.model_spec and spec in self._models:
+            return self._models[spec]
+        # --weights belongs to the run's module:factory model; a quantized dir carries its own tensors
+        weights = self.load_options.weights if spec == self.model_spec else None
+        model = load_model(spec, trust_code=self.load_options.trust_code, weights=weights, seed=self.load_options.seed)
+        if spec == self.model_spec:
+            self._models[spec] = model
+        return model
+
+    def model(self):
+        return self.load()
+
+    def use_model(self, model) -> "StageContext":
+        """Share an already-loaded model as the run's model (tests, the Python API)."""
+        self._models[self.model_spec] = model
+        return self
+
+    def run_stage(self, stage: str, inputs: dict[str, dict], config: dict, outputs: dict[str, Path],
+                  compute: Callable[[], None], *, seed: int | None = None, force: bool | None = None):
+        """The lock skeleton (stages.common.run_stage) with this context's workdir, force, wait and UI."""
+        from diffpro_cli.stages.common import run_stage
+
+        kwargs = {}
+        if self.wait:
+            kwargs["wait"] = True
+        return run_stage(self.workdir, stage, inputs, config, outputs, compute,
+                         force=self.force if force is None else force, seed=self.seed if seed is None else seed,
+                         ui=self.ui, **kwargs)
+
+    def model_record(self, model=None) -> dict:
+        from diffpro_cli.artifacts import model_input_record
+
+        return model_input_record(model if model is not None else self.model())
