@@ -126,12 +126,14 @@ def test_uniform_drift_is_the_uniform_schedules_measured_drift_and_bounds_the_se
 
 def test_search_beats_uniform_on_builtin_model_and_the_stage_writes_then_skips(tmp_path, one_thread):
     from diffpro_cli.models import load_model
+    from diffpro_cli.stages.context import StageContext
     from diffpro_cli.stages.prune import run_prune
 
     torch.manual_seed(0)
     model = load_model("builtin:dit-mnist")
     cfg = PruneConfig(steps=8, reference_steps=60, candidates=30, n=3, batch=3)
-    outcome, payload = run_prune(model, tmp_path, cfg)
+    ctx = StageContext.create("builtin:dit-mnist", tmp_path).use_model(model)
+    outcome, payload = run_prune(ctx, cfg)
     assert outcome.status == "computed"
     uniform = independent_final_drift(model, uniform_timesteps(1000, 8), cfg)
     assert payload["uniform_drift"] == pytest.approx(uniform, rel=1e-5, abs=1e-12)
@@ -143,7 +145,7 @@ def test_search_beats_uniform_on_builtin_model_and_the_stage_writes_then_skips(t
     assert written["schema"] == "diffpro.timesteps/1" and written["timesteps"] == payload["timesteps"]
     assert written["num_train_timesteps"] == 1000 and written["budget"]["steps"] == 8
     assert (tmp_path / "figures" / "drift.png").stat().st_size > 1000
-    again, _ = run_prune(model, tmp_path, cfg)
+    again, _ = run_prune(ctx, cfg)
     assert again.status == "up to date"
 
 
