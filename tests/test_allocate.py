@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 
 from diffpro_cli.errors import BudgetError, InputError, UsageError
-from diffpro_cli.stages.allocate import (AllocateConfig, Constraint, Layer, Option, allocate_plan, build_table,
-                                         chosen_total, error_model, load_layers, make_options, option_bits, parse_budget,
-                                         run_allocate, solve_milp)
+from diffpro_cli.planning.error_model import error_model
+from diffpro_cli.planning.options import Layer, Option, load_layers, make_options, option_bits, parse_budget
+from diffpro_cli.planning.solvers import Constraint, build_table, chosen_total, solve_milp
+from diffpro_cli.stages.allocate import AllocateConfig, allocate_plan, run_allocate
 
 ROLES = ["patch_embed", "time_embed", "adaln", "attn_qkv", "attn_out", "mlp", "mlp", "final"]
 
@@ -274,7 +275,7 @@ def test_activation_error_follows_the_cpu_kernels_input_grid(monkeypatch):
     """Without VNNI, 8-bit-weight layers run on a 7-bit input grid: their 8-bit activations cost the "7"
     measurement (or 4x the "8" one when only that was measured); 4-bit-weight layers keep "8"."""
     import diffpro_cli.quant.kernels as kernels
-    from diffpro_cli.stages.allocate import activation_error_model
+    from diffpro_cli.planning.error_model import activation_error_model
 
     layer = Layer("l", "mlp", "Linear", 8, 8, 72, 0, score=1.0, cdf=0.5, measured={4: 1e-2, 8: 1e-5},
                   measured_act={7: 5e-3, 8: 1e-3})

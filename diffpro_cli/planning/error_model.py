@@ -1,0 +1,102 @@
+"""Predicted quantization error of a layer under an option: measured single-layer errors where
+`score --measure` ran, else first-order or score-based proxies (docs/planning.md)."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+from diffpro_cli.errors import InputError, UsageError
+from diffpro_cli.planning.options import Layer, Option
+
+ERROR_MODELS = ("auto", "measured", "taylor", "proxy", "score", "cdf")
+
+
+def measured_at(measured: dict[int, float], bits: int) -> float:
+    """Measured error at `bits`: exact when measured, log-linear between two measured widths,
+    else the nearest measured width × 4^-Δbits."""
+    if bits in measured:
+        return measured[bits]
+    lower = [b for b in measured if b < bits]
+    upper = [b for b in measured if b > bits]
+    if lower and upper and measured[max(lower)] > 0 and measured[min(upper)] > 0:
+        lo, hi = max(lower), min(upper)
+        w = (bits - lo) / (hi - lo)
+        return math.exp((1 - w) * math.log(measured[lo]) + w * math.log(measured[hi]))
+    b0 = min(measured, key=lambda b: (abs(b - bits), -b))
+    return measured[b0] * 4.0 ** (b0 - bits)
+
+
+def error_model(layers: list[Layer], choice: str = "auto", proxy_bits: int = 4) -> tuple[str, Callable[[Layer, int], float]]:
+    """E(layer, bits): predicted error of quantizing one tensor of the layer (weights or inputs) to `bits`.
+
+    Sources, best first (auto takes the first one that EVERY layer has, so units never mix):
+      measured  measured_error from `score --measure` (relative MSE of the noise prediction with this
+                layer's weights fake-quantized); widths between two measured ones log-linearly
+                interpolated, others extrapolated from the nearest measured width as × 4^-Δbits
+                (quantization noise power falls 4× per extra bit);
+      taylor    taylor_error from `score --taylor` (first-order estimate of the same quantity), per
+                width, interpolated and extrapolated the same way;
+      proxy     10^output_error_proxy (the layer's predicted relative output error at the score's
+                proxy width) × 4^(proxy_bits - bits);
+      score     combined_score × 4^-bits (only when every score is positive);
+      cdf       the score's CDF × 4^-bits (rank-based, always positive).
+    """
+    have = {
+        "measured": all(l.measured for l in layers),
+        "taylor": all(l.taylor for l in layers),
+        "proxy": all(l.proxy is not None for l in layers),
+        "score": all(l.score > 0 for l in layers),
+        "cdf": True,
+    }
+    if choice == "auto":
+        choice = next(k for k in ERROR_MODELS[1:] if have[k])
+    elif choice not in have:
+        raise UsageError(f"--error-model {choice}: use one of {', '.join(ERROR_MODELS)}")
+    elif not have[choice]:
+        fix = {"measured": "re-run `diffpro score --measure`", "taylor": "re-run `diffpro score --taylor`",
+               "proxy": "re-run `diffpro score --taylor`",
+               "score": "the combined scores are not all positive; use --error-model cdf"}[choice]
+        raise InputError(f"--error-model {choice}: not every layer in scores.json has it; {fix} or pass --error-model auto")
+
+    def bit_error(layer: Layer, bits: int) -> float:
+        if bits >= 16:
+            return 0.0
+        if choice in ("measured", "taylor"):
+            return measured_at(layer.measured if choice == "measured" else layer.taylor, bits)
+        if choice == "proxy":
+            return 10.0 ** layer.proxy * 4.0 ** (proxy_bits - bits)
+        return (layer.score if choice == "score" else layer.cdf) * 4.0 ** (-bits)
+
+    names = {"measured": "measured_error (log-interpolated; outside: × 4^-Δbits)",
+             "taylor": "taylor_error (log-interpolated; outside: × 4^-Δbits)", "proxy": f"10^output_error_proxy × 4^({proxy_bits} - bits)",
+             "score": "combined_score × 4^-bits", "cdf": "cdf × 4^-bits"}
+    return names[choice], bit_error
+
+
+def activation_error_model(layers: list[Layer], weight_model: str, bit_error) -> tuple[str, Callable[[Layer, int, int], float]]:
+    """A(layer, act_bits, weight_bits): predicted error of quantizing the layer's inputs. With measured
+    weight errors and a measured_act_error for every layer (`score --measure`), the measured one, in the
+    same units, on the grid this CPU's kernels really use (kernels.cpu_act_qmax): without VNNI the
+    inputs get a 7-bit grid, so 8-bit activations cost the "7" measurement (or the "8" one × 4 when
+    only that was measured). Otherwise the weight curve stands in (E(layer, act_bits)),
+    which misjudges layers whose inputs are hard to quantize but whose weights are not, like a patch
+    embedding fed x_t itself."""
+    if weight_model.startswith("measured") and all(l.measured_act for l in layers):
+        from diffpro_cli.quant.kernels import act_bits_of, cpu_act_qmax
+
+        def measured_act(layer: Layer, act_bits: int, weight_bits: int) -> float:
+            if act_bits >= 16:
+                return 0.0
+            return measured_at(layer.measured_act, act_bits_of(cpu_act_qmax(weight_bits)))   # act_bits is 8 here (ACT_BITS)
+
+        return "measured_act_error on this CPU's kernel grid (outside: × 4^-Δbits)", measured_act
+    return "as the weights' E(layer, bits)", lambda layer, act_bits, weight_bits: bit_error(layer, act_bits)
+
+
+def option_error(bit_error, act_error, layer: Layer, opt: Option) -> float:
+    """Weight error + activation error of one layer under `opt` (the two add, to first order)."""
+    if opt.full_precision:
+        return 0.0
+    return bit_error(layer, opt.weight_bits) + (act_error(layer, opt.act_bits, opt.weight_bits) if opt.act_bits < 16 else 0.0)
+

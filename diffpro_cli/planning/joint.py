@@ -1,0 +1,131 @@
+"""Steps x bits: the joint plan over the pruned step counts, and the Pareto front."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from diffpro_cli.console import QUIET_UI, UI
+from diffpro_cli.errors import BudgetError, UsageError
+from diffpro_cli.planning.options import METHODS, Budget
+from diffpro_cli.planning.solvers import (Constraint, Solution, Table, budget_value, chosen_total, smallest_feasible,
+                                          solve, summarize, _require_latency)
+
+PARETO_SCHEMA = "diffpro.pareto/1"
+
+@dataclass
+class StepEntry:
+    steps: int
+    timesteps: list[int]
+    drift: float | None
+
+
+def step_entries(cfg, timesteps: dict | None, num_train: int = 1000) -> list[StepEntry]:
+    """Candidate step counts for the joint plan: the artifact's sweep (--steps auto), one of its entries
+    (--steps K), its single subset, or the uniform subset of K steps when no artifact is given."""
+    if timesteps is None:
+        if cfg.steps is None or cfg.steps == "auto":
+            raise UsageError("--latency-budget needs steps: pass --timesteps timesteps.json (from `diffpro prune`) or --steps K")
+        from diffpro_cli.sampling import uniform_timesteps
+
+        k = _int_steps(cfg.steps)
+        return [StepEntry(k, uniform_timesteps(num_train, k), None)]
+    sweep = timesteps.get("sweep") or []
+    entries = [StepEntry(int(s["steps"]), list(s["timesteps"]), s.get("drift")) for s in sweep]
+    if not entries:
+        entries = [StepEntry(len(timesteps["timesteps"]), list(timesteps["timesteps"]), timesteps.get("drift"))]
+    if cfg.steps is None or cfg.steps == "auto":
+        return entries
+    k = _int_steps(cfg.steps)
+    match = [e for e in entries if e.steps == k]
+    if not match:
+        raise UsageError(f"--steps {k}: the timesteps artifact has step counts {sorted(e.steps for e in entries)}; "
+                         f"pick one, pass --steps auto, or re-run prune with --sweep {k}")
+    return match
+
+
+def _int_steps(text: str) -> int:
+    try:
+        k = int(text)
+    except ValueError:
+        raise UsageError(f"--steps {text!r}: use a step count or auto") from None
+    if k < 1:
+        raise UsageError(f"--steps {k}: must be at least 1")
+    return k
+
+
+def solve_joint(table: Table, cfg, entries: list[StepEntry], extra: list[Constraint],
+                remainder_ms: float, ui: UI = QUIET_UI) -> tuple[StepEntry, Solution, list[dict]]:
+    """For every step count K: per-step latency ≤ budget / K; keep the least drift + weight × quant error."""
+    _require_latency(table, "--latency-budget")
+    rows, best = [], None
+    for e in sorted(entries, key=lambda e: e.steps):
+        per_step = cfg.latency_budget / e.steps
+        k = Constraint("latency-ms", table.latency, per_step - remainder_ms)
+        sol = solve(table, [k] + extra, cfg.method, cfg.time_limit) if smallest_feasible(table, k) <= k.limit else None
+        row = {"steps": e.steps, "per_step_budget_ms": per_step, "feasible": sol is not None, "drift": e.drift}
+        if sol is not None:
+            q = float(chosen_total(table.error, sol.choice))
+            combined = (e.drift or 0.0) + cfg.quant_weight * q
+            row.update(quant_error=q, combined_error=combined,
+                       per_step_ms=chosen_total(table.latency, sol.choice) + remainder_ms,
+                       total_latency_ms=e.steps * (chosen_total(table.latency, sol.choice) + remainder_ms))
+            if best is None or combined < best[2]:
+                best = (e, sol, combined)
+        rows.append(row)
+    if best is None:
+        cheapest = min(e.steps * (smallest_feasible(table, Constraint("", table.latency, 0)) + remainder_ms) for e in entries)
+        k_min = min(entries, key=lambda e: e.steps).steps
+        raise BudgetError(f"--latency-budget {cfg.latency_budget:g} ms is infeasible: the smallest feasible is "
+                          f"{math.ceil(cheapest * 1000) / 1000:g} ms ({k_min} steps at the cheapest bits); raise it or prune to fewer steps")
+    return best[0], best[1], rows
+
+
+
+def pareto_front(table: Table, cfg, budget: Budget | None, constraints: list[Constraint],
+                 remainder_ms: float, other_bytes: int, timesteps: dict | None, plan: dict, points: int = 12) -> dict:
+    """Sweep the budget from the smallest feasible value to the one where nothing binds; MILP and CDF
+    rule at each (joint mode: the joint plan at each total latency)."""
+    out = []
+    if cfg.latency_budget is not None:
+        entries = step_entries(cfg, timesteps)
+        per_step_lo = smallest_feasible(table, Constraint("", table.latency, 0)) + remainder_ms
+        lo = min(e.steps for e in entries) * per_step_lo
+        hi = max(e.steps for e in entries) * (float(np.max(np.where(table.valid, table.latency, -np.inf), axis=1).sum()) + remainder_ms)
+        for value in np.linspace(lo, max(hi, lo), points):
+            sub = dataclasses.replace(cfg, latency_budget=float(value) * (1 + 1e-9), pareto=False)
+            try:
+                entry, sol, _ = solve_joint(table, sub, entries, [], remainder_ms)
+            except BudgetError:
+                continue
+            q = float(chosen_total(table.error, sol.choice))
+            per_step = chosen_total(table.latency, sol.choice) + remainder_ms
+            out.append({"method": "joint", "budget": float(value), "steps": entry.steps, "total_latency_ms": entry.steps * per_step,
+                        "error": (entry.drift or 0.0) + cfg.quant_weight * q, "quant_error": q})
+        x, x_label = "total_latency_ms", "total latency per image (ms)"
+        chosen = {"total_latency_ms": plan["joint"]["total_latency_ms"], "error": plan["joint"]["combined_error"]}
+    else:
+        k0 = constraints[0]
+        lo = smallest_feasible(table, k0)
+        best_err = np.where(table.valid, table.error, np.inf).argmin(axis=1)
+        hi = max(chosen_total(k0.cost, best_err.tolist()), lo)
+        for value in np.linspace(lo, hi, points):
+            k = Constraint(k0.name, k0.cost, float(value) if k0.name == "latency-ms" else math.floor(value))
+            for method in METHODS:
+                sol = solve(table, [k, *constraints[1:]], method, cfg.time_limit)
+                if sol is not None:
+                    s = summarize(table, sol, remainder_ms, other_bytes)
+                    out.append({"method": method, "budget": budget_value(table, budget, k.limit, remainder_ms, other_bytes), **{key: s[key] for key in ("avg_bits", "bytes", "latency_ms", "error")}})
+        x = "latency_ms" if budget.kind == "latency-ms" else "avg_bits"
+        x_label = "latency per step (ms)" if x == "latency_ms" else "average weight bits"
+        chosen = {x: plan["totals"][x], "error": plan["totals"]["error"]}
+    method = "joint" if cfg.latency_budget is not None else "milp"
+    front = [p for p in out if p["method"] == method and not any(
+        q["method"] == method and q[x] <= p[x] and q["error"] <= p["error"] and (q[x] < p[x] or q["error"] < p["error"]) for q in out)]
+    return {"schema": PARETO_SCHEMA, "x": x, "x_label": x_label, "points": out,
+            "front": sorted(front, key=lambda p: p[x]), "chosen": chosen,
+            "title": f"predicted error vs {x_label}"}
+

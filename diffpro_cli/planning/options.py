@@ -1,0 +1,160 @@
+"""Planning inputs: budgets, per-layer options (stored weight bits x execution path) and layers from scores.json.
+
+An option pairs what is STORED (weight bits: the checkpoint's size) with how it RUNS (activation bits:
+8 = the integer kernel with dynamic int8 activations, 16 = float compute from the stored low-bit
+weights). The two are separate choices (issue #19): a 4-bit layer whose integer kernel is slower than
+float on this machine is stored at 4 bits and computed in float.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from diffpro_cli.errors import InputError, UsageError
+
+WEIGHT_BITS = (2, 3, 4, 6, 8, 16)
+ACT_BITS = (8, 16)
+ACT_MODES = ("dynamic", "static")
+BUDGET_KINDS = ("avg-bits", "size-mb", "latency-ms", "latency")
+DEFAULT_PROTECT = ("patch_embed", "time_embed", "class_embed", "adaln", "final")
+METHODS = ("milp", "cdf")
+LATENCY_SOURCES = ("measured", "analytic")
+
+
+@dataclass(frozen=True)
+class Budget:
+    kind: str
+    value: float
+
+    def __str__(self) -> str:
+        return f"{self.kind}={self.value:g}"
+
+
+def parse_budget(text: str) -> Budget:
+    kind, sep, value = text.partition("=")
+    kind = kind.strip().lower()
+    try:
+        number = float(value)
+    except ValueError:
+        number = float("nan")
+    if not sep or kind not in BUDGET_KINDS or not math.isfinite(number) or number <= 0:
+        raise UsageError(f"--budget {text!r}: use avg-bits=5.0, size-mb=3.5 or latency-ms=2.0 (a positive number)")
+    return Budget(kind, number)
+
+
+@dataclass(frozen=True)
+class Option:
+    weight_bits: int
+    act_bits: int
+    act_mode: str
+    group_size: int | None
+
+    @property
+    def full_precision(self) -> bool:
+        return self.weight_bits >= 16
+
+    def label(self) -> str:
+        if self.full_precision:
+            return "fp32"
+        g = f"g{self.group_size}" if self.group_size else ""
+        a = f"a{self.act_bits}{self.act_mode[0]}" if self.act_bits < 16 else "a16"
+        return f"w{self.weight_bits}{g}{a}"
+
+
+def make_options(bits: list[int], act_bits: list[int], act_mode: str, group_size: int | None) -> list[Option]:
+    """Every weight × activation combination; 16-bit weights only with float activations (no quantization)."""
+    bad = [b for b in bits if b not in WEIGHT_BITS]
+    if bad or not bits:
+        raise UsageError(f"--bits {bits}: choose from {','.join(map(str, WEIGHT_BITS))} (16 = keep in full precision)")
+    if not act_bits or any(a not in ACT_BITS for a in act_bits):
+        raise UsageError(f"--act-bits {act_bits}: choose from 8,16 (16 = float activations, weight-only)")
+    if act_mode not in ACT_MODES:
+        raise UsageError(f"--act-mode {act_mode}: use dynamic or static")
+    if group_size is not None and group_size < 1:
+        raise UsageError(f"--group-size {group_size}: must be a positive integer (omit for per-channel scales)")
+    options = [Option(w, a, act_mode, group_size) for w in sorted(set(bits)) if w < 16 for a in sorted(set(act_bits))]
+    if 16 in bits:
+        options.append(Option(16, 16, act_mode, None))
+    return options
+
+
+@dataclass
+class Layer:
+    name: str
+    role: str
+    kind: str
+    in_features: int
+    out_features: int
+    params: int
+    macs: int
+    score: float
+    cdf: float
+    measured: dict[int, float]
+    proxy: float | None = None     # log10 predicted relative output error at the score's proxy bits
+    taylor: dict[int, float] = field(default_factory=dict)   # first-order error estimates per bit width
+    measured_act: dict[int, float] = field(default_factory=dict)   # measured error with only the inputs quantized
+
+    @property
+    def weight_numel(self) -> int:
+        w = self.in_features * self.out_features
+        return w if w <= self.params else self.params
+
+    @property
+    def bias_numel(self) -> int:
+        return self.params - self.weight_numel
+
+    def tokens(self, default: int | None) -> int | None:
+        """Rows of the layer's GEMM per image and forward: MACs / weight elements, else --tokens."""
+        if self.macs and self.macs > 0:
+            return max(1, round(self.macs / self.weight_numel))
+        return default
+
+
+def load_layers(scores: dict, path: str | Path = "scores.json") -> list[Layer]:
+    layers = []
+    raw = scores.get("layers")
+    if not isinstance(raw, dict) or not raw:
+        raise InputError(f"{path}: has no layers; re-run `diffpro score`")
+    for name, d in raw.items():
+        try:
+            layers.append(Layer(
+                name=name, role=str(d.get("role", "other")), kind=str(d.get("kind", "Linear")),
+                in_features=int(d["in_features"]), out_features=int(d["out_features"]), params=int(d["params"]),
+                macs=int(d.get("macs") or 0), score=float(d.get("combined_score", 0.0)), cdf=float(d.get("cdf", 0.5)),
+                measured={int(k): float(v) for k, v in (d.get("measured_error") or {}).items() if v is not None},
+                proxy=float(d["output_error_proxy"]) if d.get("output_error_proxy") is not None else None,
+                taylor={int(k): float(v) for k, v in (d.get("taylor_error") or {}).items() if v is not None},
+                measured_act={int(k): float(v) for k, v in (d.get("measured_act_error") or {}).items() if v is not None}))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InputError(f"{path}: layer {name} lacks a valid {exc}; re-run `diffpro score`") from None
+    return layers
+
+
+# ---------------------------------------------------------------------------------------------
+# Cost model: size, error
+# ---------------------------------------------------------------------------------------------
+
+
+def effective_option(layer: Layer, opt: Option) -> Option:
+    """The option as this layer runs it: a --group-size that does not divide the layer's input width
+    (e.g. a DiT's 16-wide patch embedding with groups of 64) falls back to per-channel scales for that
+    layer instead of ruling the option out, so one odd layer does not force the whole plan up."""
+    if opt.group_size and not opt.full_precision and layer.in_features % opt.group_size:
+        return dataclasses.replace(opt, group_size=None)
+    return opt
+
+
+def option_bits(layer: Layer, opt: Option) -> int:
+    """Storage of the layer in bits under `opt` (exact integer), as the checkpoint stores it
+    (quant/formats.py): packed integer weights, fp32 scales [out, groups], fp32 bias."""
+    from diffpro_cli.quant.formats import packed_numel
+
+    if opt.full_precision:
+        return 32 * layer.params
+    groups = math.ceil(layer.in_features / opt.group_size) if opt.group_size else 1
+    scales = layer.out_features * groups
+    return 8 * packed_numel(layer.weight_numel, opt.weight_bits) + 32 * scales + 32 * layer.bias_numel
+
