@@ -203,22 +203,122 @@ def test_cli_infeasible_budget_one_line_and_nothing_written(cli, scores_file, tm
     assert code == 2 and err.count("error:") == 1 and "--min-speedup" in err and not (work / "plan.json").exists()
 
 
-def test_cli_writes_plan_skips_when_up_to_date_and_pareto(cli, scores_file, tmp_path):
+def synthetic_cost_table(scores: dict, latency=None, fingerprint: dict | None = None) -> dict:
+    """A cost-table document for the synthetic layers, stamped with this machine's fingerprint."""
+    from diffpro_cli.planning.costs import COST_SCHEMA, machine_fingerprint, path_label
+
+    latency = latency or fake_latency
+    rows = {}
+    for layer in load_layers(scores):
+        opts = [Option(16, 16, "dynamic", None)] + [Option(w, a, "dynamic", None) for w in (2, 3, 4, 6, 8) for a in (8, 16)]
+        rows[layer.name] = {"kind": "Linear", "input_shape": [16, layer.in_features],
+                            "ms": {path_label(o): latency(layer, o) for o in opts}}
+    return {"schema": COST_SCHEMA, "fingerprint": fingerprint or machine_fingerprint(), "batch": 8,
+            "model": scores["model"], "layers": rows, "forward_ms": 1.0, "remainder_ms": 0.0}
+
+
+def test_cli_writes_plan_with_explicit_cost_table_skips_when_up_to_date_and_pareto(cli, scores_file, tmp_path):
     work = tmp_path / "w"
-    code, out, err = cli("allocate", scores_file, "-w", work, "--budget", "avg-bits=6", "--pareto", "--json", *CLI_FAST)
+    table = tmp_path / "cost.json"
+    table.write_text(json.dumps(synthetic_cost_table(json.loads(scores_file.read_text()))))
+    args = ["--cost-table", table, "--repeats", "1"]
+    code, out, err = cli("allocate", scores_file, "-w", work, "--budget", "avg-bits=6", "--pareto", "--json", *args)
     assert code == 0, err
     result = json.loads(out)
     plan = json.loads((work / "plan.json").read_text())
     assert plan["schema"] == "diffpro.plan/1" and plan["totals"]["avg_bits"] <= 6
     assert result["totals"]["avg_bits"] == plan["totals"]["avg_bits"]
-    assert plan["totals"]["latency_source"] == "analytic"
+    assert plan["totals"]["latency_source"] == "measured" and plan["cost_table"]["path"] == str(table)
     for entry in plan["layers"].values():
         assert entry["weight_bits"] in (4, 8, 16) and entry["act_bits"] in (8, 16) and entry["act_mode"] == "dynamic"
     pareto = json.loads((work / "pareto.json").read_text())
     assert pareto["front"] and (work / "figures" / "pareto.png").stat().st_size > 1000
-    assert (work / "cost_table.json").exists()
-    code, out, err = cli("allocate", scores_file, "-w", work, "--budget", "avg-bits=6", "--pareto", *CLI_FAST)
+    code, out, err = cli("allocate", scores_file, "-w", work, "--budget", "avg-bits=6", "--pareto", *args)
     assert code == 0 and "up to date" in err
+
+
+def test_cost_table_from_another_machine_is_refused_unless_explicit(cli, scores_file, tmp_path):
+    from diffpro_cli.planning.costs import machine_fingerprint
+
+    scores = json.loads(scores_file.read_text())
+    other = dict(machine_fingerprint(), cpu="Some Other CPU 9000", isa_flags=["avx2"], kernel_vnni=False)
+    work = tmp_path / "w"
+    work.mkdir()
+    (work / "cost_table.json").write_text(json.dumps(synthetic_cost_table(scores, fingerprint=other)))
+    code, out, err = cli("allocate", scores_file, "-w", work, "--budget", "avg-bits=6", "--repeats", "1")
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert code == 3 and len(lines) == 1 and lines[0].startswith("error:"), err
+    assert "Some Other CPU 9000" in lines[0] and "--cost-table" in lines[0]
+    assert not (work / "plan.json").exists()
+    code, out, err = cli("allocate", scores_file, "-w", work, "--budget", "avg-bits=6", "--repeats", "1",
+                         "--cost-table", work / "cost_table.json")
+    assert code == 0, err
+    assert "warning:" in err and "Some Other CPU 9000" in err
+    plan = json.loads((work / "plan.json").read_text())
+    assert plan["cost_table"]["fingerprint"]["cpu"] == "Some Other CPU 9000"
+
+
+def test_measured_cost_table_times_convs_as_convs_and_round_trips(tiny_model, tmp_path):
+    from diffpro_cli.artifacts import atomic_write_json
+    from diffpro_cli.planning.costs import measure_cost_table, read_cost_table, table_latency_fn
+
+    opts = [Option(8, 8, "dynamic", None), Option(8, 16, "dynamic", None), Option(4, 16, "dynamic", None)]
+    doc = measure_cost_table(tiny_model, opts, batch=2, repeats=1)
+    conv = doc["layers"]["conv"]
+    assert conv["kind"] == "Conv2d" and conv["input_shape"] == [2, 1, 8, 8]   # the real NCHW input, not an im2col GEMM
+    assert set(conv["ms"]) == {"fp32", "w8a8d", "float-from-int"}              # one float column for every stored width
+    assert all(v is None or v > 0 for row in doc["layers"].values() for v in row["ms"].values())
+    assert doc["remainder_ms"] >= 0 and doc["fingerprint"]["threads"] >= 1
+    path = tmp_path / "cost_table.json"
+    atomic_write_json(path, doc)
+    again = read_cost_table(path)
+    layer = Layer("conv", "conv", "Conv2d", 9, 1, 10, 0, 1.0, 0.5, {})
+    fn, fn2 = table_latency_fn(doc), table_latency_fn(again)
+    for o in opts:
+        assert fn(layer, o) == fn2(layer, o)
+    assert fn(layer, Option(4, 16, "dynamic", None)) == fn(layer, Option(8, 16, "dynamic", None))
+
+
+def test_float_execution_wins_where_the_integer_kernel_is_slower():
+    """No latency budget: each stored width runs its faster path. Layers 0-3 have an integer kernel slower
+    than float (as small GEMMs and convs on AVX2), the others a faster one."""
+    scores = make_scores(measured=True)
+    slow_int = {name for i, name in enumerate(scores["layers"]) if i < 4}
+
+    def latency(layer, opt):
+        base = layer.weight_numel * 1e-6
+        if opt.full_precision or opt.act_bits == 16:
+            return base
+        return base * (1.3 if layer.name in slow_int else 0.4)
+
+    plan, _ = allocate_plan(scores, AllocateConfig(budget="avg-bits=6", protect=[]), latency_fn=latency)
+    for name, entry in plan["layers"].items():
+        if entry["weight_bits"] < 16:
+            assert entry["act_bits"] == (16 if name in slow_int else 8), (name, entry)
+    assert plan["execution"]["integer_layers"] + plan["execution"]["float_from_int_layers"] + plan["execution"]["fp32_layers"] == len(ROLES)
+    assert plan["baseline_check"]["speedup_vs_float_same_steps"] >= 1.0
+
+    # nothing pays: every quantized layer computes in float and the plan says so
+    plan, _ = allocate_plan(scores, AllocateConfig(budget="avg-bits=6", protect=[]),
+                            latency_fn=lambda layer, opt: 1.0 if opt.act_bits == 16 else 1.5)
+    assert plan["execution"]["integer_layers"] == 0
+    assert "no integer kernel beats float" in plan["baseline_check"]["verdict"]
+
+
+def test_latency_fraction_budget_chooses_steps_and_names_the_cheapest_feasible():
+    scores = make_scores(measured=True)
+    sweep = [{"steps": k, "timesteps": list(range(0, 1000, 1000 // k)), "drift": 1.0 / k} for k in (10, 20, 25)]
+    ts = {"timesteps": sweep[-1]["timesteps"], "sweep": sweep}
+    fp_step = sum(fake_latency(l, Option(16, 16, "dynamic", None)) for l in load_layers(scores))
+    plan, _ = allocate_plan(scores, AllocateConfig(budget="avg-bits=8,latency=0.4", full_steps=50, protect=[]),
+                            latency_fn=fake_latency, timesteps=ts)
+    assert plan["joint"]["total_latency_ms"] <= 0.4 * 50 * fp_step + 1e-12
+    assert plan["totals"]["avg_bits"] <= 8 + 1e-9
+    # 25 steps of fp32 = 0.5 of the 50-step schedule; quantized steps make 25 fit under 0.4
+    assert plan["joint"]["steps"] == 25
+    with pytest.raises(BudgetError, match="smallest feasible"):
+        allocate_plan(scores, AllocateConfig(budget="latency=0.01", full_steps=50, protect=[]),
+                      latency_fn=fake_latency, timesteps=ts)
 
 
 def _ctx(workdir):
@@ -310,7 +410,9 @@ def test_measured_activation_error_keeps_hard_inputs_float(monkeypatch):
     row = [l.name for l in table.layers].index(hard)
     assert table.error[row, 0] == pytest.approx(scores["layers"][hard]["measured_error"]["4"] + 1e-1)
     no_floor, _ = allocate_plan(scores, AllocateConfig(**{**cfg.as_dict(), "min_speedup": None}), latency_fn=fake_latency)
-    assert all(e["act_bits"] == 16 for e in no_floor["layers"].values())   # float activations cost nothing but time
+    # no latency budget: every quantized layer runs its faster path (here the integer kernel, 0.3 vs 0.8)
+    assert all(e["act_bits"] == 8 for e in no_floor["layers"].values() if e["weight_bits"] < 16)
+    assert no_floor["execution"]["rule"].startswith("fastest measured path")
     for d in scores["layers"].values():
         del d["measured_act_error"]
     plan, _ = allocate_plan(scores, cfg, latency_fn=fake_latency)

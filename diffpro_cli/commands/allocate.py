@@ -12,9 +12,9 @@ from diffpro_cli.errors import UsageError
 
 def allocate_cmd(
     scores: Annotated[Optional[Path], typer.Argument(help="scores.json from `diffpro score` (default WORKDIR/scores.json).")] = None,
-    budget: Annotated[Optional[str], typer.Option("--budget", help="avg-bits=5.0 | size-mb=3.5 | latency-ms=2.0 (per step, batch 1).")] = None,
+    budget: Annotated[Optional[str], typer.Option("--budget", help="avg-bits=5.0 | size-mb=3.5 | latency-ms=2.0 (per step and image) | latency=0.4 (fraction of the fp32 full-schedule latency; chooses the steps too); comma-separated to combine.")] = None,
     bits: Annotated[str, typer.Option("--bits", help="Weight bit options (from 2,3,4,6,8,16; 16 = keep fp32).")] = "4,8,16",
-    act_bits: Annotated[str, typer.Option("--act-bits", help="Activation bit options: 8 (DiffPro's dynamic activation quantization, integer GEMMs; the default) and/or 16 (float activations, weight-only).")] = "8",
+    act_bits: Annotated[str, typer.Option("--act-bits", help="Execution paths: 8 (integer kernels, DiffPro's dynamic int8 activations) and/or 16 (float compute from the stored low-bit weights). With both, each layer runs the faster one on this machine unless a latency budget trades them.")] = "8,16",
     act_mode: Annotated[str, typer.Option("--act-mode", help="dynamic (per-token scales at every call) or static (per-timestep calibrated).")] = "dynamic",
     group_size: Annotated[Optional[int], typer.Option("--group-size", help="Weight scale group size along the input dim (default per output channel).")] = None,
     method: Annotated[str, typer.Option("--method", help="milp (exact) or cdf (the paper's rank/CDF-threshold rule).")] = "milp",
@@ -25,7 +25,9 @@ def allocate_cmd(
     timesteps: Annotated[Optional[Path], typer.Option("--timesteps", help="timesteps.json from `diffpro prune` (its sweep gives the step counts).")] = None,
     steps: Annotated[Optional[str], typer.Option("--steps", help="Joint plan: auto (every step count in the timesteps sweep) or a step count.")] = None,
     quant_weight: Annotated[float, typer.Option("--quant-weight", help="Joint plan: weight of the quantization error against the step drift.")] = 1.0,
-    tokens: Annotated[Optional[int], typer.Option("--tokens", help="Tokens per image for the latency table when scores.json has no MACs.")] = None,
+    batch: Annotated[int, typer.Option("--batch", help="Images per call the cost table is timed at (use bench's --latency-batch).")] = 8,
+    cost_table: Annotated[Optional[Path], typer.Option("--cost-table", help="Plan with this cost table (e.g. measured on the target machine) instead of WORKDIR/cost_table.json.")] = None,
+    full_steps: Annotated[int, typer.Option("--full-steps", help="Steps of the fp32 full schedule that --budget latency=F is a fraction of (bench's --reference-steps).")] = 50,
     latency_source: Annotated[str, typer.Option("--latency-source", help="measured (real kernels) or analytic (labelled estimate).")] = "measured",
     remainder_ms: Annotated[Optional[float], typer.Option("--remainder-ms", help="Non-GEMM time per step (default: measured from the model).")] = None,
     repeats: Annotated[int, typer.Option("--repeats", help="Timing repeats per cost-table cell (median).")] = 5,
@@ -46,12 +48,13 @@ def allocate_cmd(
     ctx = make_context(model, workdir, trust_code=trust_code, weights=weights, quiet=quiet, json_output=json_output,
                        force=force, wait=wait)
     ui = ctx.ui
-    if repeats < 1:
-        raise UsageError("--repeats must be at least 1")
+    if repeats < 1 or batch < 1 or full_steps < 1:
+        raise UsageError("--repeats, --batch and --full-steps must be at least 1")
     roles = [] if protect.strip().lower() == "none" else [r.strip() for r in protect.split(",") if r.strip()]
     cfg = AllocateConfig(budget=budget, bits=parse_int_list(bits, "--bits"), act_bits=parse_int_list(act_bits, "--act-bits"),
                          act_mode=act_mode, group_size=group_size, method=method, protect=roles, protect_bits=protect_bits,
-                         latency_budget=latency_budget, min_speedup=min_speedup, steps=steps, quant_weight=quant_weight, tokens=tokens,
+                         latency_budget=latency_budget, min_speedup=min_speedup, steps=steps, quant_weight=quant_weight, batch=batch,
+                         cost_table=None if cost_table is None else str(cost_table), full_steps=full_steps,
                          latency_source=latency_source, repeats=repeats, remainder_ms=remainder_ms, pareto=pareto,
                          error_model=error_model)
     result = run_allocate(ctx, cfg, scores_path=scores, timesteps_path=timesteps)

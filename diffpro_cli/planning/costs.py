@@ -1,7 +1,24 @@
-"""Latency cost table (measured on this machine with the kernels quantize will emit)."""
+"""The latency cost table: every candidate execution path of every layer, timed on THIS machine.
+
+`measure_cost_table` runs the real model once at the bench's batch size with hooks that capture each
+quantizable layer's real input (so token counts, image sizes and conv geometry are the model's own),
+then times every layer under every option with the module `quantize` will emit: the float module
+itself (fp32), the integer kernel with dynamic int8 activations (`quantize_module(..., act_bits=8)`),
+and float compute from stored low-bit weights (`act_bits=16`). A Conv2d is timed as a Conv2d. The
+remainder (attention, norms, embeddings: everything that is not a quantizable layer) is the whole fp32
+forward minus the sum of the fp32 layer times. Every figure is milliseconds per image per denoising
+step at `batch` images per call.
+
+The table is an artifact (WORKDIR/cost_table.json) stamped with the machine's fingerprint (CPU model
+and ISA flags as the kernels see them, torch version, threads). A table whose fingerprint differs is
+refused unless the user passes it explicitly (`allocate --cost-table`), which plans for that machine.
+"""
 
 from __future__ import annotations
 
+import copy
+import hashlib
+import json
 import platform
 import statistics
 import time
@@ -12,25 +29,46 @@ from diffpro_cli.console import QUIET_UI, UI
 from diffpro_cli.errors import InputError, UsageError
 from diffpro_cli.planning.options import Layer, Option
 
-COST_SCHEMA = "diffpro.cost_table/1"
+COST_SCHEMA = "diffpro.cost_table/2"
+ISA_FLAGS = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8", "amx_tile")
 
-def _cpu_name() -> str:
+
+def _cpu_name_and_flags() -> tuple[str, set[str]]:
+    name, flags = platform.processor() or platform.machine(), set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            if line.startswith("model name") and name in ("", platform.machine(), platform.processor()):
+                name = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return name, flags
 
 
-def device_key() -> str:
+def machine_fingerprint(device: str = "cpu") -> dict:
+    """What a latency depends on besides the model: CPU model, the ISA the kernels use, torch, threads."""
     import torch
 
-    return f"cpu:{_cpu_name()}|torch {torch.__version__}|threads {torch.get_num_threads()}"
+    from diffpro_cli.quant.kernels import cpu_has_vnni, isa_cap_without_vnni
+
+    name, flags = _cpu_name_and_flags()
+    return {"device": device, "cpu": name, "isa_flags": sorted(f for f in ISA_FLAGS if f in flags),
+            "kernel_vnni": bool(cpu_has_vnni()), "isa_cap": isa_cap_without_vnni(),
+            "torch": torch.__version__, "threads": int(torch.get_num_threads())}
 
 
-def _median_ms(fn, repeats: int) -> float:
+def fingerprint_id(fp: dict) -> str:
+    return hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def describe_fingerprint(fp: dict) -> str:
+    return (f"{fp.get('cpu')} [{','.join(fp.get('isa_flags') or []) or 'no AVX2'}"
+            f"{', VNNI kernels' if fp.get('kernel_vnni') else ', no VNNI kernels'}], torch {fp.get('torch')}, "
+            f"{fp.get('threads')} threads")
+
+
+def median_ms(fn, repeats: int) -> float:
     """Median over `repeats` samples; each sample averages enough calls to last ≥ 2 ms."""
     fn()
     t0 = time.perf_counter()
@@ -54,112 +92,127 @@ def _kernels():
     return quantize_module
 
 
-def measure_linear_ms(in_f: int, out_f: int, tokens: int, opt: Option, repeats: int) -> float:
-    """Forward time (ms) of one Linear(in_f → out_f) on [tokens, in_f] under `opt`: fp32 nn.Linear, or
-    quantize_module(...) from diffpro_cli.quant.layers (the real integer kernels)."""
+def path_label(opt: Option) -> str:
+    """Cost-table column: what RUNS. Float compute from stored low-bit weights costs the same whatever
+    the stored width, so every a16 option shares one column per group size."""
+    if opt.full_precision:
+        return "fp32"
+    if opt.act_bits >= 16:
+        return f"float-from-int{'' if not opt.group_size else f'-g{opt.group_size}'}"
+    return opt.label()
+
+
+def capture_inputs(model, batch: int, seed: int = 0) -> dict:
+    """One fp32 forward at `batch` images; returns {layer name: its real input tensor}."""
     import torch
 
-    torch.manual_seed(0)
-    lin = torch.nn.Linear(in_f, out_f).eval()
-    x = torch.randn(tokens, in_f)
-    with torch.no_grad():
-        if opt.full_precision:
-            return _median_ms(lambda: lin(x), repeats)
-        quantize_module = _kernels()
-        if quantize_module is None:
-            raise InputError("latency: the integer kernels (diffpro_cli.quant.layers) are not installed yet; "
-                             "pass --latency-source analytic for a labelled estimate")
-        try:
-            static = float(x.abs().max()) if opt.act_bits < 16 and opt.act_mode == "static" else None
-            q = quantize_module(lin, opt.weight_bits, act_bits=opt.act_bits, act_mode=opt.act_mode,
-                                group_size=opt.group_size, static_absmax=static)
-            q.eval()
-            return _median_ms(lambda: q(x), repeats)
-        except Exception as exc:  # an option the kernels do not support
-            raise InputError(f"latency: kernel for {opt.label()} on Linear({in_f}, {out_f}) failed "
-                             f"({str(exc).splitlines()[0][:80]}); drop that option from --bits/--act-bits") from None
+    layers = {name: mod for name, (mod, _) in model.quantizable_layers().items()}
+    captured, hooks = {}, []
+    for name, mod in layers.items():
+        hooks.append(mod.register_forward_pre_hook(lambda m, args, n=name: captured.setdefault(n, args[0].detach().clone())))
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, *model.sample_shape, generator=gen)
+    t = torch.full((batch,), model.num_train_timesteps // 2, dtype=torch.long)
+    y = torch.arange(batch) % model.num_classes if model.num_classes else None
+    try:
+        with torch.no_grad():
+            model.eps(x, t, y)
+    finally:
+        for h in hooks:
+            h.remove()
+    return captured, (x, t, y), layers
 
 
-class CostTable:
-    """WORKDIR/cost_table.json: measured latencies keyed by device, torch version, threads, shape and option."""
+def measure_cost_table(model, options: list[Option], batch: int, repeats: int, ui: UI = QUIET_UI,
+                       previous: dict | None = None) -> dict:
+    """The cost table document (module docstring). `previous`: a table of the same machine, model and
+    batch whose cells are reused (only missing columns are timed)."""
+    import torch
 
-    def __init__(self, path: str | Path, ui: UI = QUIET_UI):
-        from diffpro_cli.artifacts import read_json
+    quantize_module = _kernels()
+    if quantize_module is None:
+        raise InputError("latency: the integer kernels (diffpro_cli.quant.layers) are unavailable; "
+                         "pass --latency-source analytic for a labelled estimate")
+    captured, (x, t, y), modules = capture_inputs(model, batch)
+    old = (previous or {}).get("layers", {})
+    table: dict[str, dict] = {}
+    columns = {}
+    for opt in [Option(16, 16, options[0].act_mode if options else "dynamic", None), *options]:
+        columns.setdefault(path_label(opt), opt)
+    todo = [(n, lab) for n in modules if n in captured for lab in columns if lab not in old.get(n, {}).get("ms", {})]
+    with torch.no_grad(), ui.progress("allocate: timing layers (cost table)", total=len(todo)) as advance:
+        for name, mod in modules.items():
+            if name not in captured:
+                continue
+            inp = captured[name]
+            row = {"kind": type(mod).__name__, "input_shape": list(inp.shape), "ms": dict(old.get(name, {}).get("ms", {}))}
+            for label, opt in columns.items():
+                if label in row["ms"]:
+                    continue
+                if opt.full_precision:
+                    fn = mod
+                else:
+                    try:
+                        static = float(inp.abs().max()) if opt.act_bits < 16 and opt.act_mode == "static" else None
+                        fn = quantize_module(copy.deepcopy(mod), opt.weight_bits, act_bits=opt.act_bits,
+                                             act_mode=opt.act_mode, group_size=opt.group_size, static_absmax=static).eval()
+                    except Exception as exc:   # an option this layer's kernels cannot run: not a choice here
+                        row["ms"][label] = None
+                        row.setdefault("unsupported", {})[label] = str(exc).splitlines()[0][:120]
+                        advance()
+                        continue
+                row["ms"][label] = median_ms(lambda f=fn, i=inp: f(i), repeats) / batch
+                advance()
+            table[name] = row
+        forward = (previous or {}).get("forward_ms")
+        if forward is None:
+            with ui.heartbeat("allocate: timing the whole fp32 forward"):
+                forward = median_ms(lambda: model.eps(x, t, y), repeats) / batch
+    gemm = sum(r["ms"]["fp32"] for r in table.values())
+    return {"schema": COST_SCHEMA, "fingerprint": machine_fingerprint(), "batch": batch, "repeats": repeats,
+            "model": {"spec": model.spec, "sha256": model.sha256}, "units": "ms per image per denoising step",
+            "layers": table, "forward_ms": forward, "remainder_ms": max(0.0, forward - gemm),
+            "notes": ["layers timed one at a time on their real inputs (fused q/k/v of the deployed model share one "
+                      "activation quantization, so those rows slightly overstate the integer path)"]}
 
-        self.path = Path(path)
-        self.entries: dict[str, dict] = {}
-        self.dirty = False
-        if self.path.exists():
-            try:
-                self.entries = read_json(self.path, COST_SCHEMA)["entries"]
-            except (InputError, KeyError):
-                ui.warn(f"{self.path}: unreadable cost table cache; re-measuring")
 
-    def get_or_measure(self, key: str, measure: Callable[[], float], source: str) -> float:
-        entry = self.entries.get(key)
-        if entry is None:
-            entry = {"ms": measure(), "source": source}
-            self.entries[key] = entry
-            self.dirty = True
-        return float(entry["ms"])
-
-    def save(self) -> None:
-        from diffpro_cli.artifacts import atomic_write_json
-
-        if self.dirty:
-            atomic_write_json(self.path, {"schema": COST_SCHEMA, "entries": self.entries})
-            self.dirty = False
+def check_fingerprint(doc: dict, path: Path, explicit: bool, ui: UI = QUIET_UI) -> None:
+    """Refuse a table measured on another machine unless the user passed it explicitly."""
+    here = machine_fingerprint()
+    there = doc.get("fingerprint") or {}
+    if fingerprint_id(there) == fingerprint_id(here):
+        return
+    what = f"{path} was measured on {describe_fingerprint(there)}; this is {describe_fingerprint(here)}"
+    if explicit:
+        ui.warn(f"{what}: planning with it as given (--cost-table)")
+        return
+    raise InputError(f"{what}; delete it (or pass --force) to re-measure here, or pass it as --cost-table to plan for that machine")
 
 
-def measured_latency_fn(table: CostTable, cfg) -> Callable[[Layer, Option], float]:
-    """latency_fn(layer, option) → ms, from the cache or measured now. Conv layers are timed as their
-    im2col GEMM (in_features × out_features over `tokens` rows). With cfg.latency_source == "analytic"
-    a quantized option is estimated as the measured fp32 time × max(weight bits, act bits) / 32 (a
-    labelled estimate, not a kernel measurement)."""
-    dev = device_key()
-    fp = Option(16, 16, cfg.act_mode, None)
+def read_cost_table(path: Path) -> dict:
+    from diffpro_cli.artifacts import read_json
+
+    doc = read_json(path, COST_SCHEMA)
+    if not isinstance(doc.get("layers"), dict) or "remainder_ms" not in doc:
+        raise InputError(f"{path}: not a complete cost table; delete it to re-measure")
+    return doc
+
+
+def table_latency_fn(doc: dict, analytic: bool = False) -> Callable[[Layer, Option], float]:
+    """latency(layer, option) → ms per image per step from the table; nan where the kernel cannot run
+    the option (the solver then never picks it). `analytic`: quantized options estimated as the measured
+    fp32 time × max(weight bits, act bits) / 32 (a labelled estimate, not a kernel measurement)."""
+    rows = doc["layers"]
 
     def latency(layer: Layer, opt: Option) -> float:
-        tokens = layer.tokens(cfg.tokens)
-        if tokens is None:
-            raise UsageError(f"scores.json has no MACs for {layer.name}; pass --tokens (tokens per image, e.g. 256 for DiT-XL/2 at 256px)")
-        if cfg.latency_source == "analytic" and not opt.full_precision:
-            return latency(layer, fp) * max(opt.weight_bits, opt.act_bits) / 32.0
-        key = f"{dev}|linear {tokens}x{layer.in_features}x{layer.out_features}|{opt.label()}"
-        return table.get_or_measure(key, lambda: measure_linear_ms(layer.in_features, layer.out_features, tokens, opt,
-                                                                   cfg.repeats), "measured")
+        row = rows.get(layer.name)
+        if row is None:
+            raise InputError(f"cost table has no layer {layer.name}; it was measured for another model: delete it or pass --force")
+        if analytic and not opt.full_precision:
+            return row["ms"]["fp32"] * max(opt.weight_bits, opt.act_bits) / 32.0
+        value = row["ms"].get(path_label(opt))
+        if value is None and path_label(opt) not in row["ms"]:
+            raise UsageError(f"cost table has no column {path_label(opt)} for {layer.name}; pass --force to re-measure")
+        return float("nan") if value is None else float(value)
 
     return latency
-
-
-def measure_remainder_ms(load: Callable[[], object], model_spec: str, layers: list[Layer], latency_fn, table: CostTable,
-                         repeats: int, ui: UI = QUIET_UI) -> tuple[float, str]:
-    """Non-GEMM time per step: the whole fp32 model forward (batch 1) minus the sum of its fp32 layer times.
-    `load()` gives the model (the stage context's loader: a module:factory model needs its trust flag;
-    refusing untrusted code is an error, not a silent 0 ms)."""
-    import torch
-
-    from diffpro_cli.errors import DiffproError, TrustError
-
-    fp = Option(16, 16, "dynamic", None)
-    gemm = sum(latency_fn(l, fp) for l in layers)
-    key = f"{device_key()}|model {model_spec}|forward batch 1"
-
-    def forward_ms() -> float:
-        model = load()
-        x = torch.randn(1, *model.sample_shape)
-        t = torch.full((1,), model.num_train_timesteps // 2)
-        y = torch.zeros(1, dtype=torch.long) if model.num_classes is not None else None
-        with torch.no_grad():
-            return _median_ms(lambda: model.eps(x, t, y), repeats)
-
-    try:
-        total = table.get_or_measure(key, forward_ms, "measured")
-    except TrustError:
-        raise
-    except DiffproError as exc:
-        ui.warn(f"non-GEMM remainder not measured ({exc.message}); counting 0 ms, pass --remainder-ms to set it")
-        return 0.0, "unavailable"
-    return max(0.0, total - gemm), "measured"
-
-

@@ -34,15 +34,29 @@ class Budget:
 
 
 def parse_budget(text: str) -> Budget:
+    """One budget: avg-bits=B, size-mb=M, latency-ms=T (per step and image), latency=F (fraction of the
+    fp32 full-schedule latency per image; chooses the step count jointly)."""
     kind, sep, value = text.partition("=")
     kind = kind.strip().lower()
     try:
         number = float(value)
     except ValueError:
         number = float("nan")
-    if not sep or kind not in BUDGET_KINDS or not math.isfinite(number) or number <= 0:
-        raise UsageError(f"--budget {text!r}: use avg-bits=5.0, size-mb=3.5 or latency-ms=2.0 (a positive number)")
+    if not sep or kind not in BUDGET_KINDS or not math.isfinite(number) or number <= 0 or (kind == "latency" and number > 1):
+        raise UsageError(f"--budget {text!r}: use avg-bits=5.0, size-mb=3.5, latency-ms=2.0 or latency=0.4 "
+                         f"(a positive number; latency= is a fraction ≤ 1 of the fp32 full schedule), comma-separated to combine")
     return Budget(kind, number)
+
+
+def parse_budgets(text: str | None) -> list[Budget]:
+    """A comma list of budgets, each kind at most once (e.g. "avg-bits=4.4,latency=0.4")."""
+    if not text:
+        return []
+    budgets = [parse_budget(part) for part in text.split(",") if part.strip()]
+    kinds = [b.kind for b in budgets]
+    if len(set(kinds)) != len(kinds):
+        raise UsageError(f"--budget {text!r}: each kind at most once")
+    return budgets
 
 
 @dataclass(frozen=True)

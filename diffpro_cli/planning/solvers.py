@@ -32,7 +32,12 @@ class Table:
 
 
 def build_table(layers: list[Layer], options: list[Option], cfg,
-                latency_fn: Callable[[Layer, Option], float] | None, proxy_bits: int = 4) -> Table:
+                latency_fn: Callable[[Layer, Option], float] | None, proxy_bits: int = 4,
+                fastest_path_margin: float | None = None) -> Table:
+    """One row per layer, one column per option. With measured latencies, an option the kernels cannot
+    run (nan) is invalid; with `fastest_path_margin` (no latency budget to trade against), each stored
+    width keeps only its faster execution path on this machine: the integer kernel when it beats float
+    compute from the same stored weights by at least the margin, else float compute."""
     name, bit_error = error_model(layers, cfg.error_model, proxy_bits)
     act_name, act_error = activation_error_model(layers, name, bit_error)
     name = f"weights: {name}; activations: {act_name}"
@@ -53,9 +58,28 @@ def build_table(layers: list[Layer], options: list[Option], cfg,
                 lat[i, j] = latency_fn(layer, opt)
     fp_latency = None
     if latency_fn is not None:
+        valid &= ~np.isnan(lat)
+        if fastest_path_margin is not None:
+            keep_fastest_path(options, lat, valid, fastest_path_margin)
         fp = Option(16, 16, cfg.act_mode, None)
         fp_latency = np.array([latency_fn(layer, fp) for layer in layers], dtype=float)
     return Table(layers, options, bits, err, lat, valid, violates, name, protect, fp_latency)
+
+
+def keep_fastest_path(options: list[Option], lat: np.ndarray, valid: np.ndarray, margin: float) -> None:
+    """In place: for every (layer, stored width, group size) with both an integer and a float execution
+    option, invalidate the slower one (the integer one must win by `margin`: float is more accurate)."""
+    for j, opt in enumerate(options):
+        if opt.full_precision or opt.act_bits >= 16:
+            continue
+        twin = next((k for k, o in enumerate(options) if o.act_bits >= 16 and o.weight_bits == opt.weight_bits
+                     and o.group_size == opt.group_size), None)
+        if twin is None:
+            continue
+        both = valid[:, j] & valid[:, twin]
+        int_wins = lat[:, j] <= lat[:, twin] * (1.0 - margin)
+        valid[both & int_wins, twin] = False
+        valid[both & ~int_wins, j] = False
 
 
 @dataclass
@@ -189,6 +213,8 @@ def budget_constraint(table: Table, budget: Budget, remainder_ms: float, other_b
         return Constraint("avg-bits", table.bits, math.floor(budget.value * table.params + 1e-9))
     if budget.kind == "size-mb":
         return Constraint("size-mb", table.bits, math.floor((budget.value * 1e6 - other_bytes) * 8 + 1e-9))
+    if budget.kind != "latency-ms":
+        raise ValueError(f"{budget.kind} is not a per-step constraint")
     _require_latency(table, "--budget latency-ms")
     return Constraint("latency-ms", table.latency, budget.value - remainder_ms)
 

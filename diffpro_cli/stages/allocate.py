@@ -17,19 +17,23 @@ remainder), predicted quality = drift(steps) + quant_weight × quantization erro
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+
 from diffpro_cli.console import QUIET_UI, UI
 from diffpro_cli.errors import BudgetError, InputError, UsageError
-from diffpro_cli.planning.costs import CostTable, _kernels, measure_remainder_ms, measured_latency_fn
+from diffpro_cli.planning.costs import (check_fingerprint, fingerprint_id, machine_fingerprint,
+                                       measure_cost_table, read_cost_table, table_latency_fn)
 from diffpro_cli.planning.error_model import error_model
 from diffpro_cli.planning.joint import pareto_front, solve_joint, step_entries
 from diffpro_cli.planning.options import (DEFAULT_PROTECT, METHODS, Layer, Option, load_layers, make_options,
-                                          parse_budget)
-from diffpro_cli.planning.solvers import (budget_constraint, build_table, infeasible_message, plan_layers,
+                                          parse_budgets)
+from diffpro_cli.planning.solvers import (budget_constraint, chosen_total, build_table, infeasible_message, plan_layers,
                                           predicted_speedup, smallest_feasible, solve, speedup_constraint, summarize)
 
 PLAN_SCHEMA = "diffpro.plan/1"
@@ -44,9 +48,11 @@ LATENCY_SOURCES = ("measured", "analytic")
 
 @dataclass
 class AllocateConfig:
-    budget: str | None = None            # "avg-bits=5.0" | "size-mb=3" | "latency-ms=2.5" (per step, batch 1)
+    budget: str | None = None            # "avg-bits=5.0" | "size-mb=3" | "latency-ms=2.5" (per step and image) | "latency=0.4"
     bits: list[int] = field(default_factory=lambda: [4, 8, 16])
-    act_bits: list[int] = field(default_factory=lambda: [8])   # DAQ on every quantized layer (see docs/planning.md)
+    # execution paths: 8 = integer kernel with DAQ (dynamic int8 activations), 16 = float compute from the
+    # stored low-bit weights; without a latency budget each layer runs the faster of the two on this machine
+    act_bits: list[int] = field(default_factory=lambda: [8, 16])
     act_mode: str = "dynamic"
     group_size: int | None = None
     method: str = "milp"
@@ -56,7 +62,10 @@ class AllocateConfig:
     min_speedup: float | None = None     # per-step latency ≤ the fp32 step's / this (measured kernels, same run)
     steps: str | None = None             # joint plan: "auto" (the artifact's sweep) or a step count
     quant_weight: float = 1.0            # joint plan: units of quantization error per unit of drift
-    tokens: int | None = None            # tokens per image when scores.json has no MACs
+    batch: int = 8                       # images per call the cost table is timed at (bench's --latency-batch)
+    cost_table: str | None = None        # an explicit cost table (another machine's: planned for as given, with a warning)
+    int_margin: float = 0.05             # without a latency budget an integer path must be this much faster than float
+    full_steps: int = 50                 # budget latency=F: F × the fp32 latency of this many steps (bench's reference)
     latency_source: str = "measured"     # measured (real kernels) | analytic (labelled estimate)
     repeats: int = 5
     remainder_ms: float | None = None    # non-GEMM time per step; None → measured from the model
@@ -75,25 +84,38 @@ def allocate_plan(scores: dict, cfg: AllocateConfig, *, latency_fn: Callable[[La
     """The plan.json payload (and the Pareto payload with cfg.pareto). Pure: writes nothing."""
     if cfg.method not in METHODS:
         raise UsageError(f"--method {cfg.method}: use milp or cdf")
-    if cfg.budget is None and cfg.latency_budget is None:
+    if not cfg.budget and cfg.latency_budget is None:
         raise UsageError("no budget: pass --budget avg-bits=5.0 (or size-mb=… / latency-ms=…) or --latency-budget MS with --timesteps")
     if cfg.latency_budget is not None and cfg.latency_budget <= 0:
         raise UsageError(f"--latency-budget {cfg.latency_budget}: must be a positive number of milliseconds per image")
     if cfg.min_speedup is not None and not (math.isfinite(cfg.min_speedup) and cfg.min_speedup > 0):
         raise UsageError(f"--min-speedup {cfg.min_speedup}: must be a positive ratio against fp32, e.g. 1.5")
-    budget = parse_budget(cfg.budget) if cfg.budget else None
+    budgets = parse_budgets(cfg.budget)
+    fraction = next((b.value for b in budgets if b.kind == "latency"), None)
+    budgets = [b for b in budgets if b.kind != "latency"]
+    budget = budgets[0] if budgets else None
     layers = load_layers(scores, scores_path)
     options = make_options(cfg.bits, cfg.act_bits, cfg.act_mode, cfg.group_size)
     proxy_bits = int((scores.get("config") or {}).get("proxy_bits", 4))
-    table = build_table(layers, options, cfg, latency_fn, proxy_bits)
+    trades_latency = fraction is not None or cfg.latency_budget is not None or cfg.min_speedup is not None \
+        or any(b.kind == "latency-ms" for b in budgets)
+    # no latency budget to trade against: each stored width runs its faster path on this machine
+    table = build_table(layers, options, cfg, latency_fn, proxy_bits,
+                        fastest_path_margin=None if trades_latency else cfg.int_margin)
     other_bytes = 4 * max(0, int((scores.get("model") or {}).get("params") or 0) - table.params)
 
     constraints = []
-    if budget is not None:
-        k = budget_constraint(table, budget, remainder_ms, other_bytes)
+    for b in budgets:
+        k = budget_constraint(table, b, remainder_ms, other_bytes)
         if smallest_feasible(table, k) > k.limit:
-            raise BudgetError(infeasible_message(table, budget, k, remainder_ms, other_bytes))
+            raise BudgetError(infeasible_message(table, b, k, remainder_ms, other_bytes))
         constraints.append(k)
+    if fraction is not None:
+        full_ms = full_schedule_ms(table, remainder_ms, cfg.full_steps)
+        ms = fraction * full_ms
+        if cfg.latency_budget is not None:
+            ms = min(ms, cfg.latency_budget)
+        cfg = dataclasses.replace(cfg, latency_budget=ms, steps=cfg.steps or "auto")
     if cfg.min_speedup is not None:
         k = speedup_constraint(table, cfg.min_speedup, remainder_ms)
         if smallest_feasible(table, k) > k.limit:
@@ -128,6 +150,9 @@ def allocate_plan(scores: dict, cfg: AllocateConfig, *, latency_fn: Callable[[La
     totals["latency_source"] = latency_source if latency_fn is not None else None
     totals["predicted_speedup"] = predicted_speedup(table, sol, remainder_ms)
     totals["remainder_source"] = remainder_source if latency_fn is not None else None
+    check = float_step_cut_check(table, sol, remainder_ms, step_list, timesteps, joint)
+    if check is not None:
+        ui.info(f"allocate: {check['verdict']}")
     comparison = {}
     if cfg.method == "milp" and cfg.latency_budget is None:
         alt = solve(table, constraints, "cdf", cfg.time_limit)
@@ -148,9 +173,16 @@ def allocate_plan(scores: dict, cfg: AllocateConfig, *, latency_fn: Callable[[La
         "error_model": table.error_model,
         "conventions": {"avg_bits": "storage bits (weights, fp32 scales, fp32 bias; 16 = kept at fp32) / parameters of the scored layers",
                         "bytes": "scored layers only; other_bytes = remaining parameters at fp32",
-                        "latency_ms": "one denoising step, batch 1: chosen layer latencies + non-GEMM remainder",
+                        "latency_ms": "one denoising step per image at the cost table's batch: chosen layer latencies + non-GEMM remainder",
+                        "act_bits": "execution path: 8 = integer kernel with dynamic int8 activations, 16 = float compute from the stored weights",
                         "size_mb": "1 MB = 1e6 bytes"},
         "comparison": comparison,
+        "execution": {"rule": "solver trades latency (a latency budget was given)" if trades_latency
+                      else f"fastest measured path per stored width (integer only when ≥ {cfg.int_margin:.0%} faster than float)",
+                      "integer_layers": sum(1 for e in plan_layers(table, sol).values() if e["weight_bits"] < 16 and e["act_bits"] < 16),
+                      "float_from_int_layers": sum(1 for e in plan_layers(table, sol).values() if e["weight_bits"] < 16 and e["act_bits"] >= 16),
+                      "fp32_layers": sum(1 for e in plan_layers(table, sol).values() if e["weight_bits"] >= 16)},
+        "baseline_check": check,
         "timesteps": step_list,
         "joint": joint,
     }
@@ -163,9 +195,41 @@ def allocate_plan(scores: dict, cfg: AllocateConfig, *, latency_fn: Callable[[La
 # ---------------------------------------------------------------------------------------------
 
 
-def needs_latency(cfg: AllocateConfig) -> bool:
-    return (cfg.latency_budget is not None or cfg.min_speedup is not None
-            or (cfg.budget is not None and parse_budget(cfg.budget).kind == "latency-ms"))
+def full_schedule_ms(table, remainder_ms: float, full_steps: int) -> float:
+    """fp32 latency per image over the full schedule (what latency=F is a fraction of)."""
+    if table.fp_latency is None or np.isnan(table.fp_latency).any():
+        raise UsageError("--budget latency=F needs the measured cost table (drop --latency-source analytic only if it was measured)")
+    return full_steps * (float(table.fp_latency.sum()) + remainder_ms)
+
+
+def float_step_cut_check(table, sol, remainder_ms: float, step_list, timesteps: dict | None, joint: dict | None) -> dict | None:
+    """The plan against what a user gets by cutting steps alone in float (ddim-K / fp32-subset-K): the
+    predicted speed-up at the same step count, and the float step count that costs the plan's latency
+    with its drift when prune measured it. A plan that does not beat float at the same steps says so."""
+    if table.fp_latency is None or np.isnan(table.fp_latency).any():
+        return None
+    fp_step = float(table.fp_latency.sum()) + remainder_ms
+    plan_step = float(chosen_total(table.latency, sol.choice)) + remainder_ms
+    ratio = fp_step / plan_step
+    ints = sum(1 for i, j in enumerate(sol.choice) if not table.options[j].full_precision and table.options[j].act_bits < 16)
+    out = {"fp32_step_ms": fp_step, "plan_step_ms": plan_step, "speedup_vs_float_same_steps": ratio, "integer_layers": ints}
+    k = len(step_list) if step_list else None
+    if k:
+        k_float = max(1, int(k * plan_step / fp_step))
+        out.update(steps=k, float_steps_same_latency=k_float)
+        sweep = {int(e["steps"]): e.get("drift") for e in (timesteps or {}).get("sweep") or []}
+        if joint is not None and k_float in sweep and sweep[k_float] is not None:
+            out.update(float_drift_same_latency=sweep[k_float], plan_combined_error=joint["combined_error"])
+    if ints == 0:
+        out["verdict"] = ("no integer kernel beats float compute on this machine: every layer runs in float from its "
+                          "stored low-bit weights (the plan saves size; its speed-up is the step cut's)")
+    elif ratio < 1.0:
+        out["verdict"] = (f"WARNING: predicted {ratio:.2f}x of float at the same steps; quantized compute does not pay "
+                          f"here: allow float execution (--act-bits 8,16) to keep float compute")
+    else:
+        out["verdict"] = (f"predicted {ratio:.2f}x faster per step than float at the same steps "
+                          f"({ints} layers on integer kernels)" + (f"; float alone at this latency: {out['float_steps_same_latency']} steps" if k else ""))
+    return out
 
 
 def run_allocate(ctx, cfg: AllocateConfig, *, scores_path: str | Path | None = None,
@@ -194,7 +258,7 @@ def run_allocate(ctx, cfg: AllocateConfig, *, scores_path: str | Path | None = N
     if cfg.latency_source not in LATENCY_SOURCES:
         raise UsageError(f"--latency-source {cfg.latency_source}: use measured or analytic")
     if cfg.budget:
-        parse_budget(cfg.budget)
+        parse_budgets(cfg.budget)
     if cfg.min_speedup is not None and not (math.isfinite(cfg.min_speedup) and cfg.min_speedup > 0):
         raise UsageError(f"--min-speedup {cfg.min_speedup}: must be a positive ratio against fp32, e.g. 1.5")
     make_options(cfg.bits, cfg.act_bits, cfg.act_mode, cfg.group_size)
@@ -213,13 +277,14 @@ def run_allocate(ctx, cfg: AllocateConfig, *, scores_path: str | Path | None = N
             ui.warn(f"{timesteps_path} was pruned for {t_spec} but the scores are for {s_spec}")
     if cfg.latency_budget is not None:
         step_entries(cfg, timesteps)
-    if cfg.budget and parse_budget(cfg.budget).kind != "latency-ms":   # size budgets: fail before timing anything
-        budget = parse_budget(cfg.budget)
+    size_budgets = [b for b in parse_budgets(cfg.budget) if b.kind in ("avg-bits", "size-mb")]
+    if size_budgets:   # size budgets: fail before timing anything
         table = build_table(layers, make_options(cfg.bits, cfg.act_bits, cfg.act_mode, cfg.group_size), cfg, None)
         other_bytes = 4 * max(0, int((scores.get("model") or {}).get("params") or 0) - table.params)
-        k = budget_constraint(table, budget, 0.0, other_bytes)
-        if smallest_feasible(table, k) > k.limit:
-            raise BudgetError(infeasible_message(table, budget, k, 0.0, other_bytes))
+        for budget in size_budgets:
+            k = budget_constraint(table, budget, 0.0, other_bytes)
+            if smallest_feasible(table, k) > k.limit:
+                raise BudgetError(infeasible_message(table, budget, k, 0.0, other_bytes))
 
     inputs = {"scores": input_record(scores_path)}
     if timesteps_path is not None:
@@ -233,31 +298,20 @@ def run_allocate(ctx, cfg: AllocateConfig, *, scores_path: str | Path | None = N
 
     def compute():
         fn, remainder, rsource, lsource = latency_fn, cfg.remainder_ms or 0.0, "given", "injected"
+        fingerprint = None
         if fn is None:
-            cache = CostTable(workdir / "cost_table.json", ui)
-            fn, lsource = measured_latency_fn(cache, cfg), cfg.latency_source
-            if cfg.latency_source == "measured" and _kernels() is None:
-                if needs_latency(cfg):
-                    raise InputError("latency: the integer kernels (diffpro_cli.quant.layers) are not installed yet; "
-                                     "pass --latency-source analytic for a labelled estimate")
-                ui.warn("integer kernels not installed: plan latency not predicted (totals.latency_ms = null)")
-                fn, lsource = None, None
-            if fn is not None:
-                ui.info(f"allocate: cost table ({lsource}) in {cache.path}")
-                if cfg.remainder_ms is None:
-                    if not ctx.model_spec:     # `diffpro allocate` without --model: the scored model
-                        ctx.model_spec = (scores.get("model") or {}).get("spec", "")
-                    spec = ctx.model_spec
-                    remainder, rsource = measure_remainder_ms(ctx.load, spec, load_layers(scores, scores_path),
-                                                              fn, cache, cfg.repeats, ui)
-            try:
-                plan, pareto = allocate_plan(scores, cfg, latency_fn=fn, remainder_ms=remainder, remainder_source=rsource,
-                                             latency_source=lsource, timesteps=timesteps, scores_path=scores_path, ui=ui)
-            finally:
-                cache.save()
-        else:
-            plan, pareto = allocate_plan(scores, cfg, latency_fn=fn, remainder_ms=remainder, remainder_source=rsource,
-                                         latency_source=lsource, timesteps=timesteps, scores_path=scores_path, ui=ui)
+            if not ctx.model_spec:     # `diffpro allocate` without --model: the scored model
+                ctx.model_spec = (scores.get("model") or {}).get("spec", "")
+            doc = obtain_cost_table(ctx, cfg, layers)
+            fn, lsource = table_latency_fn(doc, analytic=cfg.latency_source == "analytic"), cfg.latency_source
+            fingerprint = doc["fingerprint"]
+            if cfg.remainder_ms is None:
+                remainder, rsource = float(doc["remainder_ms"]), "measured"
+        plan, pareto = allocate_plan(scores, cfg, latency_fn=fn, remainder_ms=remainder, remainder_source=rsource,
+                                     latency_source=lsource, timesteps=timesteps, scores_path=scores_path, ui=ui)
+        plan["cost_table"] = None if fingerprint is None else {
+            "path": str(Path(cfg.cost_table) if cfg.cost_table else workdir / "cost_table.json"),
+            "fingerprint": fingerprint, "batch": cfg.batch}
         plan["scores_sha256"] = inputs["scores"]["sha256"]
         if pareto is not None:
             from diffpro_cli.plots import plot_pareto
@@ -267,7 +321,47 @@ def run_allocate(ctx, cfg: AllocateConfig, *, scores_path: str | Path | None = N
         atomic_write_json(out, plan)
         holder["plan"] = plan
 
+    if latency_fn is None and cfg.cost_table is None:
+        outputs["cost_table"] = workdir / "cost_table.json"
     config = {**cfg.as_dict(), "latency_injected": latency_fn is not None}
+    if latency_fn is None:
+        # a plan is priced for one machine: the same inputs on another machine are not up to date
+        config["machine"] = fingerprint_id(machine_fingerprint())
     outcome = ctx.run_stage("allocate", inputs, config, outputs, compute)
     plan = holder.get("plan") or read_json(out, PLAN_SCHEMA)
     return StageResult(outcome, plan)
+
+
+def obtain_cost_table(ctx, cfg: AllocateConfig, layers: list[Layer]) -> dict:
+    """The cost table this plan is priced with: `cfg.cost_table` as given (another machine's is used with a
+    warning), else WORKDIR/cost_table.json when it was measured here for this model and batch (missing
+    columns are timed and added), else measured now on the context's model."""
+    from diffpro_cli.artifacts import atomic_write_json
+
+    options = make_options(cfg.bits, cfg.act_bits, cfg.act_mode, cfg.group_size)
+    if cfg.cost_table:
+        path = Path(cfg.cost_table)
+        if not path.exists():
+            raise InputError(f"--cost-table {path}: no such file; measure one with `diffpro allocate` on the target machine")
+        doc = read_cost_table(path)
+        check_fingerprint(doc, path, explicit=True, ui=ctx.ui)
+        return doc
+    path = ctx.workdir / "cost_table.json"
+    previous = None
+    if path.exists() and not ctx.force:
+        previous = read_cost_table(path)
+        check_fingerprint(previous, path, explicit=False, ui=ctx.ui)
+        model = ctx.model()
+        if previous.get("batch") != cfg.batch or (previous.get("model") or {}).get("sha256") != model.sha256 \
+                or (previous.get("model") or {}).get("spec") != model.spec:
+            ctx.ui.info(f"allocate: {path} was timed for another model or batch; re-measuring")
+            previous = None
+    model = ctx.model()
+    ctx.ui.info(f"allocate: cost table at batch {cfg.batch} on this machine -> {path}")
+    doc = measure_cost_table(model, options, cfg.batch, cfg.repeats, ctx.ui, previous=previous)
+    missing = [l.name for l in layers if l.name not in doc["layers"]]
+    if missing:
+        raise InputError(f"scores.json names layers the model does not run ({', '.join(missing[:3])}...); "
+                         f"re-run `diffpro score` for {model.spec}")
+    atomic_write_json(path, doc)
+    return doc
