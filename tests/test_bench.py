@@ -46,3 +46,21 @@ def test_bench_cli_rejects_unknown_rows_and_fid_of_random_weights(cli, tmp_path)
     rc, _, err = cli("bench", "random:dit-tiny", "--fid", "--rows", "fp32", "-w", tmp_path / "b")
     assert rc == 2 and err.startswith("error:") and len(err.strip().splitlines()) == 1 and "random weights" in err
     assert not (tmp_path / "b" / "bench" / "report.json").exists()
+
+
+def test_versus_step_cut_compares_diffpro_with_float_rows_at_the_same_steps_only():
+    from diffpro_cli.stages.bench import versus_step_cut
+
+    def row(name, steps, med, fid_vs_fp):
+        return {"name": name, "steps": steps, "latency_s_per_image": {"median": med}, "fid_vs_fp": fid_vs_fp}
+
+    rep = {"rows": [row("fp32", 50, 2.0, 0.0), row("ddim-25", 25, 1.0, 2.5), row("ddim-10", 10, 0.4, 9.0),
+                    row("fp32-subset-25", 25, 1.0, 2.0), row("diffpro", 25, 0.5, 6.0)],
+           "derived": {"diffpro": {"compression": 7.1}}}
+    out = {v["row"]: v for v in versus_step_cut(rep)}
+    assert set(out) == {"ddim-25", "fp32-subset-25"}          # ddim-10 has another step count
+    assert out["ddim-25"]["speedup"] == 2.0 and "2.00x faster" in out["ddim-25"]["line"]
+    assert "FID vs fp32 6.00 vs 2.50" in out["ddim-25"]["line"]
+    rep["rows"][-1]["latency_s_per_image"]["median"] = 1.25    # quantized compute slower than float here
+    assert "SLOWER" in versus_step_cut(rep)[0]["line"]
+    assert versus_step_cut({"rows": rep["rows"][:-1], "derived": {}}) == []

@@ -356,6 +356,9 @@ def measure_bench(ctx, cfg: BenchConfig, quantized: Path | None = None, timestep
             "notes": row.notes,
         })
     report["derived"] = derived_ratios(report)
+    report["versus_step_cut"] = versus_step_cut(report)
+    for v in report["versus_step_cut"]:
+        notes.insert(0, v["line"])
     if model0.random_weights:
         report["notes"].append("RANDOM WEIGHTS: speed and memory only; no quality metric is meaningful")
     if model0.untrained:
@@ -378,6 +381,30 @@ def derived_ratios(report: dict) -> dict:
             "compression": round(base["size_bytes"] / r["size_bytes"], 3) if r["size_bytes"] else None,
             "delta_fid": (r["fid"] - base["fid"]) if r["fid"] is not None and base["fid"] is not None else None,
         }
+    return out
+
+
+def versus_step_cut(report: dict) -> list[dict]:
+    """diffpro against the float step cut a user could pick instead (ddim-K, fp32-subset-K at the same
+    K): latency ratio and FID vs fp32 side by side, measured in this run. The plan must not lose on speed."""
+    rows = {r["name"]: r for r in report["rows"]}
+    dp = rows.get("diffpro")
+    if dp is None:
+        return []
+    out = []
+    for name, r in rows.items():
+        if not (name.startswith("ddim-") or name.startswith("fp32-subset-")) or r["steps"] != dp["steps"]:
+            continue
+        ratio = r["latency_s_per_image"]["median"] / dp["latency_s_per_image"]["median"]
+        entry = {"row": name, "steps": r["steps"], "speedup": round(ratio, 3),
+                 "fid_vs_fp": {"diffpro": dp["fid_vs_fp"], name: r["fid_vs_fp"]}}
+        quality = ""
+        if dp["fid_vs_fp"] is not None and r["fid_vs_fp"] is not None:
+            quality = f"; FID vs fp32 {dp['fid_vs_fp']:.2f} vs {r['fid_vs_fp']:.2f}"
+        verdict = "faster" if ratio >= 1.0 else "SLOWER: quantized compute does not pay on this machine"
+        entry["line"] = (f"diffpro vs {name} (same {r['steps']} steps, float weights): {ratio:.2f}x {verdict}{quality}, "
+                         f"{report['derived'].get('diffpro', {}).get('compression') or 0:.2f}x smaller")
+        out.append(entry)
     return out
 
 
