@@ -30,7 +30,7 @@ def allocate_cmd(
     full_steps: Annotated[int, typer.Option("--full-steps", help="Steps of the fp32 full schedule that --budget latency=F is a fraction of (bench's --reference-steps).")] = 50,
     latency_source: Annotated[str, typer.Option("--latency-source", help="measured (real kernels) or analytic (labelled estimate).")] = "measured",
     remainder_ms: Annotated[Optional[float], typer.Option("--remainder-ms", help="Non-GEMM time per step (default: measured from the model).")] = None,
-    repeats: Annotated[int, typer.Option("--repeats", help="Timing repeats per cost-table cell (median).")] = 5,
+    repeats: Annotated[int, typer.Option("--repeats", help="Timing rounds of the cost table (every cell once per round, round-robin; the minimum is kept).")] = 15,
     error_model: Annotated[str, typer.Option("--error-model", help="auto (measured > taylor > proxy > score > cdf), or one of them.")] = "auto",
     pareto: Annotated[bool, typer.Option("--pareto", help="Also write WORKDIR/pareto.json and figures/pareto.png.")] = False,
     model: Annotated[Optional[str], typer.Option("--model", help="Model timed for the non-GEMM remainder (default: the scored one).")] = None,

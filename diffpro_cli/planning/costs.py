@@ -20,7 +20,6 @@ import copy
 import hashlib
 import json
 import platform
-import statistics
 import time
 from pathlib import Path
 from typing import Callable
@@ -68,20 +67,31 @@ def describe_fingerprint(fp: dict) -> str:
             f"{fp.get('threads')} threads")
 
 
-def median_ms(fn, repeats: int) -> float:
-    """Median over `repeats` samples; each sample averages enough calls to last ≥ 2 ms."""
+def _inner_calls(fn) -> int:
+    """Calls per timed sample so that one sample lasts ≥ 2 ms (after a warm-up call)."""
     fn()
     t0 = time.perf_counter()
     fn()
     once = max(time.perf_counter() - t0, 1e-6)
-    inner = max(1, min(1000, int(0.002 / once)))
-    samples = []
+    return max(1, min(1000, int(0.002 / once)))
+
+
+def interleaved_min_ms(fns: dict, repeats: int, advance=lambda n=1: None) -> dict:
+    """ms per call of every fn, timed round-robin (each round one sample of every fn, so the samples of
+    one cell are spread over the whole measurement) and reduced by the minimum over rounds: on a shared
+    CPU the least-disturbed sample estimates the kernel's own cost (a median keeps the ~1 ms stalls a
+    busy second core causes, which swamp sub-0.1 ms layers)."""
+    inner = {k: _inner_calls(f) for k, f in fns.items()}
+    best = {k: float("inf") for k in fns}
     for _ in range(max(1, repeats)):
-        t0 = time.perf_counter()
-        for _ in range(inner):
-            fn()
-        samples.append((time.perf_counter() - t0) / inner * 1000.0)
-    return statistics.median(samples)
+        for k, f in fns.items():
+            n = inner[k]
+            t0 = time.perf_counter()
+            for _ in range(n):
+                f()
+            best[k] = min(best[k], (time.perf_counter() - t0) / n * 1000.0)
+        advance(1)
+    return best
 
 
 def _kernels():
@@ -139,35 +149,40 @@ def measure_cost_table(model, options: list[Option], batch: int, repeats: int, u
     columns = {}
     for opt in [Option(16, 16, options[0].act_mode if options else "dynamic", None), *options]:
         columns.setdefault(path_label(opt), opt)
-    todo = [(n, lab) for n in modules if n in captured for lab in columns if lab not in old.get(n, {}).get("ms", {})]
-    with torch.no_grad(), ui.progress("allocate: timing layers (cost table)", total=len(todo)) as advance:
+    fns: dict[tuple[str, str], Callable[[], object]] = {}
+    with torch.no_grad():
         for name, mod in modules.items():
             if name not in captured:
                 continue
             inp = captured[name]
             row = {"kind": type(mod).__name__, "input_shape": list(inp.shape), "ms": dict(old.get(name, {}).get("ms", {}))}
+            table[name] = row
             for label, opt in columns.items():
                 if label in row["ms"]:
                     continue
                 if opt.full_precision:
-                    fn = mod
-                else:
-                    try:
-                        static = float(inp.abs().max()) if opt.act_bits < 16 and opt.act_mode == "static" else None
-                        fn = quantize_module(copy.deepcopy(mod), opt.weight_bits, act_bits=opt.act_bits,
-                                             act_mode=opt.act_mode, group_size=opt.group_size, static_absmax=static).eval()
-                    except Exception as exc:   # an option this layer's kernels cannot run: not a choice here
-                        row["ms"][label] = None
-                        row.setdefault("unsupported", {})[label] = str(exc).splitlines()[0][:120]
-                        advance()
-                        continue
-                row["ms"][label] = median_ms(lambda f=fn, i=inp: f(i), repeats) / batch
-                advance()
-            table[name] = row
+                    fns[(name, label)] = lambda f=mod, i=inp: f(i)
+                    continue
+                try:
+                    static = float(inp.abs().max()) if opt.act_bits < 16 and opt.act_mode == "static" else None
+                    q = quantize_module(copy.deepcopy(mod), opt.weight_bits, act_bits=opt.act_bits,
+                                        act_mode=opt.act_mode, group_size=opt.group_size, static_absmax=static).eval()
+                    q(inp)
+                    fns[(name, label)] = lambda f=q, i=inp: f(i)
+                except Exception as exc:   # an option this layer's kernels cannot run: not a choice here
+                    row["ms"][label] = None
+                    row.setdefault("unsupported", {})[label] = str(exc).splitlines()[0][:120]
         forward = (previous or {}).get("forward_ms")
-        if forward is None:
-            with ui.heartbeat("allocate: timing the whole fp32 forward"):
-                forward = median_ms(lambda: model.eps(x, t, y), repeats) / batch
+        if forward is None or fns:      # the forward shares the rounds, so the remainder is consistent
+            fns[("__forward__", "fp32")] = lambda: model.eps(x, t, y)
+        rounds = max(1, repeats)
+        with ui.progress("allocate: timing layers (cost table)", total=rounds) as advance:
+            timed = interleaved_min_ms(fns, rounds, advance=advance)
+    for (name, label), ms in timed.items():
+        if name == "__forward__":
+            forward = ms / batch
+        else:
+            table[name]["ms"][label] = ms / batch
     gemm = sum(r["ms"]["fp32"] for r in table.values())
     return {"schema": COST_SCHEMA, "fingerprint": machine_fingerprint(), "batch": batch, "repeats": repeats,
             "model": {"spec": model.spec, "sha256": model.sha256}, "units": "ms per image per denoising step",

@@ -67,7 +67,7 @@ class AllocateConfig:
     int_margin: float = 0.05             # without a latency budget an integer path must be this much faster than float
     full_steps: int = 50                 # budget latency=F: F × the fp32 latency of this many steps (bench's reference)
     latency_source: str = "measured"     # measured (real kernels) | analytic (labelled estimate)
-    repeats: int = 5
+    repeats: int = 15                    # cost-table timing rounds (round-robin over every cell, minimum kept)
     remainder_ms: float | None = None    # non-GEMM time per step; None → measured from the model
     pareto: bool = False
     time_limit: float = 60.0
