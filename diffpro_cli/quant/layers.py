@@ -86,6 +86,8 @@ class _QuantBase(nn.Module):
         self._kernel_label = ""
         self._group: SharedInputGroup | None = None
         self._released_bytes: int | None = None   # set by release_integers (inference-only loads)
+        self._compiled_lead: _QuantBase | None = None   # set by compiled.enable (the compiled execution path)
+        self._compiled_index = 0
 
     # -- storage ------------------------------------------------------------------------------
 
@@ -191,6 +193,8 @@ class _QuantBase(nn.Module):
     @property
     def kernel_name(self) -> str:
         """The kernel this layer runs (or would run on the CPU, if not prepared yet), for reports."""
+        if self._compiled_lead is not None:
+            return self._compiled_state["label"] + (f"+fused{len(self._compiled_state['sizes'])}" if self._group is not None else "")
         if self._group is not None and self._group.kernel is not None:
             return self._group.label
         if self._kernel is not None:
@@ -206,6 +210,14 @@ class _QuantBase(nn.Module):
         return None if kernel is None else kernel.act_qmax
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._compiled_lead is not None:   # compiled.enable(): traceable ops for torch.compile
+            from diffpro_cli.quant import compiled
+            return compiled.forward(self, x)
+        if torch.compiler.is_compiling():      # a layer the compiled path leaves eager: an opaque call
+            return _eager_forward_opaque(self, x)
+        return self._eager_forward(x)
+
+    def _eager_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._group is not None:
             return self._group.run(self, x)
         if self._kernel is None or self._kernel_device != x.device:
@@ -226,6 +238,11 @@ class _QuantBase(nn.Module):
 
     def _extra_config(self) -> dict:
         return {}
+
+
+@torch.compiler.disable
+def _eager_forward_opaque(layer: _QuantBase, x: torch.Tensor) -> torch.Tensor:
+    return layer._eager_forward(x)
 
 
 class QuantLinear(_QuantBase):

@@ -1,0 +1,264 @@
+"""Compiled execution path for quantized models on x86 CPUs (torch.compile / inductor with freezing).
+
+The eager CPU kernels (kernels.py) run each layer as its own op: the activation's range search and
+quantization, the int8 GEMM and the dequantization are separate passes over memory, or one opaque
+fbgemm call that nothing around it can join. Here every integer layer is written in plain torch ops
+around oneDNN's int8 GEMM (`onednn.qlinear_pointwise.tensor`, `onednn.qconv2d_pointwise.tensor`), so
+inductor can
+  * fuse the activation's range search and u8 quantization into the loops that produce the activation
+    (LayerNorm + adaLN modulation, GELU, ...), one pass instead of three;
+  * hand the dequantization (output scale, bias) to oneDNN's epilogue, and fuse the per-token output
+    scaling into the next elementwise op;
+  * constant-fold the packed weights (`freezing`), so the graph calls the GEMMs with no Python between.
+
+Still integer: the same stored weights (folded onto the per-channel int8 grid) run on oneDNN's
+u8 × s8 → s32 GEMM and convolution. Activation schemes (reference.py names): "dynamic" = one symmetric
+scale per tensor on the u8 grid with zero point 128 (scheme "tensor", the eager oneDNN kernel's), and
+"dynamic-token" = one per row ("token"); convolutions one per sample ("sample"). "static" layers and
+weight-only ("none") layers keep their eager kernel inside the compiled graph.
+
+    from diffpro_cli.quant import compiled
+    if compiled.compiled_available():
+        fast = compiled.compile_model(quantized_model)       # a DiffusionModel; first call compiles
+    fn = compiled.compile_module(layer_or_net)             # any module (quantized or float), same options
+
+Compiling costs time on the first call of every new input shape (about 20–60 s for the built-in DiT on
+2 cores; reported by benchmarks/kernels.py). Where compile is not available (no C++ compiler, no
+oneDNN, another CPU architecture), `compile_model`/`compile_module` print one notice line and return
+the eager path.
+"""
+
+from __future__ import annotations
+
+import functools
+import platform
+import shutil
+import sys
+
+import torch
+from torch import nn
+
+from diffpro_cli.quant import kernels
+from diffpro_cli.quant.formats import fold_to_channel_grid
+
+COMPILE_OPTIONS = {"freezing": True}    # packed int8 weights must be graph constants for the oneDNN lowerings
+
+
+@functools.cache
+def unavailable_reason() -> str | None:
+    """Why the compiled path cannot run here (None: it can)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return f"the compiled integer path targets x86 CPUs (this is {platform.machine()})"
+    if not hasattr(torch, "compile"):
+        return f"torch {torch.__version__} has no torch.compile"
+    if not torch.backends.mkldnn.is_available():
+        return "torch was built without oneDNN"
+    for op in ("qlinear_pointwise", "qconv2d_pointwise", "qlinear_prepack", "qconv_prepack"):
+        if not hasattr(torch.ops.onednn, op):
+            return f"torch.ops.onednn.{op} is missing in torch {torch.__version__}"
+    try:
+        from torch._inductor import config as inductor_config
+        cxx = inductor_config.cpp.cxx[0] if isinstance(inductor_config.cpp.cxx, tuple) else inductor_config.cpp.cxx
+    except (ImportError, AttributeError, IndexError, TypeError) as exc:  # pragma: no cover - a broken inductor install
+        return f"torch inductor is unusable ({str(exc).splitlines()[0][:80]})"
+    if not any(shutil.which(c) for c in ([cxx] if cxx else []) + ["g++", "c++", "clang++"]):
+        return "inductor needs a C++ compiler (g++ or clang++) on PATH"
+    return None
+
+
+def compiled_available() -> bool:
+    """True where `compile_model` / `compile_module` compile (else they return the eager path)."""
+    return unavailable_reason() is None
+
+
+def _notice(msg: str) -> None:
+    print(f"notice: {msg}; running the eager integer kernels", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------------------
+# Traceable integer layers
+# ---------------------------------------------------------------------------------------------
+
+NAME = "cpu-compiled-onednn-int8"
+BUFFERS = ("_c_w", "_c_ws", "_c_wzp", "_c_b", "_c_zp", "_c_one")
+ZP = 128   # u8 zero point of the symmetric ±qmax activation grid (kernels.ACT_ZERO_POINT)
+
+
+def _quantize_u8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    # floor(x/s + zp + 1/2), as the eager kernels and reference.py round; |x/s| ≤ qmax by construction
+    return torch.floor(x / scale + (ZP + 0.5)).to(torch.uint8)
+
+
+def _state(layer) -> dict:
+    return layer.__dict__.setdefault("_compiled_state", {})
+
+
+def attach(layer, members=None) -> bool:
+    """Give one quant layer (or the lead of a fused q/k/v group, with all `members`) the compiled
+    path's state: packed int8 weights as non-persistent buffers (graph constants under freezing; not
+    in state_dict, so checkpoints are unchanged). Returns False for layers that keep their eager kernel."""
+    members = members or [layer]
+    # Convolutions keep their eager kernel (called opaquely from the graph): inductor's qconv lowering
+    # in torch 2.14 rejects the activation zero point of the non-fused overload.
+    if layer.kind != "linear" or layer.act_mode not in ("dynamic", "dynamic-token") or layer.integers_released:
+        return False
+    qs, ss, bs = [], [], []
+    for m in members:
+        q8, s8 = fold_to_channel_grid(m.int_weight(), m.weight_scale.cpu())
+        qs.append(q8)
+        ss.append(s8)
+        bs.append(m.bias.detach().float().cpu() if m.bias is not None else torch.zeros(s8.numel()))
+    q8, s8 = torch.cat(qs).contiguous(), torch.cat(ss).float().contiguous()
+    bias = torch.cat(bs) if any(m.bias is not None for m in members) else None
+    qmax = min(kernels.cpu_act_qmax(m.weight_bits, m.group_size) for m in members)
+    if layer.kind == "conv2d":
+        padding, extra = kernels._explicit_padding(layer)
+        packed = torch.ops.onednn.qconv_prepack(q8.reshape(layer.weight_shape).contiguous(), s8, 1.0, ZP, list(layer.stride),
+                                                padding, list(layer.dilation), layer.groups, None)
+        _state(layer).update(padding=padding, extra_pad=extra)
+    else:
+        packed = torch.ops.onednn.qlinear_prepack(q8, None)
+    layer.register_buffer("_c_w", packed, persistent=False)
+    layer.register_buffer("_c_ws", s8, persistent=False)
+    layer.register_buffer("_c_wzp", torch.zeros(s8.numel(), dtype=torch.long), persistent=False)
+    layer.register_buffer("_c_b", bias, persistent=False)
+    layer.register_buffer("_c_zp", torch.tensor(ZP, dtype=torch.long), persistent=False)
+    layer.register_buffer("_c_one", torch.ones((), dtype=torch.float32), persistent=False)
+    _state(layer).update(qmax=qmax, sizes=[m.out_features for m in members] if layer.kind == "linear" else None,
+                         label=f"{NAME}:w{layer.weight_bits}a{kernels.act_bits_of(qmax)}-{layer.act_mode}")
+    return True
+
+
+def detach(layer) -> None:
+    for name in BUFFERS:
+        layer._buffers.pop(name, None)
+    layer.__dict__.pop("_compiled_state", None)
+
+
+def is_attached(layer) -> bool:
+    return "_c_w" in layer._buffers
+
+
+def act_scheme(layer) -> str:
+    return "sample" if layer.kind == "conv2d" else {"dynamic": "tensor", "dynamic-token": "token"}[layer.act_mode]
+
+
+def linear_forward(layer, x: torch.Tensor) -> torch.Tensor:
+    """Full output of the layer's (possibly fused) GEMM for input x [..., in]."""
+    st = layer._compiled_state
+    qmax = st["qmax"]
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1]).float()
+    if layer.act_mode == "dynamic-token":
+        scale = x2.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / qmax
+        acc = torch.ops.onednn.qlinear_pointwise.tensor(_quantize_u8(x2, scale), torch.tensor(1.0), torch.tensor(ZP),
+                                                        layer._c_w, layer._c_ws, layer._c_wzp, None, 1.0, 0, torch.float32,
+                                                        "none", [None], "")
+        y = acc * scale if layer._c_b is None else torch.addcmul(layer._c_b, acc, scale)
+    else:
+        scale = x2.abs().amax().clamp_min(1e-12) / qmax
+        y = torch.ops.onednn.qlinear_pointwise.tensor(_quantize_u8(x2, scale), scale, torch.tensor(ZP), layer._c_w, layer._c_ws,
+                                                      layer._c_wzp, layer._c_b, 1.0, 0, torch.float32, "none", [None], "")
+    return y.reshape(*shape[:-1], y.shape[-1]).to(x.dtype)
+
+
+def conv_forward(layer, x: torch.Tensor) -> torch.Tensor:
+    st = layer._compiled_state
+    dtype = x.dtype
+    x = kernels._pad(layer, x.float(), st["extra_pad"])
+    scale = x.abs().amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-12) / st["qmax"]
+    xq = _quantize_u8(x, scale).contiguous(memory_format=torch.channels_last)
+    acc = torch.ops.onednn.qconv2d_pointwise(xq, 1.0, ZP, layer._c_w, layer._c_ws,
+                                                    layer._c_wzp, None, list(layer.stride), st["padding"], list(layer.dilation),
+                                                    layer.groups, 1.0, 0, torch.float32, "none", [None], "")
+    y = acc * scale if layer._c_b is None else torch.addcmul(layer._c_b.view(1, -1, 1, 1), acc, scale)
+    return y.contiguous().to(dtype)
+
+
+def forward(layer, x: torch.Tensor) -> torch.Tensor:
+    """The compiled path's forward of one attached layer. Members of a fused q/k/v group hold the same
+    packed weight tensors as buffers and each take their slice of the fused GEMM; inductor's
+    common-subexpression pass leaves one GEMM per group in the graph."""
+    if layer.kind == "conv2d":
+        return conv_forward(layer, x)
+    y = linear_forward(layer, x)
+    sizes = layer._compiled_state["sizes"]
+    if len(sizes) == 1:
+        return y
+    start = sum(sizes[:layer._compiled_index])
+    return y[..., start:start + sizes[layer._compiled_index]]
+
+
+def enable(net: nn.Module) -> dict[str, int]:
+    """Switch every eligible quant layer of `net` to the compiled path's forward (in place; `disable`
+    undoes it). Fused q/k/v groups (layers.fuse_shared_inputs) keep one fused weight. Returns counts."""
+    from diffpro_cli.quant.layers import _QuantBase
+
+    counts = {"compiled": 0, "eager": 0}
+    for mod in net.modules():
+        if not isinstance(mod, _QuantBase) or is_attached(mod) or getattr(mod, "_compiled_lead", None) is not None:
+            continue
+        group = mod._group.members if mod._group is not None else [mod]
+        if attach(group[0], group):
+            lead = group[0]
+            for i, m in enumerate(group):   # plain attributes, not submodules (no cycle in modules())
+                if m is not lead:
+                    for name in BUFFERS:
+                        m.register_buffer(name, lead._buffers[name], persistent=False)
+                    m.__dict__["_compiled_state"] = lead._compiled_state
+                m.__dict__["_compiled_lead"], m.__dict__["_compiled_index"] = lead, i
+            counts["compiled"] += len(group)
+        else:
+            counts["eager"] += len(group)
+    return counts
+
+
+def disable(net: nn.Module) -> None:
+    from diffpro_cli.quant.layers import _QuantBase
+
+    for mod in net.modules():
+        if isinstance(mod, _QuantBase):
+            detach(mod)
+            mod.__dict__["_compiled_lead"] = None
+
+
+class _Frozen:
+    """Calls a torch.compile'd module with inductor's freezing on (what the oneDNN int8 lowerings need:
+    packed weights as graph constants); the option has to be set while a call compiles."""
+
+    def __init__(self, compiled, module):
+        self._compiled, self.module = compiled, module
+
+    def __call__(self, *args, **kwargs):
+        from torch._inductor import config as inductor_config
+
+        with inductor_config.patch(COMPILE_OPTIONS):
+            return self._compiled(*args, **kwargs)
+
+    def __getattr__(self, name):   # net.config etc. (diffusers forward helpers read them)
+        return getattr(self.module, name)
+
+
+def compile_module(module: nn.Module, **compile_kwargs):
+    """torch.compile(module) with freezing, after switching its quant layers to the compiled path
+    (a float module is compiled as it is: the honest baseline). Call it under torch.no_grad() or
+    inference_mode (freezing is inference-only); the first call with each new input shape compiles.
+    Returns the module itself, with a one-line notice, where compile is unavailable."""
+    reason = unavailable_reason()
+    if reason is not None:
+        _notice(reason)
+        return module
+    enable(module)
+    return _Frozen(torch.compile(module, dynamic=compile_kwargs.pop("dynamic", False), **compile_kwargs), module)
+
+
+def compile_model(model, **compile_kwargs):
+    """A DiffusionModel whose network runs compiled (see compile_module); the model's `net` stays the
+    eager module (its state_dict and checkpoint are unchanged), `forward_fn` calls the compiled one."""
+    import dataclasses
+
+    compiled_net = compile_module(model.net, **compile_kwargs)
+    if compiled_net is model.net:
+        return model
+    base = model.forward_fn
+    return dataclasses.replace(model, forward_fn=lambda net, x, t, y: base(compiled_net, x, t, y))
