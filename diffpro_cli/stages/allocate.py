@@ -78,18 +78,36 @@ class AllocateConfig:
 
 
 
-def allocate_plan(scores: dict, cfg: AllocateConfig, *, latency_fn: Callable[[Layer, Option], float] | None = None,
-                  remainder_ms: float = 0.0, remainder_source: str = "given", latency_source: str = "given",
-                  timesteps: dict | None = None, scores_path: str | Path = "scores.json", ui: UI = QUIET_UI) -> tuple[dict, dict | None]:
-    """The plan.json payload (and the Pareto payload with cfg.pareto). Pure: writes nothing."""
+def validate_config(cfg: AllocateConfig) -> None:
+    """Every option checked once, before anything is read or timed (one `error:` line each)."""
+    from diffpro_cli.models.base import ROLES
+
     if cfg.method not in METHODS:
         raise UsageError(f"--method {cfg.method}: use milp or cdf")
-    if not cfg.budget and cfg.latency_budget is None:
-        raise UsageError("no budget: pass --budget avg-bits=5.0 (or size-mb=… / latency-ms=…) or --latency-budget MS with --timesteps")
+    if cfg.latency_source not in LATENCY_SOURCES:
+        raise UsageError(f"--latency-source {cfg.latency_source}: use measured or analytic")
+    budgets = parse_budgets(cfg.budget)
+    if not budgets and cfg.latency_budget is None:
+        raise UsageError("no budget: pass --budget avg-bits=5.0 (or size-mb=… / latency-ms=… / latency=0.4) or --latency-budget MS with --timesteps")
     if cfg.latency_budget is not None and cfg.latency_budget <= 0:
         raise UsageError(f"--latency-budget {cfg.latency_budget}: must be a positive number of milliseconds per image")
     if cfg.min_speedup is not None and not (math.isfinite(cfg.min_speedup) and cfg.min_speedup > 0):
         raise UsageError(f"--min-speedup {cfg.min_speedup}: must be a positive ratio against fp32, e.g. 1.5")
+    if not 0 <= cfg.int_margin < 1:
+        raise UsageError(f"int_margin {cfg.int_margin}: must be in [0, 1)")
+    make_options(cfg.bits, cfg.act_bits, cfg.act_mode, cfg.group_size)
+    unknown = [r for r in cfg.protect if r not in ROLES]
+    if unknown:
+        raise UsageError(f"--protect {','.join(unknown)}: unknown role; use a comma list of {','.join(ROLES)} or none")
+    if cfg.steps is not None and cfg.latency_budget is None and not any(b.kind == "latency" for b in budgets):
+        raise UsageError("--steps chooses step counts for the joint plan; add --budget latency=F or --latency-budget MS, or drop --steps")
+
+
+def allocate_plan(scores: dict, cfg: AllocateConfig, *, latency_fn: Callable[[Layer, Option], float] | None = None,
+                  remainder_ms: float = 0.0, remainder_source: str = "given", latency_source: str = "given",
+                  timesteps: dict | None = None, scores_path: str | Path = "scores.json", ui: UI = QUIET_UI) -> tuple[dict, dict | None]:
+    """The plan.json payload (and the Pareto payload with cfg.pareto). Pure: writes nothing."""
+    validate_config(cfg)
     budgets = parse_budgets(cfg.budget)
     fraction = next((b.value for b in budgets if b.kind == "latency"), None)
     budgets = [b for b in budgets if b.kind != "latency"]
@@ -241,36 +259,20 @@ def run_allocate(ctx, cfg: AllocateConfig, *, scores_path: str | Path | None = N
     cfg.remainder_ms or 0. The model timed for the remainder is the context's (default: the scored one).
     """
     from diffpro_cli.artifacts import atomic_write_json, input_record, read_json
-    from diffpro_cli.stages.context import StageResult
 
     ui = ctx.ui
     workdir = ctx.workdir
     scores_path = Path(scores_path) if scores_path is not None else workdir / "scores.json"
     scores = read_json(scores_path, SCORES_SCHEMA)
     timesteps = None
-    if cfg.steps == "auto" and timesteps_path is None:
-        timesteps_path = workdir / "timesteps.json"
+    joint = cfg.steps == "auto" or any(b.kind == "latency" for b in parse_budgets(cfg.budget))
+    if joint and timesteps_path is None and (cfg.steps == "auto" or (workdir / "timesteps.json").exists()):
+        timesteps_path = workdir / "timesteps.json"   # the step counts the joint plan chooses from
     if timesteps_path is not None:
         timesteps = read_json(timesteps_path, TIMESTEPS_SCHEMA)
-    # validate every option before measuring anything
-    if cfg.method not in METHODS:
-        raise UsageError(f"--method {cfg.method}: use milp or cdf")
-    if cfg.latency_source not in LATENCY_SOURCES:
-        raise UsageError(f"--latency-source {cfg.latency_source}: use measured or analytic")
-    if cfg.budget:
-        parse_budgets(cfg.budget)
-    if cfg.min_speedup is not None and not (math.isfinite(cfg.min_speedup) and cfg.min_speedup > 0):
-        raise UsageError(f"--min-speedup {cfg.min_speedup}: must be a positive ratio against fp32, e.g. 1.5")
-    make_options(cfg.bits, cfg.act_bits, cfg.act_mode, cfg.group_size)
-    from diffpro_cli.models.base import ROLES
-
-    unknown = [r for r in cfg.protect if r not in ROLES]
-    if unknown:
-        raise UsageError(f"--protect {','.join(unknown)}: unknown role; use a comma list of {','.join(ROLES)} or none")
+    validate_config(cfg)          # every option before measuring anything
     layers = load_layers(scores, scores_path)
     error_model(layers, cfg.error_model)
-    if cfg.steps is not None and cfg.latency_budget is None:
-        raise UsageError("--steps chooses step counts for the joint plan; add --latency-budget MS (total per image) or drop --steps")
     if timesteps is not None:
         t_spec, s_spec = (timesteps.get("model") or {}).get("spec"), (scores.get("model") or {}).get("spec")
         if t_spec and s_spec and t_spec != s_spec:
@@ -294,7 +296,6 @@ def run_allocate(ctx, cfg: AllocateConfig, *, scores_path: str | Path | None = N
     if cfg.pareto:
         outputs["pareto"] = workdir / "pareto.json"
         outputs["pareto_figure"] = workdir / "figures" / "pareto.png"
-    holder = {}
 
     def compute():
         fn, remainder, rsource, lsource = latency_fn, cfg.remainder_ms or 0.0, "given", "injected"
@@ -319,7 +320,7 @@ def run_allocate(ctx, cfg: AllocateConfig, *, scores_path: str | Path | None = N
             atomic_write_json(outputs["pareto"], pareto)
             plot_pareto(pareto, outputs["pareto_figure"])
         atomic_write_json(out, plan)
-        holder["plan"] = plan
+        return plan
 
     if latency_fn is None and cfg.cost_table is None:
         outputs["cost_table"] = workdir / "cost_table.json"
@@ -327,9 +328,7 @@ def run_allocate(ctx, cfg: AllocateConfig, *, scores_path: str | Path | None = N
     if latency_fn is None:
         # a plan is priced for one machine: the same inputs on another machine are not up to date
         config["machine"] = fingerprint_id(machine_fingerprint())
-    outcome = ctx.run_stage("allocate", inputs, config, outputs, compute)
-    plan = holder.get("plan") or read_json(out, PLAN_SCHEMA)
-    return StageResult(outcome, plan)
+    return ctx.run_stage("allocate", inputs, config, outputs, compute, reread=lambda: read_json(out, PLAN_SCHEMA))
 
 
 def obtain_cost_table(ctx, cfg: AllocateConfig, layers: list[Layer]) -> dict:

@@ -425,10 +425,9 @@ def run_bench(ctx, cfg: BenchConfig, *, quantized: Path | None = None, timesteps
         inputs["timesteps"] = input_record(timesteps_path)
         ts = read_json(timesteps_path, "diffpro.timesteps/1")["timesteps"]
     outputs = {"report": workdir / "bench" / "report.json", "markdown": workdir / "bench" / "report.md"}
-    holder = {}
 
     def compute():
-        holder["report"] = measure_bench(ctx, cfg, quantized=quantized, timesteps=ts)
+        return measure_bench(ctx, cfg, quantized=quantized, timesteps=ts)
 
     # under torchrun every rank must take part in the collectives, so no rank may skip on its own:
     # sharded runs always compute (rank 0 still records the lock)
@@ -436,6 +435,4 @@ def run_bench(ctx, cfg: BenchConfig, *, quantized: Path | None = None, timesteps
     if sharded and rank_world()[0] != 0:
         compute()
         return StageResult(StageOutcome("bench", "computed", "sharded worker", {k: str(v) for k, v in outputs.items()}, 0.0))
-    outcome = ctx.run_stage("bench", inputs, cfg.as_dict(), outputs, compute, seed=cfg.seed,
-                            force=ctx.force or sharded)
-    return StageResult(outcome, holder.get("report"))
+    return ctx.run_stage("bench", inputs, cfg.as_dict(), outputs, compute, seed=cfg.seed, force=ctx.force or sharded)

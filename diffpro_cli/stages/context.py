@@ -94,16 +94,24 @@ class StageContext:
         return self
 
     def run_stage(self, stage: str, inputs: dict[str, dict], config: dict, outputs: dict[str, Path],
-                  compute: Callable[[], None], *, seed: int | None = None, force: bool | None = None):
-        """The lock skeleton (stages.common.run_stage) with this context's workdir, force, wait and UI."""
+                  compute: Callable[[], Any], *, seed: int | None = None, force: bool | None = None,
+                  reread: Callable[[], Any] | None = None) -> StageResult:
+        """The lock skeleton (stages.common.run_stage) with this context's workdir, force, wait and UI.
+        The result's value is what `compute` returned, or `reread()` (the artifact on disk) when the
+        stage was up to date."""
         from diffpro_cli.stages.common import run_stage
 
-        kwargs = {}
-        if self.wait:
-            kwargs["wait"] = True
-        return run_stage(self.workdir, stage, inputs, config, outputs, compute,
-                         force=self.force if force is None else force, seed=self.seed if seed is None else seed,
-                         ui=self.ui, **kwargs)
+        box = {}
+
+        def computed():
+            box["value"] = compute()
+
+        outcome = run_stage(self.workdir, stage, inputs, config, outputs, computed,
+                            force=self.force if force is None else force, seed=self.seed if seed is None else seed,
+                            ui=self.ui, wait=self.wait)
+        if "value" not in box and reread is not None:
+            box["value"] = reread()
+        return StageResult(outcome, box.get("value"))
 
     def model_record(self, model=None) -> dict:
         from diffpro_cli.artifacts import model_input_record

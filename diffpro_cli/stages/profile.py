@@ -473,7 +473,6 @@ def write_profile(model, cfg: ProfileConfig, out_dir: Path, ui=None, advance=lam
 def run_profile(ctx, cfg: ProfileConfig):
     """The `profile` stage through the resumable skeleton; returns a StageResult (value: the model)."""
     from diffpro_cli.sampling import parse_timesteps
-    from diffpro_cli.stages.context import StageResult
 
     ui = ctx.ui
     validate_config(cfg)
@@ -490,8 +489,9 @@ def run_profile(ctx, cfg: ProfileConfig):
         with ui.progress("profiling", total=cfg.samples * n_steps) as advance:
             write_profile(model, cfg, out_dir, ui, advance)
 
-    outcome = ctx.run_stage("profile", {"model": ctx.model_record(model)}, cfg.as_dict(), outputs, compute, seed=cfg.seed)
-    return StageResult(outcome, model)
+    result = ctx.run_stage("profile", {"model": ctx.model_record(model)}, cfg.as_dict(), outputs, compute, seed=cfg.seed)
+    result.value = model
+    return result
 
 
 def resolve_profile_path(path: str | Path) -> Path:

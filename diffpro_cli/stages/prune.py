@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -396,7 +395,6 @@ def run_prune(ctx, cfg: PruneConfig, *, figure: bool = True):
     """Write WORKDIR/timesteps.json (and figures/drift.png) unless up to date. Returns a StageResult
     (value: the timesteps payload)."""
     from diffpro_cli.artifacts import atomic_write_json, read_json
-    from diffpro_cli.stages.context import StageResult
 
     model = ctx.model()
     workdir = ctx.workdir
@@ -406,8 +404,6 @@ def run_prune(ctx, cfg: PruneConfig, *, figure: bool = True):
     outputs = {"timesteps": out}
     if figure:
         outputs["figure"] = fig
-    holder = {}
-
     def compute():
         payload = select_timesteps(model, cfg, ctx.ui)
         if figure:
@@ -415,9 +411,8 @@ def run_prune(ctx, cfg: PruneConfig, *, figure: bool = True):
 
             plot_drift(payload, fig)
         atomic_write_json(out, payload)
-        holder["payload"] = payload
+        return payload
 
     config = {"model": model.spec, **cfg.as_dict(), "figure": figure}
-    outcome = ctx.run_stage("prune", {"model": ctx.model_record(model)}, config, outputs, compute, seed=cfg.seed)
-    payload = holder.get("payload") or read_json(out, SCHEMA)
-    return StageResult(outcome, payload)
+    return ctx.run_stage("prune", {"model": ctx.model_record(model)}, config, outputs, compute, seed=cfg.seed,
+                         reread=lambda: read_json(out, SCHEMA))

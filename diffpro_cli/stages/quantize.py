@@ -209,7 +209,6 @@ def run_quantize(ctx, cfg: QuantizeConfig, *, plan_path: Path | None = None, tim
                  out_dir: Path | None = None):
     """Everything `diffpro quantize` does; all inputs are validated before anything is written.
     Returns a StageResult (value: the checkpoint's diffpro.json record)."""
-    from diffpro_cli.stages.context import StageResult
 
     out_dir = Path(out_dir) if out_dir is not None else ctx.workdir / "quantized"
     if cfg.act_mode not in ACT_MODES:
@@ -241,13 +240,7 @@ def run_quantize(ctx, cfg: QuantizeConfig, *, plan_path: Path | None = None, tim
     config = asdict(cfg) | {"out": str(out_dir)}
     provenance = {"plan_sha256": sha256_json(plan), "timesteps_sha256": None if timesteps is None else sha256_json(timesteps),
                   "inputs": {k: v["sha256"] for k, v in inputs.items()}}
-    holder = {}
-
-    def compute():
-        holder["meta"] = quantize_to_dir(model, plan, out_dir, timesteps, cfg, provenance, ctx.ui)
-
-    outcome = ctx.run_stage("quantize", inputs, config,
-                            {"weights": out_dir / "model.safetensors", "meta": out_dir / "diffpro.json"},
-                            compute, seed=cfg.seed)
-    meta = holder.get("meta") or read_json(out_dir / "diffpro.json")
-    return StageResult(outcome, meta)
+    return ctx.run_stage("quantize", inputs, config,
+                         {"weights": out_dir / "model.safetensors", "meta": out_dir / "diffpro.json"},
+                         lambda: quantize_to_dir(model, plan, out_dir, timesteps, cfg, provenance, ctx.ui), seed=cfg.seed,
+                         reread=lambda: read_json(out_dir / "diffpro.json"))

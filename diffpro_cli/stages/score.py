@@ -647,7 +647,6 @@ def run_score(ctx, cfg: ScoreConfig, *, profile_path: str | Path | None = None):
     The context's model spec may be empty (`diffpro score` without --model): the profiled model's spec is
     used then, loaded with the context's trust flag and weights."""
     from diffpro_cli.artifacts import input_record, read_json
-    from diffpro_cli.stages.context import StageResult
     from diffpro_cli.stages.profile import SCHEMA as PROFILE_SCHEMA, resolve_profile_path
 
     ui = ctx.ui
@@ -670,7 +669,7 @@ def run_score(ctx, cfg: ScoreConfig, *, profile_path: str | Path | None = None):
     workdir = ctx.workdir
     out = workdir / "scores.json"
     outputs = {"scores": out, **(figure_paths(workdir / "figures", cfg) if cfg.figures else {})}
-    outcome = ctx.run_stage("score", inputs, cfg.as_dict(), outputs,
-                            lambda: write_scores(json_path, cfg, workdir, model, ui),
-                            seed=int(doc["calibration"]["seed"]))
-    return StageResult(outcome, out)
+    result = ctx.run_stage("score", inputs, cfg.as_dict(), outputs, lambda: write_scores(json_path, cfg, workdir, model, ui),
+                           seed=int(doc["calibration"]["seed"]))
+    result.value = out
+    return result
