@@ -1,0 +1,190 @@
+"""The Python face of diffpro: the same stage functions the CLI wraps, returning the records the
+artifacts hold. `import diffpro` re-exports everything here (docs/api.md).
+
+    import diffpro
+    plan = diffpro.allocate("builtin:dit-mnist", workdir="work", budget="avg-bits=4.4")
+    model = diffpro.load("work/quantized")           # a quantized checkpoint, or any model spec
+    eps = model.net(x, timestep=t, class_labels=y)   # the original forward signature
+
+Each stage function takes the model spec (or an already loaded `DiffusionModel`), the work directory
+and the stage's options as keyword arguments (the fields of its config dataclass, e.g.
+`ProfileConfig`), goes through the same lock as the CLI (skipped when up to date), and returns the
+artifact's JSON record.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from diffpro_cli.errors import UsageError
+from diffpro_cli.models.base import DiffusionModel
+
+__all__ = ["load", "quantize_", "profile", "score", "prune", "allocate", "quantize", "bench", "DiffusionModel"]
+
+
+def _context(model: str | DiffusionModel, workdir: str | Path, trust_code: bool, weights, seed: int, force: bool, quiet: bool):
+    from diffpro_cli.console import UI
+    from diffpro_cli.stages.context import StageContext
+
+    spec = model.spec if isinstance(model, DiffusionModel) else str(model)
+    ctx = StageContext.create(spec, workdir, trust_code=trust_code, weights=weights, seed=seed,
+                              ui=UI(quiet=quiet), force=force)
+    if isinstance(model, DiffusionModel):
+        ctx.use_model(model)
+    return ctx
+
+
+def _config(cls, options: dict, **defaults):
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(options) - names)
+    if unknown:
+        raise UsageError(f"unknown option(s) {', '.join(unknown)} for {cls.__name__}; valid: {', '.join(sorted(names))}")
+    return cls(**{**{k: v for k, v in defaults.items() if k in names}, **options})
+
+
+def load(spec: str | Path, *, device: str = "cpu", dtype=None, trust_code: bool = False, weights: str | Path | None = None,
+         seed: int = 0) -> DiffusionModel:
+    """A model spec or a diffpro quantized checkpoint as a `DiffusionModel`. Its `.net` keeps the original
+    forward signature (a diffusers transformer is called as `net(hidden_states, timestep=..., ...)`);
+    static-activation layers learn the current timestep from a forward pre-hook, no context needed."""
+    from diffpro_cli.models import load_model
+
+    if device != "cpu":
+        raise UsageError(f"device {device!r}: this release runs on the CPU; CUDA end to end is not available yet")
+    model = load_model(str(spec), trust_code=trust_code, weights=weights, seed=seed)
+    if dtype is not None:
+        model.net.to(dtype)
+    install_timestep_hook(model.net)
+    return model
+
+
+def install_timestep_hook(net: nn.Module) -> nn.Module:
+    """A forward pre-hook that hands the call's timestep (keyword `timestep`, else the second positional
+    argument) to the static-activation layers for the duration of the call; idempotent."""
+    from diffpro_cli.quant.layers import timestep_context
+
+    if getattr(net, "_diffpro_timestep_hook", False):
+        return net
+    stack: list = []
+
+    def before(module, args, kwargs):
+        t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+        cm = timestep_context(t)
+        cm.__enter__()
+        stack.append(cm)
+
+    def after(module, args, kwargs, output):
+        stack.pop().__exit__(None, None, None)
+
+    net.register_forward_pre_hook(before, with_kwargs=True)
+    net.register_forward_hook(after, with_kwargs=True, always_call=True)
+    net._diffpro_timestep_hook = True
+    return net
+
+
+def quantize_(model: nn.Module | DiffusionModel, plan: dict | str | Path, *, fuse: bool = True) -> nn.Module:
+    """Swap the Linear/Conv2d layers a plan names for real integer layers, in place (torchao's verb).
+    `plan`: plan.json's record or its path; layer names are relative to `model` (a `DiffusionModel`'s
+    `.net`). Static activation modes need calibrated ranges: use `quantize(...)` (the stage) for those."""
+    from diffpro_cli.artifacts import read_json
+    from diffpro_cli.quant.checkpoint import plan_layer, set_submodule
+    from diffpro_cli.quant.layers import fuse_shared_inputs
+
+    if not isinstance(plan, dict):
+        plan = read_json(Path(plan), "diffpro.plan/1")
+    net = model.net if isinstance(model, DiffusionModel) else model
+    modules = dict(net.named_modules())
+    entries = plan.get("layers") or {}
+    missing = [n for n in entries if n not in modules]
+    if missing:
+        raise UsageError(f"the plan names layers this module does not have ({', '.join(missing[:3])}); "
+                         f"pass the network the plan was made for")
+    static = [n for n, e in entries.items() if e.get("act_mode") == "static" and int(e.get("act_bits", 8)) < 16
+              and int(e.get("weight_bits", 16)) < 16]
+    if static:
+        raise UsageError(f"{len(static)} layers use static activations, which need calibration: run "
+                         f"diffpro.quantize(model, workdir, plan_path=...) or plan with act_mode dynamic")
+    for name, entry in entries.items():
+        layer = plan_layer(modules[name], entry)
+        if layer is not None and layer is not modules[name]:
+            set_submodule(net, name, layer.prepare("cpu"))
+    if fuse:
+        fuse_shared_inputs(net)
+    install_timestep_hook(net)
+    return model
+
+
+def profile(model: str | DiffusionModel, workdir: str | Path = "diffpro-work", *, trust_code: bool = False, weights=None,
+            seed: int = 0, force: bool = False, quiet: bool = True, **options: Any) -> dict:
+    """Per-layer, per-timestep activation statistics; returns profile.json's record."""
+    from diffpro_cli.artifacts import read_json
+    from diffpro_cli.stages.profile import SCHEMA, ProfileConfig, run_profile
+
+    ctx = _context(model, workdir, trust_code, weights, seed, force, quiet)
+    run_profile(ctx, _config(ProfileConfig, options, seed=seed))
+    return read_json(ctx.workdir / "profile" / "profile.json", SCHEMA)
+
+
+def score(model: str | DiffusionModel | None = None, workdir: str | Path = "diffpro-work", *, trust_code: bool = False,
+          weights=None, force: bool = False, quiet: bool = True, **options: Any) -> dict:
+    """Layer sensitivity from the profile in `workdir`; returns scores.json's record."""
+    from diffpro_cli.artifacts import read_json
+    from diffpro_cli.stages.score import ScoreConfig, run_score
+
+    ctx = _context(model or "", workdir, trust_code, weights, 0, force, quiet)
+    path = run_score(ctx, _config(ScoreConfig, options)).value
+    return read_json(path, "diffpro.scores/1")
+
+
+def prune(model: str | DiffusionModel, workdir: str | Path = "diffpro-work", *, trust_code: bool = False, weights=None,
+          seed: int = 0, force: bool = False, quiet: bool = True, **options: Any) -> dict:
+    """Drift-guided timestep subset; returns timesteps.json's record."""
+    from diffpro_cli.stages.prune import PruneConfig, run_prune
+
+    ctx = _context(model, workdir, trust_code, weights, seed, force, quiet)
+    return run_prune(ctx, _config(PruneConfig, options, seed=seed)).value
+
+
+def allocate(model: str | DiffusionModel | None = None, workdir: str | Path = "diffpro-work", *, trust_code: bool = False,
+             weights=None, force: bool = False, quiet: bool = True, scores_path=None, timesteps_path=None,
+             **options: Any) -> dict:
+    """Per-layer bits and execution paths (and steps, with a latency budget) priced on this machine;
+    returns plan.json's record."""
+    from diffpro_cli.stages.allocate import AllocateConfig, run_allocate
+
+    ctx = _context(model or "", workdir, trust_code, weights, 0, force, quiet)
+    ts = timesteps_path or (ctx.workdir / "timesteps.json" if (ctx.workdir / "timesteps.json").exists() else None)
+    return run_allocate(ctx, _config(AllocateConfig, options), scores_path=scores_path, timesteps_path=ts).value
+
+
+def quantize(model: str | DiffusionModel, workdir: str | Path = "diffpro-work", *, plan_path=None, timesteps_path=None,
+             out_dir=None, trust_code: bool = False, weights=None, seed: int = 0, force: bool = False, quiet: bool = True,
+             **options: Any) -> dict:
+    """Write a real integer checkpoint (default WORKDIR/quantized) from plan.json; returns diffpro.json's record."""
+    from diffpro_cli.stages.quantize import QuantizeConfig, run_quantize
+
+    ctx = _context(model, workdir, trust_code, weights, seed, force, quiet)
+    cfg = _config(QuantizeConfig, options, seed=seed)
+    if plan_path is None and cfg.bits is None:
+        plan_path = ctx.workdir / "plan.json"
+    return run_quantize(ctx, cfg, plan_path=plan_path, timesteps_path=timesteps_path, out_dir=out_dir).value
+
+
+def bench(model: str | DiffusionModel, workdir: str | Path = "diffpro-work", *, quantized=None, timesteps_path=None,
+          trust_code: bool = False, weights=None, seed: int = 0, force: bool = False, quiet: bool = True,
+          **options: Any) -> dict:
+    """Every baseline and the plan, measured in one run; returns bench/report.json's record."""
+    from diffpro_cli.artifacts import read_json
+    from diffpro_cli.stages.bench import BenchConfig, run_bench
+
+    ctx = _context(model, workdir, trust_code, weights, seed, force, quiet)
+    if quantized is None and (ctx.workdir / "quantized" / "diffpro.json").exists():
+        quantized = ctx.workdir / "quantized"
+    if timesteps_path is None and (ctx.workdir / "timesteps.json").exists():
+        timesteps_path = ctx.workdir / "timesteps.json"
+    run_bench(ctx, _config(BenchConfig, options, seed=seed), quantized=quantized, timesteps_path=timesteps_path)
+    return read_json(ctx.workdir / "bench" / "report.json", "diffpro.report/1")

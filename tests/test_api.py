@@ -1,0 +1,120 @@
+"""`import diffpro`: the library face runs the same stages as the CLI and returns the artifacts' records."""
+
+import json
+
+import pytest
+import torch
+
+import diffpro
+from diffpro_cli.errors import UsageError
+from diffpro_cli.quant.layers import QuantLinear
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """profile → score → prune → allocate → quantize through the API on a tiny random DiT."""
+    work = tmp_path_factory.mktemp("api")
+    spec = "random:dit-tiny"
+    prof = diffpro.profile(spec, work, seed=2, samples=2, timesteps="999:0:500", batch=2)
+    scores = diffpro.score(spec, work, figures=False)
+    ts = diffpro.prune(spec, work, seed=2, steps=4, reference_steps=12, n=2, batch=2)
+    plan = diffpro.allocate(spec, work, budget="avg-bits=6", repeats=1, batch=2)
+    meta = diffpro.quantize(spec, work, seed=2)
+    return work, prof, scores, ts, plan, meta
+
+
+def test_api_stages_return_the_records_written_to_the_workdir(pipeline):
+    work, prof, scores, ts, plan, meta = pipeline
+    assert prof["schema"] == "diffpro.profile/1" and prof == json.loads((work / "profile" / "profile.json").read_text())
+    assert scores == json.loads((work / "scores.json").read_text())
+    assert ts["timesteps"] == json.loads((work / "timesteps.json").read_text())["timesteps"] and len(ts["timesteps"]) == 4
+    assert plan == json.loads((work / "plan.json").read_text()) and plan["totals"]["avg_bits"] <= 6
+    assert plan["cost_table"]["fingerprint"]["threads"] >= 1          # priced with the measured table
+    assert meta["timesteps"] == ts["timesteps"]
+    lock = json.loads((work / "diffpro.lock.json").read_text())
+    assert set(lock["stages"]) == {"profile", "score", "prune", "allocate", "quantize"}
+
+
+def test_loaded_checkpoint_keeps_the_diffusers_forward_signature(pipeline):
+    work = pipeline[0]
+    model = diffpro.load(work / "quantized")
+    assert any(isinstance(m, QuantLinear) for m in model.net.modules())
+    torch.manual_seed(0)
+    x = torch.randn(2, *model.sample_shape)
+    t = torch.tensor([999, 10])
+    y = torch.tensor([1, 2])
+    with torch.no_grad():
+        direct = model.net(x, timestep=t, class_labels=y, return_dict=False)[0][:, :x.shape[1]]
+        assert torch.equal(direct, model.eps(x, t, y))
+
+
+def test_quantize_in_place_from_a_plan_swaps_exactly_the_planned_layers(pipeline):
+    work, plan = pipeline[0], pipeline[4]
+    model = diffpro.load("random:dit-tiny", seed=2)
+    x, t, y = torch.randn(2, *model.sample_shape), torch.tensor([500, 500]), torch.tensor([0, 3])
+    with torch.no_grad():
+        ref = model.eps(x, t, y)
+    out = diffpro.quantize_(model, work / "plan.json")
+    assert out is model
+    quantized = {n for n, m in model.net.named_modules() if getattr(m, "is_diffpro_quant", False)}
+    planned = {n for n, e in plan["layers"].items() if e["weight_bits"] < 16}
+    assert quantized == planned
+    with torch.no_grad():
+        got = model.eps(x, t, y)
+    rel = float((got - ref).norm() / ref.norm())
+    assert 0 < rel < 0.5          # really quantized, still the same network
+
+
+def test_quantize_in_place_refuses_a_plan_for_another_network(pipeline):
+    plan = dict(pipeline[4])
+    plan["layers"] = {"no.such.layer": {"weight_bits": 8, "act_bits": 8, "act_mode": "dynamic"}}
+    with pytest.raises(UsageError, match="does not have"):
+        diffpro.quantize_(torch.nn.Sequential(torch.nn.Linear(4, 4)), plan)
+
+
+def test_api_rejects_unknown_options_and_devices():
+    with pytest.raises(UsageError, match="unknown option"):
+        diffpro.profile("random:dit-tiny", "unused", sampels=3)
+    with pytest.raises(UsageError, match="CPU"):
+        diffpro.load("random:dit-tiny", device="cuda")
+
+
+def test_static_activation_checkpoint_needs_no_timestep_context(pipeline, tmp_path):
+    """The forward pre-hook hands `timestep` to static-activation layers: calling .net directly at two
+    timesteps gives exactly what eps() (which sets the context itself) gives."""
+    work = pipeline[0]
+    diffpro.quantize("random:dit-tiny", work, seed=2, bits=8, act_mode="static", calib_samples=1,
+                     timesteps_path=work / "timesteps.json", out_dir=tmp_path / "static")
+    model = diffpro.load(tmp_path / "static")
+    x, y = torch.randn(2, *model.sample_shape), torch.tensor([1, 2])
+    outs = []
+    for step in (999, 0):
+        t = torch.full((2,), step)
+        with torch.no_grad():
+            direct = model.net(x, timestep=t, class_labels=y, return_dict=False)[0][:, :x.shape[1]]
+            assert torch.equal(direct, model.eps(x, t, y))
+        outs.append(direct)
+    assert not torch.equal(outs[0], outs[1])
+
+
+def test_quantized_transformer_drops_into_a_diffusers_pipeline(tmp_path):
+    """The docs/api.md example: a DiTPipeline runs with its transformer swapped for diffpro's W8A8 one."""
+    from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+
+    torch.manual_seed(0)
+    dit = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
+                                num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=1000).eval()   # DiTPipeline's null class is 1000
+    vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8, latent_channels=4,
+                        sample_size=16).eval()
+    pipe = DiTPipeline(transformer=dit, vae=vae, scheduler=DDIMScheduler())
+    pipe.save_pretrained(tmp_path / "pipe")
+    diffpro.quantize(str(tmp_path / "pipe"), tmp_path / "work", bits=8, out_dir=tmp_path / "q")
+    q = diffpro.load(tmp_path / "q")
+    float_images = pipe(class_labels=[1, 2], num_inference_steps=2, generator=torch.manual_seed(0), output_type="np").images
+    pipe.transformer = q.net
+    q_images = pipe(class_labels=[1, 2], num_inference_steps=2, generator=torch.manual_seed(0), output_type="np").images
+    assert q_images.shape == float_images.shape
+    assert any(isinstance(m, QuantLinear) for m in pipe.transformer.modules())
+    diff = float(abs(q_images - float_images).mean())
+    assert 0 < diff < 0.05
