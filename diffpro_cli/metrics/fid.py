@@ -20,6 +20,7 @@ checked by sha256 on every load.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import io
@@ -467,37 +468,33 @@ def stats_from_features(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6, method: str = "sqrtm") -> float:
     """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 sqrt(S1 S2)).
 
-    method="sqrtm" is pytorch-fid's computation (scipy's sqrtm of S1 S2, with its safeguards); for
-    2048-d statistics it takes 30 s to minutes on a small CPU. method="eigh" gets the same trace from
-    the eigenvalues of a symmetric matrix similar to S1 S2 (see _trace_sqrt_product_eigh), in seconds.
+    method="sqrtm" is pytorch-fid's `calculate_frechet_distance` itself (scipy's sqrtm of S1 S2, with its
+    safeguards); method="eigh" gets the same trace from the eigenvalues of a symmetric matrix similar to
+    S1 S2 (see _trace_sqrt_product_eigh).
     """
     mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
     sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
         raise InputError(f"FID statistics differ in size ({mu1.shape[0]} vs {mu2.shape[0]} features); use 2048-d pool3 statistics for both")
-    if method not in ("sqrtm", "eigh"):
+    if method == "eigh":
+        diff = mu1 - mu2
+        return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * _trace_sqrt_product_eigh(sigma1, sigma2))
+    if method != "sqrtm":
         raise UsageError(f"FID method {method!r}: use sqrtm (pytorch-fid's) or eigh (fast)")
-    diff = mu1 - mu2
-    trace_covmean = _trace_sqrt_product_eigh(sigma1, sigma2) if method == "eigh" else _trace_sqrt_product_sqrtm(sigma1, sigma2, eps)
-    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_covmean)
+    from pytorch_fid.fid_score import calculate_frechet_distance
+
+    said = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(said):  # its singular-product notice would corrupt --json output
+            value = calculate_frechet_distance(mu1, sigma1, mu2, sigma2, eps=eps)
+    except ValueError as exc:  # "Imaginary component m"
+        raise InputError(f"FID: matrix square root has an imaginary part ({exc}); use more images") from None
+    if said.getvalue().strip():
+        warnings.warn(f"FID (pytorch-fid): {said.getvalue().strip()}")
+    return float(value)
 
 
-def _trace_sqrt_product_sqrtm(sigma1, sigma2, eps: float) -> float:
-    """pytorch-fid's Tr sqrt(S1 S2), including its diagonal offset and imaginary-part check."""
-    from scipy import linalg
-
-    covmean = linalg.sqrtm(sigma1.dot(sigma2))
-    if not np.isfinite(covmean).all():
-        warnings.warn(f"FID: singular covariance product; adding {eps} to the diagonals")
-        offset = np.eye(sigma1.shape[0]) * eps
-        covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
-    if np.iscomplexobj(covmean):
-        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise InputError(f"FID: matrix square root has an imaginary part of {np.max(np.abs(covmean.imag)):.3g}; use more images")
-        covmean = covmean.real
-    return float(np.trace(covmean))
-
-
+# Kept beside pytorch-fid's sqrtm: on 2048-d MNIST stats, 1.4-17 s vs 40-70 s (2 busy cores), 9e-8 vs 3e-7 relative error (SVD truth).
 def _trace_sqrt_product_eigh(sigma1, sigma2) -> float:
     """Tr sqrt(S1 S2) for symmetric PSD S1, S2 as the sum of sqrt of the eigenvalues of a PSD matrix
     similar to S1 S2: L^T S1 L with S2 = L L^T (Cholesky; S1's factor when S2 is singular), else
