@@ -4,8 +4,13 @@
     python benchmarks/kernels.py --skip-forward --skip-memory   # per-layer table, sizes only
     python benchmarks/kernels.py --forward-layers 4    # a 4-block DiT-XL/2-width model for a quick look
 
+    python benchmarks/kernels.py --compiled --skip-forward --skip-sizes --skip-memory   # + torch.compile rows
+
 Every number is a ratio against fp32 measured in the same run, variants interleaved round-robin so load
-drift on a shared machine hits them alike; ratios are of medians (min in brackets). Random weights:
+drift on a shared machine hits them alike; ratios are of medians (min in brackets). Compiled variants
+(--compiled: quant/compiled.py, inductor with freezing) are compared with torch.compile'd fp32, the honest
+baseline, and their compile time is printed. The load average is printed with every table: on a shared
+2-core machine, 2-thread timings are only comparable between runs at similar load. Random weights:
 speed, size and memory only — never quality.
 """
 
@@ -13,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import gc
 import json
 import os
@@ -36,6 +42,28 @@ DIT_XL_LAYERS = [
     ("mlp fc2", 512, 4608, 1152),
     ("adaLN (6x1152)", 2, 1152, 6912),
 ]
+# builtin:dit-mnist at bench's latency batch (8 × 64 tokens), hidden 192
+BUILTIN_LAYERS = [
+    ("attn qkv (fused)", 512, 192, 576),
+    ("attn out", 512, 192, 192),
+    ("mlp fc1", 512, 192, 768),
+    ("mlp fc2", 512, 768, 192),
+    ("adaLN (6x192)", 8, 192, 1152),
+]
+
+
+def load_note() -> str:
+    try:
+        return "load average " + " ".join(f"{v:.1f}" for v in os.getloadavg())
+    except OSError:
+        return "load average n/a"
+
+
+def compile_timed(module):
+    """torch.compile'd module (diffpro_cli/quant/compiled.py); it compiles on its first call."""
+    from diffpro_cli.quant import compiled
+
+    return compiled.compile_module(module)
 
 
 def interleaved(fns: dict, repeats: int) -> dict[str, list[float]]:
@@ -92,11 +120,13 @@ def diffpro_variants(make, static_absmax=None) -> dict[str, nn.Module]:
             "diffpro-w8a8-static": make(8, "static"), "diffpro-w4a8-dyn": make(4, "dynamic")}
 
 
-def bench_layers(repeats: int, with_torchao: bool) -> None:
+def bench_layers(repeats: int, with_torchao: bool, shapes=DIT_XL_LAYERS, title="DiT-XL/2 shapes, batch 2", with_compiled=False) -> None:
+    """Per-layer latency. With `with_compiled`: torch.compile'd fp32 and diffpro's compiled W8A8 layers
+    (per-tensor and per-token), their ratios against the compiled fp32 layer, and the compile times."""
     from diffpro_cli.quant.layers import quantize_module
 
-    rows, base_ms = {}, {}
-    for name, tokens, fin, fout in DIT_XL_LAYERS:
+    rows, base_ms, compile_s = {}, {}, {}
+    for name, tokens, fin, fout in shapes:
         torch.manual_seed(0)
         lin = nn.Linear(fin, fout).eval()
         x = torch.randn(tokens, fin)
@@ -105,11 +135,27 @@ def bench_layers(repeats: int, with_torchao: bool) -> None:
         if with_torchao:
             models.update(torchao_variants(nn.Sequential(copy.deepcopy(lin))))
         models.update(diffpro_variants(lambda b, mode: quantize_module(lin, b, act_mode=mode, static_absmax=amax if mode == "static" else None)))
+        if with_compiled:
+            with torch.no_grad():
+                for key, module in (("fp32-compiled", copy.deepcopy(lin)), ("diffpro-w8a8-dyn-compiled", quantize_module(lin, 8)),
+                                    ("diffpro-w8a8-token-compiled", quantize_module(lin, 8, act_mode="dynamic-token"))):
+                    t0 = time.perf_counter()
+                    models[key] = compile_timed(module)
+                    models[key](x)
+                    compile_s[f"{name} {key}"] = time.perf_counter() - t0
         times = interleaved({k: (lambda m=m: m(x)) for k, m in models.items()}, repeats)
-        rows[name] = {k: v for k, v in ratios(times).items() if k != "fp32"}
+        r = ratios(times)
+        if with_compiled:
+            rc = ratios({k: v for k, v in times.items() if k.endswith("-compiled")}, "fp32-compiled")
+            r.update({k: f"{v} [{rc[k]}]" for k, v in r.items() if k in rc})
+        rows[name] = {k: v for k, v in r.items() if k != "fp32"}
         base_ms[name] = statistics.median(times["fp32"]) * 1e3
         print(f"  {name}: done", flush=True)
-    print_table("Per-layer latency vs fp32 (DiT-XL/2 shapes, batch 2): median ratio (min ratio)", rows, base_ms)
+    note = "; compiled rows: vs eager fp32, then [vs compiled fp32]" if with_compiled else ""
+    print_table(f"Per-layer latency vs fp32 ({title}; threads {torch.get_num_threads()}, {repeats} interleaved repeats, "
+                f"{load_note()}): median ratio (min ratio){note}", rows, base_ms)
+    if compile_s:
+        print(f"compile time (first call), s: median {statistics.median(compile_s.values()):.1f}, max {max(compile_s.values()):.1f}")
 
 
 def dit_xl(layers: int):
@@ -142,42 +188,66 @@ def one_step_ranges(model, x, t, y) -> dict:
     return {n: ([int(t[0])], [v]) for n, v in amax.items()}
 
 
-def bench_forward(model, batch: int, repeats: int, with_torchao: bool, title: str) -> None:
-    from diffpro_cli.quant.layers import timestep_context
+def bench_forward(model, batch: int, repeats: int, with_torchao: bool, title: str, with_compiled: bool = False) -> None:
+    """Whole forward through `model.eps` (what bench's latency rows run, at its latency batch by
+    default), every variant a full model with fused q/k/v; with `with_compiled`, torch.compile'd fp32
+    and compiled W8A8 models too, compared with the compiled fp32 one."""
+    from diffpro_cli.quant import compiled
 
     torch.manual_seed(0)
     x = torch.randn(batch, *model.sample_shape)
     t = torch.full((batch,), 500)
     y = (torch.arange(batch) % model.num_classes) if model.num_classes else None
     ranges = one_step_ranges(model, x, t, y)
-    variants = {"fp32": model.net, "torch-dyn": torch_dynamic(copy.deepcopy(model.net))}
+    torch_dyn = dataclasses.replace(model, net=torch_dynamic(copy.deepcopy(model.net)))
+    variants = {"fp32": model, "torch-dyn": torch_dyn}
     if with_torchao:
-        variants.update(torchao_variants(model.net))
+        variants.update({k: dataclasses.replace(model, net=m) for k, m in torchao_variants(model.net).items()})
     for key, (bits, mode) in {"diffpro-w8a8-dyn": (8, "dynamic"), "diffpro-w8a8-token": (8, "dynamic-token"),
                               "diffpro-w8a8-static": (8, "static"), "diffpro-w4a8-dyn": (4, "dynamic")}.items():
-        variants[key] = quantized_copy(model, bits, mode, ranges).net
+        variants[key] = timestep_aware(quantized_copy(model, bits, mode, ranges))
         gc.collect()
+    compile_s = {}
+    if with_compiled and model.kind != "dit":
+        print(f"  {title}: compiled variants skipped (the compiled path leaves convolutions eager; see docs/quantization.md)")
+    if with_compiled and model.kind == "dit":
+        with torch.no_grad():
+            for key, make in (("fp32-compiled", lambda: copy.deepcopy(model)),
+                              ("diffpro-w8a8-dyn-compiled", lambda: quantized_copy(model, 8, "dynamic")),
+                              ("diffpro-w8a8-token-compiled", lambda: quantized_copy(model, 8, "dynamic-token"))):
+                t0 = time.perf_counter()
+                variants[key] = compiled.compile_model(make())
+                variants[key].eps(x, t, y)
+                compile_s[key] = time.perf_counter() - t0
     with torch.inference_mode():
-        ref = model.forward_fn(model.net, x, t, y)
-        err = {}
-        for k, net in variants.items():
-            with timestep_context(t):
-                out = model.forward_fn(net, x, t, y)
-            err[k] = float((out - ref).norm() / ref.norm())
-
-    def run(net):
-        with timestep_context(t):
-            model.forward_fn(net, x, t, y)
-
-    times = interleaved({k: (lambda n=net: run(n)) for k, n in variants.items()}, repeats)
+        ref = model.eps(x, t, y)
+        err = {k: float((m.eps(x, t, y) - ref).norm() / ref.norm()) for k, m in variants.items()}
+    before = load_note()
+    times = interleaved({k: (lambda m=m: m.eps(x, t, y)) for k, m in variants.items()}, repeats)
     r = ratios(times)
-    print(f"\n## Whole forward: {title} (batch {batch}, threads {torch.get_num_threads()}, {repeats} interleaved repeats)")
-    print(f"fp32 median {statistics.median(times['fp32']):.2f} s")
-    print("| variant | speed-up vs fp32: median (min) | rel. output error vs fp32 |")
-    print("|---|---|---|")
+    rc = ratios({k: v for k, v in times.items() if k.endswith("-compiled")}, "fp32-compiled") if compile_s else {}
+    print(f"\n## Whole forward: {title} (model.eps, batch {batch}, threads {torch.get_num_threads()}, {repeats} interleaved repeats; "
+          f"{before} before, {load_note()} after)")
+    print(f"fp32 median {statistics.median(times['fp32']) * 1e3:.1f} ms" +
+          ("; compile s (first call): " + ", ".join(f"{k} {v:.0f}" for k, v in compile_s.items()) if compile_s else ""))
+    print("| variant | speed-up vs eager fp32: median (min) | vs compiled fp32 | rel. output error vs fp32 |")
+    print("|---|---|---|---|")
     for k in variants:
-        print(f"| {k} | {r[k]} | {err[k]:.4f} |")
+        print(f"| {k} | {r[k]} | {rc.get(k, '')} | {err[k]:.4f} |")
     sys.stdout.flush()
+
+
+def timestep_aware(model):
+    """The quantized model as a loaded checkpoint runs it: forward inside a timestep context (static
+    layers read their calibrated range from it)."""
+    from diffpro_cli.quant.layers import timestep_context
+
+    base = model.forward_fn
+
+    def forward(net, x, t, y):
+        with timestep_context(t):
+            return base(net, x, t, y)
+    return dataclasses.replace(model, forward_fn=forward)
 
 
 def size_plans(model) -> dict[str, dict]:
@@ -287,6 +357,10 @@ def main(argv=None) -> None:
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--skip-sizes", action="store_true")
     ap.add_argument("--no-torchao", action="store_true")
+    ap.add_argument("--compiled", action="store_true", help="also torch.compile fp32 and diffpro W8A8 (quant/compiled.py); "
+                    "compile takes ~20-60 s per variant on 2 cores")
+    ap.add_argument("--builtin-batch", type=int, default=8, help="batch of the built-in models' forward (bench's latency batch: 8)")
+    ap.add_argument("--builtin-repeats", type=int, default=15)
     ap.add_argument("--with-token", action="store_true", help="also time a per-token W8A8 DiT-XL/2 (needs ~1.6 GB more)")
     ap.add_argument("--out", type=Path, default=None, help="scratch directory for checkpoints (default: a temp dir)")
     args = ap.parse_args(argv)
@@ -297,13 +371,21 @@ def main(argv=None) -> None:
     print(f"# diffpro kernel benchmark — torch {torch.__version__}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads, "
           f"capability {torch.backends.cpu.get_cpu_capability()}, VNNI {cpu_has_vnni()}")
     with_torchao = not args.no_torchao
+    if args.compiled:
+        from diffpro_cli.quant.compiled import unavailable_reason
+
+        if unavailable_reason():
+            print(f"compiled variants skipped: {unavailable_reason()}")
+            args.compiled = False
     if not args.skip_layers:
-        bench_layers(args.layer_repeats, with_torchao)
+        bench_layers(args.layer_repeats, with_torchao, with_compiled=args.compiled)
+        if not args.skip_builtin:
+            bench_layers(args.layer_repeats, with_torchao, BUILTIN_LAYERS, "builtin:dit-mnist shapes, batch 8", args.compiled)
     if not args.skip_builtin:
         from diffpro_cli.models import load_model
 
         for spec in ("builtin:dit-mnist", "builtin:unet-mnist"):
-            bench_forward(load_model(spec), 16, max(args.forward_repeats, 5), with_torchao, spec)
+            bench_forward(load_model(spec), args.builtin_batch, args.builtin_repeats, with_torchao, spec, args.compiled)
     with tempfile.TemporaryDirectory(dir=args.out) as tmp:
         if args.skip_forward and args.skip_sizes and args.skip_memory:
             return
