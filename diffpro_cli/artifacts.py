@@ -135,15 +135,17 @@ def atomic_torch_save(obj: Any, path: str | Path) -> Path:
     return _atomic_write(Path(path), lambda p: torch.save(obj, p))
 
 
-def read_json(path: str | Path, schema: str | None = None) -> dict:
-    """Read a JSON artifact; with `schema` ("name/version"), refuse other names and newer versions."""
+def read_json(path: str | Path, schema: str | None = None, *, missing: str = "run the stage that writes it first or check the path",
+              fix: str = "delete it and re-run the stage that writes it") -> dict:
+    """Read a JSON artifact; with `schema` ("name/version"), refuse other names and newer versions.
+    `missing` / `fix` end the one-line errors for a missing / unreadable file."""
     path = Path(path)
-    if not path.exists():
-        raise InputError(f"{path}: no such file; run the stage that writes it first or check the path")
+    if not path.is_file():
+        raise InputError(f"{path}: no such file; {missing}")
     try:
         obj = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path}: not valid JSON ({exc.msg if hasattr(exc, 'msg') else exc}); delete it and re-run the stage that writes it") from None
+        raise InputError(f"{path}: not valid JSON ({getattr(exc, 'msg', exc)}); {fix}") from None
     if schema is not None:
         check_schema(path, obj, schema)
     return obj

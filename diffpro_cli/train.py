@@ -7,7 +7,6 @@ weights are exported as fp16 safetensors with a model card (they load as fp32).
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -75,7 +74,7 @@ def train(
     `lr` or `loss_weighting` starts a new phase at the checkpoint's step (short warm-up, then its own
     cosine decay to `steps`). Every phase is recorded in the checkpoint and the model card.
     """
-    from diffpro_cli.artifacts import atomic_write_json, atomic_torch_save
+    from diffpro_cli.artifacts import atomic_torch_save
 
     if threads:
         torch.set_num_threads(threads)

@@ -5,12 +5,13 @@ from typing import Annotated, Optional
 
 import typer
 
-from diffpro_cli.commands.common import DEFAULT_WORKDIR, Force, Wait, JsonOut, Quiet, TrustCode, Weights, Workdir, make_context
-from diffpro_cli.commands.prune import parse_int_list
+from diffpro_cli.commands.common import parse_int_list, stage_command
 from diffpro_cli.errors import UsageError
 
 
+@stage_command
 def allocate_cmd(
+    ctx,
     scores: Annotated[Optional[Path], typer.Argument(help="scores.json from `diffpro score` (default WORKDIR/scores.json).")] = None,
     budget: Annotated[Optional[str], typer.Option("--budget", help="avg-bits=5.0 | size-mb=3.5 | latency-ms=2.0 (per step and image) | latency=0.4 (fraction of the fp32 full-schedule latency; chooses the steps too); comma-separated to combine.")] = None,
     bits: Annotated[str, typer.Option("--bits", help="Weight bit options (from 2,3,4,6,8,16; 16 = keep fp32).")] = "4,8,16",
@@ -34,19 +35,10 @@ def allocate_cmd(
     error_model: Annotated[str, typer.Option("--error-model", help="auto (measured > taylor > proxy > score > cdf), or one of them.")] = "auto",
     pareto: Annotated[bool, typer.Option("--pareto", help="Also write WORKDIR/pareto.json and figures/pareto.png.")] = False,
     model: Annotated[Optional[str], typer.Option("--model", help="Model timed for the non-GEMM remainder (default: the scored one).")] = None,
-    workdir: Workdir = DEFAULT_WORKDIR,
-    trust_code: TrustCode = False,
-    weights: Weights = None,
-    force: Force = False,
-    wait: Wait = False,
-    json_output: JsonOut = False,
-    quiet: Quiet = False,
 ):
     """Solve the per-layer bit allocation (and, with --latency-budget, the step count) under a budget; writes WORKDIR/plan.json."""
     from diffpro_cli.stages.allocate import AllocateConfig, run_allocate
 
-    ctx = make_context(model, workdir, trust_code=trust_code, weights=weights, quiet=quiet, json_output=json_output,
-                       force=force, wait=wait)
     ui = ctx.ui
     if repeats < 1 or batch < 1 or full_steps < 1:
         raise UsageError("--repeats, --batch and --full-steps must be at least 1")

@@ -5,11 +5,13 @@ from typing import Annotated, Optional
 
 import typer
 
-from diffpro_cli.commands.common import DEFAULT_WORKDIR, Force, Wait, JsonOut, ModelArg, Quiet, Seed, TrustCode, Weights, Workdir, make_context
+from diffpro_cli.commands.common import ModelArg, Seed, stage_command
 from diffpro_cli.errors import UsageError
 
 
+@stage_command
 def bench_cmd(
+    ctx,
     model: ModelArg = "builtin:dit-mnist",
     quantized: Annotated[Optional[Path], typer.Option("--quantized", help="diffpro checkpoint dir (default WORKDIR/quantized if present).")] = None,
     timesteps: Annotated[Optional[Path], typer.Option("--timesteps", help="timesteps.json for the diffpro row (default WORKDIR/timesteps.json, else the checkpoint's).")] = None,
@@ -26,14 +28,7 @@ def bench_cmd(
     latency_batch: Annotated[int, typer.Option("--latency-batch", help="Images per timed sampling call.")] = 8,
     latency_steps: Annotated[Optional[int], typer.Option("--latency-steps", help="Time only this many steps and scale (huge models).")] = None,
     threads: Annotated[Optional[int], typer.Option("--threads", help="torch CPU threads (default: torch's).")] = None,
-    workdir: Workdir = DEFAULT_WORKDIR,
     seed: Seed = 0,
-    trust_code: TrustCode = False,
-    weights: Weights = None,
-    force: Force = False,
-    wait: Wait = False,
-    json_output: JsonOut = False,
-    quiet: Quiet = False,
 ):
     """Measure FID, latency, memory, size and energy of diffpro's plan against every baseline."""
     import torch
@@ -41,8 +36,6 @@ def bench_cmd(
     from diffpro_cli.artifacts import read_json
     from diffpro_cli.stages.bench import ALL_ROWS, BenchConfig, run_bench
 
-    ctx = make_context(model, workdir, trust_code=trust_code, weights=weights, seed=seed, quiet=quiet,
-                       json_output=json_output, force=force, wait=wait)
     ui = ctx.ui
     names = [r.strip() for r in rows.split(",") if r.strip()]
     bad = [r for r in names if r not in ALL_ROWS]
@@ -57,12 +50,12 @@ def bench_cmd(
     from diffpro_cli.distributed import init_from_env
 
     init_from_env(ctx.device)  # no-op unless started by torchrun
-    if quantized is None and (workdir / "quantized" / "diffpro.json").exists():
-        quantized = workdir / "quantized"
+    if quantized is None and (ctx.workdir / "quantized" / "diffpro.json").exists():
+        quantized = ctx.workdir / "quantized"
     if quantized is not None and not (quantized / "diffpro.json").exists():
         raise UsageError(f"--quantized {quantized}: no diffpro.json there; run `diffpro quantize` first")
-    if timesteps is None and (workdir / "timesteps.json").exists():
-        timesteps = workdir / "timesteps.json"
+    if timesteps is None and (ctx.workdir / "timesteps.json").exists():
+        timesteps = ctx.workdir / "timesteps.json"
     cfg = BenchConfig(rows=names, reference_steps=reference_steps, steps=steps, method=method, cfg_scale=cfg_scale,
                       fid=fid, fid_n=fid_n, reference=reference, inception_weights=inception_weights, seed=seed,
                       repeats=repeats, latency_batch=latency_batch, latency_steps=latency_steps)
@@ -71,9 +64,9 @@ def bench_cmd(
 
     if not is_main():
         return
-    report = read_json(workdir / "bench" / "report.json", "diffpro.report/1")
+    report = read_json(ctx.workdir / "bench" / "report.json", "diffpro.report/1")
     report["stage"] = outcome.as_dict()
     lines = [f"{r['name']:>14s}: {r['steps']:4d} steps, {r['weight_bits_avg']:5.2f} bits, "
              f"{r['latency_s_per_image']['median'] * 1000:8.1f} ms/img, speedup {report['derived'][r['name']]['speedup']:.2f}x"
              + (f", FID {r['fid']:.2f}" if r["fid"] is not None else "") for r in report["rows"]]
-    ui.result(report, human="\n".join(lines) + f"\nwrote {workdir / 'bench' / 'report.json'} and report.md")
+    ui.result(report, human="\n".join(lines) + f"\nwrote {ctx.workdir / 'bench' / 'report.json'} and report.md")

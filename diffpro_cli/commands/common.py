@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
+import typing
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from diffpro_cli.console import UI
+from diffpro_cli.errors import UsageError
 
 Workdir = Annotated[Path, typer.Option("--workdir", "-w", help="Work directory for artifacts and the lock file.")]
 JsonOut = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
@@ -22,6 +26,17 @@ ModelArg = Annotated[str, typer.Argument(help="builtin:NAME, random:ARCH, a diff
 DEFAULT_WORKDIR = Path("diffpro-work")
 
 
+def parse_int_list(text: str | None, option: str, *, keep_order: bool = False) -> list[int]:
+    """A comma list of integers ("4,8"): sorted and unique, or as given with keep_order (e.g. classes to cycle)."""
+    if not text or not text.strip():
+        return []
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UsageError(f"{option} {text!r}: use a comma list of integers like 4,8") from None
+    return values if keep_order else sorted(set(values))
+
+
 def make_ui(quiet: bool, json_output: bool) -> UI:
     return UI(quiet=quiet or json_output, json_output=json_output)
 
@@ -33,3 +48,29 @@ def make_context(model: str | None, workdir, *, trust_code: bool = False, weight
 
     return StageContext.create(model or "", workdir, trust_code=trust_code, weights=weights, seed=seed,
                                ui=make_ui(quiet, json_output), force=force, wait=wait)
+
+
+STAGE_OPTIONS = (("workdir", Workdir, DEFAULT_WORKDIR), ("trust_code", TrustCode, False), ("weights", Weights, None),
+                 ("force", Force, False), ("wait", Wait, False), ("json_output", JsonOut, False), ("quiet", Quiet, False))
+
+
+def stage_command(fn):
+    """Give a stage command the options every stage shares (--workdir, --trust-code, --weights, --force,
+    --wait, --json, --quiet) and call it as fn(ctx, **its own options) with the StageContext built from
+    them (its `model` and `seed` options, where it has them, go into the context too). One place for
+    the shared options instead of a copy in every command."""
+    hints = typing.get_type_hints(fn, include_extras=True)
+    own = [p.replace(annotation=hints.get(p.name, p.annotation))
+           for p in list(inspect.signature(fn).parameters.values())[1:]]          # [0] is ctx
+    shared = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default, annotation=ann)
+              for name, ann, default in STAGE_OPTIONS]
+
+    @functools.wraps(fn)
+    def command(**kwargs):
+        opts = {name: kwargs.pop(name) for name, _, _ in STAGE_OPTIONS}
+        ctx = make_context(kwargs.get("model"), opts.pop("workdir"), seed=kwargs.get("seed", 0), **opts)
+        return fn(ctx, **kwargs)
+
+    command.__signature__ = inspect.Signature(own + shared)
+    command.__annotations__ = {p.name: p.annotation for p in own + shared}
+    return command

@@ -4,21 +4,12 @@ from typing import Annotated, Optional
 
 import typer
 
-from diffpro_cli.commands.common import (DEFAULT_WORKDIR, Force, Wait, JsonOut, ModelArg, Quiet, Seed, TrustCode, Weights,
-                                         Workdir, make_context)
-from diffpro_cli.errors import UsageError
+from diffpro_cli.commands.common import ModelArg, Seed, parse_int_list, stage_command
 
 
-def parse_classes(text: str | None) -> list[int] | None:
-    if text is None or not text.strip():
-        return None
-    try:
-        return [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise UsageError(f"--classes {text!r}: use a comma list of class ids like 0,1,2") from None
-
-
+@stage_command
 def profile_cmd(
+    ctx,
     model: ModelArg = "builtin:dit-mnist",
     samples: Annotated[int, typer.Option("--samples", help="Calibration samples (trajectories).")] = 32,
     timesteps: Annotated[str, typer.Option("--timesteps", help="Calibration timesteps: START:STOP:STEP (inclusive) or a comma list.")] = "1000:0:50",
@@ -29,21 +20,12 @@ def profile_cmd(
     max_dim: Annotated[int, typer.Option("--max-dim", help="Layers wider than this keep a CountSketch of this width for PCA.")] = 2048,
     max_rows: Annotated[int, typer.Option("--max-rows", help="Rows per model call fed to the covariance (seeded subsample).")] = 1024,
     seed: Seed = 0,
-    workdir: Workdir = DEFAULT_WORKDIR,
-    trust_code: TrustCode = False,
-    weights: Weights = None,
-    force: Force = False,
-    wait: Wait = False,
-    json_output: JsonOut = False,
-    quiet: Quiet = False,
 ):
     """Record per-layer, per-timestep activation statistics (calibration sampling) in WORKDIR/profile."""
     from diffpro_cli.stages.profile import ProfileConfig, run_profile
 
-    ctx = make_context(model, workdir, trust_code=trust_code, weights=weights, seed=seed, quiet=quiet,
-                       json_output=json_output, force=force, wait=wait)
     ui = ctx.ui
-    cfg = ProfileConfig(samples=samples, timesteps=timesteps, classes=parse_classes(classes), seed=seed, batch=batch,
+    cfg = ProfileConfig(samples=samples, timesteps=timesteps, classes=parse_int_list(classes, "--classes", keep_order=True) or None, seed=seed, batch=batch,
                         cfg_scale=cfg_scale, method=method, max_dim=max_dim, max_rows=max_rows)
     result = run_profile(ctx, cfg)
     outcome, m = result.outcome, result.value

@@ -4,21 +4,12 @@ from typing import Annotated, Optional
 
 import typer
 
-from diffpro_cli.commands.common import (DEFAULT_WORKDIR, Force, Wait, JsonOut, ModelArg, Quiet, Seed, TrustCode, Weights,
-                                         Workdir, make_context)
-from diffpro_cli.errors import UsageError
+from diffpro_cli.commands.common import ModelArg, Seed, parse_int_list, stage_command
 
 
-def parse_int_list(text: str | None, option: str) -> list[int]:
-    if not text:
-        return []
-    try:
-        return sorted({int(v) for v in text.split(",") if v.strip()})
-    except ValueError:
-        raise UsageError(f"{option} {text!r}: use a comma list of integers like 10,20,50") from None
-
-
+@stage_command
 def prune_cmd(
+    ctx,
     model: ModelArg = "builtin:dit-mnist",
     steps: Annotated[Optional[int], typer.Option("--steps", help="Number of timesteps to keep (K).")] = None,
     fraction: Annotated[Optional[float], typer.Option("--fraction", help="Or keep this fraction of the training steps (default 0.5).")] = None,
@@ -33,19 +24,10 @@ def prune_cmd(
     cfg_scale: Annotated[float, typer.Option("--cfg", help="Classifier-free guidance scale for teacher and student (1 = off).")] = 1.0,
     clip_x0: Annotated[bool, typer.Option("--clip-x0/--no-clip-x0", help="Clip predicted x0 to [-1, 1] while measuring drift, as bench's sampler does (turn off for latent models).")] = True,
     seed: Seed = 0,
-    workdir: Workdir = DEFAULT_WORKDIR,
-    trust_code: TrustCode = False,
-    weights: Weights = None,
-    force: Force = False,
-    wait: Wait = False,
-    json_output: JsonOut = False,
-    quiet: Quiet = False,
 ):
     """Select a budgeted timestep subset guided by teacher-student drift; writes WORKDIR/timesteps.json."""
     from diffpro_cli.stages.prune import PruneConfig, run_prune
 
-    ctx = make_context(model, workdir, trust_code=trust_code, weights=weights, seed=seed, quiet=quiet,
-                       json_output=json_output, force=force, wait=wait)
     ui = ctx.ui
     cfg = PruneConfig(steps=steps, fraction=fraction, protect_tail=protect_tail, reference_steps=reference_steps,
                       candidates=candidates, search=search, metric=metric, n=n, batch=batch, seed=seed,

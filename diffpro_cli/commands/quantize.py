@@ -5,11 +5,13 @@ from typing import Annotated, Optional
 
 import typer
 
-from diffpro_cli.commands.common import DEFAULT_WORKDIR, Force, Wait, JsonOut, ModelArg, Quiet, Seed, TrustCode, Weights, Workdir, make_context
+from diffpro_cli.commands.common import ModelArg, Seed, stage_command
 from diffpro_cli.errors import UsageError
 
 
+@stage_command
 def quantize_cmd(
+    ctx,
     model: ModelArg = "builtin:dit-mnist",
     plan: Annotated[Optional[Path], typer.Option("--plan", help="plan.json from `diffpro allocate` (per-layer bits and activation mode).")] = None,
     bits: Annotated[Optional[int], typer.Option("--bits", help="Uniform weight bits for every layer (2, 3, 4, 6, 8) instead of a plan.")] = None,
@@ -20,22 +22,13 @@ def quantize_cmd(
     rounding: Annotated[str, typer.Option("--rounding", help="nearest (round-to-nearest) or gptq (output-aware rounding of Linear weights from the float model's own trajectories; same format and kernels).")] = "nearest",
     calib_samples: Annotated[int, typer.Option("--calib-samples", help="Trajectories that calibrate static ranges and GPTQ inputs.")] = 4,
     out: Annotated[Optional[Path], typer.Option("--out", help="Checkpoint directory (default WORKDIR/quantized).")] = None,
-    workdir: Workdir = DEFAULT_WORKDIR,
     seed: Seed = 0,
-    trust_code: TrustCode = False,
-    weights: Weights = None,
-    force: Force = False,
-    wait: Wait = False,
-    json_output: JsonOut = False,
-    quiet: Quiet = False,
 ):
     """Write a real integer checkpoint (model.safetensors + diffpro.json) from a plan or uniform --bits."""
     from diffpro_cli.stages.quantize import QuantizeConfig, run_quantize
 
-    ctx = make_context(model, workdir, trust_code=trust_code, weights=weights, seed=seed, quiet=quiet,
-                       json_output=json_output, force=force, wait=wait)
     ui = ctx.ui
-    out_dir = out if out is not None else workdir / "quantized"
+    out_dir = out if out is not None else ctx.workdir / "quantized"
     m = ctx.model()
     if m.untrained:
         ui.warn(f"{m.spec} is UNTRAINED (seeded random weights): the checkpoint is for speed and size only")

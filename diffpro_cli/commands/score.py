@@ -5,18 +5,12 @@ from typing import Annotated, Optional
 
 import typer
 
-from diffpro_cli.commands.common import DEFAULT_WORKDIR, Force, Wait, JsonOut, Quiet, TrustCode, Weights, Workdir, make_context
-from diffpro_cli.errors import UsageError
+from diffpro_cli.commands.common import parse_int_list, stage_command
 
 
-def parse_bits(text: str) -> list[int]:
-    try:
-        return sorted({int(v) for v in text.split(",") if v.strip()})
-    except ValueError:
-        raise UsageError(f"--bits {text!r}: use a comma list of weight bit widths like 4,8") from None
-
-
+@stage_command
 def score_cmd(
+    ctx,
     profile: Annotated[Optional[Path], typer.Argument(help="Profile directory or its profile.json (default WORKDIR/profile).")] = None,
     formula: Annotated[str, typer.Option("--formula", help="diffpro (the paper's combined score) or taylor (first-order output error; loads the model).")] = "diffpro",
     pca_metric: Annotated[str, typer.Option("--pca-metric", help="PCA sensitivity from the spectrum: erank, top1 or participation.")] = "erank",
@@ -35,23 +29,14 @@ def score_cmd(
     layer: Annotated[Optional[str], typer.Option("--layer", help="Layer shown in the activation-over-timesteps figure (default the top-ranked).")] = None,
     top: Annotated[int, typer.Option("--top", help="Layers drawn in the PCA spectra figure.")] = 8,
     figures: Annotated[bool, typer.Option("--figures/--no-figures", help="Write PNG figures to WORKDIR/figures.")] = True,
-    workdir: Workdir = DEFAULT_WORKDIR,
-    trust_code: TrustCode = False,
-    weights: Weights = None,
-    force: Force = False,
-    wait: Wait = False,
-    json_output: JsonOut = False,
-    quiet: Quiet = False,
 ):
     """Compute manifold-aware layer sensitivity scores from a profile (WORKDIR/scores.json)."""
     from diffpro_cli.artifacts import read_json
     from diffpro_cli.stages.score import ScoreConfig, parse_weights, run_score
 
-    ctx = make_context(model, workdir, trust_code=trust_code, weights=weights, quiet=quiet, json_output=json_output,
-                       force=force, wait=wait)
     ui = ctx.ui
     cfg = ScoreConfig(formula=formula, pca_metric=pca_metric, variance=variance, weights=parse_weights(component_weights),
-                      bits=parse_bits(bits), measure=measure, taylor=taylor, calib_samples=calib_samples, calib_timesteps=calib_timesteps,
+                      bits=parse_int_list(bits, "--bits"), measure=measure, taylor=taylor, calib_samples=calib_samples, calib_timesteps=calib_timesteps,
                       probes=probes, normalize=normalize, group_size=group_size, act_mode=act_mode, figures=figures, figure_layer=layer, top=top)
     result = run_score(ctx, cfg, profile_path=profile)
     outcome, out = result.outcome, result.value

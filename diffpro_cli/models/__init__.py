@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from diffpro_cli.errors import InputError, UsageError
+from diffpro_cli.errors import InputError
 from diffpro_cli.models.base import DiffusionModel
 
 DEFAULT_MODEL = "builtin:dit-mnist"

@@ -133,12 +133,9 @@ def _rename_old_attention_keys(state: dict, expected: dict) -> None:
 
 
 def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise InputError(f"{path}: no such file; pass a complete diffusers model or pipeline directory")
-    try:
-        obj = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path}: not valid JSON ({getattr(exc, 'msg', exc)}); re-create or re-download it") from None
+    from diffpro_cli.artifacts import read_json
+
+    obj = read_json(path, missing="pass a complete diffusers model or pipeline directory", fix="re-create or re-download it")
     if not isinstance(obj, dict):
         raise InputError(f"{path}: expected a JSON object; re-create or re-download it")
     return obj
