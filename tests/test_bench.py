@@ -64,3 +64,28 @@ def test_versus_step_cut_compares_diffpro_with_float_rows_at_the_same_steps_only
     rep["rows"][-1]["latency_s_per_image"]["median"] = 1.25    # quantized compute slower than float here
     assert "SLOWER" in versus_step_cut(rep)[0]["line"]
     assert versus_step_cut({"rows": rep["rows"][:-1], "derived": {}}) == []
+
+
+def test_compile_rows_keeps_every_row_eager_with_one_note_where_compile_is_unavailable(monkeypatch):
+    from diffpro_cli.quant import compiled
+    from diffpro_cli.stages.bench import Row, compile_rows
+
+    monkeypatch.setattr(compiled, "unavailable_reason", lambda: "no C++ compiler")
+    model = object()
+    rows = [Row("fp32", model, [0], 1, 1, 32.0, "a"), Row("ddim-1", model, [0], 1, 1, 32.0, "b")]
+    note = compile_rows(rows)
+    assert "unavailable (no C++ compiler)" in note and all(r.model is model for r in rows)
+
+
+def test_compile_rows_compiles_each_distinct_model_once_float_rows_included(monkeypatch):
+    from diffpro_cli.quant import compiled
+    from diffpro_cli.stages.bench import Row, compile_rows
+
+    calls = []
+    monkeypatch.setattr(compiled, "unavailable_reason", lambda: None)
+    monkeypatch.setattr(compiled, "compile_model", lambda m: calls.append(m) or ("compiled", m))
+    fp, q = object(), object()
+    rows = [Row("fp32", fp, [0], 1, 1, 32.0, "a"), Row("ddim-1", fp, [0], 1, 1, 32.0, "b"), Row("diffpro", q, [0], 1, 1, 4.0, "c")]
+    compile_rows(rows)
+    assert calls == [fp, q]
+    assert rows[0].model == ("compiled", fp) and rows[1].model is rows[0].model and rows[2].model == ("compiled", q)

@@ -28,6 +28,7 @@ def bench_cmd(
     latency_batch: Annotated[int, typer.Option("--latency-batch", help="Images per timed sampling call.")] = 8,
     latency_steps: Annotated[Optional[int], typer.Option("--latency-steps", help="Time only this many steps and scale (huge models).")] = None,
     threads: Annotated[Optional[int], typer.Option("--threads", help="torch CPU threads (default: torch's).")] = None,
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile every row, fp32 baselines included (quantized rows on the compiled int8 path); costs a compile per model.")] = False,
     seed: Seed = 0,
 ):
     """Measure FID, latency, memory, size and energy of diffpro's plan against every baseline."""
@@ -58,7 +59,7 @@ def bench_cmd(
         timesteps = ctx.workdir / "timesteps.json"
     cfg = BenchConfig(rows=names, reference_steps=reference_steps, steps=steps, method=method, cfg_scale=cfg_scale,
                       fid=fid, fid_n=fid_n, reference=reference, inception_weights=inception_weights, seed=seed,
-                      repeats=repeats, latency_batch=latency_batch, latency_steps=latency_steps)
+                      repeats=repeats, latency_batch=latency_batch, latency_steps=latency_steps, compile=compile)
     outcome = run_bench(ctx, cfg, quantized=quantized, timesteps_path=timesteps).outcome
     from diffpro_cli.distributed import is_main
 

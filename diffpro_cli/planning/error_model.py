@@ -85,18 +85,21 @@ def activation_error_model(layers: list[Layer], weight_model: str, bit_error) ->
     if weight_model.startswith("measured") and all(l.measured_act for l in layers):
         from diffpro_cli.quant.kernels import act_bits_of, cpu_act_qmax
 
-        def measured_act(layer: Layer, act_bits: int, weight_bits: int) -> float:
+        def measured_act(layer: Layer, act_bits: int, weight_bits: int, group_size: int | None = None) -> float:
             if act_bits >= 16:
                 return 0.0
-            return measured_at(layer.measured_act, act_bits_of(cpu_act_qmax(weight_bits)))   # act_bits is 8 here (ACT_BITS)
+            # act_bits is 8 here (ACT_BITS); the grid depends on the weights the GEMM multiplies
+            return measured_at(layer.measured_act, act_bits_of(cpu_act_qmax(weight_bits, group_size)))
 
         return "measured_act_error on this CPU's kernel grid (outside: × 4^-Δbits)", measured_act
-    return "as the weights' E(layer, bits)", lambda layer, act_bits, weight_bits: bit_error(layer, act_bits)
+    return "as the weights' E(layer, bits)", lambda layer, act_bits, weight_bits, group_size=None: bit_error(layer, act_bits)
 
 
 def option_error(bit_error, act_error, layer: Layer, opt: Option) -> float:
     """Weight error + activation error of one layer under `opt` (the two add, to first order)."""
     if opt.full_precision:
         return 0.0
-    return bit_error(layer, opt.weight_bits) + (act_error(layer, opt.act_bits, opt.weight_bits) if opt.act_bits < 16 else 0.0)
+    if opt.act_bits >= 16:
+        return bit_error(layer, opt.weight_bits)
+    return bit_error(layer, opt.weight_bits) + act_error(layer, opt.act_bits, opt.weight_bits, opt.group_size)
 

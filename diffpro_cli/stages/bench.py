@@ -49,6 +49,7 @@ class BenchConfig:
     sample_batch: int = 50
     grid_n: int = 10
     memory: bool = True                 # peak memory per row, each in a fresh process
+    compile: bool = False               # torch.compile EVERY row (fp32 ones too: the honest baseline), quant/compiled.py
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -155,6 +156,25 @@ def build_rows(ctx, cfg: BenchConfig, quantized: Path | None, timesteps: list[in
     for row in rows:
         row.load_spec = row.load_spec or model_spec
     return rows, notes
+
+
+def compile_rows(rows: list[Row]) -> str:
+    """torch.compile every row's network (each distinct model once), float rows included, so a compiled
+    plan is compared with compiled float; where compile is unavailable every row stays eager (one
+    note). Returns the note."""
+    from diffpro_cli.quant import compiled
+
+    reason = compiled.unavailable_reason()
+    if reason is not None:
+        return f"compile requested but unavailable ({reason}): every row ran eager"
+    done: dict[int, DiffusionModel] = {}
+    for row in rows:
+        key = id(row.model)
+        if key not in done:
+            done[key] = compiled.compile_model(row.model)
+        row.model = done[key]
+    return ("every row torch.compile'd (inductor, freezing): float rows as compiled float, integer layers on "
+            "the compiled oneDNN int8 path; the first call of each shape compiled during warm-up; memory rows ran eager")
 
 
 def measure_memory(rows: list[Row], cfg: BenchConfig, ctx) -> str:
@@ -300,6 +320,8 @@ def measure_bench(ctx, cfg: BenchConfig, quantized: Path | None = None, timestep
     ui, workdir, model_spec = ctx.ui, ctx.workdir, ctx.model_spec
     bench_dir = workdir / "bench"
     rows, notes = build_rows(ctx, cfg, quantized, timesteps)
+    if cfg.compile:
+        notes.append(compile_rows(rows))
     if not rows:
         raise UsageError("--rows selects nothing to measure; name at least one row")
     from diffpro_cli.distributed import barrier, is_main, rank_world
