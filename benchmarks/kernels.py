@@ -264,7 +264,7 @@ def size_plans(model) -> dict[str, dict]:
 
 def bench_sizes(model, out_root: Path) -> None:
     """Write the uniform and a 4/8 mixed checkpoint (reused by the forward and memory benchmarks)."""
-    from diffpro_cli.quant.checkpoint import save_quantized
+    from diffpro_cli.checkpoint import save_quantized
 
     fp32 = sum(t.numel() * 4 for t in model.net.state_dict().values() if t.is_floating_point())
     print(f"\n## Checkpoint size on disk ({model.spec}; fp32 state dict {fp32 / 1e6:.1f} MB)")
@@ -280,7 +280,7 @@ def bench_sizes(model, out_root: Path) -> None:
 def bench_forward_lean(model, out_root: Path, repeats: int, with_token: bool) -> None:
     """Whole DiT-XL/2 forward with memory to spare: quantized variants are loaded from the checkpoints
     bench_sizes wrote (the deployed path), torch's dynamic model from a second fresh build."""
-    from diffpro_cli.quant.checkpoint import load_quantized, save_quantized
+    from diffpro_cli.checkpoint import load_quantized, save_quantized
     from diffpro_cli.stages.quantize import uniform_plan
 
     torch.manual_seed(0)
@@ -382,7 +382,7 @@ def main(argv=None) -> None:
         if not args.skip_builtin:
             bench_layers(args.layer_repeats, with_torchao, BUILTIN_LAYERS, "builtin:dit-mnist shapes, batch 8", args.compiled)
     if not args.skip_builtin:
-        from diffpro_cli.models import load_model
+        from diffpro_cli.loading import load_model
 
         for spec in ("builtin:dit-mnist", "builtin:unet-mnist"):
             bench_forward(load_model(spec), args.builtin_batch, args.builtin_repeats, with_torchao, spec, args.compiled)

@@ -51,7 +51,7 @@ def load(spec: str | Path, *, device: str = "cpu", dtype=None, trust_code: bool 
     """A model spec or a diffpro quantized checkpoint as a `DiffusionModel`. Its `.net` keeps the original
     forward signature (a diffusers transformer is called as `net(hidden_states, timestep=..., ...)`);
     static-activation layers learn the current timestep from a forward pre-hook, no context needed."""
-    from diffpro_cli.models import load_model
+    from diffpro_cli.loading import load_model
 
     if device != "cpu":
         raise UsageError(f"device {device!r}: this release runs on the CPU; CUDA end to end is not available yet")
@@ -91,7 +91,7 @@ def quantize_(model: nn.Module | DiffusionModel, plan: dict | str | Path, *, fus
     `plan`: plan.json's record or its path; layer names are relative to `model` (a `DiffusionModel`'s
     `.net`). Static activation modes need calibrated ranges: use `quantize(...)` (the stage) for those."""
     from diffpro_cli.artifacts import read_json
-    from diffpro_cli.quant.checkpoint import plan_layer, set_submodule
+    from diffpro_cli.checkpoint import plan_layer, set_submodule
     from diffpro_cli.quant.layers import fuse_shared_inputs
 
     if not isinstance(plan, dict):

@@ -19,7 +19,7 @@ def test_report_json_and_md_hold_every_row_field_without_quantized_rows(tmp_path
         assert 0 < lat["min"] <= lat["median"] <= lat["max"] and lat["repeats"] == 1  # measured, not a placeholder 0
         assert r["fid"] is None  # not measured → null, never invented
     fp = on_disk["rows"][0]
-    n_params = sum(p.numel() for p in __import__("diffpro_cli.models", fromlist=["x"]).load_model("builtin:dit-mnist").net.parameters())
+    n_params = sum(p.numel() for p in __import__("diffpro_cli.loading", fromlist=["x"]).load_model("builtin:dit-mnist").net.parameters())
     assert fp["size_bytes"] >= n_params * 4 and fp["weight_bits_avg"] == 32.0
     assert fp["kernels"] == {"fp32": sum(fp["kernels"].values())} and fp["kernels"]["fp32"] > 10
     assert rep["derived"]["fp32"]["speedup"] == 1.0

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from diffpro_cli.app import main
 from diffpro_cli.errors import InputError, TrustError
-from diffpro_cli.models import load_model
+from diffpro_cli.loading import load_model
 from diffpro_cli.models.diffusers_dir import load_diffusers_dir
 from diffpro_cli.models.original_dit import infer_dit_config, load_original_dit, to_original_layout
 from diffpro_cli.models.random_arch import load_random

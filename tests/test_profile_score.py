@@ -192,7 +192,7 @@ def test_profile_of_a_unet_covers_its_convs(tiny_unet, tmp_path):
 
 
 def test_profile_shares_qkv_input_and_counts_rows(tmp_path):
-    from diffpro_cli.models import load_model
+    from diffpro_cli.loading import load_model
 
     m = load_model("builtin:dit-mnist")
     write_profile(m, ProfileConfig(samples=2, batch=2, timesteps="999,0"), tmp_path)
@@ -302,7 +302,7 @@ def test_score_option_errors_and_tampered_stats(cli, tmp_path):
 
 def test_non_finite_activations_are_an_input_error(tmp_path):
     from diffpro_cli.errors import InputError
-    from diffpro_cli.models import load_model
+    from diffpro_cli.loading import load_model
 
     m = load_model("builtin:dit-mnist")
     with torch.no_grad():
@@ -329,8 +329,8 @@ def test_measured_activation_error_is_what_the_integer_kernel_adds():
     """measure_act_errors quantises one layer's input as its integer kernel does: its error plus the
     8-bit weight error is the error of that layer really running W8A8 (errors add to first order).
     The trained DiT's patch embedding, fed x_t itself, loses far more to its inputs than to its weights."""
-    from diffpro_cli.models import load_model
-    from diffpro_cli.quant.checkpoint import set_submodule
+    from diffpro_cli.loading import load_model
+    from diffpro_cli.checkpoint import set_submodule
     from diffpro_cli.quant.kernels import act_bits_of, cpu_act_qmax
     from diffpro_cli.quant.layers import quantize_module
     from diffpro_cli.stages.score import _eps_all, measure_act_errors, measure_layer_errors

@@ -125,7 +125,7 @@ def test_uniform_drift_is_the_uniform_schedules_measured_drift_and_bounds_the_se
 
 
 def test_search_beats_uniform_on_builtin_model_and_the_stage_writes_then_skips(tmp_path, one_thread):
-    from diffpro_cli.models import load_model
+    from diffpro_cli.loading import load_model
     from diffpro_cli.stages.context import StageContext
     from diffpro_cli.stages.prune import run_prune
 

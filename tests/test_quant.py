@@ -190,7 +190,7 @@ def _inputs(model, batch=2):
 
 
 def test_fused_qkv_equals_separate_layers():
-    from diffpro_cli.models import load_model
+    from diffpro_cli.loading import load_model
     from diffpro_cli.stages.quantize import apply_plan, uniform_plan
 
     m = load_model("random:dit-tiny")
@@ -209,8 +209,8 @@ def test_fused_qkv_equals_separate_layers():
 def test_checkpoint_round_trip_without_float_weights(spec, tmp_path):
     from safetensors import safe_open
 
-    from diffpro_cli.models import load_model
-    from diffpro_cli.quant.checkpoint import load_quantized, save_quantized
+    from diffpro_cli.loading import load_model
+    from diffpro_cli.checkpoint import load_quantized, save_quantized
 
     m = load_model(spec)
     names = list(m.quantizable_layers())
@@ -236,7 +236,7 @@ def test_checkpoint_round_trip_without_float_weights(spec, tmp_path):
 
 
 def test_static_checkpoint_calibrates_per_timestep(tmp_path, cli):
-    from diffpro_cli.quant.checkpoint import load_quantized
+    from diffpro_cli.checkpoint import load_quantized
 
     ts = {"schema": "diffpro.timesteps/1", "model": {"spec": "random:dit-tiny", "sha256": None}, "timesteps": [0, 300, 999]}
     (tmp_path / "ts.json").write_text(json.dumps(ts))
@@ -255,7 +255,7 @@ def test_static_checkpoint_calibrates_per_timestep(tmp_path, cli):
 
 def test_checkpoint_sizes_on_disk(tmp_path):
     from diffpro_cli.models.builtin import load_builtin
-    from diffpro_cli.quant.checkpoint import save_quantized
+    from diffpro_cli.checkpoint import save_quantized
     from diffpro_cli.stages.quantize import uniform_plan
 
     m = load_builtin("dit-mnist")
@@ -311,7 +311,7 @@ def test_cli_bad_bits_and_foreign_plan(tmp_path, cli):
 
 def test_checkpoint_with_foreign_weights_is_refused(tmp_path, cli):
     from diffpro_cli.errors import InputError
-    from diffpro_cli.quant.checkpoint import load_quantized
+    from diffpro_cli.checkpoint import load_quantized
 
     for name, bits in (("a", "8"), ("b", "4")):
         code, _, err = cli("quantize", "random:dit-tiny", "--bits", bits, "--out", tmp_path / name, "--workdir", tmp_path / f"w{name}")

@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from diffpro_cli.errors import InputError, TrustError, UsageError
 from diffpro_cli.quant import formats
-from diffpro_cli.quant.checkpoint import TensorFile, load_quantized, save_quantized
+from diffpro_cli.checkpoint import TensorFile, load_quantized, save_quantized
 from diffpro_cli.quant.layers import Int8Embedding, _QuantBase
 from test_quant import _inputs
 
@@ -62,7 +62,7 @@ def test_int8_embedding_equals_dequantized_table():
 
 @pytest.mark.parametrize("spec", ["random:dit-tiny", "random:unet-tiny"])
 def test_inference_only_load_releases_integers_and_runs_the_same(spec, tmp_path):
-    from diffpro_cli.models import load_model
+    from diffpro_cli.loading import load_model
     from diffpro_cli.stages.quantize import uniform_plan
 
     m = load_model(spec)
@@ -95,7 +95,7 @@ def test_inference_only_load_releases_integers_and_runs_the_same(spec, tmp_path)
 
 
 def test_checkpoint_missing_a_layer_tensor_is_refused(tmp_path):
-    from diffpro_cli.models import load_model
+    from diffpro_cli.loading import load_model
     from diffpro_cli.stages.quantize import uniform_plan
 
     m = load_model("random:dit-tiny")
@@ -147,7 +147,7 @@ def test_gptq_shape_mismatch_is_an_error():
 def test_cli_quantize_gptq_records_rounding_and_lowers_error(tmp_path, cli):
     import json
 
-    from diffpro_cli.models import load_model
+    from diffpro_cli.loading import load_model
 
     for rounding in ("nearest", "gptq"):
         code, out, err = cli("quantize", "random:dit-tiny", "--bits", "4", "--rounding", rounding, "--calib-samples", "2",
@@ -170,7 +170,7 @@ def test_static_and_gptq_calibrate_in_one_sampling_pass(monkeypatch):
     """Static ranges and GPTQ Hessians come from the same trajectories: one sampling run, and the
     same numbers each calibration gives on its own."""
     import diffpro_cli.sampling as sampling
-    from diffpro_cli.models import load_model
+    from diffpro_cli.loading import load_model
     from diffpro_cli.stages import quantize as qstage
 
     model = load_model("random:dit-tiny")
@@ -239,7 +239,7 @@ RELOAD_SCRIPT = '''
 import sys
 import torch
 torch.set_num_threads(1)
-from diffpro_cli.models import load_model
+from diffpro_cli.loading import load_model
 cases = torch.load(sys.argv[1], weights_only=True)
 out = {}
 for name, c in cases.items():
@@ -255,7 +255,7 @@ LOADERS = ("builtin-dit", "builtin-unet", "diffusers-dit-pipeline", "diffusers-u
 
 def _make_float_model(case: str, root):
     """The float model `case`'s loader gives, from a tiny source written under `root`."""
-    from diffpro_cli.models import load_model
+    from diffpro_cli.loading import load_model
     from test_loaders import random_original_state, tiny_dit, tiny_unet
 
     if case.startswith("builtin-"):
@@ -291,7 +291,7 @@ def _case_inputs(model):
 def _quantize_in_memory(model, plan):
     """What the quantized checkpoint holds, built in place on the float model: the plan's layers, and
     the class tables as int8 rows (save_quantized's default)."""
-    from diffpro_cli.quant.checkpoint import embedding_tables, set_submodule
+    from diffpro_cli.checkpoint import embedding_tables, set_submodule
     from diffpro_cli.stages.quantize import apply_plan
 
     apply_plan(model, plan)
@@ -383,7 +383,7 @@ def _copy_checkpoint(src, dst, edit):
 
 
 def test_checkpoint_records_the_loaders_settings(reloads):
-    from diffpro_cli.quant.checkpoint import read_meta
+    from diffpro_cli.checkpoint import read_meta
 
     dit = read_meta(reloads["original-dit"]["dir"])["model"]
     assert dit["architecture"]["patches"] == {"timestep_freq_shift": 0}

@@ -15,7 +15,7 @@ def models_cmd(
     quiet: Quiet = False,
 ):
     """List the built-in models, or describe one model spec (layers, roles, parameters)."""
-    from diffpro_cli.models import load_model
+    from diffpro_cli.loading import load_model
     from diffpro_cli.models.builtin import BUILTIN_CONFIGS, weights_path
     from diffpro_cli.models.random_arch import RANDOM_ARCHS
 

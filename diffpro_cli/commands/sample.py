@@ -30,7 +30,7 @@ def sample_cmd(
     import torch
 
     from diffpro_cli.artifacts import atomic_save_safetensors, read_json
-    from diffpro_cli.models import load_model
+    from diffpro_cli.loading import load_model
     from diffpro_cli.sampling import SamplerConfig, sample, save_grid, uniform_timesteps
 
     ui = make_ui(quiet, json_output)

@@ -58,7 +58,7 @@ def _child(argv: list[str]) -> None:
         kwargs["weights"] = argv[argv.index("--weights") + 1]
     import diffusers  # noqa: F401  (library code, not weights)
     from diffusers import DiTTransformer2DModel, UNet2DModel  # noqa: F401
-    from diffpro_cli.models import load_model
+    from diffpro_cli.loading import load_model
     from diffpro_cli.sampling import SamplerConfig, sample, uniform_timesteps
 
     base = vm_hwm_bytes()

@@ -17,8 +17,10 @@ DEFAULT_MODEL = "builtin:dit-mnist"
 _FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
-def load_model(spec: str, *, trust_code: bool = False, weights: str | Path | None = None, seed: int = 0) -> DiffusionModel:
-    """Resolve a model spec (see module docstring) to a DiffusionModel in eval mode on CPU."""
+def load_float_model(spec: str, *, trust_code: bool = False, weights: str | Path | None = None, seed: int = 0) -> DiffusionModel:
+    """Resolve a float model spec (see module docstring) to a DiffusionModel in eval mode on CPU.
+    Quantized checkpoints are loaded one level up (diffpro_cli.loading), so models never imports the
+    checkpoint code that builds on it."""
     if spec.startswith("builtin:"):
         from diffpro_cli.models.builtin import load_builtin
 
@@ -31,9 +33,7 @@ def load_model(spec: str, *, trust_code: bool = False, weights: str | Path | Non
     if path.exists():
         if path.is_dir():
             if (path / "diffpro.json").exists():
-                from diffpro_cli.quant.checkpoint import load_quantized
-
-                return load_quantized(path, trust_code=trust_code)
+                raise InputError(f"{spec}: is a diffpro quantized checkpoint; load it with diffpro_cli.loading.load_model")
             from diffpro_cli.models.diffusers_dir import load_diffusers_dir
 
             return load_diffusers_dir(path)

@@ -73,7 +73,7 @@ class StageContext:
     def load(self, spec: str | Path | None = None):
         """Load `spec` (default: the run's model) with the run's trust flag, weights and seed. The run's own
         model is loaded once and shared; quantized checkpoints are loaded fresh each call (callers keep them)."""
-        from diffpro_cli.models import load_model
+        from diffpro_cli.loading import load_model
 
         spec = self.model_spec if spec is None else str(spec)
         if spec == self.model_spec and spec in self._models:

@@ -1,5 +1,5 @@
 """The quantize stage: validate a plan against the model, calibrate static ranges if asked, write the
-integer checkpoint (quant/checkpoint.py) through the resumable stage skeleton."""
+integer checkpoint (checkpoint.py) through the resumable stage skeleton."""
 
 from __future__ import annotations
 
@@ -166,7 +166,7 @@ def collect_hessians(model: DiffusionModel, names: list[str], timesteps: list[in
 def apply_plan(model: DiffusionModel, plan: dict, static_ranges: dict | None = None, fuse: bool = True) -> DiffusionModel:
     """Swap the model's layers for quant layers IN PLACE (for in-memory use; the checkpoint path is
     `quantize_to_dir`, which leaves the float model untouched)."""
-    from diffpro_cli.quant.checkpoint import plan_layer, set_submodule
+    from diffpro_cli.checkpoint import plan_layer, set_submodule
     from diffpro_cli.quant.layers import fuse_shared_inputs
 
     entries = plan.get("layers", {})
@@ -182,7 +182,7 @@ def apply_plan(model: DiffusionModel, plan: dict, static_ranges: dict | None = N
 def quantize_to_dir(model: DiffusionModel, plan: dict, out_dir: Path, timesteps: list[int] | None = None,
                     cfg: QuantizeConfig | None = None, provenance: dict | None = None, ui: UI = QUIET_UI) -> dict:
     """Calibrate (static ranges; GPTQ inputs with rounding "gptq") and write the checkpoint; returns diffpro.json's content."""
-    from diffpro_cli.quant.checkpoint import save_quantized
+    from diffpro_cli.checkpoint import save_quantized
     from diffpro_cli.sampling import uniform_timesteps
 
     cfg = cfg or QuantizeConfig()

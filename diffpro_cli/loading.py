@@ -1,0 +1,28 @@
+"""Every model spec, quantized checkpoints included, to a DiffusionModel.
+
+Sits above `models` (float loaders) and `checkpoint` (quantized checkpoints, which rebuild networks
+with the float loaders): `load_model` is the one entry point stages and metrics use.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from diffpro_cli.models.base import DiffusionModel
+
+
+def is_quantized_checkpoint(spec: str | Path) -> bool:
+    path = Path(spec)
+    return path.is_dir() and (path / "diffpro.json").exists()
+
+
+def load_model(spec: str | Path, *, trust_code: bool = False, weights: str | Path | None = None, seed: int = 0) -> DiffusionModel:
+    """A diffpro quantized checkpoint (a directory with diffpro.json; its network's code behind
+    `trust_code`), or any float model spec (models.load_float_model)."""
+    if is_quantized_checkpoint(spec):
+        from diffpro_cli.checkpoint import load_quantized
+
+        return load_quantized(Path(spec), trust_code=trust_code)
+    from diffpro_cli.models import load_float_model
+
+    return load_float_model(str(spec), trust_code=trust_code, weights=weights, seed=seed)
