@@ -14,6 +14,7 @@ import typer
 from diffpro_cli import __version__
 from diffpro_cli.commands.allocate import allocate_cmd
 from diffpro_cli.commands.bench import bench_cmd
+from diffpro_cli.commands.export import export_cmd
 from diffpro_cli.commands.fid_stats import fid_stats_cmd
 from diffpro_cli.commands.models import models_cmd
 from diffpro_cli.commands.profile import profile_cmd
@@ -37,7 +38,7 @@ app = typer.Typer(
 for name, fn in [
     ("profile", profile_cmd), ("score", score_cmd), ("prune", prune_cmd), ("allocate", allocate_cmd),
     ("quantize", quantize_cmd), ("bench", bench_cmd), ("run", run_cmd), ("sample", sample_cmd),
-    ("train", train_cmd), ("fid-stats", fid_stats_cmd), ("models", models_cmd),
+    ("train", train_cmd), ("fid-stats", fid_stats_cmd), ("models", models_cmd), ("export", export_cmd),
 ]:
     app.command(name)(fn)
 

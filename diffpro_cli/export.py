@@ -1,0 +1,157 @@
+"""Export a diffpro quantized checkpoint to where users serve: a diffusers model folder, or torchao.
+
+* `diffusers`: OUT/config.json is the network's diffusers config (`_class_name`, every architecture
+  field) plus a `quantization_config` (`quant_method: "diffpro"`, the per-layer plan, the format), next
+  to diffpro's own integer files (diffpro.json, model.safetensors). `diffpro.load(OUT)` (or
+  `diffpro_cli.loading.load_model(OUT)`) loads it with the integer kernels; in a diffusers pipeline:
+  `pipe.transformer = diffpro.load(OUT).net`. The integer tensors are the checkpoint's own: no float
+  copy is written, so the folder stays as small as the checkpoint.
+* `torchao`: OUT/model.safetensors holds float weights DEQUANTIZED from diffpro's integers (so torchao
+  starts from diffpro's rounding: GPTQ or nearest, on the same per-channel grid) and
+  OUT/torchao_config.json maps every quantized module's fully qualified name to the torchao config
+  that runs the same precision (W8A8 dynamic → Int8DynamicActivationInt8WeightConfig, weight-only int8
+  → Int8WeightOnlyConfig, 4-bit weights with int8 activations → Int8DynamicActivationIntxWeightConfig,
+  other weight-only widths → IntxWeightOnlyConfig). `torchao_config(OUT)` rebuilds it as an
+  `FqnToConfig` for `torchao.quantization.quantize_`. Layers torchao has no config for (Conv2d, static
+  activations) are listed under "skipped" and stay float there.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from diffpro_cli.artifacts import atomic_save_safetensors, atomic_write_json, read_json
+from diffpro_cli.errors import InputError, UsageError
+
+TARGETS = ("diffusers", "torchao")
+TORCHAO_SCHEMA = "diffpro.torchao/1"
+
+
+def _meta(qdir: Path) -> dict:
+    if not (qdir / "diffpro.json").is_file() or not (qdir / "model.safetensors").is_file():
+        raise InputError(f"{qdir}: not a diffpro quantized checkpoint (diffpro.json + model.safetensors); run `diffpro quantize` first")
+    return read_json(qdir / "diffpro.json")
+
+
+def _fresh_dir(out: Path, force: bool) -> None:
+    if out.exists() and any(out.iterdir()) and not force:
+        raise UsageError(f"{out}: exists and is not empty; choose another folder or pass --force to overwrite")
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def export_diffusers(qdir: str | Path, out: str | Path, force: bool = False) -> dict:
+    """Write the diffusers model folder (module docstring); returns its config.json."""
+    qdir, out = Path(qdir), Path(out)
+    meta = _meta(qdir)
+    arch = (meta.get("model") or {}).get("architecture") or {}
+    if arch.get("builder") != "diffusers":
+        raise UsageError(f"{qdir}: its network is not a diffusers model ({arch.get('builder') or 'unknown'} builder); "
+                         f"only diffusers networks export to a diffusers folder: use --to torchao")
+    _fresh_dir(out, force)
+    layers = {name: {k: rec.get(k) for k in ("type", "weight_bits", "act_bits", "act_mode", "group_size", "kernel")}
+              for name, rec in (meta.get("layers") or {}).items()}
+    config = {"_class_name": arch["class"], **arch["config"],
+              "quantization_config": {"quant_method": "diffpro", "format": meta.get("schema"),
+                                      "layers": layers, "patches": arch.get("patches") or {},
+                                      "load_with": "diffpro.load(path)"}}
+    for name in ("diffpro.json", "model.safetensors"):
+        if (qdir / name).resolve() != (out / name).resolve():
+            tmp = out / f".{name}.tmp"
+            shutil.copyfile(qdir / name, tmp)
+            tmp.replace(out / name)
+    atomic_write_json(out / "config.json", config)
+    return config
+
+
+def torchao_entry(rec: dict, kind: str) -> tuple[dict | None, str | None]:
+    """The torchao config (type name + kwargs) that runs a diffpro layer's precision, or (None, why)."""
+    w, a, mode, group = int(rec.get("weight_bits", 16)), int(rec.get("act_bits", 16)), rec.get("act_mode"), rec.get("group_size")
+    if w >= 16:
+        return None, "kept in full precision"
+    if kind != "linear":
+        return None, "torchao's configs quantize Linear layers; this Conv2d stays float there"
+    if a < 16 and mode == "static":
+        return None, "static (per-timestep calibrated) activations have no torchao config; stays float there"
+    if a < 16:
+        if w == 8:
+            return {"type": "Int8DynamicActivationInt8WeightConfig", "kwargs": {}}, None
+        return {"type": "Int8DynamicActivationIntxWeightConfig",
+                "kwargs": {"weight_dtype": f"int{w}", "group_size": group}}, None
+    if w == 8:
+        return {"type": "Int8WeightOnlyConfig", "kwargs": {"group_size": group}}, None
+    return {"type": "IntxWeightOnlyConfig", "kwargs": {"weight_dtype": f"int{w}", "group_size": group}}, None
+
+
+def export_torchao(qdir: str | Path, out: str | Path, force: bool = False, trust_code: bool = False) -> dict:
+    """Write OUT/model.safetensors (dequantized float weights) and OUT/torchao_config.json."""
+    qdir, out = Path(qdir), Path(out)
+    meta = _meta(qdir)
+    from diffpro_cli.checkpoint import load_quantized
+
+    model = load_quantized(qdir, trust_code=trust_code, keep_integers=True)
+    state = {}
+    for name, tensor in float_state_dict(model.net).items():
+        state[name] = tensor.contiguous()
+    mapping, skipped = {}, {}
+    for name, rec in (meta.get("layers") or {}).items():
+        entry, why = torchao_entry(rec, str(rec.get("type", "linear")).lower())
+        if entry is None:
+            if int(rec.get("weight_bits", 16)) < 16:
+                skipped[name] = why
+            continue
+        mapping[name] = entry
+    _fresh_dir(out, force)
+    atomic_save_safetensors(out / "model.safetensors", state, {"diffpro_schema": TORCHAO_SCHEMA})
+    doc = {"schema": TORCHAO_SCHEMA, "source": str(qdir), "architecture": (meta.get("model") or {}).get("architecture"),
+           "fqn_to_config": mapping, "skipped": skipped,
+           "weights": "float, dequantized from diffpro's stored integers (torchao re-quantizes them on load)"}
+    atomic_write_json(out / "torchao_config.json", doc)
+    return doc
+
+
+def float_state_dict(net) -> dict:
+    """The network's state dict with every diffpro quant layer replaced by its dequantized float
+    weight and bias (the names a float network of the same architecture expects)."""
+    out = {}
+    quant = {n: m for n, m in net.named_modules() if getattr(m, "is_diffpro_quant", False)}
+    for name, tensor in net.state_dict(keep_vars=False).items():
+        owner = next((q for q in quant if name.startswith(q + ".")), None)
+        if owner is None and tensor.is_floating_point():
+            out[name] = tensor.detach().float().cpu()
+    for name, layer in quant.items():
+        out[f"{name}.weight"] = layer.dequantized_weight().detach().float().cpu().reshape(layer.weight_shape)
+        if getattr(layer, "bias", None) is not None:
+            out[f"{name}.bias"] = layer.bias.detach().float().cpu()
+    embeds = {n: m for n, m in net.named_modules() if type(m).__name__ == "Int8Embedding"}
+    for name, emb in embeds.items():
+        out[f"{name}.weight"] = (emb.qweight.float() * emb.scale.float().reshape(-1, 1)).cpu()
+        for key in [k for k in out if k.startswith(name + ".") and k != f"{name}.weight"]:
+            del out[key]
+    return out
+
+
+def torchao_config(path: str | Path):
+    """torchao's FqnToConfig from an exported folder's torchao_config.json (needs `pip install torchao`)."""
+    try:
+        import torch
+        import torchao.quantization as tq
+    except ImportError:
+        raise UsageError("torchao is not installed; pip install torchao (or diffpro[torchao])") from None
+    doc = read_json(Path(path) / "torchao_config.json", TORCHAO_SCHEMA)
+    configs = {}
+    for fqn, entry in doc["fqn_to_config"].items():
+        cls = getattr(tq, entry["type"], None)
+        if cls is None:
+            raise UsageError(f"this torchao has no {entry['type']}; upgrade torchao")
+        kwargs = {k: v for k, v in entry["kwargs"].items() if v is not None}
+        if "weight_dtype" in kwargs:
+            kwargs["weight_dtype"] = getattr(torch, kwargs["weight_dtype"])
+        if "group_size" in kwargs and entry["type"] != "Int8WeightOnlyConfig":
+            from torchao.quantization.granularity import PerGroup
+
+            kwargs["weight_granularity" if "Intx" in entry["type"] else "granularity"] = PerGroup(kwargs.pop("group_size"))
+        elif "group_size" in kwargs:
+            kwargs.pop("group_size")
+        configs[fqn] = cls(**kwargs)
+    return tq.FqnToConfig(fqn_to_config=configs)

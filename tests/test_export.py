@@ -1,0 +1,108 @@
+"""diffpro export: a diffusers folder that loads back identically, and torchao's format."""
+
+import json
+
+import pytest
+import torch
+
+import diffpro
+from diffpro_cli.export import export_diffusers, export_torchao, torchao_entry
+
+
+def _tiny_dit():
+    from diffusers import DiTTransformer2DModel
+
+    torch.manual_seed(0)
+    return DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
+                                 num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=10).eval()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    root = tmp_path_factory.mktemp("export")
+    _tiny_dit().save_pretrained(root / "dit")
+    diffpro.quantize(str(root / "dit"), root / "work", bits=8, out_dir=root / "q")
+    return root
+
+
+def _eps(model):
+    torch.manual_seed(1)
+    x = torch.randn(2, *model.sample_shape)
+    with torch.no_grad():
+        return model.eps(x, torch.tensor([900, 30]), torch.tensor([1, 2]))
+
+
+def test_diffusers_export_carries_config_and_quantization_config_and_loads_back_identically(checkpoint, cli):
+    out = checkpoint / "exported"
+    code, stdout, err = cli("export", checkpoint / "q", out, "--to", "diffusers", "--json")
+    assert code == 0, err
+    config = json.loads((out / "config.json").read_text())
+    assert config["_class_name"] == "DiTTransformer2DModel" and config["num_layers"] == 2
+    q = config["quantization_config"]
+    assert q["quant_method"] == "diffpro" and q["format"] == "diffpro.quantized/1"
+    assert q["layers"] and all(e["weight_bits"] == 8 for e in q["layers"].values())
+    assert torch.equal(_eps(diffpro.load(out)), _eps(diffpro.load(checkpoint / "q")))
+    # the integer file is the checkpoint's own (no float copy): same size
+    assert (out / "model.safetensors").stat().st_size == (checkpoint / "q" / "model.safetensors").stat().st_size
+    code, _, err = cli("export", checkpoint / "q", out, "--to", "diffusers")
+    assert code == 2 and err.startswith("error:") and "--force" in err and len(err.strip().splitlines()) == 1
+
+
+def test_export_refuses_a_folder_that_is_not_a_checkpoint(tmp_path, cli):
+    code, _, err = cli("export", tmp_path, tmp_path / "out", "--to", "diffusers")
+    assert code == 3 and "diffpro quantize" in err and not (tmp_path / "out").exists()
+    code, _, err = cli("export", tmp_path, tmp_path / "out", "--to", "onnx")
+    assert code == 2 and "diffusers or torchao" in err
+
+
+def test_torchao_mapping_follows_each_layers_precision():
+    assert torchao_entry({"weight_bits": 8, "act_bits": 8, "act_mode": "dynamic"}, "linear")[0]["type"] == "Int8DynamicActivationInt8WeightConfig"
+    assert torchao_entry({"weight_bits": 8, "act_bits": 16}, "linear")[0]["type"] == "Int8WeightOnlyConfig"
+    four = torchao_entry({"weight_bits": 4, "act_bits": 8, "act_mode": "dynamic", "group_size": 32}, "linear")[0]
+    assert four == {"type": "Int8DynamicActivationIntxWeightConfig", "kwargs": {"weight_dtype": "int4", "group_size": 32}}
+    assert torchao_entry({"weight_bits": 4, "act_bits": 16}, "linear")[0]["type"] == "IntxWeightOnlyConfig"
+    assert torchao_entry({"weight_bits": 8, "act_bits": 8}, "conv2d")[0] is None
+    assert torchao_entry({"weight_bits": 8, "act_bits": 8, "act_mode": "static"}, "linear")[0] is None
+    assert torchao_entry({"weight_bits": 16, "act_bits": 16}, "linear")[0] is None
+
+
+def test_torchao_export_float_weights_are_diffpros_dequantized_integers(checkpoint):
+    from safetensors.torch import load_file
+
+    out = checkpoint / "ao"
+    doc = export_torchao(checkpoint / "q", out)
+    assert doc["fqn_to_config"] and all(v["type"] == "Int8DynamicActivationInt8WeightConfig" for v in doc["fqn_to_config"].values())
+    assert all("Conv2d" in why for why in doc["skipped"].values())    # the patch embedding
+    net = _tiny_dit()
+    missing, unexpected = net.load_state_dict(load_file(str(out / "model.safetensors")), strict=False)
+    assert not unexpected and not missing
+    from diffpro_cli.checkpoint import load_quantized
+
+    q = load_quantized(checkpoint / "q", keep_integers=True)
+    for name in doc["fqn_to_config"]:
+        w = net.get_submodule(name).weight
+        assert torch.equal(w, q.net.get_submodule(name).dequantized_weight().reshape(w.shape)), name
+    scale = (w.abs().amax(dim=1, keepdim=True) / 127)
+    assert torch.allclose(w / scale, (w / scale).round(), atol=1e-3)    # on the int8 grid
+
+
+def test_torchao_quantize_runs_the_exported_mapping(checkpoint):
+    pytest.importorskip("torchao")
+    from safetensors.torch import load_file
+    from torchao.quantization import quantize_
+
+    from diffpro_cli.export import torchao_config
+
+    out = checkpoint / "ao2"
+    export_torchao(checkpoint / "q", out)
+    net = _tiny_dit()
+    net.load_state_dict(load_file(str(out / "model.safetensors")))
+    x = torch.randn(2, 4, 8, 8)
+    t, y = torch.tensor([900, 30]), torch.tensor([1, 2])
+    with torch.no_grad():
+        ref = net(x, timestep=t, class_labels=y).sample
+        quantize_(net, torchao_config(out), filter_fn=None)
+        got = net(x, timestep=t, class_labels=y).sample
+    assert type(net.get_submodule(next(iter(json.loads((out / "torchao_config.json").read_text())["fqn_to_config"])))).__name__ == "Linear"
+    rel = float((got - ref).norm() / ref.norm())
+    assert 0 < rel < 0.2
