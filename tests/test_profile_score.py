@@ -355,3 +355,18 @@ def test_measured_activation_error_is_what_the_integer_kernel_adds():
         predicted = act[name][grid] + weight[name]["8"]
         assert act[name][grid] > 0 and 0.8 * predicted <= real <= 1.25 * predicted, (name, act[name], weight[name], real)
     assert act["pos_embed.proj"][grid] > 20 * weight["pos_embed.proj"]["8"]
+
+
+def test_score_measures_the_profiled_random_network_not_one_drawn_from_another_seed(tmp_path):
+    """`diffpro score` has no --seed: a random model must be rebuilt from the profile's recorded seed
+    (with seed 0 it measured a different network than the one profiled)."""
+    from diffpro_cli.stages.context import StageContext
+    from diffpro_cli.stages.score import load_profiled_model
+
+    ctx = StageContext.create("random:dit-tiny", tmp_path, seed=0)
+    seeded = StageContext.create("random:dit-tiny", tmp_path, seed=7).model()
+    doc = {"model": {"spec": "random:dit-tiny", **{k: seeded.describe()[k] for k in ("sha256", "untrained", "params")}},
+           "calibration": {"seed": 7}}
+    model = load_profiled_model(doc, ctx)
+    first = lambda m: next(iter(m.net.state_dict().values()))   # noqa: E731
+    assert torch.equal(first(model), first(seeded)) and not torch.equal(first(model), first(ctx.model()))

@@ -70,18 +70,22 @@ class StageContext:
         return cls(model_spec, Path(workdir), LoadOptions(bool(trust_code), None if weights is None else str(weights), int(seed)),
                    ui=ui, force=force, wait=wait, device=device)
 
-    def load(self, spec: str | Path | None = None):
+    def load(self, spec: str | Path | None = None, *, seed: int | None = None):
         """Load `spec` (default: the run's model) with the run's trust flag, weights and seed. The run's own
-        model is loaded once and shared; quantized checkpoints are loaded fresh each call (callers keep them)."""
+        model is loaded once and shared; quantized checkpoints are loaded fresh each call (callers keep them).
+        `seed` overrides the run's (random and untrained weights are drawn from it: a stage that must see
+        the network another stage profiled passes that stage's recorded seed)."""
         from diffpro_cli.loading import load_model
 
         spec = self.model_spec if spec is None else str(spec)
-        if spec == self.model_spec and spec in self._models:
+        seed = self.load_options.seed if seed is None else int(seed)
+        shared = spec == self.model_spec and seed == self.load_options.seed
+        if shared and spec in self._models:
             return self._models[spec]
         # --weights belongs to the run's module:factory model; a quantized dir carries its own tensors
         weights = self.load_options.weights if spec == self.model_spec else None
-        model = load_model(spec, trust_code=self.load_options.trust_code, weights=weights, seed=self.load_options.seed)
-        if spec == self.model_spec:
+        model = load_model(spec, trust_code=self.load_options.trust_code, weights=weights, seed=seed)
+        if shared:
             self._models[spec] = model
         return model
 

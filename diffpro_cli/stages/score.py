@@ -633,7 +633,8 @@ def write_figures(doc: dict, tensors: dict, result: dict, fig_dir: Path, cfg: Sc
 def load_profiled_model(doc: dict, ctx):
     """The model for --measure / --formula taylor: the context's model, refused if it is not the profiled one."""
     profiled = doc["model"]
-    model = ctx.model()
+    # the profiled network: random / untrained weights are drawn from the profile's seed, not this run's
+    model = ctx.load(seed=int(doc["calibration"]["seed"]))
     same = model.describe()
     if (profiled.get("sha256") or same["sha256"]) and profiled.get("sha256") != same["sha256"] \
             or bool(profiled.get("untrained")) != bool(same["untrained"]) or profiled.get("params") != same["params"]:
