@@ -1,0 +1,308 @@
+"""Reusing computation across denoising steps: cacheable units, schedules and their real execution.
+
+A DiT (diffusers `DiTTransformer2DModel`) is a chain of transformer blocks; each block is a cacheable
+*unit*, and its *residual* is its output minus its input. A unit that is cached at step i does no
+compute at all: its output is its new input plus the residual it produced at the last step where it
+was computed. Two policies decide which units run:
+
+- `CacheSchedule` (static, chosen offline by `diffpro_cli.planning.cache_plan`): for every sampler
+  step (in sampling order: step 0 is the highest timestep) the set of units computed.
+- `FirstBlockCache` (dynamic, FBCache/TeaCache style): block 0 always runs; when the mean absolute
+  change of its residual against the last step where the rest ran, relative to that residual's mean
+  absolute value, is below `threshold`, blocks 1..N-1 are skipped and their combined residual
+  (output of the last block minus input of block 1, from that step) is added instead.
+
+Both always compute every unit at the first step (there is nothing to reuse yet) and at the
+`protect_tail` last steps (where fine detail forms, the prune stage's protected tail).
+
+`CacheRunner` (a context manager, `with cached(model, policy) as run: sample(model, ...)`) executes a
+policy for real: it replaces each block's `forward` on the instance (restored on exit) and learns the
+sampler step from the `timestep` the network is called with (a forward pre-hook), so the samplers need
+no change. The residuals are stored per network call within a step (with classifier-free guidance the
+sampler makes one call on the doubled batch; a caller that makes two calls per step gets two caches,
+keyed by the call's position in the step). A new trajectory (the first step's timestep again) starts
+from empty caches. The runner counts every block evaluation it actually ran: `compute_fraction` is
+measured, not predicted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from diffpro_cli.errors import InputError, UsageError
+
+SCHEMA = "diffpro.cache/1"
+POLICIES = ("static", "fbcache")
+
+
+def cache_units(net: nn.Module) -> nn.ModuleList:
+    """The cacheable units of a network: a DiT's transformer blocks."""
+    blocks = getattr(net, "transformer_blocks", None)
+    if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
+        raise UsageError(f"caching needs a DiT (a network with transformer_blocks), not {type(net).__name__}; "
+                         "run without a cache schedule")
+    return blocks
+
+
+def _net(model) -> nn.Module:
+    return model.net if hasattr(model, "net") and isinstance(model.net, nn.Module) else model
+
+
+def _sampling_order(timesteps: Sequence[int]) -> list[int]:
+    ts = [int(t) for t in timesteps]
+    if not ts or any(b <= a for a, b in zip(ts, ts[1:])):
+        raise UsageError("cache: timesteps must be a non-empty strictly increasing list (the sampler's subset)")
+    return ts[::-1]
+
+
+@dataclass
+class CacheSchedule:
+    """Static schedule: `computed[i]` = the units run at sampler step i (step 0 = highest timestep)."""
+
+    timesteps: list[int]                 # increasing, as the sampler takes them
+    num_units: int
+    computed: list[frozenset[int]]       # one set per step, in sampling order
+    policy: str = "static"
+
+    def __post_init__(self):
+        self.timesteps = [int(t) for t in self.timesteps]
+        order = _sampling_order(self.timesteps)
+        self.computed = [frozenset(int(u) for u in s) for s in self.computed]
+        if len(self.computed) != len(order):
+            raise InputError(f"cache schedule: {len(self.computed)} steps of units for {len(order)} timesteps; re-plan the cache")
+        for i, s in enumerate(self.computed):
+            bad = [u for u in s if not 0 <= u < self.num_units]
+            if bad:
+                raise InputError(f"cache schedule: step {i} names unit {bad[0]}, the network has {self.num_units}; re-plan the cache")
+        if len(self.computed[0]) != self.num_units:
+            raise InputError("cache schedule: the first step must compute every unit (nothing to reuse yet); re-plan the cache")
+
+    @classmethod
+    def full(cls, timesteps: Sequence[int], num_units: int) -> "CacheSchedule":
+        return cls(list(timesteps), num_units, [frozenset(range(num_units))] * len(timesteps))
+
+    def units_at(self, step: int) -> frozenset[int]:
+        return self.computed[step]
+
+    def compute_fraction(self) -> float:
+        return sum(len(s) for s in self.computed) / (len(self.computed) * self.num_units)
+
+    def as_dict(self) -> dict:
+        order = _sampling_order(self.timesteps)
+        return {"policy": self.policy, "num_units": self.num_units, "timesteps": self.timesteps,
+                "steps": [{"step": i, "t": t, "computed": sorted(s)} for i, (t, s) in enumerate(zip(order, self.computed))],
+                "compute_fraction": self.compute_fraction()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CacheSchedule":
+        try:
+            return cls(d["timesteps"], int(d["num_units"]), [s["computed"] for s in d["steps"]])
+        except (KeyError, TypeError) as e:
+            raise InputError(f"cache schedule: missing field {e}; re-plan the cache") from None
+
+
+@dataclass
+class FirstBlockCache:
+    """Dynamic policy: skip blocks 1..N-1 when block 0's residual changed by less than `threshold`
+    (mean |r − r_ref| / mean |r_ref|, r_ref from the last step where the rest ran)."""
+
+    timesteps: list[int]
+    num_units: int
+    threshold: float
+    protect_tail: int = 1
+    policy: str = "fbcache"
+
+    def __post_init__(self):
+        self.timesteps = [int(t) for t in self.timesteps]
+        _sampling_order(self.timesteps)
+        if not self.threshold >= 0:
+            raise UsageError(f"fbcache threshold {self.threshold}: must be >= 0 (0.08 and 0.12 are usual)")
+        if not 0 <= self.protect_tail < len(self.timesteps):
+            raise UsageError(f"cache protect_tail {self.protect_tail}: must be between 0 and steps - 1 = {len(self.timesteps) - 1}")
+
+    def as_dict(self) -> dict:
+        return {"policy": self.policy, "num_units": self.num_units, "timesteps": self.timesteps,
+                "threshold": self.threshold, "protect_tail": self.protect_tail}
+
+
+def policy_from_dict(d: dict):
+    kind = d.get("policy")
+    if kind == "static":
+        return CacheSchedule.from_dict(d)
+    if kind == "fbcache":
+        return FirstBlockCache(d["timesteps"], int(d["num_units"]), float(d["threshold"]), int(d.get("protect_tail", 1)))
+    raise InputError(f"cache policy {kind!r}: unknown (knows {', '.join(POLICIES)}); re-plan the cache")
+
+
+@dataclass
+class _CallState:
+    step: int = -1
+    call: int = 0
+    compute: frozenset[int] = frozenset()   # static: units to run in this call
+    rest: bool = True                       # fbcache: run blocks 1..N-1 in this call
+
+
+@dataclass
+class CacheRunner:
+    """Executes a policy on a network's blocks (see the module docstring). None = compute everything
+    (still counting, and still calling `on_residual`: how calibration records residuals)."""
+
+    net: nn.Module
+    policy: CacheSchedule | FirstBlockCache | None
+    timesteps: list[int] | None = None
+    on_residual: Callable[[int, int, int, torch.Tensor], None] | None = None   # (step, call, unit, residual)
+    evaluations: int = 0
+    calls: int = 0
+    log: list[dict] = field(default_factory=list)   # per network call: step, call, computed units (, change)
+
+    def __post_init__(self):
+        self.blocks = cache_units(self.net)
+        n = len(self.blocks)
+        if self.policy is not None:
+            if self.policy.num_units != n:
+                raise InputError(f"cache policy is for {self.policy.num_units} units, the network has {n} blocks; re-plan the cache")
+            self.timesteps = self.policy.timesteps
+        if self.timesteps is None:
+            raise UsageError("cache runner: pass the sampler's timesteps (or a policy that holds them)")
+        order = _sampling_order(self.timesteps)
+        self._step_of = {t: i for i, t in enumerate(order)}
+        self._steps = len(order)
+        self._state = _CallState()
+        self._res: dict[tuple[int, int], torch.Tensor] = {}     # (call, unit) → residual
+        self._fb_ref: dict[int, torch.Tensor] = {}               # call → block 0's reference residual
+        self._rest_in: dict[int, torch.Tensor] = {}              # call → input of block 1 (computing step)
+        self._handles = []
+
+    # -- bookkeeping ---------------------------------------------------------------------------
+
+    @property
+    def compute_fraction(self) -> float | None:
+        return self.evaluations / (self.calls * len(self.blocks)) if self.calls else None
+
+    def _forced(self, step: int) -> bool:
+        tail = self.policy.protect_tail if isinstance(self.policy, FirstBlockCache) else 0
+        return step == 0 or step >= self._steps - tail
+
+    def _pre_hook(self, module, args, kwargs):
+        t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+        if t is None:
+            raise UsageError("cache: the network was called without a timestep; caching needs the sampler's timestep")
+        tv = torch.as_tensor(t).reshape(-1)
+        if tv.numel() == 0 or not bool((tv == tv[0]).all()):
+            raise UsageError("cache: one network call mixes timesteps; call the network with one timestep per batch")
+        step = self._step_of.get(int(round(float(tv[0]))))
+        if step is None:
+            raise UsageError(f"cache: the sampler ran timestep {int(tv[0])}, the cache policy was made for other timesteps; "
+                             "re-plan the cache for this schedule")
+        st = self._state
+        if step == st.step:
+            st.call += 1
+        else:
+            if step == 0 and st.step != -1:
+                self._res.clear()
+                self._fb_ref.clear()
+                self._rest_in.clear()
+            st.step, st.call = step, 0
+        self.calls += 1
+        if isinstance(self.policy, CacheSchedule):
+            st.compute = self.policy.units_at(step)
+            self.log.append({"step": step, "call": st.call, "computed": sorted(st.compute)})
+        else:
+            st.compute = frozenset(range(len(self.blocks)))
+            st.rest = True
+            if self.policy is None:
+                self.log.append({"step": step, "call": st.call, "computed": sorted(st.compute)})
+        return None
+
+    # -- the block wrappers --------------------------------------------------------------------
+
+    def _run(self, u: int, orig, hidden_states, args, kwargs):
+        out = orig(hidden_states, *args, **kwargs)
+        self.evaluations += 1
+        return out
+
+    def _static_forward(self, u: int, orig):
+        def forward(hidden_states, *args, **kwargs):
+            st = self._state
+            key = (st.call, u)
+            if u in st.compute:
+                out = self._run(u, orig, hidden_states, args, kwargs)
+                res = out - hidden_states
+                if self.policy is not None:
+                    self._res[key] = res
+                if self.on_residual is not None:
+                    self.on_residual(st.step, st.call, u, res)
+                return out
+            res = self._res.get(key)
+            if res is None or res.shape != hidden_states.shape:
+                raise InputError(f"cache: unit {u} is cached at step {st.step} but has no residual for this call "
+                                 "(the trajectory did not start at the schedule's first step); re-plan the cache")
+            return hidden_states + res
+        return forward
+
+    def _fb_forward(self, u: int, orig):
+        n = len(self.blocks)
+        pol: FirstBlockCache = self.policy
+
+        def forward(hidden_states, *args, **kwargs):
+            st = self._state
+            if u == 0:
+                out = self._run(u, orig, hidden_states, args, kwargs)
+                r1 = out - hidden_states
+                ref = self._fb_ref.get(st.call)
+                change = None
+                if self._forced(st.step) or ref is None or ref.shape != r1.shape:
+                    st.rest = True
+                else:
+                    change = float((r1 - ref).abs().mean() / ref.abs().mean().clamp_min(1e-30))
+                    st.rest = change >= pol.threshold
+                if st.rest:
+                    self._fb_ref[st.call] = r1
+                self.log.append({"step": st.step, "call": st.call,
+                                 "computed": list(range(n)) if st.rest else [0], "change": change})
+                return out
+            if st.rest:
+                if u == 1:
+                    self._rest_in[st.call] = hidden_states
+                out = self._run(u, orig, hidden_states, args, kwargs)
+                if u == n - 1:
+                    self._res[(st.call, -1)] = out - self._rest_in.pop(st.call)
+                return out
+            if u < n - 1:
+                return hidden_states          # no compute: the combined residual is added after the last block
+            return hidden_states + self._res[(st.call, -1)]
+        return forward
+
+    # -- install / remove ----------------------------------------------------------------------
+
+    def __enter__(self) -> "CacheRunner":
+        if any("forward" in vars(b) for b in self.blocks):
+            raise UsageError("cache: the network's blocks are already wrapped (a cache runner is active); leave it first")
+        make = self._fb_forward if isinstance(self.policy, FirstBlockCache) else self._static_forward
+        for u, block in enumerate(self.blocks):
+            block.forward = make(u, type(block).forward.__get__(block))
+        self._handles.append(self.net.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        for block in self.blocks:
+            vars(block).pop("forward", None)
+        self._res.clear()
+        self._fb_ref.clear()
+        self._rest_in.clear()
+
+    def summary(self) -> dict:
+        return {"policy": None if self.policy is None else self.policy.policy, "calls": self.calls,
+                "evaluations": self.evaluations, "compute_fraction": self.compute_fraction}
+
+
+def cached(model, policy, timesteps: Sequence[int] | None = None, on_residual=None) -> CacheRunner:
+    """`with cached(model, policy) as run: sample(model, ...)`; `run.compute_fraction` afterwards."""
+    return CacheRunner(_net(model), policy, list(timesteps) if timesteps is not None else None, on_residual)
