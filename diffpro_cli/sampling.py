@@ -1,9 +1,20 @@
-"""DDPM (ancestral) and DDIM sampling over ANY increasing subset of the training timesteps.
+"""DDPM (ancestral), DDIM and flow-matching Euler sampling over ANY increasing subset of the training timesteps.
+
+Every model has a discrete training schedule of N steps indexed 0 … N-1 (increasing noise): ᾱ_t for
+epsilon and v-prediction models, σ_t (flow-matching sigmas with shift, `DiffusionModel.sigmas()`) for
+flow models. A subset is a strictly increasing list of those integer indices: that is what prune selects,
+what plans record and what the network is called with (a flow network's timestep σ_t·N is applied inside
+the network call, see models.base `flow_timesteps`).
 
 Given kept timesteps τ_1 < … < τ_K, the sampler walks τ_K → τ_1 and treats the subset as its own
 Markov chain with alphas ᾱ(τ_i) (the respacing of Nichol & Dhariwal): for the full subset 0..T-1
-this is exactly standard DDPM, and for a uniform subset it is DDIM. Noise is drawn per sample from
-its own generator seeded by (seed, sample index), so sample i is the same whatever the batch size.
+this is exactly standard DDPM, and for a uniform subset it is DDIM. v-prediction models step through
+their ε-equivalent. Flow models take Euler steps x_{σ_next} = x_σ + (σ_next − σ)·v down to σ = 0
+(`method` "euler", or "ddim" with eta 0, which is the same update for flow). Noise is drawn per sample
+from its own generator seeded by (seed, sample index), so sample i is the same whatever the batch size.
+
+Conditioning (class labels, a `models.conditioning.Conditioning` of embeddings, or None) is sliced per
+batch and passed through unchanged.
 """
 
 from __future__ import annotations
@@ -15,6 +26,7 @@ import torch
 
 from diffpro_cli.errors import UsageError
 from diffpro_cli.models.base import DiffusionModel
+from diffpro_cli.models.conditioning import Conditioning, take
 
 SAMPLE_SEED_STRIDE = 1_000_003
 
@@ -66,15 +78,24 @@ def sample_generators(seed: int, indices: Sequence[int]) -> list[torch.Generator
     return [torch.Generator().manual_seed(seed * SAMPLE_SEED_STRIDE + int(i)) for i in indices]
 
 
-def default_labels(model: DiffusionModel, n: int) -> torch.Tensor | None:
-    """Class i % num_classes for sample i (so a grid of 10·k shows every class)."""
+def default_labels(model: DiffusionModel, n: int):
+    """The default conditioning of samples 0 … n-1: class i % num_classes for sample i (so a grid of 10·k
+    shows every class); for embedding-conditioned models entry i % M of the model's conditioning set
+    (`model.conditioning_set`, e.g. read with models.conditioning.load_conditioning); None if unconditional."""
+    cond_set = model.conditioning_set
+    if model.conditioning == "embeddings":
+        if cond_set is None:
+            raise UsageError(f"{model.spec}: is conditioned on text embeddings; pass a conditioning file of prompt embeddings (--conditioning FILE)")
+        return cond_set.cycle(n)
+    if cond_set is not None and model.num_classes is not None:   # a class-label set: plain labels, cycled
+        return cond_set.cycle(n).class_labels
     if model.num_classes is None:
         return None
     return torch.arange(n) % model.num_classes
 
 
 def initial_batches(model: DiffusionModel, n: int, labels, seed: int, batch_size: int, first_index: int):
-    """Yields (global indices, per-sample generators, x_T, labels) batch by batch."""
+    """Yields (global indices, per-sample generators, x_T, conditioning) batch by batch."""
     if labels is None:
         labels = default_labels(model, first_index + n)
         labels = labels[first_index:] if labels is not None else None
@@ -82,12 +103,12 @@ def initial_batches(model: DiffusionModel, n: int, labels, seed: int, batch_size
         idx = list(range(first_index + start, first_index + min(n, start + batch_size)))
         gens = sample_generators(seed, idx)
         x = torch.stack([torch.randn(model.sample_shape, generator=g) for g in gens])
-        yield idx, gens, x, (labels[start:start + len(idx)] if labels is not None else None)
+        yield idx, gens, x, take(labels, start, len(idx))
 
 
 @dataclass
 class SamplerConfig:
-    method: str = "ddim"        # "ddim" | "ddpm"
+    method: str = "ddim"        # "ddim" | "ddpm" | "euler" (flow models; "ddim" with eta 0 is the same update there)
     eta: float = 0.0            # DDIM only
     cfg_scale: float = 1.0      # 1.0 = no guidance
     clip_x0: bool = True        # clip the predicted x0 to [-1, 1] (pixel-space models); DDIM then uses
@@ -97,14 +118,57 @@ class SamplerConfig:
         return dict(method=self.method, eta=self.eta, cfg_scale=self.cfg_scale, clip_x0=self.clip_x0)
 
 
-def guided_eps(model: DiffusionModel, x: torch.Tensor, t: int, y: torch.Tensor | None, cfg_scale: float) -> torch.Tensor:
+def _guided(model: DiffusionModel, fn, x: torch.Tensor, t: int, y, cfg_scale: float) -> torch.Tensor:
+    """uncond + scale·(cond − uncond) of fn(x, t, conditioning); one call with the batch doubled."""
     tt = torch.full((x.shape[0],), int(t), dtype=torch.long)
-    if y is None or cfg_scale == 1.0 or model.null_class is None:
-        return model.eps(x, tt, y)
-    null = torch.full_like(y, model.null_class)
-    both = model.eps(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([y, null]))
+    if y is None or cfg_scale == 1.0:
+        return fn(x, tt, y)
+    if isinstance(y, Conditioning) and not y.is_class:
+        both_y = Conditioning.cat([y, y.unconditional(model.null_class)])
+    else:
+        if model.null_class is None:
+            return fn(x, tt, y)
+        labels = y.class_labels if isinstance(y, Conditioning) else y
+        both_y = torch.cat([labels, torch.full_like(labels, model.null_class)])
+    both = fn(torch.cat([x, x]), torch.cat([tt, tt]), both_y)
     cond, uncond = both.chunk(2)
     return uncond + cfg_scale * (cond - uncond)
+
+
+def guided_eps(model: DiffusionModel, x: torch.Tensor, t: int, y, cfg_scale: float) -> torch.Tensor:
+    """The (ε-equivalent) noise prediction with classifier-free guidance."""
+    return _guided(model, model.eps, x, t, y, cfg_scale)
+
+
+def guided_output(model: DiffusionModel, x: torch.Tensor, t: int, y, cfg_scale: float) -> torch.Tensor:
+    """What the sampler steps with, guided: the velocity for flow models (guidance on v, as diffusers' flow
+    pipelines do), ε otherwise."""
+    return _guided(model, model.sampler_output, x, t, y, cfg_scale)
+
+
+def split_prediction(is_flow: bool, a, s, x: torch.Tensor, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x0, ε) from the state x = a·x0 + s·ε and the sampler output (ε, or the velocity v = ε − x0 for flow)."""
+    if is_flow:
+        return x - s * out, x + a * out
+    return (x - s * out) / a, out
+
+
+def flow_step(x: torch.Tensor, v: torch.Tensor, sigma: float, sigma_next: float, cfg: SamplerConfig) -> torch.Tensor:
+    """One flow-matching Euler step x + (σ_next − σ)·v. With clip_x0 the clipped x0 = x − σ·v and the noise it
+    implies are moved to σ_next (the deterministic DDIM update in flow form; the same drift as `step`)."""
+    if not cfg.clip_x0:
+        return x + (sigma_next - sigma) * v
+    x0 = (x - sigma * v).clamp(-1, 1)
+    eps = (x - (1 - sigma) * x0) / sigma
+    return (1 - sigma_next) * x0 + sigma_next * eps
+
+
+def check_method(model: DiffusionModel, cfg: SamplerConfig) -> None:
+    if model.is_flow:
+        if cfg.method not in ("euler", "ddim") or (cfg.method == "ddim" and cfg.eta != 0):
+            raise UsageError(f"--method {cfg.method}: {model.spec} is a flow-matching model; use euler (or ddim with eta 0)")
+    elif cfg.method not in ("ddim", "ddpm"):
+        raise UsageError(f"--method {cfg.method}: unknown sampler for an {model.prediction_type} model; use ddim or ddpm")
 
 
 def _randn_like(x: torch.Tensor, gens: list[torch.Generator]) -> torch.Tensor:
@@ -152,21 +216,28 @@ def sample(
 ) -> torch.Tensor:
     """n samples [n, C, H, W] (decoded) walking `timesteps` (increasing list) from high to low.
 
-    Sample j (global index first_index + j) depends only on (seed, global index, label, timesteps).
-    `on_step(t, x_t, eps)` observes every model call (profiling, drift measurement).
+    Sample j (global index first_index + j) depends only on (seed, global index, conditioning, timesteps).
+    `labels`: class labels [n], a Conditioning with n rows, or None (the model's default conditioning).
+    `on_step(t, x_t, out)` observes every model call (profiling, drift measurement): `out` is ε (the
+    ε-equivalent for v-prediction) or, for flow models, the velocity (`split_prediction` gives x0 and ε).
     """
     ts = validate_timesteps(timesteps, model.num_train_timesteps)
+    check_method(model, cfg)
     acp = model.alphas_cumprod
+    sig = model.sigmas() if model.is_flow else None
     outs = []
     for idx, gens, x, y in initial_batches(model, n, labels, seed, batch_size, first_index):
         for i in range(len(ts) - 1, -1, -1):
             t = ts[i]
-            a_t = float(acp[t])
-            a_prev = float(acp[ts[i - 1]]) if i > 0 else 1.0
-            eps = guided_eps(model, x, t, y, cfg.cfg_scale)
+            out = guided_output(model, x, t, y, cfg.cfg_scale)
             if on_step is not None:
-                on_step(t, x, eps)
-            x = step(x, eps, a_t, a_prev, cfg, gens)
+                on_step(t, x, out)
+            if sig is not None:
+                x = flow_step(x, out, float(sig[t]), float(sig[ts[i - 1]]) if i > 0 else 0.0, cfg)
+            else:
+                a_t = float(acp[t])
+                a_prev = float(acp[ts[i - 1]]) if i > 0 else 1.0
+                x = step(x, out, a_t, a_prev, cfg, gens)
             advance(len(idx))
         outs.append(model.decode(x) if decode else x)
     return torch.cat(outs) if outs else torch.empty(0, *model.sample_shape)
@@ -219,9 +290,12 @@ def sample_dpmsolver(
     advance: Callable[[int], None] = lambda k: None,
     decode: bool = True,
 ) -> torch.Tensor:
-    """DPM-Solver++ (2nd order multistep, diffusers' scheduler) at `steps` steps, same seeded initial noise."""
+    """DPM-Solver++ (2nd order multistep, diffusers' scheduler) at `steps` steps, same seeded initial noise.
+    v-prediction models step with their ε-equivalent; flow models are refused (use the Euler sampler)."""
     from diffusers import DPMSolverMultistepScheduler
 
+    if model.is_flow:
+        raise UsageError(f"{model.spec}: DPM-Solver++ here is for epsilon/v-prediction models; sample flow models with euler")
     sched = DPMSolverMultistepScheduler(
         num_train_timesteps=model.num_train_timesteps,
         trained_betas=betas_from_alphas_cumprod(model.alphas_cumprod).float().numpy(),

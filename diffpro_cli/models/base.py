@@ -8,7 +8,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from diffpro_cli.errors import InputError
+from diffpro_cli.errors import InputError, UsageError
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "flow")
 
 
 def linear_alphas_cumprod(num_steps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
@@ -16,6 +18,21 @@ def linear_alphas_cumprod(num_steps: int = 1000, beta_start: float = 1e-4, beta_
     # not diffusers' DDPMScheduler(beta_schedule="linear").alphas_cumprod: it is float32, off by up to 3.6e-7 relative (t=608)
     betas = torch.linspace(beta_start, beta_end, num_steps, dtype=torch.float64)
     return torch.cumprod(1.0 - betas, dim=0)
+
+
+def flow_sigmas(num_steps: int = 1000, shift: float = 1.0) -> torch.Tensor:
+    """The flow-matching training sigmas (float64, increasing with the index): σ_i = shift·s/(1 + (shift − 1)·s) with
+    s = (i + 1)/N, i.e. diffusers' FlowMatchEulerDiscreteScheduler(num_train_timesteps=N, shift=shift).sigmas
+    reversed. x_σ = (1 − σ)·x0 + σ·noise; the network is called at timestep σ·N."""
+    s = torch.arange(1, num_steps + 1, dtype=torch.float64) / num_steps
+    return shift * s / (1 + (shift - 1) * s)
+
+
+def flow_alphas_cumprod(sigmas: torch.Tensor) -> torch.Tensor:
+    """ᾱ of the variance-preserving schedule with the same signal-to-noise ratio as flow sigmas:
+    SNR = ((1 − σ)/σ)² = ᾱ/(1 − ᾱ). Stored as a flow model's alphas_cumprod (σ = 1 gives ᾱ = 0)."""
+    a, s = (1 - sigmas) ** 2, sigmas ** 2
+    return a / (a + s)
 
 
 def dit_forward(net, x, t, y):
@@ -54,8 +71,35 @@ def _set_timestep_freq_shift(net: nn.Module, shift: float) -> None:
         block.norm1.emb.time_proj.downscale_freq_shift = shift
 
 
+def _set_flow_timesteps(net: nn.Module, record: dict) -> None:
+    """Flow-matching networks take timestep σ·N (a float); diffpro calls every network with the integer index of
+    its training schedule (so profiles, static activation scales and plans are keyed by index). This forward
+    pre-hook maps an integer `timestep` (keyword, else the second positional argument) to σ_index·N; float
+    timesteps (a diffusers pipeline calling the same network) pass through unchanged."""
+    n, shift = int(record["num_train_timesteps"]), float(record["shift"])
+    table = flow_sigmas(n, shift) * n
+    old = getattr(net, "_diffpro_timestep_hook", None)
+    if old is not None:
+        old.remove()
+
+    def to_net(t):
+        if isinstance(t, torch.Tensor) and not t.is_floating_point() and not t.is_complex():
+            return table.to(t.device)[t.long()].to(torch.float32)
+        return t
+
+    def hook(module, args, kwargs):
+        if "timestep" in kwargs:
+            kwargs = dict(kwargs, timestep=to_net(kwargs["timestep"]))
+        elif len(args) >= 2:
+            args = (args[0], to_net(args[1]), *args[2:])
+        return args, kwargs
+
+    net._diffpro_timestep_hook = net.register_forward_pre_hook(hook, with_kwargs=True)
+
+
 NET_PATCHES: dict[str, Callable[[nn.Module, object], None]] = {
     "timestep_freq_shift": _set_timestep_freq_shift,
+    "flow_timesteps": _set_flow_timesteps,
 }
 
 
@@ -77,9 +121,16 @@ ROLES = ("attn_qkv", "attn_out", "mlp", "adaln", "time_embed", "class_embed", "p
 
 @dataclass
 class DiffusionModel:
-    """A noise-prediction network plus everything a sampler and a quantizer need to know about it.
+    """A denoising network plus everything a sampler and a quantizer need to know about it.
 
-    `net` is called through `eps(x_t, t, y)`; the kind-specific call convention lives in `forward_fn`.
+    `net` is called through `eps(x_t, t, cond)` (or `velocity` for flow models) with integer indices t of the
+    training schedule; the kind-specific call convention lives in `forward_fn(net, x, t, cond)`, which gets
+    plain class labels (or None) for class-conditioned and unconditional models and the whole
+    `Conditioning` record for embedding-conditioned ones.
+
+    prediction_type: "epsilon" (noise), "v_prediction" (v = √ᾱ·ε − √(1−ᾱ)·x0) or "flow" (velocity
+    v = ε − x0 of x_σ = (1 − σ)·x0 + σ·ε, sigmas from `flow_shift`). Loaders record it (and the shift) in
+    `config` too, so quantized checkpoints, which rebuild from the config, keep it.
     """
 
     spec: str
@@ -94,6 +145,23 @@ class DiffusionModel:
     untrained: bool = False
     sha256: str | None = None              # of the weights file(s) this was loaded from
     config: dict = field(default_factory=dict)  # JSON-able description (architecture config, source; see below)
+    prediction_type: str | None = None     # None: config["prediction_type"], else "epsilon"
+    flow_shift: float | None = None        # flow models: None → config["flow_shift"], else 1.0
+    conditioning: str | None = None        # "class" | "embeddings" | "none"; None → from config / num_classes
+    conditioning_fields: dict | None = None  # embeddings: {field: trailing shape (None = any size)} the network needs
+    conditioning_set: object | None = field(default=None, repr=False)  # Conditioning of M entries; sample i uses i % M
+
+    def __post_init__(self):
+        cfg = self.config if isinstance(self.config, dict) else {}
+        self.prediction_type = self.prediction_type or cfg.get("prediction_type") or "epsilon"
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise InputError(f"{self.spec}: prediction_type {self.prediction_type!r} is not supported; diffpro knows {', '.join(PREDICTION_TYPES)}")
+        if self.prediction_type == "flow" and self.flow_shift is None:
+            self.flow_shift = float(cfg.get("flow_shift", 1.0))
+        if self.conditioning is None:
+            self.conditioning = cfg.get("conditioning") or ("class" if self.num_classes is not None else "none")
+        if self.conditioning_fields is None and cfg.get("conditioning_fields"):
+            self.conditioning_fields = cfg["conditioning_fields"]
 
     @property
     def num_train_timesteps(self) -> int:
@@ -103,15 +171,95 @@ class DiffusionModel:
     def null_class(self) -> int | None:
         return self.num_classes
 
-    def eps(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """Predicted noise for x_t at integer timesteps t (shape [B]) and labels y (shape [B] or None)."""
+    def with_conditioning(self, cond) -> "DiffusionModel":
+        """Attach a calibration set (a Conditioning, or a file path read with load_conditioning) after checking that
+        its shapes fit this network; returns self."""
+        from diffpro_cli.models.conditioning import Conditioning, check_fits, load_conditioning
+
+        source = cond if not isinstance(cond, Conditioning) else "conditioning"
+        if not isinstance(cond, Conditioning):
+            cond = load_conditioning(cond)
+        if self.conditioning != "embeddings":
+            if not cond.is_class or self.num_classes is None:
+                raise UsageError(f"{self.spec}: takes {'class labels' if self.num_classes is not None else 'no conditioning'}; "
+                                 "drop the conditioning file (or give class_labels)")
+            if bool(((cond.class_labels < 0) | (cond.class_labels >= self.num_classes)).any()):
+                raise InputError(f"{source}: class_labels must lie in 0..{self.num_classes - 1}")
+        else:
+            check_fits(cond, self.conditioning_fields, source)
+        self.conditioning_set = cond
+        return self
+
+    @property
+    def is_flow(self) -> bool:
+        return self.prediction_type == "flow"
+
+    def sigmas(self) -> torch.Tensor:
+        """Flow models: σ over the training indices (float64, increasing); others: √(1 − ᾱ)."""
+        if self.is_flow:
+            return flow_sigmas(self.num_train_timesteps, self.flow_shift)
+        return (1 - self.alphas_cumprod).clamp_min(0).sqrt()
+
+    def coefficients(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(a, s) over the training indices with x_t = a·x0 + s·ε (float64): (√ᾱ, √(1−ᾱ)) or, for flow, (1 − σ, σ)."""
+        if self.is_flow:
+            sig = self.sigmas()
+            return 1 - sig, sig
+        acp = self.alphas_cumprod.double()
+        return acp.sqrt(), (1 - acp).clamp_min(0).sqrt()
+
+    def _net_conditioning(self, y):
+        from diffpro_cli.models.conditioning import Conditioning
+
+        if self.conditioning == "embeddings":
+            if not isinstance(y, Conditioning) or y.encoder_hidden_states is None:
+                raise UsageError(f"{self.spec}: is conditioned on text embeddings; pass a conditioning file of prompt embeddings (--conditioning FILE)")
+            return y
+        if isinstance(y, Conditioning):   # class-conditioned / unconditional networks keep their label convention
+            return y.class_labels
+        return y
+
+    def raw(self, x: torch.Tensor, t: torch.Tensor, y=None) -> torch.Tensor:
+        """The network's own prediction (learned-variance channels dropped) at integer timesteps t ([B] or scalar)."""
         if t.ndim == 0:
             t = t.expand(x.shape[0])
-        out = self.forward_fn(self.net, x, t, y)
+        out = self.forward_fn(self.net, x, t, self._net_conditioning(y))
         c = x.shape[1]
-        if out.shape[1] == 2 * c:  # learned sigma (DiT): first half is epsilon
+        if out.shape[1] == 2 * c:  # learned sigma (DiT): first half is the prediction
             out = out[:, :c]
         return out
+
+    def _coef(self, t: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        a, s = self.coefficients()
+        t = t.expand(x.shape[0]) if t.ndim == 0 else t
+        shape = (-1,) + (1,) * (x.ndim - 1)
+        idx = t.long().cpu()
+        return a[idx].to(x.dtype).view(shape).to(x.device), s[idx].to(x.dtype).view(shape).to(x.device)
+
+    def output_to_eps(self, out: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The ε-equivalent of a raw prediction: v-prediction ε = √ᾱ·v + √(1−ᾱ)·x_t; flow ε = x_σ + (1 − σ)·v."""
+        if self.prediction_type == "epsilon":
+            return out
+        a, s = self._coef(t, x)
+        if self.prediction_type == "v_prediction":
+            return a * out + s * x
+        return x + a * out
+
+    def eps(self, x: torch.Tensor, t: torch.Tensor, y=None) -> torch.Tensor:
+        """Predicted noise (ε-equivalent for v-prediction and flow models) for x_t at integer timesteps t
+        (shape [B]) and conditioning y (class labels [B], a Conditioning, or None)."""
+        out = self.raw(x, t, y)
+        return out if self.prediction_type == "epsilon" else self.output_to_eps(out, x, t)
+
+    def velocity(self, x: torch.Tensor, t: torch.Tensor, y=None) -> torch.Tensor:
+        """Flow models: the predicted velocity v = ε − x0 at integer timesteps t (the network's output)."""
+        if not self.is_flow:
+            raise UsageError(f"{self.spec}: velocity() is for flow-matching models; this one predicts {self.prediction_type} (use eps())")
+        return self.raw(x, t, y)
+
+    def sampler_output(self, x: torch.Tensor, t: torch.Tensor, y=None) -> torch.Tensor:
+        """What samplers step with: the velocity for flow models, ε otherwise."""
+        return self.velocity(x, t, y) if self.is_flow else self.eps(x, t, y)
 
     def quantizable_layers(self) -> dict[str, tuple[nn.Module, str]]:
         """Every nn.Linear / nn.Conv2d by qualified name, with its role."""
@@ -131,6 +279,9 @@ class DiffusionModel:
             "sample_shape": list(self.sample_shape),
             "num_classes": self.num_classes,
             "num_train_timesteps": self.num_train_timesteps,
+            "prediction_type": self.prediction_type,
+            **({"flow_shift": self.flow_shift} if self.is_flow else {}),
+            "conditioning": self.conditioning,
             "random_weights": self.random_weights,
             "untrained": self.untrained,
             "sha256": self.sha256,

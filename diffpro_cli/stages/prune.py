@@ -148,8 +148,11 @@ def run_teacher(model: DiffusionModel, reference: list[int], record: set[int], c
     return Teacher(x=x, eps=eps, final=final, reference=reference)
 
 
-def local_drift_matrix(teacher: Teacher, cands_desc: list[int], acp: torch.Tensor, clip_x0: bool = False) -> np.ndarray:
+def local_drift_matrix(teacher: Teacher, cands_desc: list[int], acp, clip_x0: bool = False) -> np.ndarray:
     """cost[i, j] for candidates in descending order (i < j: from the higher to the lower timestep).
+
+    `acp`: the model's ᾱ (epsilon teachers), or the DiffusionModel itself (any prediction type: its
+    coefficients x_t = a·x0 + s·ε; a flow teacher's recorded outputs are velocities).
 
     cost[i, j] = mean((DDIM(x_a, eps_a: ᾱ_a → ᾱ_b) − x_b)²) with a = cands_desc[i], b = cands_desc[j];
     the extra last column is the jump from a to the end (ᾱ = 1) compared with the teacher's final sample.
@@ -159,14 +162,26 @@ def local_drift_matrix(teacher: Teacher, cands_desc: list[int], acp: torch.Tenso
     C = len(cands_desc)
     X = torch.stack([teacher.x[t].reshape(-1) for t in cands_desc]).double()
     E = torch.stack([teacher.eps[t].reshape(-1) for t in cands_desc]).double()
-    a = torch.tensor([float(acp[t]) for t in cands_desc], dtype=torch.float64)
-    U = (X - (1 - a).sqrt()[:, None] * E) / a.sqrt()[:, None]
-    if clip_x0:   # the sampler's DDIM: clipped x0 and the eps it implies
-        U = U.clamp(-1, 1)
-        E = (X - a.sqrt()[:, None] * U) / (1 - a).sqrt()[:, None]
+    if isinstance(acp, DiffusionModel):   # any prediction type: x_t = a·x0 + s·ε; flow teachers record the velocity
+        from diffpro_cli.sampling import split_prediction
+
+        ca, cs = acp.coefficients()
+        a_, s_ = ca[cands_desc][:, None], cs[cands_desc][:, None]
+        U, E = split_prediction(acp.is_flow, a_, s_, X, E)
+        if clip_x0:
+            U = U.clamp(-1, 1)
+            E = (X - a_ * U) / s_
+        one = torch.ones(1, dtype=torch.float64)
+        al, be = torch.cat([a_[:, 0], one]), torch.cat([s_[:, 0], 0 * one])   # coefficients of each target (end: x0)
+    else:
+        a = torch.tensor([float(acp[t]) for t in cands_desc], dtype=torch.float64)
+        U = (X - (1 - a).sqrt()[:, None] * E) / a.sqrt()[:, None]
+        if clip_x0:   # the sampler's DDIM: clipped x0 and the eps it implies
+            U = U.clamp(-1, 1)
+            E = (X - a.sqrt()[:, None] * U) / (1 - a).sqrt()[:, None]
+        ab = torch.cat([a, torch.ones(1, dtype=torch.float64)])             # ᾱ of each target (end: 1)
+        al, be = ab.sqrt(), (1 - ab).clamp_min(0).sqrt()
     W = torch.cat([X, teacher.final.reshape(1, -1).double()])          # targets: x_b, then the final sample
-    ab = torch.cat([a, torch.ones(1, dtype=torch.float64)])             # ᾱ of each target (end: 1)
-    al, be = ab.sqrt(), (1 - ab).clamp_min(0).sqrt()
     uu, ee, ue = (U * U).sum(1), (E * E).sum(1), (U * E).sum(1)
     ww = (W * W).sum(1)
     uw, ew = U @ W.T, E @ W.T
@@ -310,7 +325,7 @@ def select_timesteps(model: DiffusionModel, cfg: PruneConfig, ui: UI = QUIET_UI)
     ui.info(f"prune: teacher DDIM on {len(reference)} steps for {cfg.n} calibration samples")
     with ui.progress("teacher", total=cfg.n * len(reference)) as advance:
         teacher = run_teacher(model, reference, set(cands), cfg, labels, advance)
-    cost = local_drift_matrix(teacher, cands_desc, model.alphas_cumprod, clip_x0=sampler.clip_x0)
+    cost = local_drift_matrix(teacher, cands_desc, model, clip_x0=sampler.clip_x0)
 
     results = []
     for k in sizes:
@@ -339,7 +354,12 @@ def select_timesteps(model: DiffusionModel, cfg: PruneConfig, ui: UI = QUIET_UI)
         "alternatives": main["alternatives"],
         "drift_curve": main["drift_curve"],
         "teacher": {"sampler": "ddim", "eta": 0.0, "reference_steps": len(reference), "cfg_scale": cfg.cfg_scale,
-                    "clip_x0": sampler.clip_x0, "n": cfg.n, "labels": "i % num_classes" if labels is not None else None},
+                    "clip_x0": sampler.clip_x0, "n": cfg.n,
+                    "labels": None if labels is None else ("i % num_classes" if isinstance(labels, torch.Tensor) else "i % M of the conditioning set")},
+        # which schedule the integer timesteps index (flow: σ_t·N is the network's timestep)
+        "schedule": {"prediction_type": model.prediction_type,
+                     **({"type": "flow-matching sigmas", "shift": model.flow_shift,
+                         "sigmas": [float(model.sigmas()[t]) for t in main["timesteps"]]} if model.is_flow else {"type": "alphas_cumprod"})},
         "candidates": {"count": len(cands), "grid": len(grid), "first": cands[0], "last": cands[-1]},
         "units": "mean squared error per element of the model-space sample (not decoded)",
         "sweep": [{k: r[k] for k in ("steps", "protect_tail", "timesteps", "drift", "uniform_drift", "local_drift")}
