@@ -261,7 +261,9 @@ def calibration_set(model, profile_doc: dict, n_samples: int, n_timesteps: int):
 
     sampler = SamplerConfig(method=cal["sampler"]["method"], cfg_scale=cal["sampler"]["cfg_scale"])
     sample(model, n, ts, sampler, labels=labels, seed=int(cal["seed"]), batch_size=batch, on_step=on_step, decode=False)
-    y = torch.cat(ys) if labels is not None else None
+    from diffpro_cli.models.conditioning import cat_conditions
+
+    y = cat_conditions(ys) if labels is not None else None   # labels, or a Conditioning (embedding models)
     return torch.cat(xs), torch.cat(tt), y, sorted(keep), n
 
 
