@@ -51,6 +51,29 @@ def unet_forward(net, x, t, y):
     return net(x, t, class_labels=y, return_dict=False)[0]
 
 
+def sd3_forward(net, x, t, c):
+    """SD3Transformer2DModel call with a Conditioning (encoder_hidden_states, pooled_projections)."""
+    return net(hidden_states=x, encoder_hidden_states=c.encoder_hidden_states, pooled_projections=c.pooled_projections,
+               timestep=t, return_dict=False)[0]
+
+
+def pixart_forward(net, x, t, c):
+    """PixArtTransformer2DModel call (T5 embeddings + mask; PixArt-α 1024 resolution/aspect conditions in added_cond_kwargs)."""
+    added = dict(c.added_cond_kwargs) or {"resolution": None, "aspect_ratio": None}
+    return net(x, encoder_hidden_states=c.encoder_hidden_states, timestep=t, added_cond_kwargs=added,
+               encoder_attention_mask=c.encoder_attention_mask, return_dict=False)[0]
+
+
+def unet_cond_forward(net, x, t, c):
+    """UNet2DConditionModel call (SD 1.x/2.x text embeddings; SDXL text_embeds/time_ids in added_cond_kwargs)."""
+    return net(x, t, encoder_hidden_states=c.encoder_hidden_states, encoder_attention_mask=c.encoder_attention_mask,
+               added_cond_kwargs=dict(c.added_cond_kwargs) or None, return_dict=False)[0]
+
+
+# the call convention of each embedding-conditioned kind (checkpoint reloads pick it by kind)
+EMBEDDING_FORWARDS = {"sd3": sd3_forward, "pixart": pixart_forward, "unet_cond": unet_cond_forward}
+
+
 # ---------------------------------------------------------------------------------------------
 # Loader settings that a diffusers config cannot express. A loader that changes its network after
 # construction records the change in `config["net_patches"]` (name → value) and makes it through
@@ -116,7 +139,8 @@ def apply_net_patches(net: nn.Module, patches: dict | None) -> dict:
 
 
 # Roles of quantizable layers; planners use them for protection defaults.
-ROLES = ("attn_qkv", "attn_out", "mlp", "adaln", "time_embed", "class_embed", "patch_embed", "final", "conv", "other")
+ROLES = ("attn_qkv", "attn_out", "cross_attn_qkv", "cross_attn_out", "mlp", "adaln", "time_embed", "class_embed",
+         "context_embed", "patch_embed", "final", "conv", "other")
 
 
 @dataclass

@@ -1,12 +1,15 @@
 """Diffusers directories: a model folder (config.json + weights) or a pipeline folder (model_index.json).
 
 Supported networks: DiTTransformer2DModel (also the legacy `Transformer2DModel` name with
-norm_type ada_norm_zero, as in facebook/DiT-XL-2-256) and UNet2DModel. A pipeline is DiTPipeline-like
-(transformer/ + scheduler/ + optional vae/) or DDPMPipeline-like (unet/ + scheduler/).
+norm_type ada_norm_zero, as in facebook/DiT-XL-2-256) and UNet2DModel (class labels), and the
+text-conditioned SD3Transformer2DModel, PixArtTransformer2DModel and UNet2DConditionModel (prompt
+embeddings through a `Conditioning`; text encoders are not loaded). A pipeline is DiTPipeline-like
+(transformer/ + scheduler/ + optional vae/) or DDPMPipeline/StableDiffusionPipeline-like (unet/ + scheduler/).
 
 - Schedule: from scheduler/scheduler_config.json (num_train_timesteps, beta_start, beta_end,
-  beta_schedule linear | scaled_linear | squaredcos_cap_v2, or trained_betas) when present, else
-  the linear 1000-step DDPM schedule. Only epsilon prediction is supported.
+  beta_schedule linear | scaled_linear | squaredcos_cap_v2, or trained_betas; prediction_type epsilon or
+  v_prediction) when present, else the linear 1000-step DDPM schedule. A FlowMatchEulerDiscreteScheduler
+  config makes a flow-matching model with its `shift` (dynamic shifting is refused).
 - Latent models: with a vae/ (AutoencoderKL), decode(z) = vae.decode(z / scaling_factor).sample,
   recorded as config["decode"] (see `build_decoder`) so a quantized checkpoint decodes the same way.
   A DiT without a VAE decodes as the identity (samples stay latents).
@@ -30,7 +33,8 @@ from pathlib import Path
 import torch
 
 from diffpro_cli.errors import InputError, TrustError
-from diffpro_cli.models.base import DiffusionModel, linear_alphas_cumprod
+from diffpro_cli.models.base import (EMBEDDING_FORWARDS, DiffusionModel, apply_net_patches, flow_alphas_cumprod, flow_sigmas,
+                                     linear_alphas_cumprod)
 
 WEIGHT_NAMES = (
     "diffusion_pytorch_model.safetensors",
@@ -142,9 +146,22 @@ def _read_json(path: Path) -> dict:
 
 
 def _model_classes() -> dict:
-    from diffusers import AutoencoderKL, DiTTransformer2DModel, UNet2DModel
+    from diffusers import (AutoencoderKL, DiTTransformer2DModel, PixArtTransformer2DModel, SD3Transformer2DModel,
+                           UNet2DConditionModel, UNet2DModel)
 
-    return {"DiTTransformer2DModel": DiTTransformer2DModel, "UNet2DModel": UNet2DModel, "AutoencoderKL": AutoencoderKL}
+    return {"DiTTransformer2DModel": DiTTransformer2DModel, "UNet2DModel": UNet2DModel, "AutoencoderKL": AutoencoderKL,
+            "SD3Transformer2DModel": SD3Transformer2DModel, "PixArtTransformer2DModel": PixArtTransformer2DModel,
+            "UNet2DConditionModel": UNet2DConditionModel}
+
+
+# networks conditioned on text embeddings: kind, and {conditioning field: trailing shape} from the config
+TEXT_MODELS = {
+    "SD3Transformer2DModel": ("sd3", lambda c: {"encoder_hidden_states": [None, int(c["joint_attention_dim"])],
+                                                "pooled_projections": [int(c["pooled_projection_dim"])]}),
+    "PixArtTransformer2DModel": ("pixart", lambda c: {"encoder_hidden_states": [None, int(c["caption_channels"])]}),
+    "UNet2DConditionModel": ("unet_cond", lambda c: {"encoder_hidden_states": [None, int(c["cross_attention_dim"])]}),
+}
+SUPPORTED = ("DiTTransformer2DModel", "UNet2DModel", *TEXT_MODELS)
 
 
 def _weights_files(folder: Path) -> list[Path]:
@@ -191,10 +208,24 @@ def load_module_dir(folder: Path, allowed: tuple[str, ...]) -> tuple[torch.nn.Mo
 # ---------------------------------------------------------------------------------------------
 
 
+def is_flow_scheduler(config: dict | None) -> bool:
+    return bool(config) and str(config.get("_class_name", "")).startswith("FlowMatch")
+
+
+def flow_schedule_from_scheduler(config: dict, source: Path) -> tuple[int, float]:
+    """(num_train_timesteps, shift) of a FlowMatchEulerDiscreteScheduler config."""
+    if config.get("use_dynamic_shifting"):
+        raise InputError(f"{source}: use_dynamic_shifting (resolution-dependent shift, FLUX) is not supported yet; use a fixed-shift flow model")
+    for key in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "shift_terminal", "invert_sigmas"):
+        if config.get(key):
+            raise InputError(f"{source}: {key} is not supported; use the plain shifted flow-matching sigmas")
+    return int(config.get("num_train_timesteps", 1000)), float(config.get("shift", 1.0))
+
+
 def alphas_cumprod_from_scheduler(config: dict, source: Path) -> torch.Tensor:
-    """alphas_cumprod (float64) for a diffusers scheduler config."""
-    if config.get("prediction_type", "epsilon") != "epsilon":
-        raise InputError(f"{source}: prediction_type {config['prediction_type']!r} is not supported; diffpro needs an epsilon-prediction model")
+    """alphas_cumprod (float64) for a diffusers DDPM-family scheduler config (epsilon or v_prediction)."""
+    if config.get("prediction_type", "epsilon") not in ("epsilon", "v_prediction"):
+        raise InputError(f"{source}: prediction_type {config['prediction_type']!r} is not supported; diffpro needs epsilon or v_prediction")
     if config.get("rescale_betas_zero_snr"):
         raise InputError(f"{source}: rescale_betas_zero_snr is not supported; use a model trained with a standard schedule")
     n = int(config.get("num_train_timesteps", 1000))
@@ -260,20 +291,38 @@ def load_diffusers_dir(path: str | Path) -> DiffusionModel:
         index = _read_json(path / "model_index.json") if (path / "model_index.json").is_file() else {}
         sub = next((s for s in ("transformer", "unet") if (path / s / "config.json").is_file()), None)
         if sub is None:
-            raise InputError(f"{path}: pipeline has no transformer/config.json or unet/config.json; diffpro loads DiT and DDPM pipelines")
+            raise InputError(f"{path}: pipeline has no transformer/config.json or unet/config.json; diffpro loads DiT, DDPM, PixArt, SD3 and Stable Diffusion pipelines")
         model_dir, scheduler_file = path / sub, path / "scheduler" / "scheduler_config.json"
         vae_dir = path / "vae" if (path / "vae" / "config.json").is_file() else None
     else:
         raise InputError(f"{path}: no config.json or model_index.json; pass a diffusers model or pipeline directory")
 
-    net, class_name = load_module_dir(model_dir, ("DiTTransformer2DModel", "UNet2DModel"))
+    net, class_name = load_module_dir(model_dir, SUPPORTED)
     cfg = {k: v for k, v in net.config.items() if not k.startswith("_")}
     scheduler = _read_json(scheduler_file) if scheduler_file.is_file() else None
-    alphas = alphas_cumprod_from_scheduler(scheduler, scheduler_file) if scheduler else linear_alphas_cumprod()
+    extra: dict = {}
+    if class_name == "SD3Transformer2DModel" and not is_flow_scheduler(scheduler):
+        raise InputError(f"{scheduler_file}: an SD3 transformer needs its FlowMatchEulerDiscreteScheduler config; pass the whole pipeline directory")
+    if is_flow_scheduler(scheduler):
+        n_train, shift = flow_schedule_from_scheduler(scheduler, scheduler_file)
+        patches = apply_net_patches(net, {"flow_timesteps": {"num_train_timesteps": n_train, "shift": shift}})
+        alphas = flow_alphas_cumprod(flow_sigmas(n_train, shift))
+        extra = {"prediction_type": "flow", "flow_shift": shift, "net_patches": patches}
+    else:
+        alphas = alphas_cumprod_from_scheduler(scheduler, scheduler_file) if scheduler else linear_alphas_cumprod()
+        extra = {"prediction_type": (scheduler or {}).get("prediction_type", "epsilon")}
     size = cfg["sample_size"]
     h, w = (size, size) if isinstance(size, int) else tuple(size)
 
-    if class_name == "DiTTransformer2DModel":
+    if class_name in TEXT_MODELS:
+        kind, fields_of = TEXT_MODELS[class_name]
+        forward, num_classes = EMBEDDING_FORWARDS[kind], None
+        if class_name == "UNet2DConditionModel" and (cfg.get("class_embed_type") or cfg.get("num_class_embeds")):
+            raise InputError(f"{model_dir}: class-conditioned UNet2DConditionModel is not supported; use a text-conditioned one")
+        extra |= {"conditioning": "embeddings", "conditioning_fields": fields_of(cfg)}
+        if class_name == "UNet2DConditionModel" and cfg.get("addition_embed_type") == "text_time":   # SDXL
+            extra["conditioning_fields"] |= {"added_cond_kwargs.text_embeds": [None], "added_cond_kwargs.time_ids": [None]}
+    elif class_name == "DiTTransformer2DModel":
         kind, forward, num_classes = "dit", dit_forward, int(cfg["num_embeds_ada_norm"])
     else:
         if cfg.get("time_embedding_type", "positional") == "fourier":
@@ -292,7 +341,7 @@ def load_diffusers_dir(path: str | Path) -> DiffusionModel:
     decode = build_decoder(decode_record)
 
     config = {"class": class_name, "config": json.loads(json.dumps(cfg, default=list)), "source": str(path),
-              "scheduler": scheduler, "vae": vae_info, "decode": decode_record}
+              "scheduler": scheduler, "vae": vae_info, "decode": decode_record, **extra}
     if index and index.get("id2label"):
         config["id2label"] = index["id2label"]
     return DiffusionModel(

@@ -1,4 +1,11 @@
-"""Assign a role to each quantizable layer from its qualified name (diffusers naming)."""
+"""Assign a role to each quantizable layer from its qualified name (diffusers naming).
+
+Roles (models.base.ROLES): attention projections of the image stream (attn_qkv, attn_out), cross-attention
+to the text (cross_attn_qkv, cross_attn_out: PixArt/UNet2DConditionModel `attn2`, and the context stream of
+SD3's joint attention `add_{q,k,v}_proj` / `to_add_out`), mlp (also SD3's `ff_context`), adaln (modulation),
+time_embed, class_embed, context_embed (text/caption projections: SD3 `context_embedder` and
+`time_text_embed.text_embedder`, PixArt `caption_projection`, SDXL `add_embedding`), patch_embed, final, conv.
+"""
 
 from __future__ import annotations
 
@@ -9,20 +16,29 @@ def layer_role(kind: str, name: str, module: nn.Module) -> str:
     n = name.lower()
     if "pos_embed" in n or "patch_embed" in n or n.startswith("conv_in"):
         return "patch_embed"
+    if "context_embedder" in n or "text_embedder" in n or "caption_projection" in n or n.startswith("add_embedding"):
+        return "context_embed"
     if "timestep_embedder" in n or "time_embedding" in n or "time_proj" in n or n.endswith("time_emb_proj"):
         return "time_embed"
     if "class_embedder" in n or "class_embedding" in n:
         return "class_embed"
-    if "proj_out" in n or n.startswith("conv_out") or "final" in n:
+    if n.startswith(("proj_out", "conv_out")) or "final" in n:   # top level only (U-Net transformer blocks have proj_out too)
         return "final"
-    if "norm1.linear" in n or "adaln" in n or n.endswith("norm.linear") or "emb.linear" in n:
+    if ("norm1.linear" in n or "norm1_context.linear" in n or "adaln" in n or n.endswith("norm.linear")
+            or n.endswith("norm_out.linear") or "emb.linear" in n):
         return "adaln"
+    if ".attn2." in n:
+        return "cross_attn_out" if n.endswith("to_out.0") else "cross_attn_qkv"
+    if n.endswith(("add_q_proj", "add_k_proj", "add_v_proj")):
+        return "cross_attn_qkv"
+    if n.endswith("to_add_out"):
+        return "cross_attn_out"
     if n.endswith(("to_q", "to_k", "to_v", ".qkv")):
         return "attn_qkv"
     if n.endswith(("to_out.0", "attn.proj")):
         return "attn_out"
-    if ".ff." in n or "mlp" in n:
+    if ".ff." in n or ".ff_context." in n or "mlp" in n:
         return "mlp"
-    if isinstance(module, nn.Conv2d) or kind == "unet":
+    if isinstance(module, nn.Conv2d) or kind.startswith("unet"):
         return "conv" if isinstance(module, nn.Conv2d) else "other"
     return "other"

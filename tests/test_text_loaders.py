@@ -1,0 +1,113 @@
+"""Diffusers directories of text-conditioned networks (SD3 flow, PixArt, UNet2DConditionModel v-prediction),
+built tiny in process (save_pretrained into a temp dir, no downloads)."""
+
+import json
+
+import pytest
+import torch
+
+from diffpro_cli.models.conditioning import conditioning_from_tensors
+from diffpro_cli.models.diffusers_dir import load_diffusers_dir
+from diffpro_cli.sampling import SamplerConfig, sample, sample_generators, uniform_timesteps
+
+
+def _pipeline(tmp_path, sub, net, scheduler, cls="TestPipeline"):
+    net.save_pretrained(tmp_path / sub)
+    scheduler.save_pretrained(tmp_path / "scheduler")
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": cls, sub: ["diffusers", type(net).__name__],
+                                                          "scheduler": ["diffusers", type(scheduler).__name__]}))
+    return tmp_path
+
+
+def _embeds(m, seq, dim, pooled=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = {"prompt_embeds": torch.randn(m, seq, dim, generator=g)}
+    if pooled:
+        out["pooled_prompt_embeds"] = torch.randn(m, pooled, generator=g)
+    return out
+
+
+def test_sd3_pipeline_dir_is_a_flow_model_that_samples_like_flow_match_euler(tmp_path):
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+
+    torch.manual_seed(0)
+    net = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
+                                num_attention_heads=2, joint_attention_dim=12, caption_projection_dim=16,
+                                pooled_projection_dim=10, out_channels=4, pos_embed_max_size=16).eval()
+    path = _pipeline(tmp_path, "transformer", net, FlowMatchEulerDiscreteScheduler(shift=3.0))
+    model = load_diffusers_dir(path)
+    assert (model.prediction_type, model.flow_shift, model.kind, model.conditioning) == ("flow", 3.0, "sd3", "embeddings")
+    assert model.sample_shape == (4, 8, 8)
+    roles = {r for _, r in model.quantizable_layers().values()}
+    assert {"attn_qkv", "cross_attn_qkv", "cross_attn_out", "context_embed", "time_embed", "adaln", "mlp", "final"} <= roles
+    model.with_conditioning(conditioning_from_tensors(_embeds(2, 5, 12, pooled=10)))
+    subset = uniform_timesteps(1000, 6)
+    ours = sample(model, 2, subset, SamplerConfig(method="euler", clip_x0=False), seed=3, batch_size=2)
+    sched = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    sched.set_timesteps(sigmas=[(i + 1) / 1000 for i in subset[::-1]])
+    c = model.conditioning_set
+    x = torch.stack([torch.randn(model.sample_shape, generator=g) for g in sample_generators(3, [0, 1])])
+    with torch.no_grad():
+        for t in sched.timesteps:   # diffusers' own call: float timestep σ·1000
+            v = net(hidden_states=x, encoder_hidden_states=c.encoder_hidden_states, pooled_projections=c.pooled_projections,
+                    timestep=t.expand(2), return_dict=False)[0]
+            x = sched.step(v, t, x).prev_sample
+    rel = ((ours - x).norm() / x.norm()).item()
+    assert rel < 1e-5, rel
+    bad = conditioning_from_tensors(_embeds(2, 5, 11, pooled=10))
+    with pytest.raises(Exception, match="expects"):
+        model.with_conditioning(bad)
+
+
+def test_sd3_without_its_flow_scheduler_and_dynamic_shifting_are_refused(tmp_path):
+    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+
+    from diffpro_cli.errors import InputError
+
+    net = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
+                                num_attention_heads=2, joint_attention_dim=12, caption_projection_dim=16,
+                                pooled_projection_dim=10, out_channels=4, pos_embed_max_size=16)
+    with pytest.raises(InputError, match="FlowMatchEulerDiscreteScheduler"):
+        load_diffusers_dir(_pipeline(tmp_path / "a", "transformer", net, DDIMScheduler()))
+    with pytest.raises(InputError, match="use_dynamic_shifting"):
+        load_diffusers_dir(_pipeline(tmp_path / "b", "transformer", net, FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)))
+
+
+def test_pixart_dir_loads_with_bit_identical_eps_and_learned_sigma_dropped(tmp_path):
+    from diffusers import DDPMScheduler, PixArtTransformer2DModel
+
+    torch.manual_seed(0)
+    net = PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=1,
+                                   cross_attention_dim=16, caption_channels=12, sample_size=8, patch_size=2).eval()
+    model = load_diffusers_dir(_pipeline(tmp_path, "transformer", net, DDPMScheduler(beta_schedule="scaled_linear",
+                                                                                        beta_start=0.0001, beta_end=0.02)))
+    assert (model.kind, model.prediction_type, model.conditioning) == ("pixart", "epsilon", "embeddings")
+    roles = {r for _, r in model.quantizable_layers().values()}
+    assert {"cross_attn_qkv", "cross_attn_out", "context_embed", "time_embed", "adaln"} <= roles
+    c = conditioning_from_tensors(_embeds(2, 5, 12))
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 700])
+    with torch.no_grad():
+        ref = net(x, encoder_hidden_states=c.encoder_hidden_states, timestep=t,
+                  added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)[0][:, :4]
+        assert torch.equal(model.eps(x, t, c), ref)
+
+
+def test_unet2dcondition_v_prediction_from_the_scheduler_config(tmp_path):
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+
+    torch.manual_seed(0)
+    net = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
+                               down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+                               cross_attention_dim=12, attention_head_dim=4, norm_num_groups=4).eval()
+    sched = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type="v_prediction")
+    model = load_diffusers_dir(_pipeline(tmp_path, "unet", net, sched))
+    assert (model.kind, model.prediction_type) == ("unet_cond", "v_prediction")
+    assert torch.allclose(model.alphas_cumprod.float(), sched.alphas_cumprod, atol=1e-6)
+    roles = {r for _, r in model.quantizable_layers().values()}
+    assert {"attn_qkv", "cross_attn_qkv", "cross_attn_out", "time_embed", "conv", "mlp"} <= roles
+    c = conditioning_from_tensors(_embeds(2, 5, 12))
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 700])
+    with torch.no_grad():
+        v = net(x, t, encoder_hidden_states=c.encoder_hidden_states, return_dict=False)[0]
+        a = model.alphas_cumprod[t].float().view(-1, 1, 1, 1)
+        assert torch.allclose(model.eps(x, t, c), a.sqrt() * v + (1 - a).sqrt() * x, atol=1e-6)
