@@ -157,6 +157,7 @@ class CacheRunner:
     on_residual: Callable[[int, int, int, torch.Tensor], None] | None = None   # (step, call, unit, residual)
     evaluations: int = 0
     calls: int = 0
+    unit_evaluations: list[int] = field(default_factory=list)   # per unit: forwards actually run
     log: list[dict] = field(default_factory=list)   # per network call: step, call, computed units (, change)
 
     def __post_init__(self):
@@ -176,6 +177,7 @@ class CacheRunner:
         self._fb_ref: dict[int, torch.Tensor] = {}               # call → block 0's reference residual
         self._rest_in: dict[int, torch.Tensor] = {}              # call → input of block 1 (computing step)
         self._handles = []
+        self.unit_evaluations = [0] * n
 
     # -- bookkeeping ---------------------------------------------------------------------------
 
@@ -223,6 +225,7 @@ class CacheRunner:
     def _run(self, u: int, orig, hidden_states, args, kwargs):
         out = orig(hidden_states, *args, **kwargs)
         self.evaluations += 1
+        self.unit_evaluations[u] += 1
         return out
 
     def _static_forward(self, u: int, orig):
@@ -297,6 +300,12 @@ class CacheRunner:
         self._res.clear()
         self._fb_ref.clear()
         self._rest_in.clear()
+
+    def weighted_fraction(self, unit_cost: Sequence[float]) -> float | None:
+        """Share of the blocks' cost actually run, each block weighted by `unit_cost` (e.g. its latency)."""
+        if not self.calls:
+            return None
+        return sum(c * e for c, e in zip(unit_cost, self.unit_evaluations)) / (self.calls * sum(unit_cost))
 
     def summary(self) -> dict:
         return {"policy": None if self.policy is None else self.policy.policy, "calls": self.calls,

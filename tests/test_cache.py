@@ -125,3 +125,98 @@ def test_schedule_errors(tiny):
         cached(tiny, CacheSchedule.full(TS, 4))
     d = CacheSchedule(TS, 3, [{0, 1, 2}] + [{1}] * 7).as_dict()
     assert policy_from_dict(d).computed == CacheSchedule(TS, 3, [{0, 1, 2}] + [{1}] * 7).computed
+
+
+# ---------------------------------------------------------------------------------------------
+# the planner's solvers, on hand-made tables with known optima
+# ---------------------------------------------------------------------------------------------
+
+import itertools
+
+import numpy as np
+
+from diffpro_cli.errors import BudgetError
+from diffpro_cli.planning.cache_plan import choose_counts, forced_steps, interval_schedule, unit_curve
+
+
+def _brute_curve(D, forced, max_gap):
+    K = len(forced)
+    best = np.full(K + 1, np.inf)
+    free = [i for i in range(K) if not forced[i]]
+    for r in range(len(free) + 1):
+        for extra in itertools.combinations(free, r):
+            comp = sorted(set(np.flatnonzero(forced)) | set(extra))
+            if any(b - a > max_gap for a, b in zip(comp + [K], comp[1:] + [K])) or K - comp[-1] > max_gap:
+                continue
+            cost, last = 0.0, 0
+            for s in range(K):
+                if s in comp:
+                    last = s
+                else:
+                    cost += D[last, s]
+            best[len(comp)] = min(best[len(comp)], cost)
+    return best
+
+
+@pytest.mark.parametrize("max_gap,tail", [(2, 1), (3, 2), (4, 0), (9, 1)])
+def test_unit_curve_is_the_exact_optimum(max_gap, tail):
+    rng = np.random.default_rng(3)
+    K = 9
+    D = rng.random((K, K)) * np.triu(np.ones((K, K)), 1) + np.tril(np.full((K, K), np.inf))
+    forced = forced_steps(K, tail)
+    forced[4] = True   # a forced step in the middle cannot be skipped
+    best, paths = unit_curve(D, forced, max_gap)
+    ref = _brute_curve(D, forced, max_gap)
+    assert np.allclose(best, ref) and np.array_equal(np.isfinite(best), np.isfinite(ref))
+    for m in np.flatnonzero(np.isfinite(best)):
+        p = paths[m]
+        assert len(p) == m and p[0] == 0 and set(np.flatnonzero(forced)) <= set(p)
+        cost = sum(D[max(c for c in p if c <= s), s] for s in range(K) if s not in p)
+        assert cost == pytest.approx(best[m])
+
+
+def test_choose_counts_matches_brute_force_within_budget():
+    inf = np.inf
+    curves = [np.array([inf, 9.0, 4.0, 1.0, 0.0]),
+              np.array([inf, inf, 5.0, 2.0, 0.0]),
+              np.array([inf, 3.0, 2.5, 0.5, 0.0])]
+    cost = [1.0, 2.0, 1.5]
+    for budget in (6.5, 8.0, 10.0, 13.5, 100.0):
+        counts, err = choose_counts(curves, cost, budget)
+        feasible = [(sum(c[m] for c, m in zip(curves, ms)), ms) for ms in itertools.product(range(5), repeat=3)
+                    if all(np.isfinite(c[m]) for c, m in zip(curves, ms)) and sum(k * m for k, m in zip(cost, ms)) <= budget]
+        assert err == pytest.approx(min(f[0] for f in feasible))
+        assert sum(k * m for k, m in zip(cost, counts)) <= budget
+    # worked by hand: at budget 10, (4, 2, 1) costs 4 + 4 + 1.5 = 9.5 and loses 0 + 5 + 3 = 8; the runner-up
+    # (3, 2, 2) costs exactly 10 and loses 8.5
+    assert choose_counts(curves, cost, 10.0) == ([4, 2, 1], 8.0)
+    assert choose_counts(curves, cost, 6.5) == ([1, 2, 1], 17.0)
+    with pytest.raises(BudgetError, match="cheapest"):
+        choose_counts(curves, cost, 6.4)
+
+
+def test_interval_schedule():
+    s = interval_schedule(8, 2, 3, 2)
+    assert [len(x) for x in s] == [2, 0, 0, 2, 0, 0, 2, 2]
+
+
+def test_plan_cache_end_to_end_on_tiny_dit(tiny):
+    from diffpro_cli.planning.cache_plan import CachePlanConfig, plan_cache
+
+    rec = plan_cache(tiny, TS, CachePlanConfig(fraction=0.7, n=2, batch=2, repeats=1, latency_batch=2, protect_tail=1))
+    assert set(rec["results"]) >= {"per-unit", "aligned", "interval"}
+    for name, r in rec["results"].items():
+        assert r["compute_fraction"] <= 0.7 + 1e-9, name       # every proposal is within the budget, measured
+    assert rec["drift"] == min(r["drift"] for r in rec["results"].values())
+    pol = rec["schedule"]
+    if pol["policy"] == "static":
+        steps = pol["steps"]
+        assert steps[0]["computed"] == [0, 1, 2] and steps[-1]["computed"] == [0, 1, 2]   # first and protected last
+    # the written schedule replays to the measured compute fraction
+    from diffpro_cli.cache import policy_from_dict
+
+    with cached(tiny, policy_from_dict(pol)) as run:
+        sample(tiny, 2, TS, SamplerConfig(), seed=0, batch_size=2, decode=False)
+    assert run.compute_fraction == pytest.approx(rec["compute_fraction"])
+    with pytest.raises(BudgetError):
+        plan_cache(tiny, TS, CachePlanConfig(fraction=0.1, n=2, batch=2, repeats=1, latency_batch=2, max_gap=2))
