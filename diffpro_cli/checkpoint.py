@@ -31,7 +31,7 @@ from torch import nn
 from diffpro_cli import __version__
 from diffpro_cli.artifacts import atomic_save_safetensors, atomic_write_json, read_json, sha256_file, sha256_json
 from diffpro_cli.errors import InputError, TrustError
-from diffpro_cli.models.base import DiffusionModel, apply_net_patches, dit_forward, unet_forward
+from diffpro_cli.models.base import EMBEDDING_FORWARDS, DiffusionModel, apply_net_patches, dit_forward, unet_forward
 from diffpro_cli.quant.formats import dequantize_weight, quantize_weight
 from diffpro_cli.quant.layers import Int8Embedding, QuantConv2d, QuantLinear, _QuantBase, empty_from_record, fuse_shared_inputs, normalise_act, timestep_context
 
@@ -41,7 +41,7 @@ WEIGHTS = "model.safetensors"
 META = "diffpro.json"
 SCHEDULE_KEY = "__diffpro__.alphas_cumprod"
 EMB_Q, EMB_S = ".__int8__", ".__scale__"   # suffixes of an int8-stored embedding table
-FORWARDS = {"dit": dit_forward, "unet": unet_forward}
+FORWARDS = {"dit": dit_forward, "unet": unet_forward, **EMBEDDING_FORWARDS}   # text-conditioned kinds too
 
 
 def quant_layers(net: nn.Module) -> dict[str, _QuantBase]:

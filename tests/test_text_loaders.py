@@ -111,3 +111,29 @@ def test_unet2dcondition_v_prediction_from_the_scheduler_config(tmp_path):
         v = net(x, t, encoder_hidden_states=c.encoder_hidden_states, return_dict=False)[0]
         a = model.alphas_cumprod[t].float().view(-1, 1, 1, 1)
         assert torch.allclose(model.eps(x, t, c), a.sqrt() * v + (1 - a).sqrt() * x, atol=1e-6)
+
+
+def test_quantized_sd3_checkpoint_reloads_as_the_same_flow_model(tmp_path):
+    """The reload keeps the kind's forward (text conditioning), the prediction type, the shift and the
+    flow timestep patch: the reloaded W8 model's velocity equals the in-memory quantized one."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+
+    from diffpro_cli.checkpoint import save_quantized
+    from diffpro_cli.loading import load_model
+    from diffpro_cli.stages.quantize import apply_plan, uniform_plan
+
+    torch.manual_seed(0)
+    net = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
+                                num_attention_heads=2, joint_attention_dim=12, caption_projection_dim=16,
+                                pooled_projection_dim=10, out_channels=4, pos_embed_max_size=16).eval()
+    path = _pipeline(tmp_path, "transformer", net, FlowMatchEulerDiscreteScheduler(shift=3.0))
+    model = load_diffusers_dir(path)
+    plan = uniform_plan(model, 8, 8, "dynamic")
+    save_quantized(model, plan, tmp_path / "q")
+    again = load_model(tmp_path / "q")
+    assert (again.kind, again.prediction_type, again.flow_shift, again.conditioning) == ("sd3", "flow", 3.0, "embeddings")
+    inmem = apply_plan(load_diffusers_dir(path), plan)
+    cond = conditioning_from_tensors(_embeds(2, 5, 12, pooled=10))
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([900, 40])
+    with torch.no_grad():
+        assert torch.equal(again.velocity(x, t, cond), inmem.velocity(x, t, cond))

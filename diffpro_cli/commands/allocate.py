@@ -19,7 +19,7 @@ def allocate_cmd(
     act_mode: Annotated[str, typer.Option("--act-mode", help="dynamic (per-token scales at every call) or static (per-timestep calibrated).")] = "dynamic",
     group_size: Annotated[Optional[int], typer.Option("--group-size", help="Weight scale group size along the input dim (default per output channel).")] = None,
     method: Annotated[str, typer.Option("--method", help="milp (exact) or cdf (the paper's rank/CDF-threshold rule).")] = "milp",
-    protect: Annotated[str, typer.Option("--protect", help="Roles kept at >= --protect-bits unless the budget forces otherwise ('none' to disable).")] = "patch_embed,time_embed,class_embed,adaln,final",
+    protect: Annotated[str, typer.Option("--protect", help="Roles kept at >= --protect-bits unless the budget forces otherwise ('none' to disable).")] = "patch_embed,time_embed,class_embed,context_embed,adaln,final",
     protect_bits: Annotated[int, typer.Option("--protect-bits", help="Weight-bit floor for protected roles.")] = 8,
     min_speedup: Annotated[Optional[float], typer.Option("--min-speedup", help="Also keep each step at least this much faster than fp32 (measured cost table, same run), e.g. 1.5.")] = None,
     latency_budget: Annotated[Optional[float], typer.Option("--latency-budget", help="Joint plan: total ms per image over all steps (chooses steps and bits).")] = None,

@@ -19,7 +19,7 @@ WEIGHT_BITS = (2, 3, 4, 6, 8, 16)
 ACT_BITS = (8, 16)
 ACT_MODES = ("dynamic", "static")
 BUDGET_KINDS = ("avg-bits", "size-mb", "latency-ms", "latency")
-DEFAULT_PROTECT = ("patch_embed", "time_embed", "class_embed", "adaln", "final")
+DEFAULT_PROTECT = ("patch_embed", "time_embed", "class_embed", "context_embed", "adaln", "final")
 METHODS = ("milp", "cdf")
 LATENCY_SOURCES = ("measured", "analytic")
 
