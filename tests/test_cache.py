@@ -220,3 +220,25 @@ def test_plan_cache_end_to_end_on_tiny_dit(tiny):
     assert run.compute_fraction == pytest.approx(rec["compute_fraction"])
     with pytest.raises(BudgetError):
         plan_cache(tiny, TS, CachePlanConfig(fraction=0.1, n=2, batch=2, repeats=1, latency_batch=2, max_gap=2))
+
+
+def test_bench_cache_rows_report_measured_compute_fraction(tmp_path):
+    import json
+
+    from diffpro_cli.planning.cache_plan import CachePlanConfig, cache_plan_for
+    from diffpro_cli.stages.bench import BenchConfig, measure_bench
+    from diffpro_cli.stages.context import StageContext
+
+    ctx = StageContext.create("builtin:dit-mnist", tmp_path)
+    ref_ts = __import__("diffpro_cli.sampling", fromlist=["x"]).uniform_timesteps(1000, 6)
+    rec, planned = cache_plan_for(ctx.model(), ref_ts, tmp_path, CachePlanConfig(fraction=0.7, n=2, batch=2, repeats=1, latency_batch=2))
+    assert planned and (tmp_path / "cache.json").is_file()
+    assert cache_plan_for(ctx.model(), ref_ts, tmp_path)[1] is False      # re-used: same model and timesteps
+    cfg = BenchConfig(rows=["fp32", "cache-only", "fbcache-0.12"], reference_steps=6, repeats=1, latency_batch=2, memory=False)
+    measure_bench(ctx, cfg)
+    rows = {r["name"]: r for r in json.loads((tmp_path / "bench" / "report.json").read_text())["rows"]}
+    assert rows["fp32"]["compute_fraction"] == 1.0
+    assert rows["cache-only"]["compute_fraction"] == pytest.approx(rec["compute_fraction"])   # static: deterministic
+    assert rows["cache-only"]["compute_fraction"] <= 0.7 + 1e-9
+    assert 0 < rows["fbcache-0.12"]["compute_fraction"] <= 1.0
+    assert "forward" not in vars(ctx.model().net.transformer_blocks[0])

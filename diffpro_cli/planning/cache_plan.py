@@ -357,3 +357,24 @@ def plan_cache(model, timesteps: Sequence[int], cfg: CachePlanConfig = CachePlan
         "config": cfg.as_dict(),
         "timesteps": ts,
     }
+
+
+def cache_plan_for(model, timesteps: Sequence[int], workdir, cfg: CachePlanConfig = CachePlanConfig(),
+                   ui: UI = QUIET_UI, force: bool = False) -> tuple[dict, bool]:
+    """WORKDIR/cache.json for this model and schedule: re-used when it was planned for the same model and
+    timesteps, whatever config planned it (and `force` is off), else planned with `cfg` and written.
+    Returns (record, planned_now)."""
+    from pathlib import Path
+
+    from diffpro_cli.artifacts import atomic_write_json, read_json
+
+    path = Path(workdir) / "cache.json"
+    want = {"model": model.sha256 or model.spec, "timesteps": sorted(int(t) for t in timesteps)}
+    if path.is_file() and not force:
+        rec = read_json(path, SCHEMA)
+        if all(rec.get(k) == v for k, v in want.items()):
+            return rec, False
+    rec = plan_cache(model, timesteps, cfg, ui)
+    rec["model"] = want["model"]
+    atomic_write_json(path, rec)
+    return rec, True

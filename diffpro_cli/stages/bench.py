@@ -29,6 +29,7 @@ from diffpro_cli.sampling import SamplerConfig, sample, sample_dpmsolver, unifor
 
 REPORT_SCHEMA = "diffpro.report/1"
 ALL_ROWS = ("fp32", "w8a8-uniform", "w4-uniform", "ddim", "dpmsolver", "subset", "diffpro")
+CACHE_ROWS = ("cache-only", "fbcache-0.08", "fbcache-0.12")   # DiTs, on request (docs/caching.md)
 
 
 @dataclass
@@ -68,8 +69,25 @@ class Row:
     notes: list[str] = field(default_factory=list)
     load_spec: str = ""                  # what a fresh process loads to measure this row's memory
     load_mem_bytes: int | None = None
+    cache: object | None = None          # a diffpro_cli.cache policy run around the sampler (cache rows)
+    block_counts: list[int] = field(default_factory=lambda: [0, 0])   # block evaluations run, possible
+
+    def compute_fraction(self) -> float | None:
+        """Share of block evaluations run, measured over every sampler call of this row (1.0 uncached)."""
+        if self.cache is None:
+            return 1.0
+        return self.block_counts[0] / self.block_counts[1] if self.block_counts[1] else None
 
     def sampler(self, cfg: BenchConfig, n: int, batch: int, first_index: int = 0, advance=lambda k: None):
+        if self.cache is not None:
+            from diffpro_cli.cache import cached
+
+            with cached(self.model, self.cache) as run:
+                out = sample(self.model, n, self.timesteps, SamplerConfig(method=cfg.method, cfg_scale=cfg.cfg_scale),
+                             seed=cfg.seed, batch_size=batch, first_index=first_index, advance=advance)
+            self.block_counts[0] += run.evaluations
+            self.block_counts[1] += run.calls * len(run.blocks)
+            return out
         if self.timesteps is None:
             return sample_dpmsolver(self.model, n, self.steps, cfg.cfg_scale, seed=cfg.seed, batch_size=batch,
                                     first_index=first_index, advance=advance)
@@ -151,11 +169,40 @@ def build_rows(ctx, cfg: BenchConfig, quantized: Path | None, timesteps: list[in
             rows.append(Row("diffpro", qm, list(ts), len(ts), qinfo["size_bytes"], qinfo["avg_bits"],
                             f"diffpro:{qinfo['meta'].get('provenance', {})}:{sha256_json(list(ts))}",
                             load_spec=str(quantized)))
+        elif name in CACHE_ROWS:
+            rows.extend(cache_row(ctx, cfg, name, fp, ref_ts, fp_id, fp_bytes, notes))
         else:
-            raise UsageError(f"--rows: unknown row {name!r}; choose from {', '.join(ALL_ROWS)}")
+            raise UsageError(f"--rows: unknown row {name!r}; choose from {', '.join(ALL_ROWS + CACHE_ROWS)}")
     for row in rows:
         row.load_spec = row.load_spec or model_spec
     return rows, notes
+
+
+def cache_row(ctx, cfg: BenchConfig, name: str, fp: DiffusionModel, ref_ts: list[int], fp_id: str, fp_bytes: int,
+              notes: list[str]) -> list[Row]:
+    """Float weights on the reference schedule with a cache policy: `cache-only` runs the planner's
+    choice (WORKDIR/cache.json, planned here when missing or stale), `fbcache-T` the first-block
+    threshold T users set by hand. Skipped with a note for networks without transformer blocks."""
+    from diffpro_cli.cache import FirstBlockCache, policy_from_dict
+    from diffpro_cli.planning.cache_plan import CachePlanConfig, cache_plan_for
+
+    n_units = len(getattr(fp.net, "transformer_blocks", None) or [])
+    if not n_units:
+        notes.append(f"{name} row skipped: caching runs on DiT transformer blocks, {fp.kind} has none")
+        return []
+    if name == "cache-only":
+        rec, planned = cache_plan_for(fp, ref_ts, ctx.workdir, CachePlanConfig(seed=cfg.seed, cfg_scale=cfg.cfg_scale,
+                                      latency_batch=cfg.latency_batch), ctx.ui, force=ctx.force)
+        policy = policy_from_dict(rec["schedule"])
+        row_notes = [f"cache plan: {rec['selected_by']} ({rec['policy']}), calibration drift {rec['drift']:.3g} at compute "
+                     f"fraction {rec['compute_fraction']:.3f}" + (" (planned in this run)" if planned else " (cache.json)")]
+    else:
+        tail = max(1, round(0.1 * len(ref_ts)))
+        policy = FirstBlockCache(ref_ts, n_units, float(name.split("-", 1)[1]), tail)
+        row_notes = [f"first-block threshold {policy.threshold}, protected last {tail} steps"]
+    row_notes.append("peak memory measured without the stored residuals (a fresh process runs the float model)")
+    key = sha256_json(policy.as_dict())
+    return [Row(name, fp, list(ref_ts), len(ref_ts), fp_bytes, 32.0, f"{name}:{fp_id}:{key}", notes=row_notes, cache=policy)]
 
 
 def compile_rows(rows: list[Row]) -> str:
@@ -223,7 +270,7 @@ def measure_latency(rows: list[Row], cfg: BenchConfig, ui: UI = QUIET_UI) -> dic
     fns = {}
     for row in rows:
         sub = row
-        if cfg.latency_steps and row.timesteps is not None and cfg.latency_steps < row.steps:
+        if cfg.latency_steps and row.timesteps is not None and cfg.latency_steps < row.steps and row.cache is None:
             sub = Row(row.name, row.model, row.timesteps[-cfg.latency_steps:], cfg.latency_steps, 0, 0, "")
         fns[row.name] = (lambda r=sub: r.sampler(cfg, cfg.latency_batch, cfg.latency_batch))
     ui.info(f"bench: timing {len(rows)} rows × {cfg.repeats} repeats (batch {cfg.latency_batch})")
@@ -233,7 +280,7 @@ def measure_latency(rows: list[Row], cfg: BenchConfig, ui: UI = QUIET_UI) -> dic
     total_images = cfg.repeats * cfg.latency_batch * len(rows)
     for row in rows:
         per_image = scale(stats[row.name], cfg.latency_batch)
-        if cfg.latency_steps and row.timesteps is not None and cfg.latency_steps < row.steps:
+        if cfg.latency_steps and row.timesteps is not None and cfg.latency_steps < row.steps and row.cache is None:
             per_image = scale(per_image, cfg.latency_steps / row.steps)
             row.notes.append(f"latency timed over {cfg.latency_steps} steps and scaled to {row.steps}")
         out[row.name] = {"latency": per_image, "energy": None}
@@ -372,6 +419,7 @@ def measure_bench(ctx, cfg: BenchConfig, quantized: Path | None = None, timestep
             "peak_mem_bytes": row.peak_mem_bytes,
             "load_mem_bytes": row.load_mem_bytes,
             "energy_j_per_image": timing[row.name]["energy"],
+            "compute_fraction": row.compute_fraction(),
             "fid": f.get("fid"),
             "fid_vs_fp": f.get("fid_vs_fp"),
             "kernels": kernel_counts(row.model),
