@@ -152,6 +152,8 @@ def build_rows(ctx, cfg: BenchConfig, quantized: Path | None, timesteps: list[in
         elif name == "ddim":
             rows.append(Row(f"ddim-{k}", fp, uniform_timesteps(fp.num_train_timesteps, k), k, fp_bytes, 32.0,
                             f"ddim{k}:{fp_id}"))
+        elif name == "dpmsolver" and getattr(fp, "prediction_type", "epsilon") == "flow":
+            notes.append("dpmsolver row skipped: DPM-Solver++ is not defined here for flow-matching models (ddim-K is their step cut)")
         elif name == "dpmsolver":
             rows.append(Row(f"dpmsolver-{k}", fp, None, k, fp_bytes, 32.0, f"dpm{k}:{fp_id}"))
         elif name == "subset":   # full precision on diffpro's timesteps: the step selection alone
