@@ -31,6 +31,43 @@ def _fmt(v, spec="{:.3g}"):
     return "n/a" if v is None else spec.format(v)
 
 
+def _with_ci(v, ci, spec="{:.2f}"):
+    """'12.34 [11.02, 13.90]', or the value alone when no interval was measured."""
+    if v is None:
+        return "n/a"
+    return spec.format(v) if not ci else f"{spec.format(v)} [{spec.format(ci[0])}, {spec.format(ci[1])}]"
+
+
+def _kid(r):
+    if r.get("kid") is None:
+        return "n/a"
+    return f"{r['kid'] * 1000:.2f} ± {r['kid_std'] * 1000:.2f}"
+
+
+def significance_line(report: dict) -> str | None:
+    """One line: which differences have a paired 95 % interval that excludes 0 at this run's N."""
+    from diffpro_cli.metrics.stats import excludes_zero
+
+    d = report.get("derived", {})
+    base = report.get("baseline")
+    sig, flat = [], []
+    for r in report["rows"]:
+        ci = d.get(r["name"], {}).get("delta_fid_ci95")
+        if r["name"] == base or ci is None:
+            continue
+        (sig if excludes_zero(ci) else flat).append(f"{r['name']} vs {base} (ΔFID {d[r['name']]['delta_fid']:+.2f})")
+    for v in report.get("versus_step_cut", []):
+        ci = v.get("delta_fid_vs_fp_ci95")
+        if ci is not None:
+            (sig if excludes_zero(ci) else flat).append(
+                f"diffpro vs {v['row']} (Δ FID vs fp32 {v['delta_fid_vs_fp']:+.2f})")
+    if not sig and not flat:
+        return None
+    n = report["fid"]["n_samples"]
+    return (f"Significant at N = {n} (paired 95 % bootstrap interval excludes 0): {', '.join(sig) or 'none'}. "
+            f"Not significant: {', '.join(flat) or 'none'}.")
+
+
 def write_markdown(report: dict, bench_dir: Path, samples: dict, workdir: Path, grid_n: int = 10) -> Path:
     made = _figures(report, bench_dir / "figures", samples, workdir, grid_n)
     d = report.get("derived", {})
@@ -44,8 +81,17 @@ def write_markdown(report: dict, bench_dir: Path, samples: dict, workdir: Path, 
     if report["fid"]["n_samples"]:
         lines += [f"FID: N = {report['fid']['n_samples']} samples per row against `{report['fid']['reference']}`"
                   f" (reference N = {report['fid'].get('reference_n') or 'n/a'}); small N biases FID upwards, so compare rows, not papers.", ""]
-    lines += ["| row | steps | avg bits | size | speedup | compression | latency/img (median) | peak mem | FID | ΔFID | FID vs fp32 | energy/img |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    ev = report["fid"].get("evidence")
+    if ev:
+        kid = ev["kid"]
+        lines += [(f"[95% CI]: bootstrap over the N generated samples ({ev['bootstrap']['resamples']} resamples, "
+                  f"seed {ev['bootstrap']['seed']}, same resamples for every row), an interval for FID at this N. "
+                  f"KID ×10³: mean ± std over {kid['subsets']} subsets"
+                  f"{' against ' + str((kid.get('reference') or {}).get('n')) + ' reference images' if (kid.get('reference') or {}).get('n') else ''}. "
+                  f"PSNR vs fp32: mean over the first {ev['paired']['n_max']} (at most) same-seed image pairs."), ""]
+    lines += [("| row | steps | avg bits | size | speedup | compression | latency/img (median) | peak mem | FID [95% CI] | ΔFID | "
+               "FID vs fp32 | KID ×10³ | PSNR vs fp32 | energy/img |"),
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
         dr = d.get(r["name"], {})
         lines.append(
@@ -53,8 +99,17 @@ def write_markdown(report: dict, bench_dir: Path, samples: dict, workdir: Path, 
             f"{_fmt(dr.get('speedup'), '{:.2f}x')} | {_fmt(dr.get('compression'), '{:.2f}x')} | "
             f"{r['latency_s_per_image']['median'] * 1000:.1f} ms | "
             f"{_fmt(r['peak_mem_bytes'] / 1e6 if r['peak_mem_bytes'] is not None else None, '{:.0f} MB')} | "
-            f"{_fmt(r['fid'], '{:.2f}')} | {_fmt(dr.get('delta_fid'), '{:+.2f}')} | {_fmt(r['fid_vs_fp'], '{:.2f}')} | "
+            f"{_with_ci(r['fid'], r.get('fid_ci95'))} | {_fmt(dr.get('delta_fid'), '{:+.2f}')} | "
+            f"{_with_ci(r['fid_vs_fp'], r.get('fid_vs_fp_ci95'))} | {_kid(r)} | "
+            f"{_with_ci(r.get('psnr_vs_fp32'), r.get('psnr_vs_fp32_ci95'), '{:.1f}')}"
+            f"{' dB' if r.get('psnr_vs_fp32') is not None else ''} | "
             f"{_fmt(r['energy_j_per_image'], '{:.3f} J')} |")
+    line = significance_line(report)
+    if line:
+        lines += ["", line]
+    kid_ref = report["fid"].get("evidence", {}).get("kid", {}).get("reference") or {}
+    if "note" in kid_ref:
+        lines += ["", f"KID not measured: {kid_ref['note']}."]
     lines += ["", "Kernels per row (layer count): " + "; ".join(
         f"{r['name']}: " + ", ".join(f"{k}×{v}" for k, v in r["kernels"].items()) for r in report["rows"]), ""]
     for title, key in (("Latency", "latency"), ("FID vs average bits", "fid"), ("Samples", "samples"),

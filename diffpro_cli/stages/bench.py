@@ -28,6 +28,11 @@ from diffpro_cli.models.base import DiffusionModel
 from diffpro_cli.sampling import SamplerConfig, sample, sample_dpmsolver, uniform_timesteps
 
 REPORT_SCHEMA = "diffpro.report/1"
+# per-row fields from metrics.evidence (docs/report.md)
+EVIDENCE_FIELDS = ("fid_ci95", "fid_vs_fp_ci95", "kid", "kid_std", "psnr_vs_fp32", "psnr_vs_fp32_ci95",
+                   "ssim_vs_fp32", "ssim_vs_fp32_ci95", "paired_n")
+BUILTIN_REFERENCE_NOTE = ("built-in models were trained on MNIST's test images, which are also the FID/KID "
+                          "reference (builtin:mnist): their FID measures memorisation as much as quality")
 ALL_ROWS = ("fp32", "w8a8-uniform", "w4-uniform", "ddim", "dpmsolver", "subset", "diffpro")
 CACHE_ROWS = ("cache-only", "fbcache-0.08", "fbcache-0.12")   # DiTs, on request (docs/caching.md)
 
@@ -295,14 +300,18 @@ def measure_latency(rows: list[Row], cfg: BenchConfig, ui: UI = QUIET_UI) -> dic
     return out
 
 
-def row_features(row: Row, cfg: BenchConfig, n: int, inception, cache, ui: UI = QUIET_UI) -> tuple[np.ndarray, torch.Tensor]:
-    """Inception features of the row's first n seeded samples (cached; sharded over torchrun ranks)
-    and its first `grid_n` samples for the figure."""
+def row_features(row: Row, cfg: BenchConfig, n: int, inception, cache, ui: UI = QUIET_UI) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
+    """Inception features of the row's first n seeded samples (cached; sharded over torchrun ranks),
+    its first `grid_n` samples for the figure, and its first min(n, PAIRED_N) samples as uint8 for the
+    paired metrics (cached beside the features; on rank 0 under torchrun: its shard's share)."""
     from diffpro_cli.distributed import is_main, sharded_map
     from diffpro_cli.metrics.fid import FeatureCache, inception_features
+    from diffpro_cli.metrics.paired import PAIRED_N, load_paired, save_paired
+    from diffpro_cli.mnist import to_uint8
 
     key = FeatureCache.key(identity=row.identity, ts=row.timesteps, steps=row.steps, method=cfg.method,
                            cfg=cfg.cfg_scale, seed=cfg.seed)
+    n_paired = min(n, PAIRED_N)
     feats = cache.get(key, n)
     grid = {}
     if feats is None or len(feats) < n:
@@ -310,15 +319,25 @@ def row_features(row: Row, cfg: BenchConfig, n: int, inception, cache, ui: UI = 
             def work(start: int, count: int) -> np.ndarray:
                 x = row.sampler(cfg, count, cfg.sample_batch, first_index=start, advance=advance)
                 if start == 0:
-                    grid["x"] = x[:cfg.grid_n]
+                    grid["x"], grid["paired"] = x[:cfg.grid_n], to_uint8(x[:n_paired])
                 return inception_features(x, inception, advance=advance)
 
             feats = sharded_map(n, work)
         if is_main():
             cache.put(key, feats, meta={"row": row.name})
+            if "paired" in grid:
+                save_paired(cache.directory, key, grid["paired"])
+    if not is_main():   # other ranks only contribute features (measure_bench reports on rank 0)
+        return feats, grid.get("x"), None
+    if "paired" not in grid:
+        grid["paired"] = load_paired(cache.directory, key, n_paired)
+    if grid["paired"] is None:   # features cached by an older version: sample the paired images once
+        grid["paired"] = to_uint8(row.sampler(cfg, n_paired, cfg.sample_batch))
+        save_paired(cache.directory, key, grid["paired"])
     if "x" not in grid:
-        grid["x"] = row.sampler(cfg, min(cfg.grid_n, n), cfg.sample_batch)
-    return feats, grid["x"]
+        grid["x"] = grid["paired"][:cfg.grid_n].float() / 127.5 - 1 if cfg.grid_n <= len(grid["paired"]) \
+            else row.sampler(cfg, min(cfg.grid_n, n), cfg.sample_batch)
+    return feats, grid["x"], grid["paired"]
 
 
 def fid_inputs(rows: list[Row], cfg: BenchConfig) -> tuple:
@@ -334,19 +353,25 @@ def fid_inputs(rows: list[Row], cfg: BenchConfig) -> tuple:
 
 def fid_for_rows(rows: list[Row], cfg: BenchConfig, workdir: Path, inception, reference: tuple,
                  ui: UI = QUIET_UI) -> tuple[dict, dict[str, torch.Tensor]]:
-    from diffpro_cli.metrics.fid import FeatureCache, frechet_distance, stats_from_features
+    """Per row: FID and FID vs fp32 with bootstrap intervals, KID, PSNR/SSIM vs fp32 (metrics.evidence),
+    from features computed once; "_replicates" holds the paired bootstrap for derived/versus_step_cut."""
+    from diffpro_cli.distributed import is_main
+    from diffpro_cli.metrics import evidence
+    from diffpro_cli.metrics.fid import FeatureCache
+    from diffpro_cli.metrics.reference import reference_features, reference_size
 
     mu_ref, sigma_ref, ref_n = reference
     cache = FeatureCache(workdir / "bench" / "fid-cache")
-    results, samples, stats = {}, {}, {}
+    feats, samples, paired = {}, {}, {}
     for row in rows:
-        feats, samples[row.name] = row_features(row, cfg, cfg.fid_n, inception, cache, ui)
-        stats[row.name] = stats_from_features(feats)
-        results[row.name] = {"fid": frechet_distance(*stats[row.name], mu_ref, sigma_ref, method="eigh"), "n": len(feats)}
-    if "fp32" in stats:
-        for name, st in stats.items():
-            results[name]["fid_vs_fp"] = 0.0 if name == "fp32" else frechet_distance(*st, *stats["fp32"], method="eigh")
+        feats[row.name], samples[row.name], paired[row.name] = row_features(row, cfg, cfg.fid_n, inception, cache, ui)
+    if not is_main():
+        return {}, samples
+    ref_feats, ref_info = reference_features(cfg.reference, reference_size(cfg.fid_n), inception, cache, ui=ui)
+    results, replicates = evidence.measure_rows(feats, paired, mu_ref, sigma_ref, ref_feats, seed=cfg.seed)
     results["_reference_n"] = ref_n
+    results["_replicates"] = replicates
+    results["_evidence"] = evidence.settings(cfg.seed, kid_reference=ref_info)
     return results, samples
 
 
@@ -403,7 +428,8 @@ def measure_bench(ctx, cfg: BenchConfig, quantized: Path | None = None, timestep
                   "untrained": bool(model0.untrained)},
         "device": device_info(),
         "fid": {"n_samples": cfg.fid_n if cfg.fid else None, "reference": cfg.reference if cfg.fid else None,
-                "reference_n": fid_results.get("_reference_n"), "seed": cfg.seed},
+                "reference_n": fid_results.get("_reference_n"), "seed": cfg.seed,
+                **({"evidence": fid_results["_evidence"]} if "_evidence" in fid_results else {})},
         "sampler": {"method": cfg.method, "cfg_scale": cfg.cfg_scale, "reference_steps": cfg.reference_steps},
         "baseline": "fp32" if any(r.name == "fp32" for r in rows) else rows[0].name,
         "rows": [],
@@ -424,24 +450,28 @@ def measure_bench(ctx, cfg: BenchConfig, quantized: Path | None = None, timestep
             "compute_fraction": row.compute_fraction(),
             "fid": f.get("fid"),
             "fid_vs_fp": f.get("fid_vs_fp"),
+            **{k: f.get(k) for k in EVIDENCE_FIELDS},
             "kernels": kernel_counts(row.model),
             "notes": row.notes,
         })
-    report["derived"] = derived_ratios(report)
-    report["versus_step_cut"] = versus_step_cut(report)
+    report["derived"] = derived_ratios(report, fid_results.get("_replicates"))
+    report["versus_step_cut"] = versus_step_cut(report, fid_results.get("_replicates"))
     for v in report["versus_step_cut"]:
         notes.insert(0, v["line"])
     if model0.random_weights:
         report["notes"].append("RANDOM WEIGHTS: speed and memory only; no quality metric is meaningful")
     if model0.untrained:
         report["notes"].append("UNTRAINED built-in weights: FID values are not meaningful")
+    if model_spec.startswith("builtin:"):
+        report["notes"].append(BUILTIN_REFERENCE_NOTE)
     atomic_write_json(bench_dir / "report.json", report)
     report_mod.write_markdown(report, bench_dir, samples, workdir, cfg.grid_n)
     return report
 
 
-def derived_ratios(report: dict) -> dict:
-    """Speedup, compression and ΔFID of every row against the baseline row (null where not measured)."""
+def derived_ratios(report: dict, replicates=None) -> dict:
+    """Speedup, compression and ΔFID of every row against the baseline row (null where not measured);
+    with the bootstrap `replicates` (metrics.evidence.Replicates), ΔFID's paired 95 % interval."""
     base = next((r for r in report["rows"] if r["name"] == report["baseline"]), None)
     out = {}
     for r in report["rows"]:
@@ -453,12 +483,17 @@ def derived_ratios(report: dict) -> dict:
             "compression": round(base["size_bytes"] / r["size_bytes"], 3) if r["size_bytes"] else None,
             "delta_fid": (r["fid"] - base["fid"]) if r["fid"] is not None and base["fid"] is not None else None,
         }
+        if replicates is not None:
+            out[r["name"]]["delta_fid_ci95"] = (None if r["name"] == base["name"]
+                                                else replicates.paired_ci(r["name"], base["name"], "fid"))
     return out
 
 
-def versus_step_cut(report: dict) -> list[dict]:
+def versus_step_cut(report: dict, replicates=None) -> list[dict]:
     """diffpro against the float step cut a user could pick instead (ddim-K, fp32-subset-K at the same
-    K): latency ratio and FID vs fp32 side by side, measured in this run. The plan must not lose on speed."""
+    K): latency ratio and FID vs fp32 side by side, measured in this run. The plan must not lose on speed.
+    With the bootstrap `replicates`, paired 95 % intervals of diffpro minus the row: FID vs fp32
+    (`delta_fid_vs_fp_ci95`) and FID vs the reference (`delta_fid_ci95`)."""
     rows = {r["name"]: r for r in report["rows"]}
     dp = rows.get("diffpro")
     if dp is None:
@@ -473,6 +508,16 @@ def versus_step_cut(report: dict) -> list[dict]:
         quality = ""
         if dp["fid_vs_fp"] is not None and r["fid_vs_fp"] is not None:
             quality = f"; FID vs fp32 {dp['fid_vs_fp']:.2f} vs {r['fid_vs_fp']:.2f}"
+            entry["delta_fid_vs_fp"] = dp["fid_vs_fp"] - r["fid_vs_fp"]
+        if dp.get("fid") is not None and r.get("fid") is not None:
+            entry["delta_fid"] = dp["fid"] - r["fid"]
+        if replicates is not None:
+            entry["delta_fid_vs_fp_ci95"] = replicates.paired_ci("diffpro", name, "fid_vs_fp")
+            entry["delta_fid_ci95"] = replicates.paired_ci("diffpro", name, "fid")
+            ci = entry["delta_fid_vs_fp_ci95"]
+            if quality and ci is not None:
+                sig = "significant" if ci[0] > 0 or ci[1] < 0 else "not significant"
+                quality += f" (paired Δ {entry['delta_fid_vs_fp']:+.2f} [{ci[0]:+.2f}, {ci[1]:+.2f}], {sig})"
         verdict = "faster" if ratio >= 1.0 else "SLOWER: quantized compute does not pay on this machine"
         entry["line"] = (f"diffpro vs {name} (same {r['steps']} steps, float weights): {ratio:.2f}x {verdict}{quality}, "
                          f"{report['derived'].get('diffpro', {}).get('compression') or 0:.2f}x smaller")
