@@ -10,7 +10,13 @@ import torch
 from torch import nn
 
 from diffpro_cli.metrics import evidence
-from diffpro_cli.stages.bench import BUILTIN_REFERENCE_NOTE, EVIDENCE_FIELDS, BenchConfig, measure_bench, versus_step_cut
+from diffpro_cli.stages.bench import (
+    BUILTIN_REFERENCE_NOTE,
+    EVIDENCE_FIELDS,
+    BenchConfig,
+    measure_bench,
+    versus_step_cut,
+)
 from diffpro_cli.stages.context import StageContext
 
 
@@ -29,7 +35,7 @@ class FakeInception(nn.Module):
 
 @pytest.fixture
 def fake_inception(monkeypatch):
-    import diffpro_cli.metrics.fid as fid
+    from diffpro_cli.metrics import fid
 
     net = FakeInception().eval()
     monkeypatch.setattr(fid, "load_inception", lambda weights=None, device="cpu": net)
