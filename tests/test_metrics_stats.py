@@ -141,7 +141,7 @@ def test_kid_matches_a_direct_implementation_and_torchmetrics_when_installed():
     assert got["kid"] == pytest.approx(tm, rel=1e-8)
 
 
-def test_kid_is_about_zero_for_the_same_distribution_and_positive_for_a_shifted_one():
+def test_kid_is_about_zero_for_the_same_distribution_and_positive_for_a_shifted_one(monkeypatch):
     rng = np.random.default_rng(6)
     ref = np.abs(_gauss(rng, 400, 32))
     same = np.abs(_gauss(rng, 200, 32))
@@ -152,6 +152,8 @@ def test_kid_is_about_zero_for_the_same_distribution_and_positive_for_a_shifted_
     assert abs(k_same["kid"]) < 2 * k_same["kid_std"] + 1e-3
     assert k_shift["kid"] > 10 * max(abs(k_same["kid"]), 1e-4) and k_shift["kid"] > 3 * k_shift["kid_std"]
     assert S.kid(shifted, ref, subsets=50, seed=0) == k_shift      # seeded: same subsets
+    monkeypatch.setattr(S, "_KID_FULL_KERNEL_MAX", 0)              # per-subset kernels (large sets): same values
+    assert S.kid(shifted, ref, subsets=50, seed=0)["kid"] == pytest.approx(k_shift["kid"], rel=1e-12)
     assert S.kid(shifted, ref, subsets=50, seed=1)["kid"] != k_shift["kid"]
 
 

@@ -36,6 +36,7 @@ CI_LEVEL = 0.95
 KID_SUBSETS = 100
 KID_SUBSET_SIZE = 1000
 _ZERO_EIGEN = 1e-12  # eigenvalues below this fraction of the largest are round-off of exact zeros
+_KID_FULL_KERNEL_MAX = 4000  # generated + reference rows up to which KID's kernel matrices are formed once
 _CHUNK = 25  # resamples per batched eigen-decomposition (25 x n x n float64: 8 MB at n = 200)
 
 
@@ -225,9 +226,11 @@ def polynomial_mmd2_unbiased(x: np.ndarray, y: np.ndarray) -> float:
     m, d = x.shape
     if y.shape != x.shape or m < 2:
         raise ValueError(f"KID subsets must have the same shape with at least 2 rows (got {x.shape} and {y.shape})")
-    kxx = (x @ x.T / d + 1) ** 3
-    kyy = (y @ y.T / d + 1) ** 3
-    kxy = (x @ y.T / d + 1) ** 3
+    return _mmd2_from_kernels((x @ x.T / d + 1) ** 3, (y @ y.T / d + 1) ** 3, (x @ y.T / d + 1) ** 3)
+
+
+def _mmd2_from_kernels(kxx: np.ndarray, kyy: np.ndarray, kxy: np.ndarray) -> float:
+    m = len(kxx)
     within = (kxx.sum() - np.trace(kxx) + kyy.sum() - np.trace(kyy)) / (m * (m - 1))
     return float(within - 2 * kxy.mean())
 
@@ -245,7 +248,13 @@ def kid(generated, reference, subsets: int = KID_SUBSETS, subset_size: int = KID
     if m < 2:
         raise ValueError(f"KID needs at least 2 samples in each set (got {len(x)} and {len(y)})")
     rng = np.random.default_rng(seed)
-    values = np.array([polynomial_mmd2_unbiased(x[rng.choice(len(x), m, replace=False)],
-                                                y[rng.choice(len(y), m, replace=False)]) for _ in range(subsets)])
+    draws = [(rng.choice(len(x), m, replace=False), rng.choice(len(y), m, replace=False)) for _ in range(subsets)]
+    if len(x) + len(y) <= _KID_FULL_KERNEL_MAX:   # every kernel value once, subsets by indexing
+        d = x.shape[1]
+        kxx, kyy, kxy = ((x @ x.T / d + 1) ** 3, (y @ y.T / d + 1) ** 3, (x @ y.T / d + 1) ** 3)
+        values = np.array([_mmd2_from_kernels(kxx[np.ix_(i, i)], kyy[np.ix_(j, j)], kxy[np.ix_(i, j)])
+                           for i, j in draws])
+    else:
+        values = np.array([polynomial_mmd2_unbiased(x[i], y[j]) for i, j in draws])
     return {"kid": float(values.mean()), "kid_std": float(values.std()), "subsets": subsets, "subset_size": m,
             "seed": seed}
