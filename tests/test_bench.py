@@ -89,3 +89,13 @@ def test_compile_rows_compiles_each_distinct_model_once_float_rows_included(monk
     compile_rows(rows)
     assert calls == [fp, q]
     assert rows[0].model == ("compiled", fp) and rows[1].model is rows[0].model and rows[2].model == ("compiled", q)
+
+
+def test_steps_note_states_the_paired_difference_and_its_significance():
+    from diffpro_cli.stages.bench import steps_note
+
+    p = {"n": 16, "mean_uniform_minus_selected": 1.5e-4, "ci95": [2e-5, 3e-4], "wins": 12, "losses": 4,
+         "sign_test_p": 0.077, "significant": True}
+    line = steps_note(p)
+    assert "16 calibration samples" in line and "12 wins / 4 losses" in line and "(significant)" in line
+    assert "not significant" in steps_note({**p, "ci95": [-1e-5, 3e-4], "significant": False})

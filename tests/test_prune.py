@@ -141,6 +141,9 @@ def test_search_beats_uniform_on_builtin_model_and_the_stage_writes_then_skips(t
     # a trained model: the searched subset (dp or greedy) is strictly better than uniform, not a fallback to it
     assert payload["selected_by"] in ("dp", "greedy") and payload["drift"] < uniform
     assert payload["uniform_timesteps"] == uniform_timesteps(1000, 8)
+    paired = payload["paired_vs_uniform"]     # same seeds, sample by sample: its mean is the drift difference
+    assert paired["n"] == 3 and paired["wins"] + paired["losses"] + paired["ties"] == 3
+    assert paired["mean_uniform_minus_selected"] == pytest.approx(uniform - payload["drift"], rel=1e-5)
     written = json.loads((tmp_path / "timesteps.json").read_text())
     assert written["schema"] == "diffpro.timesteps/1" and written["timesteps"] == payload["timesteps"]
     assert written["num_train_timesteps"] == 1000 and written["budget"]["steps"] == 8
@@ -163,3 +166,18 @@ def test_cli_bad_options_exit_2_with_one_error_line_and_write_nothing(cli, tmp_p
     lines = [l for l in err.splitlines() if l.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], err
     assert not (tmp_path / "w" / "timesteps.json").exists()
+
+
+def test_paired_comparison_of_selected_and_uniform_drift():
+    from diffpro_cli.stages.prune import paired_comparison
+
+    uniform = [2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0]
+    selected = [u - 1.0 for u in uniform]                     # better on every sample
+    out = paired_comparison(selected, uniform, seed=0)
+    assert out["mean_uniform_minus_selected"] == pytest.approx(1.0)
+    assert (out["wins"], out["losses"], out["ties"]) == (10, 0, 0)
+    assert out["sign_test_p"] == pytest.approx(2 / 1024)        # two-sided binomial, 10 of 10
+    assert out["ci95"] == [pytest.approx(1.0), pytest.approx(1.0)] and out["significant"]
+    mixed = paired_comparison([1, 2, 3, 4], [2, 1, 4, 3], seed=0)  # two wins, two losses
+    assert mixed["mean_uniform_minus_selected"] == 0 and mixed["sign_test_p"] == 1.0 and not mixed["significant"]
+    assert mixed["ci95"][0] < 0 < mixed["ci95"][1]

@@ -387,7 +387,8 @@ def device_info() -> dict:
     return {"kind": "cpu", "name": name, "threads": torch.get_num_threads(), "torch": torch.__version__}
 
 
-def measure_bench(ctx, cfg: BenchConfig, quantized: Path | None = None, timesteps: list[int] | None = None) -> dict:
+def measure_bench(ctx, cfg: BenchConfig, quantized: Path | None = None, timesteps: list[int] | None = None,
+                  step_evidence: dict | None = None) -> dict:
     """Measure every row and write bench/report.json + report.md + figures; returns the report."""
     from diffpro_cli import report as report_mod
 
@@ -456,6 +457,9 @@ def measure_bench(ctx, cfg: BenchConfig, quantized: Path | None = None, timestep
         })
     report["derived"] = derived_ratios(report, fid_results.get("_replicates"))
     report["versus_step_cut"] = versus_step_cut(report, fid_results.get("_replicates"))
+    if step_evidence:   # prune's paired test of its drift-selected steps against uniform spacing, same seeds
+        report["steps_vs_uniform"] = step_evidence
+        notes.append(steps_note(step_evidence))
     for v in report["versus_step_cut"]:
         notes.insert(0, v["line"])
     if model0.random_weights:
@@ -487,6 +491,15 @@ def derived_ratios(report: dict, replicates=None) -> dict:
             out[r["name"]]["delta_fid_ci95"] = (None if r["name"] == base["name"]
                                                 else replicates.paired_ci(r["name"], base["name"], "fid"))
     return out
+
+
+def steps_note(p: dict) -> str:
+    """One line for prune's paired comparison of drift-selected and uniform steps."""
+    lo, hi = p["ci95"]
+    verdict = "significant" if p.get("significant") else "not significant"
+    return (f"steps: drift-selected vs uniform on the same {p['n']} calibration samples: uniform − selected drift "
+            f"{p['mean_uniform_minus_selected']:.3g} [95% CI {lo:.3g}, {hi:.3g}], {p['wins']} wins / {p['losses']} losses, "
+            f"sign test p = {p['sign_test_p']:.3g} ({verdict})")
 
 
 def versus_step_cut(report: dict, replicates=None) -> list[dict]:
@@ -537,14 +550,15 @@ def run_bench(ctx, cfg: BenchConfig, *, quantized: Path | None = None, timesteps
     inputs = {"model": ctx.model_record()}
     if quantized is not None:
         inputs["quantized"] = input_record(quantized)
-    ts = None
+    ts, evidence = None, None
     if timesteps_path is not None:
         inputs["timesteps"] = input_record(timesteps_path)
-        ts = read_json(timesteps_path, "diffpro.timesteps/1")["timesteps"]
+        ts_doc = read_json(timesteps_path, "diffpro.timesteps/1")
+        ts, evidence = ts_doc["timesteps"], ts_doc.get("paired_vs_uniform")
     outputs = {"report": workdir / "bench" / "report.json", "markdown": workdir / "bench" / "report.md"}
 
     def compute():
-        return measure_bench(ctx, cfg, quantized=quantized, timesteps=ts)
+        return measure_bench(ctx, cfg, quantized=quantized, timesteps=ts, step_evidence=evidence)
 
     # under torchrun every rank must take part in the collectives, so no rank may skip on its own:
     # sharded runs always compute (rank 0 still records the lock)

@@ -269,10 +269,31 @@ def student_drift(model: DiffusionModel, subset: list[int], teacher: Teacher, cf
     out = sample(model, cfg.n, subset, sampler_config(cfg), labels=labels, seed=cfg.seed,
                  batch_size=cfg.batch, advance=advance, on_step=on_step, decode=False)
     xs, _ = collect()
-    final = float(((out - teacher.final) ** 2).mean())
+    per_sample = ((out - teacher.final) ** 2).flatten(1).mean(1)
+    final = float(per_sample.mean())
     curve = [[t, float(((xs[t] - teacher.x[t]) ** 2).mean())] for t in subset if t in teacher.x]
     values = [v for _, v in curve] + [final]
-    return {"final": final, "trajectory": float(np.mean(values)), "curve": curve}
+    return {"final": final, "trajectory": float(np.mean(values)), "curve": curve,
+            "per_sample_final": [float(v) for v in per_sample]}
+
+
+def paired_comparison(selected: list[float], uniform: list[float], seed: int, resamples: int = 2000) -> dict:
+    """Drift-selected vs uniform steps on the same seeds and labels, sample by sample (final MSE to the
+    teacher): mean of (uniform - selected) (> 0: the selection is better), its seeded bootstrap 95%
+    interval, wins/losses/ties and the two-sided sign-test p-value (scipy's binomtest)."""
+    from scipy.stats import binomtest
+
+    d = np.asarray(uniform, dtype=np.float64) - np.asarray(selected, dtype=np.float64)
+    n = len(d)
+    rng = np.random.default_rng(seed)
+    boot = d[rng.integers(0, n, size=(resamples, n))].mean(axis=1) if n > 1 else np.repeat(d.mean(), 2)
+    wins, losses = int((d > 0).sum()), int((d < 0).sum())
+    p = float(binomtest(wins, wins + losses).pvalue) if wins + losses else 1.0
+    lo, hi = (float(v) for v in np.quantile(boot, [0.025, 0.975]))
+    return {"metric": "final MSE to the teacher, per sample", "n": n, "mean_uniform_minus_selected": float(d.mean()),
+            "ci95": [lo, hi], "wins": wins, "losses": losses, "ties": n - wins - losses, "sign_test_p": p,
+            "bootstrap": {"resamples": resamples, "seed": seed},
+            "significant": bool(lo > 0 or hi < 0)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -353,6 +374,7 @@ def select_timesteps(model: DiffusionModel, cfg: PruneConfig, ui: UI = QUIET_UI)
         "selected_by": main["selected_by"],
         "alternatives": main["alternatives"],
         "drift_curve": main["drift_curve"],
+        "paired_vs_uniform": main["paired_vs_uniform"],
         "teacher": {"sampler": "ddim", "eta": 0.0, "reference_steps": len(reference), "cfg_scale": cfg.cfg_scale,
                     "clip_x0": sampler.clip_x0, "n": cfg.n,
                     "labels": None if labels is None else ("i % num_classes" if isinstance(labels, torch.Tensor) else "i % M of the conditioning set")},
@@ -403,6 +425,7 @@ def _select_one(model, cfg, teacher, cost, cands_desc, K, T, uniform, labels, ui
         "alternatives": [{k: v for k, v in a.items() if k != "timesteps"} for a in alternatives],
         "drift_curve": {"selected": chosen["curve"], "uniform": uni["curve"],
                         "selected_final": chosen["final"], "uniform_final": uni["final"]},
+        "paired_vs_uniform": paired_comparison(chosen["per_sample_final"], uni["per_sample_final"], cfg.seed),
     }
 
 
