@@ -61,7 +61,45 @@ def export_diffusers(qdir: str | Path, out: str | Path, force: bool = False) -> 
             shutil.copyfile(qdir / name, tmp)
             tmp.replace(out / name)
     atomic_write_json(out / "config.json", config)
+    export_schedule(qdir, meta, out)
     return config
+
+
+def export_schedule(qdir: Path, meta: dict, out: Path) -> dict | None:
+    """The plan's timesteps for diffusers: `scheduler/scheduler_config.json` (EulerDiscreteScheduler with the
+    model's own betas) and `diffpro_schedule.json` (the kept timesteps, high to low). Euler in σ-space
+    on these timesteps is DDIM (η = 0) on the same subset, which is diffpro's sampler without x0
+    clipping; diffusers' DDIMScheduler cannot take an arbitrary subset (it steps by a fixed stride)."""
+    timesteps = meta.get("timesteps")
+    if not timesteps:
+        return None
+    import torch
+
+    from diffpro_cli.loading import load_model
+
+    model = load_model(qdir)
+    ac = model.alphas_cumprod.double()
+    betas = 1.0 - ac / torch.cat([torch.ones(1, dtype=ac.dtype), ac[:-1]])
+    sched = {"_class_name": "EulerDiscreteScheduler", "num_train_timesteps": int(ac.numel()),
+             "trained_betas": [float(b) for b in betas], "prediction_type": "epsilon"}
+    (out / "scheduler").mkdir(exist_ok=True)
+    atomic_write_json(out / "scheduler" / "scheduler_config.json", sched)
+    doc = {"timesteps": sorted((int(t) for t in timesteps), reverse=True),
+           "usage": "EulerDiscreteScheduler.from_pretrained(OUT, subfolder='scheduler').set_timesteps(timesteps=...)",
+           "equivalent_to": "diffpro's DDIM (eta 0) on these timesteps, without x0 clipping"}
+    atomic_write_json(out / "diffpro_schedule.json", doc)
+    return doc
+
+
+def diffusers_scheduler(path: str | Path):
+    """The exported folder's EulerDiscreteScheduler with the plan's timesteps already set."""
+    from diffusers import EulerDiscreteScheduler
+
+    path = Path(path)
+    doc = read_json(path / "diffpro_schedule.json", missing="export with a checkpoint that has timesteps (diffpro prune, then quantize)")
+    sched = EulerDiscreteScheduler.from_pretrained(str(path), subfolder="scheduler")
+    sched.set_timesteps(timesteps=doc["timesteps"])
+    return sched
 
 
 def torchao_entry(rec: dict, kind: str) -> tuple[dict | None, str | None]:
