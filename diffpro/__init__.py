@@ -1,8 +1,8 @@
 """diffpro as a library (`import diffpro`): the functions the `diffpro` CLI wraps. See docs/api.md."""
 
 from diffpro_cli import __version__
-from diffpro_cli.api import (DiffusionModel, allocate, bench, install_timestep_hook, load, profile, prune, quantize,
-                             quantize_, score)
+from diffpro_cli.api import (DiffusionModel, allocate, bench, install_timestep_hook, load, load_lora, profile, prune,
+                             quantize, quantize_, score, unload_lora)
 
 __all__ = ["__version__", "DiffusionModel", "load", "quantize_", "profile", "score", "prune", "allocate", "quantize",
-           "bench", "install_timestep_hook"]
+           "bench", "install_timestep_hook", "load_lora", "unload_lora"]

@@ -21,9 +21,11 @@ from typing import Any
 from torch import nn
 
 from diffpro_cli.errors import UsageError
+from diffpro_cli.lora import load_lora, unload_lora  # noqa: F401  (re-exported: LoRA on a quantized base)
 from diffpro_cli.models.base import DiffusionModel
 
-__all__ = ["load", "quantize_", "profile", "score", "prune", "allocate", "quantize", "bench", "DiffusionModel"]
+__all__ = ["load", "quantize_", "profile", "score", "prune", "allocate", "quantize", "bench", "DiffusionModel",
+           "load_lora", "unload_lora"]
 
 
 def _context(model: str | DiffusionModel, workdir: str | Path, trust_code: bool, weights, seed: int, force: bool, quiet: bool):

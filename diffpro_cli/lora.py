@@ -1,0 +1,317 @@
+"""LoRA adapters on a (quantized) network, kept in float: y = base(x) + scale·(alpha/r)·B(A(x)).
+
+The base layer is untouched: a QuantLinear / QuantConv2d keeps its integer weights and kernel (nothing
+is dequantized), a layer the plan kept in float stays an nn.Linear / nn.Conv2d. Each adapted layer gets
+a `lora` ModuleDict (one `LoRAAdapter` per adapter name, float32 parameters on the layer's device) and
+one forward hook that adds every adapter's delta to the layer's output. `unload_lora` removes both, so
+the network computes exactly what it computed before.
+
+State-dict layouts read (module names as in `net.named_modules()`; a leading `transformer.`, `unet.`,
+`base_model.model.` or `model.` is stripped):
+  PEFT / diffusers   <module>.lora_A.weight, <module>.lora_B.weight   (optional <module>.alpha; else
+                     `lora_alpha` / `alpha_pattern` / `use_rslora` from an adapter_config.json next to
+                     the file; else alpha = r)
+  kohya              <module>.lora_down.weight, <module>.lora_up.weight, <module>.alpha
+                     (also kohya's flattened names, lora_unet_<module with dots as _>)
+from a dict of tensors, a .safetensors file, a directory holding one (adapter_model.safetensors,
+pytorch_lora_weights.safetensors), or a .bin/.pt file read with torch.load(weights_only=True).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from diffpro_cli.errors import InputError, UsageError
+
+__all__ = ["load_lora", "unload_lora", "LoRAAdapter"]
+
+_PREFIXES = ("base_model.model.", "transformer.", "unet.", "model.", "diffusion_model.")
+_FLAT_PREFIXES = ("lora_unet_", "lora_transformer_", "lora_")
+_WEIGHT = re.compile(r"^(?P<mod>.+)\.(?P<part>lora_A|lora_B|lora_down|lora_up)(?:\.(?P<adapter>[^.]+))?\.weight$")
+_ALPHA = re.compile(r"^(?P<mod>.+)\.alpha$")
+_DIR_FILES = ("adapter_model.safetensors", "pytorch_lora_weights.safetensors", "adapter_model.bin", "pytorch_lora_weights.bin")
+
+
+class LoRAAdapter(nn.Module):
+    """One low-rank float update for one layer: delta(x) = scaling · B(A(x)), with A (`down`) shaped like
+    the base layer's input side ([r, in] or a conv [r, in, kh, kw] with the base's geometry) and B
+    (`up`) [out, r] (or a 1×1 conv). `scaling` = scale · alpha / r (alpha / √r with rsLoRA)."""
+
+    def __init__(self, down: torch.Tensor, up: torch.Tensor, scaling: float, conv: dict | None = None):
+        super().__init__()
+        self.down = nn.Parameter(down, requires_grad=False)
+        self.up = nn.Parameter(up, requires_grad=False)
+        self.scaling = float(scaling)
+        self.conv = conv     # stride/padding/dilation/padding_mode of the base conv, None for a linear layer
+
+    @property
+    def rank(self) -> int:
+        return int(self.down.shape[0])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.down.dtype)
+        if self.conv is None:
+            return F.linear(F.linear(x, self.down), self.up) * self.scaling
+        c = self.conv
+        if c["padding_mode"] != "zeros":
+            ph, pw = c["padding"]
+            x = F.pad(x, [pw, pw, ph, ph], mode=c["padding_mode"])
+            h = F.conv2d(x, self.down, None, c["stride"], 0, c["dilation"])
+        else:
+            h = F.conv2d(x, self.down, None, c["stride"], c["padding"], c["dilation"])
+        return F.conv2d(h, self.up) * self.scaling
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, scaling={self.scaling:g}" + (", conv" if self.conv is not None else "")
+
+
+def _lora_hook(module: nn.Module, args, output):
+    x = args[0]
+    for adapter in module.lora.values():
+        output = output + adapter(x).to(output.dtype)   # out of place: fused q/k/v slices stay intact
+    return output
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading a LoRA
+# ---------------------------------------------------------------------------------------------
+
+
+def _read_source(lora) -> tuple[dict, dict, str]:
+    """(tensors, adapter_config, label) from a dict or a path."""
+    if isinstance(lora, Mapping):
+        bad = [k for k, v in lora.items() if not isinstance(v, torch.Tensor)]
+        if bad:
+            raise UsageError(f"the LoRA dict holds non-tensor values ({', '.join(map(str, bad[:3]))}); pass a state dict of tensors")
+        return dict(lora), {}, "the LoRA"
+    if not isinstance(lora, (str, Path)):
+        raise UsageError(f"lora: expected a state dict or a path to a .safetensors file, got {type(lora).__name__}")
+    path = Path(lora)
+    if path.is_dir():
+        found = next((path / n for n in _DIR_FILES if (path / n).is_file()), None)
+        if found is None:
+            candidates = sorted(path.glob("*.safetensors"))
+            if len(candidates) != 1:
+                raise InputError(f"{path}: no LoRA weights file found ({', '.join(_DIR_FILES[:2])} or exactly one "
+                                 f"*.safetensors); pass the file itself")
+            found = candidates[0]
+        path = found
+    if not path.exists():
+        raise InputError(f"{path}: no such file; check the LoRA path")
+    if path.suffix == ".safetensors":
+        from diffpro_cli.artifacts import load_safetensors
+
+        tensors = load_safetensors(path)[0]
+    elif path.suffix in (".bin", ".pt", ".pth"):
+        try:
+            tensors = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:   # pickled code or a corrupt file: weights_only refuses both
+            raise InputError(f"{path}: not loadable as plain tensors ({str(exc).splitlines()[0][:80]}); "
+                             f"convert it to .safetensors") from None
+        if not isinstance(tensors, Mapping) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
+            raise InputError(f"{path}: not a state dict of tensors; pass a LoRA state dict")
+    else:
+        raise UsageError(f"{path}: unsupported LoRA file type {path.suffix or '(none)'}; use .safetensors (or .bin/.pt state dicts)")
+    config = {}
+    cfg_path = path.parent / "adapter_config.json"
+    if cfg_path.is_file():
+        try:
+            config = json.loads(cfg_path.read_text())
+        except (OSError, ValueError) as exc:
+            raise InputError(f"{cfg_path}: not readable JSON ({str(exc)[:80]}); fix or remove it") from None
+        if not isinstance(config, dict):
+            raise InputError(f"{cfg_path}: expected a JSON object (PEFT's adapter_config.json); fix or remove it")
+    return dict(tensors), config, str(path)
+
+
+def _resolve(name: str, modules: dict[str, nn.Module], flat: dict[str, str]) -> str | None:
+    if name in modules:
+        return name
+    for prefix in _PREFIXES:
+        if name.startswith(prefix) and name[len(prefix):] in modules:
+            return name[len(prefix):]
+    if "." not in name:   # kohya's flattened names
+        for prefix in _FLAT_PREFIXES:
+            if name.startswith(prefix) and name[len(prefix):] in flat:
+                return flat[name[len(prefix):]]
+    return None
+
+
+def _config_alpha(module_name: str, config: dict) -> float | None:
+    for pattern, alpha in (config.get("alpha_pattern") or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", module_name):
+            return float(alpha)
+    return float(config["lora_alpha"]) if config.get("lora_alpha") is not None else None
+
+
+def _geometry(layer: nn.Module) -> tuple[str, int, int, dict | None]:
+    """(kind, in, out, conv geometry) of a layer a LoRA can attach to."""
+    from diffpro_cli.quant.layers import QuantConv2d, QuantLinear
+
+    if isinstance(layer, (nn.Linear, QuantLinear)):
+        return "linear", layer.in_features, layer.out_features, None
+    if isinstance(layer, (nn.Conv2d, QuantConv2d)):
+        padding = layer.padding
+        return "conv", layer.in_channels, layer.out_channels, {
+            "kernel_size": tuple(layer.kernel_size), "stride": tuple(layer.stride), "dilation": tuple(layer.dilation),
+            "padding": padding if isinstance(padding, str) else tuple(padding), "padding_mode": layer.padding_mode,
+            "groups": layer.groups}
+    raise UsageError(f"{type(layer).__name__}: LoRA attaches to Linear/Conv2d layers (float or diffpro-quantized) only")
+
+
+def _device_of(layer: nn.Module) -> torch.device:
+    for t in (*layer.parameters(recurse=False), *layer.buffers(recurse=False)):
+        return t.device
+    return torch.device("cpu")
+
+
+def _build(name: str, layer: nn.Module, down: torch.Tensor, up: torch.Tensor, alpha: float | None, scale: float,
+           rslora: bool) -> LoRAAdapter:
+    kind, n_in, n_out, conv = _geometry(layer)
+    down, up = down.detach().float(), up.detach().float()
+    r = int(down.shape[0]) if down.dim() >= 2 else 0
+    if kind == "conv" and conv["groups"] != 1:
+        raise UsageError(f"{name}: LoRA on a grouped convolution (groups={conv['groups']}) is not supported")
+    if kind == "conv" and down.dim() == 2 and conv["kernel_size"] == (1, 1):   # linear-shaped LoRA on a 1×1 conv
+        down = down[:, :, None, None]
+    if kind == "conv" and up.dim() == 2:
+        up = up[:, :, None, None]
+    want_down = (r, n_in) if kind == "linear" else (r, n_in, *conv["kernel_size"])
+    want_up = (n_out, r) if kind == "linear" else (n_out, r, 1, 1)
+    if r == 0 or tuple(down.shape) != want_down or tuple(up.shape) != want_up:
+        raise InputError(f"{name}: LoRA shapes A {list(down.shape)} / B {list(up.shape)} do not fit this "
+                         f"{type(layer).__name__} (expected A {list(want_down)}, B {list(want_up)}); "
+                         f"load a LoRA made for this model")
+    a = float(r) if alpha is None else float(alpha)
+    scaling = scale * (a / math.sqrt(r) if rslora else a / r)
+    device = _device_of(layer)
+    return LoRAAdapter(down.to(device), up.to(device), scaling, None if conv is None else {
+        k: conv[k] for k in ("stride", "padding", "dilation", "padding_mode")})
+
+
+def _parse(tensors: dict, config: dict, modules: dict[str, nn.Module], label: str) -> dict[str, dict]:
+    """{network module name: {"down", "up", "alpha"}} from a LoRA state dict."""
+    flat = {n.replace(".", "_"): n for n in modules if n}
+    found: dict[str, dict] = {}
+    unknown: list[str] = []
+    unrecognised: list[str] = []
+    alphas: dict[str, float] = {}
+    for key, value in tensors.items():
+        m = _WEIGHT.match(key)
+        if m is None:
+            a = _ALPHA.match(key)
+            if a is None:
+                unrecognised.append(key)
+            else:
+                alphas[a["mod"]] = float(value.reshape(-1)[0])
+            continue
+        part = "down" if m["part"] in ("lora_A", "lora_down") else "up"
+        found.setdefault(m["mod"], {})[part] = value
+    if unrecognised:
+        raise InputError(f"{label}: {len(unrecognised)} key(s) are not LoRA weights this loader reads "
+                         f"({', '.join(unrecognised[:3])}); expected <module>.lora_A/lora_B.weight or "
+                         f"lora_down/lora_up.weight (+ .alpha); DoRA and LoRA biases are not supported")
+    if not found:
+        raise InputError(f"{label}: no LoRA weights found (expected <module>.lora_A.weight / lora_B.weight or "
+                         f"lora_down.weight / lora_up.weight); pass a LoRA state dict")
+    incomplete = [k for k, v in found.items() if set(v) != {"down", "up"}]
+    if incomplete:
+        raise InputError(f"{label}: {len(incomplete)} module(s) have only one of the two LoRA matrices "
+                         f"({', '.join(incomplete[:3])}); the file is incomplete, re-export it")
+    out: dict[str, dict] = {}
+    for key, pair in found.items():
+        target = _resolve(key, modules, flat)
+        if target is None:
+            unknown.append(key)
+            continue
+        alpha = alphas.get(key)
+        if alpha is None:
+            alpha = _config_alpha(target, config)
+        out[target] = {"down": pair["down"], "up": pair["up"], "alpha": alpha}
+    if unknown:
+        example = next((n for n, m in modules.items() if isinstance(m, (nn.Linear, nn.Conv2d)) or
+                        getattr(m, "is_diffpro_quant", False)), "")
+        raise InputError(f"{label}: names {len(unknown)} module(s) this network does not have "
+                         f"({', '.join(unknown[:3])}{', ...' if len(unknown) > 3 else ''}); load a LoRA made for this "
+                         f"model (module names as in net.named_modules(), e.g. {example})")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Public functions
+# ---------------------------------------------------------------------------------------------
+
+
+def _net_of(model_or_net) -> nn.Module:
+    from diffpro_cli.models.base import DiffusionModel
+
+    net = model_or_net.net if isinstance(model_or_net, DiffusionModel) else model_or_net
+    if not isinstance(net, nn.Module):
+        raise UsageError(f"expected a DiffusionModel or an nn.Module, got {type(model_or_net).__name__}")
+    return net
+
+
+def load_lora(model_or_net, lora, scale: float = 1.0, adapter_name: str = "default") -> list[str]:
+    """Attach a float LoRA adapter to the layers `lora` names (a state dict, a .safetensors file or a
+    PEFT/diffusers LoRA directory), on a `DiffusionModel` (its `.net`) or any module. Each adapted layer
+    computes base(x) + scale·(alpha/r)·B(A(x)); the base layer keeps its integer weights and kernel.
+    Several adapters (distinct `adapter_name`s) add up. Returns the adapted layers' names. Nothing is
+    attached when any entry fails to validate."""
+    net = _net_of(model_or_net)
+    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+        raise UsageError(f"adapter_name {adapter_name!r}: use a non-empty name without dots")
+    tensors, config, label = _read_source(lora)
+    modules = dict(net.named_modules())
+    entries = _parse(tensors, config, modules, label)
+    rslora = bool(config.get("use_rslora", False))
+    adapters = {name: _build(name, modules[name], e["down"], e["up"], e["alpha"], float(scale), rslora)
+                for name, e in entries.items()}
+    taken = [n for n in adapters if isinstance(getattr(modules[n], "lora", None), nn.ModuleDict)
+             and adapter_name in modules[n].lora]
+    if taken:
+        raise UsageError(f"adapter {adapter_name!r} is already loaded on {len(taken)} layer(s) ({', '.join(taken[:3])}); "
+                         f"unload_lora(..., adapter_name={adapter_name!r}) first or pick another adapter_name")
+    order = [n for n in modules if n in adapters]
+    for name in order:
+        layer = modules[name]
+        if "lora" not in layer._modules:
+            if hasattr(layer, "lora"):
+                raise UsageError(f"{name}: the layer already has an attribute 'lora'; LoRA cannot attach here")
+            layer.lora = nn.ModuleDict()
+            layer.__dict__["_diffpro_lora_hook"] = layer.register_forward_hook(_lora_hook)
+        layer.lora[adapter_name] = adapters[name]
+    return order
+
+
+def unload_lora(model_or_net, adapter_name: str | None = None) -> list[str]:
+    """Remove the adapter `adapter_name` (None: every adapter) from every layer that has it; a layer
+    left with no adapter loses its hook, so it computes exactly what it did before `load_lora`.
+    Returns the names of the layers it was removed from."""
+    net = _net_of(model_or_net)
+    removed = []
+    loaded: set[str] = set()
+    for name, layer in list(net.named_modules()):
+        adapters = layer._modules.get("lora")
+        if not isinstance(adapters, nn.ModuleDict) or "_diffpro_lora_hook" not in layer.__dict__:
+            continue
+        loaded.update(adapters.keys())
+        names = list(adapters.keys()) if adapter_name is None else [adapter_name] if adapter_name in adapters else []
+        for n in names:
+            del adapters[n]
+        if names:
+            removed.append(name)
+        if len(adapters) == 0:
+            layer.__dict__.pop("_diffpro_lora_hook").remove()
+            del layer.lora
+    if adapter_name is not None and not removed:
+        raise UsageError(f"no LoRA adapter named {adapter_name!r} is loaded"
+                         + (f" (loaded: {', '.join(sorted(loaded))})" if loaded else " (none is)"))
+    return removed
