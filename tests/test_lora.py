@@ -49,11 +49,11 @@ def random_lora(net, names=TARGETS, seed=0):
     for n in names:
         m = modules[n]
         if isinstance(m, (nn.Conv2d, QuantConv2d)):
-            a = torch.randn(RANK, m.in_channels, *m.kernel_size, generator=g) * 0.2
-            b = torch.randn(m.out_channels, RANK, 1, 1, generator=g) * 0.2
+            a = torch.randn(RANK, m.in_channels, *m.kernel_size, generator=g) * 0.05
+            b = torch.randn(m.out_channels, RANK, 1, 1, generator=g) * 0.05
         else:
-            a = torch.randn(RANK, m.in_features, generator=g) * 0.2
-            b = torch.randn(m.out_features, RANK, generator=g) * 0.2
+            a = torch.randn(RANK, m.in_features, generator=g) * 0.05
+            b = torch.randn(m.out_features, RANK, generator=g) * 0.05
         out[n] = (a, b)
     return out
 
