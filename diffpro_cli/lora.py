@@ -31,7 +31,7 @@ from torch import nn
 
 from diffpro_cli.errors import InputError, UsageError
 
-__all__ = ["load_lora", "unload_lora", "LoRAAdapter"]
+__all__ = ["LoRAAdapter", "load_lora", "unload_lora"]
 
 _PREFIXES = ("base_model.model.", "transformer.", "unet.", "model.", "diffusion_model.")
 _FLAT_PREFIXES = ("lora_unet_", "lora_transformer_", "lora_")
@@ -113,7 +113,7 @@ def _read_source(lora) -> tuple[dict, dict, str]:
     elif path.suffix in (".bin", ".pt", ".pth"):
         try:
             tensors = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:   # pickled code or a corrupt file: weights_only refuses both
+        except Exception as exc:  # noqa: BLE001  (pickled code or a corrupt file: weights_only refuses both)
             raise InputError(f"{path}: not loadable as plain tensors ({str(exc).splitlines()[0][:80]}); "
                              f"convert it to .safetensors") from None
         if not isinstance(tensors, Mapping) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):

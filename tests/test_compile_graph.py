@@ -76,7 +76,7 @@ def test_whole_net_breaks_only_outside_the_blocks(w8a8):
 
 
 def test_each_transformer_block_is_one_graph(w8a8):
-    model, counts, (x, t, y) = w8a8
+    model, _, (x, t, y) = w8a8
     calls = block_calls(model, x, t, y)
     assert len(calls) == len(model.net.transformer_blocks) == 6
     for i, (args, kwargs) in calls.items():
@@ -87,7 +87,7 @@ def test_each_transformer_block_is_one_graph(w8a8):
 
 def test_a_lora_adapter_keeps_the_block_one_graph(w8a8):
     """load_lora's forward hooks are traced into the block's graph (no break for the float adapter)."""
-    model, counts, (x, t, y) = w8a8
+    model, _, (x, t, y) = w8a8
     block = model.net.transformer_blocks[0]
     names = ["transformer_blocks.0.attn1.to_q", "transformer_blocks.0.ff.net.2"]
     mods = dict(model.net.named_modules())
