@@ -21,7 +21,7 @@ from typing import Any
 from torch import nn
 
 from diffpro_cli.errors import UsageError
-from diffpro_cli.lora import load_lora, unload_lora  # re-exported: LoRA on a quantized base
+from diffpro_cli.lora import load_lora, unload_lora
 from diffpro_cli.models.base import DiffusionModel
 
 __all__ = ["load", "quantize_", "profile", "score", "prune", "allocate", "quantize", "bench", "DiffusionModel",
