@@ -468,6 +468,9 @@ def measure_bench(ctx, cfg: BenchConfig, quantized: Path | None = None, timestep
         report["notes"].append("UNTRAINED built-in weights: FID values are not meaningful")
     if model_spec.startswith("builtin:"):
         report["notes"].append(BUILTIN_REFERENCE_NOTE)
+    if cfg.fid:
+        report["notes"].append("LPIPS vs fp32: not measured (its network weights cannot be fetched offline; "
+                               "PSNR and SSIM are the paired same-seed metrics here)")
     atomic_write_json(bench_dir / "report.json", report)
     report_mod.write_markdown(report, bench_dir, samples, workdir, cfg.grid_n)
     return report
