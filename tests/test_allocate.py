@@ -316,9 +316,13 @@ def test_latency_fraction_budget_chooses_steps_and_names_the_cheapest_feasible()
     assert plan["totals"]["avg_bits"] <= 8 + 1e-9
     # 25 steps of fp32 = 0.5 of the 50-step schedule; quantized steps make 25 fit under 0.4
     assert plan["joint"]["steps"] == 25
-    with pytest.raises(BudgetError, match="smallest feasible"):
+    with pytest.raises(BudgetError, match=r"latency=0.01 .* smallest feasible is latency=") as err:
         allocate_plan(scores, AllocateConfig(budget="latency=0.01", full_steps=50, protect=[]),
                       latency_fn=fake_latency, timesteps=ts)
+    need = float(err.value.message.split("smallest feasible is latency=")[1].split()[0])
+    plan, _ = allocate_plan(scores, AllocateConfig(budget=f"latency={need}", full_steps=50, protect=[]),
+                            latency_fn=fake_latency, timesteps=ts)      # the named budget is itself feasible
+    assert plan["joint"]["steps"] == 10
 
 
 def _ctx(workdir):

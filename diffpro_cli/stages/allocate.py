@@ -33,7 +33,7 @@ from diffpro_cli.planning.error_model import error_model
 from diffpro_cli.planning.joint import pareto_front, solve_joint, step_entries
 from diffpro_cli.planning.options import (DEFAULT_PROTECT, METHODS, Layer, Option, load_layers, make_options,
                                           parse_budgets)
-from diffpro_cli.planning.solvers import (budget_constraint, chosen_total, build_table, infeasible_message, plan_layers,
+from diffpro_cli.planning.solvers import (Constraint, budget_constraint, chosen_total, build_table, infeasible_message, plan_layers,
                                           predicted_speedup, smallest_feasible, solve, speedup_constraint, summarize)
 
 PLAN_SCHEMA = "diffpro.plan/1"
@@ -147,7 +147,16 @@ def allocate_plan(scores: dict, cfg: AllocateConfig, *, latency_fn: Callable[[La
     step_list = None
     if cfg.latency_budget is not None:
         entries = step_entries(cfg, timesteps)
-        entry, sol, rows = solve_joint(table, cfg, entries, constraints, remainder_ms, ui)
+        try:
+            entry, sol, rows = solve_joint(table, cfg, entries, constraints, remainder_ms, ui)
+        except BudgetError:
+            if fraction is None:
+                raise
+            cheapest = min(e.steps for e in entries) * (smallest_feasible(table, Constraint("", table.latency, 0)) + remainder_ms)
+            need = math.ceil(cheapest / full_ms * 1000) / 1000
+            raise BudgetError(f"--budget latency={fraction:g} ({cfg.latency_budget:.4g} ms per image) is infeasible: the smallest "
+                              f"feasible is latency={need:g} ({cheapest:.4g} ms: {min(e.steps for e in entries)} steps at the "
+                              f"cheapest bits); raise it or prune to fewer steps (prune --sweep)") from None
         step_list = entry.timesteps
         totals = summarize(table, sol, remainder_ms, other_bytes)
         joint = {"steps": entry.steps, "drift": entry.drift, "quant_error": totals["error"],
