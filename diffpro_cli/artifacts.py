@@ -256,13 +256,8 @@ def workdir_lock(workdir: str | Path, wait: bool = False, ui=None):
         else:
             reentered = False
     if reentered:
-        try:
-            yield state[3]
-        finally:
-            with _held_guard:
-                state[1] -= 1
-                if state[1] == 0:
-                    _release(key, state)
+        with _counted(key, state) as since:
+            yield since
         return
 
     key.mkdir(parents=True, exist_ok=True)
@@ -295,6 +290,13 @@ def workdir_lock(workdir: str | Path, wait: bool = False, ui=None):
     state = [fd, 1, pid, time.time()]
     with _held_guard:
         _held[key] = state
+    with _counted(key, state) as since:
+        yield since
+
+
+@contextmanager
+def _counted(key: Path, state: list):
+    """One holder's share of the run lock: on exit the count drops, and the last holder releases it."""
     try:
         yield state[3]
     finally:

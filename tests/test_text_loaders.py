@@ -19,6 +19,15 @@ def _pipeline(tmp_path, sub, net, scheduler, cls="TestPipeline"):
     return tmp_path
 
 
+def _tiny_sd3():
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(0)
+    return SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
+                                 num_attention_heads=2, joint_attention_dim=12, caption_projection_dim=16,
+                                 pooled_projection_dim=10, out_channels=4, pos_embed_max_size=16).eval()
+
+
 def _embeds(m, seq, dim, pooled=None, seed=0):
     g = torch.Generator().manual_seed(seed)
     out = {"prompt_embeds": torch.randn(m, seq, dim, generator=g)}
@@ -28,12 +37,9 @@ def _embeds(m, seq, dim, pooled=None, seed=0):
 
 
 def test_sd3_pipeline_dir_is_a_flow_model_that_samples_like_flow_match_euler(tmp_path):
-    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler
 
-    torch.manual_seed(0)
-    net = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
-                                num_attention_heads=2, joint_attention_dim=12, caption_projection_dim=16,
-                                pooled_projection_dim=10, out_channels=4, pos_embed_max_size=16).eval()
+    net = _tiny_sd3()
     path = _pipeline(tmp_path, "transformer", net, FlowMatchEulerDiscreteScheduler(shift=3.0))
     model = load_diffusers_dir(path)
     assert (model.prediction_type, model.flow_shift, model.kind, model.conditioning) == ("flow", 3.0, "sd3", "embeddings")
@@ -116,16 +122,13 @@ def test_unet2dcondition_v_prediction_from_the_scheduler_config(tmp_path):
 def test_quantized_sd3_checkpoint_reloads_as_the_same_flow_model(tmp_path):
     """The reload keeps the kind's forward (text conditioning), the prediction type, the shift and the
     flow timestep patch: the reloaded W8 model's velocity equals the in-memory quantized one."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler
 
     from diffpro_cli.checkpoint import save_quantized
     from diffpro_cli.loading import load_model
     from diffpro_cli.stages.quantize import apply_plan, uniform_plan
 
-    torch.manual_seed(0)
-    net = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
-                                num_attention_heads=2, joint_attention_dim=12, caption_projection_dim=16,
-                                pooled_projection_dim=10, out_channels=4, pos_embed_max_size=16).eval()
+    net = _tiny_sd3()
     path = _pipeline(tmp_path, "transformer", net, FlowMatchEulerDiscreteScheduler(shift=3.0))
     model = load_diffusers_dir(path)
     plan = uniform_plan(model, 8, 8, "dynamic")
