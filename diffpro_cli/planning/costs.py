@@ -112,8 +112,8 @@ def path_label(opt: Option) -> str:
     return opt.label()
 
 
-def capture_inputs(model, batch: int, seed: int = 0) -> dict:
-    """One fp32 forward at `batch` images; returns {layer name: its real input tensor}."""
+def capture_inputs(model, batch: int, seed: int = 0) -> tuple[dict, tuple, dict]:
+    """One fp32 forward at `batch` images: ({layer name: its real input}, the forward's (x, t, y), {layer name: module})."""
     import torch
 
     layers = {name: mod for name, (mod, _) in model.quantizable_layers().items()}
