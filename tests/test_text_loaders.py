@@ -140,3 +140,56 @@ def test_quantized_sd3_checkpoint_reloads_as_the_same_flow_model(tmp_path):
     x, t = torch.randn(2, 4, 8, 8), torch.tensor([900, 40])
     with torch.no_grad():
         assert torch.equal(again.velocity(x, t, cond), inmem.velocity(x, t, cond))
+
+
+def test_text_conditioned_model_runs_the_pipeline_from_the_cli_with_a_conditioning_file(tmp_path, cli):
+    """--conditioning FILE (here: `conditioning` in the run config) reaches every stage's load; its hash
+    is part of the model's lock record; without it the run stops with one error line."""
+    from diffusers import DDPMScheduler, PixArtTransformer2DModel
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    net = PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=1,
+                                   cross_attention_dim=16, caption_channels=12, sample_size=8, patch_size=2).eval()
+    pipe = _pipeline(tmp_path / "pixart", "transformer", net, DDPMScheduler())
+    save_file(_embeds(3, 5, 12), str(tmp_path / "prompts.safetensors"))
+    config = f"""model = "{pipe}"
+workdir = "{tmp_path / 'work'}"
+conditioning = "{tmp_path / 'prompts.safetensors'}"
+stages = ["profile", "score", "prune", "allocate", "quantize", "bench"]
+[profile]
+samples = 3
+timesteps = "999:0:500"
+batch = 3
+[score]
+figures = false
+[prune]
+steps = 4
+reference_steps = 12
+n = 3
+batch = 3
+clip_x0 = false
+[allocate]
+budget = "avg-bits=8"
+repeats = 1
+batch = 2
+[bench]
+rows = ["fp32", "ddim", "diffpro"]
+reference_steps = 8
+repeats = 1
+latency_batch = 2
+grid_n = 2
+memory = false
+"""
+    (tmp_path / "run.toml").write_text(config)
+    code, out, err = cli("run", tmp_path / "run.toml", "--json", "--quiet")
+    assert code == 0, err
+    lock = json.loads((tmp_path / "work" / "diffpro.lock.json").read_text())
+    assert lock["stages"]["profile"]["inputs"]["model"]["conditioning"] == str(tmp_path / "prompts.safetensors")
+    report = json.loads((tmp_path / "work" / "bench" / "report.json").read_text())
+    assert [r["name"] for r in report["rows"]] == ["fp32", "ddim-4", "diffpro"]
+    (tmp_path / "run.toml").write_text(config.replace(f'conditioning = "{tmp_path / "prompts.safetensors"}"\n', "")
+                                       .replace(str(tmp_path / "work"), str(tmp_path / "work2")))
+    code, out, err = cli("run", tmp_path / "run.toml", "--quiet")
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and "--conditioning" in lines[0], err

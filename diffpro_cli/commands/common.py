@@ -21,6 +21,7 @@ Wait = Annotated[bool, typer.Option("--wait", help="If another diffpro process i
 Seed = Annotated[int, typer.Option("--seed", help="Seed for every random choice (recorded in artifacts).")]
 TrustCode = Annotated[bool, typer.Option("--trust-code", help="Allow importing module:factory code and non-weights-only pickles.")]
 Weights = Annotated[Optional[Path], typer.Option("--weights", help="Weights file for a module:factory model.")]
+Conditioning = Annotated[Optional[Path], typer.Option("--conditioning", help="Prompt embeddings (.safetensors/.pt: prompt_embeds, pooled_prompt_embeds, negative_*) or class_labels that every stage calibrates and samples on; text-conditioned models need it.")]
 ModelArg = Annotated[str, typer.Argument(help="builtin:NAME, random:ARCH, a diffusers dir, a DiT .pt, a quantized dir, or module:factory.")]
 
 DEFAULT_WORKDIR = Path("diffpro-work")
@@ -42,15 +43,17 @@ def make_ui(quiet: bool, json_output: bool) -> UI:
 
 
 def make_context(model: str | None, workdir, *, trust_code: bool = False, weights=None, seed: int = 0,
-                 quiet: bool = False, json_output: bool = False, force: bool = False, wait: bool = False):
+                 quiet: bool = False, json_output: bool = False, force: bool = False, wait: bool = False,
+                 conditioning=None):
     """The one StageContext a command hands to its stage: load options, workdir, UI, force, wait."""
     from diffpro_cli.stages.context import StageContext
 
     return StageContext.create(model or "", workdir, trust_code=trust_code, weights=weights, seed=seed,
-                               ui=make_ui(quiet, json_output), force=force, wait=wait)
+                               ui=make_ui(quiet, json_output), force=force, wait=wait, conditioning=conditioning)
 
 
 STAGE_OPTIONS = (("workdir", Workdir, DEFAULT_WORKDIR), ("trust_code", TrustCode, False), ("weights", Weights, None),
+                 ("conditioning", Conditioning, None),
                  ("force", Force, False), ("wait", Wait, False), ("json_output", JsonOut, False), ("quiet", Quiet, False))
 
 

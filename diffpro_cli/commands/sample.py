@@ -5,7 +5,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from diffpro_cli.commands.common import JsonOut, ModelArg, Quiet, Seed, TrustCode, Weights, make_ui
+from diffpro_cli.commands.common import Conditioning, JsonOut, ModelArg, Quiet, Seed, TrustCode, Weights, make_ui
 from diffpro_cli.errors import UsageError
 
 
@@ -23,6 +23,7 @@ def sample_cmd(
     seed: Seed = 0,
     trust_code: TrustCode = False,
     weights: Weights = None,
+    conditioning: Conditioning = None,
     json_output: JsonOut = False,
     quiet: Quiet = False,
 ):
@@ -39,6 +40,8 @@ def sample_cmd(
     if method not in ("ddim", "ddpm"):
         raise UsageError(f"--method {method}: unknown sampler; use ddim or ddpm")
     m = load_model(model, trust_code=trust_code, weights=weights, seed=seed)
+    if conditioning is not None:
+        m.with_conditioning(conditioning)
     if m.untrained:
         ui.warn(f"{m.spec} is UNTRAINED (seeded random weights): samples are noise-like")
     if timesteps_file is not None:

@@ -123,7 +123,9 @@ def capture_inputs(model, batch: int, seed: int = 0) -> tuple[dict, tuple, dict]
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, *model.sample_shape, generator=gen)
     t = torch.full((batch,), model.num_train_timesteps // 2, dtype=torch.long)
-    y = torch.arange(batch) % model.num_classes if model.num_classes else None
+    from diffpro_cli.sampling import default_labels
+
+    y = default_labels(model, batch)     # class i % C, or entry i % M of a text model's conditioning set
     try:
         with torch.no_grad():
             model.eps(x, t, y)

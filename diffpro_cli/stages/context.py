@@ -23,9 +23,11 @@ class LoadOptions:
     trust_code: bool = False
     weights: str | None = None
     seed: int = 0
+    conditioning: str | None = None      # a file of prompt embeddings (or class labels) every stage calibrates on
 
     def as_dict(self) -> dict:
-        return {"trust_code": self.trust_code, "weights": None if self.weights is None else str(self.weights)}
+        return {"trust_code": self.trust_code, "weights": None if self.weights is None else str(self.weights),
+                "conditioning": self.conditioning}
 
 
 @dataclass
@@ -66,8 +68,10 @@ class StageContext:
 
     @classmethod
     def create(cls, model_spec: str, workdir: str | Path, *, trust_code: bool = False, weights=None, seed: int = 0,
-               ui: UI = QUIET_UI, force: bool = False, wait: bool = False, device: str = "cpu") -> "StageContext":
-        return cls(model_spec, Path(workdir), LoadOptions(bool(trust_code), None if weights is None else str(weights), int(seed)),
+               ui: UI = QUIET_UI, force: bool = False, wait: bool = False, device: str = "cpu",
+               conditioning=None) -> "StageContext":
+        return cls(model_spec, Path(workdir), LoadOptions(bool(trust_code), None if weights is None else str(weights), int(seed),
+                                                          None if conditioning is None else str(conditioning)),
                    ui=ui, force=force, wait=wait, device=device)
 
     def load(self, spec: str | Path | None = None, *, seed: int | None = None):
@@ -85,6 +89,8 @@ class StageContext:
         # --weights belongs to the run's module:factory model; a quantized dir carries its own tensors
         weights = self.load_options.weights if spec == self.model_spec else None
         model = load_model(spec, trust_code=self.load_options.trust_code, weights=weights, seed=seed)
+        if self.load_options.conditioning:   # the run's model and its quantized checkpoints sample on the same set
+            model.with_conditioning(self.load_options.conditioning)    # shapes checked against the network
         if shared:
             self._models[spec] = model
         return model
@@ -118,6 +124,13 @@ class StageContext:
         return StageResult(outcome, box.get("value"))
 
     def model_record(self, model=None) -> dict:
-        from diffpro_cli.artifacts import model_input_record
+        """The model's lock record; with a conditioning file its hash joins the model's (calibration
+        on other prompts is another input)."""
+        from diffpro_cli.artifacts import model_input_record, sha256_file, sha256_json
 
-        return model_input_record(model if model is not None else self.model())
+        record = model_input_record(model if model is not None else self.model())
+        if self.load_options.conditioning:
+            cond = sha256_file(Path(self.load_options.conditioning))
+            record = {**record, "conditioning": self.load_options.conditioning,
+                      "sha256": sha256_json({"model": record["sha256"], "conditioning": cond})}
+        return record

@@ -16,7 +16,7 @@ from diffpro_cli.console import QUIET_UI, UI
 from diffpro_cli.errors import InputError, UsageError
 
 STAGES = ("profile", "score", "prune", "allocate", "quantize", "bench")
-TOP_KEYS = {"model", "workdir", "seed", "trust_code", "weights", "stages"}
+TOP_KEYS = {"model", "workdir", "seed", "trust_code", "weights", "conditioning", "stages"}
 
 
 @dataclass
@@ -26,6 +26,7 @@ class RunConfig:
     seed: int = 0
     trust_code: bool = False
     weights: str | None = None
+    conditioning: str | None = None      # prompt embeddings file for text-conditioned models
     stages: list[str] = field(default_factory=lambda: list(STAGES))
     sections: dict[str, dict] = field(default_factory=dict)
 
@@ -90,7 +91,7 @@ def run_pipeline(cfg: RunConfig, *, force: bool = False, wait: bool = False, ui:
 
     check_sections(cfg)   # a typo in [bench] must fail now, not after the stages before it ran
     ctx = StageContext.create(cfg.model, cfg.workdir, trust_code=cfg.trust_code, weights=cfg.weights, seed=cfg.seed,
-                              ui=ui, force=force, wait=wait)
+                              ui=ui, force=force, wait=wait, conditioning=cfg.conditioning)
     ctx.model()           # load errors (bad spec, untrusted code) before any stage runs or anything is written
     ctx.workdir.mkdir(parents=True, exist_ok=True)
     classes = stage_config_classes()
