@@ -179,7 +179,6 @@ reference_steps = 8
 repeats = 1
 latency_batch = 2
 grid_n = 2
-memory = false
 """
     (tmp_path / "run.toml").write_text(config)
     code, out, err = cli("run", tmp_path / "run.toml", "--json", "--quiet")
@@ -188,6 +187,7 @@ memory = false
     assert lock["stages"]["profile"]["inputs"]["model"]["conditioning"] == str(tmp_path / "prompts.safetensors")
     report = json.loads((tmp_path / "work" / "bench" / "report.json").read_text())
     assert [r["name"] for r in report["rows"]] == ["fp32", "ddim-4", "diffpro"]
+    assert all(r["load_mem_bytes"] and r["peak_mem_bytes"] for r in report["rows"])   # the child sampled too
     (tmp_path / "run.toml").write_text(config.replace(f'conditioning = "{tmp_path / "prompts.safetensors"}"\n', "")
                                        .replace(str(tmp_path / "work"), str(tmp_path / "work2")))
     code, out, err = cli("run", tmp_path / "run.toml", "--quiet")

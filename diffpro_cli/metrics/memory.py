@@ -23,7 +23,7 @@ def vm_hwm_bytes() -> int | None:
 
 
 def subprocess_peak(spec: str, batch: int, steps: int = 2, trust_code: bool = False, weights: str | None = None,
-                    timeout: float = 900, ui=None) -> dict:
+                    timeout: float = 900, ui=None, conditioning: str | None = None) -> dict:
     """{"load_bytes", "run_bytes", "method"}: growth of a fresh process's peak RSS while loading `spec`
     (every tensor touched) and then while sampling one batch of `batch` over `steps` steps (steps 0:
     load only, run_bytes = load_bytes). Growth is counted from after the libraries are imported.
@@ -37,6 +37,8 @@ def subprocess_peak(spec: str, batch: int, steps: int = 2, trust_code: bool = Fa
         cmd.append("--trust-code")
     if weights:
         cmd += ["--weights", str(weights)]
+    if conditioning:      # a text-conditioned model samples on its prompt embeddings
+        cmd += ["--conditioning", str(conditioning)]
     method = "fresh process: VmHWM growth after imports (load: every tensor touched; run: + one sampling batch)"
     from contextlib import nullcontext
 
@@ -63,6 +65,8 @@ def _child(argv: list[str]) -> None:
 
     base = vm_hwm_bytes()
     model = load_model(spec, **kwargs)
+    if "--conditioning" in argv:
+        model.with_conditioning(argv[argv.index("--conditioning") + 1])
     with torch.no_grad():
         for t in list(model.net.parameters()) + list(model.net.buffers()):   # fault in mapped weights
             float(t.float().sum()) if t.is_floating_point() else int(t.sum())
