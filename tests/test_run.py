@@ -238,3 +238,11 @@ def test_untrusted_module_factory_run_stops_before_any_stage(tmp_path):
     assert proc.returncode == 5 and proc.stderr.startswith("error:") and "--trust-code" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "work" / "diffpro.lock.json").exists()
+
+
+@pytest.mark.parametrize("config", sorted((Path(__file__).parent.parent / "sample_configs").glob("*.toml")), ids=lambda p: p.name)
+def test_every_sample_config_names_only_known_keys(config):
+    """A typo in a shipped config would fail a user's run only when it reaches that stage."""
+    from diffpro_cli.stages.run import check_sections, load_run_config
+
+    check_sections(load_run_config(config))
