@@ -1,6 +1,7 @@
 import json
 
-from diffpro_cli.stages.bench import BenchConfig, derived_ratios, measure_bench
+from diffpro_cli.stages.bench import BenchConfig, measure_bench
+from diffpro_cli.stages.comparisons import derived_ratios
 from diffpro_cli.stages.context import StageContext
 
 ROW_KEYS = {"name", "weight_bits_avg", "size_bytes", "steps", "latency_s_per_image", "peak_mem_bytes",
@@ -49,7 +50,7 @@ def test_bench_cli_rejects_unknown_rows_and_fid_of_random_weights(cli, tmp_path)
 
 
 def test_versus_step_cut_compares_diffpro_with_float_rows_at_the_same_steps_only():
-    from diffpro_cli.stages.bench import versus_step_cut
+    from diffpro_cli.stages.comparisons import versus_step_cut
 
     def row(name, steps, med, fid_vs_fp):
         return {"name": name, "steps": steps, "latency_s_per_image": {"median": med}, "fid_vs_fp": fid_vs_fp}
@@ -92,7 +93,7 @@ def test_compile_rows_compiles_each_distinct_model_once_float_rows_included(monk
 
 
 def test_steps_note_states_the_paired_difference_and_its_significance():
-    from diffpro_cli.stages.bench import steps_note
+    from diffpro_cli.stages.comparisons import steps_note
 
     p = {"n": 16, "mean_uniform_minus_selected": 1.5e-4, "ci95": [2e-5, 3e-4], "wins": 12, "losses": 4,
          "sign_test_p": 0.077, "significant": True}

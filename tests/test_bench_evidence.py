@@ -10,13 +10,8 @@ import torch
 from torch import nn
 
 from diffpro_cli.metrics import evidence
-from diffpro_cli.stages.bench import (
-    BUILTIN_REFERENCE_NOTE,
-    EVIDENCE_FIELDS,
-    BenchConfig,
-    measure_bench,
-    versus_step_cut,
-)
+from diffpro_cli.stages.bench import BUILTIN_REFERENCE_NOTE, EVIDENCE_FIELDS, BenchConfig, measure_bench
+from diffpro_cli.stages.comparisons import versus_step_cut
 from diffpro_cli.stages.context import StageContext
 
 

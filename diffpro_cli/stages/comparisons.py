@@ -1,0 +1,70 @@
+"""The report's comparisons between rows measured in one bench run: ratios against the baseline row,
+diffpro against the float step cut at the same step count, and prune's paired steps test as one line.
+Pure functions over report dicts (stages/bench.py builds the rows and calls them)."""
+
+from __future__ import annotations
+
+
+def derived_ratios(report: dict, replicates=None) -> dict:
+    """Speedup, compression and ΔFID of every row against the baseline row (null where not measured);
+    with the bootstrap `replicates` (metrics.evidence.Replicates), ΔFID's paired 95 % interval."""
+    base = next((r for r in report["rows"] if r["name"] == report["baseline"]), None)
+    out = {}
+    for r in report["rows"]:
+        if base is None:
+            break
+        speed = base["latency_s_per_image"]["median"] / r["latency_s_per_image"]["median"]
+        out[r["name"]] = {
+            "speedup": round(speed, 3),
+            "compression": round(base["size_bytes"] / r["size_bytes"], 3) if r["size_bytes"] else None,
+            "delta_fid": (r["fid"] - base["fid"]) if r["fid"] is not None and base["fid"] is not None else None,
+        }
+        if replicates is not None:
+            out[r["name"]]["delta_fid_ci95"] = (None if r["name"] == base["name"]
+                                                else replicates.paired_ci(r["name"], base["name"], "fid"))
+    return out
+
+
+def steps_note(p: dict) -> str:
+    """One line for prune's paired comparison of drift-selected and uniform steps."""
+    lo, hi = p["ci95"]
+    verdict = "significant" if p.get("significant") else "not significant"
+    return (f"steps: drift-selected vs uniform on the same {p['n']} calibration samples: uniform − selected drift "
+            f"{p['mean_uniform_minus_selected']:.3g} [95% CI {lo:.3g}, {hi:.3g}], {p['wins']} wins / {p['losses']} losses, "
+            f"sign test p = {p['sign_test_p']:.3g} ({verdict})")
+
+
+def versus_step_cut(report: dict, replicates=None) -> list[dict]:
+    """diffpro against the float step cut a user could pick instead (ddim-K, fp32-subset-K at the same
+    K): latency ratio and FID vs fp32 side by side, measured in this run. The plan must not lose on speed.
+    With the bootstrap `replicates`, paired 95 % intervals of diffpro minus the row: FID vs fp32
+    (`delta_fid_vs_fp_ci95`) and FID vs the reference (`delta_fid_ci95`)."""
+    rows = {r["name"]: r for r in report["rows"]}
+    dp = rows.get("diffpro")
+    if dp is None:
+        return []
+    out = []
+    for name, r in rows.items():
+        if not (name.startswith("ddim-") or name.startswith("fp32-subset-")) or r["steps"] != dp["steps"]:
+            continue
+        ratio = r["latency_s_per_image"]["median"] / dp["latency_s_per_image"]["median"]
+        entry = {"row": name, "steps": r["steps"], "speedup": round(ratio, 3),
+                 "fid_vs_fp": {"diffpro": dp["fid_vs_fp"], name: r["fid_vs_fp"]}}
+        quality = ""
+        if dp["fid_vs_fp"] is not None and r["fid_vs_fp"] is not None:
+            quality = f"; FID vs fp32 {dp['fid_vs_fp']:.2f} vs {r['fid_vs_fp']:.2f}"
+            entry["delta_fid_vs_fp"] = dp["fid_vs_fp"] - r["fid_vs_fp"]
+        if dp.get("fid") is not None and r.get("fid") is not None:
+            entry["delta_fid"] = dp["fid"] - r["fid"]
+        if replicates is not None:
+            entry["delta_fid_vs_fp_ci95"] = replicates.paired_ci("diffpro", name, "fid_vs_fp")
+            entry["delta_fid_ci95"] = replicates.paired_ci("diffpro", name, "fid")
+            ci = entry["delta_fid_vs_fp_ci95"]
+            if quality and ci is not None:
+                sig = "significant" if ci[0] > 0 or ci[1] < 0 else "not significant"
+                quality += f" (paired Δ {entry['delta_fid_vs_fp']:+.2f} [{ci[0]:+.2f}, {ci[1]:+.2f}], {sig})"
+        verdict = "faster" if ratio >= 1.0 else "SLOWER: quantized compute does not pay on this machine"
+        entry["line"] = (f"diffpro vs {name} (same {r['steps']} steps, float weights): {ratio:.2f}x {verdict}{quality}, "
+                         f"{report['derived'].get('diffpro', {}).get('compression') or 0:.2f}x smaller")
+        out.append(entry)
+    return out
