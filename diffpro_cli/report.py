@@ -12,9 +12,10 @@ from diffpro_cli.artifacts import atomic_write_bytes
 
 def _figures(report: dict, figs: Path, samples: dict, workdir: Path, grid_n: int) -> dict[str, str | None]:
     """Draw the report's figures into `figs`; {key: path relative to bench/, or None when not drawn}."""
-    scores_path, timesteps_path = workdir / "scores.json", workdir / "timesteps.json"
+    scores_path, timesteps_path, pareto_path = workdir / "scores.json", workdir / "timesteps.json", workdir / "pareto.json"
     scores = json.loads(scores_path.read_text()) if scores_path.exists() else {}
     timesteps = json.loads(timesteps_path.read_text()) if timesteps_path.exists() else {}
+    pareto = json.loads(pareto_path.read_text()) if pareto_path.exists() else None
     curve = timesteps.get("drift_curve")
     made = {
         "latency": plots.latency_figure(report, figs / "latency.png"),
@@ -23,6 +24,7 @@ def _figures(report: dict, figs: Path, samples: dict, workdir: Path, grid_n: int
         "cdf": plots.cdf_figure(scores, figs / "sensitivity_cdf.png"),
         "drift": plots.plot_drift(timesteps, figs / "drift.png")
         if isinstance(curve, dict) and curve.get("selected") else None,
+        "pareto": plots.plot_pareto(pareto, figs / "pareto.png") if pareto and pareto.get("points") else None,
     }
     return {k: None if p is None else f"figures/{Path(p).name}" for k, p in made.items()}
 
@@ -113,7 +115,8 @@ def write_markdown(report: dict, bench_dir: Path, samples: dict, workdir: Path, 
     lines += ["", "Kernels per row (layer count): " + "; ".join(
         f"{r['name']}: " + ", ".join(f"{k}×{v}" for k, v in r["kernels"].items()) for r in report["rows"]), ""]
     for title, key in (("Latency", "latency"), ("FID vs average bits", "fid"), ("Samples", "samples"),
-                       ("Sensitivity CDF", "cdf"), ("Timestep drift", "drift")):
+                       ("Sensitivity CDF", "cdf"), ("Timestep drift", "drift"),
+                       ("Plan: predicted error along the budget (allocate --pareto)", "pareto")):
         if made[key]:
             lines += [f"## {title}", "", f"![{title}]({made[key]})", ""]
     if report["notes"]:

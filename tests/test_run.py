@@ -191,6 +191,7 @@ batch = 4
 budget = "avg-bits=8"
 latency_source = "analytic"
 repeats = 1
+pareto = true
 
 [bench]
 rows = ["fp32", "w8a8-uniform", "ddim", "diffpro"]
@@ -221,6 +222,8 @@ def test_module_factory_model_runs_every_stage_with_trust_code_from_the_config(t
     report = json.loads((work / "bench" / "report.json").read_text())
     rows = {r["name"]: r for r in report["rows"]}
     assert set(rows) == {"fp32", "w8a8-uniform", "ddim-4", "diffpro"}
+    md = (work / "bench" / "report.md").read_text()   # the plan's Pareto front reaches the report
+    assert "](figures/pareto.png)" in md and (work / "bench" / "figures" / "pareto.png").stat().st_size > 1000
     for name in ("w8a8-uniform", "diffpro"):   # quantized checkpoints of the factory network, reloaded
         assert rows[name]["load_mem_bytes"] and rows[name]["load_mem_bytes"] > 0, rows[name]
         assert any(k.startswith("cpu-") for k in rows[name]["kernels"]), rows[name]["kernels"]
