@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffpro_cli.cache import CacheSchedule, FirstBlockCache, cached, policy_from_dict
+from diffpro_cli.cache import CacheSchedule, FirstBlockCache, cache_units, cached, policy_from_dict
 from diffpro_cli.errors import InputError, UsageError
 from diffpro_cli.models.base import DiffusionModel, dit_forward, linear_alphas_cumprod
 from diffpro_cli.sampling import SamplerConfig, sample
@@ -242,3 +242,14 @@ def test_bench_cache_rows_report_measured_compute_fraction(tmp_path):
     assert rows["cache-only"]["compute_fraction"] <= 0.7 + 1e-9
     assert 0 < rows["fbcache-0.12"]["compute_fraction"] <= 1.0
     assert "forward" not in vars(ctx.model().net.transformer_blocks[0])
+
+
+def test_block_latencies_time_every_block_on_its_captured_input(tiny):
+    from diffpro_cli.planning.cache_plan import CachePlanConfig, block_latencies
+    from diffpro_cli.planning.costs import capture_inputs
+
+    blocks = {str(u): b for u, b in enumerate(cache_units(tiny.net))}
+    inputs, _ = capture_inputs(tiny, blocks, 2)
+    assert set(inputs) == set(blocks) and all(isinstance(a[0][0], torch.Tensor) for a in inputs.values())
+    ms = block_latencies(tiny, CachePlanConfig(repeats=2, latency_batch=2))
+    assert len(ms) == len(blocks) and all(0 < v < float("inf") for v in ms)

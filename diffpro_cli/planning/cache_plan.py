@@ -25,8 +25,6 @@ compute budget, checked end to end against the dynamic first-block policy at the
 
 from __future__ import annotations
 
-import math
-import time
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
@@ -210,32 +208,17 @@ def residual_change_tables(model, timesteps: list[int], cfg: CachePlanConfig, la
 
 def block_latencies(model, cfg: CachePlanConfig) -> list[float]:
     """ms per image of each block's forward at cfg.latency_batch, on its real input (one fp32 forward
-    records the inputs), timed round-robin over cfg.repeats rounds, minimum kept."""
-    blocks = cache_units(model.net)
+    records the inputs: costs.capture_inputs), timed round-robin over cfg.repeats rounds, minimum kept
+    (costs.interleaved_min_ms, the cost table's estimator)."""
+    from diffpro_cli.planning.costs import capture_inputs, interleaved_min_ms
+
+    blocks = {str(u): b for u, b in enumerate(cache_units(model.net))}
     n = cfg.latency_batch
-    inputs: dict[int, tuple] = {}
-    handles = [b.register_forward_pre_hook(lambda m, a, kw, u=u: inputs.__setitem__(u, (a, kw)), with_kwargs=True)
-               for u, b in enumerate(blocks)]
-    g = torch.Generator().manual_seed(cfg.seed)
-    x = torch.randn((n, *model.sample_shape), generator=g)
-    t = torch.full((n,), model.num_train_timesteps // 2, dtype=torch.long)
-    y = (torch.arange(n) % model.num_classes) if model.num_classes else None
-    try:
-        with torch.no_grad():
-            model.eps(x, t, y)
-    finally:
-        for h in handles:
-            h.remove()
-    best = [math.inf] * len(blocks)
+    inputs, _ = capture_inputs(model, blocks, n, cfg.seed)
     with torch.no_grad():
-        for u, b in enumerate(blocks):
-            b(*inputs[u][0], **inputs[u][1])   # warm-up
-        for _ in range(cfg.repeats):
-            for u, b in enumerate(blocks):
-                t0 = time.perf_counter()
-                b(*inputs[u][0], **inputs[u][1])
-                best[u] = min(best[u], time.perf_counter() - t0)
-    return [1000 * s / n for s in best]
+        ms = interleaved_min_ms({u: (lambda b=b, a=inputs[u]: b(*a[0], **a[1])) for u, b in blocks.items()},
+                                cfg.repeats)
+    return [ms[u] / n for u in blocks]
 
 
 def _mse(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -112,19 +112,26 @@ def path_label(opt: Option) -> str:
     return opt.label()
 
 
-def capture_inputs(model, batch: int, seed: int = 0) -> tuple[dict, tuple, dict]:
-    """One fp32 forward at `batch` images: ({layer name: its real input}, the forward's (x, t, y), {layer name: module})."""
+def capture_inputs(model, modules: dict, batch: int, seed: int = 0) -> tuple[dict, tuple]:
+    """One fp32 forward at `batch` images (seeded noise, mid timestep, the model's own default labels or
+    conditioning) with pre-hooks on `modules`: ({name: (args, kwargs) of its first call, tensors
+    cloned}, the forward's (x, t, y)). The cost table times layers and the cache planner blocks on these."""
     import torch
 
-    layers = {name: mod for name, (mod, _) in model.quantizable_layers().items()}
+    from diffpro_cli.sampling import default_labels
+
+    def keep(v):
+        return v.detach().clone() if isinstance(v, torch.Tensor) else v
+
     captured, hooks = {}, []
-    for name, mod in layers.items():
-        hooks.append(mod.register_forward_pre_hook(lambda m, args, n=name: captured.setdefault(n, args[0].detach().clone())))
+    for name, mod in modules.items():
+        hooks.append(mod.register_forward_pre_hook(
+            lambda m, args, kwargs, n=name: captured.setdefault(n, (tuple(keep(a) for a in args),
+                                                                    {k: keep(v) for k, v in kwargs.items()})),
+            with_kwargs=True))
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, *model.sample_shape, generator=gen)
     t = torch.full((batch,), model.num_train_timesteps // 2, dtype=torch.long)
-    from diffpro_cli.sampling import default_labels
-
     y = default_labels(model, batch)     # class i % C, or entry i % M of a text model's conditioning set
     try:
         with torch.no_grad():
@@ -132,7 +139,7 @@ def capture_inputs(model, batch: int, seed: int = 0) -> tuple[dict, tuple, dict]
     finally:
         for h in hooks:
             h.remove()
-    return captured, (x, t, y), layers
+    return captured, (x, t, y)
 
 
 def measure_cost_table(model, options: list[Option], batch: int, repeats: int, ui: UI = QUIET_UI,
@@ -145,7 +152,8 @@ def measure_cost_table(model, options: list[Option], batch: int, repeats: int, u
     if quantize_module is None:
         raise InputError("latency: the integer kernels (diffpro_cli.quant.layers) are unavailable; "
                          "pass --latency-source analytic for a labelled estimate")
-    captured, (x, t, y), modules = capture_inputs(model, batch)
+    modules = {name: mod for name, (mod, _) in model.quantizable_layers().items()}
+    captured, (x, t, y) = capture_inputs(model, modules, batch)
     old = (previous or {}).get("layers", {})
     table: dict[str, dict] = {}
     columns = {}
@@ -156,7 +164,7 @@ def measure_cost_table(model, options: list[Option], batch: int, repeats: int, u
         for name, mod in modules.items():
             if name not in captured:
                 continue
-            inp = captured[name]
+            inp = captured[name][0][0]
             row = {"kind": type(mod).__name__, "input_shape": list(inp.shape), "ms": dict(old.get(name, {}).get("ms", {}))}
             table[name] = row
             for label, opt in columns.items():
