@@ -50,10 +50,12 @@ def _config(cls, options: dict, **defaults):
 
 
 def load(spec: str | Path, *, device: str = "cpu", dtype=None, trust_code: bool = False, weights: str | Path | None = None,
-         seed: int = 0) -> DiffusionModel:
+         seed: int = 0, cache: bool = True) -> DiffusionModel:
     """A model spec or a diffpro quantized checkpoint as a `DiffusionModel`. Its `.net` keeps the original
     forward signature (a diffusers transformer is called as `net(hidden_states, timestep=..., ...)`);
-    static-activation layers learn the current timestep from a forward pre-hook, no context needed."""
+    static-activation layers learn the current timestep from a forward pre-hook, no context needed.
+    A checkpoint whose plan reuses computation across steps runs its cache schedule on every call
+    (keyed by the timestep; `model.net._diffpro_cache` counts what ran); `cache=False` computes all."""
     from diffpro_cli.loading import load_model
 
     if device != "cpu":
@@ -62,6 +64,12 @@ def load(spec: str | Path, *, device: str = "cpu", dtype=None, trust_code: bool 
     if dtype is not None:
         model.net.to(dtype)
     install_timestep_hook(model.net)
+    if cache:
+        from diffpro_cli.cache import install_cache, model_cache_record, record_policy
+
+        policy = record_policy(model_cache_record(model))
+        if policy is not None:
+            install_cache(model, policy)
     return model
 
 

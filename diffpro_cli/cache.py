@@ -40,12 +40,45 @@ POLICIES = ("static", "fbcache")
 
 
 def cache_units(net: nn.Module) -> nn.ModuleList:
-    """The cacheable units of a network: a DiT's transformer blocks."""
+    """The cacheable units of a DiT: its transformer blocks."""
     blocks = getattr(net, "transformer_blocks", None)
     if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
         raise UsageError(f"caching needs a DiT (a network with transformer_blocks), not {type(net).__name__}; "
                          "run without a cache schedule")
     return blocks
+
+
+def unit_kind(net: nn.Module) -> str:
+    """"dit" (one unit per transformer block) or "unet" (one unit: the deep part, DeepCache style)."""
+    net = _net(net)
+    blocks = getattr(net, "transformer_blocks", None)
+    if isinstance(blocks, nn.ModuleList) and len(blocks):
+        return "dit"
+    if type(net).__name__ == "UNet2DModel" and len(getattr(net, "down_blocks", ())) >= 2:
+        return "unet"
+    raise UsageError(f"caching runs on DiT transformer blocks or a UNet2DModel's deep blocks, not {type(net).__name__}; "
+                     "run without a cache schedule")
+
+
+def unet_deep_modules(net: nn.Module) -> list[nn.Module]:
+    """The deep part of a UNet2DModel (one cacheable unit): down_blocks[1:], mid_block, up_blocks[:-1].
+    Its output (up_blocks[-2]'s) is the feature the shallow up block consumes."""
+    if any(hasattr(b, "skip_conv") for b in (*net.down_blocks, *net.up_blocks)):
+        raise UsageError("caching: U-Nets with skip-sample blocks (SkipDownBlock2D) are not supported; run without a cache schedule")
+    mid = [net.mid_block] if net.mid_block is not None else []
+    return [*net.down_blocks[1:], *mid, *net.up_blocks[:-1]]
+
+
+def unit_modules(net: nn.Module) -> list[list[nn.Module]]:
+    """Per cacheable unit, the modules whose forwards are its compute (what is timed for its latency)."""
+    net = _net(net)
+    if unit_kind(net) == "dit":
+        return [[b] for b in cache_units(net)]
+    return [unet_deep_modules(net)]
+
+
+def num_cache_units(net: nn.Module) -> int:
+    return len(unit_modules(net))
 
 
 def _net(model) -> nn.Module:
@@ -161,7 +194,7 @@ class CacheRunner:
     log: list[dict] = field(default_factory=list)   # per network call: step, call, computed units (, change)
 
     def __post_init__(self):
-        self.blocks = cache_units(self.net)
+        self.blocks = self._units()
         n = len(self.blocks)
         if self.policy is not None:
             if self.policy.num_units != n:
@@ -178,6 +211,13 @@ class CacheRunner:
         self._rest_in: dict[int, torch.Tensor] = {}              # call → input of block 1 (computing step)
         self._handles = []
         self.unit_evaluations = [0] * n
+
+    def _units(self):
+        return cache_units(self.net)
+
+    @property
+    def num_units(self) -> int:
+        return len(self.blocks)
 
     # -- bookkeeping ---------------------------------------------------------------------------
 
@@ -312,6 +352,101 @@ class CacheRunner:
                 "evaluations": self.evaluations, "compute_fraction": self.compute_fraction}
 
 
+class DeepCacheRunner(CacheRunner):
+    """DeepCache on a UNet2DModel: one unit, the deep part (`unet_deep_modules`). At a step where it is
+    cached, conv_in, down_blocks[0], up_blocks[-1] and the output layers run on the new input; the deep
+    down blocks, the mid block and the deep up blocks do no compute (they pass their input through as
+    a placeholder nobody reads), and up_blocks[-2] returns the feature it produced at the last step
+    where the unit ran. `on_residual` receives that deep feature (the quantity reused)."""
+
+    def _units(self):
+        if isinstance(self.policy, FirstBlockCache):
+            raise UsageError("the first-block threshold policy is for DiTs; a U-Net takes a static schedule (deepcache-N)")
+        self._deep = unet_deep_modules(self.net)
+        return [nn.ModuleList(self._deep)]
+
+    def _deep_forward(self, orig, n_res: int | None, last: bool):
+        def forward(*args, **kwargs):
+            st = self._state
+            if 0 in st.compute:
+                out = orig(*args, **kwargs)
+                if last:
+                    self.evaluations += 1
+                    self.unit_evaluations[0] += 1
+                    if self.policy is not None:
+                        self._res[(st.call, 0)] = out
+                    if self.on_residual is not None:
+                        self.on_residual(st.step, st.call, 0, out)
+                return out
+            x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            if n_res is not None:               # a down block: (sample, res_samples) of the right count
+                return x, (x,) * n_res
+            if not last:
+                return x
+            feat = self._res.get((st.call, 0))
+            if feat is None:
+                raise InputError(f"cache: the U-Net's deep part is cached at step {st.step} but has no feature for this "
+                                 "call (the trajectory did not start at the schedule's first step); re-plan the cache")
+            return feat
+        return forward
+
+    def __enter__(self) -> "DeepCacheRunner":
+        if any("forward" in vars(m) for m in self._deep):
+            raise UsageError("cache: the network's blocks are already wrapped (a cache runner is active); leave it first")
+        net = self.net
+        for b in net.down_blocks[1:]:
+            n_res = len(b.resnets) + (len(b.downsamplers) if getattr(b, "downsamplers", None) is not None else 0)
+            b.forward = self._deep_forward(type(b).forward.__get__(b), n_res, False)
+        for m in self._deep[len(net.down_blocks) - 1:]:
+            m.forward = self._deep_forward(type(m).forward.__get__(m), None, m is self._deep[-1])
+        self._handles.append(net.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        for m in self._deep:
+            vars(m).pop("forward", None)
+        self._res.clear()
+
+
 def cached(model, policy, timesteps: Sequence[int] | None = None, on_residual=None) -> CacheRunner:
-    """`with cached(model, policy) as run: sample(model, ...)`; `run.compute_fraction` afterwards."""
-    return CacheRunner(_net(model), policy, list(timesteps) if timesteps is not None else None, on_residual)
+    """`with cached(model, policy) as run: sample(model, ...)`; `run.compute_fraction` afterwards.
+    A DiT's blocks or a UNet2DModel's deep part (DeepCacheRunner)."""
+    net = _net(model)
+    cls = DeepCacheRunner if unit_kind(net) == "unet" else CacheRunner
+    return cls(net, policy, list(timesteps) if timesteps is not None else None, on_residual)
+
+
+# -- a cache schedule carried by a model (plan → checkpoint → load) -------------------------------
+
+
+def record_policy(record: dict | None):
+    """The executable policy of a plan's / checkpoint's `cache` section, or None (absent or disabled)."""
+    if not record or not record.get("enabled") or not record.get("schedule"):
+        return None
+    return policy_from_dict(record["schedule"])
+
+
+def model_cache_record(model) -> dict | None:
+    """The `cache` section a quantized checkpoint recorded (load_quantized keeps it in model.config)."""
+    return (getattr(model, "config", None) or {}).get("cache")
+
+
+def install_cache(model, policy) -> CacheRunner:
+    """Execute `policy` on every later call of the model's network (no context manager): the runner
+    stays installed, keyed by the timestep of each call; `model.net._diffpro_cache` is the runner
+    (its counters measure what ran). Idempotent for one model: a second install replaces the first."""
+    net = _net(model)
+    remove_cache(model)
+    runner = cached(model, policy).__enter__()
+    net._diffpro_cache = runner
+    return runner
+
+
+def remove_cache(model) -> None:
+    net = _net(model)
+    runner = vars(net).pop("_diffpro_cache", None)
+    if runner is not None:
+        runner.__exit__(None, None, None)

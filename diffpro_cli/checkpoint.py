@@ -152,13 +152,16 @@ def _avg_bits(model: DiffusionModel, qlayers: dict[str, _QuantBase]) -> float:
 
 def save_quantized(model: DiffusionModel, plan: dict | None, out_dir: str | Path, timesteps: list[int] | None = None,
                    static_ranges: dict[str, tuple] | None = None, provenance: dict | None = None,
-                   int8_embeddings: bool = True, hessians: dict[str, torch.Tensor] | None = None) -> dict:
+                   int8_embeddings: bool = True, hessians: dict[str, torch.Tensor] | None = None,
+                   cache: dict | None = None) -> dict:
     """Quantize `model` layer by layer as `plan` says and write the checkpoint; returns diffpro.json.
 
     The float model is not modified (each quant layer lives only until its integers are collected), so
     a caller can keep using it. Layers that are already quant layers are stored as they are.
     static_ranges: layer name → (timesteps, max |x| per timestep), for act_mode "static" entries.
     hessians: layer name → E[x xᵀ] of its inputs, for GPTQ rounding of those (Linear) layers.
+    cache: the plan's `cache` section (docs/caching.md), recorded as is; `diffpro.load` and `diffpro
+    sample` execute its schedule.
     """
     out_dir = Path(out_dir)
     entries = (plan or {}).get("layers", {})
@@ -190,6 +193,7 @@ def save_quantized(model: DiffusionModel, plan: dict | None, out_dir: str | Path
         "embeddings": {"storage": "int8-per-row" if int8_embeddings else "float",
                        "tables": embedding_tables(model.net) if int8_embeddings else []},
         "timesteps": None if timesteps is None else [int(t) for t in timesteps],
+        "cache": _jsonable(cache) if cache else None,
         "totals": {"avg_bits": round(_avg_bits(model, qlayers), 4), "quantized_layers": len(qlayers),
                    "float_layers": len(model.quantizable_layers()) - len(qlayers), "fp32_bytes": float_bytes},
         "provenance": {"model_sha256": model.sha256, "plan_sha256": None if plan is None else sha256_json(plan),
@@ -329,7 +333,8 @@ def load_quantized(path: str | Path, *, trust_code: bool = False, verify: bool =
         sha256=meta["provenance"].get("tensors_sha256"),
         # the source model's record too, so saving this model again keeps its settings
         config=source | {"quantized_from": m["spec"], "model_sha256": m["sha256"], "architecture": arch,
-                         "decode": decode_record, "timesteps": meta.get("timesteps"), "totals": meta.get("totals")},
+                         "decode": decode_record, "timesteps": meta.get("timesteps"), "totals": meta.get("totals"),
+                         "cache": meta.get("cache")},
     )
 
 

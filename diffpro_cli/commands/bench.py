@@ -15,7 +15,7 @@ def bench_cmd(
     model: ModelArg = "builtin:dit-mnist",
     quantized: Annotated[Optional[Path], typer.Option("--quantized", help="diffpro checkpoint dir (default WORKDIR/quantized if present).")] = None,
     timesteps: Annotated[Optional[Path], typer.Option("--timesteps", help="timesteps.json for the diffpro row (default WORKDIR/timesteps.json, else the checkpoint's).")] = None,
-    rows: Annotated[str, typer.Option("--rows", help="Comma list of rows: fp32,w8a8-uniform,w4-uniform,ddim,dpmsolver,subset (fp32 on diffpro's timesteps),diffpro.")] = "fp32,w8a8-uniform,w4-uniform,ddim,dpmsolver,subset,diffpro",
+    rows: Annotated[str, typer.Option("--rows", help="Comma list of rows: fp32,w8a8-uniform,w4-uniform,ddim,dpmsolver,subset (fp32 on diffpro's timesteps),diffpro; on request cache-only, fbcache-0.08, fbcache-0.12 (DiTs), deepcache-2, deepcache-3 (U-Nets), diffpro-nocache.")] = "fp32,w8a8-uniform,w4-uniform,ddim,dpmsolver,subset,diffpro",
     reference_steps: Annotated[int, typer.Option("--reference-steps", help="Steps of the full-precision schedule.")] = 100,
     steps: Annotated[Optional[int], typer.Option("--steps", help="Reduced step count for ddim/dpmsolver rows (default: diffpro's).")] = None,
     method: Annotated[str, typer.Option("--method", help="ddim or ddpm for subset samplers.")] = "ddim",
@@ -28,6 +28,7 @@ def bench_cmd(
     latency_batch: Annotated[int, typer.Option("--latency-batch", help="Images per timed sampling call.")] = 8,
     latency_steps: Annotated[Optional[int], typer.Option("--latency-steps", help="Time only this many steps and scale (huge models).")] = None,
     threads: Annotated[Optional[int], typer.Option("--threads", help="torch CPU threads (default: torch's).")] = None,
+    cache: Annotated[bool, typer.Option("--cache/--no-cache", help="The diffpro row runs its checkpoint's cache schedule (reused computation across steps); --no-cache computes every unit on the plan's steps.")] = True,
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile every row, fp32 baselines included (quantized rows on the compiled int8 path); costs a compile per model.")] = False,
     seed: Seed = 0,
 ):
@@ -35,13 +36,13 @@ def bench_cmd(
     import torch
 
     from diffpro_cli.artifacts import read_json
-    from diffpro_cli.stages.bench import ALL_ROWS, BenchConfig, run_bench
+    from diffpro_cli.stages.bench import ALL_ROWS, CACHE_ROWS, BenchConfig, run_bench
 
     ui = ctx.ui
     names = [r.strip() for r in rows.split(",") if r.strip()]
-    bad = [r for r in names if r not in ALL_ROWS]
+    bad = [r for r in names if r not in ALL_ROWS + CACHE_ROWS]
     if bad:
-        raise UsageError(f"--rows: unknown row(s) {', '.join(bad)}; choose from {', '.join(ALL_ROWS)}")
+        raise UsageError(f"--rows: unknown row(s) {', '.join(bad)}; choose from {', '.join(ALL_ROWS + CACHE_ROWS)}")
     if repeats < 1 or latency_batch < 1 or fid_n < 2 or reference_steps < 1:
         raise UsageError("--repeats, --latency-batch, --reference-steps must be ≥ 1 and --fid-n ≥ 2")
     if method not in ("ddim", "ddpm"):
@@ -59,7 +60,8 @@ def bench_cmd(
         timesteps = ctx.workdir / "timesteps.json"
     cfg = BenchConfig(rows=names, reference_steps=reference_steps, steps=steps, method=method, cfg_scale=cfg_scale,
                       fid=fid, fid_n=fid_n, reference=reference, inception_weights=inception_weights, seed=seed,
-                      repeats=repeats, latency_batch=latency_batch, latency_steps=latency_steps, compile=compile)
+                      repeats=repeats, latency_batch=latency_batch, latency_steps=latency_steps, compile=compile,
+                      cache=cache)
     outcome = run_bench(ctx, cfg, quantized=quantized, timesteps_path=timesteps).outcome
     from diffpro_cli.distributed import is_main
 

@@ -11,7 +11,7 @@ from diffpro_cli.errors import UsageError
 
 def sample_cmd(
     model: ModelArg = "builtin:dit-mnist",
-    steps: Annotated[int, typer.Option("--steps", help="Number of uniformly spaced timesteps.")] = 50,
+    steps: Annotated[Optional[int], typer.Option("--steps", help="Number of uniformly spaced timesteps (default 50, or a cached checkpoint's own).")] = None,
     n: Annotated[int, typer.Option("--n", help="Number of samples.")] = 16,
     out: Annotated[Path, typer.Option("--out", help="PNG grid path; raw samples go next to it as .safetensors.")] = Path("samples.png"),
     method: Annotated[str, typer.Option("--method", help="ddim or ddpm.")] = "ddim",
@@ -24,6 +24,7 @@ def sample_cmd(
     trust_code: TrustCode = False,
     weights: Weights = None,
     conditioning: Conditioning = None,
+    cache: Annotated[bool, typer.Option("--cache/--no-cache", help="Run a quantized checkpoint's cache schedule (reused computation across steps), on its timesteps.")] = True,
     json_output: JsonOut = False,
     quiet: Quiet = False,
 ):
@@ -44,10 +45,20 @@ def sample_cmd(
         m.with_conditioning(conditioning)
     if m.untrained:
         ui.warn(f"{m.spec} is UNTRAINED (seeded random weights): samples are noise-like")
+    from diffpro_cli.cache import install_cache, model_cache_record, record_policy
+
+    policy = record_policy(model_cache_record(m)) if cache else None
     if timesteps_file is not None:
         ts = read_json(timesteps_file, "diffpro.timesteps/1")["timesteps"]
+    elif policy is not None and steps is None:
+        ts = list(policy.timesteps)
     else:
-        ts = uniform_timesteps(m.num_train_timesteps, steps)
+        ts = uniform_timesteps(m.num_train_timesteps, steps or 50)
+    if policy is not None:
+        if sorted(int(t) for t in ts) != policy.timesteps:
+            raise UsageError(f"{model}: its cache schedule runs its own {len(policy.timesteps)} timesteps; drop "
+                             "--steps/--timesteps, or pass --no-cache to compute every step in full")
+        install_cache(m, policy)
     y = None
     if labels:
         if m.num_classes is None:
@@ -69,9 +80,11 @@ def sample_cmd(
         from diffpro_cli.sampling import default_labels
 
         tensors["labels"] = y if y is not None else default_labels(m, n)
+    run = getattr(m.net, "_diffpro_cache", None)
     meta = {"model": m.spec, "model_sha256": str(m.sha256), "seed": str(seed), "timesteps": ",".join(map(str, ts)),
-            "sampler": str(cfg.as_dict()), "untrained": str(m.untrained)}
+            "sampler": str(cfg.as_dict()), "untrained": str(m.untrained),
+            "compute_fraction": str(None if run is None else run.compute_fraction)}
     atomic_save_safetensors(raw, tensors, metadata=meta)
     ui.result({"grid": str(out), "samples": str(raw), "n": n, "steps": len(ts), "model": m.spec,
-               "untrained": m.untrained, "seed": seed},
+               "untrained": m.untrained, "seed": seed, "compute_fraction": None if run is None else run.compute_fraction},
               human=f"wrote {out} and {raw} ({n} samples, {len(ts)} steps{', UNTRAINED model' if m.untrained else ''})")

@@ -26,6 +26,7 @@ from diffpro_cli.console import QUIET_UI, UI
 from diffpro_cli.errors import InputError, UsageError
 from diffpro_cli.models.base import DiffusionModel
 from diffpro_cli.sampling import SamplerConfig, sample, sample_dpmsolver, uniform_timesteps
+from diffpro_cli.stages.bench_cache import CACHE_ROWS  # rows on request (docs/caching.md)
 from diffpro_cli.stages.comparisons import derived_ratios, steps_note, versus_step_cut
 
 REPORT_SCHEMA = "diffpro.report/1"
@@ -35,7 +36,6 @@ EVIDENCE_FIELDS = ("fid_ci95", "fid_vs_fp_ci95", "kid", "kid_std", "psnr_vs_fp32
 BUILTIN_REFERENCE_NOTE = ("built-in models were trained on MNIST's test images, which are also the FID/KID "
                           "reference (builtin:mnist): their FID measures memorisation as much as quality")
 ALL_ROWS = ("fp32", "w8a8-uniform", "w4-uniform", "ddim", "dpmsolver", "subset", "diffpro")
-CACHE_ROWS = ("cache-only", "fbcache-0.08", "fbcache-0.12")   # DiTs, on request (docs/caching.md)
 
 
 @dataclass
@@ -57,6 +57,7 @@ class BenchConfig:
     grid_n: int = 10
     memory: bool = True                 # peak memory per row, each in a fresh process
     compile: bool = False               # torch.compile EVERY row (fp32 ones too: the honest baseline), quant/compiled.py
+    cache: bool = True                  # the diffpro row runs its checkpoint's cache schedule (--no-cache: every unit)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -92,7 +93,7 @@ class Row:
                 out = sample(self.model, n, self.timesteps, SamplerConfig(method=cfg.method, cfg_scale=cfg.cfg_scale),
                              seed=cfg.seed, batch_size=batch, first_index=first_index, advance=advance)
             self.block_counts[0] += run.evaluations
-            self.block_counts[1] += run.calls * len(run.blocks)
+            self.block_counts[1] += run.calls * run.num_units
             return out
         if self.timesteps is None:
             return sample_dpmsolver(self.model, n, self.steps, cfg.cfg_scale, seed=cfg.seed, batch_size=batch,
@@ -136,7 +137,11 @@ def build_rows(ctx, cfg: BenchConfig, quantized: Path | None, timesteps: list[in
     fp = ctx.model()   # memory is measured later, in fresh processes (measure_memory)
     ref_ts = uniform_timesteps(fp.num_train_timesteps, cfg.reference_steps)
     qinfo = checkpoint_info(quantized) if quantized is not None else None
-    diffpro_ts = timesteps or (qinfo["timesteps"] if qinfo else None)
+    from diffpro_cli.stages.bench_cache import cache_row, checkpoint_policy, diffpro_nocache_row
+
+    # the plan's step subset; a checkpoint with a cache schedule records the bits+steps plan's as base_timesteps
+    diffpro_ts = timesteps or (((qinfo["meta"].get("cache") or {}).get("base_timesteps") or qinfo["timesteps"]) if qinfo else None)
+    policy = checkpoint_policy(qinfo, cfg.cache)
     k = cfg.steps or (len(diffpro_ts) if diffpro_ts else max(1, cfg.reference_steps // 2))
     fp_id = fp.sha256 or sha256_json(fp.spec)
     fp_bytes = float_size_bytes(fp)
@@ -173,10 +178,15 @@ def build_rows(ctx, cfg: BenchConfig, quantized: Path | None, timesteps: list[in
                 notes.append("diffpro row skipped: no quantized checkpoint (run `diffpro quantize` or pass --quantized)")
                 continue
             qm = ctx.load(quantized)
-            ts = diffpro_ts or ref_ts
+            ts = policy.timesteps if policy is not None else (diffpro_ts or ref_ts)
             rows.append(Row("diffpro", qm, list(ts), len(ts), qinfo["size_bytes"], qinfo["avg_bits"],
-                            f"diffpro:{qinfo['meta'].get('provenance', {})}:{sha256_json(list(ts))}",
-                            load_spec=str(quantized)))
+                            f"diffpro:{qinfo['meta'].get('provenance', {})}:{sha256_json(list(ts))}"
+                            + (f":{sha256_json(policy.as_dict())}" if policy is not None else ""),
+                            load_spec=str(quantized), cache=policy,
+                            notes=[f"cache schedule of the plan: compute fraction {policy.compute_fraction():.3f}"]
+                            if policy is not None else []))
+        elif name == "diffpro-nocache":
+            rows.extend(diffpro_nocache_row(ctx, qinfo, quantized, diffpro_ts, notes))
         elif name in CACHE_ROWS:
             rows.extend(cache_row(ctx, cfg, name, fp, ref_ts, fp_id, fp_bytes, notes))
         else:
@@ -184,33 +194,6 @@ def build_rows(ctx, cfg: BenchConfig, quantized: Path | None, timesteps: list[in
     for row in rows:
         row.load_spec = row.load_spec or model_spec
     return rows, notes
-
-
-def cache_row(ctx, cfg: BenchConfig, name: str, fp: DiffusionModel, ref_ts: list[int], fp_id: str, fp_bytes: int,
-              notes: list[str]) -> list[Row]:
-    """Float weights on the reference schedule with a cache policy: `cache-only` runs the planner's
-    choice (WORKDIR/cache.json, planned here when missing or stale), `fbcache-T` the first-block
-    threshold T users set by hand. Skipped with a note for networks without transformer blocks."""
-    from diffpro_cli.cache import FirstBlockCache, policy_from_dict
-    from diffpro_cli.planning.cache_plan import CachePlanConfig, cache_plan_for
-
-    n_units = len(getattr(fp.net, "transformer_blocks", None) or [])
-    if not n_units:
-        notes.append(f"{name} row skipped: caching runs on DiT transformer blocks, {fp.kind} has none")
-        return []
-    if name == "cache-only":
-        rec, planned = cache_plan_for(fp, ref_ts, ctx.workdir, CachePlanConfig(seed=cfg.seed, cfg_scale=cfg.cfg_scale,
-                                      latency_batch=cfg.latency_batch), ctx.ui, force=ctx.force)
-        policy = policy_from_dict(rec["schedule"])
-        row_notes = [f"cache plan: {rec['selected_by']} ({rec['policy']}), calibration drift {rec['drift']:.3g} at compute "
-                     f"fraction {rec['compute_fraction']:.3f}" + (" (planned in this run)" if planned else " (cache.json)")]
-    else:
-        tail = max(1, round(0.1 * len(ref_ts)))
-        policy = FirstBlockCache(ref_ts, n_units, float(name.split("-", 1)[1]), tail)
-        row_notes = [f"first-block threshold {policy.threshold}, protected last {tail} steps"]
-    row_notes.append("peak memory measured without the stored residuals (a fresh process runs the float model)")
-    key = sha256_json(policy.as_dict())
-    return [Row(name, fp, list(ref_ts), len(ref_ts), fp_bytes, 32.0, f"{name}:{fp_id}:{key}", notes=row_notes, cache=policy)]
 
 
 def compile_rows(rows: list[Row]) -> str:

@@ -197,12 +197,30 @@ def quantize_to_dir(model: DiffusionModel, plan: dict, out_dir: Path, timesteps:
         what = [f"{len(static)} static ranges"] * bool(static) + [f"GPTQ inputs of {len(linear)} Linear layers"] * bool(linear)
         ui.info(f"quantize: calibrating {' and '.join(what)} over {len(cal_ts)} timesteps ({cfg.calib_samples} samples, one pass)")
         ranges, hessians = calibrate(model, static, linear, cal_ts, cfg.calib_samples, cfg.seed)
-    return save_quantized(model, plan, out_dir, timesteps, static_ranges=ranges, provenance=provenance, hessians=hessians)
+    return save_quantized(model, plan, out_dir, timesteps, static_ranges=ranges, provenance=provenance, hessians=hessians,
+                          cache=plan.get("cache"))
 
 
 def quantize_uniform_to_dir(model: DiffusionModel, bits: int, out_dir: Path, act_mode: str = "dynamic") -> dict:
     """The uniform W`bits`A8 baseline checkpoint (used by bench)."""
     return quantize_to_dir(model, uniform_plan(model, bits, 8, act_mode), Path(out_dir))
+
+
+def cache_timesteps(plan: dict, timesteps: list[int] | None, model: DiffusionModel, ui: UI = QUIET_UI) -> list[int] | None:
+    """A plan whose cache section runs a schedule fixes the checkpoint's timesteps to the schedule's
+    (allocate chose them together); the schedule must fit the model's units."""
+    from diffpro_cli.cache import num_cache_units, record_policy
+
+    policy = record_policy(plan.get("cache"))
+    if policy is None:
+        return timesteps
+    if policy.num_units != num_cache_units(model.net):
+        raise InputError(f"plan: its cache schedule is for {policy.num_units} units, {model.spec} has "
+                         f"{num_cache_units(model.net)}; re-run `diffpro allocate` for this model")
+    if timesteps is not None and sorted(timesteps) != policy.timesteps:
+        ui.info(f"quantize: the plan's cache schedule runs {len(policy.timesteps)} timesteps; the checkpoint records "
+                f"those, not the {len(timesteps)} of the timesteps file")
+    return list(policy.timesteps)
 
 
 def run_quantize(ctx, cfg: QuantizeConfig, *, plan_path: Path | None = None, timesteps_path: Path | None = None,
@@ -237,6 +255,7 @@ def run_quantize(ctx, cfg: QuantizeConfig, *, plan_path: Path | None = None, tim
         inputs["timesteps"] = input_record(timesteps_path)
     elif plan.get("timesteps"):
         timesteps = [int(t) for t in plan["timesteps"]]
+    timesteps = cache_timesteps(plan, timesteps, model, ctx.ui)
     config = asdict(cfg) | {"out": str(out_dir)}
     provenance = {"plan_sha256": sha256_json(plan), "timesteps_sha256": None if timesteps is None else sha256_json(timesteps),
                   "inputs": {k: v["sha256"] for k, v in inputs.items()}}
