@@ -65,18 +65,115 @@ def test_sd3_pipeline_dir_is_a_flow_model_that_samples_like_flow_match_euler(tmp
         model.with_conditioning(bad)
 
 
-def test_sd3_without_its_flow_scheduler_and_dynamic_shifting_are_refused(tmp_path):
-    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+def test_sd3_without_its_flow_scheduler_is_refused_and_dynamic_shifting_resolved_for_its_size(tmp_path):
+    """Catches: an SD3 net loaded with a DDPM schedule (wrong model entirely); a dynamic-shift SD3.5-style scheduler
+    sampled with shift 1 instead of the pipeline's exp(mu) for its patch count."""
+    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
     from diffpro_cli.errors import InputError
 
-    net = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
-                                num_attention_heads=2, joint_attention_dim=12, caption_projection_dim=16,
-                                pooled_projection_dim=10, out_channels=4, pos_embed_max_size=16)
+    net = _tiny_sd3()
     with pytest.raises(InputError, match="FlowMatchEulerDiscreteScheduler"):
         load_diffusers_dir(_pipeline(tmp_path / "a", "transformer", net, DDIMScheduler()))
-    with pytest.raises(InputError, match="use_dynamic_shifting"):
-        load_diffusers_dir(_pipeline(tmp_path / "b", "transformer", net, FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)))
+    sched = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_image_seq_len=4, max_image_seq_len=64)
+    model = load_diffusers_dir(_pipeline(tmp_path / "b", "transformer", net, sched))
+    from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
+
+    c = sched.config   # StableDiffusion3Pipeline's call for (8/2)² patches
+    mu = calculate_shift(16, c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096), c.get("base_shift", 0.5),
+                         c.get("max_shift", 1.16))
+    sched.set_timesteps(sigmas=[1.0, 0.75, 0.5, 0.25], mu=mu)
+    assert model.config["dynamic_shift"]["image_seq_len"] == 16
+    assert torch.allclose(model.sigmas()[[999, 749, 499, 249]].float(), sched.sigmas[:-1], atol=1e-6)
+
+
+def _tiny_flux(guidance=True):
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    return FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8,
+                                  num_attention_heads=2, joint_attention_dim=12, pooled_projection_dim=10,
+                                  guidance_embeds=guidance, axes_dims_rope=(2, 2, 4)).eval()
+
+
+def flux_pipeline(tmp_path, net, scheduler, sample_size=8):
+    """A FLUX pipeline directory; FLUX configs carry no sample size, so tests write one (latent pixels) into it."""
+    path = _pipeline(tmp_path, "transformer", net, scheduler, cls="FluxPipeline")
+    if sample_size is not None:
+        cfg = json.loads((path / "transformer" / "config.json").read_text())
+        (path / "transformer" / "config.json").write_text(json.dumps(cfg | {"sample_size": sample_size}))
+    return path
+
+
+def test_flux_dir_resolves_the_dynamic_shift_packs_latents_and_records_guidance(tmp_path):
+    """Catches: mu computed from the wrong token count (unpacked pixels instead of 2×2 patches) or scheduler keys;
+    timesteps passed as σ·1000 instead of σ (FLUX multiplies by 1000 itself); a wrong pack/unpack order; the
+    guidance default lost, or a conditioning's own guidance ignored."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from diffpro_cli.errors import InputError
+    from diffpro_cli.models.base import flux_image_ids, flux_pack, flux_unpack
+
+    net = _tiny_flux()
+    sched = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_image_seq_len=4, max_image_seq_len=64,
+                                            base_shift=0.5, max_shift=1.15)
+    model = load_diffusers_dir(flux_pipeline(tmp_path / "a", net, sched))
+    assert (model.kind, model.prediction_type, model.sample_shape) == ("flux", "flow", (4, 8, 8))
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    mu = calculate_shift(16, 4, 64, 0.5, 1.15)    # FluxPipeline's call for (8/2)² packed tokens
+    assert model.config["dynamic_shift"] == {"mu": pytest.approx(mu), "image_seq_len": 16, "time_shift_type": "exponential"}
+    sched.set_timesteps(sigmas=[1.0, 0.75, 0.5, 0.25], mu=mu)   # FluxPipeline's call
+    assert torch.allclose(model.sigmas()[[999, 749, 499, 249]].float(), sched.sigmas[:-1], atol=1e-6)
+    roles = {name: r for name, (_, r) in model.quantizable_layers().items()}
+    assert roles["x_embedder"] == "patch_embed" and roles["time_text_embed.guidance_embedder.linear_1"] == "time_embed"
+    assert roles["single_transformer_blocks.0.proj_out"] == "attn_out" and roles["single_transformer_blocks.0.norm.linear"] == "adaln"
+    x = torch.randn(2, 4, 8, 8)
+    assert torch.equal(flux_unpack(flux_pack(x), 8, 8), x)
+    emb = _embeds(2, 5, 12, pooled=10)
+    t = torch.tensor([999, 249])
+    with torch.no_grad():
+        def ref(guidance):
+            return flux_unpack(net(hidden_states=flux_pack(x), encoder_hidden_states=emb["prompt_embeds"],
+                                   pooled_projections=emb["pooled_prompt_embeds"], timestep=model.sigmas()[t].float(),
+                                   img_ids=flux_image_ids(8, 8), txt_ids=torch.zeros(5, 3), guidance=torch.full((2,), guidance),
+                                   return_dict=False)[0], 8, 8)
+        assert torch.allclose(model.velocity(x, t, conditioning_from_tensors(emb)), ref(3.5), atol=1e-6)
+        with_g = conditioning_from_tensors(emb | {"guidance": torch.tensor([5.0, 5.0])})
+        assert torch.allclose(model.velocity(x, t, with_g), ref(5.0), atol=1e-6)
+    with pytest.raises(InputError, match="even"):
+        load_diffusers_dir(flux_pipeline(tmp_path / "b", net, sched, sample_size=7))
+    default = load_diffusers_dir(flux_pipeline(tmp_path / "c", _tiny_flux(False), sched, sample_size=None))
+    assert default.sample_shape == (4, 128, 128) and "default_guidance" not in default.config["net_patches"]
+
+
+def _tiny_sana():
+    from diffusers import SanaTransformer2DModel
+
+    torch.manual_seed(0)
+    return SanaTransformer2DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=1,
+                                  num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16,
+                                  caption_channels=12, sample_size=8, patch_size=1).eval()
+
+
+def test_sana_dir_with_its_dpm_solver_flow_config_is_a_flow_model(tmp_path):
+    """Catches: SANA's shipped DPMSolverMultistepScheduler(flow_prediction, use_flow_sigmas, flow_shift) read as a
+    DDPM beta schedule (epsilon model, wrong sigmas) or its flow_shift ignored; the attention mask dropped."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    net = _tiny_sana()
+    sched = DPMSolverMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    model = load_diffusers_dir(_pipeline(tmp_path, "transformer", net, sched, cls="SanaPipeline"))
+    assert (model.kind, model.prediction_type, model.flow_shift, model.sample_shape) == ("sana", "flow", 3.0, (4, 8, 8))
+    roles = {name: r for name, (_, r) in model.quantizable_layers().items()}
+    assert roles["time_embed.linear"] == "adaln" and roles["transformer_blocks.0.ff.conv_depth"] == "mlp"
+    assert roles["transformer_blocks.0.attn2.to_q"] == "cross_attn_qkv" and roles["caption_projection.linear_1"] == "context_embed"
+    emb = _embeds(2, 5, 12) | {"prompt_attention_mask": torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])}
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([999, 100])
+    with torch.no_grad():
+        ref = net(x, encoder_hidden_states=emb["prompt_embeds"], encoder_attention_mask=emb["prompt_attention_mask"],
+                  timestep=model.sigmas()[t].float() * 1000, return_dict=False)[0]
+        assert torch.allclose(model.velocity(x, t, conditioning_from_tensors(emb)), ref, atol=1e-6)
 
 
 def test_pixart_dir_loads_with_bit_identical_eps_and_learned_sigma_dropped(tmp_path):

@@ -70,8 +70,51 @@ def unet_cond_forward(net, x, t, c):
                added_cond_kwargs=dict(c.added_cond_kwargs) or None, return_dict=False)[0]
 
 
+def flux_pack(x: torch.Tensor) -> torch.Tensor:
+    """[B, C, H, W] latents → FLUX's packed tokens [B, (H/2)(W/2), 4C] (2×2 patches; FluxPipeline._pack_latents)."""
+    b, c, h, w = x.shape
+    return x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def flux_unpack(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """The inverse of flux_pack: [B, (H/2)(W/2), 4C] → [B, C, H, W] (FluxPipeline._unpack_latents)."""
+    b, _, d = tokens.shape
+    return tokens.view(b, h // 2, w // 2, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, d // 4, h, w)
+
+
+def flux_image_ids(h: int, w: int, device=None) -> torch.Tensor:
+    """FLUX's rotary position ids of the (h/2)·(w/2) image tokens: rows (0, row, column) (FluxPipeline._prepare_latent_image_ids)."""
+    ids = torch.zeros(h // 2, w // 2, 3)
+    ids[..., 1] += torch.arange(h // 2)[:, None]
+    ids[..., 2] += torch.arange(w // 2)[None, :]
+    return ids.reshape(-1, 3).to(device)
+
+
+def flux_forward(net, x, t, c):
+    """FluxTransformer2DModel call on unpacked latents [B, C, H, W]: packs 2×2 patches, builds img_ids/txt_ids as
+    FluxPipeline does, and passes `guidance` (guidance-distilled models: the Conditioning's, else the loader's
+    recorded default, net patch `default_guidance`). The timestep reaches the network as σ (flow_timesteps with
+    timestep_scale 1/N: FluxPipeline passes t/1000)."""
+    b, _, h, w = x.shape
+    guidance = None
+    if net.config.guidance_embeds:
+        guidance = c.guidance if c.guidance is not None else torch.full((b,), float(getattr(net, "diffpro_default_guidance", 3.5)))
+        guidance = guidance.to(device=x.device, dtype=torch.float32)
+    txt_ids = torch.zeros(c.encoder_hidden_states.shape[1], 3, device=x.device)
+    out = net(hidden_states=flux_pack(x), encoder_hidden_states=c.encoder_hidden_states, pooled_projections=c.pooled_projections,
+              timestep=t, img_ids=flux_image_ids(h, w, x.device), txt_ids=txt_ids, guidance=guidance, return_dict=False)[0]
+    return flux_unpack(out, h, w)
+
+
+def sana_forward(net, x, t, c):
+    """SanaTransformer2DModel call (Gemma embeddings + mask; timestep_scale applied by the flow_timesteps patch)."""
+    return net(x, encoder_hidden_states=c.encoder_hidden_states, encoder_attention_mask=c.encoder_attention_mask,
+               timestep=t, return_dict=False)[0]
+
+
 # the call convention of each embedding-conditioned kind (checkpoint reloads pick it by kind)
-EMBEDDING_FORWARDS = {"sd3": sd3_forward, "pixart": pixart_forward, "unet_cond": unet_cond_forward}
+EMBEDDING_FORWARDS = {"sd3": sd3_forward, "pixart": pixart_forward, "unet_cond": unet_cond_forward,
+                      "flux": flux_forward, "sana": sana_forward}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -98,9 +141,11 @@ def _set_flow_timesteps(net: nn.Module, record: dict) -> None:
     """Flow-matching networks take timestep σ·N (a float); diffpro calls every network with the integer index of
     its training schedule (so profiles, static activation scales and plans are keyed by index). This forward
     pre-hook maps an integer `timestep` (keyword, else the second positional argument) to σ_index·N; float
-    timesteps (a diffusers pipeline calling the same network) pass through unchanged."""
+    timesteps (a diffusers pipeline calling the same network) pass through unchanged. `timestep_scale` (default 1)
+    multiplies σ·N as the pipeline does before the call: 1/N for FLUX (it passes t/1000), Sana's config.timestep_scale.
+    A FLUX-style dynamic (resolution-dependent) shift is recorded as the equivalent fixed `shift` = exp(mu)."""
     n, shift = int(record["num_train_timesteps"]), float(record["shift"])
-    table = flow_sigmas(n, shift) * n
+    table = flow_sigmas(n, shift) * n * float(record.get("timestep_scale", 1.0))
     old = getattr(net, "_diffpro_timestep_hook", None)
     if old is not None:
         old.remove()
@@ -120,9 +165,16 @@ def _set_flow_timesteps(net: nn.Module, record: dict) -> None:
     net._diffpro_timestep_hook = net.register_forward_pre_hook(hook, with_kwargs=True)
 
 
+def _set_default_guidance(net: nn.Module, scale: float) -> None:
+    """The guidance value a guidance-distilled network (FLUX.1-dev's guidance_embeds) gets when the conditioning
+    carries none (flux_forward reads it)."""
+    net.diffpro_default_guidance = float(scale)
+
+
 NET_PATCHES: dict[str, Callable[[nn.Module, object], None]] = {
     "timestep_freq_shift": _set_timestep_freq_shift,
     "flow_timesteps": _set_flow_timesteps,
+    "default_guidance": _set_default_guidance,
 }
 
 

@@ -2,15 +2,18 @@
 
 Supported networks: DiTTransformer2DModel (also the legacy `Transformer2DModel` name with
 norm_type ada_norm_zero, as in facebook/DiT-XL-2-256) and UNet2DModel (class labels), and the
-text-conditioned SD3Transformer2DModel, PixArtTransformer2DModel and UNet2DConditionModel (prompt
-embeddings through a `Conditioning`; text encoders are not loaded). A pipeline is DiTPipeline-like
+text-conditioned SD3Transformer2DModel, PixArtTransformer2DModel, UNet2DConditionModel,
+FluxTransformer2DModel and SanaTransformer2DModel (prompt embeddings through a `Conditioning`; text
+encoders are not loaded; family specifics in models.text_families). A pipeline is DiTPipeline-like
 (transformer/ + scheduler/ + optional vae/) or DDPMPipeline/StableDiffusionPipeline-like (unet/ + scheduler/).
 
 - Schedule: from scheduler/scheduler_config.json (num_train_timesteps, beta_start, beta_end,
   beta_schedule linear | scaled_linear | squaredcos_cap_v2, or trained_betas; prediction_type epsilon or
   v_prediction) when present, else the linear 1000-step DDPM schedule. A FlowMatchEulerDiscreteScheduler
-  config makes a flow-matching model with its `shift` (dynamic shifting is refused).
-- Latent models: with a vae/ (AutoencoderKL), decode(z) = vae.decode(z / scaling_factor).sample,
+  config (or a flow_prediction DPM-Solver config, as SANA ships) makes a flow-matching model with its
+  `shift` (FLUX/SD3 dynamic shifting: resolved for the model's sample size, text_families.flow_schedule).
+- Latent models: with a vae/ (AutoencoderKL or AutoencoderDC), decode(z) = vae.decode(z / scaling_factor
+  + shift_factor).sample (shift_factor 0 where the VAE config has none; FLUX and SD3 VAEs have one),
   recorded as config["decode"] (see `build_decoder`) so a quantized checkpoint decodes the same way.
   A DiT without a VAE decodes as the identity (samples stay latents).
 - Classes: DiT → num_embeds_ada_norm (the extra CFG row is the null label). A U-Net with
@@ -35,6 +38,7 @@ import torch
 from diffpro_cli.errors import InputError, TrustError
 from diffpro_cli.models.base import (EMBEDDING_FORWARDS, DiffusionModel, apply_net_patches, flow_alphas_cumprod, flow_sigmas,
                                      linear_alphas_cumprod)
+from diffpro_cli.models.text_families import TEXT_MODELS, family_settings, flow_schedule, is_flow_scheduler
 
 WEIGHT_NAMES = (
     "diffusion_pytorch_model.safetensors",
@@ -145,22 +149,15 @@ def _read_json(path: Path) -> dict:
     return obj
 
 
+VAES = ("AutoencoderKL", "AutoencoderDC")
+
+
 def _model_classes() -> dict:
-    from diffusers import (AutoencoderKL, DiTTransformer2DModel, PixArtTransformer2DModel, SD3Transformer2DModel,
-                           UNet2DConditionModel, UNet2DModel)
+    import diffusers
 
-    return {"DiTTransformer2DModel": DiTTransformer2DModel, "UNet2DModel": UNet2DModel, "AutoencoderKL": AutoencoderKL,
-            "SD3Transformer2DModel": SD3Transformer2DModel, "PixArtTransformer2DModel": PixArtTransformer2DModel,
-            "UNet2DConditionModel": UNet2DConditionModel}
+    return {name: getattr(diffusers, name) for name in (*SUPPORTED, *VAES)}
 
 
-# networks conditioned on text embeddings: kind, and {conditioning field: trailing shape} from the config
-TEXT_MODELS = {
-    "SD3Transformer2DModel": ("sd3", lambda c: {"encoder_hidden_states": [None, int(c["joint_attention_dim"])],
-                                                "pooled_projections": [int(c["pooled_projection_dim"])]}),
-    "PixArtTransformer2DModel": ("pixart", lambda c: {"encoder_hidden_states": [None, int(c["caption_channels"])]}),
-    "UNet2DConditionModel": ("unet_cond", lambda c: {"encoder_hidden_states": [None, int(c["cross_attention_dim"])]}),
-}
 SUPPORTED = ("DiTTransformer2DModel", "UNet2DModel", *TEXT_MODELS)
 
 
@@ -208,20 +205,6 @@ def load_module_dir(folder: Path, allowed: tuple[str, ...]) -> tuple[torch.nn.Mo
 # ---------------------------------------------------------------------------------------------
 
 
-def is_flow_scheduler(config: dict | None) -> bool:
-    return bool(config) and str(config.get("_class_name", "")).startswith("FlowMatch")
-
-
-def flow_schedule_from_scheduler(config: dict, source: Path) -> tuple[int, float]:
-    """(num_train_timesteps, shift) of a FlowMatchEulerDiscreteScheduler config."""
-    if config.get("use_dynamic_shifting"):
-        raise InputError(f"{source}: use_dynamic_shifting (resolution-dependent shift, FLUX) is not supported yet; use a fixed-shift flow model")
-    for key in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "shift_terminal", "invert_sigmas"):
-        if config.get(key):
-            raise InputError(f"{source}: {key} is not supported; use the plain shifted flow-matching sigmas")
-    return int(config.get("num_train_timesteps", 1000)), float(config.get("shift", 1.0))
-
-
 def alphas_cumprod_from_scheduler(config: dict, source: Path) -> torch.Tensor:
     """alphas_cumprod (float64) for a diffusers DDPM-family scheduler config (epsilon or v_prediction)."""
     if config.get("prediction_type", "epsilon") not in ("epsilon", "v_prediction"):
@@ -252,10 +235,10 @@ def alphas_cumprod_from_scheduler(config: dict, source: Path) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
-def _vae_decoder(vae, scaling_factor: float):
+def _vae_decoder(vae, scaling_factor: float, shift_factor: float = 0.0):
     def decode(z: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return vae.decode(z / scaling_factor).sample
+            return vae.decode(z / scaling_factor + shift_factor if shift_factor else z / scaling_factor).sample
 
     return decode
 
@@ -266,13 +249,14 @@ def _identity(x: torch.Tensor) -> torch.Tensor:
 
 def build_decoder(record: dict | None):
     """decode(x) for a config["decode"] record: None / {"type": "identity"}, or {"type": "vae", "path":
-    absolute VAE folder, "scaling_factor": s}. The loader and load_quantized both build it here."""
+    absolute VAE folder, "scaling_factor": s, "shift_factor": f (optional, 0)}. The loader and load_quantized
+    both build it here."""
     kind = (record or {}).get("type", "identity")
     if kind == "identity":
         return _identity
     if kind == "vae":
-        vae, _ = load_module_dir(Path(record["path"]), ("AutoencoderKL",))
-        return _vae_decoder(vae, float(record["scaling_factor"]))
+        vae, _ = load_module_dir(Path(record["path"]), VAES)
+        return _vae_decoder(vae, float(record["scaling_factor"]), float(record.get("shift_factor") or 0.0))
     raise InputError(f"decoder type {kind!r} is unknown to this diffpro; upgrade diffpro or re-quantize from the original model")
 
 
@@ -291,7 +275,7 @@ def load_diffusers_dir(path: str | Path) -> DiffusionModel:
         index = _read_json(path / "model_index.json") if (path / "model_index.json").is_file() else {}
         sub = next((s for s in ("transformer", "unet") if (path / s / "config.json").is_file()), None)
         if sub is None:
-            raise InputError(f"{path}: pipeline has no transformer/config.json or unet/config.json; diffpro loads DiT, DDPM, PixArt, SD3 and Stable Diffusion pipelines")
+            raise InputError(f"{path}: pipeline has no transformer/config.json or unet/config.json; diffpro loads DiT, DDPM, PixArt, SD3, FLUX, SANA and Stable Diffusion pipelines")
         model_dir, scheduler_file = path / sub, path / "scheduler" / "scheduler_config.json"
         vae_dir = path / "vae" if (path / "vae" / "config.json").is_file() else None
     else:
@@ -300,28 +284,33 @@ def load_diffusers_dir(path: str | Path) -> DiffusionModel:
     net, class_name = load_module_dir(model_dir, SUPPORTED)
     cfg = {k: v for k, v in net.config.items() if not k.startswith("_")}
     scheduler = _read_json(scheduler_file) if scheduler_file.is_file() else None
+    family = None
+    if class_name in TEXT_MODELS:
+        family = family_settings(class_name, cfg, _read_json(model_dir / "config.json"), model_dir, scheduler, scheduler_file)
     extra: dict = {}
-    if class_name == "SD3Transformer2DModel" and not is_flow_scheduler(scheduler):
-        raise InputError(f"{scheduler_file}: an SD3 transformer needs its FlowMatchEulerDiscreteScheduler config; pass the whole pipeline directory")
     if is_flow_scheduler(scheduler):
-        n_train, shift = flow_schedule_from_scheduler(scheduler, scheduler_file)
-        patches = apply_net_patches(net, {"flow_timesteps": {"num_train_timesteps": n_train, "shift": shift}})
-        alphas = flow_alphas_cumprod(flow_sigmas(n_train, shift))
-        extra = {"prediction_type": "flow", "flow_shift": shift, "net_patches": patches}
+        flow = family["flow"] if family else flow_schedule(scheduler, scheduler_file)
+        record = {k: flow[k] for k in ("num_train_timesteps", "shift", "timestep_scale") if k in flow}
+        patches = apply_net_patches(net, {"flow_timesteps": record, **(family["patches"] if family else {})})
+        alphas = flow_alphas_cumprod(flow_sigmas(flow["num_train_timesteps"], flow["shift"]))
+        extra = {"prediction_type": "flow", "flow_shift": flow["shift"], "net_patches": patches}
+        if "dynamic" in flow:
+            extra["dynamic_shift"] = flow["dynamic"]
     else:
         alphas = alphas_cumprod_from_scheduler(scheduler, scheduler_file) if scheduler else linear_alphas_cumprod()
         extra = {"prediction_type": (scheduler or {}).get("prediction_type", "epsilon")}
-    size = cfg["sample_size"]
-    h, w = (size, size) if isinstance(size, int) else tuple(size)
+        if family and family["patches"]:
+            extra["net_patches"] = apply_net_patches(net, family["patches"])
+    if family:
+        shape = family["sample_shape"]
+    else:
+        size = cfg["sample_size"]
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        shape = (int(cfg["in_channels"]), int(h), int(w))
 
-    if class_name in TEXT_MODELS:
-        kind, fields_of = TEXT_MODELS[class_name]
-        forward, num_classes = EMBEDDING_FORWARDS[kind], None
-        if class_name == "UNet2DConditionModel" and (cfg.get("class_embed_type") or cfg.get("num_class_embeds")):
-            raise InputError(f"{model_dir}: class-conditioned UNet2DConditionModel is not supported; use a text-conditioned one")
-        extra |= {"conditioning": "embeddings", "conditioning_fields": fields_of(cfg)}
-        if class_name == "UNet2DConditionModel" and cfg.get("addition_embed_type") == "text_time":   # SDXL
-            extra["conditioning_fields"] |= {"added_cond_kwargs.text_embeds": [None], "added_cond_kwargs.time_ids": [None]}
+    if family:
+        kind, forward, num_classes = family["kind"], EMBEDDING_FORWARDS[family["kind"]], None
+        extra |= {"conditioning": "embeddings", "conditioning_fields": family["fields"]}
     elif class_name == "DiTTransformer2DModel":
         kind, forward, num_classes = "dit", dit_forward, int(cfg["num_embeds_ada_norm"])
     else:
@@ -334,10 +323,13 @@ def load_diffusers_dir(path: str | Path) -> DiffusionModel:
 
     decode_record, vae_info = {"type": "identity"}, None
     if vae_dir is not None:
-        scaling = float(_read_json(vae_dir / "config.json").get("scaling_factor", 0.18215))
+        vae_cfg = _read_json(vae_dir / "config.json")
+        scaling, shift = float(vae_cfg.get("scaling_factor", 0.18215)), float(vae_cfg.get("shift_factor") or 0.0)
         # absolute: a quantized checkpoint reloads this VAE from here, from any working directory
         decode_record = {"type": "vae", "path": str(vae_dir.resolve()), "scaling_factor": scaling}
         vae_info = {"scaling_factor": scaling}
+        if shift:   # FLUX / SD3 VAEs: latents = (z − shift_factor) · scaling_factor
+            decode_record["shift_factor"] = vae_info["shift_factor"] = shift
     decode = build_decoder(decode_record)
 
     config = {"class": class_name, "config": json.loads(json.dumps(cfg, default=list)), "source": str(path),
@@ -345,7 +337,7 @@ def load_diffusers_dir(path: str | Path) -> DiffusionModel:
     if index and index.get("id2label"):
         config["id2label"] = index["id2label"]
     return DiffusionModel(
-        spec=str(path), net=net, kind=kind, sample_shape=(int(cfg["in_channels"]), int(h), int(w)),
+        spec=str(path), net=net, kind=kind, sample_shape=tuple(shape),
         alphas_cumprod=alphas, forward_fn=forward, num_classes=num_classes, decode=decode,
         sha256=input_record(path)["sha256"], config=config,
     )
