@@ -31,7 +31,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from diffpro_cli.cache import CacheSchedule, FirstBlockCache, cache_units, cached
+from diffpro_cli.cache import CacheSchedule, FirstBlockCache, cached, num_cache_units, unit_kind, unit_modules
 from diffpro_cli.console import QUIET_UI, UI
 from diffpro_cli.errors import BudgetError, UsageError
 
@@ -153,6 +153,8 @@ class CachePlanConfig:
     clip_x0: bool = True
     latency_batch: int = 8          # per-block latency timed at bench's batch
     repeats: int = 7
+    proposals: tuple = ("per-unit", "aligned", "interval", "fbcache")   # measured end to end (fbcache: DiTs only)
+    step_cut: bool = True           # also measure the float step cut at the same share (a reference)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -176,7 +178,7 @@ def residual_change_tables(model, timesteps: list[int], cfg: CachePlanConfig, la
     """The uncached (teacher) final samples, D[u, p, s] = mean((r_u(s) − r_u(p))²) per unit and
     S[p, s], the same for the whole stack's residual (last block's output − first block's input),
     for 0 < s − p ≤ max_gap (inf elsewhere)."""
-    K, N = len(timesteps), len(cache_units(model.net))
+    K, N = len(timesteps), num_cache_units(model.net)
     sq = np.zeros((N + 1, K, K))
     cnt = np.zeros((N + 1, K, K))
     window: dict[tuple[int, int], dict[int, torch.Tensor]] = {}
@@ -207,31 +209,36 @@ def residual_change_tables(model, timesteps: list[int], cfg: CachePlanConfig, la
 
 
 def block_latencies(model, cfg: CachePlanConfig) -> list[float]:
-    """ms per image of each block's forward at cfg.latency_batch, on its real input (one fp32 forward
-    records the inputs: costs.capture_inputs), timed round-robin over cfg.repeats rounds, minimum kept
-    (costs.interleaved_min_ms, the cost table's estimator)."""
+    """ms per image of each unit's compute at cfg.latency_batch: every module of the unit (a DiT block;
+    a U-Net's deep blocks) timed on its real input (one fp32 forward records the inputs:
+    costs.capture_inputs), round-robin over cfg.repeats rounds, minimum kept (costs.interleaved_min_ms,
+    the cost table's estimator), summed per unit."""
     from diffpro_cli.planning.costs import capture_inputs, interleaved_min_ms
 
-    blocks = {str(u): b for u, b in enumerate(cache_units(model.net))}
+    units = unit_modules(model.net)
+    blocks = {f"{u}.{j}": m for u, mods in enumerate(units) for j, m in enumerate(mods)}
     n = cfg.latency_batch
     inputs, _ = capture_inputs(model, blocks, n, cfg.seed)
     with torch.no_grad():
-        ms = interleaved_min_ms({u: (lambda b=b, a=inputs[u]: b(*a[0], **a[1])) for u, b in blocks.items()},
+        ms = interleaved_min_ms({k: (lambda b=b, a=inputs[k]: b(*a[0], **a[1])) for k, b in blocks.items()},
                                 cfg.repeats)
-    return [ms[u] / n for u in blocks]
+    return [sum(ms[f"{u}.{j}"] for j in range(len(mods))) / n for u, mods in enumerate(units)]
 
 
 def _mse(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(((a - b) ** 2).mean())
 
 
-def plan_cache(model, timesteps: Sequence[int], cfg: CachePlanConfig = CachePlanConfig(), ui: UI = QUIET_UI) -> dict:
+def plan_cache(model, timesteps: Sequence[int], cfg: CachePlanConfig = CachePlanConfig(), ui: UI = QUIET_UI,
+               unit_cost: Sequence[float] | None = None) -> dict:
     """The cache plan record (cache.json payload): the chosen policy, its schedule, measured drift and
-    compute fraction, with the other policies measured the same way."""
+    compute fraction, with the other policies measured the same way. `unit_cost` (ms per unit, with
+    budget "latency") replaces the float blocks' timing, e.g. the quantized plan's unit latencies."""
     from diffpro_cli.sampling import default_labels
 
     ts = sorted(int(t) for t in timesteps)
-    K, N = len(ts), len(cache_units(model.net))
+    K, N = len(ts), num_cache_units(model.net)
+    dit = unit_kind(model.net) == "dit"
     T = max(1, round(0.1 * K)) if cfg.protect_tail is None else cfg.protect_tail
     if cfg.budget not in BUDGETS:
         raise UsageError(f"cache budget {cfg.budget!r}: unknown; use compute or latency")
@@ -250,7 +257,7 @@ def plan_cache(model, timesteps: Sequence[int], cfg: CachePlanConfig = CachePlan
     ui.info(f"cache: calibration ({cfg.n} samples, {K} steps, {N} blocks)")
     teacher, D, S = residual_change_tables(model, ts, cfg, labels)
     curves, paths = zip(*(unit_curve(D[u], forced, cfg.max_gap) for u in range(N)))
-    lat = block_latencies(model, cfg)
+    lat = list(unit_cost) if unit_cost is not None else block_latencies(model, cfg)
     unit_cost = lat if cfg.budget == "latency" else [1.0] * N
     budget = cfg.fraction * K * sum(unit_cost)
 
@@ -263,29 +270,32 @@ def plan_cache(model, timesteps: Sequence[int], cfg: CachePlanConfig = CachePlan
     # per-unit schedule: each unit probed once end to end (reused at every other free step) for its gain
     gains = []
     probe = [i for i in range(1, K) if not forced[i] and i % 2 == 1]
-    for u in range(N):
+    per_unit = "per-unit" in cfg.proposals and N > 1      # one unit (a U-Net): the aligned schedule is the same
+    for u in range(N if per_unit else 0):
         computed = [frozenset(range(N)) - ({u} if i in probe else set()) for i in range(K)]
         out, _ = _final(model, ts, cfg, labels, CacheSchedule(ts, N, computed))
         dsum = sum(D[u, i - 1, i] for i in probe)
         gains.append(_mse(out, teacher) / dsum if dsum > 0 else 0.0)
     try:
-        counts, predicted = choose_counts([np.asarray(c) * g for c, g in zip(curves, gains)], unit_cost, budget)
-        computed = [set() for _ in range(K)]
-        for u, m in enumerate(counts):
-            for i in paths[u][m]:
-                computed[i].add(u)
-        proposals["per-unit"] = (CacheSchedule(ts, N, computed), {"predicted_drift": predicted, "counts": counts})
+        if per_unit:
+            counts, predicted = choose_counts([np.asarray(c) * g for c, g in zip(curves, gains)], unit_cost, budget)
+            computed = [set() for _ in range(K)]
+            for u, m in enumerate(counts):
+                for i in paths[u][m]:
+                    computed[i].add(u)
+            proposals["per-unit"] = (CacheSchedule(ts, N, computed), {"predicted_drift": predicted, "counts": counts})
     except BudgetError:
-        counts = None
+        pass
     # aligned: whole stack reused together, computed steps chosen by the stack residual's change
     s_curve, s_paths = unit_curve(S, forced, cfg.max_gap)
     m = max((m for m in range(1, K + 1) if np.isfinite(s_curve[m]) and m * sum(unit_cost) <= budget * (1 + 1e-12)), default=None)
     if m is None:
         raise BudgetError(f"cache fraction {cfg.fraction}: below the cheapest schedule (first and {T} protected steps "
                           f"computed, no gap over max_gap {cfg.max_gap}); raise the fraction or max_gap")
-    proposals["aligned"] = (CacheSchedule(ts, N, [frozenset(range(N)) if i in s_paths[m] else frozenset() for i in range(K)]),
-                            {"computed_steps": m})
-    for k in range(2, K + 1):   # the uniform interval with the most compute within the budget
+    if "aligned" in cfg.proposals or not proposals:
+        proposals["aligned"] = (CacheSchedule(ts, N, [frozenset(range(N)) if i in s_paths[m] else frozenset()
+                                                      for i in range(K)]), {"computed_steps": m})
+    for k in range(2, K + 1 if "interval" in cfg.proposals else 2):   # the uniform interval with the most compute within the budget
         sched = CacheSchedule(ts, N, interval_schedule(K, N, k, T))
         if sched.compute_fraction() * K * sum(unit_cost) <= budget * (1 + 1e-12):
             proposals["interval"] = (sched, {"interval": k})
@@ -294,7 +304,7 @@ def plan_cache(model, timesteps: Sequence[int], cfg: CachePlanConfig = CachePlan
     # first-block threshold: the smallest threshold (bisection) whose measured cost fits the budget
     key = "cost_fraction"
     lo, hi, fb = 0.0, 0.25, None
-    for _ in range(12):
+    for _ in range(12 if dit and "fbcache" in cfg.proposals else 0):
         r = measure(FirstBlockCache(ts, N, hi, T))
         if r[key] <= cfg.fraction + 1e-12:
             fb = {**r, "threshold": hi}
@@ -315,9 +325,11 @@ def plan_cache(model, timesteps: Sequence[int], cfg: CachePlanConfig = CachePlan
     from diffpro_cli.sampling import sample, uniform_timesteps
 
     k_cut = max(1, int(cfg.fraction * K + 1e-9))
-    cut = sample(model, cfg.n, uniform_timesteps(model.num_train_timesteps, k_cut), _sampler(cfg), labels=labels,
-                 seed=cfg.seed, batch_size=cfg.batch, decode=False)
-    step_cut = {"steps": k_cut, "drift": _mse(cut, teacher), "compute_fraction": k_cut / K}
+    step_cut = None
+    if cfg.step_cut:
+        cut = sample(model, cfg.n, uniform_timesteps(model.num_train_timesteps, k_cut), _sampler(cfg), labels=labels,
+                     seed=cfg.seed, batch_size=cfg.batch, decode=False)
+        step_cut = {"steps": k_cut, "drift": _mse(cut, teacher), "compute_fraction": k_cut / K}
     policy = proposals[winner][0]
     ui.info(f"cache: {winner} wins within {cfg.budget} fraction {cfg.fraction} ("
             + ", ".join(f"{k} drift {v['drift']:.3g} at {v['compute_fraction']:.3f}" for k, v in results.items()) + ")")
