@@ -29,13 +29,14 @@ __all__ = ["load", "quantize_", "profile", "score", "prune", "allocate", "quanti
 
 
 def _context(model: str | DiffusionModel, workdir: str | Path, trust_code: bool, weights, seed: int, force: bool, quiet: bool,
-             conditioning=None):
+             conditioning=None, prompts=None, negative_prompt: str = ""):
     from diffpro_cli.console import UI
     from diffpro_cli.stages.context import StageContext
 
     spec = model.spec if isinstance(model, DiffusionModel) else str(model)
     ctx = StageContext.create(spec, workdir, trust_code=trust_code, weights=weights, seed=seed,
-                              ui=UI(quiet=quiet), force=force, conditioning=conditioning)
+                              ui=UI(quiet=quiet), force=force, conditioning=conditioning,
+                              prompts=prompts, negative_prompt=negative_prompt)
     if isinstance(model, DiffusionModel):
         ctx.use_model(model)
     return ctx
@@ -130,55 +131,58 @@ def quantize_(model: nn.Module | DiffusionModel, plan: dict | str | Path, *, fus
 
 
 def profile(model: str | DiffusionModel, workdir: str | Path = "diffpro-work", *, trust_code: bool = False, weights=None,
-            seed: int = 0, force: bool = False, quiet: bool = True, conditioning=None, **options: Any) -> dict:
+            seed: int = 0, force: bool = False, quiet: bool = True, conditioning=None, prompts=None, negative_prompt: str = "",
+            **options: Any) -> dict:
     """Per-layer, per-timestep activation statistics; returns profile.json's record."""
     from diffpro_cli.artifacts import read_json
     from diffpro_cli.stages.profile import SCHEMA, ProfileConfig, run_profile
 
-    ctx = _context(model, workdir, trust_code, weights, seed, force, quiet, conditioning)
+    ctx = _context(model, workdir, trust_code, weights, seed, force, quiet, conditioning, prompts, negative_prompt)
     run_profile(ctx, _config(ProfileConfig, options, seed=seed))
     return read_json(ctx.workdir / "profile" / "profile.json", SCHEMA)
 
 
 def score(model: str | DiffusionModel | None = None, workdir: str | Path = "diffpro-work", *, trust_code: bool = False,
-          weights=None, force: bool = False, quiet: bool = True, conditioning=None, **options: Any) -> dict:
+          weights=None, force: bool = False, quiet: bool = True, conditioning=None, prompts=None, negative_prompt: str = "",
+          **options: Any) -> dict:
     """Layer sensitivity from the profile in `workdir`; returns scores.json's record."""
     from diffpro_cli.artifacts import read_json
     from diffpro_cli.stages.score import ScoreConfig, run_score
 
-    ctx = _context(model or "", workdir, trust_code, weights, 0, force, quiet, conditioning)
+    ctx = _context(model or "", workdir, trust_code, weights, 0, force, quiet, conditioning, prompts, negative_prompt)
     path = run_score(ctx, _config(ScoreConfig, options)).value
     return read_json(path, "diffpro.scores/1")
 
 
 def prune(model: str | DiffusionModel, workdir: str | Path = "diffpro-work", *, trust_code: bool = False, weights=None,
-          seed: int = 0, force: bool = False, quiet: bool = True, conditioning=None, **options: Any) -> dict:
+          seed: int = 0, force: bool = False, quiet: bool = True, conditioning=None, prompts=None, negative_prompt: str = "",
+          **options: Any) -> dict:
     """Drift-guided timestep subset; returns timesteps.json's record."""
     from diffpro_cli.stages.prune import PruneConfig, run_prune
 
-    ctx = _context(model, workdir, trust_code, weights, seed, force, quiet, conditioning)
+    ctx = _context(model, workdir, trust_code, weights, seed, force, quiet, conditioning, prompts, negative_prompt)
     return run_prune(ctx, _config(PruneConfig, options, seed=seed)).value
 
 
 def allocate(model: str | DiffusionModel | None = None, workdir: str | Path = "diffpro-work", *, trust_code: bool = False,
              weights=None, force: bool = False, quiet: bool = True, scores_path=None, timesteps_path=None,
-             conditioning=None, **options: Any) -> dict:
+             conditioning=None, prompts=None, negative_prompt: str = "", **options: Any) -> dict:
     """Per-layer bits and execution paths (and steps, with a latency budget) priced on this machine;
     returns plan.json's record."""
     from diffpro_cli.stages.allocate import AllocateConfig, run_allocate
 
-    ctx = _context(model or "", workdir, trust_code, weights, 0, force, quiet, conditioning)
+    ctx = _context(model or "", workdir, trust_code, weights, 0, force, quiet, conditioning, prompts, negative_prompt)
     ts = timesteps_path or (ctx.workdir / "timesteps.json" if (ctx.workdir / "timesteps.json").exists() else None)
     return run_allocate(ctx, _config(AllocateConfig, options), scores_path=scores_path, timesteps_path=ts).value
 
 
 def quantize(model: str | DiffusionModel, workdir: str | Path = "diffpro-work", *, plan_path=None, timesteps_path=None,
              out_dir=None, trust_code: bool = False, weights=None, seed: int = 0, force: bool = False, quiet: bool = True,
-             conditioning=None, **options: Any) -> dict:
+             conditioning=None, prompts=None, negative_prompt: str = "", **options: Any) -> dict:
     """Write a real integer checkpoint (default WORKDIR/quantized) from plan.json; returns diffpro.json's record."""
     from diffpro_cli.stages.quantize import QuantizeConfig, run_quantize
 
-    ctx = _context(model, workdir, trust_code, weights, seed, force, quiet, conditioning)
+    ctx = _context(model, workdir, trust_code, weights, seed, force, quiet, conditioning, prompts, negative_prompt)
     cfg = _config(QuantizeConfig, options, seed=seed)
     if plan_path is None and cfg.bits is None:
         plan_path = ctx.workdir / "plan.json"
@@ -187,12 +191,12 @@ def quantize(model: str | DiffusionModel, workdir: str | Path = "diffpro-work", 
 
 def bench(model: str | DiffusionModel, workdir: str | Path = "diffpro-work", *, quantized=None, timesteps_path=None,
           trust_code: bool = False, weights=None, seed: int = 0, force: bool = False, quiet: bool = True,
-          conditioning=None, **options: Any) -> dict:
+          conditioning=None, prompts=None, negative_prompt: str = "", **options: Any) -> dict:
     """Every baseline and the plan, measured in one run; returns bench/report.json's record."""
     from diffpro_cli.artifacts import read_json
     from diffpro_cli.stages.bench import BenchConfig, run_bench
 
-    ctx = _context(model, workdir, trust_code, weights, seed, force, quiet, conditioning)
+    ctx = _context(model, workdir, trust_code, weights, seed, force, quiet, conditioning, prompts, negative_prompt)
     if quantized is None and (ctx.workdir / "quantized" / "diffpro.json").exists():
         quantized = ctx.workdir / "quantized"
     if timesteps_path is None and (ctx.workdir / "timesteps.json").exists():

@@ -22,6 +22,8 @@ Seed = Annotated[int, typer.Option("--seed", help="Seed for every random choice 
 TrustCode = Annotated[bool, typer.Option("--trust-code", help="Allow importing module:factory code and non-weights-only pickles.")]
 Weights = Annotated[Optional[Path], typer.Option("--weights", help="Weights file for a module:factory model.")]
 Conditioning = Annotated[Optional[Path], typer.Option("--conditioning", help="Prompt embeddings (.safetensors/.pt: prompt_embeds, pooled_prompt_embeds, negative_*) or class_labels that every stage calibrates and samples on; text-conditioned models need it.")]
+Prompts = Annotated[Optional[Path], typer.Option("--prompts", help="Prompts file (one a line, or a JSON list of strings) encoded once with the pipeline's own text encoders (needs diffpro[text]); instead of --conditioning.")]
+NegativePrompt = Annotated[str, typer.Option("--negative-prompt", help="The unconditional prompt of --prompts (classifier-free guidance).")]
 ModelArg = Annotated[str, typer.Argument(help="builtin:NAME, random:ARCH, a diffusers dir, a DiT .pt, a quantized dir, or module:factory.")]
 
 DEFAULT_WORKDIR = Path("diffpro-work")
@@ -44,22 +46,39 @@ def make_ui(quiet: bool, json_output: bool) -> UI:
 
 def make_context(model: str | None, workdir, *, trust_code: bool = False, weights=None, seed: int = 0,
                  quiet: bool = False, json_output: bool = False, force: bool = False, wait: bool = False,
-                 conditioning=None):
+                 conditioning=None, prompts=None, negative_prompt: str = ""):
     """The one StageContext a command hands to its stage: load options, workdir, UI, force, wait."""
     from diffpro_cli.stages.context import StageContext
 
     return StageContext.create(model or "", workdir, trust_code=trust_code, weights=weights, seed=seed,
-                               ui=make_ui(quiet, json_output), force=force, wait=wait, conditioning=conditioning)
+                               ui=make_ui(quiet, json_output), force=force, wait=wait, conditioning=conditioning,
+                               prompts=prompts, negative_prompt=negative_prompt)
+
+
+def attach_conditioning(model, conditioning=None, prompts=None, negative_prompt: str = "", device: str = "cpu"):
+    """For commands that load a model themselves (sample): --conditioning read, or --prompts encoded with
+    the model's pipeline, attached to `model` (the same checks as the stage commands)."""
+    from diffpro_cli.stages.context import LoadOptions
+
+    LoadOptions(conditioning=conditioning, prompts=prompts, negative_prompt=negative_prompt or "")   # usage checks
+    if conditioning is not None:
+        model.with_conditioning(conditioning)
+    elif prompts is not None:
+        from diffpro_cli.models.prompts import encode_prompt_file
+
+        model.with_conditioning(encode_prompt_file(model, prompts, negative_prompt or "", device=device))
+    return model
 
 
 STAGE_OPTIONS = (("workdir", Workdir, DEFAULT_WORKDIR), ("trust_code", TrustCode, False), ("weights", Weights, None),
-                 ("conditioning", Conditioning, None),
+                 ("conditioning", Conditioning, None), ("prompts", Prompts, None), ("negative_prompt", NegativePrompt, ""),
                  ("force", Force, False), ("wait", Wait, False), ("json_output", JsonOut, False), ("quiet", Quiet, False))
 
 
 def stage_command(fn):
-    """Give a stage command the options every stage shares (--workdir, --trust-code, --weights, --force,
-    --wait, --json, --quiet) and call it as fn(ctx, **its own options) with the StageContext built from
+    """Give a stage command the options every stage shares (--workdir, --trust-code, --weights, --conditioning,
+    --prompts, --negative-prompt, --force, --wait, --json, --quiet) and call it as fn(ctx, **its own options)
+    with the StageContext built from
     them (its `model` and `seed` options, where it has them, go into the context too). One place for
     the shared options instead of a copy in every command."""
     hints = typing.get_type_hints(fn, include_extras=True)

@@ -241,3 +241,17 @@ def check_fits(cond: Conditioning, expected: dict | None, source: str | Path = "
             raise InputError(f"{source}: {name} has trailing shape {shape} but the model expects {dims}; "
                              "encode the prompts with the text encoder this model was trained with")
 
+
+def conditioning_sha256(cond: Conditioning) -> str:
+    """sha256 over every tensor of the record (names, dtypes, shapes, values; uncond included): the identity of
+    the embeddings a run calibrated on, whichever way they were made."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    parts = [("", cond)] + ([("negative_", cond.uncond)] if cond.uncond is not None else [])
+    for prefix, c in parts:
+        for name, value in sorted(c.tensors().items()):
+            v = value.detach().cpu().contiguous()
+            digest.update(f"{prefix}{name}:{v.dtype}:{list(v.shape)};".encode())
+            digest.update(v.reshape(-1).view(torch.uint8).numpy().tobytes() if v.numel() else b"")
+    return digest.hexdigest()

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from diffpro_cli.console import QUIET_UI, UI
+from diffpro_cli.errors import UsageError
 
 
 @dataclass(frozen=True)
@@ -24,10 +25,18 @@ class LoadOptions:
     weights: str | None = None
     seed: int = 0
     conditioning: str | None = None      # a file of prompt embeddings (or class labels) every stage calibrates on
+    prompts: str | None = None           # or a prompts file, encoded once with the pipeline's own text encoders
+    negative_prompt: str = ""            # the unconditional prompt of --prompts (classifier-free guidance)
+
+    def __post_init__(self):
+        if self.conditioning and self.prompts:
+            raise UsageError("--prompts and --conditioning both give the conditioning; pass one of them")
+        if self.negative_prompt and not self.prompts:
+            raise UsageError("--negative-prompt belongs to --prompts; add --prompts FILE (or drop --negative-prompt)")
 
     def as_dict(self) -> dict:
         return {"trust_code": self.trust_code, "weights": None if self.weights is None else str(self.weights),
-                "conditioning": self.conditioning}
+                "conditioning": self.conditioning, "prompts": self.prompts, "negative_prompt": self.negative_prompt}
 
 
 @dataclass
@@ -58,6 +67,7 @@ class StageContext:
     wait: bool = False
     device: str = "cpu"
     _models: dict = field(default_factory=dict, repr=False)
+    _prompt_conditioning: Any = field(default=None, repr=False)   # --prompts encoded (once per context)
 
     def __post_init__(self):
         self.workdir = Path(self.workdir)
@@ -69,9 +79,10 @@ class StageContext:
     @classmethod
     def create(cls, model_spec: str, workdir: str | Path, *, trust_code: bool = False, weights=None, seed: int = 0,
                ui: UI = QUIET_UI, force: bool = False, wait: bool = False, device: str = "cpu",
-               conditioning=None) -> "StageContext":
+               conditioning=None, prompts=None, negative_prompt: str | None = "") -> "StageContext":
         return cls(model_spec, Path(workdir), LoadOptions(bool(trust_code), None if weights is None else str(weights), int(seed),
-                                                          None if conditioning is None else str(conditioning)),
+                                                          None if conditioning is None else str(conditioning),
+                                                          None if prompts is None else str(prompts), negative_prompt or ""),
                    ui=ui, force=force, wait=wait, device=device)
 
     def load(self, spec: str | Path | None = None, *, seed: int | None = None):
@@ -91,6 +102,8 @@ class StageContext:
         model = load_model(spec, trust_code=self.load_options.trust_code, weights=weights, seed=seed)
         if self.load_options.conditioning:   # the run's model and its quantized checkpoints sample on the same set
             model.with_conditioning(self.load_options.conditioning)    # shapes checked against the network
+        elif self.load_options.prompts:
+            model.with_conditioning(self.prompt_conditioning(model if spec == self.model_spec else None))
         if shared:
             self._models[spec] = model
         return model
@@ -98,9 +111,27 @@ class StageContext:
     def model(self):
         return self.load()
 
+    def prompt_conditioning(self, model=None):
+        """--prompts encoded once per run with the text encoders of the run's model's pipeline (`model`: the
+        run's model when the caller has it loaded); every model the run loads samples on this record."""
+        if self._prompt_conditioning is None:
+            from diffpro_cli.models.prompts import encode_prompt_file
+
+            model = self.model() if model is None else model
+            if self._prompt_conditioning is None:      # self.model() may just have encoded them
+                self.ui.info(f"encoding {self.load_options.prompts} with the pipeline's text encoders")
+                self._prompt_conditioning = encode_prompt_file(model, self.load_options.prompts, self.load_options.negative_prompt,
+                                                               device=self.device)
+        return self._prompt_conditioning
+
     def use_model(self, model) -> "StageContext":
-        """Share an already-loaded model as the run's model (tests, the Python API)."""
+        """Share an already-loaded model as the run's model (tests, the Python API); the run's --conditioning
+        or --prompts, when given, is attached to it as to every model the run loads."""
         self._models[self.model_spec] = model
+        if self.load_options.conditioning:
+            model.with_conditioning(self.load_options.conditioning)
+        elif self.load_options.prompts:
+            model.with_conditioning(self.prompt_conditioning(model))
         return self
 
     def run_stage(self, stage: str, inputs: dict[str, dict], config: dict, outputs: dict[str, Path],
@@ -128,9 +159,19 @@ class StageContext:
         on other prompts is another input)."""
         from diffpro_cli.artifacts import model_input_record, sha256_file, sha256_json
 
-        record = model_input_record(model if model is not None else self.model())
-        if self.load_options.conditioning:
-            cond = sha256_file(Path(self.load_options.conditioning))
-            record = {**record, "conditioning": self.load_options.conditioning,
+        model = model if model is not None else self.model()
+        record = model_input_record(model)
+        opts = self.load_options
+        if opts.conditioning:
+            cond = sha256_file(Path(opts.conditioning))
+            record = {**record, "conditioning": opts.conditioning,
                       "sha256": sha256_json({"model": record["sha256"], "conditioning": cond})}
+        elif opts.prompts:   # the prompts and what the text encoders made of them are both inputs
+            from diffpro_cli.models.conditioning import conditioning_sha256
+
+            prompts = {"prompts": opts.prompts, "prompts_sha256": sha256_file(Path(opts.prompts)),
+                       "negative_prompt": opts.negative_prompt,
+                       "embeddings_sha256": conditioning_sha256(self.prompt_conditioning(model))}
+            content = {k: v for k, v in prompts.items() if k != "prompts"}    # the file's bytes, not its path
+            record = {**record, **prompts, "sha256": sha256_json({"model": record["sha256"], **content})}
         return record
