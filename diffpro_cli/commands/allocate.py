@@ -34,6 +34,7 @@ def allocate_cmd(
     repeats: Annotated[int, typer.Option("--repeats", help="Timing rounds of the cost table (every cell once per round, round-robin; the minimum is kept).")] = 15,
     error_model: Annotated[str, typer.Option("--error-model", help="auto (measured > taylor > proxy > score > cdf), or one of them.")] = "auto",
     pareto: Annotated[bool, typer.Option("--pareto", help="Also write WORKDIR/pareto.json and figures/pareto.png.")] = False,
+    cache: Annotated[bool, typer.Option("--cache/--no-cache", help="Bits x steps x cache: also try more steps with reused computation (cache schedule) at the plan's predicted latency; kept only when it drifts less from the float model (docs/caching.md).")] = False,
     model: Annotated[Optional[str], typer.Option("--model", help="Model timed for the non-GEMM remainder (default: the scored one).")] = None,
 ):
     """Solve the per-layer bit allocation (and, with --latency-budget, the step count) under a budget; writes WORKDIR/plan.json."""
@@ -48,7 +49,7 @@ def allocate_cmd(
                          latency_budget=latency_budget, min_speedup=min_speedup, steps=steps, quant_weight=quant_weight, batch=batch,
                          cost_table=None if cost_table is None else str(cost_table), full_steps=full_steps,
                          latency_source=latency_source, repeats=repeats, remainder_ms=remainder_ms, pareto=pareto,
-                         error_model=error_model)
+                         error_model=error_model, cache=cache)
     result = run_allocate(ctx, cfg, scores_path=scores, timesteps_path=timesteps)
     outcome, plan = result.outcome, result.value
     t = plan["totals"]
@@ -57,6 +58,8 @@ def allocate_cmd(
         lat += f" ({t['predicted_speedup']:.2f}x fp32)"
     joint = plan.get("joint")
     steps_txt = f", {joint['steps']} steps ({joint['total_latency_ms']:.1f} ms/image)" if joint else ""
+    if (plan.get("cache") or {}).get("verdict"):
+        steps_txt += f"; cache: {plan['cache']['verdict']}"
     result = {**outcome.as_dict(), "totals": t, "solver": plan["solver"], "joint": joint}
     ui.result(result, human=(f"{outcome.outputs['plan']}: avg {t['avg_bits']:.3f} bits, {t['bytes'] / 1e6:.3f} MB{lat}{steps_txt}, "
                              f"predicted error {t['error']:.4g} ({plan['solver']['method']}, {plan['solver']['status']})"

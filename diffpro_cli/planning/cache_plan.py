@@ -25,6 +25,7 @@ compute budget, checked end to end against the dynamic first-block policy at the
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
@@ -373,3 +374,56 @@ def cache_plan_for(model, timesteps: Sequence[int], workdir, cfg: CachePlanConfi
     rec["model"] = want["model"]
     atomic_write_json(path, rec)
     return rec, True
+
+
+def unit_layer_names(net, names) -> list[list[str]]:
+    """Per cacheable unit, which of the named layers (e.g. the plan's) run inside it."""
+    inside = [{id(m) for mod in mods for m in mod.modules()} for mods in unit_modules(net)]
+    modules = dict(net.named_modules())
+    return [[n for n in names if n in modules and id(modules[n]) in ids] for ids in inside]
+
+
+def plan_joint_cache(model, teacher_model, base_ts: list[int], candidates: dict[int, list[int]], step_ms: float,
+                     unit_ms: list[float], budget_ms: float, teacher_ts: list[int], cfg: CachePlanConfig,
+                     ui: UI = QUIET_UI) -> dict:
+    """bits × steps × cache on `model` (the plan's quantized network, or float): the bits+steps plan on
+    `base_ts` against, for every candidate step count K' (timesteps `candidates[K']`), the cache
+    schedule planned at the share of the units' time that keeps K' steps within `budget_ms` (the
+    plan's own predicted latency). Each is measured end to end against `teacher_model` on `teacher_ts`
+    (the float model on the reference schedule); the least drift within the budget is kept."""
+    from diffpro_cli.cache import policy_from_dict
+    from diffpro_cli.planning.joint import cache_fraction_for, schedule_latency_ms, select_joint_cache
+    from diffpro_cli.sampling import default_labels, sample
+
+    labels = default_labels(model, cfg.n)
+
+    def final(m, ts, policy=None):
+        with cached(m, policy, timesteps=ts):
+            return sample(m, cfg.n, ts, _sampler(cfg), labels=labels, seed=cfg.seed, batch_size=cfg.batch, decode=False)
+
+    ui.info(f"allocate: cache vs steps, teacher = float on {len(teacher_ts)} steps ({cfg.n} samples)")
+    teacher = final(teacher_model, sorted(teacher_ts))
+    base = {"steps": len(base_ts), "timesteps": list(base_ts), "cache": None, "predicted_ms": len(base_ts) * step_ms,
+            "drift": _mse(final(model, sorted(base_ts)), teacher)}
+    rows = []
+    for k2, ts in sorted(candidates.items()):
+        frac = cache_fraction_for(step_ms, unit_ms, k2, budget_ms)
+        row = {"steps": k2, "timesteps": list(ts), "unit_fraction": frac, "drift": None}
+        rows.append(row)
+        if not 0 < frac < 1:
+            row["skipped"] = "no share of the units' time fits the budget" if frac <= 0 else "fits without a cache"
+            continue
+        try:
+            rec = plan_cache(model, ts, dataclasses.replace(cfg, budget="latency", fraction=frac), ui, unit_cost=unit_ms)
+        except BudgetError as exc:
+            row["skipped"] = str(exc)
+            continue
+        policy = policy_from_dict(rec["schedule"])
+        row.update(cache=rec["schedule"], selected_by=rec["selected_by"], compute_fraction=rec["compute_fraction"],
+                   predicted_ms=schedule_latency_ms(step_ms, unit_ms, policy.computed),
+                   drift=_mse(final(model, ts, policy), teacher))
+        ui.info(f"allocate: {k2} steps + cache ({rec['selected_by']}, compute {rec['compute_fraction']:.2f}): drift "
+                f"{row['drift']:.3g} vs {base['drift']:.3g} for {base['steps']} steps without")
+    best = select_joint_cache(base, rows, budget_ms)
+    return {"base": base, "candidates": rows, "chosen": best, "budget_ms": budget_ms, "step_ms": step_ms,
+            "unit_ms": unit_ms, "teacher_steps": len(teacher_ts)}

@@ -129,3 +129,39 @@ def pareto_front(table: Table, cfg, budget: Budget | None, constraints: list[Con
             "front": sorted(front, key=lambda p: p[x]), "chosen": chosen,
             "title": f"predicted error vs {x_label}"}
 
+
+
+# ---------------------------------------------------------------------------------------------
+# bits × steps × cache: the same predicted latency spent on more steps with reused computation
+# ---------------------------------------------------------------------------------------------
+
+
+def unit_latencies_under_plan(block_ms: list[float], unit_layers: list[list[str]], plan_layers: dict,
+                              fp_ms: dict[str, float]) -> list[float]:
+    """ms per image of each cacheable unit under the plan: the unit's measured float time with each of
+    its planned layers' fp32 time replaced by the chosen option's (both from the cost table)."""
+    out = []
+    for ms, names in zip(block_ms, unit_layers):
+        delta = sum((plan_layers[n].get("latency_ms") or fp_ms[n]) - fp_ms[n] for n in names if n in plan_layers and n in fp_ms)
+        out.append(max(ms + delta, 0.05 * ms))
+    return out
+
+
+def schedule_latency_ms(step_ms: float, unit_ms: list[float], computed: list) -> float:
+    """Predicted ms per image of a schedule: every step costs step_ms, less each unit it reuses."""
+    return sum(step_ms - sum(c for u, c in enumerate(unit_ms) if u not in s) for s in computed)
+
+
+def cache_fraction_for(step_ms: float, unit_ms: list[float], steps: int, budget_ms: float) -> float:
+    """The largest share of the units' time that `steps` steps may compute within `budget_ms`
+    (steps × (step − U) + f × steps × U ≤ budget); ≤ 0 or below the schedule's floor: infeasible."""
+    U = sum(unit_ms)
+    return (budget_ms - steps * (step_ms - U)) / (steps * U) if U > 0 else float("-inf")
+
+
+def select_joint_cache(base: dict, candidates: list[dict], budget_ms: float) -> dict:
+    """The least measured drift among the bits+steps plan (`base`) and the cached candidates whose
+    predicted latency is within the budget; ties keep the plan without a cache."""
+    ok = [c for c in candidates if c.get("drift") is not None and c["predicted_ms"] <= budget_ms * (1 + 1e-9)]
+    best = min(ok, key=lambda c: c["drift"], default=None)
+    return best if best is not None and best["drift"] < base["drift"] else base

@@ -72,6 +72,8 @@ class AllocateConfig:
     pareto: bool = False
     time_limit: float = 60.0
     error_model: str = "auto"            # auto | measured | proxy | score | cdf (see error_model())
+    cache: bool = False                  # bits × steps × cache: also try more steps with reused computation (docs/caching.md)
+    cache_n: int = 8                     # calibration samples of that comparison (teacher: float on full_steps)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -308,7 +310,7 @@ def run_allocate(ctx, cfg: AllocateConfig, *, scores_path: str | Path | None = N
 
     def compute():
         fn, remainder, rsource, lsource = latency_fn, cfg.remainder_ms or 0.0, "given", "injected"
-        fingerprint = None
+        fingerprint, doc = None, None
         if fn is None:
             if not ctx.model_spec:     # `diffpro allocate` without --model: the scored model
                 ctx.model_spec = (scores.get("model") or {}).get("spec", "")
@@ -323,6 +325,10 @@ def run_allocate(ctx, cfg: AllocateConfig, *, scores_path: str | Path | None = N
             "path": str(Path(cfg.cost_table) if cfg.cost_table else workdir / "cost_table.json"),
             "fingerprint": fingerprint, "batch": cfg.batch}
         plan["scores_sha256"] = inputs["scores"]["sha256"]
+        if cfg.cache:
+            if doc is None:
+                raise UsageError("allocate cache = true prices reused blocks with the measured cost table; drop the injected latencies")
+            plan["cache"] = joint_cache_section(ctx, cfg, plan, doc, timesteps)
         if pareto is not None:
             from diffpro_cli.plots import plot_pareto
 
@@ -338,6 +344,49 @@ def run_allocate(ctx, cfg: AllocateConfig, *, scores_path: str | Path | None = N
         # a plan is priced for one machine: the same inputs on another machine are not up to date
         config["machine"] = fingerprint_id(machine_fingerprint())
     return ctx.run_stage("allocate", inputs, config, outputs, compute, reread=lambda: read_json(out, PLAN_SCHEMA))
+
+
+def joint_cache_section(ctx, cfg: AllocateConfig, plan: dict, doc: dict, timesteps: dict | None) -> dict:
+    """The plan's `cache` section: the bits+steps plan (K steps) against K' = 1.25K, 1.5K, 2K steps
+    with a cache schedule at the same predicted latency (cost table + the units' measured times), each
+    measured against the float model on `full_steps` steps; enabled only when a cached one drifts less.
+    Planned on the plan's network quantized in memory (round-to-nearest; float when static activations
+    need calibration)."""
+    import copy
+
+    from diffpro_cli.planning.cache_plan import CachePlanConfig, block_latencies, plan_joint_cache, unit_layer_names
+    from diffpro_cli.planning.joint import unit_latencies_under_plan
+    from diffpro_cli.sampling import uniform_timesteps
+    from diffpro_cli.stages.quantize import apply_plan
+
+    model = ctx.model()
+    n_train = model.num_train_timesteps
+    base_ts = sorted(plan.get("timesteps") or uniform_timesteps(n_train, cfg.full_steps))
+    sweep = {int(e["steps"]): list(e["timesteps"]) for e in (timesteps or {}).get("sweep") or []}
+    cands = {k: sweep.get(k) or uniform_timesteps(n_train, k) for k in {round(len(base_ts) * r) for r in (1.25, 1.5, 2.0)}
+             if k > len(base_ts)}
+    static = any(e.get("act_mode") == "static" and e.get("weight_bits", 16) < 16 and e.get("act_bits", 8) < 16
+                 for e in plan["layers"].values())
+    qmodel = model if static else apply_plan(copy.deepcopy(model), plan)
+    ccfg = CachePlanConfig(n=cfg.cache_n, batch=cfg.cache_n, seed=ctx.seed, latency_batch=cfg.batch,
+                           proposals=("aligned", "interval"), step_cut=False)
+    block_ms = block_latencies(model, ccfg)
+    fp_ms = {n: float(r["ms"]["fp32"]) for n, r in doc["layers"].items()}
+    unit_ms = unit_latencies_under_plan(block_ms, unit_layer_names(model.net, list(plan["layers"])), plan["layers"], fp_ms)
+    step_ms = float(plan["totals"]["latency_ms"])
+    rec = plan_joint_cache(qmodel, model, base_ts, cands, step_ms, unit_ms, len(base_ts) * step_ms,
+                           uniform_timesteps(n_train, cfg.full_steps), ccfg, ctx.ui)
+    chosen = rec.pop("chosen")
+    verdict = (f"{chosen['steps']} steps with a cache schedule (compute {chosen['compute_fraction']:.2f}) drift less than "
+               f"{len(base_ts)} steps without, at the same predicted latency" if chosen.get("cache") else
+               f"no cache: {len(base_ts)} steps without one drift least at this latency")
+    ctx.ui.info(f"allocate: {verdict}")
+    return {"schema": "diffpro.cache/1", "enabled": chosen.get("cache") is not None, "schedule": chosen.get("cache"),
+            "steps": chosen["steps"], "drift": chosen["drift"], "predicted_ms": chosen["predicted_ms"],
+            "base_timesteps": base_ts, "verdict": verdict, "block_ms_fp32": block_ms,
+            "planned_on": "float (static activations need calibration)" if static else "the plan quantized in memory (round-to-nearest)",
+            "drift_definition": f"MSE of final samples vs the float model on {cfg.full_steps} uniform steps ({cfg.cache_n} samples)",
+            "config": ccfg.as_dict(), **rec}
 
 
 def obtain_cost_table(ctx, cfg: AllocateConfig, layers: list[Layer]) -> dict:

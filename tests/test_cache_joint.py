@@ -1,0 +1,82 @@
+"""bits × steps × cache (planning/joint.py, cache_plan.plan_joint_cache): more steps with reused
+computation against the plan's own steps, at the same predicted latency."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from diffpro_cli.planning.cache_plan import interval_schedule
+from diffpro_cli.planning.joint import (cache_fraction_for, schedule_latency_ms, select_joint_cache,
+                                        unit_latencies_under_plan)
+
+
+def test_unit_latency_under_plan_swaps_each_layers_fp32_time_for_the_chosen_one():
+    plan = {"a": {"latency_ms": 0.5}, "b": {"latency_ms": 2.0}, "c": {"latency_ms": 1.0}}
+    fp = {"a": 1.0, "b": 2.5, "c": 4.0}
+    # unit 0 holds a and b (-0.5, -0.5), unit 1 holds c (-3.0); d is not planned
+    assert unit_latencies_under_plan([5.0, 6.0], [["a", "b"], ["c", "d"]], plan, fp) == [4.0, 3.0]
+
+
+def test_schedule_latency_and_the_fraction_that_fills_the_budget():
+    step, units = 10.0, [3.0, 3.0, 2.0]          # 2 ms outside the units
+    assert schedule_latency_ms(step, units, [{0, 1, 2}, {2}, set()]) == 10 + 4 + 2
+    f = cache_fraction_for(step, units, 15, 100.0)
+    assert f == pytest.approx((100 - 15 * 2) / (15 * 8))
+    # a schedule computing exactly that share of the unit time costs exactly the budget
+    assert 15 * (step - 8) + f * 15 * 8 == pytest.approx(100.0)
+    assert cache_fraction_for(step, units, 60, 100.0) < 0   # 60 steps cannot fit even with every unit reused
+
+
+def test_selection_is_the_brute_force_optimum_within_budget():
+    """A hand-made cost/drift table: K' steps, every unit recomputed every k-th step; drift falls with
+    steps and grows with each reused step. The known optimum (brute force here, with the latency
+    summed step by step) is what the planner keeps, and it is within the budget."""
+    step, units, K, budget = 10.0, [3.0, 3.0, 2.0], 10, 100.0
+    base = {"steps": K, "drift": 1.0 / K, "predicted_ms": K * step, "cache": None}
+
+    def drift(k2, computed):
+        return 1.0 / k2 + 0.004 * sum(1 for s in computed if not s)
+
+    cands = []
+    for k2, k in itertools.product((12, 15, 20, 30), (1, 2, 3, 4)):
+        computed = interval_schedule(k2, 3, k, 1)
+        cands.append({"steps": k2, "interval": k, "cache": computed, "drift": drift(k2, computed),
+                      "predicted_ms": schedule_latency_ms(step, units, computed)})
+    fits = [c for c in cands if sum(step - sum(units[u] for u in range(3) if u not in s) for s in c["cache"]) <= budget]
+    best = min(fits, key=lambda c: c["drift"])
+    assert best["drift"] < base["drift"] and any(c["drift"] < best["drift"] for c in cands)   # a cheaper-drift one is over budget
+    chosen = select_joint_cache(base, cands, budget)
+    assert chosen is best and chosen["predicted_ms"] <= budget
+    # when nothing cached drifts less, the plan keeps its own steps without a cache
+    assert select_joint_cache({**base, "drift": 0.0}, cands, budget)["cache"] is None
+
+
+def test_plan_joint_cache_on_a_tiny_dit_measures_against_the_float_teacher():
+    from diffusers import DiTTransformer2DModel
+
+    from diffpro_cli.models.base import DiffusionModel, dit_forward, linear_alphas_cumprod
+    from diffpro_cli.planning.cache_plan import CachePlanConfig, plan_joint_cache
+    from diffpro_cli.sampling import uniform_timesteps
+
+    torch.manual_seed(0)
+    net = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
+                                num_layers=3, sample_size=8, patch_size=2, num_embeds_ada_norm=10).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            if p.abs().sum() == 0:
+                p.normal_(0, 0.05)
+    model = DiffusionModel(spec="tiny", net=net, kind="dit", sample_shape=(4, 8, 8),
+                           alphas_cumprod=linear_alphas_cumprod(), forward_fn=dit_forward, num_classes=10)
+    base_ts = uniform_timesteps(1000, 6)
+    cands = {9: uniform_timesteps(1000, 9), 12: uniform_timesteps(1000, 12), 40: uniform_timesteps(1000, 40)}
+    step, units = 1.0, [0.3, 0.3, 0.3]
+    rec = plan_joint_cache(model, model, base_ts, cands, step, units, 6 * step, uniform_timesteps(1000, 20),
+                           CachePlanConfig(n=2, batch=2, repeats=1, proposals=("aligned", "interval"), step_cut=False))
+    rows = {r["steps"]: r for r in rec["candidates"]}
+    assert "skipped" in rows[40]                                  # 40 × 0.1 ms outside the units alone is over 6 ms
+    measured = [r for r in rec["candidates"] if r["drift"] is not None]
+    assert measured and all(r["predicted_ms"] <= 6 * step + 1e-9 for r in measured)
+    assert rec["chosen"]["drift"] == min([rec["base"]["drift"]] + [r["drift"] for r in measured])
