@@ -77,17 +77,55 @@ def _rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
-# --- one case per class: (diffpro directory, the pipeline's latents) ---------------------------------------
+# --- the five classes: a tiny pipeline directory and prompt embeddings for it -------------------------------
+
+
+def _masked(emb: dict, neg_mask) -> dict:
+    out = _with_negative(emb | {"prompt_attention_mask": torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])})
+    return out | {"negative_prompt_attention_mask": torch.tensor(neg_mask)}
+
+
+def _flux_scheduler():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_image_seq_len=4, max_image_seq_len=64)
+
+
+def build(name: str, tmp_path):
+    """(pipeline directory, network, embeddings with negative_* counterparts) of class `name`."""
+    from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
+
+    if name == "pixart":
+        net = _tiny_pixart()
+        return (_pipeline(tmp_path, "transformer", net, _ddim(), cls="PixArtSigmaPipeline"), net,
+                _masked(_embeds(2, 5, 12), [[1] * 5] * 2))
+    if name == "unet":
+        net = _tiny_unet()
+        return _pipeline(tmp_path, "unet", net, _ddim("v_prediction"), cls="StableDiffusionPipeline"), net, _with_negative(_embeds(2, 5, 12))
+    if name == "sd3":
+        net = _tiny_sd3()
+        path = _pipeline(tmp_path, "transformer", net, FlowMatchEulerDiscreteScheduler(shift=3.0), cls="StableDiffusion3Pipeline")
+        return path, net, _with_negative(_embeds(2, 5, 12, pooled=10))
+    if name == "flux":
+        net = _tiny_flux()
+        return flux_pipeline(tmp_path, net, _flux_scheduler()), net, _with_negative(_embeds(2, 5, 12, pooled=10))
+    net = _tiny_sana()   # SANA ships DPM-Solver with flow sigmas
+    shipped = DPMSolverMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    return (_pipeline(tmp_path, "transformer", net, shipped, cls="SanaPipeline"), net,
+            _masked(_embeds(2, 5, 12), [[1, 1, 0, 0, 0]] * 2))
+
+
+CLASSES = ("pixart", "unet", "sd3", "flux", "sana")
+
+
+# --- (a) one parity case per class: (diffpro's samples, the pipeline's latents) ------------------------------
 
 
 def pixart_case(tmp_path):
     """DDIM / epsilon, classifier-free guidance 4.5 with negative embeddings and attention masks."""
     from diffusers import PixArtSigmaPipeline
 
-    net = _tiny_pixart()
-    path = _pipeline(tmp_path, "transformer", net, _ddim(), cls="PixArtSigmaPipeline")
-    emb = _with_negative(_embeds(2, 5, 12) | {"prompt_attention_mask": torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])})
-    emb["negative_prompt_attention_mask"] = torch.ones(2, 5, dtype=torch.long)
+    path, net, emb = build("pixart", tmp_path)
     model = load_diffusers_dir(path)
     x = _initial(model)
     pipe = PixArtSigmaPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=net, scheduler=_ddim())
@@ -104,9 +142,7 @@ def unet_case(tmp_path):
     pipeline v: the same affine combination, checked by the PixArt and SD3 cases with guidance)."""
     from diffusers import StableDiffusionPipeline
 
-    net = _tiny_unet()
-    path = _pipeline(tmp_path, "unet", net, _ddim("v_prediction"), cls="StableDiffusionPipeline")
-    emb = _embeds(2, 5, 12)
+    path, net, emb = build("unet", tmp_path)
     model = load_diffusers_dir(path)
     assert model.prediction_type == "v_prediction"
     x = _initial(model)
@@ -121,9 +157,7 @@ def sd3_case(tmp_path):
     """Flow Euler, fixed shift 3, guidance 3 with negative (pooled) embeddings."""
     from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
-    net = _tiny_sd3()
-    path = _pipeline(tmp_path, "transformer", net, FlowMatchEulerDiscreteScheduler(shift=3.0), cls="StableDiffusion3Pipeline")
-    emb = _with_negative(_embeds(2, 5, 12, pooled=10))
+    path, net, emb = build("sd3", tmp_path)
     model = load_diffusers_dir(path)
     x = _initial(model)
     pipe = StableDiffusion3Pipeline(transformer=net, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=None,
@@ -137,19 +171,13 @@ def sd3_case(tmp_path):
 
 def flux_case(tmp_path):
     """Flow Euler with FLUX's dynamic shift (mu for the 16 packed tokens), guidance embedding 3.5 (the recorded
-    default: the conditioning file carries none), packed latents."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+    default: the conditioning carries none), packed latents; no true CFG (FLUX.1-dev is guidance-distilled)."""
+    from diffusers import FluxPipeline
 
-    net = _tiny_flux()
-
-    def scheduler():
-        return FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_image_seq_len=4, max_image_seq_len=64)
-
-    path = flux_pipeline(tmp_path, net, scheduler())
-    emb = _embeds(2, 5, 12, pooled=10)
+    path, net, emb = build("flux", tmp_path)
     model = load_diffusers_dir(path)
     x = _initial(model)
-    pipe = FluxPipeline(scheduler=scheduler(), vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None,
+    pipe = FluxPipeline(scheduler=_flux_scheduler(), vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None,
                         tokenizer_2=None, transformer=net)
     ref = pipe(prompt_embeds=emb["prompt_embeds"], pooled_prompt_embeds=emb["pooled_prompt_embeds"], guidance_scale=3.5,
                num_inference_steps=4, height=64, width=64, latents=flux_pack(x), output_type="latent").images
@@ -158,13 +186,9 @@ def flux_case(tmp_path):
 
 def sana_case(tmp_path):
     """Flow Euler, shift 3 from SANA's DPMSolverMultistepScheduler(flow_prediction) config, guidance 4.5 with masks."""
-    from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, SanaPipeline
+    from diffusers import FlowMatchEulerDiscreteScheduler, SanaPipeline
 
-    net = _tiny_sana()
-    shipped = DPMSolverMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
-    path = _pipeline(tmp_path, "transformer", net, shipped, cls="SanaPipeline")
-    emb = _with_negative(_embeds(2, 5, 12) | {"prompt_attention_mask": torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])})
-    emb["negative_prompt_attention_mask"] = torch.tensor([[1, 1, 0, 0, 0], [1, 1, 0, 0, 0]])
+    path, net, emb = build("sana", tmp_path)
     model = load_diffusers_dir(path)
     x = _initial(model)
     pipe = SanaPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=net, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
@@ -190,3 +214,90 @@ def test_float_sampler_matches_the_diffusers_pipeline(tmp_path, name):
     assert ours.shape == ref.shape
     assert _rel(ours, ref) <= 1e-4, _rel(ours, ref)
     assert ref.abs().mean() > 0.1    # a real trajectory, not zeros on both sides
+
+
+# --- (b) W8 checkpoints reload exactly in a fresh process; the whole pipeline runs on each class -------------
+
+RELOAD_SCRIPT = """
+import sys, torch
+from diffpro_cli.loading import load_model
+torch.set_num_threads(1)
+q, cond, inputs, out = sys.argv[1:5]
+m = load_model(q).with_conditioning(cond)
+x, t = torch.load(inputs, weights_only=True)
+with torch.no_grad():
+    torch.save(m.raw(x, t, m.conditioning_set), out)
+"""
+
+
+def _in_memory_w8(path):
+    """What `diffpro quantize --bits 8` stores, built in place on a fresh float load."""
+    from diffpro_cli.checkpoint import embedding_tables, set_submodule
+    from diffpro_cli.quant import formats
+    from diffpro_cli.quant.layers import Int8Embedding
+    from diffpro_cli.stages.quantize import apply_plan, uniform_plan
+
+    model = load_diffusers_dir(path)
+    apply_plan(model, uniform_plan(model, 8))
+    for name in embedding_tables(model.net):
+        set_submodule(model.net, name, Int8Embedding(*formats.quantize_weight(model.net.get_submodule(name).weight, 8)))
+    return model
+
+
+@pytest.mark.parametrize("name", CLASSES)
+def test_w8_reload_is_exact_and_the_pipeline_runs(tmp_path, cli, name):
+    """Catches: a setting the loader applies that a checkpoint reload misses (flow_timesteps shift/timestep_scale,
+    FLUX's default_guidance, the kind's call convention, decoder), which would make the reloaded network differ
+    from the one that was planned; and any stage that cannot take a text-conditioned model of this class."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import save_file
+
+    path, net, emb = build(name, tmp_path / "model")
+    cond = tmp_path / "prompts.safetensors"
+    save_file({k: v.contiguous() for k, v in emb.items()}, str(cond))
+
+    code, _, err = cli("quantize", path, "--bits", "8", "--conditioning", cond, "--out", tmp_path / "w8", "-w", tmp_path / "wq", "--quiet")
+    assert code == 0, err
+    model = _in_memory_w8(path).with_conditioning(cond)
+    g = torch.Generator().manual_seed(5)
+    x, t = torch.randn(2, *model.sample_shape, generator=g), torch.tensor([999, 250])
+    torch.save((x, t), tmp_path / "inputs.pt")
+    done = subprocess.run([sys.executable, "-c", RELOAD_SCRIPT, str(tmp_path / "w8"), str(cond), str(tmp_path / "inputs.pt"),
+                           str(tmp_path / "fresh.pt")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    with torch.no_grad():
+        memory = model.raw(x, t, model.conditioning_set)
+        float_out = load_diffusers_dir(path).with_conditioning(cond).raw(x, t, model.conditioning_set)
+    assert not torch.equal(memory, float_out)          # W8 really quantized something
+    assert torch.equal(torch.load(tmp_path / "fresh.pt", weights_only=True), memory)
+
+    work = tmp_path / "work"
+    (tmp_path / "run.toml").write_text(f"""model = "{path}"
+workdir = "{work}"
+conditioning = "{cond}"
+stages = ["profile", "score", "prune", "allocate", "quantize"]
+[profile]
+samples = 2
+timesteps = "999:0:500"
+batch = 2
+[score]
+figures = false
+[prune]
+steps = 3
+reference_steps = 6
+n = 2
+batch = 2
+clip_x0 = false
+[allocate]
+budget = "avg-bits=8"
+repeats = 1
+batch = 2
+""")
+    code, _, err = cli("run", tmp_path / "run.toml", "--quiet")
+    assert code == 0, err
+    code, out, err = cli("sample", work / "quantized", "--conditioning", cond, "--timesteps", work / "timesteps.json", "--n", "2",
+                         "--batch", "2", "--out", tmp_path / "grid.png", "--json", "--quiet")
+    assert code == 0, err
+    assert (tmp_path / "grid.png").is_file()
