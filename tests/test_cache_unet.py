@@ -88,3 +88,7 @@ def test_plan_cache_and_deepcache_rows_on_a_unet(unet, tmp_path):
     assert rows["deepcache-2"]["compute_fraction"] == pytest.approx(5 / 9)
     assert rows["deepcache-3"]["compute_fraction"] == pytest.approx(3 / 9)
     assert "fbcache-0.08" not in rows and any("fbcache-0.08 row skipped" in n for n in report["notes"])
+    # the figure's data: which steps recomputed the deep part, measured from the row's calls
+    share = report["cache_schedules"]["deepcache-3"]["computed_share"]
+    assert [s[0] for s in share] == [1.0, 0, 0, 1.0, 0, 0, 1.0, 0, 0]
+    assert (tmp_path / "bench" / "figures" / "cache_schedule.png").stat().st_size > 0

@@ -78,6 +78,7 @@ class Row:
     load_mem_bytes: int | None = None
     cache: object | None = None          # a diffpro_cli.cache policy run around the sampler (cache rows)
     block_counts: list[int] = field(default_factory=lambda: [0, 0])   # block evaluations run, possible
+    cache_log: list[dict] = field(default_factory=list)   # per network call: step, units computed (cache rows)
 
     def compute_fraction(self) -> float | None:
         """Share of block evaluations run, measured over every sampler call of this row (1.0 uncached)."""
@@ -94,6 +95,7 @@ class Row:
                              seed=cfg.seed, batch_size=batch, first_index=first_index, advance=advance)
             self.block_counts[0] += run.evaluations
             self.block_counts[1] += run.calls * run.num_units
+            self.cache_log.extend(run.log)
             return out
         if self.timesteps is None:
             return sample_dpmsolver(self.model, n, self.steps, cfg.cfg_scale, seed=cfg.seed, batch_size=batch,
@@ -456,6 +458,9 @@ def measure_bench(ctx, cfg: BenchConfig, quantized: Path | None = None, timestep
     if cfg.fid:
         report["notes"].append("LPIPS vs fp32: not measured (its network weights cannot be fetched offline; "
                                "PSNR and SSIM are the paired same-seed metrics here)")
+    from diffpro_cli.stages.bench_cache import schedule_figure
+
+    report["cache_schedules"] = schedule_figure(rows, bench_dir / "figures" / "cache_schedule.png", notes)
     atomic_write_json(bench_dir / "report.json", report)
     report_mod.write_markdown(report, bench_dir, samples, workdir, cfg.grid_n)
     return report

@@ -78,3 +78,38 @@ def diffpro_nocache_row(ctx, qinfo: dict | None, quantized, ts: list[int] | None
     return [Row("diffpro-nocache", qm, list(ts), len(ts), qinfo["size_bytes"], qinfo["avg_bits"],
                 f"diffpro-nocache:{qinfo['meta'].get('provenance', {})}:{sha256_json(list(ts))}",
                 load_spec=str(quantized), notes=["the diffpro checkpoint without its cache schedule, on the pruned steps"])]
+
+
+def computed_share(row) -> list[list[float]]:
+    """[step][unit]: the share of the row's network calls at that step that computed the unit
+    (0/1 for a static schedule; the first-block policy decides per call)."""
+    steps, units = len(row.timesteps), row.cache.num_units
+    done = [[0] * units for _ in range(steps)]
+    calls = [0] * steps
+    for entry in row.cache_log:
+        calls[entry["step"]] += 1
+        for u in entry["computed"]:
+            done[entry["step"]][u] += 1
+    return [[d / c if c else 0.0 for d in ds] for ds, c in zip(done, calls)]
+
+
+def schedule_figure(rows: list, path, notes: list[str]) -> dict:
+    """Which units each cached row recomputed at which step (measured from its calls), one panel per
+    row, written to `path`; returns {row: {"computed_share": [step][unit]}} for the report."""
+    from diffpro_cli.plots import heatmap_on, new_figure, save_figure
+
+    cached_rows = [r for r in rows if r.cache is not None and r.cache_log]
+    if not cached_rows:
+        return {}
+    out = {r.name: {"units": r.cache.num_units, "steps": len(r.timesteps), "computed_share": computed_share(r)}
+           for r in cached_rows}
+    fig, axes = new_figure(len(cached_rows), 1, width=8.0, height=1.2 + 0.25 * max(r.cache.num_units for r in cached_rows))
+    for ax, r in zip(axes if len(cached_rows) > 1 else [axes], cached_rows):
+        share = out[r.name]["computed_share"]
+        heatmap_on(ax, range(len(share) + 1), range(r.cache.num_units + 1), [list(c) for c in zip(*share)],
+                   title=f"{r.name}: units recomputed per step (compute fraction {r.compute_fraction():.2f})",
+                   xlabel="sampler step (0 = noisiest)", ylabel="unit", log_color=False)
+    fig.tight_layout()
+    save_figure(fig, path)
+    notes.append("cache schedules: bench/figures/cache_schedule.png (units recomputed at each step, per cached row)")
+    return out
