@@ -290,3 +290,40 @@ grid_n = 2
     code, out, err = cli("run", tmp_path / "run.toml", "--quiet")
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1 and "--conditioning" in lines[0], err
+
+
+def test_bad_conditioning_widths_and_unsupported_classes_stop_with_one_line_and_write_nothing(tmp_path, cli):
+    """Catches: a prompt-embeds file encoded for another model reaching the network (a shape error deep in
+    attention, a traceback, or a half-written workdir/checkpoint); an unknown diffusers class loaded as something
+    else. Each stage command and `sample` say it in one `error:` line, exit 3, and write nothing."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from safetensors.torch import save_file
+
+    pipe = _pipeline(tmp_path / "sd3", "transformer", _tiny_sd3(), FlowMatchEulerDiscreteScheduler(shift=3.0))
+    files = {"wide": {"prompt_embeds": torch.zeros(2, 5, 11), "pooled_prompt_embeds": torch.zeros(2, 10)},
+             "pooled": {"prompt_embeds": torch.zeros(2, 5, 12), "pooled_prompt_embeds": torch.zeros(2, 9)},
+             "nopooled": {"prompt_embeds": torch.zeros(2, 5, 12)}}
+    for name, tensors in files.items():
+        save_file(tensors, str(tmp_path / f"{name}.safetensors"))
+    other = tmp_path / "other"
+    _pipeline(other, "transformer", _tiny_sd3(), FlowMatchEulerDiscreteScheduler())
+    cfg = json.loads((other / "transformer" / "config.json").read_text())
+    (other / "transformer" / "config.json").write_text(json.dumps(cfg | {"_class_name": "HunyuanDiT2DModel"}))
+    runs = []
+    for name, words in (("wide", "encoder_hidden_states has trailing shape [5, 11] but the model expects [None, 12]"),
+                        ("pooled", "pooled_projections has trailing shape [9]"), ("nopooled", "needs pooled_projections")):
+        cond = tmp_path / f"{name}.safetensors"
+        runs.append((words, tmp_path / f"w-{name}", cli("profile", pipe, "--conditioning", cond, "-w", tmp_path / f"w-{name}",
+                                                         "--samples", 2, "--batch", 2, "--timesteps", "999:0:500", "--quiet")))
+        runs.append((words, tmp_path / f"q-{name}", cli("quantize", pipe, "--bits", 8, "--conditioning", cond, "--out",
+                                                         tmp_path / f"q-{name}", "-w", tmp_path / f"wq-{name}", "--quiet")))
+        runs.append((words, tmp_path / f"s-{name}", cli("sample", pipe, "--conditioning", cond, "--n", 1, "--steps", 1,
+                                                         "--out", tmp_path / f"s-{name}" / "s.png")))
+    runs.append(("'HunyuanDiT2DModel' is not supported; pass a directory of one of the classes diffpro loads",
+                 tmp_path / "w-other", cli("profile", other, "--conditioning", tmp_path / "wide.safetensors", "-w", tmp_path / "w-other")))
+    for words, written, (code, out, err) in runs:
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert code == 3 and len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], (code, err)
+        assert not written.exists(), written
+    assert all(name in lines[0] for name in ("FluxTransformer2DModel", "SanaTransformer2DModel", "PixArtTransformer2DModel"))
+    assert not any((tmp_path / f"wq-{name}").exists() for name in files)

@@ -183,7 +183,8 @@ def load_module_dir(folder: Path, allowed: tuple[str, ...]) -> tuple[torch.nn.Mo
     if name == "Transformer2DModel" and config.get("norm_type") == "ada_norm_zero":
         name = "DiTTransformer2DModel"  # the legacy name facebook/DiT-* configs use
     if name not in allowed:
-        raise InputError(f"{folder}: model class {name!r} is not supported; diffpro loads {', '.join(allowed)}")
+        raise InputError(f"{folder}: model class {name!r} is not supported; pass a directory of one of the classes diffpro loads: "
+                         f"{', '.join(allowed)}")
     cls = _model_classes()[name]
     accepted = inspect.signature(cls.__init__).parameters
     kwargs = {k: v for k, v in config.items() if k in accepted and k != "self"}
