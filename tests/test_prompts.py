@@ -147,6 +147,15 @@ def test_sd_prompts_sample_exactly_like_the_pipelines_own_embeddings_and_cfg_use
     code, _, err = cli("sample", pipe_dir, "--prompts", prompts, "--out", tmp_path / "n.png", *common)   # negative ""
     assert code == 0, err
     assert not torch.allclose(load_file(tmp_path / "n.safetensors")["samples"], by_prompts)
+    # a quantized checkpoint encodes with the pipeline it was made from (its record keeps the source folder)
+    code, _, err = cli("quantize", pipe_dir, "--bits", 8, "--prompts", prompts, "--workdir", tmp_path / "w", "--quiet")
+    assert code == 0, err
+    quantized = tmp_path / "w" / "quantized"
+    code, _, err = cli("sample", quantized, "--conditioning", tmp_path / "embeds.safetensors", "--out", tmp_path / "qc.png", *common)
+    assert code == 0, err
+    code, _, err = cli("sample", quantized, "--prompts", prompts, "--negative-prompt", "blurry", "--out", tmp_path / "qp.png", *common)
+    assert code == 0, err
+    assert torch.equal(load_file(tmp_path / "qc.safetensors")["samples"], load_file(tmp_path / "qp.safetensors")["samples"])
 
 
 def test_pixart_prompts_reach_a_stage_with_the_mask_and_their_hashes_join_the_lock(tmp_path, cli):
@@ -243,6 +252,35 @@ def test_sd3_prompts_concatenate_clip_and_t5_and_pool_both_clips(tmp_path):
         pe = reference_pipeline("StableDiffusion3Pipeline", tmp_path / "no-t5").encode_prompt(
             prompt=["a cat"], prompt_2=None, prompt_3=None, device="cpu", max_sequence_length=256)[0]
     assert torch.equal(cond.encoder_hidden_states, pe) and pe.shape == (1, 8 + 256, 16) and not pe[:, 8:].any()
+
+
+def test_flux_prompts_give_t5_embeddings_and_the_clip_pooled_projection(tmp_path):
+    """FLUX: CLIP's pooled output + T5's sequence, as FluxPipeline.encode_prompt gives them; the negative prompt
+    is encoded the same way (true CFG); guidance stays the loader's default (the record carries none)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    from diffpro_cli.models.diffusers_dir import load_diffusers_dir
+    from diffpro_cli.models.prompts import encode_prompts
+
+    torch.manual_seed(7)
+    net = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8,
+                                 num_attention_heads=2, joint_attention_dim=12, pooled_projection_dim=16,
+                                 guidance_embeds=True, axes_dims_rope=(2, 2, 4)).eval()
+    FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=clip_encoder(16), tokenizer=clip_tokenizer(),
+                 text_encoder_2=t5_encoder(12), tokenizer_2=t5_tokenizer(), transformer=net).save_pretrained(tmp_path / "flux")
+    cfg = json.loads((tmp_path / "flux" / "transformer" / "config.json").read_text())     # FLUX configs carry no sample size
+    (tmp_path / "flux" / "transformer" / "config.json").write_text(json.dumps(cfg | {"sample_size": 8}))
+    model = load_diffusers_dir(tmp_path / "flux")
+    cond = encode_prompts(model, ["a cat", "a dog"], "fog")
+    ref = reference_pipeline("FluxPipeline", tmp_path / "flux")
+    with torch.no_grad():
+        pe, pooled, _ = ref.encode_prompt(prompt=["a cat", "a dog"], prompt_2=None, device="cpu", max_sequence_length=512)
+        npe, npooled, _ = ref.encode_prompt(prompt=["fog", "fog"], prompt_2=None, device="cpu", max_sequence_length=512)
+    assert torch.equal(cond.encoder_hidden_states, pe) and torch.equal(cond.pooled_projections, pooled)
+    assert torch.equal(cond.uncond.encoder_hidden_states, npe) and torch.equal(cond.uncond.pooled_projections, npooled)
+    assert cond.guidance is None and pe.shape == (2, 512, 12)
+    x = torch.randn(2, *model.sample_shape)
+    assert model.with_conditioning(cond).velocity(x, torch.tensor([700, 700]), cond).shape == x.shape
 
 
 # ---------------------------------------------------------------------------------------------

@@ -78,9 +78,8 @@ STAGE_OPTIONS = (("workdir", Workdir, DEFAULT_WORKDIR), ("trust_code", TrustCode
 def stage_command(fn):
     """Give a stage command the options every stage shares (--workdir, --trust-code, --weights, --conditioning,
     --prompts, --negative-prompt, --force, --wait, --json, --quiet) and call it as fn(ctx, **its own options)
-    with the StageContext built from
-    them (its `model` and `seed` options, where it has them, go into the context too). One place for
-    the shared options instead of a copy in every command."""
+    with the StageContext built from them (its `model` and `seed` options, where it has them, go into the
+    context too). One place for the shared options instead of a copy in every command."""
     hints = typing.get_type_hints(fn, include_extras=True)
     own = [p.replace(annotation=hints.get(p.name, p.annotation))
            for p in list(inspect.signature(fn).parameters.values())[1:]]          # [0] is ctx

@@ -17,8 +17,8 @@ would use them, e.g. `max_sequence_length`, Sana's complex human instruction, FL
   SD3Transformer2DModel     2×CLIP + T5 → prompt_embeds, pooled_projections
   PixArtTransformer2DModel  T5 → prompt_embeds + attention mask (clean_caption off: it needs bs4/ftfy);
                             PixArt-α 1024 (sample_size 128) also gets resolution / aspect_ratio
-  FluxTransformer2DModel    CLIP pooled + T5 → prompt_embeds, pooled_projections (+ guidance 3.5 for
-                            guidance-distilled transformers); the negative prompt is the true-CFG one
+  FluxTransformer2DModel    CLIP pooled + T5 → prompt_embeds, pooled_projections (guidance: the loader's
+                            default, FluxPipeline's 3.5); the negative prompt is the true-CFG one
   SanaTransformer2DModel    Gemma → prompt_embeds + attention mask
 The built-in text model (config text_encoder = "builtin-words") encodes with its own tiny embedding.
 """
@@ -224,7 +224,9 @@ def _pixart(pipe, model, folder, prompts, negative, device):
                                               max_sequence_length=_call_default(pipe, "max_sequence_length", 120))
     out = {"prompt_embeds": pe, "prompt_attention_mask": mask, "negative_prompt_embeds": npe,
            "negative_prompt_attention_mask": nmask}
-    if int((model.config.get("config") or {}).get("sample_size") or 0) == 128:   # PixArt-α 1024: size conditions
+    cfg = model.config.get("config") or {}
+    extra = cfg.get("use_additional_conditions")
+    if extra if extra is not None else int(cfg.get("sample_size") or 0) == 128:   # PixArt-α 1024: size conditions
         h, w = _pixel_size(folder, model)
         for prefix in ("", "negative_"):
             out[f"{prefix}added_cond_kwargs.resolution"] = torch.tensor([[h, w]] * len(prompts), dtype=pe.dtype)
@@ -236,11 +238,9 @@ def _flux(pipe, model, folder, prompts, negative, device):
     length = _call_default(pipe, "max_sequence_length", 512)
     pe, pooled, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, device=device, max_sequence_length=length)
     npe, npooled, _ = pipe.encode_prompt(prompt=[negative] * len(prompts), prompt_2=None, device=device, max_sequence_length=length)
-    out = {"prompt_embeds": pe, "pooled_prompt_embeds": pooled, "negative_prompt_embeds": npe,
-           "negative_pooled_prompt_embeds": npooled}
-    if (model.config.get("config") or {}).get("guidance_embeds"):
-        out["guidance"] = torch.full((len(prompts),), float(_call_default(pipe, "guidance_scale", 3.5)))
-    return out
+    # guidance (guidance-distilled FLUX.1-dev) is left to the loader's recorded default (FluxPipeline's 3.5)
+    return {"prompt_embeds": pe, "pooled_prompt_embeds": pooled, "negative_prompt_embeds": npe,
+            "negative_pooled_prompt_embeds": npooled}
 
 
 def _sana(pipe, model, folder, prompts, negative, device):
