@@ -5,7 +5,19 @@ from typing import Annotated, Optional
 
 import typer
 
-from diffpro_cli.commands.common import Conditioning, JsonOut, ModelArg, Quiet, Seed, TrustCode, Weights, make_ui
+from diffpro_cli.commands.common import (
+    Conditioning,
+    JsonOut,
+    ModelArg,
+    NegativePrompt,
+    Prompts,
+    Quiet,
+    Seed,
+    TrustCode,
+    Weights,
+    attach_conditioning,
+    make_ui,
+)
 from diffpro_cli.errors import UsageError
 
 
@@ -24,6 +36,8 @@ def sample_cmd(
     trust_code: TrustCode = False,
     weights: Weights = None,
     conditioning: Conditioning = None,
+    prompts: Prompts = None,
+    negative_prompt: NegativePrompt = "",
     cache: Annotated[bool, typer.Option("--cache/--no-cache", help="Run a quantized checkpoint's cache schedule (reused computation across steps), on its timesteps.")] = True,
     json_output: JsonOut = False,
     quiet: Quiet = False,
@@ -41,8 +55,7 @@ def sample_cmd(
     if method not in ("ddim", "ddpm"):
         raise UsageError(f"--method {method}: unknown sampler; use ddim or ddpm")
     m = load_model(model, trust_code=trust_code, weights=weights, seed=seed)
-    if conditioning is not None:
-        m.with_conditioning(conditioning)
+    attach_conditioning(m, conditioning, prompts, negative_prompt)
     if m.untrained:
         ui.warn(f"{m.spec} is UNTRAINED (seeded random weights): samples are noise-like")
     from diffpro_cli.cache import install_cache, model_cache_record, record_policy
