@@ -327,3 +327,56 @@ def test_bad_conditioning_widths_and_unsupported_classes_stop_with_one_line_and_
         assert not written.exists(), written
     assert all(name in lines[0] for name in ("FluxTransformer2DModel", "SanaTransformer2DModel", "PixArtTransformer2DModel"))
     assert not any((tmp_path / f"wq-{name}").exists() for name in files)
+
+
+def test_latent_decoders_apply_the_vae_shift_factor_and_sana_dc_ae_and_reload_the_same(tmp_path):
+    """Catches: FLUX/SD3 latents decoded without the VAE's shift_factor (FluxPipeline decodes z / scaling + shift:
+    every image off by a constant in latent space), SANA's AutoencoderDC refused, and a quantized checkpoint that
+    decodes differently from the float model it came from."""
+    from diffusers import AutoencoderDC, AutoencoderKL, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
+
+    from diffpro_cli.checkpoint import load_quantized, save_quantized
+    from diffpro_cli.stages.quantize import uniform_plan
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=(8,), down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
+                        norm_num_groups=8, latent_channels=4, scaling_factor=0.3, shift_factor=0.1).eval()
+    path = flux_pipeline(tmp_path / "flux", _tiny_flux(), FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True))
+    vae.save_pretrained(path / "vae")
+    dc = AutoencoderDC(in_channels=3, latent_channels=4, attention_head_dim=4, encoder_block_types=("ResBlock",),
+                       decoder_block_types=("ResBlock",), encoder_block_out_channels=(8,), decoder_block_out_channels=(8,),
+                       encoder_layers_per_block=(1,), decoder_layers_per_block=(1,), encoder_qkv_multiscales=((),),
+                       decoder_qkv_multiscales=((),), decoder_norm_types="rms_norm", scaling_factor=0.4).eval()
+    sana = _pipeline(tmp_path / "sana", "transformer", _tiny_sana(),
+                     DPMSolverMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0))
+    dc.save_pretrained(sana / "vae")
+    z = torch.randn(1, 4, 8, 8)
+    for folder, ae, ref_in in ((path, vae, z / 0.3 + 0.1), (sana, dc, z / 0.4)):
+        model = load_diffusers_dir(folder)
+        save_quantized(model, uniform_plan(model, 8), folder.parent / f"q-{folder.name}")
+        again = load_quantized(folder.parent / f"q-{folder.name}")
+        with torch.no_grad():
+            ref = ae.decode(ref_in).sample
+            assert torch.equal(model.decode(z), ref) and torch.equal(again.decode(z), ref), folder.name
+    assert load_diffusers_dir(path).config["decode"]["shift_factor"] == 0.1
+
+
+def test_flow_schedule_variants_match_the_scheduler_or_are_refused(tmp_path):
+    """Catches: the linear time shift (mu/(mu + 1/σ − 1)) read as exponential; DPM-Solver flow configs without
+    flow sigmas, or with karras-style sigma spacing, silently sampled on plain shifted sigmas."""
+    from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
+
+    from diffpro_cli.errors import InputError
+    from diffpro_cli.models.base import flow_sigmas
+    from diffpro_cli.models.text_families import flow_schedule
+
+    sched = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, time_shift_type="linear")
+    got = flow_schedule(dict(sched.config), tmp_path, image_seq_len=1024)
+    sched.set_timesteps(sigmas=[1.0, 0.5, 0.25], mu=got["dynamic"]["mu"])
+    assert torch.allclose(flow_sigmas(1000, got["shift"])[[999, 499, 249]].float(), sched.sigmas[:-1], atol=1e-6)
+    for bad in (DPMSolverMultistepScheduler(prediction_type="flow_prediction"),
+                FlowMatchEulerDiscreteScheduler(use_karras_sigmas=True)):
+        with pytest.raises(InputError, match="use_flow_sigmas|use_karras_sigmas"):
+            flow_schedule(dict(bad.config), tmp_path)
+    with pytest.raises(InputError, match="FLUX and SD3"):
+        flow_schedule(dict(FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True).config), tmp_path)
