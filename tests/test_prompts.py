@@ -186,6 +186,12 @@ def test_pixart_prompts_reach_a_stage_with_the_mask_and_their_hashes_join_the_lo
     rec = json.loads((work / "diffpro.lock.json").read_text())["stages"]["profile"]["inputs"]["model"]
     assert rec["prompts_sha256"] == sha256_file(prompts) and rec["embeddings_sha256"] == conditioning_sha256(cond)
     assert rec["negative_prompt"] == "ugly"
+    # child processes (bench's memory rows) get the same embeddings as a file
+    from diffpro_cli.models.conditioning import load_conditioning
+    from diffpro_cli.stages.context import StageContext
+
+    ctx = StageContext.create(str(pipe_dir), tmp_path / "w2", prompts=prompts, negative_prompt="ugly")
+    assert conditioning_sha256(load_conditioning(ctx.conditioning_file())) == conditioning_sha256(cond)
     # the API: same names; other prompts are another input, so the stage recomputes
     write_prompts(prompts, ["a dog"])
     diffpro.profile(str(pipe_dir), work, prompts=prompts, samples=2, batch=2, timesteps="999:0:500")

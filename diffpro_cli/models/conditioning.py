@@ -242,6 +242,14 @@ def check_fits(cond: Conditioning, expected: dict | None, source: str | Path = "
                              "encode the prompts with the text encoder this model was trained with")
 
 
+def conditioning_to_tensors(cond: Conditioning) -> dict[str, torch.Tensor]:
+    """The flat named tensors of a conditioning file (the inverse of conditioning_from_tensors)."""
+    out = {name: v.contiguous() for name, v in cond.tensors().items()}
+    if cond.uncond is not None:
+        out.update({f"negative_{name}": v.contiguous() for name, v in cond.uncond.tensors().items()})
+    return out
+
+
 def conditioning_sha256(cond: Conditioning) -> str:
     """sha256 over every tensor of the record (names, dtypes, shapes, values; uncond included): the identity of
     the embeddings a run calibrated on, whichever way they were made."""

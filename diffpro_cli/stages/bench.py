@@ -233,7 +233,7 @@ def measure_memory(rows: list[Row], cfg: BenchConfig, ctx) -> str:
             weights = opts.weights if row.load_spec == ctx.model_spec else None
             measured[row.load_spec] = subprocess_peak(row.load_spec, cfg.latency_batch, trust_code=opts.trust_code,
                                                       weights=weights, ui=ctx.ui,
-                                                      conditioning=opts.conditioning)
+                                                      conditioning=ctx.conditioning_file())
         row.load_mem_bytes = measured[row.load_spec]["load_bytes"]
         row.peak_mem_bytes = measured[row.load_spec]["run_bytes"]
     return next(iter(measured.values()))["method"] if measured else ""

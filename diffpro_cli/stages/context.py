@@ -124,6 +124,23 @@ class StageContext:
                                                                device=self.device)
         return self._prompt_conditioning
 
+    def conditioning_file(self) -> str | None:
+        """The run's conditioning as a file, for child processes (bench's fresh-process memory rows): the
+        --conditioning file as given, or the --prompts embeddings written once (atomically) to
+        WORKDIR/prompts/embeddings.safetensors; None without either."""
+        opts = self.load_options
+        if opts.conditioning or not opts.prompts:
+            return opts.conditioning
+        from diffpro_cli.artifacts import atomic_save_safetensors
+        from diffpro_cli.models.conditioning import conditioning_sha256, conditioning_to_tensors
+
+        cond = self.prompt_conditioning()
+        path = self.workdir / "prompts" / "embeddings.safetensors"
+        atomic_save_safetensors(path, conditioning_to_tensors(cond),
+                                metadata={"prompts": str(opts.prompts), "negative_prompt": opts.negative_prompt,
+                                          "embeddings_sha256": conditioning_sha256(cond)})
+        return str(path)
+
     def use_model(self, model) -> "StageContext":
         """Share an already-loaded model as the run's model (tests, the Python API); the run's --conditioning
         or --prompts, when given, is attached to it as to every model the run loads."""
