@@ -254,7 +254,7 @@ def test_w8_reload_is_exact_and_the_pipeline_runs(tmp_path, cli, name):
 
     from safetensors.torch import save_file
 
-    path, net, emb = build(name, tmp_path / "model")
+    path, _, emb = build(name, tmp_path / "model")
     cond = tmp_path / "prompts.safetensors"
     save_file({k: v.contiguous() for k, v in emb.items()}, str(cond))
 
@@ -297,7 +297,7 @@ batch = 2
 """)
     code, _, err = cli("run", tmp_path / "run.toml", "--quiet")
     assert code == 0, err
-    code, out, err = cli("sample", work / "quantized", "--conditioning", cond, "--timesteps", work / "timesteps.json", "--n", "2",
+    code, _, err = cli("sample", work / "quantized", "--conditioning", cond, "--timesteps", work / "timesteps.json", "--n", "2",
                          "--batch", "2", "--out", tmp_path / "grid.png", "--json", "--quiet")
     assert code == 0, err
     assert (tmp_path / "grid.png").is_file()

@@ -69,6 +69,7 @@ def test_sd3_without_its_flow_scheduler_is_refused_and_dynamic_shifting_resolved
     """Catches: an SD3 net loaded with a DDPM schedule (wrong model entirely); a dynamic-shift SD3.5-style scheduler
     sampled with shift 1 instead of the pipeline's exp(mu) for its patch count."""
     from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
 
     from diffpro_cli.errors import InputError
 
@@ -77,8 +78,6 @@ def test_sd3_without_its_flow_scheduler_is_refused_and_dynamic_shifting_resolved
         load_diffusers_dir(_pipeline(tmp_path / "a", "transformer", net, DDIMScheduler()))
     sched = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_image_seq_len=4, max_image_seq_len=64)
     model = load_diffusers_dir(_pipeline(tmp_path / "b", "transformer", net, sched))
-    from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
-
     c = sched.config   # StableDiffusion3Pipeline's call for (8/2)² patches
     mu = calculate_shift(16, c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096), c.get("base_shift", 0.5),
                          c.get("max_shift", 1.16))
