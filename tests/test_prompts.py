@@ -49,6 +49,23 @@ def t5_encoder(d_model=12, seed=1):
                                    num_heads=2)).eval()
 
 
+def gemma_tokenizer():
+    from transformers import GemmaTokenizer
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, "<mask>": 4}
+    for c in [*CHARS, " ", ".", ",", ":", "'", "-", "\n", "▁"]:
+        vocab.setdefault(c, len(vocab))
+    return GemmaTokenizer(vocab=vocab, merges=[])
+
+
+def gemma_encoder(vocab_size, hidden=12):
+    from transformers import Gemma2Config, Gemma2Model
+
+    torch.manual_seed(8)
+    return Gemma2Model(Gemma2Config(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                                    num_attention_heads=2, num_key_value_heads=1, head_dim=6, max_position_embeddings=1024)).eval()
+
+
 def sd_unet(cross=16, **extra):
     from diffusers import UNet2DConditionModel
 
@@ -197,6 +214,21 @@ def test_pixart_prompts_reach_a_stage_with_the_mask_and_their_hashes_join_the_lo
     diffpro.profile(str(pipe_dir), work, prompts=prompts, samples=2, batch=2, timesteps="999:0:500")
     rec2 = json.loads((work / "diffpro.lock.json").read_text())["stages"]["profile"]["inputs"]["model"]
     assert rec2["embeddings_sha256"] != rec["embeddings_sha256"] and rec2["sha256"] != rec["sha256"]
+    # the run config: same keys
+    (tmp_path / "run.toml").write_text(f"""model = "{pipe_dir}"
+workdir = "{tmp_path / 'run'}"
+prompts = "{prompts}"
+negative_prompt = "ugly"
+stages = ["profile"]
+[profile]
+samples = 2
+batch = 2
+timesteps = "999:0:500"
+""")
+    code, _, err = cli("run", tmp_path / "run.toml", "--quiet")
+    assert code == 0, err
+    rec3 = json.loads((tmp_path / "run" / "diffpro.lock.json").read_text())["stages"]["profile"]["inputs"]["model"]
+    assert (rec3["prompts_sha256"], rec3["negative_prompt"]) == (sha256_file(prompts), "ugly")
 
 
 def test_sdxl_prompts_give_pooled_text_embeds_time_ids_and_a_zeroed_empty_negative(tmp_path):
@@ -285,6 +317,39 @@ def test_flux_prompts_give_t5_embeddings_and_the_clip_pooled_projection(tmp_path
     assert torch.equal(cond.encoder_hidden_states, pe) and torch.equal(cond.pooled_projections, pooled)
     assert torch.equal(cond.uncond.encoder_hidden_states, npe) and torch.equal(cond.uncond.pooled_projections, npooled)
     assert cond.guidance is None and pe.shape == (2, 512, 12)
+    x = torch.randn(2, *model.sample_shape)
+    assert model.with_conditioning(cond).velocity(x, torch.tensor([700, 700]), cond).shape == x.shape
+
+
+def test_sana_prompts_use_gemma_with_the_pipelines_complex_human_instruction(tmp_path):
+    """SANA: Gemma-2 embeddings and mask as SanaPipeline.encode_prompt gives them with its __call__ default
+    complex human instruction (a preamble whose tokens are cut off again: without it the embeddings differ)."""
+    import inspect
+
+    from diffusers import FlowMatchEulerDiscreteScheduler, SanaPipeline, SanaTransformer2DModel
+
+    from diffpro_cli.models.diffusers_dir import load_diffusers_dir
+    from diffpro_cli.models.prompts import encode_prompts
+
+    tok = gemma_tokenizer()
+    torch.manual_seed(9)
+    net = SanaTransformer2DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=1,
+                                 num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16,
+                                 caption_channels=12, sample_size=8, patch_size=1).eval()
+    SanaPipeline(tokenizer=tok, text_encoder=gemma_encoder(len(tok)), vae=None, transformer=net,
+                 scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0)).save_pretrained(tmp_path / "sana")
+    model = load_diffusers_dir(tmp_path / "sana")
+    cond = encode_prompts(model, ["a cat", "the sea"], "ugly")
+    ref = reference_pipeline("SanaPipeline", tmp_path / "sana")
+    chi = inspect.signature(SanaPipeline.__call__).parameters["complex_human_instruction"].default
+    with torch.no_grad():
+        pe, mask, npe, nmask = ref.encode_prompt(["a cat", "the sea"], True, negative_prompt="ugly", device="cpu",
+                                                 clean_caption=False, max_sequence_length=300, complex_human_instruction=chi)
+        plain = ref.encode_prompt(["a cat", "the sea"], True, negative_prompt="ugly", device="cpu", clean_caption=False,
+                                  max_sequence_length=300, complex_human_instruction=None)[0]
+    assert torch.equal(cond.encoder_hidden_states, pe) and torch.equal(cond.encoder_attention_mask, mask)
+    assert torch.equal(cond.uncond.encoder_hidden_states, npe) and torch.equal(cond.uncond.encoder_attention_mask, nmask)
+    assert not torch.equal(plain, pe)
     x = torch.randn(2, *model.sample_shape)
     assert model.with_conditioning(cond).velocity(x, torch.tensor([700, 700]), cond).shape == x.shape
 
