@@ -122,6 +122,8 @@ def error_line(err):
 
 
 def test_prompt_files_one_a_line_or_a_json_list(tmp_path):
+    """Catches: blank lines or CR/whitespace becoming prompts; a JSON list read as lines (or lines as JSON when
+    they do not start with '['); non-string JSON entries or an empty file passing silently."""
     from diffpro_cli.errors import InputError
     from diffpro_cli.models.prompts import read_prompts
 
@@ -232,6 +234,9 @@ timesteps = "999:0:500"
 
 
 def test_sdxl_prompts_give_pooled_text_embeds_time_ids_and_a_zeroed_empty_negative(tmp_path):
+    """Catches: SDXL encoded as SD (one CLIP, no pooled text_embeds); time ids at the wrong pixel size; an
+    empty negative prompt encoded instead of zeroed as the pipeline's force_zeros_for_empty_prompt does (and a
+    given negative prompt zeroed); added-condition shapes the U-Net cannot take."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 
     from diffpro_cli.models.diffusers_dir import load_diffusers_dir
@@ -256,6 +261,8 @@ def test_sdxl_prompts_give_pooled_text_embeds_time_ids_and_a_zeroed_empty_negati
 
 
 def test_sd3_prompts_concatenate_clip_and_t5_and_pool_both_clips(tmp_path):
+    """Catches: a max_sequence_length other than the pipeline's 256; pooled embeddings from one CLIP only; a
+    pipeline without T5 failing (its zero padding is sized by the transformer the text-only load leaves out)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
     from diffpro_cli.models.diffusers_dir import load_diffusers_dir
@@ -364,6 +371,8 @@ def _profile(cli, model, work, *extra):
 
 
 def test_prompt_errors_are_one_line_with_their_exit_code_and_write_nothing(tmp_path, cli, monkeypatch, capsys):
+    """Catches: a traceback or a second line instead of one `error:` line naming the fix; a wrong exit code
+    (2 usage, 3 input); a workdir created before the error."""
     import shutil
 
     from safetensors.torch import save_file

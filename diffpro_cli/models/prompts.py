@@ -130,12 +130,14 @@ def _quiet_libraries():
 
     levels = (dlog.get_verbosity(), tlog.get_verbosity())
     bars = (dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled())
-    dlog.set_verbosity_error(), tlog.set_verbosity_error()
-    dlog.disable_progress_bar(), tlog.disable_progress_bar()
+    for lib in (dlog, tlog):
+        lib.set_verbosity_error()
+        lib.disable_progress_bar()
     try:
         yield
     finally:
-        dlog.set_verbosity(levels[0]), tlog.set_verbosity(levels[1])
+        dlog.set_verbosity(levels[0])
+        tlog.set_verbosity(levels[1])
         if bars[0]:
             dlog.enable_progress_bar()
         if bars[1]:
@@ -151,7 +153,7 @@ def load_text_pipeline(folder: Path, index: dict, family: str, device: str = "cp
     cls = getattr(diffusers, str(name), None)
     if cls is None or not hasattr(cls, "encode_prompt"):
         cls = getattr(diffusers, DEFAULT_PIPELINES[family])
-    keep = set(_present(index, folder)) | {"scheduler"}
+    keep = set(_present(index, folder)) | ({"scheduler"} if (folder / "scheduler").is_dir() else set())
     skip = {k: None for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and k not in keep}
     try:
         with _quiet_libraries():
