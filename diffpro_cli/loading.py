@@ -21,8 +21,10 @@ def load_model(spec: str | Path, *, trust_code: bool = False, weights: str | Pat
     `trust_code`), or any float model spec (models.load_float_model)."""
     if is_quantized_checkpoint(spec):
         from diffpro_cli.checkpoint import load_quantized
+        from diffpro_cli.models.builtin_text import attach_default
 
-        return load_quantized(Path(spec), trust_code=trust_code)
+        # builtin:flow-mnist's checkpoints sample on its default prompts, as the float model does
+        return attach_default(load_quantized(Path(spec), trust_code=trust_code))
     from diffpro_cli.models import load_float_model
 
     return load_float_model(str(spec), trust_code=trust_code, weights=weights, seed=seed)

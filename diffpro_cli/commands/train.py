@@ -10,7 +10,7 @@ from diffpro_cli.errors import UsageError
 
 
 def train_cmd(
-    name: Annotated[str, typer.Argument(help="Built-in model to train: dit-mnist or unet-mnist.")] = "dit-mnist",
+    name: Annotated[str, typer.Argument(help="Built-in model to train: dit-mnist, unet-mnist or flow-mnist (rectified flow, text prompts).")] = "dit-mnist",
     out: Annotated[Optional[Path], typer.Option("--out", help="Checkpoint directory (default .train/NAME).")] = None,
     data: Annotated[Optional[Path], typer.Option("--data", help="Directory with MNIST IDX files (default $DIFFPRO_MNIST).")] = None,
     steps: Annotated[int, typer.Option("--steps")] = 2400,
@@ -40,11 +40,19 @@ def train_cmd(
         raise UsageError(f"--loss-weighting {loss_weighting}: unknown; choose one of {', '.join(LOSS_WEIGHTINGS)}")
     if snr_gamma <= 0:
         raise UsageError("--snr-gamma must be positive")
+    if name == "flow-mnist" and loss_weighting != "uniform":
+        raise UsageError("--loss-weighting is for the epsilon models; flow-mnist trains on the plain velocity MSE (drop the option)")
     out = out or Path(".train") / name
     try:
-        card = train(name, out, data_dir=data, steps=steps, batch=batch, lr=lr, seed=seed,
-                     max_minutes=max_minutes, threads=threads, loss_weighting=loss_weighting,
-                     snr_gamma=snr_gamma, log=ui.info)
+        if name == "flow-mnist":   # its own objective and prompts: train_flow (epsilon-only options do not apply)
+            from diffpro_cli.train_flow import train_flow
+
+            card = train_flow(out, data_dir=data, steps=steps, batch=batch, lr=lr, seed=seed, max_minutes=max_minutes,
+                              threads=threads, log=ui.info)
+        else:
+            card = train(name, out, data_dir=data, steps=steps, batch=batch, lr=lr, seed=seed,
+                         max_minutes=max_minutes, threads=threads, loss_weighting=loss_weighting,
+                         snr_gamma=snr_gamma, log=ui.info)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     if install:

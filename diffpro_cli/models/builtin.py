@@ -1,4 +1,6 @@
-"""Built-in models: small class-conditional DiT and U-Net trained on MNIST, shipped with the package."""
+"""Built-in models trained on MNIST, shipped with the package: a class-conditional DiT and U-Net (epsilon
+prediction) and flow-mnist, a text-conditioned rectified-flow MMDiT (SD3Transformer2DModel) whose tiny word
+encoder (models/builtin_text.py) is stored in the same weights file under `text_encoder.`."""
 
 from __future__ import annotations
 
@@ -36,15 +38,28 @@ BUILTIN_CONFIGS = {
         "sample_shape": (1, 32, 32),
         "num_classes": 10,
     },
+    # text-conditioned rectified flow (SD3-style MMDiT) with the word encoder of models/builtin_text.py
+    "flow-mnist": {
+        "class": "SD3Transformer2DModel",
+        "config": dict(
+            sample_size=32, in_channels=1, out_channels=1, patch_size=4, num_layers=4,
+            num_attention_heads=4, attention_head_dim=32, joint_attention_dim=64, caption_projection_dim=128,
+            pooled_projection_dim=64, pos_embed_max_size=8,
+        ),
+        "sample_shape": (1, 32, 32),
+        "num_classes": None,
+        "flow_shift": 1.0,
+    },
 }
 
 
 def build_net(name: str, seed: int = 0):
     """The architecture with fixed seeded random weights (deterministic for a given seed)."""
-    from diffusers import DiTTransformer2DModel, UNet2DModel
+    from diffusers import DiTTransformer2DModel, SD3Transformer2DModel, UNet2DModel
 
     spec = BUILTIN_CONFIGS[name]
-    cls = {"DiTTransformer2DModel": DiTTransformer2DModel, "UNet2DModel": UNet2DModel}[spec["class"]]
+    cls = {"DiTTransformer2DModel": DiTTransformer2DModel, "UNet2DModel": UNet2DModel,
+           "SD3Transformer2DModel": SD3Transformer2DModel}[spec["class"]]
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         net = cls(**spec["config"])
@@ -68,7 +83,7 @@ def load_builtin(name: str, *, allow_untrained: bool = True) -> DiffusionModel:
     sha = None
     card = {}
     if path.exists():
-        state = {k: v.float() for k, v in load_file(str(path)).items()}
+        state = {k: v.float() for k, v in load_file(str(path)).items() if not k.startswith("text_encoder.")}
         missing, unexpected = net.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise InputError(f"{path}: weights do not match builtin:{name} ({len(missing)} missing, {len(unexpected)} unexpected keys); reinstall diffpro")
@@ -80,6 +95,8 @@ def load_builtin(name: str, *, allow_untrained: bool = True) -> DiffusionModel:
     elif not allow_untrained:
         raise InputError(f"builtin:{name}: trained weights are not installed; train them with `diffpro train {name}`")
     net.eval()
+    if spec["class"] == "SD3Transformer2DModel":
+        return _flow_model(name, net, untrained, sha, card)
     kind = "dit" if spec["class"] == "DiTTransformer2DModel" else "unet"
     return DiffusionModel(
         spec=f"builtin:{name}", net=net, kind=kind, sample_shape=spec["sample_shape"],
@@ -88,3 +105,32 @@ def load_builtin(name: str, *, allow_untrained: bool = True) -> DiffusionModel:
         untrained=untrained, sha256=sha,
         config={"class": spec["class"], "config": spec["config"], "card": card},
     )
+
+
+def _flow_model(name: str, net, untrained: bool, sha: str | None, card: dict) -> DiffusionModel:
+    """flow-mnist as the SD3 loader records a flow model (prediction type, shift, the `flow_timesteps` patch), with
+    its word encoder's default prompts (digit i % 10 for sample i; empty prompt for CFG) as the conditioning set.
+    `config["text_encoder"]` names the encoder, so prompt files and reloaded checkpoints find it."""
+    from diffpro_cli.models import builtin_text
+    from diffpro_cli.models.base import apply_net_patches, flow_alphas_cumprod, flow_sigmas, sd3_forward
+
+    spec = BUILTIN_CONFIGS[name]
+    n, shift = 1000, float(spec["flow_shift"])
+    patches = apply_net_patches(net, {"flow_timesteps": {"num_train_timesteps": n, "shift": shift}})
+    cfg = spec["config"]
+    model = DiffusionModel(
+        spec=f"builtin:{name}", net=net, kind="sd3", sample_shape=spec["sample_shape"],
+        alphas_cumprod=flow_alphas_cumprod(flow_sigmas(n, shift)), forward_fn=sd3_forward, num_classes=None,
+        untrained=untrained, sha256=sha,
+        config={"class": spec["class"], "config": cfg, "card": card, "prediction_type": "flow", "flow_shift": shift,
+                "net_patches": patches, "conditioning": "embeddings", "text_encoder": builtin_text.NAME,
+                "conditioning_fields": {"encoder_hidden_states": [None, cfg["joint_attention_dim"]],
+                                        "pooled_projections": [cfg["pooled_projection_dim"]]}},
+    )
+    encoder = None
+    if untrained:   # no shipped encoder either: seeded random tables, so the untrained network still runs
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            encoder = builtin_text.WordEncoder().eval()
+    model.conditioning_set = builtin_text.default_conditioning(encoder=encoder)
+    return model
