@@ -80,3 +80,28 @@ def test_plan_joint_cache_on_a_tiny_dit_measures_against_the_float_teacher():
     measured = [r for r in rec["candidates"] if r["drift"] is not None]
     assert measured and all(r["predicted_ms"] <= 6 * step + 1e-9 for r in measured)
     assert rec["chosen"]["drift"] == min([rec["base"]["drift"]] + [r["drift"] for r in measured])
+
+
+def test_allocate_cache_section_feeds_quantize(tmp_path):
+    """The allocate step's wiring on a real (tiny, random) DiT: plan + cost table in, a `cache`
+    section out whose enabled schedule fixes the checkpoint's timesteps."""
+    from diffpro_cli.stages.allocate import AllocateConfig, joint_cache_section
+    from diffpro_cli.stages.context import StageContext
+    from diffpro_cli.stages.quantize import cache_timesteps, uniform_plan
+
+    ctx = StageContext.create("random:dit-tiny", tmp_path)
+    model = ctx.model()
+    plan = uniform_plan(model, 8)
+    for entry in plan["layers"].values():
+        entry["latency_ms"] = 0.01
+    plan["totals"] = {"latency_ms": 1.0}
+    plan["timesteps"] = [0, 250, 500, 750]
+    doc = {"layers": {n: {"ms": {"fp32": 0.02}} for n in plan["layers"]}}
+    sec = joint_cache_section(ctx, AllocateConfig(budget="avg-bits=8", cache_n=2, full_steps=8, batch=2), plan, doc, None)
+    assert sec["schema"] == "diffpro.cache/1" and sec["base_timesteps"] == plan["timesteps"]
+    assert sorted(c["steps"] for c in sec["candidates"]) == [5, 6, 8]
+    assert all(c["predicted_ms"] <= sec["budget_ms"] * (1 + 1e-9) for c in sec["candidates"] if c["drift"] is not None)
+    assert sec["enabled"] == (sec["schedule"] is not None) == (sec["drift"] < sec["base"]["drift"])
+    plan["cache"] = sec
+    ts = cache_timesteps(plan, plan["timesteps"], model)
+    assert ts == (sec["schedule"]["timesteps"] if sec["enabled"] else plan["timesteps"])
