@@ -99,6 +99,8 @@ def test_allocate_cache_section_feeds_quantize(tmp_path):
     doc = {"layers": {n: {"ms": {"fp32": 0.02}} for n in plan["layers"]}}
     sec = joint_cache_section(ctx, AllocateConfig(budget="avg-bits=8", cache_n=2, full_steps=8, batch=2), plan, doc, None)
     assert sec["schema"] == "diffpro.cache/1" and sec["base_timesteps"] == plan["timesteps"]
+    # units priced from one timing session with the whole forward: together less than the step
+    assert 0 < sum(sec["unit_share_of_fp32_step"]) < 1
     assert sorted(c["steps"] for c in sec["candidates"]) == [5, 6, 8]
     assert all(c["predicted_ms"] <= sec["budget_ms"] * (1 + 1e-9) for c in sec["candidates"] if c["drift"] is not None)
     assert sec["enabled"] == (sec["schedule"] is not None) == (sec["drift"] < sec["base"]["drift"])

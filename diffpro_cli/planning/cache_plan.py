@@ -209,21 +209,26 @@ def residual_change_tables(model, timesteps: list[int], cfg: CachePlanConfig, la
     return final, D[:N], D[N]
 
 
-def block_latencies(model, cfg: CachePlanConfig) -> list[float]:
+def block_latencies(model, cfg: CachePlanConfig, with_forward: bool = False):
     """ms per image of each unit's compute at cfg.latency_batch: every module of the unit (a DiT block;
     a U-Net's deep blocks) timed on its real input (one fp32 forward records the inputs:
     costs.capture_inputs), round-robin over cfg.repeats rounds, minimum kept (costs.interleaved_min_ms,
-    the cost table's estimator), summed per unit."""
+    the cost table's estimator), summed per unit. `with_forward`: also the whole forward, timed in
+    the same rounds (returns (units, forward ms per image)), so a unit's share of a step is read from
+    one timing session (on a shared CPU, times from different moments do not compare)."""
     from diffpro_cli.planning.costs import capture_inputs, interleaved_min_ms
 
     units = unit_modules(model.net)
     blocks = {f"{u}.{j}": m for u, mods in enumerate(units) for j, m in enumerate(mods)}
     n = cfg.latency_batch
-    inputs, _ = capture_inputs(model, blocks, n, cfg.seed)
+    inputs, (x, t, y) = capture_inputs(model, blocks, n, cfg.seed)
+    fns = {k: (lambda b=b, a=inputs[k]: b(*a[0], **a[1])) for k, b in blocks.items()}
+    if with_forward:
+        fns["__forward__"] = lambda: model.eps(x, t, y)
     with torch.no_grad():
-        ms = interleaved_min_ms({k: (lambda b=b, a=inputs[k]: b(*a[0], **a[1])) for k, b in blocks.items()},
-                                cfg.repeats)
-    return [sum(ms[f"{u}.{j}"] for j in range(len(mods))) / n for u, mods in enumerate(units)]
+        ms = interleaved_min_ms(fns, cfg.repeats)
+    out = [sum(ms[f"{u}.{j}"] for j in range(len(mods))) / n for u, mods in enumerate(units)]
+    return (out, ms["__forward__"] / n) if with_forward else out
 
 
 def _mse(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -370,8 +370,11 @@ def joint_cache_section(ctx, cfg: AllocateConfig, plan: dict, doc: dict, timeste
     qmodel = model if static else apply_plan(copy.deepcopy(model), plan)
     ccfg = CachePlanConfig(n=cfg.cache_n, batch=cfg.cache_n, seed=ctx.seed, latency_batch=cfg.batch,
                            proposals=("aligned", "interval"), step_cut=False)
-    block_ms = block_latencies(model, ccfg)
     fp_ms = {n: float(r["ms"]["fp32"]) for n, r in doc["layers"].items()}
+    # each unit's share of the fp32 forward (timed together), on the cost table's fp32 step
+    timed, forward_ms = block_latencies(model, ccfg, with_forward=True)
+    fp_step = sum(fp_ms.values()) + float(doc.get("remainder_ms") or 0.0)
+    block_ms = [b / forward_ms * fp_step for b in timed]
     unit_ms = unit_latencies_under_plan(block_ms, unit_layer_names(model.net, list(plan["layers"])), plan["layers"], fp_ms)
     step_ms = float(plan["totals"]["latency_ms"])
     rec = plan_joint_cache(qmodel, model, base_ts, cands, step_ms, unit_ms, len(base_ts) * step_ms,
@@ -384,6 +387,7 @@ def joint_cache_section(ctx, cfg: AllocateConfig, plan: dict, doc: dict, timeste
     return {"schema": "diffpro.cache/1", "enabled": chosen.get("cache") is not None, "schedule": chosen.get("cache"),
             "steps": chosen["steps"], "drift": chosen["drift"], "predicted_ms": chosen["predicted_ms"],
             "base_timesteps": base_ts, "verdict": verdict, "block_ms_fp32": block_ms,
+            "unit_share_of_fp32_step": [b / forward_ms for b in timed],
             "planned_on": "float (static activations need calibration)" if static else "the plan quantized in memory (round-to-nearest)",
             "drift_definition": f"MSE of final samples vs the float model on {cfg.full_steps} uniform steps ({cfg.cache_n} samples)",
             "config": ccfg.as_dict(), **rec}
