@@ -61,7 +61,7 @@ def test_milp_equals_brute_force(seed):
     table = build_table(layers, make_options(cfg.bits, cfg.act_bits, "dynamic", None), cfg, fake_latency)
     lo_bits = sum(table.bits[i].min() for i in range(len(layers)))
     hi_bits = sum(table.bits[i].max() for i in range(len(layers)))
-    lo_lat = sum(np.nanmin(table.latency[i]) for i in range(len(layers)))
+    lo_lat = sum(np.nanmin(np.where(table.valid[i], table.latency[i], np.nan)) for i in range(len(layers)))
     for frac in (0.1, 0.35, 0.7):
         cons = [Constraint("avg-bits", table.bits, int(lo_bits + frac * (hi_bits - lo_bits))),
                 Constraint("latency-ms", table.latency, lo_lat * (1.2 + frac))]
@@ -77,14 +77,14 @@ def test_milp_equals_brute_force(seed):
 def test_budgets_respected_exactly(kind):
     scores = make_scores(n=12, seed=3)
     layers = load_layers(scores)
-    cfg = AllocateConfig(protect=[])
+    cfg = AllocateConfig(float_act=[], protect=[])
     table = build_table(layers, make_options(cfg.bits, cfg.act_bits, "dynamic", None), cfg, fake_latency)
     cost = table.latency if kind == "latency-ms" else table.bits
     lo, hi = (sum(f(cost[i]) for i in range(len(layers))) for f in (np.min, np.max))
     scale = {"avg-bits": 1 / table.params, "size-mb": 1 / 8e6, "latency-ms": 1.0}[kind]
     for frac in (0.0, 0.05, 0.2, 0.5, 0.9):
         v = float(f"{(lo + frac * (hi - lo)) * scale:.6g}") * (1 + 1e-6)
-        plan, _ = allocate_plan(scores, AllocateConfig(budget=f"{kind}={v}", protect=[]), latency_fn=fake_latency)
+        plan, _ = allocate_plan(scores, AllocateConfig(float_act=[], budget=f"{kind}={v}", protect=[]), latency_fn=fake_latency)
         t = plan["totals"]
         got = {"avg-bits": t["avg_bits"], "size-mb": (t["bytes"] + t["other_bytes"]) / 1e6, "latency-ms": t["latency_ms"]}[kind]
         assert got <= v
@@ -291,7 +291,7 @@ def test_float_execution_wins_where_the_integer_kernel_is_slower():
             return base
         return base * (1.3 if layer.name in slow_int else 0.4)
 
-    plan, _ = allocate_plan(scores, AllocateConfig(budget="avg-bits=6", protect=[]), latency_fn=latency)
+    plan, _ = allocate_plan(scores, AllocateConfig(float_act=[], budget="avg-bits=6", protect=[]), latency_fn=latency)
     for name, entry in plan["layers"].items():
         if entry["weight_bits"] < 16:
             assert entry["act_bits"] == (16 if name in slow_int else 8), (name, entry)
@@ -299,7 +299,7 @@ def test_float_execution_wins_where_the_integer_kernel_is_slower():
     assert plan["baseline_check"]["speedup_vs_float_same_steps"] >= 1.0
 
     # nothing pays: every quantized layer computes in float and the plan says so
-    plan, _ = allocate_plan(scores, AllocateConfig(budget="avg-bits=6", protect=[]),
+    plan, _ = allocate_plan(scores, AllocateConfig(float_act=[], budget="avg-bits=6", protect=[]),
                             latency_fn=lambda layer, opt: 1.0 if opt.act_bits == 16 else 1.5)
     assert plan["execution"]["integer_layers"] == 0
     assert "no integer kernel beats float" in plan["baseline_check"]["verdict"]
@@ -332,7 +332,7 @@ def _ctx(workdir):
 
 
 def test_stage_with_injected_latency(scores_file, tmp_path):
-    outcome, plan = run_allocate(_ctx(tmp_path / "w"), AllocateConfig(budget="latency-ms=0.3", protect=[]),
+    outcome, plan = run_allocate(_ctx(tmp_path / "w"), AllocateConfig(float_act=[], budget="latency-ms=0.3", protect=[]),
                                  scores_path=scores_file, latency_fn=fake_latency)
     assert outcome.status == "computed" and plan["totals"]["latency_ms"] <= 0.3
     assert plan["totals"]["latency_source"] == "injected"
@@ -404,7 +404,7 @@ def test_measured_activation_error_keeps_hard_inputs_float(monkeypatch):
     hard = "blocks.4.attn_out"
     for name, d in scores["layers"].items():
         d["measured_act_error"] = {"8": 1e-1 if name == hard else 1e-7}
-    cfg = AllocateConfig(budget="avg-bits=6", bits=[4, 8, 16], act_bits=[8, 16], protect=[], min_speedup=2.0)
+    cfg = AllocateConfig(float_act=[], budget="avg-bits=6", bits=[4, 8, 16], act_bits=[8, 16], protect=[], min_speedup=2.0)
     plan, _ = allocate_plan(scores, cfg, latency_fn=fake_latency)
     assert plan["layers"][hard]["act_bits"] == 16
     assert any(e["act_bits"] == 8 for e in plan["layers"].values())     # the speed floor binds elsewhere
@@ -427,9 +427,25 @@ def test_measured_activation_error_keeps_hard_inputs_float(monkeypatch):
 def test_min_speedup_infeasible_and_bad_values():
     scores = make_scores(n=6, measured=True, seed=3)
     with pytest.raises(BudgetError, match="fastest plan .* is 3.7x"):
-        allocate_plan(scores, AllocateConfig(budget="avg-bits=6", min_speedup=5.0, protect=[]), latency_fn=fake_latency)
+        allocate_plan(scores, AllocateConfig(float_act=[], budget="avg-bits=6", min_speedup=5.0, protect=[]), latency_fn=fake_latency)
     for bad in (0.0, -1.0, float("nan")):
         with pytest.raises(UsageError, match="--min-speedup"):
-            allocate_plan(scores, AllocateConfig(budget="avg-bits=6", min_speedup=bad), latency_fn=fake_latency)
+            allocate_plan(scores, AllocateConfig(float_act=[], budget="avg-bits=6", min_speedup=bad), latency_fn=fake_latency)
     with pytest.raises(UsageError, match="cost table"):
-        allocate_plan(scores, AllocateConfig(budget="avg-bits=6", min_speedup=1.5), latency_fn=None)
+        allocate_plan(scores, AllocateConfig(float_act=[], budget="avg-bits=6", min_speedup=1.5), latency_fn=None)
+
+
+def test_float_act_roles_compute_on_float_activations_only_where_float_compute_is_offered():
+    """Default --float-act: the patch embedding and final layer may not take an 8-bit-activation option
+    when float compute from the same stored width is an option (catches the rule being dropped, hitting
+    other roles, or making a plan infeasible when 16 is not among --act-bits)."""
+    scores = make_scores(measured=True)
+    plan, _ = allocate_plan(scores, AllocateConfig(budget="avg-bits=6", protect=[]), latency_fn=fake_latency)
+    for name, entry in plan["layers"].items():
+        if entry["weight_bits"] < 16:
+            expect = 16 if entry["role"] in ("patch_embed", "final") else 8   # fake_latency: integer is faster
+            assert entry["act_bits"] == expect, (name, entry)
+    only_int, _ = allocate_plan(scores, AllocateConfig(budget="avg-bits=6", protect=[], act_bits=[8]), latency_fn=fake_latency)
+    assert all(e["act_bits"] == 8 for e in only_int["layers"].values() if e["weight_bits"] < 16)
+    with pytest.raises(UsageError, match="--float-act nope"):
+        allocate_plan(scores, AllocateConfig(budget="avg-bits=6", float_act=["nope"]), latency_fn=fake_latency)

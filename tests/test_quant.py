@@ -321,3 +321,32 @@ def test_checkpoint_with_foreign_weights_is_refused(tmp_path, cli):
         load_quantized(tmp_path / "a")
     code, _, err = cli("sample", str(tmp_path / "a"), "--n", "1", "--steps", "2", "--out", tmp_path / "s.png")
     assert code == 3 and _one_error_line(err) and not (tmp_path / "s.png").exists()
+
+
+@pytest.mark.parametrize("spec", ["random:dit-tiny", "random:unet-tiny"])
+def test_uniform_baseline_keeps_the_ends_on_float_activations(spec, tmp_path, cli):
+    """`quantize --bits 8` (bench's w8a8-uniform): the patch embedding / conv_in and the final layer store
+    int8 weights but compute on float activations, every other layer runs the integer kernel; `--float-act
+    none` makes them integer too. Catches the default being lost, applied to the wrong roles, or the
+    checkpoint recording float activations without running them."""
+    from diffpro_cli.checkpoint import load_quantized
+    from diffpro_cli.loading import load_model
+    from diffpro_cli.stages.quantize import uniform_plan
+
+    m = load_model(spec)
+    plan = uniform_plan(m, 8)
+    roles = {n: r for n, (_, r) in m.quantizable_layers().items()}
+    ends = {n for n, r in roles.items() if r in ("patch_embed", "final")}
+    assert ends and len(ends) < len(roles)
+    assert {n for n, e in plan["layers"].items() if e["act_bits"] == 16} == ends
+    assert all(e["weight_bits"] == 8 for e in plan["layers"].values())
+    for flag, float_layers in (([], ends), (["--float-act", "none"], set())):
+        out = tmp_path / ("q" + "".join(flag))
+        code, _, err = cli("quantize", spec, "--bits", "8", *flag, "--out", out, "--workdir", tmp_path / "w", "--force")
+        assert code == 0, err
+        q = load_quantized(out)
+        for name, (mod, _) in q.quantizable_layers().items():
+            assert mod.weight_bits == 8
+            assert (mod.act_mode == "none") == (name in float_layers), (name, mod.act_mode)
+    code, _, err = cli("quantize", spec, "--bits", "8", "--float-act", "bogus", "--out", tmp_path / "bad", "--workdir", tmp_path / "w")
+    assert code == 2 and _one_error_line(err) and "--float-act bogus" in err and not (tmp_path / "bad").exists()

@@ -21,6 +21,7 @@ def allocate_cmd(
     method: Annotated[str, typer.Option("--method", help="milp (exact) or cdf (the paper's rank/CDF-threshold rule).")] = "milp",
     protect: Annotated[str, typer.Option("--protect", help="Roles kept at >= --protect-bits unless the budget forces otherwise ('none' to disable).")] = "patch_embed,time_embed,class_embed,context_embed,adaln,final",
     protect_bits: Annotated[int, typer.Option("--protect-bits", help="Weight-bit floor for protected roles.")] = 8,
+    float_act: Annotated[str, typer.Option("--float-act", help="Roles computed on float activations from their stored low-bit weights when 16 is in --act-bits ('none' to disable; docs/quantization.md).")] = "patch_embed,final",
     min_speedup: Annotated[Optional[float], typer.Option("--min-speedup", help="Also keep each step at least this much faster than fp32 (measured cost table, same run), e.g. 1.5.")] = None,
     latency_budget: Annotated[Optional[float], typer.Option("--latency-budget", help="Joint plan: total ms per image over all steps (chooses steps and bits).")] = None,
     timesteps: Annotated[Optional[Path], typer.Option("--timesteps", help="timesteps.json from `diffpro prune` (its sweep gives the step counts).")] = None,
@@ -44,8 +45,9 @@ def allocate_cmd(
     if repeats < 1 or batch < 1 or full_steps < 1:
         raise UsageError("--repeats, --batch and --full-steps must be at least 1")
     roles = [] if protect.strip().lower() == "none" else [r.strip() for r in protect.split(",") if r.strip()]
+    float_roles = [] if float_act.strip().lower() == "none" else [r.strip() for r in float_act.split(",") if r.strip()]
     cfg = AllocateConfig(budget=budget, bits=parse_int_list(bits, "--bits"), act_bits=parse_int_list(act_bits, "--act-bits"),
-                         act_mode=act_mode, group_size=group_size, method=method, protect=roles, protect_bits=protect_bits,
+                         act_mode=act_mode, group_size=group_size, method=method, protect=roles, protect_bits=protect_bits, float_act=float_roles,
                          latency_budget=latency_budget, min_speedup=min_speedup, steps=steps, quant_weight=quant_weight, batch=batch,
                          cost_table=None if cost_table is None else str(cost_table), full_steps=full_steps,
                          latency_source=latency_source, repeats=repeats, remainder_ms=remainder_ms, pareto=pareto,

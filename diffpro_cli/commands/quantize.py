@@ -18,6 +18,7 @@ def quantize_cmd(
     act_bits: Annotated[int, typer.Option("--act-bits", help="With --bits: 8 (int8 activations) or 16 (weight-only).")] = 8,
     act_mode: Annotated[str, typer.Option("--act-mode", help="With --bits: dynamic (per-tensor, every call; fastest), dynamic-token (per-token, every call), or static (per-timestep calibrated).")] = "dynamic",
     group_size: Annotated[Optional[int], typer.Option("--group-size", help="With --bits: weight scales per group of this many inputs (default: per output channel).")] = None,
+    float_act: Annotated[str, typer.Option("--float-act", help="With --bits: roles computed on float activations from their stored weights ('none' for all-integer; docs/quantization.md).")] = "patch_embed,final",
     timesteps: Annotated[Optional[Path], typer.Option("--timesteps", help="timesteps.json from `diffpro prune`: stored in the checkpoint; static ranges are calibrated on it.")] = None,
     rounding: Annotated[str, typer.Option("--rounding", help="nearest (round-to-nearest) or gptq (output-aware rounding of Linear weights from the float model's own trajectories; same format and kernels).")] = "nearest",
     calib_samples: Annotated[int, typer.Option("--calib-samples", help="Trajectories that calibrate static ranges and GPTQ inputs.")] = 4,
@@ -35,7 +36,8 @@ def quantize_cmd(
     if calib_samples < 1:
         raise UsageError(f"--calib-samples {calib_samples}: must be at least 1")
     cfg = QuantizeConfig(bits=bits, act_bits=act_bits, act_mode=act_mode, group_size=group_size, rounding=rounding,
-                         calib_samples=calib_samples, seed=seed)
+                         calib_samples=calib_samples, seed=seed,
+                         float_act=[] if float_act.strip().lower() == "none" else [r.strip() for r in float_act.split(",") if r.strip()])
     result = run_quantize(ctx, cfg, plan_path=plan, timesteps_path=timesteps, out_dir=out_dir)
     outcome, meta = result.outcome, result.value
     totals = meta["totals"]

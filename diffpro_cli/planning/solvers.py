@@ -48,12 +48,17 @@ def build_table(layers: list[Layer], options: list[Option], cfg,
     valid = np.ones((L, O), dtype=bool)
     violates = np.zeros((L, O), dtype=bool)
     protect = set(cfg.protect)
+    # float activations for these roles wherever the options offer float compute at the same stored width
+    float_act = set(getattr(cfg, "float_act", ()))
+    float_widths = {o.weight_bits for o in options if o.act_bits >= 16}
     for i, layer in enumerate(layers):
         for j, option in enumerate(options):
             opt = effective_option(layer, option)
             bits[i, j] = option_bits(layer, opt)
             err[i, j] = option_error(bit_error, act_error, layer, opt)
             violates[i, j] = layer.role in protect and opt.weight_bits < cfg.protect_bits
+            if layer.role in float_act and opt.act_bits < 16 and opt.weight_bits in float_widths:
+                valid[i, j] = False
             if latency_fn is not None:
                 lat[i, j] = latency_fn(layer, opt)
     fp_latency = None

@@ -31,7 +31,7 @@ from diffpro_cli.planning.costs import (check_fingerprint, fingerprint_id, machi
                                        measure_cost_table, read_cost_table, table_latency_fn)
 from diffpro_cli.planning.error_model import error_model
 from diffpro_cli.planning.joint import pareto_front, solve_joint, step_entries
-from diffpro_cli.planning.options import (DEFAULT_PROTECT, METHODS, Layer, Option, load_layers, make_options,
+from diffpro_cli.planning.options import (DEFAULT_PROTECT, FLOAT_ACT_ROLES, METHODS, Layer, Option, load_layers, make_options,
                                           parse_budgets)
 from diffpro_cli.planning.solvers import (Constraint, budget_constraint, chosen_total, build_table, infeasible_message, plan_layers,
                                           predicted_speedup, smallest_feasible, solve, speedup_constraint, summarize)
@@ -58,6 +58,7 @@ class AllocateConfig:
     method: str = "milp"
     protect: list[str] = field(default_factory=lambda: list(DEFAULT_PROTECT))
     protect_bits: int = 8
+    float_act: list[str] = field(default_factory=lambda: list(FLOAT_ACT_ROLES))   # roles computed on float activations
     latency_budget: float | None = None  # joint plan: total ms per image over all steps
     min_speedup: float | None = None     # per-step latency ≤ the fp32 step's / this (measured kernels, same run)
     steps: str | None = None             # joint plan: "auto" (the artifact's sweep) or a step count
@@ -101,6 +102,9 @@ def validate_config(cfg: AllocateConfig) -> None:
     unknown = [r for r in cfg.protect if r not in ROLES]
     if unknown:
         raise UsageError(f"--protect {','.join(unknown)}: unknown role; use a comma list of {','.join(ROLES)} or none")
+    unknown = [r for r in cfg.float_act if r not in ROLES]
+    if unknown:
+        raise UsageError(f"--float-act {','.join(unknown)}: unknown role; use a comma list of {','.join(ROLES)} or none")
     if cfg.steps is not None and cfg.latency_budget is None and not any(b.kind == "latency" for b in budgets):
         raise UsageError("--steps chooses step counts for the joint plan; add --budget latency=F or --latency-budget MS, or drop --steps")
 

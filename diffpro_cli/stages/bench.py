@@ -241,11 +241,12 @@ def measure_memory(rows: list[Row], cfg: BenchConfig, ctx) -> str:
 
 def uniform_checkpoint(model: DiffusionModel, bits: int, out_dir: Path, force: bool = False) -> Path:
     """A uniform-bits baseline written as a real checkpoint (reused when already there)."""
-    from diffpro_cli.stages.quantize import quantize_uniform_to_dir
+    from diffpro_cli.stages.quantize import quantize_uniform_to_dir, uniform_plan
 
     if (out_dir / "diffpro.json").exists() and not force:
         meta = read_json(out_dir / "diffpro.json")
-        if meta.get("model", {}).get("sha256") in (None, model.sha256):
+        same_plan = meta.get("provenance", {}).get("plan_sha256") == sha256_json(uniform_plan(model, bits))
+        if meta.get("model", {}).get("sha256") in (None, model.sha256) and same_plan:
             return out_dir
     quantize_uniform_to_dir(model, bits, out_dir)
     return out_dir

@@ -3,7 +3,7 @@ integer checkpoint (checkpoint.py) through the resumable stage skeleton."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -13,6 +13,7 @@ from diffpro_cli.artifacts import input_record, read_json, sha256_json
 from diffpro_cli.console import QUIET_UI, UI
 from diffpro_cli.errors import InputError, UsageError
 from diffpro_cli.models.base import DiffusionModel
+from diffpro_cli.planning.options import FLOAT_ACT_ROLES
 from diffpro_cli.quant.formats import STORAGE_BITS
 from diffpro_cli.quant.kernels import ACT_MODES
 
@@ -30,6 +31,7 @@ class QuantizeConfig:
     calib_steps: int = 50              # static mode without a timesteps file: uniform steps calibrated
     rounding: str = "nearest"          # "nearest" or "gptq" (output-aware rounding of Linear weights)
     seed: int = 0
+    float_act: list[str] = field(default_factory=lambda: list(FLOAT_ACT_ROLES))   # uniform baselines only
 
 
 def _model_id(model: DiffusionModel) -> set:
@@ -74,16 +76,19 @@ def validate_plan(plan: dict, model: DiffusionModel, source: str = "plan") -> di
     return layers
 
 
-def uniform_plan(model: DiffusionModel, bits: int, act_bits: int = 8, act_mode: str = "dynamic", group_size: int | None = None) -> dict:
+def uniform_plan(model: DiffusionModel, bits: int, act_bits: int = 8, act_mode: str = "dynamic", group_size: int | None = None,
+                 float_act: tuple[str, ...] | list[str] = FLOAT_ACT_ROLES) -> dict:
     """Every quantizable layer at `bits` (the uniform baselines). Layers a group size does not divide
-    keep per-channel scales."""
+    keep per-channel scales; layers of a `float_act` role (default: patch embedding and final layer,
+    planning.options.FLOAT_ACT_ROLES) compute on float activations from the same stored weights."""
     if bits not in (*STORAGE_BITS, 16):
         raise UsageError(f"--bits {bits}: supported weight widths are {', '.join(map(str, STORAGE_BITS))} (16 = float)")
     layers = {}
-    for name, (mod, _) in model.quantizable_layers().items():
+    for name, (mod, role) in model.quantizable_layers().items():
         in_flat = mod.weight[0].numel()
         g = group_size if group_size and in_flat % group_size == 0 else None
-        layers[name] = {"weight_bits": bits, "act_bits": act_bits, "act_mode": act_mode, "group_size": g}
+        a = 16 if role in float_act and bits < 16 else act_bits
+        layers[name] = {"weight_bits": bits, "act_bits": a, "act_mode": act_mode, "group_size": g}
     return {"schema": PLAN_SCHEMA, "model": {"spec": model.spec, "sha256": model.sha256}, "layers": layers,
             "solver": {"method": "uniform", "status": "n/a"}}
 
@@ -237,6 +242,10 @@ def run_quantize(ctx, cfg: QuantizeConfig, *, plan_path: Path | None = None, tim
         raise UsageError(f"--act-bits {cfg.act_bits}: use 8 (int8 activations) or 16 (weight-only)")
     if cfg.group_size is not None and cfg.group_size <= 0:
         raise UsageError(f"--group-size {cfg.group_size}: must be a positive divisor of the layers' input sizes")
+    from diffpro_cli.models.base import ROLES
+    unknown = [r for r in cfg.float_act if r not in ROLES]
+    if unknown:
+        raise UsageError(f"--float-act {','.join(unknown)}: unknown role; use a comma list of {','.join(ROLES)} or none")
     if plan_path is not None and cfg.bits is not None:
         raise UsageError("--plan and --bits both given; use --plan for a mixed-precision plan or --bits for a uniform baseline")
     model = ctx.model()
@@ -246,7 +255,7 @@ def run_quantize(ctx, cfg: QuantizeConfig, *, plan_path: Path | None = None, tim
         validate_plan(plan, model, str(plan_path))
         inputs["plan"] = input_record(plan_path)
     elif cfg.bits is not None:
-        plan = uniform_plan(model, cfg.bits, cfg.act_bits, cfg.act_mode, cfg.group_size)
+        plan = uniform_plan(model, cfg.bits, cfg.act_bits, cfg.act_mode, cfg.group_size, cfg.float_act)
     else:
         raise UsageError("quantize needs --plan PLAN.json (from `diffpro allocate`) or --bits 8|4 for a uniform baseline")
     timesteps = None
