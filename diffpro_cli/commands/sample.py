@@ -66,7 +66,7 @@ def sample_cmd(
     elif policy is not None and steps is None:
         ts = list(policy.timesteps)
     else:
-        ts = uniform_timesteps(m.num_train_timesteps, steps or 50)
+        ts = uniform_timesteps(m.num_train_timesteps, 50 if steps is None else steps)
     if policy is not None:
         if sorted(int(t) for t in ts) != policy.timesteps:
             raise UsageError(f"{model}: its cache schedule runs its own {len(policy.timesteps)} timesteps; drop "
