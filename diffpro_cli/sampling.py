@@ -19,6 +19,7 @@ batch and passed through unchanged.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -111,8 +112,15 @@ class SamplerConfig:
     method: str = "ddim"        # "ddim" | "ddpm" | "euler" (flow models; "ddim" with eta 0 is the same update there)
     eta: float = 0.0            # DDIM only
     cfg_scale: float = 1.0      # 1.0 = no guidance
-    clip_x0: bool = True        # clip the predicted x0 to [-1, 1] (pixel-space models); DDIM then uses
-                                # the eps implied by the clipped x0
+    clip_x0: bool | None = None  # clip the predicted x0 to [-1, 1]; DDIM then uses the eps implied by the
+                                 # clipped x0. None: the model's default (pixel space yes, VAE latents no)
+
+    def for_model(self, model: DiffusionModel) -> "SamplerConfig":
+        """This config with clip_x0 resolved: a VAE's latents are not bounded by [-1, 1], so clipping them
+        (as diffusers' pipelines do not) would change every latent model's samples."""
+        if self.clip_x0 is not None:
+            return self
+        return dataclasses.replace(self, clip_x0=model.clip_x0_default)
 
     def as_dict(self) -> dict:
         return dict(method=self.method, eta=self.eta, cfg_scale=self.cfg_scale, clip_x0=self.clip_x0)
@@ -223,6 +231,7 @@ def sample(
     """
     ts = validate_timesteps(timesteps, model.num_train_timesteps)
     check_method(model, cfg)
+    cfg = cfg.for_model(model)
     acp = model.alphas_cumprod
     sig = model.sigmas() if model.is_flow else None
     outs = []

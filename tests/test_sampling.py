@@ -119,3 +119,22 @@ def test_save_grid_any_channel_count(tmp_path, channels, png_channels):
     idat = data[data.index(b"IDAT") + 4:]
     raw = zlib.decompress(idat[:struct.unpack(">I", data[data.index(b"IDAT") - 4:data.index(b"IDAT")])[0]])
     assert len(raw) == height * (1 + width * png_channels)
+
+
+def test_x0_clipping_defaults_to_pixel_space_only(tiny_model):
+    """SamplerConfig() clips predicted x0 for pixel-space models and not for VAE-latent ones (their
+    diffusers pipelines do not clip). Catches the old always-on default (which changed every latent
+    model's samples) and a resolution that ignores an explicit --clip-x0/--no-clip-x0."""
+    import dataclasses
+
+    from diffpro_cli.sampling import SamplerConfig, sample, uniform_timesteps
+
+    ts = uniform_timesteps(1000, 10)
+    run = lambda m, cfg: sample(m, 4, ts, cfg, torch.arange(4), seed=0, decode=False)   # noqa: E731
+    clipped, raw = SamplerConfig(clip_x0=True), SamplerConfig(clip_x0=False)
+    assert not torch.equal(run(tiny_model, clipped), run(tiny_model, raw))          # clipping matters here
+    assert torch.equal(run(tiny_model, SamplerConfig()), run(tiny_model, clipped))
+    latent = dataclasses.replace(tiny_model, config={"decode": {"type": "vae", "path": "/x", "scaling_factor": 0.18215}})
+    assert not latent.clip_x0_default and tiny_model.clip_x0_default
+    assert torch.equal(run(latent, SamplerConfig()), run(latent, raw))
+    assert torch.equal(run(latent, clipped), run(tiny_model, clipped))               # explicit choice wins

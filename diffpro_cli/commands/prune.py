@@ -22,7 +22,7 @@ def prune_cmd(
     n: Annotated[int, typer.Option("--n", help="Calibration samples.")] = 16,
     batch: Annotated[int, typer.Option("--batch", help="Batch size (does not change results).")] = 16,
     cfg_scale: Annotated[float, typer.Option("--cfg", help="Classifier-free guidance scale for teacher and student (1 = off).")] = 1.0,
-    clip_x0: Annotated[bool, typer.Option("--clip-x0/--no-clip-x0", help="Clip predicted x0 to [-1, 1] while measuring drift, as bench's sampler does (turn off for latent models).")] = True,
+    clip_x0: Annotated[Optional[bool], typer.Option("--clip-x0/--no-clip-x0", help="Clip predicted x0 to [-1, 1] while measuring drift (default: as the samplers do for this model: pixel space yes, VAE latents no).")] = None,
     seed: Seed = 0,
 ):
     """Select a budgeted timestep subset guided by teacher-student drift; writes WORKDIR/timesteps.json."""

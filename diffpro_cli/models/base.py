@@ -337,6 +337,13 @@ class DiffusionModel:
         """What samplers step with: the velocity for flow models, ε otherwise."""
         return self.velocity(x, t, y) if self.is_flow else self.eps(x, t, y)
 
+    @property
+    def clip_x0_default(self) -> bool:
+        """Samplers clip the predicted x0 to [-1, 1] by default only in pixel space (decode = identity and no
+        VAE recorded); latent models are sampled unclipped, as their diffusers pipelines do."""
+        decode = (self.config or {}).get("decode") or {"type": "identity"}
+        return decode.get("type", "identity") == "identity" and not (self.config or {}).get("vae")
+
     def quantizable_layers(self) -> dict[str, tuple[nn.Module, str]]:
         """Every nn.Linear / nn.Conv2d by qualified name, with its role."""
         from diffpro_cli.models.roles import layer_role

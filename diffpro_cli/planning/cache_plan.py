@@ -151,7 +151,7 @@ class CachePlanConfig:
     batch: int = 16
     seed: int = 0
     cfg_scale: float = 1.0
-    clip_x0: bool = True
+    clip_x0: bool | None = None         # None: the model's default (samplers resolve it)
     latency_batch: int = 8          # per-block latency timed at bench's batch
     repeats: int = 7
     proposals: tuple = ("per-unit", "aligned", "interval", "fbcache")   # measured end to end (fbcache: DiTs only)
