@@ -192,6 +192,14 @@ def test_pixart_dir_loads_with_bit_identical_eps_and_learned_sigma_dropped(tmp_p
         ref = net(x, encoder_hidden_states=c.encoder_hidden_states, timestep=t,
                   added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)[0][:, :4]
         assert torch.equal(model.eps(x, t, c), ref)
+    # PixArt-α/Σ uploads name the class Transformer2DModel (norm_type ada_norm_single): loaded as PixArt
+    cfg_path = tmp_path / "transformer" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg_path.write_text(json.dumps({**cfg, "_class_name": "Transformer2DModel"}))
+    legacy = load_diffusers_dir(tmp_path)
+    assert legacy.kind == "pixart"
+    with torch.no_grad():
+        assert torch.equal(legacy.eps(x, t, c), ref)
 
 
 def test_unet2dcondition_v_prediction_from_the_scheduler_config(tmp_path):

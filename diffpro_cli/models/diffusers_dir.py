@@ -182,6 +182,8 @@ def load_module_dir(folder: Path, allowed: tuple[str, ...]) -> tuple[torch.nn.Mo
     name = config.get("_class_name")
     if name == "Transformer2DModel" and config.get("norm_type") == "ada_norm_zero":
         name = "DiTTransformer2DModel"  # the legacy name facebook/DiT-* configs use
+    elif name == "Transformer2DModel" and config.get("norm_type") == "ada_norm_single":
+        name = "PixArtTransformer2DModel"  # the legacy name of PixArt-α/Σ uploads
     if name not in allowed:
         raise InputError(f"{folder}: model class {name!r} is not supported; pass a directory of one of the classes diffpro loads: "
                          f"{', '.join(allowed)}")
