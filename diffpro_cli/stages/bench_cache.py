@@ -108,7 +108,8 @@ def schedule_figure(rows: list, path, notes: list[str]) -> dict:
         share = out[r.name]["computed_share"]
         heatmap_on(ax, range(len(share) + 1), range(r.cache.num_units + 1), [list(c) for c in zip(*share)],
                    title=f"{r.name}: units recomputed per step (compute fraction {r.compute_fraction():.2f})",
-                   xlabel="sampler step (0 = noisiest)", ylabel="unit", log_color=False)
+                   xlabel="sampler step (0 = noisiest)", ylabel="unit", log_color=False,
+                   color_label="computed (dark: reused)")
     fig.tight_layout()
     save_figure(fig, path)
     notes.append("cache schedules: bench/figures/cache_schedule.png (units recomputed at each step, per cached row)")
