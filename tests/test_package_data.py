@@ -87,7 +87,7 @@ def test_builtin_weights_are_inside_the_package_and_load_trained(name):
     assert model.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_package_data_globs_cover_every_shipped_data_file_and_stay_under_25_mb():
+def test_package_data_globs_cover_every_shipped_data_file_and_stay_under_30_mb():
     """An editable install reads the tree, so a file missing from package-data only breaks pip users."""
     pyproject = REPO / "pyproject.toml"
     if not pyproject.exists():
@@ -100,7 +100,7 @@ def test_package_data_globs_cover_every_shipped_data_file_and_stay_under_25_mb()
                  if not any(_glob_matches(p.relative_to(PACKAGE).as_posix(), g) for g in globs)]
     assert not unmatched, f"add to [tool.setuptools.package-data]: {unmatched}"
     total = sum(p.stat().st_size for p in data)
-    assert total < 25 * 2**20, total
+    assert total < 30 * 2**20, total   # 25 MB until builtin:flow-mnist (4.6 MB of weights) joined the three models
 
 
 def test_no_code_reads_the_shared_directory_beside_the_checkout():
