@@ -5,7 +5,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from diffpro_cli.commands.common import parse_int_list, stage_command
+from diffpro_cli.commands.common import parse_int_list, parse_role_list, stage_command
 from diffpro_cli.errors import UsageError
 
 
@@ -44,10 +44,8 @@ def allocate_cmd(
     ui = ctx.ui
     if repeats < 1 or batch < 1 or full_steps < 1:
         raise UsageError("--repeats, --batch and --full-steps must be at least 1")
-    roles = [] if protect.strip().lower() == "none" else [r.strip() for r in protect.split(",") if r.strip()]
-    float_roles = [] if float_act.strip().lower() == "none" else [r.strip() for r in float_act.split(",") if r.strip()]
     cfg = AllocateConfig(budget=budget, bits=parse_int_list(bits, "--bits"), act_bits=parse_int_list(act_bits, "--act-bits"),
-                         act_mode=act_mode, group_size=group_size, method=method, protect=roles, protect_bits=protect_bits, float_act=float_roles,
+                         act_mode=act_mode, group_size=group_size, method=method, protect=parse_role_list(protect), protect_bits=protect_bits, float_act=parse_role_list(float_act),
                          latency_budget=latency_budget, min_speedup=min_speedup, steps=steps, quant_weight=quant_weight, batch=batch,
                          cost_table=None if cost_table is None else str(cost_table), full_steps=full_steps,
                          latency_source=latency_source, repeats=repeats, remainder_ms=remainder_ms, pareto=pareto,

@@ -40,6 +40,13 @@ def parse_int_list(text: str | None, option: str, *, keep_order: bool = False) -
     return values if keep_order else sorted(set(values))
 
 
+def parse_role_list(text: str) -> list[str]:
+    """A comma list of layer roles ("patch_embed,final"), or "none" for the empty list (checked by the stage)."""
+    if text.strip().lower() == "none":
+        return []
+    return [r.strip() for r in text.split(",") if r.strip()]
+
+
 def make_ui(quiet: bool, json_output: bool) -> UI:
     return UI(quiet=quiet or json_output, json_output=json_output)
 

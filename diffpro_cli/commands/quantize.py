@@ -5,7 +5,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from diffpro_cli.commands.common import ModelArg, Seed, stage_command
+from diffpro_cli.commands.common import ModelArg, Seed, parse_role_list, stage_command
 from diffpro_cli.errors import UsageError
 
 
@@ -37,7 +37,7 @@ def quantize_cmd(
         raise UsageError(f"--calib-samples {calib_samples}: must be at least 1")
     cfg = QuantizeConfig(bits=bits, act_bits=act_bits, act_mode=act_mode, group_size=group_size, rounding=rounding,
                          calib_samples=calib_samples, seed=seed,
-                         float_act=[] if float_act.strip().lower() == "none" else [r.strip() for r in float_act.split(",") if r.strip()])
+                         float_act=parse_role_list(float_act))
     result = run_quantize(ctx, cfg, plan_path=plan, timesteps_path=timesteps, out_dir=out_dir)
     outcome, meta = result.outcome, result.value
     totals = meta["totals"]
