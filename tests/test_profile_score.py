@@ -9,8 +9,9 @@ import torch
 
 from diffpro_cli.stages.profile import (PERCENTILES, LayerStats, ProfileConfig, abs_percentiles, layer_input_matrix,
                                         load_profile, magnitude_hist, hist_magnitude_edges, signed_log_hist, write_profile)
-from diffpro_cli.stages.score import (ScoreConfig, dimension_ratio, k_for_variance, layer_components, pca_sensitivity,
-                                      cdf_and_rank, combined_scores, parse_weights, spearman)
+from diffpro_cli.stages.score import ScoreConfig, parse_weights, spearman
+from diffpro_cli.stages.score_components import (cdf_and_rank, combined_scores, dimension_ratio, k_for_variance,
+                                                 layer_components, pca_sensitivity)
 
 TINY = ["--samples", "2", "--batch", "2", "--timesteps", "999:0:500"]
 
@@ -333,7 +334,7 @@ def test_measured_activation_error_is_what_the_integer_kernel_adds():
     from diffpro_cli.checkpoint import set_submodule
     from diffpro_cli.quant.kernels import act_bits_of, cpu_act_qmax
     from diffpro_cli.quant.layers import quantize_module
-    from diffpro_cli.stages.score import _eps_all, measure_act_errors, measure_layer_errors
+    from diffpro_cli.stages.score_errors import _eps_all, measure_act_errors, measure_layer_errors
 
     torch.manual_seed(0)
     model = load_model("builtin:dit-mnist")

@@ -14,22 +14,34 @@ Per layer (definitions, and why each open choice was made: docs/sensitivity.md):
 error of the noise prediction when that one layer gets low-bit weights (one backward pass per
 batch for all layers; needs the model). `--measure` quantises one layer at a time for real and
 reports Spearman ρ between every signal and the measured error.
+
+The components live in score_components.py, the calibration inputs and single-layer errors in
+score_errors.py; this module holds the config, the scores.json document, its figures and the stage.
 """
 
 from __future__ import annotations
 
-import bisect
 import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from diffpro_cli.errors import InputError, UsageError
+from diffpro_cli.stages.score_components import (
+    COMPONENTS,
+    cdf_and_rank,
+    combined_scores,
+    explained_variance,
+    layer_components,
+)
+from diffpro_cli.stages.score_errors import (
+    calibration_set,
+    measure_act_errors,
+    measure_layer_errors,
+    taylor_layer_errors,
+)
 
 SCHEMA = "diffpro.scores/1"
-COMPONENTS = ("pca_sensitivity", "log10_energy", "k95_over_d", "range_variability")
 PCA_METRICS = ("erank", "top1", "participation")
 FORMULAS = ("diffpro", "taylor")
 NORMALIZATIONS = ("zscore", "rank")
@@ -99,333 +111,6 @@ def validate_config(cfg: ScoreConfig) -> None:
 
     if cfg.act_mode not in ACT_MODES:
         raise UsageError(f"--act-mode {cfg.act_mode}: unknown; choose one of {', '.join(ACT_MODES)}")
-
-
-# ---------------------------------------------------------------------------------------------
-# Components (from the profile alone)
-# ---------------------------------------------------------------------------------------------
-
-
-def k_for_variance(eigvals: torch.Tensor, fraction: float = 0.95) -> int:
-    """Smallest k whose top-k eigenvalues explain `fraction` of the total (0 for a zero spectrum)."""
-    lam = eigvals.double().clamp_min(0).sort(descending=True).values
-    total = float(lam.sum())
-    if total <= 0:
-        return 0
-    cum = lam.cumsum(0) / total
-    k = int(torch.searchsorted(cum, torch.tensor(fraction, dtype=torch.float64) - 1e-12)) + 1
-    return min(k, lam.numel())
-
-
-def dimension_ratio(count: float, width: int, d: int) -> float:
-    """count/d for a spectrum of full width d; for a CountSketch of width < d, an estimate of it.
-
-    A sketch keeps the COUNT of a concentrated spectrum (count ≪ width) but the RATIO of a spread one;
-    with r = count/width the estimate (1 - r)·count/d + r·r moves between the two (= count/d when width
-    = d). Error on synthetic spectra, d = 4608 → 2048: ≤ 0.05 (docs/sensitivity.md).
-    """
-    if width <= 0 or d <= 0:
-        return 0.0
-    r = min(count / width, 1.0)
-    return (1 - r) * count / d + r * r
-
-
-def pca_sensitivity(eigvals: torch.Tensor, metric: str = "erank", d: int | None = None) -> float:
-    """A scalar in [0, 1) from the spectrum: 0 = isotropic, → 1 = all variance along one direction.
-
-    erank: 1 - exp(entropy of λ/Σλ)/d; participation: 1 - (Σλ)²/Σλ²/d; top1: λ1/Σλ. `d` is the true input
-    width when `eigvals` come from a narrower sketch.
-    """
-    lam = eigvals.double().clamp_min(0)
-    width = lam.numel()
-    d = d or width
-    total = float(lam.sum())
-    if total <= 0 or width == 0:
-        return 0.0
-    p = lam / total
-    if metric == "top1":
-        return float(p.max())
-    if metric == "participation":
-        return 1.0 - dimension_ratio(float(1.0 / p.square().sum()), width, d)
-    nz = p[p > 0]
-    return 1.0 - dimension_ratio(math.exp(float(-(nz * nz.log()).sum())), width, d)
-
-
-def explained_variance(eigvals: torch.Tensor) -> torch.Tensor:
-    """Cumulative explained-variance ratio of a descending spectrum."""
-    lam = eigvals.double().clamp_min(0)
-    total = float(lam.sum())
-    return lam.cumsum(0) / total if total > 0 else torch.zeros_like(lam)
-
-
-def range_variability(ts_absmax: torch.Tensor, ts_rows: torch.Tensor) -> float:
-    """Coefficient of variation of the per-timestep |x|max over the timesteps the layer ran at."""
-    a = ts_absmax[ts_rows > 0].double()
-    if a.numel() < 2 or float(a.mean()) <= 0:
-        return 0.0
-    return float(a.std(unbiased=False) / a.mean())
-
-
-def layer_components(tensors: dict, name: str, d: int, cfg: ScoreConfig) -> dict:
-    """The paper's four signals for one layer (d = its true input width)."""
-    lam = tensors[f"{name}/pca_eigvals"]
-    rows = tensors[f"{name}/ts_rows"].double()
-    ratio = dimension_ratio(k_for_variance(lam, cfg.variance), lam.numel(), d)
-    energy = float((tensors[f"{name}/ts_energy"] * rows).sum() / rows.sum().clamp_min(1))
-    return {
-        "k95": round(ratio * d),
-        "k95_over_d": ratio,
-        "pca_sensitivity": pca_sensitivity(lam, cfg.pca_metric, d),
-        "log10_energy": math.log10(max(energy, 1e-30)),
-        "range_variability": range_variability(tensors[f"{name}/ts_absmax"], tensors[f"{name}/ts_rows"]),
-    }
-
-
-def zscores(values: list[float]) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
-    sd = float(t.std(unbiased=False)) if t.numel() > 1 else 0.0
-    if sd <= 0 or not math.isfinite(sd):
-        return [0.0] * len(values)
-    return ((t - t.mean()) / sd).tolist()
-
-
-def rank_scores(values: list[float]) -> list[float]:
-    """Mid-rank percentiles in (0, 1): ties share their average rank."""
-    from scipy.stats import rankdata
-
-    n = len(values)
-    return [(float(r) - 0.5) / n for r in rankdata(values)] if n else []
-
-
-def combined_scores(comps: dict[str, dict], weights: dict, normalize: str = "zscore") -> dict[str, float]:
-    """Σ_c w_c · norm_c over layers, norm = z-score (default) or rank percentile of the component."""
-    names = list(comps)
-    norm = zscores if normalize == "zscore" else rank_scores
-    total = [0.0] * len(names)
-    for c in COMPONENTS:
-        w = weights.get(c, 0.0)
-        if w:
-            z = norm([comps[n][c] for n in names])
-            total = [a + w * b for a, b in zip(total, z)]
-    return dict(zip(names, total))
-
-
-def cdf_and_rank(scores: dict[str, float]) -> tuple[dict[str, float], dict[str, int]]:
-    """Empirical CDF (fraction of layers with score ≤ s) and rank (1 = highest; ties in layer order)."""
-    values = sorted(scores.values())
-    cdf = {k: bisect.bisect_right(values, v) / len(values) for k, v in scores.items()}
-    order = sorted(scores, key=lambda k: -scores[k])
-    return cdf, {k: i + 1 for i, k in enumerate(order)}
-
-
-# ---------------------------------------------------------------------------------------------
-# Calibration inputs, measured and estimated single-layer errors
-# ---------------------------------------------------------------------------------------------
-
-
-def pick_timesteps(timesteps: list[int], k: int) -> list[int]:
-    """k of the timesteps, evenly spread (all of them when k ≥ len)."""
-    if k >= len(timesteps):
-        return list(timesteps)
-    idx = torch.linspace(0, len(timesteps) - 1, k).round().long().tolist()
-    return [timesteps[i] for i in sorted(set(idx))]
-
-
-@torch.no_grad()
-def calibration_set(model, profile_doc: dict, n_samples: int, n_timesteps: int):
-    """(x_t, t, y, timesteps, n) of the profile's first n samples at evenly spread profile timesteps.
-
-    Sample i depends only on (seed, i, label, timesteps), so these are the inputs the profile saw.
-    """
-    from diffpro_cli.sampling import SamplerConfig, sample
-    from diffpro_cli.stages.profile import calibration_labels
-
-    cal = profile_doc["calibration"]
-    ts = list(cal["timesteps"])
-    n = min(n_samples, int(cal["samples"]))
-    keep = set(pick_timesteps(ts, n_timesteps))
-    labels = calibration_labels(model, int(cal["samples"]), cal.get("classes"))
-    labels = labels[:n] if labels is not None else None
-    batch = int(cal["batch"])
-    xs, tt, ys = [], [], []
-    calls = [0]
-
-    def on_step(t, x, eps):
-        b = calls[0] // len(ts)
-        calls[0] += 1
-        if t in keep:
-            xs.append(x.clone())
-            tt.append(torch.full((x.shape[0],), int(t), dtype=torch.long))
-            if labels is not None:
-                ys.append(labels[b * batch: b * batch + x.shape[0]])
-
-    sampler = SamplerConfig(method=cal["sampler"]["method"], cfg_scale=cal["sampler"]["cfg_scale"])
-    sample(model, n, ts, sampler, labels=labels, seed=int(cal["seed"]), batch_size=batch, on_step=on_step, decode=False)
-    from diffpro_cli.models.conditioning import cat_conditions
-
-    y = cat_conditions(ys) if labels is not None else None   # labels, or a Conditioning (embedding models)
-    return torch.cat(xs), torch.cat(tt), y, sorted(keep), n
-
-
-@torch.no_grad()
-def _eps_all(model, x, t, y, batch: int) -> torch.Tensor:
-    outs = []
-    for s in range(0, x.shape[0], batch):
-        outs.append(model.eps(x[s:s + batch], t[s:s + batch], y[s:s + batch] if y is not None else None))
-    return torch.cat(outs)
-
-
-def _group(w: torch.Tensor, group_size: int | None) -> int | None:
-    return group_size if group_size and w[0].numel() % group_size == 0 else None
-
-
-@torch.no_grad()
-def measure_layer_errors(model, names: list[str], x, t, y, bits: list[int], group_size: int | None = None,
-                         batch: int = 16, advance=lambda n=1: None) -> dict[str, dict[str, float]]:
-    """Σ‖eps_q - eps‖² / Σ‖eps‖² when ONE layer's weights are fake-quantised, per layer and bit width."""
-    from diffpro_cli.quant.reference import fake_quant_weight
-
-    layers = model.quantizable_layers()
-    ref = _eps_all(model, x, t, y, batch)
-    denom = float(ref.double().square().sum()) or 1.0
-    result = {}
-    for name in names:
-        mod = layers[name][0]
-        original = mod.weight.data.clone()
-        per_bits = {}
-        for b in bits:
-            mod.weight.data.copy_(fake_quant_weight(original, b, _group(original, group_size)))
-            try:
-                out = _eps_all(model, x, t, y, batch)
-            finally:
-                mod.weight.data.copy_(original)
-            per_bits[str(b)] = float((out - ref).double().square().sum()) / denom
-            advance(1)
-        result[name] = per_bits
-    return result
-
-
-@torch.no_grad()
-def measure_act_errors(model, names: list[str], x, t, y, act_mode: str = "dynamic", batch: int = 16,
-                       advance=lambda n=1: None) -> dict[str, dict[str, float]]:
-    """Σ‖eps_q - eps‖² / Σ‖eps‖² when ONE layer's INPUT is quantised exactly as its CPU integer kernel
-    quantises it (the kernel's own scheme and grid, weights kept float), per layer → {act bits: error}
-    for each input grid the kernels use at 4- and 8-bit weights: "8" with VNNI, "7" without
-    (quant/kernels.py::cpu_act_qmax). Why: a layer's activation error has nothing to do with its weight
-    error (a patch embedding sees x_t itself), so the allocator should not reuse the weight curve for it.
-    Static mode is measured with one range per call: its calibrated ranges do not exist yet."""
-    from diffpro_cli.quant.kernels import act_bits_of
-    from diffpro_cli.quant.layers import quantize_module
-
-    layers = model.quantizable_layers()
-    ref = _eps_all(model, x, t, y, batch)
-    denom = float(ref.double().square().sum()) or 1.0
-    mode = "dynamic" if act_mode == "static" else act_mode
-    result = {}
-    for name in names:
-        result[name] = {}
-        for weight_bits in (4, 8):   # the two activation grids the CPU kernels use (identical with VNNI)
-            probe = quantize_module(layers[name][0], weight_bits, act_bits=8, act_mode=mode)
-            kernel = probe._kernel
-            scheme, qmax = kernel.act_scheme(probe), kernel.act_qmax
-            del probe
-            key = "8" if qmax is None else str(act_bits_of(qmax))
-            if key not in result[name]:
-                result[name][key] = _act_error(model, layers[name][0], x, t, y, ref, denom, batch, scheme, qmax,
-                                               getattr(kernel, "reduce_range", False))
-        advance(1)
-    return result
-
-
-def _act_error(model, mod, x, t, y, ref, denom, batch, scheme, qmax, reduce_range) -> float:
-    """Relative eps error with `mod`'s input fake-quantised on the kernel's grid (0 for float kernels)."""
-    from diffpro_cli.quant.reference import reference_activation
-
-    if scheme == "float" or qmax is None:   # a kernel with float activations adds no error
-        return 0.0
-
-    def quantise_input(module, inputs, scheme=scheme, qmax=qmax, reduce_range=reduce_range):
-        x_in = inputs[0]
-        flat = x_in if scheme == "sample" else x_in.reshape(-1, x_in.shape[-1])
-        x_hat = reference_activation(flat, scheme, qmax, None, reduce_range)[0]
-        return (x_hat.to(x_in.dtype).reshape(x_in.shape), *inputs[1:])
-
-    handle = mod.register_forward_pre_hook(quantise_input)
-    try:
-        out = _eps_all(model, x, t, y, batch)
-    finally:
-        handle.remove()
-    return float((out - ref).double().square().sum()) / denom
-
-
-def _layer_delta(module, x: torch.Tensor, dw: torch.Tensor) -> torch.Tensor:
-    """The change of the layer's output when its weight changes by dw (bias unchanged)."""
-    if isinstance(module, torch.nn.Conv2d):
-        return module._conv_forward(x, dw, None)
-    return torch.nn.functional.linear(x, dw)
-
-
-def taylor_layer_errors(model, names: list[str], x, t, y, bits: list[int], group_size: int | None = None,
-                        batch: int = 16, probes: int = 2, seed: int = 0, advance=lambda n=1: None) -> dict[str, dict[str, float]]:
-    """First-order estimate of `measure_layer_errors` for every layer at once.
-
-    eps changes by J_l Δy_l when layer l's output changes by Δy_l = ΔW_l x_l. With a Gaussian probe r per
-    sample, E_r[(rᵀ J_l Δy_l)²] = ‖J_l Δy_l‖², and rᵀ J_l = ∂(rᵀ eps)/∂y_l comes from ONE backward pass
-    for all layers. Cost: probes × (forward + backward) per batch, plus one extra GEMM per layer and bit
-    width, instead of one forward per layer and bit width.
-    """
-    from diffpro_cli.quant.reference import fake_quant_weight
-
-    table = model.quantizable_layers()
-    modules = {n: table[n][0] for n in names}
-    num = {n: {b: 0.0 for b in bits} for n in names}
-    den = 0.0
-    gen = torch.Generator().manual_seed(seed)
-    saved = [(p, p.requires_grad) for p in model.net.parameters()]
-    for p, _ in saved:
-        p.requires_grad_(False)
-    try:
-        for s in range(0, x.shape[0], batch):
-            xb, tb = x[s:s + batch], t[s:s + batch]
-            yb = y[s:s + batch] if y is not None else None
-            n = xb.shape[0]
-            for _ in range(probes):
-                records = []
-
-                def hook(mod, args, out, name):
-                    z = torch.zeros_like(out, requires_grad=True)
-                    records.append((name, mod, args[0].detach(), z))
-                    return out + z
-
-                handles = [m.register_forward_hook(lambda m, a, o, name=nm: hook(m, a, o, name)) for nm, m in modules.items()]
-                try:
-                    with torch.enable_grad():
-                        eps = model.eps(xb, tb, yb)
-                        r = torch.randn(eps.shape, generator=gen)
-                        grads = torch.autograd.grad((eps * r).sum(), [z for *_, z in records], allow_unused=True)
-                finally:
-                    for h in handles:
-                        h.remove()
-                den += float(eps.detach().double().square().sum()) / probes
-                acc = {}
-                with torch.no_grad():
-                    for (name, mod, xin, _), g in zip(records, grads):
-                        if g is None:
-                            continue
-                        w = mod.weight.detach()
-                        for b in bits:
-                            dy = _layer_delta(mod, xin, fake_quant_weight(w, b, _group(w, group_size)) - w)
-                            v = (g * dy).reshape(n, -1).sum(1) if dy.shape[0] == n else (g * dy).sum().reshape(1)
-                            acc[(name, b)] = acc.get((name, b), 0) + v.double()
-                for (name, b), v in acc.items():
-                    num[name][b] += float(v.square().sum()) / probes
-                del records, grads
-            advance(n)
-    finally:
-        for p, flag in saved:
-            p.requires_grad_(flag)
-    den = den or 1.0
-    return {n: {str(b): num[n][b] / den for b in bits} for n in names}
 
 
 def spearman(a: list[float], b: list[float]) -> dict:
