@@ -95,6 +95,7 @@ _CHILD = r"""
 import json, torch
 from torch import nn
 from diffpro_cli.quant import kernels
+from diffpro_cli.quant.formats import fold_to_channel_grid
 from diffpro_cli.quant.layers import quantize_module
 from diffpro_cli.quant.reference import conv_kernel_tolerance, kernel_tolerance, reference_activation
 
@@ -110,7 +111,7 @@ def worst(ql, x, absmax):
         tol = conv_kernel_tolerance(lambda a, w: ql.float_conv(a, w, None), x_hat, step, amb, w_ref, b)
     else:
         ref = x_hat @ w_ref.T + b.double()
-        grid = kernels.fold_to_channel_grid(ql.int_weight(), ql.weight_scale)[1] if ql.group_size else None
+        grid = fold_to_channel_grid(ql.int_weight(), ql.weight_scale)[1] if ql.group_size else None
         tol = kernel_tolerance(x_hat, step, amb, w_ref, b, grid)
     return float(((y - ref).abs() - tol).max()), k.act_qmax
 
