@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from diffpro_cli.stages.profile import (PERCENTILES, LayerStats, ProfileConfig, abs_percentiles, layer_input_matrix,
-                                        load_profile, magnitude_hist, hist_magnitude_edges, signed_log_hist, write_profile)
+from diffpro_cli.stages.profile import ProfileConfig, load_profile, write_profile
+from diffpro_cli.stages.profile_stats import (PERCENTILES, LayerStats, abs_percentiles, layer_input_matrix, magnitude_hist,
+                                              hist_magnitude_edges, signed_log_hist)
 from diffpro_cli.stages.score import ScoreConfig, parse_weights, spearman
 from diffpro_cli.stages.score_components import (cdf_and_rank, combined_scores, dimension_ratio, k_for_variance,
                                                  layer_components, pca_sensitivity)

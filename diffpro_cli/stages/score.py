@@ -246,7 +246,7 @@ def write_figures(doc: dict, tensors: dict, result: dict, fig_dir: Path, cfg: Sc
     import numpy as np
 
     from diffpro_cli.plots import ecdf_on, heatmap_on, lines_on, new_figure, save_figure, scatter_on
-    from diffpro_cli.stages.profile import hist_magnitude_edges, magnitude_hist
+    from diffpro_cli.stages.profile_stats import hist_magnitude_edges, magnitude_hist
 
     layers = result["layers"]
     paths = figure_paths(fig_dir, cfg)
