@@ -175,3 +175,19 @@ grid_n = 2
     prune = json.loads((tmp_path / "work" / "timesteps.json").read_text())
     assert rows["diffpro"]["steps"] == len(prune["timesteps"]) == 3
     assert all(r["peak_mem_bytes"] for r in report["rows"])
+
+
+def test_bench_cli_takes_the_flow_euler_sampler_and_refuses_it_for_an_epsilon_model(tmp_path, cli):
+    """Catches: `bench --method euler` refused on the CLI (the flow sampler was reachable only from a run
+    config), or accepted for an epsilon model and failing late, after rows were built and timed."""
+    code, _, err = cli("bench", "builtin:flow-mnist", "--workdir", tmp_path / "flow", "--rows", "fp32", "--method", "euler",
+                       "--reference-steps", "2", "--repeats", "1", "--latency-batch", "1", "--no-fid", "--quiet", "--json")
+    assert code == 0, err
+    report = json.loads((tmp_path / "flow" / "bench" / "report.json").read_text())
+    assert report["sampler"]["method"] == "euler"
+    code, _, err = cli("bench", "random:dit-tiny", "--workdir", tmp_path / "eps", "--rows", "fp32", "--method", "euler",
+                       "--reference-steps", "2", "--repeats", "1", "--no-fid", "--quiet")
+    assert code == 2 and err.count("error:") == 1 and "use ddim or ddpm" in err
+    assert not (tmp_path / "eps" / "bench").exists()
+    code, _, err = cli("bench", "random:dit-tiny", "--workdir", tmp_path / "eps", "--method", "heun", "--quiet")
+    assert code == 2 and "--method heun" in err

@@ -18,7 +18,7 @@ def bench_cmd(
     rows: Annotated[str, typer.Option("--rows", help="Comma list of rows: fp32,w8a8-uniform,w4-uniform,ddim,dpmsolver,subset (fp32 on diffpro's timesteps),diffpro; on request cache-only, fbcache-0.08, fbcache-0.12 (DiTs), deepcache-2, deepcache-3 (U-Nets), diffpro-nocache.")] = "fp32,w8a8-uniform,w4-uniform,ddim,dpmsolver,subset,diffpro",
     reference_steps: Annotated[int, typer.Option("--reference-steps", help="Steps of the full-precision schedule.")] = 100,
     steps: Annotated[Optional[int], typer.Option("--steps", help="Reduced step count for ddim/dpmsolver rows (default: diffpro's).")] = None,
-    method: Annotated[str, typer.Option("--method", help="ddim or ddpm for subset samplers.")] = "ddim",
+    method: Annotated[str, typer.Option("--method", help="Sampler for every row: ddim or ddpm (epsilon/v models), euler (flow-matching models; ddim with eta 0 is the same update there).")] = "ddim",
     cfg_scale: Annotated[float, typer.Option("--cfg", help="Classifier-free guidance scale.")] = 1.0,
     fid: Annotated[bool, typer.Option("--fid/--no-fid", help="Compute FID (pytorch-fid InceptionV3).")] = False,
     fid_n: Annotated[int, typer.Option("--fid-n", help="Samples per row for FID.")] = 200,
@@ -45,8 +45,8 @@ def bench_cmd(
         raise UsageError(f"--rows: unknown row(s) {', '.join(bad)}; choose from {', '.join(ALL_ROWS + CACHE_ROWS)}")
     if repeats < 1 or latency_batch < 1 or fid_n < 2 or reference_steps < 1:
         raise UsageError("--repeats, --latency-batch, --reference-steps must be ≥ 1 and --fid-n ≥ 2")
-    if method not in ("ddim", "ddpm"):
-        raise UsageError(f"--method {method}: use ddim or ddpm")
+    if method not in ("ddim", "ddpm", "euler"):
+        raise UsageError(f"--method {method}: use ddim or ddpm (euler for flow-matching models)")
     if threads:
         torch.set_num_threads(threads)
     from diffpro_cli.distributed import init_from_env

@@ -382,6 +382,9 @@ def measure_bench(ctx, cfg: BenchConfig, quantized: Path | None = None, timestep
 
     ui, workdir, model_spec = ctx.ui, ctx.workdir, ctx.model_spec
     bench_dir = workdir / "bench"
+    from diffpro_cli.sampling import SamplerConfig, check_method
+
+    check_method(ctx.model(), SamplerConfig(method=cfg.method))   # before any row is built or timed
     rows, notes = build_rows(ctx, cfg, quantized, timesteps)
     if cfg.compile:
         notes.append(compile_rows(rows))
