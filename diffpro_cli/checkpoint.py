@@ -2,7 +2,7 @@
 
 model.safetensors holds, by the network's own qualified names,
   * every quantized layer's buffers: `<layer>.qweight` (int8, or packed uint8 for < 8 bits),
-    `<layer>.weight_scale` (float32 [out, groups]), `<layer>.bias`, and for static activations
+    `<layer>.weight_scale` (fp16 [out, groups], float32 in memory), `<layer>.bias`, and for static activations
     `<layer>.act_timesteps` / `<layer>.act_absmax`;
   * every other parameter and buffer of the network unchanged (full-precision layers as they are),
     non-persistent buffers included, so nothing depends on the architecture's initialisation —
@@ -77,19 +77,34 @@ def embedding_tables(net: nn.Module) -> list[str]:
     return [name for name, mod in net.named_modules() if isinstance(mod, nn.Embedding)]
 
 
+def _half_if_exact(scale: torch.Tensor) -> torch.Tensor:
+    """Scales as fp16 on disk when that loses nothing (formats.fp16_scale made them so); older in-memory
+    layers with other float32 scales keep them."""
+    half = scale.half()
+    return half if scale.dtype == torch.float32 and torch.equal(half.float(), scale) else scale
+
+
+def _scales_to_float(state: dict) -> None:
+    """fp16 scales read from disk become the float32 the layers compute with (exactly)."""
+    for key, value in state.items():
+        if value.dtype == torch.float16 and (key.endswith(".weight_scale") or key.endswith(EMB_S)):
+            state[key] = value.float()
+
+
 def checkpoint_tensors(model: DiffusionModel, qlayers: dict[str, _QuantBase], int8_embeddings: bool = True) -> dict[str, torch.Tensor]:
     """Everything the checkpoint stores, by name (see module docstring)."""
     tensors = {}
     if int8_embeddings:   # lookup tables: int8 per row on disk, dequantized to float at load
         for name in embedding_tables(model.net):
             q, scale = quantize_weight(model.net.get_submodule(name).weight, 8)
-            tensors[f"{name}.weight{EMB_Q}"], tensors[f"{name}.weight{EMB_S}"] = q, scale
+            tensors[f"{name}.weight{EMB_Q}"], tensors[f"{name}.weight{EMB_S}"] = q, _half_if_exact(scale)
     for name, layer in qlayers.items():
         if layer.integers_released:
             raise InputError(f"{model.spec}: loaded for inference only (integer weights released after packing); "
                              "quantize the float model instead, or load the checkpoint with keep_integers=True")
         for key, value in layer.state_dict().items():
-            tensors[f"{name}.{key}"] = value.detach().cpu()
+            value = value.detach().cpu()
+            tensors[f"{name}.{key}"] = _half_if_exact(value) if key == "weight_scale" else value
     prefixes = tuple(f"{name}." for name in qlayers)
     skip = {f"{name}.weight" for name in embedding_tables(model.net)} if int8_embeddings else set()
     state = model.net.state_dict()
@@ -290,6 +305,7 @@ def load_quantized(path: str | Path, *, trust_code: bool = False, verify: bool =
     with TensorFile(weights) as reader:
         packed_keys = {f"{name}.qweight" for name in meta["layers"]}
         state = {k: reader.get(k) for k in reader.keys() if k not in packed_keys}   # everything small first
+        _scales_to_float(state)
         alphas = state.pop(SCHEDULE_KEY, None)
         for name in meta.get("embeddings", {}).get("tables", []):
             q, scale = state.pop(f"{name}.weight{EMB_Q}", None), state.pop(f"{name}.weight{EMB_S}", None)

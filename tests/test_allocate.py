@@ -97,8 +97,9 @@ def test_size_conventions():
     layer = Layer("l", "mlp", "Linear", in_features=256, out_features=64, params=256 * 64 + 64, macs=0,
                   score=1.0, cdf=0.5, measured={})
     assert option_bits(layer, Option(16, 16, "dynamic", None)) == 32 * layer.params          # fp kept as fp32
-    assert option_bits(layer, Option(4, 8, "dynamic", None)) == 256 * 64 * 4 + 32 * 64 + 32 * 64
-    assert option_bits(layer, Option(4, 8, "dynamic", 128)) == 256 * 64 * 4 + 32 * 64 * 2 + 32 * 64
+    # packed weights + fp16 scales (one per channel or group) + fp32 bias
+    assert option_bits(layer, Option(4, 8, "dynamic", None)) == 256 * 64 * 4 + 16 * 64 + 32 * 64
+    assert option_bits(layer, Option(4, 8, "dynamic", 128)) == 256 * 64 * 4 + 16 * 64 * 2 + 32 * 64
     plan, _ = allocate_plan({"schema": "diffpro.scores/1", "model": {"spec": "x"}, "layers": {"l": {
         "role": "mlp", "in_features": 256, "out_features": 64, "params": layer.params, "combined_score": 1.0, "cdf": 1.0}}},
         AllocateConfig(budget="avg-bits=40", bits=[16], act_bits=[16]))

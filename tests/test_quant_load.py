@@ -75,6 +75,12 @@ def test_inference_only_load_releases_integers_and_runs_the_same(spec, tmp_path)
     assert lean_layers and all(mod.integers_released and mod.qweight.numel() == 0 for mod in lean_layers)
     assert not any(mod.integers_released for mod in full_layers)
     assert [a.storage_bytes() for a in lean_layers] == [b.storage_bytes() for b in full_layers]
+    # scales are fp16 on disk (half the bytes of fp32), float32 in memory, and reload exactly (below)
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "q" / "model.safetensors"), "pt") as f:
+        scale_keys = [k for k in f.keys() if k.endswith(".weight_scale")]
+        assert scale_keys and all(f.get_tensor(k).dtype == torch.float16 for k in scale_keys)
+    assert all(mod.weight_scale.dtype == torch.float32 for mod in lean_layers)
     if m.num_classes and spec.startswith("random:dit"):
         assert any(isinstance(mod, Int8Embedding) for mod in lean.net.modules())
         assert not any(isinstance(mod, Int8Embedding) for mod in full.net.modules())

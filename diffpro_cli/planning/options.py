@@ -169,12 +169,12 @@ def effective_option(layer: Layer, opt: Option) -> Option:
 
 def option_bits(layer: Layer, opt: Option) -> int:
     """Storage of the layer in bits under `opt` (exact integer), as the checkpoint stores it
-    (quant/formats.py): packed integer weights, fp32 scales [out, groups], fp32 bias."""
+    (quant/formats.py): packed integer weights, fp16 scales [out, groups], fp32 bias."""
     from diffpro_cli.quant.formats import packed_numel
 
     if opt.full_precision:
         return 32 * layer.params
     groups = math.ceil(layer.in_features / opt.group_size) if opt.group_size else 1
     scales = layer.out_features * groups
-    return 8 * packed_numel(layer.weight_numel, opt.weight_bits) + 32 * scales + 32 * layer.bias_numel
+    return 8 * packed_numel(layer.weight_numel, opt.weight_bits) + 16 * scales + 32 * layer.bias_numel
 

@@ -3,7 +3,9 @@
 A quantized weight is stored as
   * `qweight`: the signed integers q in [-(2^(b-1)-1), 2^(b-1)-1], row-major over [out, in·kh·kw];
     8-bit as int8 (no packing), fewer bits packed into uint8 bytes (`pack_bits`);
-  * `weight_scale`: float32 [out, groups] (groups = 1: per output channel), w ≈ q · scale.
+  * `weight_scale`: [out, groups] (groups = 1: per output channel), w ≈ q · scale; every scale is an
+    fp16 value (`fp16_scale`), so the checkpoint stores them as fp16 losslessly (half the bytes of
+    fp32: 0.25 bit a weight on a 128-wide layer) while layers hold and compute with them in float32.
 
 Packing uses offset binary (u = q + 2^(b-1)) and groups of values that fill whole bytes: 4-bit packs
 two values per byte (low nibble first), 2-bit four per byte, 3-bit eight values into three bytes,
@@ -17,6 +19,15 @@ import math
 import torch
 
 STORAGE_BITS = (2, 3, 4, 6, 8)
+
+
+FP16_TINY, FP16_MAX = 2.0 ** -24, 65504.0
+
+
+def fp16_scale(scale: torch.Tensor) -> torch.Tensor:
+    """Round scales to the nearest fp16 value (float32 out), kept within fp16's range so none is 0 or inf.
+    Quantizing with the rounded scale (not rounding it afterwards) keeps q · scale exact after a reload."""
+    return scale.clamp(FP16_TINY, FP16_MAX).half().float()
 
 
 def qmax_for(bits: int) -> int:
@@ -92,7 +103,7 @@ def quantize_weight(w: torch.Tensor, bits: int, group_size: int | None = None) -
     if flat.shape[1] % g:
         raise ValueError(f"group size {g} does not divide the input size {flat.shape[1]}")
     grouped = flat.reshape(flat.shape[0], -1, g)
-    scale = grouped.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / qmax
+    scale = fp16_scale(grouped.abs().amax(dim=-1, keepdim=True) / qmax)
     q = torch.clamp(torch.round(grouped / scale), -qmax - 1, qmax)
     return q.reshape(flat.shape).to(torch.int8), scale.reshape(flat.shape[0], -1)
 

@@ -138,7 +138,12 @@ class _QuantBase(nn.Module):
     def storage_bytes(self) -> int:
         if self._released_bytes is not None:
             return self._released_bytes
-        return sum(b.numel() * b.element_size() for b in self.buffers())
+        total = 0
+        for name, b in self.named_buffers():
+            # scales are written as fp16 when that is exact (checkpoint._half_if_exact)
+            exact_half = name == "weight_scale" and torch.equal(b.half().float(), b)
+            total += b.numel() * (2 if exact_half else b.element_size())
+        return total
 
     # -- static activation ranges -------------------------------------------------------------
 

@@ -20,7 +20,7 @@ def weight_qparams(w: torch.Tensor, bits: int, group_size: int | None = None) ->
     if flat.shape[1] % g:
         raise ValueError(f"group size {g} does not divide {flat.shape[1]}")
     grouped = flat.reshape(flat.shape[0], -1, g)
-    scale = grouped.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / qmax
+    scale = (grouped.abs().amax(dim=-1, keepdim=True) / qmax).clamp(2.0 ** -24, 65504.0).half().float()   # = formats.fp16_scale
     return scale, qmax
 
 
