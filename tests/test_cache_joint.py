@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from diffpro_cli.planning.cache_plan import interval_schedule
-from diffpro_cli.planning.joint import (cache_fraction_for, schedule_latency_ms, select_joint_cache,
-                                        unit_latencies_under_plan)
+from diffpro_cli.planning.joint import (cache_fraction_for, schedule_latency_ms, select_fastest_cache,
+                                        select_joint_cache, unit_latencies_under_plan)
 
 
 def test_unit_latency_under_plan_swaps_each_layers_fp32_time_for_the_chosen_one():
@@ -54,6 +54,28 @@ def test_selection_is_the_brute_force_optimum_within_budget():
     assert select_joint_cache({**base, "drift": 0.0}, cands, budget)["cache"] is None
 
 
+def test_latency_objective_keeps_the_fastest_schedule_that_drifts_no_more_brute_force():
+    """Same hand-made table, objective latency: among every cached candidate the known optimum (brute
+    force) is the fastest whose drift is within the plan's; a faster one that drifts more is refused."""
+    step, units, K = 10.0, [3.0, 3.0, 2.0], 10
+    base = {"steps": K, "drift": 1.0 / K, "predicted_ms": K * step, "cache": None}
+    cands = []
+    for k2, k in itertools.product((10, 12, 15, 20), (2, 3, 4)):
+        computed = interval_schedule(k2, 3, k, 1)
+        cands.append({"steps": k2, "cache": computed, "drift": 1.0 / k2 + 0.004 * sum(1 for s in computed if not s),
+                      "predicted_ms": schedule_latency_ms(step, units, computed)})
+    ok = [c for c in cands if c["drift"] <= base["drift"] and c["predicted_ms"] < base["predicted_ms"]]
+    best = min(ok, key=lambda c: c["predicted_ms"])
+    assert any(c["predicted_ms"] < best["predicted_ms"] and c["drift"] > base["drift"] for c in cands)
+    chosen = select_fastest_cache(base, cands)
+    assert chosen is best and chosen["drift"] <= base["drift"] and chosen["predicted_ms"] < base["predicted_ms"]
+    # a tolerance admits the faster one that drifts a little more; none within the drift: no cache
+    loose = select_fastest_cache(base, cands, tolerance=0.5)
+    assert loose["predicted_ms"] < best["predicted_ms"] and loose["drift"] <= 1.5 * base["drift"]
+    assert select_fastest_cache({**base, "drift": 0.0}, cands) is not None
+    assert select_fastest_cache({**base, "drift": 0.0}, cands)["cache"] is None
+
+
 def test_plan_joint_cache_on_a_tiny_dit_measures_against_the_float_teacher():
     from diffusers import DiTTransformer2DModel
 
@@ -73,13 +95,23 @@ def test_plan_joint_cache_on_a_tiny_dit_measures_against_the_float_teacher():
     base_ts = uniform_timesteps(1000, 6)
     cands = {9: uniform_timesteps(1000, 9), 12: uniform_timesteps(1000, 12), 40: uniform_timesteps(1000, 40)}
     step, units = 1.0, [0.3, 0.3, 0.3]
-    rec = plan_joint_cache(model, model, base_ts, cands, step, units, 6 * step, uniform_timesteps(1000, 20),
-                           CachePlanConfig(n=2, batch=2, repeats=1, proposals=("aligned", "interval"), step_cut=False))
+    ccfg = CachePlanConfig(n=2, batch=2, repeats=1, proposals=("aligned", "interval"), step_cut=False)
+    rec = plan_joint_cache(model, model, base_ts, cands, step, units, 6 * step, uniform_timesteps(1000, 20), ccfg)
     rows = {r["steps"]: r for r in rec["candidates"]}
     assert "skipped" in rows[40]                                  # 40 × 0.1 ms outside the units alone is over 6 ms
     measured = [r for r in rec["candidates"] if r["drift"] is not None]
     assert measured and all(r["predicted_ms"] <= 6 * step + 1e-9 for r in measured)
     assert rec["chosen"]["drift"] == min([rec["base"]["drift"]] + [r["drift"] for r in measured])
+    # objective latency: the plan's own 6 steps are tried with a cache too, at falling targets; what is
+    # kept is faster than the plan and drifts no more, or is the plan itself
+    fast = plan_joint_cache(model, model, base_ts, cands, step, units, 6 * step, uniform_timesteps(1000, 20), ccfg,
+                            objective="latency")
+    tried = [r for r in fast["candidates"] if r["drift"] is not None]
+    assert any(r["steps"] == 6 for r in tried) and all(r["predicted_ms"] < 6 * step for r in tried)
+    ch = fast["chosen"]
+    assert ch is fast["base"] or (ch["drift"] <= fast["base"]["drift"] and ch["predicted_ms"] < 6 * step)
+    with pytest.raises(Exception, match="objective"):
+        plan_joint_cache(model, model, base_ts, cands, step, units, 6 * step, [0], ccfg, objective="speed")
 
 
 def test_allocate_cache_section_feeds_quantize(tmp_path):
@@ -97,7 +129,8 @@ def test_allocate_cache_section_feeds_quantize(tmp_path):
     plan["totals"] = {"latency_ms": 1.0}
     plan["timesteps"] = [0, 250, 500, 750]
     doc = {"layers": {n: {"ms": {"fp32": 0.02}} for n in plan["layers"]}}
-    sec = joint_cache_section(ctx, AllocateConfig(budget="avg-bits=8", cache_n=2, full_steps=8, batch=2), plan, doc, None)
+    sec = joint_cache_section(ctx, AllocateConfig(budget="avg-bits=8", cache_n=2, full_steps=8, batch=2, cache_objective="drift"),
+                              plan, doc, None)
     assert sec["schema"] == "diffpro.cache/1" and sec["base_timesteps"] == plan["timesteps"]
     # units priced from one timing session with the whole forward: together less than the step
     assert 0 < sum(sec["unit_share_of_fp32_step"]) < 1

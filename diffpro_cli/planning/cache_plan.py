@@ -388,16 +388,27 @@ def unit_layer_names(net, names) -> list[list[str]]:
     return [[n for n in names if n in modules and id(modules[n]) in ids] for ids in inside]
 
 
+OBJECTIVES = ("latency", "drift")
+SPEED_RATIOS = (0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5)
+
+
 def plan_joint_cache(model, teacher_model, base_ts: list[int], candidates: dict[int, list[int]], step_ms: float,
                      unit_ms: list[float], budget_ms: float, teacher_ts: list[int], cfg: CachePlanConfig,
-                     ui: UI = QUIET_UI) -> dict:
+                     ui: UI = QUIET_UI, objective: str = "drift", tolerance: float = 0.0) -> dict:
     """bits × steps × cache on `model` (the plan's quantized network, or float): the bits+steps plan on
-    `base_ts` against, for every candidate step count K' (timesteps `candidates[K']`), the cache
-    schedule planned at the share of the units' time that keeps K' steps within `budget_ms` (the
-    plan's own predicted latency). Each is measured end to end against `teacher_model` on `teacher_ts`
-    (the float model on the reference schedule); the least drift within the budget is kept."""
+    `base_ts` against cache schedules on K' steps (timesteps `candidates[K']`). Each is measured end to
+    end against `teacher_model` on `teacher_ts` (the float model on the reference schedule).
+
+    objective "drift": one schedule per K' at the share of the units' time that keeps K' steps within
+    `budget_ms` (the plan's own predicted latency); the least drift is kept.
+    objective "latency": per K' (the plan's own steps included), schedules at falling latency targets
+    (SPEED_RATIOS × `budget_ms`) until one drifts more than the plan; the fastest that drifts no more
+    than the plan (× 1 + `tolerance`) is kept: faster at no more drift, or no cache."""
     from diffpro_cli.cache import policy_from_dict
-    from diffpro_cli.planning.joint import cache_fraction_for, schedule_latency_ms, select_joint_cache
+    from diffpro_cli.planning.joint import cache_fraction_for, schedule_latency_ms, select_fastest_cache, select_joint_cache
+
+    if objective not in OBJECTIVES:
+        raise UsageError(f"cache objective {objective!r}: use latency (faster at no more drift) or drift (less drift at the same latency)")
     from diffpro_cli.sampling import default_labels, sample
 
     labels = default_labels(model, cfg.n)
@@ -411,24 +422,41 @@ def plan_joint_cache(model, teacher_model, base_ts: list[int], candidates: dict[
     base = {"steps": len(base_ts), "timesteps": list(base_ts), "cache": None, "predicted_ms": len(base_ts) * step_ms,
             "drift": _mse(final(model, sorted(base_ts)), teacher)}
     rows = []
-    for k2, ts in sorted(candidates.items()):
-        frac = cache_fraction_for(step_ms, unit_ms, k2, budget_ms)
+
+    def candidate(k2: int, ts: list[int], target_ms: float, ratio: float | None) -> dict:
+        frac = cache_fraction_for(step_ms, unit_ms, k2, target_ms)
         row = {"steps": k2, "timesteps": list(ts), "unit_fraction": frac, "drift": None}
+        if ratio is not None:
+            row["target_ratio"] = ratio
         rows.append(row)
         if not 0 < frac < 1:
             row["skipped"] = "no share of the units' time fits the budget" if frac <= 0 else "fits without a cache"
-            continue
+            return row
         try:
             rec = plan_cache(model, ts, dataclasses.replace(cfg, budget="latency", fraction=frac), ui, unit_cost=unit_ms)
         except BudgetError as exc:
             row["skipped"] = str(exc)
-            continue
+            return row
         policy = policy_from_dict(rec["schedule"])
         row.update(cache=rec["schedule"], selected_by=rec["selected_by"], compute_fraction=rec["compute_fraction"],
                    predicted_ms=schedule_latency_ms(step_ms, unit_ms, policy.computed),
                    drift=_mse(final(model, ts, policy), teacher))
-        ui.info(f"allocate: {k2} steps + cache ({rec['selected_by']}, compute {rec['compute_fraction']:.2f}): drift "
-                f"{row['drift']:.3g} vs {base['drift']:.3g} for {base['steps']} steps without")
-    best = select_joint_cache(base, rows, budget_ms)
+        ui.info(f"allocate: {k2} steps + cache ({rec['selected_by']}, compute {rec['compute_fraction']:.2f}, predicted "
+                f"{row['predicted_ms'] / base['predicted_ms']:.2f}x the plan's time): drift {row['drift']:.3g} vs "
+                f"{base['drift']:.3g} for {base['steps']} steps without")
+        return row
+
+    if objective == "drift":
+        for k2, ts in sorted(candidates.items()):
+            candidate(k2, ts, budget_ms, None)
+        best = select_joint_cache(base, rows, budget_ms)
+    else:
+        limit = base["drift"] * (1 + tolerance)
+        for k2, ts in [(len(base_ts), list(base_ts))] + sorted((k, t) for k, t in candidates.items() if k != len(base_ts)):
+            for ratio in SPEED_RATIOS:   # drift grows as the target falls: stop at the first one over the plan's
+                row = candidate(k2, ts, ratio * budget_ms, ratio)
+                if row["drift"] is None and row["unit_fraction"] < 1 or row["drift"] is not None and row["drift"] > limit:
+                    break
+        best = select_fastest_cache(base, rows, tolerance)
     return {"base": base, "candidates": rows, "chosen": best, "budget_ms": budget_ms, "step_ms": step_ms,
-            "unit_ms": unit_ms, "teacher_steps": len(teacher_ts)}
+            "unit_ms": unit_ms, "teacher_steps": len(teacher_ts), "objective": objective, "tolerance": tolerance}

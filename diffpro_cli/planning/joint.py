@@ -165,3 +165,14 @@ def select_joint_cache(base: dict, candidates: list[dict], budget_ms: float) -> 
     ok = [c for c in candidates if c.get("drift") is not None and c["predicted_ms"] <= budget_ms * (1 + 1e-9)]
     best = min(ok, key=lambda c: c["drift"], default=None)
     return best if best is not None and best["drift"] < base["drift"] else base
+
+
+def select_fastest_cache(base: dict, candidates: list[dict], tolerance: float = 0.0) -> dict:
+    """The least predicted latency among the cached candidates that drift no more than the bits+steps
+    plan (`base`, within `tolerance` as a fraction of its drift) and are predicted faster than it; ties
+    keep the lower drift. None such: the plan without a cache."""
+    limit = base["drift"] * (1 + tolerance)
+    ok = [c for c in candidates if c.get("drift") is not None and c["drift"] <= limit
+          and c["predicted_ms"] < base["predicted_ms"] * (1 - 1e-9)]
+    return min(ok, key=lambda c: (c["predicted_ms"], c["drift"]), default=base)
+

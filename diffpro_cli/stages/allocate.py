@@ -75,6 +75,8 @@ class AllocateConfig:
     error_model: str = "auto"            # auto | measured | proxy | score | cdf (see error_model())
     cache: bool = False                  # bits × steps × cache: also try more steps with reused computation (docs/caching.md)
     cache_n: int = 8                     # calibration samples of that comparison (teacher: float on full_steps)
+    cache_objective: str = "latency"     # latency: faster at no more drift than the plan; drift: less drift at its latency
+    cache_tolerance: float = 0.0         # latency objective: drift allowed over the plan's, as a fraction of it
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -96,6 +98,12 @@ def validate_config(cfg: AllocateConfig) -> None:
         raise UsageError(f"--latency-budget {cfg.latency_budget}: must be a positive number of milliseconds per image")
     if cfg.min_speedup is not None and not (math.isfinite(cfg.min_speedup) and cfg.min_speedup > 0):
         raise UsageError(f"--min-speedup {cfg.min_speedup}: must be a positive ratio against fp32, e.g. 1.5")
+    if cfg.cache_objective not in ("latency", "drift"):
+        raise UsageError(f"--cache-objective {cfg.cache_objective}: use latency (faster at no more drift) or drift (less drift at the same latency)")
+    if not (math.isfinite(cfg.cache_tolerance) and 0 <= cfg.cache_tolerance < 1):
+        raise UsageError(f"cache_tolerance {cfg.cache_tolerance}: must be in [0, 1), e.g. 0.05 allows 5% more drift than the plan")
+    if cfg.cache_n < 1:
+        raise UsageError(f"cache_n {cfg.cache_n}: must be at least 1 calibration sample")
     if not 0 <= cfg.int_margin < 1:
         raise UsageError(f"int_margin {cfg.int_margin}: must be in [0, 1)")
     make_options(cfg.bits, cfg.act_bits, cfg.act_mode, cfg.group_size)
@@ -351,9 +359,10 @@ def run_allocate(ctx, cfg: AllocateConfig, *, scores_path: str | Path | None = N
 
 
 def joint_cache_section(ctx, cfg: AllocateConfig, plan: dict, doc: dict, timesteps: dict | None) -> dict:
-    """The plan's `cache` section: the bits+steps plan (K steps) against K' = 1.25K, 1.5K, 2K steps
-    with a cache schedule at the same predicted latency (cost table + the units' measured times), each
-    measured against the float model on `full_steps` steps; enabled only when a cached one drifts less.
+    """The plan's `cache` section: the bits+steps plan (K steps) against cache schedules on K, 1.25K,
+    1.5K, 2K steps priced with the cost table + the units' measured times, each measured against the
+    float model on `full_steps` steps; enabled only when one is faster at no more drift (objective
+    latency) or drifts less at the plan's latency (objective drift).
     Planned on the plan's network quantized in memory (round-to-nearest; float when static activations
     need calibration)."""
     import copy
@@ -382,11 +391,19 @@ def joint_cache_section(ctx, cfg: AllocateConfig, plan: dict, doc: dict, timeste
     unit_ms = unit_latencies_under_plan(block_ms, unit_layer_names(model.net, list(plan["layers"])), plan["layers"], fp_ms)
     step_ms = float(plan["totals"]["latency_ms"])
     rec = plan_joint_cache(qmodel, model, base_ts, cands, step_ms, unit_ms, len(base_ts) * step_ms,
-                           uniform_timesteps(n_train, cfg.full_steps), ccfg, ctx.ui)
+                           uniform_timesteps(n_train, cfg.full_steps), ccfg, ctx.ui,
+                           objective=cfg.cache_objective, tolerance=cfg.cache_tolerance)
     chosen = rec.pop("chosen")
-    verdict = (f"{chosen['steps']} steps with a cache schedule (compute {chosen['compute_fraction']:.2f}) drift less than "
-               f"{len(base_ts)} steps without, at the same predicted latency" if chosen.get("cache") else
-               f"no cache: {len(base_ts)} steps without one drift least at this latency")
+    K = len(base_ts)
+    if cfg.cache_objective == "latency":
+        verdict = (f"{chosen['steps']} steps with a cache schedule (compute {chosen['compute_fraction']:.2f}) are predicted "
+                   f"{chosen['predicted_ms'] / rec['budget_ms']:.2f}x the time of {K} steps without, at no more drift "
+                   f"({chosen['drift']:.3g} vs {rec['base']['drift']:.3g})" if chosen.get("cache") else
+                   f"no cache: no cached schedule was faster than {K} steps without one at no more drift")
+    else:
+        verdict = (f"{chosen['steps']} steps with a cache schedule (compute {chosen['compute_fraction']:.2f}) drift less than "
+                   f"{K} steps without, at the same predicted latency" if chosen.get("cache") else
+                   f"no cache: {K} steps without one drift least at this latency")
     ctx.ui.info(f"allocate: {verdict}")
     return {"schema": "diffpro.cache/1", "enabled": chosen.get("cache") is not None, "schedule": chosen.get("cache"),
             "steps": chosen["steps"], "drift": chosen["drift"], "predicted_ms": chosen["predicted_ms"],
