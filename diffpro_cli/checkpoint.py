@@ -91,6 +91,18 @@ def _scales_to_float(state: dict) -> None:
             state[key] = value.float()
 
 
+def non_layer_bytes(model: DiffusionModel, layer_names: list[str]) -> int:
+    """Bytes a checkpoint of `model` holds besides the named layers' weights and biases (which the plan
+    prices per option): other parameters and buffers as stored, int8 embedding tables, the schedule, and
+    the safetensors header (estimated: one JSON entry per tensor, ~66 bytes + its name; 3 per layer)."""
+    tensors = checkpoint_tensors(model, {})
+    prefixes = tuple(f"{n}." for n in layer_names)
+    other = {k: v for k, v in tensors.items()
+             if not (k.startswith(prefixes) and k.rpartition(".")[2] in ("weight", "bias"))}
+    names = list(other) + [f"{n}.{leaf}" for n in layer_names for leaf in ("qweight", "weight_scale", "bias")]
+    return sum(v.numel() * v.element_size() for v in other.values()) + 8 + 64 + sum(len(n) + 66 for n in names)
+
+
 def checkpoint_tensors(model: DiffusionModel, qlayers: dict[str, _QuantBase], int8_embeddings: bool = True) -> dict[str, torch.Tensor]:
     """Everything the checkpoint stores, by name (see module docstring)."""
     tensors = {}

@@ -450,3 +450,28 @@ def test_float_act_roles_compute_on_float_activations_only_where_float_compute_i
     assert all(e["act_bits"] == 8 for e in only_int["layers"].values() if e["weight_bits"] < 16)
     with pytest.raises(UsageError, match="--float-act nope"):
         allocate_plan(scores, AllocateConfig(budget="avg-bits=6", float_act=["nope"]), latency_fn=fake_latency)
+
+
+def test_size_budget_counts_the_rest_of_the_checkpoint(tmp_path):
+    """Catches: a size-mb budget that prices only the planned layers, so the written checkpoint (buffers,
+    schedule, header on top) is larger than the budget the user asked for."""
+    import diffpro
+    from diffpro_cli.stages.bench import checkpoint_info
+
+    w = tmp_path / "w"
+    prof = diffpro.profile("random:dit-tiny", w, samples=2, timesteps="999:0:500", batch=2)
+    assert prof["checkpoint_other_bytes"] > 0
+    diffpro.score("random:dit-tiny", w)
+    sizes = {}
+    for bits in (4, 8):
+        diffpro.quantize("random:dit-tiny", w, bits=bits, out_dir=tmp_path / f"u{bits}", float_act=[])
+        sizes[bits] = checkpoint_info(tmp_path / f"u{bits}")["size_bytes"]
+    budget = sizes[4] + 0.3 * (sizes[8] - sizes[4])
+    plan = diffpro.allocate("random:dit-tiny", w, budget=f"size-mb={budget / 1e6:.6f}", bits=[4, 8], act_bits=[8],
+                            latency_source="analytic", remainder_ms=0.0, repeats=1, batch=2)
+    assert plan["totals"]["bytes"] + plan["totals"]["other_bytes"] <= budget
+    diffpro.quantize("random:dit-tiny", w)
+    written = checkpoint_info(w / "quantized")["size_bytes"]
+    assert written <= budget
+    # the header is estimated, everything else is exact: prediction and file agree closely
+    assert abs(plan["totals"]["bytes"] + plan["totals"]["other_bytes"] - written) < 0.01 * written

@@ -117,6 +117,15 @@ def validate_config(cfg: AllocateConfig) -> None:
         raise UsageError("--steps chooses step counts for the joint plan; add --budget latency=F or --latency-budget MS, or drop --steps")
 
 
+def checkpoint_other_bytes(scores: dict, table) -> int:
+    """Bytes of the checkpoint outside the planned layers, as profiled (buffers, schedule, header);
+    scores from before it was recorded: the unplanned parameters at fp32."""
+    model = scores.get("model") or {}
+    if model.get("checkpoint_other_bytes") is not None:
+        return int(model["checkpoint_other_bytes"])
+    return 4 * max(0, int(model.get("params") or 0) - table.params)
+
+
 def allocate_plan(scores: dict, cfg: AllocateConfig, *, latency_fn: Callable[[Layer, Option], float] | None = None,
                   remainder_ms: float = 0.0, remainder_source: str = "given", latency_source: str = "given",
                   timesteps: dict | None = None, scores_path: str | Path = "scores.json", ui: UI = QUIET_UI) -> tuple[dict, dict | None]:
@@ -134,7 +143,7 @@ def allocate_plan(scores: dict, cfg: AllocateConfig, *, latency_fn: Callable[[La
     # no latency budget to trade against: each stored width runs its faster path on this machine
     table = build_table(layers, options, cfg, latency_fn, proxy_bits,
                         fastest_path_margin=None if trades_latency else cfg.int_margin)
-    other_bytes = 4 * max(0, int((scores.get("model") or {}).get("params") or 0) - table.params)
+    other_bytes = checkpoint_other_bytes(scores, table)
 
     constraints = []
     for b in budgets:
@@ -213,7 +222,7 @@ def allocate_plan(scores: dict, cfg: AllocateConfig, *, latency_fn: Callable[[La
                     "group_size": cfg.group_size, "protect": list(cfg.protect), "protect_bits": cfg.protect_bits},
         "error_model": table.error_model,
         "conventions": {"avg_bits": "storage bits (weights, fp32 scales, fp32 bias; 16 = kept at fp32) / parameters of the scored layers",
-                        "bytes": "scored layers only; other_bytes = remaining parameters at fp32",
+                        "bytes": "scored layers only; other_bytes = the rest of the checkpoint as profiled (buffers, schedule, header estimate)",
                         "latency_ms": "one denoising step per image at the cost table's batch: chosen layer latencies + non-GEMM remainder",
                         "act_bits": "execution path: 8 = integer kernel with dynamic int8 activations, 16 = float compute from the stored weights",
                         "size_mb": "1 MB = 1e6 bytes"},
@@ -305,7 +314,7 @@ def run_allocate(ctx, cfg: AllocateConfig, *, scores_path: str | Path | None = N
     size_budgets = [b for b in parse_budgets(cfg.budget) if b.kind in ("avg-bits", "size-mb")]
     if size_budgets:   # size budgets: fail before timing anything
         table = build_table(layers, make_options(cfg.bits, cfg.act_bits, cfg.act_mode, cfg.group_size), cfg, None)
-        other_bytes = 4 * max(0, int((scores.get("model") or {}).get("params") or 0) - table.params)
+        other_bytes = checkpoint_other_bytes(scores, table)
         for budget in size_budgets:
             k = budget_constraint(table, budget, 0.0, other_bytes)
             if smallest_feasible(table, k) > k.limit:

@@ -253,6 +253,7 @@ def finalize(model, prof: Profiler, ts: list[int], ui=None) -> tuple[dict[str, t
 def write_profile(model, cfg: ProfileConfig, out_dir: Path, ui=None, advance=lambda n=1: None) -> tuple[Path, Path]:
     """Profile `model` and write out_dir/stats.safetensors and out_dir/profile.json atomically."""
     from diffpro_cli.artifacts import atomic_save_safetensors, atomic_write_json, sha256_file
+    from diffpro_cli.checkpoint import non_layer_bytes
 
     with torch.no_grad():
         prof, ts = collect(model, cfg, advance)
@@ -275,6 +276,8 @@ def write_profile(model, cfg: ProfileConfig, out_dir: Path, ui=None, advance=lam
         "stats_file": stats_path.name,
         "stats_sha256": sha256_file(stats_path),
         "totals": {"layers": len(rows), "params": sum(r["params"] for r in rows), "macs": sum(r["macs"] for r in rows)},
+        # what a quantized checkpoint stores besides these layers (allocate's size budgets count it)
+        "checkpoint_other_bytes": non_layer_bytes(model, [r["name"] for r in rows]),
         "layers": rows,
         "skipped": skipped,
     }

@@ -203,7 +203,8 @@ def write_scores(profile_path: Path, cfg: ScoreConfig, workdir: Path, model=None
     result = {
         "schema": SCHEMA,
         "model": {"spec": doc["model"]["spec"], "sha256": doc["model"].get("sha256"),
-                  "random_weights": doc["model"].get("random_weights", False), "untrained": doc["model"].get("untrained", False)},
+                  "random_weights": doc["model"].get("random_weights", False), "untrained": doc["model"].get("untrained", False),
+                  "checkpoint_other_bytes": doc.get("checkpoint_other_bytes")},
         "profile": str(json_path),
         "profile_sha256": sha256_file(json_path),
         "formula": cfg.formula,
