@@ -179,6 +179,40 @@ class _CallState:
     rest: bool = True                       # fbcache: run blocks 1..N-1 in this call
 
 
+# Joint (MMDiT) blocks, SD3's and FLUX's, take `encoder_hidden_states` beside `hidden_states` and return
+# the pair (encoder_hidden_states, hidden_states), the context stream None after a context-pre-only block:
+# their residual is the pair of both streams' residuals, reused together.
+
+def _encoder_input(args, kwargs):
+    return kwargs.get("encoder_hidden_states", args[0] if args and isinstance(args[0], torch.Tensor) else None)
+
+
+def _residual(out, hidden, enc):
+    if isinstance(out, tuple):
+        e_out, h_out = out
+        return (None if e_out is None or enc is None else e_out - enc, h_out - hidden)
+    return out - hidden
+
+
+def _apply(res, hidden, enc):
+    if isinstance(res, tuple):
+        r_e, r_h = res
+        return (None if r_e is None else enc + r_e, hidden + r_h)
+    return hidden + res
+
+
+def _image_part(res) -> torch.Tensor:
+    return res[1] if isinstance(res, tuple) else res
+
+
+def _flat(res) -> torch.Tensor:
+    """One tensor per residual (image stream first, then the context stream), [batch, features]: what
+    calibration compares between steps and the first-block policy measures."""
+    if isinstance(res, tuple):
+        return torch.cat([r.flatten(1) for r in (res[1], res[0]) if r is not None], dim=1)
+    return res
+
+
 @dataclass
 class CacheRunner:
     """Executes a policy on a network's blocks (see the module docstring). None = compute everything
@@ -208,7 +242,8 @@ class CacheRunner:
         self._state = _CallState()
         self._res: dict[tuple[int, int], torch.Tensor] = {}     # (call, unit) → residual
         self._fb_ref: dict[int, torch.Tensor] = {}               # call → block 0's reference residual
-        self._rest_in: dict[int, torch.Tensor] = {}              # call → input of block 1 (computing step)
+        self._rest_in: dict[int, tuple] = {}                     # call → inputs of block 1 (computing step)
+        self._pairs = False                                      # joint blocks: (context, image) in and out
         self._handles = []
         self.unit_evaluations = [0] * n
 
@@ -272,19 +307,20 @@ class CacheRunner:
         def forward(hidden_states, *args, **kwargs):
             st = self._state
             key = (st.call, u)
+            enc = _encoder_input(args, kwargs)
             if u in st.compute:
                 out = self._run(u, orig, hidden_states, args, kwargs)
-                res = out - hidden_states
+                res = _residual(out, hidden_states, enc)
                 if self.policy is not None:
                     self._res[key] = res
                 if self.on_residual is not None:
-                    self.on_residual(st.step, st.call, u, res)
+                    self.on_residual(st.step, st.call, u, _flat(res))
                 return out
             res = self._res.get(key)
-            if res is None or res.shape != hidden_states.shape:
+            if res is None or _image_part(res).shape != hidden_states.shape:
                 raise InputError(f"cache: unit {u} is cached at step {st.step} but has no residual for this call "
                                  "(the trajectory did not start at the schedule's first step); re-plan the cache")
-            return hidden_states + res
+            return _apply(res, hidden_states, enc)
         return forward
 
     def _fb_forward(self, u: int, orig):
@@ -293,9 +329,11 @@ class CacheRunner:
 
         def forward(hidden_states, *args, **kwargs):
             st = self._state
+            enc = _encoder_input(args, kwargs)
             if u == 0:
                 out = self._run(u, orig, hidden_states, args, kwargs)
-                r1 = out - hidden_states
+                self._pairs = isinstance(out, tuple)
+                r1 = _flat(_residual(out, hidden_states, enc))
                 ref = self._fb_ref.get(st.call)
                 change = None
                 if self._forced(st.step) or ref is None or ref.shape != r1.shape:
@@ -310,14 +348,14 @@ class CacheRunner:
                 return out
             if st.rest:
                 if u == 1:
-                    self._rest_in[st.call] = hidden_states
+                    self._rest_in[st.call] = (hidden_states, enc)
                 out = self._run(u, orig, hidden_states, args, kwargs)
                 if u == n - 1:
-                    self._res[(st.call, -1)] = out - self._rest_in.pop(st.call)
+                    self._res[(st.call, -1)] = _residual(out, *self._rest_in.pop(st.call))
                 return out
-            if u < n - 1:
-                return hidden_states          # no compute: the combined residual is added after the last block
-            return hidden_states + self._res[(st.call, -1)]
+            if u < n - 1:                     # no compute: the combined residual is added after the last block
+                return (enc, hidden_states) if self._pairs else hidden_states
+            return _apply(self._res[(st.call, -1)], hidden_states, enc)
         return forward
 
     # -- install / remove ----------------------------------------------------------------------
@@ -328,7 +366,7 @@ class CacheRunner:
         make = self._fb_forward if isinstance(self.policy, FirstBlockCache) else self._static_forward
         for u, block in enumerate(self.blocks):
             block.forward = make(u, type(block).forward.__get__(block))
-        self._handles.append(self.net.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
+        self._handles.append(self.net.register_forward_pre_hook(self._pre_hook, with_kwargs=True, prepend=True))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -399,7 +437,7 @@ class DeepCacheRunner(CacheRunner):
             b.forward = self._deep_forward(type(b).forward.__get__(b), n_res, False)
         for m in self._deep[len(net.down_blocks) - 1:]:
             m.forward = self._deep_forward(type(m).forward.__get__(m), None, m is self._deep[-1])
-        self._handles.append(net.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
+        self._handles.append(net.register_forward_pre_hook(self._pre_hook, with_kwargs=True, prepend=True))
         return self
 
     def __exit__(self, *exc) -> None:

@@ -253,3 +253,46 @@ def test_block_latencies_time_every_block_on_its_captured_input(tiny):
     assert set(inputs) == set(blocks) and all(isinstance(a[0][0], torch.Tensor) for a in inputs.values())
     ms = block_latencies(tiny, CachePlanConfig(repeats=2, latency_batch=2))
     assert len(ms) == len(blocks) and all(0 < v < float("inf") for v in ms)
+
+
+def test_joint_blocks_reuse_both_streams_residuals_exactly():
+    """SD3-style joint blocks (the built-in flow model: 4 blocks, the last context-pre-only) take and return
+    (context, image) streams, and the network sees σ·1000, not diffpro's index. Catches: a cache that only
+    handles one tensor per block (crash, or the context stream silently dropped), a reused unit whose
+    outputs are not exactly the new inputs plus both residuals of the last computed step, and the step
+    lookup reading the mapped flow timestep instead of the index."""
+    from diffpro_cli.loading import load_model
+    from diffpro_cli.sampling import default_labels, uniform_timesteps
+
+    m = load_model("builtin:flow-mnist")
+    ts = uniform_timesteps(1000, 5)
+    labels = default_labels(m, 2)
+
+    def run():
+        return sample(m, 2, ts, SamplerConfig(method="euler"), labels=labels, seed=5, batch_size=2, decode=False)
+
+    ref = run()
+    with cached(m, CacheSchedule.full(ts, 4)) as r:
+        assert torch.equal(run(), ref) and r.compute_fraction == 1.0
+    seen = []   # per call of block 1: (image in, context in, image out, context out)
+    block = m.net.transformer_blocks[1]
+    attn_calls = []
+    h1 = block.register_forward_hook(lambda mod, a, kw, out: seen.append(
+        (kw["hidden_states"], kw["encoder_hidden_states"], out[1], out[0])), with_kwargs=True)
+    h2 = block.attn.register_forward_hook(lambda *a: attn_calls.append(1))
+    try:
+        with cached(m, CacheSchedule(ts, 4, [{0, 1, 2, 3}, {0, 2, 3}, {0, 2, 3}, {0, 1, 2, 3}, {0, 1, 2, 3}])) as r:
+            out = run()
+    finally:
+        h1.remove()
+        h2.remove()
+    assert len(seen) == 5 and len(attn_calls) == 3           # steps 1, 2 ran no attention in block 1
+    h0, e0, ho, eo = seen[0]
+    for step in (1, 2):
+        h, e, o_h, o_e = seen[step]
+        assert torch.equal(o_h, h + (ho - h0)) and torch.equal(o_e, e + (eo - e0))
+    assert r.compute_fraction == pytest.approx(18 / 20) and not torch.equal(out, ref)
+    with cached(m, FirstBlockCache(ts, 4, threshold=10.0, protect_tail=1)) as r:   # skips blocks 1-3 after step 0
+        out = run()
+    assert out.shape == ref.shape and torch.isfinite(out).all()
+    assert r.compute_fraction == pytest.approx((4 + 3 * 1 + 4) / 20)
