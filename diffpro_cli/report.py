@@ -58,7 +58,7 @@ def significance_line(report: dict) -> str | None:
         if r["name"] == base or ci is None:
             continue
         (sig if excludes_zero(ci) else flat).append(f"{r['name']} vs {base} (ΔFID {d[r['name']]['delta_fid']:+.2f})")
-    for v in report.get("versus_step_cut", []):
+    for v in report.get("versus_step_cut", []) + report.get("versus_cache", []):
         ci = v.get("delta_fid_vs_fp_ci95")
         if ci is not None:
             (sig if excludes_zero(ci) else flat).append(

@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from diffpro_cli.stages.bench import BenchConfig, measure_bench
 from diffpro_cli.stages.comparisons import derived_ratios
 from diffpro_cli.stages.context import StageContext
@@ -65,6 +67,26 @@ def test_versus_step_cut_compares_diffpro_with_float_rows_at_the_same_steps_only
     rep["rows"][-1]["latency_s_per_image"]["median"] = 1.25    # quantized compute slower than float here
     assert "SLOWER" in versus_step_cut(rep)[0]["line"]
     assert versus_step_cut({"rows": rep["rows"][:-1], "derived": {}}) == []
+
+
+def test_versus_cache_compares_diffpro_with_every_cache_row_whatever_its_steps():
+    """Catches: the joint plan's cache claim checked only against the float step cut (the cache rows
+    left out of the comparison), or a non-cache row (w8a8-uniform, ddim-K) mixed into it."""
+    from diffpro_cli.stages.comparisons import versus_cache
+
+    def row(name, steps, med, fid_vs_fp):
+        return {"name": name, "steps": steps, "latency_s_per_image": {"median": med}, "fid_vs_fp": fid_vs_fp}
+
+    rep = {"rows": [row("fp32", 50, 2.0, 0.0), row("ddim-25", 25, 1.0, 2.5), row("w8a8-uniform", 50, 1.2, 3.0),
+                    row("cache-only", 50, 1.3, 1.0), row("fbcache-0.08", 50, 1.0, 9.0), row("deepcache-2", 50, 1.1, 4.0),
+                    row("diffpro-nocache", 25, 0.6, 6.0), row("diffpro", 25, 0.5, 6.1)],
+           "derived": {"diffpro": {"compression": 7.1}}}
+    out = {v["row"]: v for v in versus_cache(rep)}
+    assert set(out) == {"cache-only", "fbcache-0.08", "deepcache-2", "diffpro-nocache"}
+    assert out["diffpro-nocache"]["speedup"] == pytest.approx(1.2) and "without its cache" in out["diffpro-nocache"]["line"]
+    assert out["diffpro-nocache"]["delta_fid_vs_fp"] == pytest.approx(0.1)
+    rep["rows"][-1]["latency_s_per_image"]["median"] = 0.7
+    assert "SLOWER" in {v["row"]: v for v in versus_cache(rep)}["diffpro-nocache"]["line"]
 
 
 def test_compile_rows_keeps_every_row_eager_with_one_note_where_compile_is_unavailable(monkeypatch):

@@ -27,7 +27,7 @@ from diffpro_cli.errors import InputError, UsageError
 from diffpro_cli.models.base import DiffusionModel
 from diffpro_cli.sampling import SamplerConfig, sample, sample_dpmsolver, uniform_timesteps
 from diffpro_cli.stages.bench_cache import CACHE_ROWS  # rows on request (docs/caching.md)
-from diffpro_cli.stages.comparisons import derived_ratios, steps_note, versus_step_cut
+from diffpro_cli.stages.comparisons import derived_ratios, steps_note, versus_cache, versus_step_cut
 
 REPORT_SCHEMA = "diffpro.report/1"
 # per-row fields from metrics.evidence (docs/report.md)
@@ -448,10 +448,11 @@ def measure_bench(ctx, cfg: BenchConfig, quantized: Path | None = None, timestep
         })
     report["derived"] = derived_ratios(report, fid_results.get("_replicates"))
     report["versus_step_cut"] = versus_step_cut(report, fid_results.get("_replicates"))
+    report["versus_cache"] = versus_cache(report, fid_results.get("_replicates"))
     if step_evidence:   # prune's paired test of its drift-selected steps against uniform spacing, same seeds
         report["steps_vs_uniform"] = step_evidence
         notes.append(steps_note(step_evidence))
-    for v in report["versus_step_cut"]:
+    for v in report["versus_cache"] + report["versus_step_cut"]:
         notes.insert(0, v["line"])
     if model0.random_weights:
         report["notes"].append("RANDOM WEIGHTS: speed and memory only; no quality metric is meaningful")

@@ -1,5 +1,5 @@
 """The report's comparisons between rows measured in one bench run: ratios against the baseline row,
-diffpro against the float step cut at the same step count, and prune's paired steps test as one line.
+diffpro against the float step cut at the same step count, diffpro against the cache rows, and prune's paired steps test as one line.
 Pure functions over report dicts (stages/bench.py builds the rows and calls them)."""
 
 from __future__ import annotations
@@ -39,13 +39,35 @@ def versus_step_cut(report: dict, replicates=None) -> list[dict]:
     K): latency ratio and FID vs fp32 side by side, measured in this run. The plan must not lose on speed.
     With the bootstrap `replicates`, paired 95 % intervals of diffpro minus the row: FID vs fp32
     (`delta_fid_vs_fp_ci95`) and FID vs the reference (`delta_fid_ci95`)."""
+    dp = next((r for r in report["rows"] if r["name"] == "diffpro"), None)
+    return _versus(report, replicates, lambda name, r: dp is not None and r["steps"] == dp["steps"] and (
+        name.startswith("ddim-") or name.startswith("fp32-subset-")),
+        lambda r: f"same {r['steps']} steps, float weights")
+
+
+CACHE_DESCRIPTIONS = {"diffpro-nocache": "the same checkpoint and steps without its cache schedule",
+                      "cache-only": "float weights, full steps, the planner's cache schedule"}
+
+
+def versus_cache(report: dict, replicates=None) -> list[dict]:
+    """diffpro (with its cache schedule) against the other ways to reuse computation measured in the run:
+    the bits+steps plan alone (diffpro-nocache), cache-only and the hand-set baselines (fbcache-T,
+    deepcache-N); same fields as `versus_step_cut`."""
+    def pick(name, r):
+        return name in CACHE_DESCRIPTIONS or name.startswith("fbcache-") or name.startswith("deepcache-")
+
+    return _versus(report, replicates, pick,
+                   lambda r: CACHE_DESCRIPTIONS.get(r["name"], f"hand-set cache, float weights, {r['steps']} steps"))
+
+
+def _versus(report: dict, replicates, pick, describe) -> list[dict]:
     rows = {r["name"]: r for r in report["rows"]}
     dp = rows.get("diffpro")
     if dp is None:
         return []
     out = []
     for name, r in rows.items():
-        if not (name.startswith("ddim-") or name.startswith("fp32-subset-")) or r["steps"] != dp["steps"]:
+        if name == "diffpro" or not pick(name, r):
             continue
         ratio = r["latency_s_per_image"]["median"] / dp["latency_s_per_image"]["median"]
         entry = {"row": name, "steps": r["steps"], "speedup": round(ratio, 3),
@@ -64,7 +86,9 @@ def versus_step_cut(report: dict, replicates=None) -> list[dict]:
                 sig = "significant" if ci[0] > 0 or ci[1] < 0 else "not significant"
                 quality += f" (paired Δ {entry['delta_fid_vs_fp']:+.2f} [{ci[0]:+.2f}, {ci[1]:+.2f}], {sig})"
         verdict = "faster" if ratio >= 1.0 else "SLOWER: quantized compute does not pay on this machine"
-        entry["line"] = (f"diffpro vs {name} (same {r['steps']} steps, float weights): {ratio:.2f}x {verdict}{quality}, "
+        if ratio < 1.0 and not (name.startswith("ddim-") or name.startswith("fp32-subset-")):
+            verdict = "SLOWER"
+        entry["line"] = (f"diffpro vs {name} ({describe(r)}): {ratio:.2f}x {verdict}{quality}, "
                          f"{report['derived'].get('diffpro', {}).get('compression') or 0:.2f}x smaller")
         out.append(entry)
     return out
