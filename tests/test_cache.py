@@ -296,3 +296,17 @@ def test_joint_blocks_reuse_both_streams_residuals_exactly():
         out = run()
     assert out.shape == ref.shape and torch.isfinite(out).all()
     assert r.compute_fraction == pytest.approx((4 + 3 * 1 + 4) / 20)
+
+
+def test_plan_cache_runs_on_joint_blocks():
+    """Catches: calibration summing the blocks' residuals into the stack's when the last joint block
+    (context-pre-only) returns the image stream alone (shape mismatch crash in allocate --cache)."""
+    from diffpro_cli.loading import load_model
+    from diffpro_cli.planning.cache_plan import CachePlanConfig, plan_cache
+    from diffpro_cli.sampling import uniform_timesteps
+
+    m = load_model("builtin:flow-mnist")
+    rec = plan_cache(m, uniform_timesteps(1000, 6), CachePlanConfig(n=2, batch=2, repeats=1, fraction=0.7,
+                                                                    proposals=("aligned", "interval"), step_cut=False))
+    assert rec["compute_fraction"] <= 0.7 + 1e-9 and rec["drift"] >= 0
+    assert set(rec["results"]) == {"aligned", "interval"}

@@ -200,7 +200,13 @@ def residual_change_tables(model, timesteps: list[int], cfg: CachePlanConfig, la
     def on_residual(step, call, unit, res):
         res = res.detach().clone()
         add((call, unit), unit, step, res)
-        stack[call] = res if unit == 0 else stack[call] + res
+        if unit == 0:
+            stack[call] = res
+        elif stack[call].shape == res.shape:
+            stack[call] = stack[call] + res
+        else:   # joint blocks: (image, context) flattened, the last one image only: the stack's is the image part
+            w = min(stack[call].shape[1], res.shape[1])
+            stack[call] = stack[call][:, :w] + res[:, :w]
         if unit == N - 1:
             add((call, -1), N, step, stack.pop(call))
 
