@@ -97,3 +97,14 @@ def test_bench_diffpro_row_runs_the_checkpoint_schedule_unless_no_cache(checkpoi
         assert (rows["diffpro"]["steps"], rows["diffpro"]["compute_fraction"]) == \
             ((8, pytest.approx(sched.compute_fraction())) if use_cache else (4, 1.0))
         assert (rows["diffpro-nocache"]["steps"], rows["diffpro-nocache"]["compute_fraction"]) == (4, 1.0)
+
+
+def test_nocache_row_is_skipped_when_the_plan_kept_no_cache():
+    """Catches: a `diffpro-nocache` row measured beside a diffpro row that already runs without a cache
+    (the same checkpoint timed twice, its timing noise read as a cache speed-up)."""
+    from diffpro_cli.stages.bench_cache import diffpro_nocache_row
+
+    notes = []
+    qinfo = {"meta": {"cache": {"enabled": False, "verdict": "no cache: none faster at no more drift"}}}
+    assert diffpro_nocache_row(None, qinfo, "q", [0, 500], notes) == []
+    assert notes and "kept no cache" in notes[0] and "none faster" in notes[0]

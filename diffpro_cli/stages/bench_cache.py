@@ -71,6 +71,10 @@ def diffpro_nocache_row(ctx, qinfo: dict | None, quantized, ts: list[int] | None
     if qinfo is None or not qinfo["meta"].get("cache"):
         notes.append("diffpro-nocache row skipped: the checkpoint has no cache section")
         return []
+    if not qinfo["meta"]["cache"].get("enabled"):   # the diffpro row already is the plan without a cache
+        notes.append("diffpro-nocache row skipped: the plan kept no cache schedule (" +
+                     (qinfo["meta"]["cache"].get("verdict") or "disabled") + ")")
+        return []
     if not ts:
         notes.append("diffpro-nocache row skipped: no timesteps (run `diffpro prune` or pass --timesteps)")
         return []
