@@ -2,7 +2,7 @@
 
 from diffpro_cli import __version__
 from diffpro_cli.api import (DiffusionModel, allocate, bench, install_timestep_hook, load, load_lora, profile, prune,
-                             quantize, quantize_, score, unload_lora)
+                             quantize, quantize_, register_diffusers_quantizer, score, unload_lora)
 
 __all__ = ["__version__", "DiffusionModel", "load", "quantize_", "profile", "score", "prune", "allocate", "quantize",
-           "bench", "install_timestep_hook", "load_lora", "unload_lora"]
+           "bench", "install_timestep_hook", "load_lora", "unload_lora", "register_diffusers_quantizer"]

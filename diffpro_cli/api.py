@@ -20,12 +20,13 @@ from typing import Any
 
 from torch import nn
 
+from diffpro_cli.diffusers_quantizer import register_diffusers_quantizer
 from diffpro_cli.errors import UsageError
 from diffpro_cli.lora import load_lora, unload_lora
 from diffpro_cli.models.base import DiffusionModel
 
 __all__ = ["load", "quantize_", "profile", "score", "prune", "allocate", "quantize", "bench", "DiffusionModel",
-           "load_lora", "unload_lora"]
+           "load_lora", "unload_lora", "register_diffusers_quantizer"]
 
 
 def _context(model: str | DiffusionModel, workdir: str | Path, trust_code: bool, weights, seed: int, force: bool, quiet: bool,

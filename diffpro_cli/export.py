@@ -4,7 +4,9 @@
   field) plus a `quantization_config` (`quant_method: "diffpro"`, the per-layer plan, the format), next
   to diffpro's own integer files (diffpro.json, model.safetensors). `diffpro.load(OUT)` (or
   `diffpro_cli.loading.load_model(OUT)`) loads it with the integer kernels; in a diffusers pipeline:
-  `pipe.transformer = diffpro.load(OUT).net`. The integer tensors are the checkpoint's own: no float
+  `pipe.transformer = diffpro.load(OUT).net`; after `diffpro.register_diffusers_quantizer()`, the
+  class's own `from_pretrained(OUT)` too (diffusers_quantizer.py; diffusion_pytorch_model.safetensors
+  is a hard link to model.safetensors). The integer tensors are the checkpoint's own: no float
   copy is written, so the folder stays as small as the checkpoint.
 * `torchao`: OUT/model.safetensors holds float weights DEQUANTIZED from diffpro's integers (so torchao
   starts from diffpro's rounding: GPTQ or nearest, on the same per-channel grid) and
@@ -18,6 +20,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -26,6 +29,7 @@ from diffpro_cli.errors import InputError, UsageError
 
 TARGETS = ("diffusers", "torchao")
 TORCHAO_SCHEMA = "diffpro.torchao/1"
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"   # the file name diffusers' from_pretrained reads
 
 
 def _meta(qdir: Path) -> dict:
@@ -60,9 +64,22 @@ def export_diffusers(qdir: str | Path, out: str | Path, force: bool = False) -> 
             tmp = out / f".{name}.tmp"
             shutil.copyfile(qdir / name, tmp)
             tmp.replace(out / name)
+    _link_diffusers_weights(out)
     atomic_write_json(out / "config.json", config)
     export_schedule(qdir, meta, out)
     return config
+
+
+def _link_diffusers_weights(out: Path) -> None:
+    """diffusers' from_pretrained reads `diffusion_pytorch_model.safetensors`: a hard link to
+    model.safetensors (the same bytes, no second copy; a copy where the filesystem has no hard links)."""
+    tmp = out / f".{DIFFUSERS_WEIGHTS}.tmp"
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(out / "model.safetensors", tmp)
+    except OSError:
+        shutil.copyfile(out / "model.safetensors", tmp)
+    tmp.replace(out / DIFFUSERS_WEIGHTS)
 
 
 def export_schedule(qdir: Path, meta: dict, out: Path) -> dict | None:
