@@ -1,7 +1,9 @@
 """torch.compile of the quantized built-in DiT (issue #20 item 4): the compiled path's traceable integer
 layers (`compiled.enable`, as compile_module does) trace with no graph break inside a transformer block,
-so each block is one graph for inductor; the only breaks are outside the blocks. Dynamo tracing only
-(torch._dynamo.explain): no C++ compile, a few seconds."""
+so each block is one graph for inductor; the only breaks are outside the blocks. Weight-only layers
+(w4a16 / w8a16, dequant-float: every layer, or the float-activation ends of the default W8A8 plan)
+trace too, so those networks are one graph end to end. Dynamo tracing (torch._dynamo.explain), plus
+one inductor compile of the w4a16 network (test_weight_only_plan_compiled_matches_eager)."""
 
 import pytest
 import torch
@@ -104,3 +106,89 @@ def test_a_lora_adapter_keeps_the_block_one_graph(w8a8):
         assert len(float_gemms) == 4 and gemms(ex.graphs[0]) == 9     # A and B of both adapters, in the same graph
     finally:
         diffpro.unload_lora(model)
+
+
+# Weight-only (act_bits 16, kernel dequant-float) layers: a plan with every layer w4a16, and the default
+# W8A8 plan, whose float-activation roles (planning.options.FLOAT_ACT_ROLES: the patch embedding and the
+# final layer) are w8a16. compiled.enable traces them as F.linear / conv2d on the eager kernel's weight.
+WEIGHT_ONLY_PLANS = {
+    "w4a16": lambda model: uniform_plan(model, 4, act_bits=16),
+    "w8a8-float-ends": lambda model: uniform_plan(model, 8),
+}
+
+
+@pytest.fixture(scope="module", params=list(WEIGHT_ONLY_PLANS))
+def weight_only(request):
+    """(plan name, model, enable() counts, inputs, the eager kernels' output and each weight-only layer's
+    (input, output) from that eager call, recorded before enable)."""
+    model = diffpro.load("builtin:dit-mnist")
+    diffpro.quantize_(model, WEIGHT_ONLY_PLANS[request.param](model))
+    torch.manual_seed(0)
+    x, t, y = torch.randn(2, *model.sample_shape), torch.tensor([700, 40]), torch.tensor([3, 8])
+    seen = {}
+
+    def record(m, args, out):   # returns None: the output is left as it is
+        seen.setdefault(m, (args[0], out))
+
+    hooks = [m.register_forward_hook(record)
+             for m in model.net.modules() if getattr(m, "act_mode", None) == "none"]
+    with torch.no_grad():
+        ref = model.net(x, timestep=t, class_labels=y, return_dict=False)[0]
+    for h in hooks:
+        h.remove()
+    counts = compiled.enable(model.net)
+    return request.param, model, counts, (x, t, y), ref, seen
+
+
+def test_weight_only_layers_trace_without_graph_breaks(weight_only):
+    """Catches: weight-only layers left on their eager kernel behind torch.compiler.disable (before the
+    fix: 9 breaks in every block of the w4a16 plan, one per GEMM, and 3 in the whole net of the W8A8
+    plan, around the float patch embedding and final layer); a fused weight-only q/k/v group attached
+    per member or counted once per member (enable reported 93 eager layers for 57); a traced weight-only
+    GEMM dropped from the block (the F.linear count)."""
+    name, model, counts, (x, t, y), _, seen = weight_only
+    assert counts == {"compiled": 57, "eager": 0}, counts
+    assert len(seen) == (57 if name == "w4a16" else 3)
+    for i, (args, kwargs) in block_calls(model, x, t, y).items():
+        ex, reasons = explain(model.net.transformer_blocks[i], *args, **kwargs)
+        assert (ex.graph_count, ex.graph_break_count) == (1, 0), (name, i, reasons)
+        nodes = ex.graphs[0].graph.nodes
+        float_gemms = sum(1 for n in nodes if n.op == "call_function" and n.target is torch.nn.functional.linear)
+        assert float_gemms + gemms(ex.graphs[0]) == 9, (name, i)
+        assert float_gemms == (9 if name == "w4a16" else 0), (name, i)
+    ex, reasons = explain(model.net, x, timestep=t, class_labels=y, return_dict=False)
+    summary = f"{name}: {ex.graph_count} graphs, {ex.graph_break_count} breaks: " + " | ".join(r.splitlines()[0] for r in reasons)
+    # the float patch-embedding conv and final layer trace too: the whole network is one graph
+    assert (ex.graph_count, ex.graph_break_count) == (1, 0), summary
+    assert all(any(k in r for k in OUTSIDE_BLOCKS) for r in reasons), summary
+
+
+def test_weight_only_layers_keep_their_eager_numbers(weight_only):
+    """Catches: the traceable form multiplying another weight than the eager kernel (a re-dequantized
+    or re-rounded copy, a fused group's slice taken at the wrong offset, the bias of another member),
+    i.e. eager results that change once compiled.enable ran. Bit-identical, layer by layer."""
+    name, model, _, _, ref, seen = weight_only
+    with torch.no_grad():
+        for layer, (inp, out) in seen.items():
+            assert compiled.is_attached(layer) and layer.kernel_name.startswith(compiled.FLOAT_NAME)
+            assert torch.equal(layer(inp), out), (name, layer)
+
+
+def test_weight_only_plan_compiled_matches_eager(weight_only):
+    """Catches: a graph that computes something else than the eager layers (guards on the wrong buffer,
+    the q/k/v slices merged wrongly by the common-subexpression pass, inductor's freezing folding a
+    stale weight). Whole network, against the eager kernels' output recorded before enable:
+    the W8A8 plan through dynamo + AOT autograd (its integer ops run as the same ops: bit-identical,
+    and no C++ compile); the w4a16 plan through inductor with freezing (compile_module; float GEMMs, so
+    within float rounding; ~30 s of C++ compile on 2 cores)."""
+    name, model, _, (x, t, y), ref, _ = weight_only
+    torch._dynamo.reset()
+    with torch.no_grad():
+        if name == "w4a16":
+            out = compiled.compile_module(model.net)(x, timestep=t, class_labels=y, return_dict=False)[0]
+            assert torch.allclose(out, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max())), float((out - ref).abs().max())
+        else:
+            enabled = model.net(x, timestep=t, class_labels=y, return_dict=False)[0]   # the traceable ops, eagerly
+            out = torch.compile(model.net, backend="aot_eager")(x, timestep=t, class_labels=y, return_dict=False)[0]
+            assert torch.equal(out, enabled)
+    torch._dynamo.reset()

@@ -14,8 +14,13 @@ inductor can
 Still integer: the same stored weights (folded onto the per-channel int8 grid) run on oneDNN's
 u8 × s8 → s32 GEMM and convolution. Activation schemes (reference.py names): "dynamic" = one symmetric
 scale per tensor on the u8 grid with zero point 128 (scheme "tensor", the eager oneDNN kernel's), and
-"dynamic-token" = one per row ("token"); convolutions one per sample ("sample"). "static" layers and
-weight-only ("none") layers keep their eager kernel inside the compiled graph.
+"dynamic-token" = one per row ("token"); convolutions one per sample ("sample"). "static" layers keep
+their eager kernel inside the compiled graph (an opaque call: a graph break).
+
+Weight-only layers (act_mode "none": w4a16, w8a16, the float-activation patch embedding and final
+layer) compute in float on the CPU (kernels.DequantFloat). Here they are the same F.linear / conv2d on
+the eager kernel's own dequantized weight tensor (shared, not copied), so a mixed plan traces with no
+graph break and the eager numbers are unchanged.
 
     from diffpro_cli.quant import compiled
     if compiled.compiled_available():
@@ -36,6 +41,7 @@ import shutil
 import sys
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from diffpro_cli.quant import kernels
@@ -80,6 +86,7 @@ def _notice(msg: str) -> None:
 # ---------------------------------------------------------------------------------------------
 
 NAME = "cpu-compiled-onednn-int8"
+FLOAT_NAME = "cpu-compiled-dequant-float"
 BUFFERS = ("_c_w", "_c_ws", "_c_wzp", "_c_b", "_c_zp", "_c_one")
 ZP = 128   # u8 zero point of the symmetric ±qmax activation grid (kernels.ACT_ZERO_POINT)
 
@@ -98,6 +105,8 @@ def attach(layer, members=None) -> bool:
     path's state: packed int8 weights as non-persistent buffers (graph constants under freezing; not
     in state_dict, so checkpoints are unchanged). Returns False for layers that keep their eager kernel."""
     members = members or [layer]
+    if layer.act_mode == "none":
+        return _attach_float(layer, members)
     # Convolutions keep their eager kernel (called opaquely from the graph): inductor's qconv lowering
     # in torch 2.14 rejects the activation zero point of the non-fused overload.
     if layer.kind != "linear" or layer.act_mode not in ("dynamic", "dynamic-token") or layer.integers_released:
@@ -129,6 +138,35 @@ def attach(layer, members=None) -> bool:
     return True
 
 
+def _attach_float(layer, members) -> bool:
+    """A weight-only layer (or fused group) on the CPU: its prepared DequantFloat kernel's float weight
+    and bias become the non-persistent buffers `_c_w` / `_c_b` (the same tensors: no second copy, and
+    the traced F.linear multiplies exactly what the eager kernel multiplies)."""
+    if layer.weight_scale.device.type != "cpu":   # CUDA weight-only kernels (tinygemm) stay as they are
+        return False
+    kernel = layer._group.kernel if layer._group is not None else layer._kernel
+    prepared_for = layer._group.device if layer._group is not None else layer._kernel_device
+    if kernel is None or prepared_for != torch.device("cpu"):
+        if layer.integers_released:   # nothing left to dequantize: keep the eager kernel
+            return False
+        layer.prepare("cpu")
+        kernel = layer._group.kernel if layer._group is not None else layer._kernel
+    if not isinstance(kernel, kernels.DequantFloat):
+        return False
+    layer.register_buffer("_c_w", kernel.w, persistent=False)
+    layer.register_buffer("_c_b", kernel.bias, persistent=False)
+    _state(layer).update(float=True, sizes=[m.out_features for m in members] if layer.kind == "linear" else None,
+                         label=f"{FLOAT_NAME}:w{layer.weight_bits}a16-none")
+    return True
+
+
+def float_forward(layer, x: torch.Tensor) -> torch.Tensor:
+    """kernels.DequantFloat.__call__ in traceable form (the full output of a fused group's GEMM)."""
+    w = layer._c_w.to(x.dtype)
+    b = None if layer._c_b is None else layer._c_b.to(x.dtype)
+    return layer.float_conv(x, w, b) if layer.kind == "conv2d" else F.linear(x, w, b)
+
+
 def detach(layer) -> None:
     for name in BUFFERS:
         layer._buffers.pop(name, None)
@@ -140,6 +178,8 @@ def is_attached(layer) -> bool:
 
 
 def act_scheme(layer) -> str:
+    if layer._compiled_state.get("float"):
+        return "float"
     return "sample" if layer.kind == "conv2d" else {"dynamic": "tensor", "dynamic-token": "token"}[layer.act_mode]
 
 
@@ -179,9 +219,14 @@ def forward(layer, x: torch.Tensor) -> torch.Tensor:
     """The compiled path's forward of one attached layer. Members of a fused q/k/v group hold the same
     packed weight tensors as buffers and each take their slice of the fused GEMM; inductor's
     common-subexpression pass leaves one GEMM per group in the graph."""
-    if layer.kind == "conv2d":
+    if layer._compiled_state.get("float"):
+        y = float_forward(layer, x)
+        if layer.kind == "conv2d":
+            return y
+    elif layer.kind == "conv2d":
         return conv_forward(layer, x)
-    y = linear_forward(layer, x)
+    else:
+        y = linear_forward(layer, x)
     sizes = layer._compiled_state["sizes"]
     if len(sizes) == 1:
         return y
@@ -195,16 +240,21 @@ def enable(net: nn.Module) -> dict[str, int]:
     from diffpro_cli.quant.layers import _QuantBase
 
     counts = {"compiled": 0, "eager": 0}
+    seen = set()   # fused groups left eager: counted once, not once per member
     for mod in net.modules():
         if not isinstance(mod, _QuantBase) or is_attached(mod) or getattr(mod, "_compiled_lead", None) is not None:
             continue
         group = mod._group.members if mod._group is not None else [mod]
+        if id(group[0]) in seen:
+            continue
+        seen.add(id(group[0]))
         if attach(group[0], group):
             lead = group[0]
             for i, m in enumerate(group):   # plain attributes, not submodules (no cycle in modules())
                 if m is not lead:
                     for name in BUFFERS:
-                        m.register_buffer(name, lead._buffers[name], persistent=False)
+                        if name in lead._buffers:   # weight-only layers have only _c_w and _c_b
+                            m.register_buffer(name, lead._buffers[name], persistent=False)
                     m.__dict__["_compiled_state"] = lead._compiled_state
                 m.__dict__["_compiled_lead"], m.__dict__["_compiled_index"] = lead, i
             counts["compiled"] += len(group)
