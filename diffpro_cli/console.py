@@ -177,3 +177,24 @@ class _PlainProgress:
 
 
 QUIET_UI = UI(quiet=True)
+
+
+@contextmanager
+def native_stdout_silenced():
+    """Discard what native code writes to file descriptor 1 inside the block: scipy's HiGHS prints
+    stray debug lines (e.g. "HighsMipSolverData::transformNewIntegerFeasibleSolution") straight to the
+    process's stdout, which would corrupt `--json` output read by scripts."""
+    sys.stdout.flush()
+    try:
+        saved = os.dup(1)
+    except OSError:          # no fd 1 (e.g. a closed stdout): nothing to protect
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(devnull)

@@ -475,3 +475,28 @@ def test_size_budget_counts_the_rest_of_the_checkpoint(tmp_path):
     assert written <= budget
     # the header is estimated, everything else is exact: prediction and file agree closely
     assert abs(plan["totals"]["bytes"] + plan["totals"]["other_bytes"] - written) < 0.01 * written
+
+
+def test_solver_noise_on_the_native_stdout_never_reaches_stdout(monkeypatch, capfd):
+    """Catches: HiGHS's stray debug lines (written by C code to fd 1 during some MILP solves, e.g.
+    "HighsMipSolverData::transformNewIntegerFeasibleSolution") landing in stdout, where they corrupt
+    `diffpro allocate --json` for scripts. The fake solver writes to fd 1 as the C library does."""
+    import os
+
+    import scipy.optimize
+
+    from diffpro_cli.planning.solvers import Constraint, solve_milp
+
+    real = scipy.optimize.milp
+
+    def noisy(*args, **kwargs):
+        os.write(1, b"HighsMipSolverData::transformNewIntegerFeasibleSolution tmpSolver.run();\n")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(scipy.optimize, "milp", noisy)
+    error = np.array([[1.0, 0.0], [2.0, 0.0]])
+    sol = solve_milp(error, [Constraint("bits", np.array([[4, 8], [4, 8]]), 12)], np.ones((2, 2), dtype=bool))
+    print("after")
+    out = capfd.readouterr().out
+    assert sol is not None and sorted(sol.choice) == [0, 1]      # one layer may take the 8-bit option
+    assert "Highs" not in out and out == "after\n"              # stdout itself still works afterwards

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from diffpro_cli.cache import CacheSchedule, FirstBlockCache, cached, num_cache_units, unit_kind, unit_modules
-from diffpro_cli.console import QUIET_UI, UI
+from diffpro_cli.console import QUIET_UI, UI, native_stdout_silenced
 from diffpro_cli.errors import BudgetError, UsageError
 
 SCHEMA = "diffpro.cache_plan/1"
@@ -114,9 +114,10 @@ def choose_counts(curves: Sequence[np.ndarray], unit_cost: Sequence[float], budg
         cost[j] = unit_cost[u] * m
     limit = budget
     for _ in range(5):
-        res = milp(err / scale, integrality=np.ones(len(cells)), bounds=Bounds(0, 1),
-                   constraints=[LinearConstraint(onehot, 1, 1), LinearConstraint(cost[None, :], -np.inf, limit)],
-                   options={"mip_rel_gap": 1e-9})
+        with native_stdout_silenced():
+            res = milp(err / scale, integrality=np.ones(len(cells)), bounds=Bounds(0, 1),
+                       constraints=[LinearConstraint(onehot, 1, 1), LinearConstraint(cost[None, :], -np.inf, limit)],
+                       options={"mip_rel_gap": 1e-9})
         if res.x is None:
             raise BudgetError(f"cache budget {budget:.4g}: the solver found no schedule ({res.message}); raise the budget")
         pick = [cells[j] for j in np.flatnonzero(res.x > 0.5)]

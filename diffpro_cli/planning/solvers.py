@@ -8,7 +8,7 @@ from typing import Callable
 
 import numpy as np
 
-from diffpro_cli.console import QUIET_UI, UI
+from diffpro_cli.console import QUIET_UI, UI, native_stdout_silenced
 from diffpro_cli.errors import UsageError
 from diffpro_cli.planning.error_model import activation_error_model, error_model, option_error
 from diffpro_cli.planning.options import Budget, Layer, Option, effective_option, option_bits
@@ -123,8 +123,9 @@ def solve_milp(error: np.ndarray, constraints: list[Constraint], allowed: np.nda
     for _ in range(5):
         rows = [LinearConstraint(onehot, 1, 1)]
         rows += [LinearConstraint(k.cost[allowed][None, :], -np.inf, lim) for k, lim in zip(constraints, limits)]
-        res = milp(c, integrality=np.ones(len(cells)), bounds=Bounds(0, 1), constraints=rows,
-                   options={"time_limit": time_limit, "mip_rel_gap": 1e-9})
+        with native_stdout_silenced():
+            res = milp(c, integrality=np.ones(len(cells)), bounds=Bounds(0, 1), constraints=rows,
+                       options={"time_limit": time_limit, "mip_rel_gap": 1e-9})
         if res.x is None:
             return None
         x = np.round(res.x).astype(bool)
