@@ -29,8 +29,12 @@ import time
 import warnings
 from pathlib import Path
 
-import torch
-from torch import nn
+# `python benchmarks/kernels.py` puts this folder first on sys.path, where this file would shadow the
+# `kernels` package that transformers imports (Hugging Face hub kernels) as soon as diffusers loads it
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
 
 warnings.filterwarnings("ignore")
 
