@@ -247,3 +247,26 @@ def test_packed_sigma_round_trip_and_both_npz_layouts_load(tmp_path):
     np.testing.assert_allclose(s1, s2, atol=1e-7)
     with pytest.raises(ValueError):
         M.unpack_sigma(np.zeros(5, dtype=np.float32))
+
+
+def test_shipped_kid_reference_features_are_the_subsets_inception_features(inception, tmp_path, monkeypatch):
+    """Catches: shipped KID reference features made from another subset order, preprocessing or Inception
+    than bench computes (KID against the wrong reference), features used for a subset they were not made
+    for, and bench still running Inception on the 500 reference images it ships (~1 minute of the demo)."""
+    from diffpro_cli.metrics import reference as R
+
+    images, info = R.reference_images("builtin:mnist", R.KID_REFERENCE_MIN)
+    shipped = R.shipped_features(info)
+    assert shipped is not None and shipped.shape == (R.KID_REFERENCE_MIN, 2048) and shipped.dtype == np.float32
+    pick = [0, 250, R.KID_REFERENCE_MIN - 1]
+    fresh = M.inception_features(images[pick], inception)
+    assert np.allclose(shipped[pick], fresh, atol=3e-3, rtol=1e-3)          # float16 storage, same features
+    assert R.shipped_features({**info, "subset_seed": 1}) is None
+    assert R.shipped_features({**info, "source_sha256": "0" * 64}) is None
+    ran = []
+    real = M.inception_features
+    monkeypatch.setattr(M, "inception_features", lambda imgs, *a, **k: ran.append(len(imgs)) or real(imgs, *a, **k))
+    feats, _ = R.reference_features("builtin:mnist", R.KID_REFERENCE_MIN, inception, M.FeatureCache(tmp_path / "c"))
+    assert ran == [] and np.array_equal(feats, shipped)
+    more, _ = R.reference_features("builtin:mnist", R.KID_REFERENCE_MIN + 2, inception, M.FeatureCache(tmp_path / "c"))
+    assert ran == [2] and np.array_equal(more[:R.KID_REFERENCE_MIN], shipped)   # only the two beyond the shipped ones
