@@ -33,6 +33,10 @@ def _fmt(v, spec="{:.3g}"):
     return "n/a" if v is None else spec.format(v)
 
 
+def _fmt_min(value) -> str:
+    return "" if value is None else f" ({value:.2f}x)"
+
+
 def _with_ci(v, ci, spec="{:.2f}"):
     """'12.34 [11.02, 13.90]', or the value alone when no interval was measured."""
     if v is None:
@@ -91,14 +95,14 @@ def write_markdown(report: dict, bench_dir: Path, samples: dict, workdir: Path, 
                   f"KID ×10³: mean ± std over {kid['subsets']} subsets"
                   f"{' against ' + str((kid.get('reference') or {}).get('n')) + ' reference images' if (kid.get('reference') or {}).get('n') else ''}. "
                   f"PSNR vs fp32: mean over the first {ev['paired']['n_max']} (at most) same-seed image pairs."), ""]
-    lines += [("| row | steps | avg bits | size | speedup | compression | latency/img (median) | peak mem | FID [95% CI] | ΔFID | "
+    lines += [("| row | steps | avg bits | size | speedup (of minima) | compression | latency/img (median) | peak mem | FID [95% CI] | ΔFID | "
                "FID vs fp32 | KID ×10³ | PSNR vs fp32 | energy/img |"),
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
         dr = d.get(r["name"], {})
         lines.append(
             f"| {r['name']} | {r['steps']} | {_fmt(r['weight_bits_avg'], '{:.2f}')} | {r['size_bytes'] / 1e6:.2f} MB | "
-            f"{_fmt(dr.get('speedup'), '{:.2f}x')} | {_fmt(dr.get('compression'), '{:.2f}x')} | "
+            f"{_fmt(dr.get('speedup'), '{:.2f}x')}{_fmt_min(dr.get('speedup_min'))} | {_fmt(dr.get('compression'), '{:.2f}x')} | "
             f"{r['latency_s_per_image']['median'] * 1000:.1f} ms | "
             f"{_fmt(r['peak_mem_bytes'] / 1e6 if r['peak_mem_bytes'] is not None else None, '{:.0f} MB')} | "
             f"{_with_ci(r['fid'], r.get('fid_ci95'))} | {_fmt(dr.get('delta_fid'), '{:+.2f}')} | "

@@ -40,6 +40,10 @@ def test_derived_ratios_use_the_baseline_row():
     d = derived_ratios(rep)
     assert d["q"] == {"speedup": 4.0, "compression": 8.0, "delta_fid": 2.5}
     assert d["x"]["delta_fid"] is None
+    # with the fastest repeats recorded, their ratio too (not the median's, not inverted)
+    rep["rows"][0]["latency_s_per_image"]["min"], rep["rows"][1]["latency_s_per_image"]["min"] = 1.5, 0.25
+    d = derived_ratios(rep)
+    assert d["q"]["speedup"] == 4.0 and d["q"]["speedup_min"] == 6.0 and "speedup_min" not in d["x"]
 
 
 def test_bench_cli_rejects_unknown_rows_and_fid_of_random_weights(cli, tmp_path):

@@ -19,6 +19,10 @@ def derived_ratios(report: dict, replicates=None) -> dict:
             "compression": round(base["size_bytes"] / r["size_bytes"], 3) if r["size_bytes"] else None,
             "delta_fid": (r["fid"] - base["fid"]) if r["fid"] is not None and base["fid"] is not None else None,
         }
+        if base["latency_s_per_image"].get("min") and r["latency_s_per_image"].get("min"):
+            # fastest repeat against fastest repeat: what the kernels cost when nothing else interferes
+            # (interference only adds time); the median is what a user sees on a busy machine
+            out[r["name"]]["speedup_min"] = round(base["latency_s_per_image"]["min"] / r["latency_s_per_image"]["min"], 3)
         if replicates is not None:
             out[r["name"]]["delta_fid_ci95"] = (None if r["name"] == base["name"]
                                                 else replicates.paired_ci(r["name"], base["name"], "fid"))
