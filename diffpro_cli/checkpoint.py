@@ -95,12 +95,23 @@ def non_layer_bytes(model: DiffusionModel, layer_names: list[str]) -> int:
     """Bytes a checkpoint of `model` holds besides the named layers' weights and biases (which the plan
     prices per option): other parameters and buffers as stored, int8 embedding tables, the schedule, and
     the safetensors header (estimated: one JSON entry per tensor, ~66 bytes + its name; 3 per layer)."""
-    tensors = checkpoint_tensors(model, {})
+    # counted from shapes and dtypes, the same rules as checkpoint_tensors, without copying any tensor
+    # (a model on a GPU would otherwise be copied to host memory whole)
     prefixes = tuple(f"{n}." for n in layer_names)
-    other = {k: v for k, v in tensors.items()
-             if not (k.startswith(prefixes) and k.rpartition(".")[2] in ("weight", "bias"))}
-    names = list(other) + [f"{n}.{leaf}" for n in layer_names for leaf in ("qweight", "weight_scale", "bias")]
-    return sum(v.numel() * v.element_size() for v in other.values()) + 8 + 64 + sum(len(n) + 66 for n in names)
+    state = model.net.state_dict()
+    for name, buf in model.net.named_buffers():      # non-persistent buffers too
+        state.setdefault(name, buf)
+    tables = {f"{name}.weight": model.net.get_submodule(name).weight for name in embedding_tables(model.net)}
+    sizes = {}
+    for key, value in state.items():
+        if value is None or key in tables or (key.startswith(prefixes) and key.rpartition(".")[2] in ("weight", "bias")):
+            continue
+        sizes[key] = value.numel() * value.element_size()
+    for key, w in tables.items():                     # int8 rows + one fp16 scale per row
+        sizes[key + EMB_Q], sizes[key + EMB_S] = w.numel(), 2 * w.shape[0]
+    sizes[SCHEDULE_KEY] = 8 * model.alphas_cumprod.numel()
+    names = list(sizes) + [f"{n}.{leaf}" for n in layer_names for leaf in ("qweight", "weight_scale", "bias")]
+    return sum(sizes.values()) + 8 + 64 + sum(len(n) + 66 for n in names)
 
 
 def checkpoint_tensors(model: DiffusionModel, qlayers: dict[str, _QuantBase], int8_embeddings: bool = True) -> dict[str, torch.Tensor]:
