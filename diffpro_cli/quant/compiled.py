@@ -45,7 +45,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffpro_cli.quant import kernels
-from diffpro_cli.quant.formats import fold_to_channel_grid
 
 COMPILE_OPTIONS = {"freezing": True}    # packed int8 weights must be graph constants for the oneDNN lowerings
 
@@ -111,14 +110,7 @@ def attach(layer, members=None) -> bool:
     # in torch 2.14 rejects the activation zero point of the non-fused overload.
     if layer.kind != "linear" or layer.act_mode not in ("dynamic", "dynamic-token") or layer.integers_released:
         return False
-    qs, ss, bs = [], [], []
-    for m in members:
-        q8, s8 = fold_to_channel_grid(m.int_weight(), m.weight_scale.cpu())
-        qs.append(q8)
-        ss.append(s8)
-        bs.append(m.bias.detach().float().cpu() if m.bias is not None else torch.zeros(s8.numel()))
-    q8, s8 = torch.cat(qs).contiguous(), torch.cat(ss).float().contiguous()
-    bias = torch.cat(bs) if any(m.bias is not None for m in members) else None
+    q8, s8, bias = kernels._stacked_weights(members)   # the eager kernels' folding and stacking
     qmax = min(kernels.cpu_act_qmax(m.weight_bits, m.group_size) for m in members)
     if layer.kind == "conv2d":
         padding, extra = kernels._explicit_padding(layer)
