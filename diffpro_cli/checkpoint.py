@@ -32,7 +32,7 @@ from diffpro_cli import __version__
 from diffpro_cli.artifacts import atomic_save_safetensors, atomic_write_json, read_json, sha256_file, sha256_json
 from diffpro_cli.errors import InputError, TrustError
 from diffpro_cli.models.base import EMBEDDING_FORWARDS, DiffusionModel, apply_net_patches, dit_forward, unet_forward
-from diffpro_cli.quant.formats import dequantize_weight, quantize_weight
+from diffpro_cli.quant.formats import dequantize_weight, fp16_exact, quantize_weight
 from diffpro_cli.quant.layers import Int8Embedding, QuantConv2d, QuantLinear, _QuantBase, empty_from_record, fuse_shared_inputs, normalise_act, timestep_context
 
 SCHEMA = "diffpro.quantized/1"
@@ -80,8 +80,7 @@ def embedding_tables(net: nn.Module) -> list[str]:
 def _half_if_exact(scale: torch.Tensor) -> torch.Tensor:
     """Scales as fp16 on disk when that loses nothing (formats.fp16_scale made them so); older in-memory
     layers with other float32 scales keep them."""
-    half = scale.half()
-    return half if scale.dtype == torch.float32 and torch.equal(half.float(), scale) else scale
+    return scale.half() if fp16_exact(scale) else scale
 
 
 def _scales_to_float(state: dict) -> None:

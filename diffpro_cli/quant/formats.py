@@ -30,6 +30,11 @@ def fp16_scale(scale: torch.Tensor) -> torch.Tensor:
     return scale.clamp(FP16_TINY, FP16_MAX).half().float()
 
 
+def fp16_exact(t: torch.Tensor) -> bool:
+    """True for float32 values that fp16 holds exactly (scales made by `fp16_scale`): stored as fp16."""
+    return t.dtype == torch.float32 and torch.equal(t.half().float(), t)
+
+
 def qmax_for(bits: int) -> int:
     return 2 ** (bits - 1) - 1
 

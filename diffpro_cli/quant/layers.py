@@ -23,7 +23,7 @@ from torch import nn
 
 from diffpro_cli.errors import UsageError
 from diffpro_cli.quant import kernels
-from diffpro_cli.quant.formats import STORAGE_BITS, dequantize_weight, gptq_quantize, layout_name, pack_bits, packed_numel, quantize_weight, unpack_bits
+from diffpro_cli.quant.formats import STORAGE_BITS, dequantize_weight, fp16_exact, gptq_quantize, layout_name, pack_bits, packed_numel, quantize_weight, unpack_bits
 
 _TIMESTEPS: contextvars.ContextVar = contextvars.ContextVar("diffpro_timesteps", default=None)
 
@@ -141,8 +141,7 @@ class _QuantBase(nn.Module):
         total = 0
         for name, b in self.named_buffers():
             # scales are written as fp16 when that is exact (checkpoint._half_if_exact)
-            exact_half = name == "weight_scale" and torch.equal(b.half().float(), b)
-            total += b.numel() * (2 if exact_half else b.element_size())
+            total += b.numel() * (2 if name == "weight_scale" and fp16_exact(b) else b.element_size())
         return total
 
     # -- static activation ranges -------------------------------------------------------------

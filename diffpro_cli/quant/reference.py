@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from diffpro_cli.quant.formats import fp16_scale
+
 
 def weight_qparams(w: torch.Tensor, bits: int, group_size: int | None = None) -> tuple[torch.Tensor, int]:
     """Symmetric per-output-channel (or per-group along the input dim) scales for weight [out, in, ...].
@@ -20,7 +22,7 @@ def weight_qparams(w: torch.Tensor, bits: int, group_size: int | None = None) ->
     if flat.shape[1] % g:
         raise ValueError(f"group size {g} does not divide {flat.shape[1]}")
     grouped = flat.reshape(flat.shape[0], -1, g)
-    scale = (grouped.abs().amax(dim=-1, keepdim=True) / qmax).clamp(2.0 ** -24, 65504.0).half().float()   # = formats.fp16_scale
+    scale = fp16_scale(grouped.abs().amax(dim=-1, keepdim=True) / qmax)
     return scale, qmax
 
 
