@@ -98,7 +98,9 @@ def validate_config(cfg: AllocateConfig) -> None:
         raise UsageError(f"--latency-budget {cfg.latency_budget}: must be a positive number of milliseconds per image")
     if cfg.min_speedup is not None and not (math.isfinite(cfg.min_speedup) and cfg.min_speedup > 0):
         raise UsageError(f"--min-speedup {cfg.min_speedup}: must be a positive ratio against fp32, e.g. 1.5")
-    if cfg.cache_objective not in ("latency", "drift"):
+    from diffpro_cli.planning.cache_plan import OBJECTIVES
+
+    if cfg.cache_objective not in OBJECTIVES:
         raise UsageError(f"--cache-objective {cfg.cache_objective}: use latency (faster at no more drift) or drift (less drift at the same latency)")
     if not (math.isfinite(cfg.cache_tolerance) and 0 <= cfg.cache_tolerance < 1):
         raise UsageError(f"cache_tolerance {cfg.cache_tolerance}: must be in [0, 1), e.g. 0.05 allows 5% more drift than the plan")

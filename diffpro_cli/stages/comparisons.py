@@ -46,7 +46,7 @@ def versus_step_cut(report: dict, replicates=None) -> list[dict]:
     dp = next((r for r in report["rows"] if r["name"] == "diffpro"), None)
     return _versus(report, replicates, lambda name, r: dp is not None and r["steps"] == dp["steps"] and (
         name.startswith("ddim-") or name.startswith("fp32-subset-")),
-        lambda r: f"same {r['steps']} steps, float weights")
+        lambda r: f"same {r['steps']} steps, float weights", slower="SLOWER: quantized compute does not pay on this machine")
 
 
 CACHE_DESCRIPTIONS = {"diffpro-nocache": "the same checkpoint and steps without its cache schedule",
@@ -64,7 +64,7 @@ def versus_cache(report: dict, replicates=None) -> list[dict]:
                    lambda r: CACHE_DESCRIPTIONS.get(r["name"], f"hand-set cache, float weights, {r['steps']} steps"))
 
 
-def _versus(report: dict, replicates, pick, describe) -> list[dict]:
+def _versus(report: dict, replicates, pick, describe, slower: str = "SLOWER") -> list[dict]:
     rows = {r["name"]: r for r in report["rows"]}
     dp = rows.get("diffpro")
     if dp is None:
@@ -89,9 +89,7 @@ def _versus(report: dict, replicates, pick, describe) -> list[dict]:
             if quality and ci is not None:
                 sig = "significant" if ci[0] > 0 or ci[1] < 0 else "not significant"
                 quality += f" (paired Δ {entry['delta_fid_vs_fp']:+.2f} [{ci[0]:+.2f}, {ci[1]:+.2f}], {sig})"
-        verdict = "faster" if ratio >= 1.0 else "SLOWER: quantized compute does not pay on this machine"
-        if ratio < 1.0 and not (name.startswith("ddim-") or name.startswith("fp32-subset-")):
-            verdict = "SLOWER"
+        verdict = "faster" if ratio >= 1.0 else slower
         entry["line"] = (f"diffpro vs {name} ({describe(r)}): {ratio:.2f}x {verdict}{quality}, "
                          f"{report['derived'].get('diffpro', {}).get('compression') or 0:.2f}x smaller")
         out.append(entry)
