@@ -20,6 +20,19 @@ def cli(capsys):
     return run
 
 
+@pytest.fixture(scope="session")
+def tiny_dit():
+    """Builds the seeded tiny random DiTTransformer2DModel the export tests save, quantize and compare."""
+    def build():
+        from diffusers import DiTTransformer2DModel
+
+        torch.manual_seed(0)
+        return DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
+                                     num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=10).eval()
+
+    return build
+
+
 class TinyEps(torch.nn.Module):
     """A tiny conditional noise predictor: fast enough for 1000-step sampler tests."""
 

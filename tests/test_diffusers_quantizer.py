@@ -16,20 +16,12 @@ from diffpro_cli.quant.layers import Int8Embedding, QuantConv2d, QuantLinear
 needs_accelerate = pytest.mark.skipif(not _has_accelerate(), reason="diffusers' quantized loading needs accelerate")
 
 
-def _tiny_dit():
-    from diffusers import DiTTransformer2DModel
-
-    torch.manual_seed(0)
-    return DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
-                                 num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=10).eval()
-
-
 @pytest.fixture(scope="module")
-def exports(tmp_path_factory):
+def exports(tmp_path_factory, tiny_dit):
     """Two exports of one tiny DiT: all-integer W8A8, and packed 4-bit weights (groups of 8) with
     per-timestep calibrated (static) int8 activations."""
     root = tmp_path_factory.mktemp("dq")
-    _tiny_dit().save_pretrained(root / "dit")
+    tiny_dit().save_pretrained(root / "dit")
     diffpro.quantize(str(root / "dit"), root / "w8", bits=8, float_act=[], out_dir=root / "q8")
     diffpro.quantize(str(root / "dit"), root / "w4", bits=4, group_size=8, act_mode="static", float_act=[],
                      calib_samples=2, calib_steps=4, out_dir=root / "q4")

@@ -9,18 +9,10 @@ import diffpro
 from diffpro_cli.export import export_diffusers, export_torchao, torchao_entry
 
 
-def _tiny_dit():
-    from diffusers import DiTTransformer2DModel
-
-    torch.manual_seed(0)
-    return DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
-                                 num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=10).eval()
-
-
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
+def checkpoint(tmp_path_factory, tiny_dit):
     root = tmp_path_factory.mktemp("export")
-    _tiny_dit().save_pretrained(root / "dit")
+    tiny_dit().save_pretrained(root / "dit")
     diffpro.quantize(str(root / "dit"), root / "work", bits=8, float_act=[], out_dir=root / "q")   # all-integer W8A8
     return root
 
@@ -66,14 +58,14 @@ def test_torchao_mapping_follows_each_layers_precision():
     assert torchao_entry({"weight_bits": 16, "act_bits": 16}, "linear")[0] is None
 
 
-def test_torchao_export_float_weights_are_diffpros_dequantized_integers(checkpoint):
+def test_torchao_export_float_weights_are_diffpros_dequantized_integers(checkpoint, tiny_dit):
     from safetensors.torch import load_file
 
     out = checkpoint / "ao"
     doc = export_torchao(checkpoint / "q", out)
     assert doc["fqn_to_config"] and all(v["type"] == "Int8DynamicActivationInt8WeightConfig" for v in doc["fqn_to_config"].values())
     assert all("Conv2d" in why for why in doc["skipped"].values())    # the patch embedding
-    net = _tiny_dit()
+    net = tiny_dit()
     missing, unexpected = net.load_state_dict(load_file(str(out / "model.safetensors")), strict=False)
     assert not unexpected and not missing
     from diffpro_cli.checkpoint import load_quantized
@@ -86,7 +78,7 @@ def test_torchao_export_float_weights_are_diffpros_dequantized_integers(checkpoi
     assert torch.allclose(w / scale, (w / scale).round(), atol=1e-3)    # on the int8 grid
 
 
-def test_torchao_quantize_runs_the_exported_mapping(checkpoint):
+def test_torchao_quantize_runs_the_exported_mapping(checkpoint, tiny_dit):
     pytest.importorskip("torchao")
     from safetensors.torch import load_file
     from torchao.quantization import quantize_
@@ -95,7 +87,7 @@ def test_torchao_quantize_runs_the_exported_mapping(checkpoint):
 
     out = checkpoint / "ao2"
     export_torchao(checkpoint / "q", out)
-    net = _tiny_dit()
+    net = tiny_dit()
     net.load_state_dict(load_file(str(out / "model.safetensors")))
     x = torch.randn(2, 4, 8, 8)
     t, y = torch.tensor([900, 30]), torch.tensor([1, 2])
