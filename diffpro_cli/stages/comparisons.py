@@ -45,7 +45,7 @@ def versus_step_cut(report: dict, replicates=None) -> list[dict]:
     (`delta_fid_vs_fp_ci95`) and FID vs the reference (`delta_fid_ci95`)."""
     dp = next((r for r in report["rows"] if r["name"] == "diffpro"), None)
     return _versus(report, replicates, lambda name, r: dp is not None and r["steps"] == dp["steps"] and (
-        name.startswith("ddim-") or name.startswith("fp32-subset-")),
+        name.startswith(("ddim-", "fp32-subset-"))),
         lambda r: f"same {r['steps']} steps, float weights", slower="SLOWER: quantized compute does not pay on this machine")
 
 
@@ -58,7 +58,7 @@ def versus_cache(report: dict, replicates=None) -> list[dict]:
     the bits+steps plan alone (diffpro-nocache), cache-only and the hand-set baselines (fbcache-T,
     deepcache-N); same fields as `versus_step_cut`."""
     def pick(name, r):
-        return name in CACHE_DESCRIPTIONS or name.startswith("fbcache-") or name.startswith("deepcache-")
+        return name in CACHE_DESCRIPTIONS or name.startswith(("fbcache-", "deepcache-"))
 
     return _versus(report, replicates, pick,
                    lambda r: CACHE_DESCRIPTIONS.get(r["name"], f"hand-set cache, float weights, {r['steps']} steps"))
