@@ -1,0 +1,146 @@
+"""The training loop both built-in trainers share (train.py: epsilon models, train_flow.py: flow-mnist).
+
+One `Trainer` owns what they have in common: AdamW, the seeded torch generator that draws each batch,
+resume from and atomic save to ckpt.pt, the time budget, gradient clipping, the EMA update, the loss log
+and the periodic checkpoint. A trainer supplies only what differs: its `batch_loss` (noise, conditioning
+and objective), its learning-rate schedule and the extra state its checkpoint carries.
+
+The order of the random draws is part of the contract: each step draws the batch indices from the
+generator first, then `batch_loss` draws the rest, so an interrupted-and-resumed run matches an
+uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def warmup_cosine_lr(step: int, total: int, base: float, warmup: int = 200, floor: float = 0.1) -> float:
+    """Linear warm-up over `warmup` steps, then cosine decay to `floor`·base at `total`."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return base * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def load_training_images(data_dir: Path | None, out_dir: Path, threads: int | None):
+    """MNIST in model space plus its labels; out_dir is created only after the data loaded (bad --data leaves nothing)."""
+    from diffpro_cli.mnist import load_mnist, to_model_space
+
+    if threads:
+        torch.set_num_threads(threads)
+    images, labels = load_mnist(data_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return to_model_space(images), labels
+
+
+class Trainer:
+    """AdamW + EMA training of `model`, checkpointed to `ckpt_path` (the model's state under `model_key`)."""
+
+    def __init__(self, model: torch.nn.Module, ema: torch.nn.Module, *, lr: float, seed: int, ckpt_path: Path,
+                 model_key: str, log=print):
+        ema.load_state_dict(model.state_dict())
+        ema.requires_grad_(False)
+        self.model, self.ema, self.ckpt_path, self.model_key, self.log = model, ema, ckpt_path, model_key, log
+        self.opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+        self.gen = torch.Generator().manual_seed(seed)
+        self.step, self.losses, self.elapsed_before = 0, [], 0.0
+
+    def resume(self, name: str, check: Callable[[dict], None] | None = None) -> dict | None:
+        """Restore from ckpt_path if it exists and return the checkpoint (None for a fresh run).
+        `check` sees the checkpoint first and may refuse it (ValueError) before anything is restored."""
+        if not self.ckpt_path.exists():
+            return None
+        ck = torch.load(self.ckpt_path, weights_only=True)
+        if check is not None:
+            check(ck)
+        self.model.load_state_dict(ck[self.model_key])
+        self.ema.load_state_dict(ck["ema"])
+        self.opt.load_state_dict(ck["opt"])
+        self.gen.set_state(ck["gen"])
+        self.step, self.losses, self.elapsed_before = int(ck["step"]), list(ck["losses"]), float(ck["elapsed"])
+        self.log(f"resumed {name} at step {self.step}")
+        return ck
+
+    def _elapsed(self) -> float:
+        return self.elapsed_before + time.time() - self._t0
+
+    def _save(self, extra_state: Callable[[], dict]) -> None:
+        from diffpro_cli.artifacts import atomic_torch_save
+
+        atomic_torch_save({
+            self.model_key: self.model.state_dict(), "ema": self.ema.state_dict(), "opt": self.opt.state_dict(),
+            "gen": self.gen.get_state(), "step": self.step, "losses": self.losses, "elapsed": self._elapsed(),
+            **extra_state(),
+        }, self.ckpt_path)
+
+    def run(self, x_all: torch.Tensor, *, steps: int, batch: int, ema_decay: float, lr_at: Callable[[int], float],
+            batch_loss: Callable, extra_state: Callable[[], dict] = dict, max_minutes: float | None = None,
+            checkpoint_every: int = 100) -> None:
+        """Train until `steps` or `max_minutes` of (accumulated) training time, then save.
+
+        `batch_loss(model, x0, idx)` returns (loss to minimise, per-step value to record in `losses`);
+        `extra_state()` returns the trainer's own checkpoint entries.
+        """
+        model, ema, opt = self.model, self.ema, self.opt
+        self._t0 = time.time()
+        model.train()
+        n = x_all.shape[0]
+        running = None
+        while self.step < steps:
+            if max_minutes is not None and self._elapsed() / 60 > max_minutes:
+                self.log(f"time budget reached at step {self.step}")
+                break
+            idx = torch.randint(0, n, (batch,), generator=self.gen)
+            for g in opt.param_groups:
+                g["lr"] = lr_at(self.step)
+            loss, recorded = batch_loss(model, x_all[idx], idx)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            decay = min(ema_decay, (1 + self.step) / (10 + self.step))
+            with torch.no_grad():
+                for pe, pn in zip(ema.parameters(), model.parameters()):
+                    pe.lerp_(pn, 1 - decay)
+            self.step += 1
+            self.losses.append(recorded.item())
+            running = self.losses[-1] if running is None else 0.98 * running + 0.02 * self.losses[-1]
+            if self.step % 20 == 0:
+                rate = self.step * batch / max(1e-6, self._elapsed())
+                self.log(f"step {self.step}/{steps} loss {running:.4f} lr {lr_at(self.step):.2e} ~{rate:.0f} img/s(avg)")
+            if self.step % checkpoint_every == 0:
+                self._save(extra_state)
+        self._save(extra_state)
+
+
+def save_fp16_weights(state: dict, weights: Path, name: str) -> dict:
+    """Write `state` as fp16 safetensors atomically (tagged builtin:NAME); returns the fp16 state."""
+    from safetensors.torch import save_file
+
+    state = {k: v.half().contiguous() for k, v in state.items()}
+    tmp = weights.with_suffix(".tmp")
+    save_file(state, str(tmp), metadata={"diffpro": f"builtin:{name}"})
+    tmp.replace(weights)
+    return state
+
+
+def write_model_card(weights: Path, card: dict, losses: list, window: int = 100) -> dict:
+    """Complete `card` with the loss curve (mean recorded loss per `window` steps), dtype and the weights'
+    sha256, and write it atomically next to the weights as .json."""
+    from diffpro_cli.artifacts import atomic_write_json, sha256_file
+
+    curve = [float(np.mean(losses[i:i + window])) for i in range(0, len(losses), window)]
+    card = {**card,
+            "final_loss": curve[-1] if curve else None,
+            "loss_curve_per_100_steps": [round(c, 5) for c in curve],
+            "dtype": "float16 (load as float32)",
+            "sha256": sha256_file(weights)}
+    atomic_write_json(weights.with_suffix(".json"), card)
+    return card
