@@ -37,6 +37,7 @@ def allocate_cmd(
     pareto: Annotated[bool, typer.Option("--pareto", help="Also write WORKDIR/pareto.json and figures/pareto.png.")] = False,
     cache: Annotated[bool, typer.Option("--cache/--no-cache", help="Bits x steps x cache: also try reused computation (cache schedules, on the plan's steps and more); kept only when it wins by --cache-objective (docs/caching.md).")] = False,
     cache_objective: Annotated[str, typer.Option("--cache-objective", help="With --cache: latency (the fastest schedule that drifts no more than the plan) or drift (the least drift at the plan's latency).")] = "latency",
+    cache_metric: Annotated[str, typer.Option("--cache-metric", help="With --cache: the drift of that comparison: inception (paired FID Inception features of the decoded samples vs the float teacher's; mse when the weights are missing) or mse (final samples).")] = "inception",
     cache_n: Annotated[int, typer.Option("--cache-n", help="With --cache: calibration samples of the drift comparison.")] = 8,
     model: Annotated[Optional[str], typer.Option("--model", help="Model timed for the non-GEMM remainder (default: the scored one).")] = None,
 ):
@@ -51,7 +52,8 @@ def allocate_cmd(
                          latency_budget=latency_budget, min_speedup=min_speedup, steps=steps, quant_weight=quant_weight, batch=batch,
                          cost_table=None if cost_table is None else str(cost_table), full_steps=full_steps,
                          latency_source=latency_source, repeats=repeats, remainder_ms=remainder_ms, pareto=pareto,
-                         error_model=error_model, cache=cache, cache_objective=cache_objective, cache_n=cache_n)
+                         error_model=error_model, cache=cache, cache_objective=cache_objective, cache_metric=cache_metric,
+                         cache_n=cache_n)
     result = run_allocate(ctx, cfg, scores_path=scores, timesteps_path=timesteps)
     outcome, plan = result.outcome, result.value
     t = plan["totals"]

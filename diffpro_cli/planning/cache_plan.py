@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import asdict, dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -401,7 +401,8 @@ SPEED_RATIOS = (0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5)
 
 def plan_joint_cache(model, teacher_model, base_ts: list[int], candidates: dict[int, list[int]], step_ms: float,
                      unit_ms: list[float], budget_ms: float, teacher_ts: list[int], cfg: CachePlanConfig,
-                     ui: UI = QUIET_UI, objective: str = "drift", tolerance: float = 0.0) -> dict:
+                     ui: UI = QUIET_UI, objective: str = "drift", tolerance: float = 0.0,
+                     distance: Callable[[torch.Tensor, torch.Tensor], float] | None = None, decode: bool = False) -> dict:
     """bits × steps × cache on `model` (the plan's quantized network, or float): the bits+steps plan on
     `base_ts` against cache schedules on K' steps (timesteps `candidates[K']`). Each is measured end to
     end against `teacher_model` on `teacher_ts` (the float model on the reference schedule).
@@ -410,7 +411,9 @@ def plan_joint_cache(model, teacher_model, base_ts: list[int], candidates: dict[
     `budget_ms` (the plan's own predicted latency); the least drift is kept.
     objective "latency": per K' (the plan's own steps included), schedules at falling latency targets
     (SPEED_RATIOS × `budget_ms`) until one drifts more than the plan; the fastest that drifts no more
-    than the plan (× 1 + `tolerance`) is kept: faster at no more drift, or no cache."""
+    than the plan (× 1 + `tolerance`) is kept: faster at no more drift, or no cache.
+    "drift" is `distance(candidate samples, teacher samples)` (None: MSE), on decoded samples with
+    `decode`; the teacher tensor is the same object in every call (a distance may cache its features)."""
     from diffpro_cli.cache import policy_from_dict
     from diffpro_cli.planning.joint import cache_fraction_for, schedule_latency_ms, select_fastest_cache, select_joint_cache
 
@@ -419,15 +422,16 @@ def plan_joint_cache(model, teacher_model, base_ts: list[int], candidates: dict[
     from diffpro_cli.sampling import default_labels, sample
 
     labels = default_labels(model, cfg.n)
+    distance = distance or _mse
 
     def final(m, ts, policy=None):
         with cached(m, policy, timesteps=ts):
-            return sample(m, cfg.n, ts, _sampler(cfg), labels=labels, seed=cfg.seed, batch_size=cfg.batch, decode=False)
+            return sample(m, cfg.n, ts, _sampler(cfg), labels=labels, seed=cfg.seed, batch_size=cfg.batch, decode=decode)
 
     ui.info(f"allocate: cache vs steps, teacher = float on {len(teacher_ts)} steps ({cfg.n} samples)")
     teacher = final(teacher_model, sorted(teacher_ts))
     base = {"steps": len(base_ts), "timesteps": list(base_ts), "cache": None, "predicted_ms": len(base_ts) * step_ms,
-            "drift": _mse(final(model, sorted(base_ts)), teacher)}
+            "drift": distance(final(model, sorted(base_ts)), teacher)}
     rows = []
 
     def candidate(k2: int, ts: list[int], target_ms: float, ratio: float | None) -> dict:
@@ -447,7 +451,7 @@ def plan_joint_cache(model, teacher_model, base_ts: list[int], candidates: dict[
         policy = policy_from_dict(rec["schedule"])
         row.update(cache=rec["schedule"], selected_by=rec["selected_by"], compute_fraction=rec["compute_fraction"],
                    predicted_ms=schedule_latency_ms(step_ms, unit_ms, policy.computed),
-                   drift=_mse(final(model, ts, policy), teacher))
+                   drift=distance(final(model, ts, policy), teacher))
         ui.info(f"allocate: {k2} steps + cache ({rec['selected_by']}, compute {rec['compute_fraction']:.2f}, predicted "
                 f"{row['predicted_ms'] / base['predicted_ms']:.2f}x the plan's time): drift {row['drift']:.3g} vs "
                 f"{base['drift']:.3g} for {base['steps']} steps without")

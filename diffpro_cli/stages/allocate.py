@@ -40,6 +40,7 @@ PLAN_SCHEMA = "diffpro.plan/1"
 SCORES_SCHEMA = "diffpro.scores/1"
 TIMESTEPS_SCHEMA = "diffpro.timesteps/1"
 LATENCY_SOURCES = ("measured", "analytic")
+CACHE_METRICS = ("inception", "mse")
 
 # ---------------------------------------------------------------------------------------------
 # Inputs
@@ -77,6 +78,7 @@ class AllocateConfig:
     cache_n: int = 8                     # calibration samples of that comparison (teacher: float on full_steps)
     cache_objective: str = "latency"     # latency: faster at no more drift than the plan; drift: less drift at its latency
     cache_tolerance: float = 0.0         # latency objective: drift allowed over the plan's, as a fraction of it
+    cache_metric: str = "inception"      # drift of that comparison: inception (paired FID features of decoded samples) | mse
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -102,6 +104,8 @@ def validate_config(cfg: AllocateConfig) -> None:
 
     if cfg.cache_objective not in OBJECTIVES:
         raise UsageError(f"--cache-objective {cfg.cache_objective}: use latency (faster at no more drift) or drift (less drift at the same latency)")
+    if cfg.cache_metric not in CACHE_METRICS:
+        raise UsageError(f"--cache-metric {cfg.cache_metric}: use inception (paired FID features of the decoded samples) or mse (final samples)")
     if not (math.isfinite(cfg.cache_tolerance) and 0 <= cfg.cache_tolerance < 1):
         raise UsageError(f"cache_tolerance {cfg.cache_tolerance}: must be in [0, 1), e.g. 0.05 allows 5% more drift than the plan")
     if cfg.cache_n < 1:
@@ -401,9 +405,11 @@ def joint_cache_section(ctx, cfg: AllocateConfig, plan: dict, doc: dict, timeste
     block_ms = [b / forward_ms * fp_step for b in timed]
     unit_ms = unit_latencies_under_plan(block_ms, unit_layer_names(model.net, list(plan["layers"])), plan["layers"], fp_ms)
     step_ms = float(plan["totals"]["latency_ms"])
+    metric, distance, definition = cache_distance(ctx, cfg, model)
     rec = plan_joint_cache(qmodel, model, base_ts, cands, step_ms, unit_ms, len(base_ts) * step_ms,
                            uniform_timesteps(n_train, cfg.full_steps), ccfg, ctx.ui,
-                           objective=cfg.cache_objective, tolerance=cfg.cache_tolerance)
+                           objective=cfg.cache_objective, tolerance=cfg.cache_tolerance,
+                           distance=distance, decode=distance is not None)
     chosen = rec.pop("chosen")
     K = len(base_ts)
     if cfg.cache_objective == "latency":
@@ -421,8 +427,36 @@ def joint_cache_section(ctx, cfg: AllocateConfig, plan: dict, doc: dict, timeste
             "base_timesteps": base_ts, "verdict": verdict, "block_ms_fp32": block_ms,
             "unit_share_of_fp32_step": [b / forward_ms for b in timed],
             "planned_on": "float (static activations need calibration)" if static else "the plan quantized in memory (round-to-nearest)",
-            "drift_definition": f"MSE of final samples vs the float model on {cfg.full_steps} uniform steps ({cfg.cache_n} samples)",
+            "metric": metric, "drift_definition": f"{definition} vs the float model on {cfg.full_steps} uniform steps "
+                                                  f"(same seeds and labels, {cfg.cache_n} samples)",
             "config": ccfg.as_dict(), **rec}
+
+
+def cache_distance(ctx, cfg: AllocateConfig, model) -> tuple[str, Callable | None, str]:
+    """(metric used, distance for plan_joint_cache on decoded samples or None for its MSE, definition),
+    built here so that planning/ needs no metrics/ (docs/caching.md: why inception is the default).
+    "inception" falls back to mse, with one info line, when the Inception weights are missing or the
+    decoded samples are not 1- or 3-channel images."""
+    import torch
+
+    mse = ("mse", None, "MSE of final samples (model space)")
+    if cfg.cache_metric == "mse":
+        return mse
+    with torch.no_grad():
+        channels = model.decode(torch.zeros(1, *model.sample_shape)).shape[1]
+    if channels not in (1, 3):
+        ctx.ui.info(f"allocate: cache_metric inception needs 1- or 3-channel decoded images ({model.spec} decodes "
+                    f"to {channels}); the cache decision uses mse")
+        return mse
+    from diffpro_cli.metrics.feature_distance import inception_distance
+
+    try:
+        distance = inception_distance()
+    except InputError as exc:
+        ctx.ui.info(f"allocate: cache_metric inception: {exc.message.split(';')[0]}; the cache decision uses mse")
+        return mse
+    return "inception", distance, ("mean over samples of the squared L2 distance (/ 2048) of FID Inception pool3 features of "
+                                    "the decoded samples")
 
 
 def obtain_cost_table(ctx, cfg: AllocateConfig, layers: list[Layer]) -> dict:
