@@ -64,7 +64,7 @@ def load(spec: str | Path, *, device: str = "cpu", dtype=None, trust_code: bool 
         raise UsageError(f"device {device!r}: this release runs on the CPU; CUDA end to end is not available yet")
     model = load_model(str(spec), trust_code=trust_code, weights=weights, seed=seed)
     if dtype is not None:
-        model.net.to(dtype)
+        set_compute_dtype(model, dtype)
     install_timestep_hook(model.net)
     if cache:
         from diffpro_cli.cache import install_cache, model_cache_record, record_policy
@@ -72,6 +72,22 @@ def load(spec: str | Path, *, device: str = "cpu", dtype=None, trust_code: bool 
         policy = record_policy(model_cache_record(model))
         if policy is not None:
             install_cache(model, policy)
+    return model
+
+
+def set_compute_dtype(model: DiffusionModel, dtype) -> DiffusionModel:
+    """Run the model's float math in `dtype` (torch.bfloat16 / torch.float16; float32 undoes it): a float
+    network's weights are cast once, a quantized network keeps its integer weights and scales (its
+    integer kernels take float32 at their edges, its weight-only layers keep one copy per dtype), and
+    `eps` runs under autocast and returns float32 for the sampler."""
+    import torch
+
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise UsageError(f"dtype {dtype}: use torch.bfloat16, torch.float16 or torch.float32")
+    if not any(getattr(m, "is_diffpro_quant", False) for m in model.net.modules()):
+        model.net.to(dtype)
+    model.compute_dtype = None if dtype == torch.float32 else dtype
     return model
 
 

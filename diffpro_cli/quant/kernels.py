@@ -287,9 +287,16 @@ class DequantFloat:
         self.bias = None if bias is None else bias.detach().float().to(device)
         self.act_qmax = None
 
+    any_dtype = True   # float math in the input's dtype (bf16/fp16 under a model's compute_dtype)
+
     def __call__(self, layer, x: torch.Tensor) -> torch.Tensor:
-        w = self.w.to(x.dtype)
-        b = None if self.bias is None else self.bias.to(x.dtype)
+        if x.dtype == self.w.dtype:
+            w, b = self.w, self.bias
+        else:   # one copy per compute dtype, made once: a cast per call would cost a pass over the weights
+            cast = self.__dict__.setdefault("_cast", {})
+            if x.dtype not in cast:
+                cast[x.dtype] = (self.w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+            w, b = cast[x.dtype]
         if layer.kind == "conv2d":
             return layer.float_conv(x, w, b)
         return F.linear(x, w, b)

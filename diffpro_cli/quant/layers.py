@@ -226,6 +226,10 @@ class _QuantBase(nn.Module):
             return self._group.run(self, x)
         if self._kernel is None or self._kernel_device != x.device:
             self.prepare(x.device)
+        if x.dtype != torch.float32 and not getattr(self._kernel, "any_dtype", False):
+            # integer kernels take and give float32: a bf16/fp16 model (compute_dtype) casts at their edges
+            with torch.autocast(x.device.type, enabled=False):
+                return self._kernel(self, x.float()).to(x.dtype)
         return self._kernel(self, x)
 
     def _apply(self, fn, recurse=True):   # .to()/.cuda(): runtime state is rebuilt on the next call
@@ -374,7 +378,12 @@ class SharedInputGroup:
             return out
         if self.kernel is None or self.device != x.device:
             self.prepare(x.device)
-        outs = self.kernel(self.members[0], x).split(self.sizes, dim=-1)
+        if x.dtype != torch.float32 and not getattr(self.kernel, "any_dtype", False):
+            with torch.autocast(x.device.type, enabled=False):   # integer kernels: float32 at their edges
+                y = self.kernel(self.members[0], x.float()).to(x.dtype)
+        else:
+            y = self.kernel(self.members[0], x)
+        outs = y.split(self.sizes, dim=-1)
         self._x, self._outs, self._pending = x, list(outs), set(range(len(outs))) - {i}
         return outs[i]
 
