@@ -76,19 +76,9 @@ def load(spec: str | Path, *, device: str = "cpu", dtype=None, trust_code: bool 
 
 
 def set_compute_dtype(model: DiffusionModel, dtype) -> DiffusionModel:
-    """Run the model's float math in `dtype` (torch.bfloat16 / torch.float16; float32 undoes it): a float
-    network's weights are cast once, a quantized network keeps its integer weights and scales (its
-    integer kernels take float32 at their edges, its weight-only layers keep one copy per dtype), and
-    `eps` runs under autocast and returns float32 for the sampler."""
-    import torch
-
-    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise UsageError(f"dtype {dtype}: use torch.bfloat16, torch.float16 or torch.float32")
-    if not any(getattr(m, "is_diffpro_quant", False) for m in model.net.modules()):
-        model.net.to(dtype)
-    model.compute_dtype = None if dtype == torch.float32 else dtype
-    return model
+    """Run the model's float math in `dtype` (torch.bfloat16 / torch.float16, or their names; float32 undoes
+    it): see `DiffusionModel.set_compute_dtype`. Quantized checkpoints planned for bf16 load with it set."""
+    return model.set_compute_dtype(dtype)
 
 
 def install_timestep_hook(net: nn.Module) -> nn.Module:

@@ -231,6 +231,7 @@ def save_quantized(model: DiffusionModel, plan: dict | None, out_dir: str | Path
                        "tables": embedding_tables(model.net) if int8_embeddings else []},
         "timesteps": None if timesteps is None else [int(t) for t in timesteps],
         "cache": _jsonable(cache) if cache else None,
+        "compute_dtype": (plan or {}).get("compute_dtype") or "float32",   # the float math's dtype (allocate_dtype.py)
         "totals": {"avg_bits": round(_avg_bits(model, qlayers), 4), "quantized_layers": len(qlayers),
                    "float_layers": len(model.quantizable_layers()) - len(qlayers), "fp32_bytes": float_bytes},
         "provenance": {"model_sha256": model.sha256, "plan_sha256": None if plan is None else sha256_json(plan),
@@ -373,7 +374,17 @@ def load_quantized(path: str | Path, *, trust_code: bool = False, verify: bool =
         config=source | {"quantized_from": m["spec"], "model_sha256": m["sha256"], "architecture": arch,
                          "decode": decode_record, "timesteps": meta.get("timesteps"), "totals": meta.get("totals"),
                          "cache": meta.get("cache")},
+        compute_dtype=_compute_dtype(meta.get("compute_dtype")),
     )
+
+
+def _compute_dtype(name: str | None):
+    """The recorded float dtype as torch's (None for float32 and checkpoints from before it was recorded)."""
+    if name in (None, "float32"):
+        return None
+    if name not in ("bfloat16", "float16"):
+        raise InputError(f"checkpoint: compute_dtype {name!r} is not one diffpro runs (float32, bfloat16, float16); re-run `diffpro quantize`")
+    return getattr(torch, name)
 
 
 class TensorFile:

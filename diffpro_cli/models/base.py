@@ -267,6 +267,19 @@ class DiffusionModel:
         self.conditioning_set = cond
         return self
 
+    def set_compute_dtype(self, dtype) -> "DiffusionModel":
+        """Run the float math in `dtype` (bf16 / fp16; float32 undoes it): a float network's weights are cast
+        once; a quantized one keeps its integer weights and scales (integer kernels take float32 at their
+        edges, weight-only layers keep one weight copy per dtype). `raw` runs under autocast and returns
+        the input's dtype, so samplers stay in float32."""
+        dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise UsageError(f"compute dtype {dtype}: use bfloat16, float16 or float32")
+        if not any(getattr(m, "is_diffpro_quant", False) for m in self.net.modules()):
+            self.net.to(dtype)
+        self.compute_dtype = None if dtype == torch.float32 else dtype
+        return self
+
     @property
     def is_flow(self) -> bool:
         return self.prediction_type == "flow"

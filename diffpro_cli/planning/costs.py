@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -29,7 +30,10 @@ from diffpro_cli.errors import InputError, UsageError
 from diffpro_cli.planning.options import Layer, Option
 
 COST_SCHEMA = "diffpro.cost_table/2"
-ISA_FLAGS = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8", "amx_tile")
+ISA_FLAGS = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8", "amx_tile", "avx512_bf16", "amx_bf16")
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")          # bf16 dot products in hardware (oneDNN uses them for bf16 GEMMs)
+# oneDNN ISA caps below its bf16 levels: bf16 is then emulated (slower than fp32), so not a candidate
+_ONEDNN_CAPS_WITHOUT_BF16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX512_CORE", "AVX512_CORE_VNNI"}
 
 
 def _cpu_name_and_flags() -> tuple[str, set[str]]:
@@ -55,6 +59,20 @@ def machine_fingerprint(device: str = "cpu") -> dict:
     return {"device": device, "cpu": name, "isa_flags": sorted(f for f in ISA_FLAGS if f in flags),
             "kernel_vnni": bool(cpu_has_vnni()), "isa_cap": isa_cap_without_vnni(),
             "torch": torch.__version__, "threads": int(torch.get_num_threads())}
+
+
+def native_bf16(device: str = "cpu") -> bool:
+    """Whether bf16 math runs in hardware here: CUDA with bf16 support, or a CPU with AVX512_BF16 / AMX-BF16
+    that no oneDNN ISA cap (ONEDNN_MAX_CPU_ISA / DNNL_MAX_CPU_ISA) keeps from using. Elsewhere bf16 is
+    emulated and never the fast float path, so the cost table does not time it."""
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
+        if os.environ.get(name, "").strip().upper() in _ONEDNN_CAPS_WITHOUT_BF16:
+            return False
+    return any(f in _cpu_name_and_flags()[1] for f in BF16_FLAGS)
 
 
 def fingerprint_id(fp: dict) -> str:
@@ -143,9 +161,10 @@ def capture_inputs(model, modules: dict, batch: int, seed: int = 0) -> tuple[dic
 
 
 def measure_cost_table(model, options: list[Option], batch: int, repeats: int, ui: UI = QUIET_UI,
-                       previous: dict | None = None) -> dict:
+                       previous: dict | None = None, bf16: bool | None = None) -> dict:
     """The cost table document (module docstring). `previous`: a table of the same machine, model and
-    batch whose cells are reused (only missing columns are timed)."""
+    batch whose cells are reused (only missing columns are timed). `bf16` (default: native_bf16()): also
+    the "bfloat16" world, every path timed with the model's float math in bf16 (doc["worlds"])."""
     import torch
 
     quantize_module = _kernels()
@@ -194,11 +213,68 @@ def measure_cost_table(model, options: list[Option], batch: int, repeats: int, u
         else:
             table[name]["ms"][label] = ms / batch
     gemm = sum(r["ms"]["fp32"] for r in table.values())
+    worlds = dict((previous or {}).get("worlds") or {})
+    retimed = any(name != "__forward__" for name, _ in fns)   # new columns: the other worlds need them too
+    if (native_bf16() if bf16 is None else bf16) and ("bfloat16" not in worlds or retimed):
+        worlds["bfloat16"] = measure_world(model, modules, captured, columns, (x, t, y), batch, repeats, ui,
+                                           quantize_module, torch.bfloat16)
     return {"schema": COST_SCHEMA, "fingerprint": machine_fingerprint(), "batch": batch, "repeats": repeats,
             "model": {"spec": model.spec, "sha256": model.sha256}, "units": "ms per image per denoising step",
-            "layers": table, "forward_ms": forward, "remainder_ms": max(0.0, forward - gemm),
+            "layers": table, "forward_ms": forward, "remainder_ms": max(0.0, forward - gemm), "worlds": worlds,
             "notes": ["layers timed one at a time on their real inputs (fused q/k/v of the deployed model share one "
                       "activation quantization, so those rows slightly overstate the integer path)"]}
+
+
+def measure_world(model, modules: dict, captured: dict, columns: dict, xty: tuple, batch: int, repeats: int,
+                  ui: UI, quantize_module, dtype) -> dict:
+    """Every column again with the float math in `dtype` (the model's compute_dtype at run time): float
+    layers as `dtype` copies on `dtype` inputs, integer kernels on `dtype` inputs (their float32 casts
+    included), weight-only layers on their `dtype` weight copy, and the whole forward in `dtype` for the
+    remainder. Same units and reduction as the float32 table."""
+    import torch
+
+    fns, table = {}, {}
+    with torch.no_grad():
+        for name, mod in modules.items():
+            if name not in captured:
+                continue
+            inp = captured[name][0][0].to(dtype)
+            table[name] = {"ms": {}}
+            for label, opt in columns.items():
+                try:
+                    if opt.full_precision:
+                        f = copy.deepcopy(mod).to(dtype)
+                    else:
+                        static = float(inp.abs().max()) if opt.act_bits < 16 and opt.act_mode == "static" else None
+                        f = quantize_module(copy.deepcopy(mod), opt.weight_bits, act_bits=opt.act_bits, act_mode=opt.act_mode,
+                                            group_size=opt.group_size, static_absmax=static).eval()
+                    f(inp)
+                    fns[(name, label)] = lambda f=f, i=inp: f(i)
+                except Exception:   # not runnable in this dtype here: never chosen in this world
+                    table[name]["ms"][label] = None
+        low = copy.deepcopy(model).set_compute_dtype(dtype)
+        x, t, y = xty
+        fns[("__forward__", "fp32")] = lambda: low.eps(x, t, y)
+        with ui.progress(f"allocate: timing layers in {str(dtype).replace('torch.', '')} (cost table)", total=max(1, repeats)) as advance:
+            timed = interleaved_min_ms(fns, max(1, repeats), advance=advance)
+    forward = timed.pop(("__forward__", "fp32")) / batch
+    for (name, label), ms in timed.items():
+        table[name]["ms"][label] = ms / batch
+    gemm = sum(r["ms"].get("fp32") or 0.0 for r in table.values())
+    return {"layers": table, "forward_ms": forward, "remainder_ms": max(0.0, forward - gemm),
+            "note": "fp32 column = the float layer computing in this dtype"}
+
+
+def world_table(doc: dict, world: str) -> dict:
+    """The cost table as seen from one compute dtype ("float32" or a key of doc["worlds"]): same shape as
+    the float32 document, so table_latency_fn and the remainder read it unchanged."""
+    if world == "float32":
+        return doc
+    w = (doc.get("worlds") or {}).get(world)
+    if w is None:
+        raise InputError(f"cost table has no {world} timings; delete it (or pass --force) to re-measure")
+    layers = {name: {**row, "ms": w["layers"].get(name, {}).get("ms", {})} for name, row in doc["layers"].items()}
+    return {**doc, "layers": layers, "forward_ms": w["forward_ms"], "remainder_ms": w["remainder_ms"], "world": world}
 
 
 def check_fingerprint(doc: dict, path: Path, explicit: bool, ui: UI = QUIET_UI) -> None:

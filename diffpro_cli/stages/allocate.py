@@ -28,11 +28,12 @@ import numpy as np
 from diffpro_cli.console import QUIET_UI, UI
 from diffpro_cli.errors import BudgetError, InputError, UsageError
 from diffpro_cli.planning.costs import (check_fingerprint, fingerprint_id, machine_fingerprint,
-                                       measure_cost_table, read_cost_table, table_latency_fn)
+                                       measure_cost_table, read_cost_table, table_latency_fn, world_table)
 from diffpro_cli.planning.error_model import error_model
 from diffpro_cli.planning.joint import pareto_front, solve_joint, step_entries
 from diffpro_cli.planning.options import (DEFAULT_PROTECT, FLOAT_ACT_ROLES, METHODS, Layer, Option, load_layers, make_options,
                                           parse_budgets)
+from diffpro_cli.stages.allocate_dtype import SILENT_UI, WORLDS, plan_per_world
 from diffpro_cli.planning.solvers import (Constraint, budget_constraint, chosen_total, build_table, infeasible_message, plan_layers,
                                           predicted_speedup, smallest_feasible, solve, speedup_constraint, summarize)
 
@@ -123,6 +124,12 @@ def validate_config(cfg: AllocateConfig) -> None:
         raise UsageError("--steps chooses step counts for the joint plan; add --budget latency=F or --latency-budget MS, or drop --steps")
 
 
+def trades_latency_of(cfg: AllocateConfig) -> bool:
+    """Whether the plan trades latency against error (a latency budget, --latency-budget or --min-speedup)."""
+    return cfg.latency_budget is not None or cfg.min_speedup is not None or any(
+        b.kind in ("latency", "latency-ms") for b in parse_budgets(cfg.budget))
+
+
 def checkpoint_other_bytes(scores: dict, table) -> int:
     """Bytes of the checkpoint outside the planned layers, as profiled (buffers, schedule, header);
     scores from before it was recorded: the unplanned parameters at fp32."""
@@ -144,8 +151,7 @@ def allocate_plan(scores: dict, cfg: AllocateConfig, *, latency_fn: Callable[[La
     layers = load_layers(scores, scores_path)
     options = make_options(cfg.bits, cfg.act_bits, cfg.act_mode, cfg.group_size)
     proxy_bits = int((scores.get("config") or {}).get("proxy_bits", 4))
-    trades_latency = fraction is not None or cfg.latency_budget is not None or cfg.min_speedup is not None \
-        or any(b.kind == "latency-ms" for b in budgets)
+    trades_latency = trades_latency_of(cfg)
     # no latency budget to trade against: each stored width runs its faster path on this machine
     table = build_table(layers, options, cfg, latency_fn, proxy_bits,
                         fastest_path_margin=None if trades_latency else cfg.int_margin)
@@ -336,18 +342,29 @@ def run_allocate(ctx, cfg: AllocateConfig, *, scores_path: str | Path | None = N
         outputs["pareto_figure"] = workdir / "figures" / "pareto.png"
 
     def compute():
-        fn, remainder, rsource, lsource = latency_fn, cfg.remainder_ms or 0.0, "given", "injected"
         fingerprint, doc = None, None
-        if fn is None:
+        if latency_fn is None:
             if not ctx.model_spec:     # `diffpro allocate` without --model: the scored model
                 ctx.model_spec = (scores.get("model") or {}).get("spec", "")
             doc = obtain_cost_table(ctx, cfg, layers)
-            fn, lsource = table_latency_fn(doc, analytic=cfg.latency_source == "analytic"), cfg.latency_source
             fingerprint = doc["fingerprint"]
-            if cfg.remainder_ms is None:
-                remainder, rsource = float(doc["remainder_ms"]), "measured"
-        plan, pareto = allocate_plan(scores, cfg, latency_fn=fn, remainder_ms=remainder, remainder_source=rsource,
-                                     latency_source=lsource, timesteps=timesteps, scores_path=scores_path, ui=ui)
+
+        def solve_world(world: str):
+            fn, remainder, rsource, lsource = latency_fn, cfg.remainder_ms or 0.0, "given", "injected"
+            if doc is not None:
+                view = world_table(doc, world)
+                fn, lsource = table_latency_fn(view, analytic=cfg.latency_source == "analytic"), cfg.latency_source
+                if cfg.remainder_ms is None:
+                    remainder, rsource = float(view["remainder_ms"]), "measured"
+            return allocate_plan(scores, cfg, latency_fn=fn, remainder_ms=remainder, remainder_source=rsource,
+                                 latency_source=lsource, timesteps=timesteps, scores_path=scores_path, ui=SILENT_UI)
+
+        worlds = ["float32"] + [w for w in (doc or {}).get("worlds") or {} if w in WORLDS and cfg.latency_source != "analytic"]
+        plan, pareto = plan_per_world(solve_world, worlds, trades_latency_of(cfg), ui)
+        if plan["solver"]["protected_relaxed"]:
+            ui.warn(f"the budget forces {plan['solver']['protected_relaxed']} protected layer(s) below {cfg.protect_bits} bits")
+        if plan.get("baseline_check"):
+            ui.info(f"allocate: {plan['baseline_check']['verdict']}")
         plan["cost_table"] = None if fingerprint is None else {
             "path": str(Path(cfg.cost_table) if cfg.cost_table else workdir / "cost_table.json"),
             "fingerprint": fingerprint, "batch": cfg.batch}
@@ -396,6 +413,8 @@ def joint_cache_section(ctx, cfg: AllocateConfig, plan: dict, doc: dict, timeste
     static = any(e.get("act_mode") == "static" and e.get("weight_bits", 16) < 16 and e.get("act_bits", 8) < 16
                  for e in plan["layers"].values())
     qmodel = model if static else apply_plan(copy.deepcopy(model), plan)
+    if not static and plan.get("compute_dtype") not in (None, "float32"):
+        qmodel.set_compute_dtype(plan["compute_dtype"])   # drift as the checkpoint will run
     ccfg = CachePlanConfig(n=cfg.cache_n, batch=cfg.cache_n, seed=ctx.seed, latency_batch=cfg.batch,
                            proposals=("aligned", "interval"), step_cut=False)
     fp_ms = {n: float(r["ms"]["fp32"]) for n, r in doc["layers"].items()}

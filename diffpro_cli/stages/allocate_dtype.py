@@ -1,0 +1,73 @@
+"""The compute dtype of a plan: where the machine runs bf16 in hardware, the cost table also holds a
+"bfloat16" world (planning/costs.py: every path timed with the float math in bf16) and allocate solves
+the plan in each world, keeping the one predicted fastest (with a latency budget: the least predicted
+error among those that fit). The checkpoint records it; loading sets `DiffusionModel.compute_dtype`.
+
+Why a plan-level choice and not per layer: a bf16 layer next to a float32 one pays a cast at every edge,
+and the remainder (attention, norms, activations) follows the dtype of the whole forward; the cost table
+times each world with its own casts, so the two plans are priced as they run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from diffpro_cli.console import UI
+from diffpro_cli.errors import BudgetError
+
+WORLDS = ("float32", "bfloat16")
+
+
+@dataclass
+class _SilentUI(UI):
+    """Solves of every world run silent; the kept plan's warnings and verdict are printed once after."""
+
+    def warn(self, message: str) -> None:
+        pass
+
+
+SILENT_UI = _SilentUI(quiet=True)
+
+
+def _score(plan: dict, trades_latency: bool) -> tuple:
+    totals = plan["totals"]
+    if trades_latency:
+        error = (plan.get("joint") or {}).get("combined_error", totals["error"])
+        return (error, totals["latency_ms"])
+    return (totals["latency_ms"], totals["error"])
+
+
+def plan_per_world(solve_world, worlds: list[str], trades_latency: bool, ui) -> tuple[dict, dict | None]:
+    """`solve_world(world) -> (plan, pareto)` in every world; the kept plan gains `compute_dtype` and
+    `compute_dtypes` (each world's predicted step, error and float step: the record of the choice).
+    A world whose budget cannot be met is skipped; if none can, the float32 world's error is raised."""
+    results, first_error = {}, None
+    for world in worlds:
+        try:
+            results[world] = solve_world(world)
+        except BudgetError as exc:
+            if world == "float32":
+                first_error = exc
+    if not results:
+        raise first_error
+    best = min(results, key=lambda w: _score(results[w][0], trades_latency))
+    plan, pareto = results[best]
+    plan["compute_dtype"] = best
+    plan["compute_dtypes"] = {
+        w: {"step_ms": p["totals"]["latency_ms"], "error": p["totals"]["error"],
+            "float_step_ms": (p.get("baseline_check") or {}).get("fp32_step_ms"),
+            "integer_layers": p["execution"]["integer_layers"]}
+        for w, (p, _) in results.items()}
+    if len(results) > 1:
+        line = ", ".join(f"{w} {r['step_ms']:.3g} ms (float alone {r['float_step_ms']:.3g})"
+                         for w, r in plan["compute_dtypes"].items() if r["float_step_ms"] is not None)
+        ui.info(f"allocate: float math in {best} (predicted per step: {line})")
+    fastest_float = min((r["float_step_ms"] for r in plan["compute_dtypes"].values() if r["float_step_ms"]), default=None)
+    check = plan.get("baseline_check")
+    if check is not None and fastest_float:
+        check["fastest_float_step_ms"] = fastest_float
+        check["speedup_vs_fastest_float_same_steps"] = fastest_float / check["plan_step_ms"]
+        if fastest_float < check["plan_step_ms"]:
+            check["verdict"] += (f"; WARNING: float alone in {min(plan['compute_dtypes'], key=lambda w: plan['compute_dtypes'][w]['float_step_ms'] or 1e30)} "
+                                 f"is faster at the same steps ({fastest_float:.3g} vs {check['plan_step_ms']:.3g} ms)")
+    return plan, pareto
