@@ -84,6 +84,9 @@ def write_markdown(report: dict, bench_dir: Path, samples: dict, workdir: Path, 
         f"Sampler: {report['sampler']['method']}, cfg {report['sampler']['cfg_scale']}. Seed {report['fid']['seed']}.",
         "",
     ]
+    strongest = report.get("strongest_float_baseline")
+    if strongest:   # the float baseline the plan must beat here: ddim-K or bf16-ddim-K, whichever is faster
+        lines += [f"**Summary:** {strongest['line']}.", ""]
     if report["fid"]["n_samples"]:
         lines += [f"FID: N = {report['fid']['n_samples']} samples per row against `{report['fid']['reference']}`"
                   f" (reference N = {report['fid'].get('reference_n') or 'n/a'}); small N biases FID upwards, so compare rows, not papers.", ""]

@@ -15,7 +15,7 @@ def bench_cmd(
     model: ModelArg = "builtin:dit-mnist",
     quantized: Annotated[Optional[Path], typer.Option("--quantized", help="diffpro checkpoint dir (default WORKDIR/quantized if present).")] = None,
     timesteps: Annotated[Optional[Path], typer.Option("--timesteps", help="timesteps.json for the diffpro row (default WORKDIR/timesteps.json, else the checkpoint's).")] = None,
-    rows: Annotated[str, typer.Option("--rows", help="Comma list of rows: fp32,w8a8-uniform,w4-uniform,ddim,dpmsolver,subset (fp32 on diffpro's timesteps),diffpro; on request cache-only, fbcache-0.08, fbcache-0.12 (DiTs), deepcache-2, deepcache-3 (U-Nets), diffpro-nocache.")] = "fp32,w8a8-uniform,w4-uniform,ddim,dpmsolver,subset,diffpro",
+    rows: Annotated[Optional[str], typer.Option("--rows", help="Comma list of rows: fp32,bf16,w8a8-uniform,w4-uniform,ddim,bf16-ddim,dpmsolver,subset (fp32 on diffpro's timesteps),diffpro (default: all of them, bf16 and bf16-ddim only where the device runs bf16 natively); on request cache-only, fbcache-0.08, fbcache-0.12 (DiTs), deepcache-2, deepcache-3 (U-Nets), diffpro-nocache.")] = None,
     reference_steps: Annotated[int, typer.Option("--reference-steps", help="Steps of the full-precision schedule.")] = 100,
     steps: Annotated[Optional[int], typer.Option("--steps", help="Reduced step count for ddim/dpmsolver rows (default: diffpro's).")] = None,
     method: Annotated[str, typer.Option("--method", help="Sampler for every row: ddim or ddpm (epsilon/v models), euler (flow-matching models; ddim with eta 0 is the same update there).")] = "ddim",
@@ -36,10 +36,10 @@ def bench_cmd(
     import torch
 
     from diffpro_cli.artifacts import read_json
-    from diffpro_cli.stages.bench import ALL_ROWS, CACHE_ROWS, BenchConfig, run_bench
+    from diffpro_cli.stages.bench import ALL_ROWS, CACHE_ROWS, BenchConfig, default_rows, run_bench
 
     ui = ctx.ui
-    names = [r.strip() for r in rows.split(",") if r.strip()]
+    names = default_rows(ctx.device) if rows is None else [r.strip() for r in rows.split(",") if r.strip()]
     bad = [r for r in names if r not in ALL_ROWS + CACHE_ROWS]
     if bad:
         raise UsageError(f"--rows: unknown row(s) {', '.join(bad)}; choose from {', '.join(ALL_ROWS + CACHE_ROWS)}")

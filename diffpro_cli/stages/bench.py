@@ -1,6 +1,7 @@
 """bench: every baseline and diffpro's plan, measured in one run with the same seeds.
 
-Rows (DESIGN.md): fp32 on the reference schedule, uniform W8A8 and uniform 4-bit weights on the same
+Rows (DESIGN.md): fp32 on the reference schedule (and bf16 where the device runs it natively:
+stages/bench_float.py, with bf16-ddim-K beside ddim-K), uniform W8A8 and uniform 4-bit weights on the same
 schedule, uniform step reduction (DDIM spacing) and DPM-Solver++ at diffpro's step count, fp32 on
 diffpro's selected timesteps ("subset": the step selection alone, against the ddim row at the same
 count), and diffpro (its quantized checkpoint on its selected timesteps). Per row: latency per image (interleaved
@@ -26,8 +27,10 @@ from diffpro_cli.console import QUIET_UI, UI
 from diffpro_cli.errors import InputError, UsageError
 from diffpro_cli.models.base import DiffusionModel
 from diffpro_cli.sampling import SamplerConfig, sample, sample_dpmsolver, uniform_timesteps
+from diffpro_cli.stages import bench_float
 from diffpro_cli.stages.bench_cache import CACHE_ROWS  # rows on request (docs/caching.md)
-from diffpro_cli.stages.comparisons import derived_ratios, steps_note, versus_cache, versus_step_cut
+from diffpro_cli.stages.bench_float import FLOAT_ROWS
+from diffpro_cli.stages.comparisons import derived_ratios, steps_note, strongest_float_baseline, versus_cache, versus_step_cut
 
 REPORT_SCHEMA = "diffpro.report/1"
 # per-row fields from metrics.evidence (docs/report.md)
@@ -35,12 +38,19 @@ EVIDENCE_FIELDS = ("fid_ci95", "fid_vs_fp_ci95", "kid", "kid_std", "psnr_vs_fp32
                    "ssim_vs_fp32", "ssim_vs_fp32_ci95", "paired_n")
 BUILTIN_REFERENCE_NOTE = ("built-in models were trained on MNIST's test images, which are also the FID/KID "
                           "reference (builtin:mnist): their FID measures memorisation as much as quality")
-ALL_ROWS = ("fp32", "w8a8-uniform", "w4-uniform", "ddim", "dpmsolver", "subset", "diffpro")
+# every row a default run may hold; FLOAT_ROWS (bf16) only where the device runs bf16 natively (default_rows)
+ALL_ROWS = ("fp32", "bf16", "w8a8-uniform", "w4-uniform", "ddim", "bf16-ddim", "dpmsolver", "subset", "diffpro")
+
+
+def default_rows(device: str = "cpu") -> list[str]:
+    """ALL_ROWS, less the bf16 rows where `device` would only emulate bf16 (bench_float.native_bf16)."""
+    native = bench_float.native_bf16(device)[0]
+    return [r for r in ALL_ROWS if native or r not in FLOAT_ROWS]
 
 
 @dataclass
 class BenchConfig:
-    rows: list[str] = field(default_factory=lambda: list(ALL_ROWS))
+    rows: list[str] = field(default_factory=default_rows)
     reference_steps: int = 100          # schedule of the full-precision and uniform-bits rows
     steps: int | None = None            # reduced step count; default: diffpro's timesteps, else reference_steps // 2
     method: str = "ddim"
@@ -117,8 +127,9 @@ def float_size_bytes(model: DiffusionModel) -> int:
 
 def kernel_counts(model: DiffusionModel) -> dict[str, int]:
     counts = Counter()
+    float_name = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(getattr(model, "compute_dtype", None), "fp32")
     for _, (mod, _) in model.quantizable_layers().items():
-        counts[getattr(mod, "kernel_name", None) or "fp32"] += 1
+        counts[getattr(mod, "kernel_name", None) or float_name] += 1
     return dict(counts)
 
 
@@ -148,6 +159,7 @@ def build_rows(ctx, cfg: BenchConfig, quantized: Path | None, timesteps: list[in
     fp_id = fp.sha256 or sha256_json(fp.spec)
     fp_bytes = float_size_bytes(fp)
     rows: list[Row] = []
+    bf16_shared: dict = {}   # one bf16 copy for both bf16 rows; `fp` stays fp32
     for name in cfg.rows:
         if name == "fp32":
             rows.append(Row("fp32", fp, ref_ts, len(ref_ts), fp_bytes, 32.0, f"fp32:{fp_id}"))
@@ -187,6 +199,8 @@ def build_rows(ctx, cfg: BenchConfig, quantized: Path | None, timesteps: list[in
                             load_spec=str(quantized), cache=policy,
                             notes=[f"cache schedule of the plan: compute fraction {policy.compute_fraction():.3f}"]
                             if policy is not None else []))
+        elif name in FLOAT_ROWS:
+            rows.extend(bench_float.bf16_row(name, fp, ref_ts, k, fp_id, bf16_shared, ctx.device))
         elif name == "diffpro-nocache":
             rows.extend(diffpro_nocache_row(ctx, qinfo, quantized, diffpro_ts, notes))
         elif name in CACHE_ROWS:
@@ -449,6 +463,7 @@ def measure_bench(ctx, cfg: BenchConfig, quantized: Path | None = None, timestep
     report["derived"] = derived_ratios(report, fid_results.get("_replicates"))
     report["versus_step_cut"] = versus_step_cut(report, fid_results.get("_replicates"))
     report["versus_cache"] = versus_cache(report, fid_results.get("_replicates"))
+    report["strongest_float_baseline"] = strongest_float_baseline(report)
     if step_evidence:   # prune's paired test of its drift-selected steps against uniform spacing, same seeds
         report["steps_vs_uniform"] = step_evidence
         notes.append(steps_note(step_evidence))
