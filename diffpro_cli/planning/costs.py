@@ -33,7 +33,7 @@ COST_SCHEMA = "diffpro.cost_table/2"
 ISA_FLAGS = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8", "amx_tile", "avx512_bf16", "amx_bf16")
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")          # bf16 dot products in hardware (oneDNN uses them for bf16 GEMMs)
 # oneDNN ISA caps below its bf16 levels: bf16 is then emulated (slower than fp32), so not a candidate
-_ONEDNN_CAPS_WITHOUT_BF16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX512_CORE", "AVX512_CORE_VNNI"}
+_ONEDNN_CAPS_WITHOUT_BF16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}
 
 
 def _cpu_name_and_flags() -> tuple[str, set[str]]:
@@ -61,18 +61,32 @@ def machine_fingerprint(device: str = "cpu") -> dict:
             "torch": torch.__version__, "threads": int(torch.get_num_threads())}
 
 
-def native_bf16(device: str = "cpu") -> bool:
-    """Whether bf16 math runs in hardware here: CUDA with bf16 support, or a CPU with AVX512_BF16 / AMX-BF16
-    that no oneDNN ISA cap (ONEDNN_MAX_CPU_ISA / DNNL_MAX_CPU_ISA) keeps from using. Elsewhere bf16 is
-    emulated and never the fast float path, so the cost table does not time it."""
-    import torch
-
-    if device == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+def isa_cap_without_bf16() -> str | None:
+    """The environment variable (as "NAME=value") that caps oneDNN's ISA below native bf16, if any."""
     for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
         if os.environ.get(name, "").strip().upper() in _ONEDNN_CAPS_WITHOUT_BF16:
-            return False
-    return any(f in _cpu_name_and_flags()[1] for f in BF16_FLAGS)
+            return f"{name}={os.environ[name].strip()}"
+    return None
+
+
+def bf16_support(device: str = "cpu") -> tuple[bool, str]:
+    """(whether bf16 math runs in hardware on `device`, why): CUDA with bf16 support, or a CPU with
+    AVX512_BF16 / AMX-BF16 that no oneDNN ISA cap keeps from using them. Elsewhere bf16 is emulated
+    (slower than fp32): the cost table does not time it and bench's default rows leave it out."""
+    import torch
+
+    if str(device).startswith("cuda"):
+        ok = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return ok, "CUDA bf16 supported" if ok else "CUDA without bf16 support"
+    cap = isa_cap_without_bf16()
+    if cap is not None:
+        return False, f"{cap} caps oneDNN below bf16 (emulated)"
+    have = [f for f in BF16_FLAGS if f in _cpu_name_and_flags()[1]]
+    return (True, f"CPU flags {', '.join(have)}") if have else (False, "no avx512_bf16/amx_bf16 CPU flag (emulated)")
+
+
+def native_bf16(device: str = "cpu") -> bool:
+    return bf16_support(device)[0]
 
 
 def fingerprint_id(fp: dict) -> str:

@@ -13,26 +13,18 @@ default rows only where bf16 is native (`native_bf16`); asked with `--rows` they
 from __future__ import annotations
 
 import copy
-import os
 
 import torch
 
+from diffpro_cli.planning.costs import bf16_support
+
 FLOAT_ROWS = ("bf16", "bf16-ddim")
-_ONEDNN_CAP_VARS = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
 
 
 def native_bf16(device: str = "cpu") -> tuple[bool, str]:
-    """(whether `device` computes bf16 natively, why): planning.costs.native_bf16 (CUDA with bf16; a CPU
-    with avx512_bf16 / amx_bf16 and no oneDNN ISA cap below them, under which oneDNN emulates bf16)."""
-    from diffpro_cli.planning import costs
-
-    native = costs.native_bf16(device)
-    if device == "cuda":
-        return native, "CUDA " + ("with" if native else "without") + " bf16 support"
-    flags = [f for f in costs.BF16_FLAGS if f in costs._cpu_name_and_flags()[1]]
-    caps = [f"{n}={os.environ[n].strip()}" for n in _ONEDNN_CAP_VARS if os.environ.get(n, "").strip()]
-    why = f"CPU flags {', '.join(flags)}" if flags else "no avx512_bf16/amx_bf16 CPU flag"
-    return native, why + (f", {', '.join(caps)}" if caps else "")
+    """(whether `device` computes bf16 natively, why): the planner's check (planning.costs.bf16_support:
+    CUDA with bf16; a CPU with avx512_bf16 / amx_bf16 and no oneDNN ISA cap below them)."""
+    return bf16_support(device)
 
 
 def bf16_size_bytes(model) -> int:
