@@ -67,7 +67,11 @@ def plan_per_world(solve_world, worlds: list[str], trades_latency: bool, ui) -> 
     if check is not None and fastest_float:
         check["fastest_float_step_ms"] = fastest_float
         check["speedup_vs_fastest_float_same_steps"] = fastest_float / check["plan_step_ms"]
+        fastest = min(plan["compute_dtypes"], key=lambda w: plan["compute_dtypes"][w]["float_step_ms"] or float("inf"))
+        check["fastest_float_dtype"] = fastest
         if fastest_float < check["plan_step_ms"]:
-            check["verdict"] += (f"; WARNING: float alone in {min(plan['compute_dtypes'], key=lambda w: plan['compute_dtypes'][w]['float_step_ms'] or 1e30)} "
-                                 f"is faster at the same steps ({fastest_float:.3g} vs {check['plan_step_ms']:.3g} ms)")
+            check["verdict"] += (f"; WARNING: float alone in {fastest} is faster at the same steps "
+                                 f"({fastest_float:.3g} vs {check['plan_step_ms']:.3g} ms)")
+        elif fastest != best:
+            check["verdict"] += f"; {fastest_float / check['plan_step_ms']:.2f}x float alone in {fastest}, the fastest float here"
     return plan, pareto
