@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -195,6 +196,22 @@ ROLES = ("attn_qkv", "attn_out", "cross_attn_qkv", "cross_attn_out", "mlp", "ada
          "context_embed", "patch_embed", "final", "conv", "other")
 
 
+@contextlib.contextmanager
+def _diffusers_quiet():
+    """diffusers' own logger at error level for the duration (no-op without diffusers)."""
+    try:
+        from diffusers.utils import logging as dlog
+    except ImportError:
+        yield
+        return
+    level = dlog.get_verbosity()
+    dlog.set_verbosity_error()
+    try:
+        yield
+    finally:
+        dlog.set_verbosity(level)
+
+
 @dataclass
 class DiffusionModel:
     """A denoising network plus everything a sampler and a quantizer need to know about it.
@@ -276,7 +293,8 @@ class DiffusionModel:
         if dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise UsageError(f"compute dtype {dtype}: use bfloat16, float16 or float32")
         if not any(getattr(m, "is_diffpro_quant", False) for m in self.net.modules()):
-            self.net.to(dtype)
+            with _diffusers_quiet():   # its "modules that should be kept in float32: []" note at every cast
+                self.net.to(dtype)
         self.compute_dtype = None if dtype == torch.float32 else dtype
         return self
 
