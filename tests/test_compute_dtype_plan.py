@@ -99,3 +99,20 @@ def test_checkpoint_records_the_compute_dtype_and_loads_with_it(tmp_path):
     meta.write_text(meta.read_text().replace('"bfloat16"', '"int4"'))
     with pytest.raises(InputError, match="compute_dtype"):
         diffpro.load(tmp_path / "q")
+
+
+def test_a_cost_table_from_before_the_bf16_flags_is_re_measured_not_refused(tmp_path):
+    # catches: an upgrade leaving every existing workdir with "measured on another machine" errors
+    import json
+
+    w = tmp_path / "w"
+    diffpro.profile("random:dit-tiny", w, samples=2, timesteps="999:0:500", batch=2)
+    diffpro.score("random:dit-tiny", w)
+    diffpro.allocate("random:dit-tiny", w, budget="avg-bits=6", repeats=1, batch=2)
+    table = w / "cost_table.json"
+    doc = json.loads(table.read_text())
+    doc["fingerprint"].pop("version")
+    doc["fingerprint"]["isa_flags"] = [f for f in doc["fingerprint"]["isa_flags"] if "bf16" not in f]
+    table.write_text(json.dumps(doc))
+    plan = diffpro.allocate("random:dit-tiny", w, budget="avg-bits=5", repeats=1, batch=2)
+    assert "version" in json.loads(table.read_text())["fingerprint"] and plan["totals"]["avg_bits"] <= 5

@@ -496,10 +496,14 @@ def obtain_cost_table(ctx, cfg: AllocateConfig, layers: list[Layer]) -> dict:
     previous = None
     if path.exists() and not ctx.force:
         previous = read_cost_table(path)
-        check_fingerprint(previous, path, explicit=False, ui=ctx.ui)
+        if "version" not in (previous.get("fingerprint") or {}):   # an older diffpro's table: time it again
+            ctx.ui.info(f"allocate: {path} was measured by an older diffpro (no bf16 flags in its fingerprint); re-measuring")
+            previous = None
+        else:
+            check_fingerprint(previous, path, explicit=False, ui=ctx.ui)
         model = ctx.model()
-        if previous.get("batch") != cfg.batch or (previous.get("model") or {}).get("sha256") != model.sha256 \
-                or (previous.get("model") or {}).get("spec") != model.spec:
+        if previous is not None and (previous.get("batch") != cfg.batch or (previous.get("model") or {}).get("sha256") != model.sha256
+                                     or (previous.get("model") or {}).get("spec") != model.spec):
             ctx.ui.info(f"allocate: {path} was timed for another model or batch; re-measuring")
             previous = None
     model = ctx.model()
