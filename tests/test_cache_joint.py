@@ -117,7 +117,8 @@ def test_plan_joint_cache_on_a_tiny_dit_measures_against_the_float_teacher():
 def test_allocate_cache_section_feeds_quantize(tmp_path):
     """The allocate step's wiring on a real (tiny, random) DiT: plan + cost table in, a `cache`
     section out whose enabled schedule fixes the checkpoint's timesteps."""
-    from diffpro_cli.stages.allocate import AllocateConfig, joint_cache_section
+    from diffpro_cli.stages.allocate import AllocateConfig
+    from diffpro_cli.stages.allocate_cache import joint_cache_section
     from diffpro_cli.stages.context import StageContext
     from diffpro_cli.stages.quantize import cache_timesteps, uniform_plan
 

@@ -97,7 +97,8 @@ def _cache_section(tmp_path, metric: str, capsys, monkeypatch):
     from diffpro_cli.cache import num_cache_units
     from diffpro_cli.console import UI
     from diffpro_cli.planning import cache_plan
-    from diffpro_cli.stages.allocate import AllocateConfig, joint_cache_section
+    from diffpro_cli.stages.allocate import AllocateConfig
+    from diffpro_cli.stages.allocate_cache import joint_cache_section
     from diffpro_cli.stages.context import StageContext
     from diffpro_cli.stages.quantize import uniform_plan
 
