@@ -28,6 +28,7 @@ def test_the_faster_world_wins_without_a_latency_budget_and_the_lower_error_with
     plans = {"float32": _plan(2.0, 0.010, 4.0), "bfloat16": _plan(1.5, 0.012, 1.6)}
     plan, _ = plan_per_world(lambda w: (dict(plans[w]), None), ["float32", "bfloat16"], False, _UI())
     assert plan["compute_dtype"] == "bfloat16"            # catches: the first world kept whatever it costs
+    assert plan["baseline_check"]["float_dtype"] == "bfloat16"   # its fp32_step_ms is bf16 float's: say so
     assert plan["compute_dtypes"]["float32"]["float_step_ms"] == 4.0
     assert plan["baseline_check"]["speedup_vs_fastest_float_same_steps"] == pytest.approx(1.6 / 1.5)
     plans = {"float32": _plan(2.0, 0.010, 4.0), "bfloat16": _plan(1.5, 0.012, 1.6)}

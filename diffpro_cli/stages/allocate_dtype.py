@@ -64,6 +64,8 @@ def plan_per_world(solve_world, worlds: list[str], trades_latency: bool, ui) -> 
         ui.info(f"allocate: float math in {best} (predicted per step: {line})")
     fastest_float = min((r["float_step_ms"] for r in plan["compute_dtypes"].values() if r["float_step_ms"]), default=None)
     check = plan.get("baseline_check")
+    if check is not None:
+        check["float_dtype"] = best   # its fp32_step_ms / speed-up are against float computing in this dtype
     if check is not None and fastest_float:
         check["fastest_float_step_ms"] = fastest_float
         check["speedup_vs_fastest_float_same_steps"] = fastest_float / check["plan_step_ms"]
