@@ -243,7 +243,7 @@ class DiffusionModel:
     conditioning: str | None = None        # "class" | "embeddings" | "none"; None → from config / num_classes
     conditioning_fields: dict | None = None  # embeddings: {field: trailing shape (None = any size)} the network needs
     conditioning_set: object | None = field(default=None, repr=False)  # Conditioning of M entries; sample i uses i % M
-    compute_dtype: torch.dtype | None = None   # bf16/fp16: the float math runs under autocast (float_compute.py)
+    compute_dtype: torch.dtype | None = None   # bf16/fp16: the float math runs under autocast (set_compute_dtype)
 
     def __post_init__(self):
         cfg = self.config if isinstance(self.config, dict) else {}
@@ -331,11 +331,9 @@ class DiffusionModel:
         """The network's own prediction (learned-variance channels dropped) at integer timesteps t ([B] or scalar)."""
         if t.ndim == 0:
             t = t.expand(x.shape[0])
-        if self.compute_dtype is not None and self.compute_dtype != torch.float32:
-            with torch.autocast(x.device.type, dtype=self.compute_dtype):
-                out = self.forward_fn(self.net, x, t, self._net_conditioning(y)).to(x.dtype)
-        else:
-            out = self.forward_fn(self.net, x, t, self._net_conditioning(y))
+        low = self.compute_dtype not in (None, torch.float32)
+        with torch.autocast(x.device.type, dtype=self.compute_dtype) if low else contextlib.nullcontext():
+            out = self.forward_fn(self.net, x, t, self._net_conditioning(y)).to(x.dtype)
         c = x.shape[1]
         if out.shape[1] == 2 * c:  # learned sigma (DiT): first half is the prediction
             out = out[:, :c]

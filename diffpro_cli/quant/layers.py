@@ -56,6 +56,16 @@ def _nearest(calibrated: torch.Tensor, ts: torch.Tensor) -> torch.Tensor:
     return torch.where(closer_below, below, pos)
 
 
+def call_kernel(kernel, layer, x: torch.Tensor) -> torch.Tensor:
+    """`kernel(layer, x)`. Integer kernels take and give float32: in a bf16/fp16 model (compute_dtype)
+    they are called outside autocast on a float32 copy and their output cast back; kernels that compute
+    in the input's dtype (`any_dtype`, weight-only) are called as they are."""
+    if x.dtype == torch.float32 or getattr(kernel, "any_dtype", False):
+        return kernel(layer, x)
+    with torch.autocast(x.device.type, enabled=False):
+        return kernel(layer, x.float()).to(x.dtype)
+
+
 class _QuantBase(nn.Module):
     is_diffpro_quant = True
     kind = "?"
@@ -226,11 +236,7 @@ class _QuantBase(nn.Module):
             return self._group.run(self, x)
         if self._kernel is None or self._kernel_device != x.device:
             self.prepare(x.device)
-        if x.dtype != torch.float32 and not getattr(self._kernel, "any_dtype", False):
-            # integer kernels take and give float32: a bf16/fp16 model (compute_dtype) casts at their edges
-            with torch.autocast(x.device.type, enabled=False):
-                return self._kernel(self, x.float()).to(x.dtype)
-        return self._kernel(self, x)
+        return call_kernel(self._kernel, self, x)
 
     def _apply(self, fn, recurse=True):   # .to()/.cuda(): runtime state is rebuilt on the next call
         self._forget_kernel()
@@ -378,12 +384,7 @@ class SharedInputGroup:
             return out
         if self.kernel is None or self.device != x.device:
             self.prepare(x.device)
-        if x.dtype != torch.float32 and not getattr(self.kernel, "any_dtype", False):
-            with torch.autocast(x.device.type, enabled=False):   # integer kernels: float32 at their edges
-                y = self.kernel(self.members[0], x.float()).to(x.dtype)
-        else:
-            y = self.kernel(self.members[0], x)
-        outs = y.split(self.sizes, dim=-1)
+        outs = call_kernel(self.kernel, self.members[0], x).split(self.sizes, dim=-1)
         self._x, self._outs, self._pending = x, list(outs), set(range(len(outs))) - {i}
         return outs[i]
 
