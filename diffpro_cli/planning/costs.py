@@ -175,6 +175,14 @@ def capture_inputs(model, modules: dict, batch: int, seed: int = 0) -> tuple[dic
     return captured, (x, t, y)
 
 
+def _path_module(quantize_module, mod, opt: Option, inp):
+    """The module `quantize` emits for `mod` under a quantized option (a copy; static activations get
+    the captured input's range), ready to be timed on `inp`."""
+    static = float(inp.abs().max()) if opt.act_bits < 16 and opt.act_mode == "static" else None
+    return quantize_module(copy.deepcopy(mod), opt.weight_bits, act_bits=opt.act_bits, act_mode=opt.act_mode,
+                           group_size=opt.group_size, static_absmax=static).eval()
+
+
 def measure_cost_table(model, options: list[Option], batch: int, repeats: int, ui: UI = QUIET_UI,
                        previous: dict | None = None, bf16: bool | None = None) -> dict:
     """The cost table document (module docstring). `previous`: a table of the same machine, model and
@@ -208,9 +216,7 @@ def measure_cost_table(model, options: list[Option], batch: int, repeats: int, u
                     fns[(name, label)] = lambda f=mod, i=inp: f(i)
                     continue
                 try:
-                    static = float(inp.abs().max()) if opt.act_bits < 16 and opt.act_mode == "static" else None
-                    q = quantize_module(copy.deepcopy(mod), opt.weight_bits, act_bits=opt.act_bits,
-                                        act_mode=opt.act_mode, group_size=opt.group_size, static_absmax=static).eval()
+                    q = _path_module(quantize_module, mod, opt, inp)
                     q(inp)
                     fns[(name, label)] = lambda f=q, i=inp: f(i)
                 except Exception as exc:   # an option this layer's kernels cannot run: not a choice here
@@ -257,12 +263,7 @@ def measure_world(model, modules: dict, captured: dict, columns: dict, xty: tupl
             table[name] = {"ms": {}}
             for label, opt in columns.items():
                 try:
-                    if opt.full_precision:
-                        f = copy.deepcopy(mod).to(dtype)
-                    else:
-                        static = float(inp.abs().max()) if opt.act_bits < 16 and opt.act_mode == "static" else None
-                        f = quantize_module(copy.deepcopy(mod), opt.weight_bits, act_bits=opt.act_bits, act_mode=opt.act_mode,
-                                            group_size=opt.group_size, static_absmax=static).eval()
+                    f = copy.deepcopy(mod).to(dtype) if opt.full_precision else _path_module(quantize_module, mod, opt, inp)
                     f(inp)
                     fns[(name, label)] = lambda f=f, i=inp: f(i)
                 except Exception:   # not runnable in this dtype here: never chosen in this world
