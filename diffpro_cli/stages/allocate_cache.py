@@ -20,6 +20,7 @@ def joint_cache_section(ctx, cfg: AllocateConfig, plan: dict, doc: dict, timeste
     import copy
 
     from diffpro_cli.planning.cache_plan import CachePlanConfig, block_latencies, plan_joint_cache, unit_layer_names
+    from diffpro_cli.planning.costs import world_table
     from diffpro_cli.planning.joint import unit_latencies_under_plan
     from diffpro_cli.sampling import uniform_timesteps
     from diffpro_cli.stages.quantize import apply_plan
@@ -37,8 +38,10 @@ def joint_cache_section(ctx, cfg: AllocateConfig, plan: dict, doc: dict, timeste
         qmodel.set_compute_dtype(plan["compute_dtype"])   # drift as the checkpoint will run
     ccfg = CachePlanConfig(n=cfg.cache_n, batch=cfg.cache_n, seed=ctx.seed, latency_batch=cfg.batch,
                            proposals=("aligned", "interval"), step_cut=False)
+    # the plan's own world: in a bf16 plan the float layers and the remainder cost their bf16 times
+    doc = world_table(doc, plan.get("compute_dtype") or "float32")
     fp_ms = {n: float(r["ms"]["fp32"]) for n, r in doc["layers"].items()}
-    # each unit's share of the fp32 forward (timed together), on the cost table's fp32 step
+    # each unit's share of the forward (timed together), on the cost table's float step of that world
     timed, forward_ms = block_latencies(model, ccfg, with_forward=True)
     fp_step = sum(fp_ms.values()) + float(doc.get("remainder_ms") or 0.0)
     block_ms = [b / forward_ms * fp_step for b in timed]
@@ -64,6 +67,7 @@ def joint_cache_section(ctx, cfg: AllocateConfig, plan: dict, doc: dict, timeste
     return {"schema": "diffpro.cache/1", "enabled": chosen.get("cache") is not None, "schedule": chosen.get("cache"),
             "steps": chosen["steps"], "drift": chosen["drift"], "predicted_ms": chosen["predicted_ms"],
             "base_timesteps": base_ts, "verdict": verdict, "block_ms_fp32": block_ms,
+            "priced_in": doc.get("world", "float32"),   # the float dtype of block_ms_fp32 and the unit times
             "unit_share_of_fp32_step": [b / forward_ms for b in timed],
             "planned_on": "float (static activations need calibration)" if static else "the plan quantized in memory (round-to-nearest)",
             "metric": metric, "drift_definition": f"{definition} vs the float model on {cfg.full_steps} uniform steps "
