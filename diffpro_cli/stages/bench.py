@@ -119,9 +119,10 @@ class Row:
 # ---------------------------------------------------------------------------------------------
 
 
-def float_size_bytes(model: DiffusionModel) -> int:
-    """Bytes of the network's state dict stored as fp32 (what an fp32 checkpoint holds)."""
-    return sum(t.numel() * 4 if t.is_floating_point() else t.numel() * t.element_size()
+def float_size_bytes(model: DiffusionModel, float_bytes: int = 4) -> int:
+    """Bytes of the network's state dict with every float tensor at `float_bytes` (4: what an fp32
+    checkpoint holds; 2: bf16)."""
+    return sum(t.numel() * float_bytes if t.is_floating_point() else t.numel() * t.element_size()
                for t in model.net.state_dict().values())
 
 

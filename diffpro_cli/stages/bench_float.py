@@ -27,12 +27,6 @@ def native_bf16(device: str = "cpu") -> tuple[bool, str]:
     return bf16_support(device)
 
 
-def bf16_size_bytes(model) -> int:
-    """Bytes of the network's state dict with every float tensor stored in bf16 (half of fp32's)."""
-    return sum(t.numel() * 2 if t.is_floating_point() else t.numel() * t.element_size()
-               for t in model.net.state_dict().values())
-
-
 def bf16_copy(fp):
     """A copy of the float model computing in bf16 (weights cast once); `fp` itself stays fp32."""
     return copy.deepcopy(fp).set_compute_dtype(torch.bfloat16)
@@ -41,7 +35,7 @@ def bf16_copy(fp):
 def bf16_row(name: str, fp, ref_ts: list[int], k: int, fp_id: str, shared: dict, device: str = "cpu") -> list:
     """The `bf16` or `bf16-ddim-K` row; both share one bf16 copy (kept in `shared`)."""
     from diffpro_cli.sampling import uniform_timesteps
-    from diffpro_cli.stages.bench import Row
+    from diffpro_cli.stages.bench import Row, float_size_bytes
 
     if "model" not in shared:
         shared["model"] = bf16_copy(fp)
@@ -49,7 +43,7 @@ def bf16_row(name: str, fp, ref_ts: list[int], k: int, fp_id: str, shared: dict,
     notes = ["size: the float checkpoint stored in bf16 (half of fp32's bytes; not written to disk)",
              "peak memory: the fp32 row's (the fresh process loads the float checkpoint in fp32)",
              f"bf16 {'native' if native else 'EMULATED (expect it slower than fp32)'} here: {why}"]
-    size = bf16_size_bytes(fp)
+    size = float_size_bytes(fp, 2)   # the float checkpoint stored in bf16
     if name == "bf16":
         return [Row("bf16", shared["model"], list(ref_ts), len(ref_ts), size, 16.0, f"bf16:{fp_id}", notes=notes)]
     ts = uniform_timesteps(fp.num_train_timesteps, k)
