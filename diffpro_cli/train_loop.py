@@ -122,12 +122,10 @@ class Trainer:
 
 def save_fp16_weights(state: dict, weights: Path, name: str) -> dict:
     """Write `state` as fp16 safetensors atomically (tagged builtin:NAME); returns the fp16 state."""
-    from safetensors.torch import save_file
+    from diffpro_cli.artifacts import atomic_save_safetensors
 
     state = {k: v.half().contiguous() for k, v in state.items()}
-    tmp = weights.with_suffix(".tmp")
-    save_file(state, str(tmp), metadata={"diffpro": f"builtin:{name}"})
-    tmp.replace(weights)
+    atomic_save_safetensors(weights, state, metadata={"diffpro": f"builtin:{name}"})
     return state
 
 
