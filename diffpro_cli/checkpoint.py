@@ -374,16 +374,16 @@ def load_quantized(path: str | Path, *, trust_code: bool = False, verify: bool =
         config=source | {"quantized_from": m["spec"], "model_sha256": m["sha256"], "architecture": arch,
                          "decode": decode_record, "timesteps": meta.get("timesteps"), "totals": meta.get("totals"),
                          "cache": meta.get("cache")},
-        compute_dtype=_compute_dtype(meta.get("compute_dtype")),
+        compute_dtype=_compute_dtype(meta.get("compute_dtype"), path),
     )
 
 
-def _compute_dtype(name: str | None):
+def _compute_dtype(name: str | None, path) -> torch.dtype | None:
     """The recorded float dtype as torch's (None for float32 and checkpoints from before it was recorded)."""
     if name in (None, "float32"):
         return None
     if name not in ("bfloat16", "float16"):
-        raise InputError(f"checkpoint: compute_dtype {name!r} is not one diffpro runs (float32, bfloat16, float16); re-run `diffpro quantize`")
+        raise InputError(f"{path}: compute_dtype {name!r} is not one diffpro runs (float32, bfloat16, float16); re-run `diffpro quantize`")
     return getattr(torch, name)
 
 
