@@ -368,6 +368,9 @@ def main(argv=None) -> None:
     ap.add_argument("--with-token", action="store_true", help="also time a per-token W8A8 DiT-XL/2 (needs ~1.6 GB more)")
     ap.add_argument("--out", type=Path, default=None, help="scratch directory for checkpoints (default: a temp dir)")
     args = ap.parse_args(argv)
+    from diffpro_cli.allocator import steady_allocator
+
+    print(f"malloc: {steady_allocator()}")   # what diffpro's stages run under (allocator.py)
     if args.threads:
         torch.set_num_threads(args.threads)
     from diffpro_cli.quant.kernels import cpu_has_vnni

@@ -20,7 +20,6 @@ timestep subset and provenance hashes.
 
 from __future__ import annotations
 
-import functools
 
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ import torch
 from torch import nn
 
 from diffpro_cli import __version__
+from diffpro_cli.allocator import release_freed_memory
 from diffpro_cli.artifacts import atomic_save_safetensors, atomic_write_json, read_json, sha256_file, sha256_json
 from diffpro_cli.errors import InputError, TrustError
 from diffpro_cli.models.base import EMBEDDING_FORWARDS, DiffusionModel, apply_net_patches, dit_forward, unet_forward
@@ -355,7 +355,7 @@ def load_quantized(path: str | Path, *, trust_code: bool = False, verify: bool =
             if not keep_integers:
                 for member in members:
                     member.release_integers()
-            _release_freed_memory()   # per layer: otherwise unpacking temporaries pile up
+            release_freed_memory()   # per layer: otherwise unpacking temporaries pile up
     _check_nothing_meta(net, weights)
     kind = m["kind"]
     decode_record = _decode_record(m)
@@ -458,25 +458,6 @@ class TensorFile:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-@functools.lru_cache(maxsize=1)
-def _malloc_trim():
-    """glibc's malloc_trim, looked up once (find_library runs an external command), or None."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return None
-
-
-def _release_freed_memory() -> None:
-    """Hand the unpacking temporaries back to the OS (glibc keeps freed heap pages otherwise)."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
 
 
 def _assign(net: nn.Module, state: dict, source: Path) -> None:

@@ -18,7 +18,11 @@ def is_quantized_checkpoint(spec: str | Path) -> bool:
 
 def load_model(spec: str | Path, *, trust_code: bool = False, weights: str | Path | None = None, seed: int = 0) -> DiffusionModel:
     """A diffpro quantized checkpoint (a directory with diffpro.json; its network's code behind
-    `trust_code`), or any float model spec (models.load_float_model)."""
+    `trust_code`), or any float model spec (models.load_float_model). The first load in a process keeps
+    freed memory in it from then on (allocator.steady_allocator: steady step latency on CPU)."""
+    from diffpro_cli.allocator import steady_allocator
+
+    steady_allocator()
     if is_quantized_checkpoint(spec):
         from diffpro_cli.checkpoint import load_quantized
         from diffpro_cli.models.builtin_text import attach_default

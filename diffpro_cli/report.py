@@ -80,7 +80,8 @@ def write_markdown(report: dict, bench_dir: Path, samples: dict, workdir: Path, 
     lines = [
         f"# diffpro report — {report['model']['spec']}",
         "",
-        f"Device: {report['device']['name']} ({report['device']['kind']}, {report['device']['threads']} threads, torch {report['device']['torch']}). "
+        f"Device: {report['device']['name']} ({report['device']['kind']}, {report['device']['threads']} threads, torch {report['device']['torch']}"
+        f"{'; malloc: ' + report['device']['allocator'] if report['device'].get('allocator') else ''}). "
         f"Sampler: {report['sampler']['method']}, cfg {report['sampler']['cfg_scale']}. Seed {report['fid']['seed']}.",
         "",
     ]

@@ -102,9 +102,13 @@ def test_checkpoint_records_the_compute_dtype_and_loads_with_it(tmp_path):
         diffpro.load(tmp_path / "q")
 
 
-def test_a_cost_table_from_before_the_bf16_flags_is_re_measured_not_refused(tmp_path):
-    # catches: an upgrade leaving every existing workdir with "measured on another machine" errors
+@pytest.mark.parametrize("older", ["no-version", "version-2"])
+def test_a_cost_table_from_an_older_fingerprint_is_re_measured_not_refused(tmp_path, older):
+    # catches: an upgrade (bf16 flags, then the allocator setting) leaving every existing workdir with
+    # "measured on another machine" errors
     import json
+
+    from diffpro_cli.planning.costs import FINGERPRINT_VERSION
 
     w = tmp_path / "w"
     diffpro.profile("random:dit-tiny", w, samples=2, timesteps="999:0:500", batch=2)
@@ -112,8 +116,13 @@ def test_a_cost_table_from_before_the_bf16_flags_is_re_measured_not_refused(tmp_
     diffpro.allocate("random:dit-tiny", w, budget="avg-bits=6", repeats=1, batch=2)
     table = w / "cost_table.json"
     doc = json.loads(table.read_text())
-    doc["fingerprint"].pop("version")
-    doc["fingerprint"]["isa_flags"] = [f for f in doc["fingerprint"]["isa_flags"] if "bf16" not in f]
+    if older == "no-version":
+        doc["fingerprint"].pop("version")
+        doc["fingerprint"]["isa_flags"] = [f for f in doc["fingerprint"]["isa_flags"] if "bf16" not in f]
+    else:
+        doc["fingerprint"]["version"] = 2
+        doc["fingerprint"].pop("allocator")
     table.write_text(json.dumps(doc))
     plan = diffpro.allocate("random:dit-tiny", w, budget="avg-bits=5", repeats=1, batch=2)
-    assert "version" in json.loads(table.read_text())["fingerprint"] and plan["totals"]["avg_bits"] <= 5
+    fingerprint = json.loads(table.read_text())["fingerprint"]
+    assert fingerprint["version"] == FINGERPRINT_VERSION and "allocator" in fingerprint and plan["totals"]["avg_bits"] <= 5

@@ -31,7 +31,7 @@ from diffpro_cli.planning.options import Layer, Option
 
 COST_SCHEMA = "diffpro.cost_table/2"
 ISA_FLAGS = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8", "amx_tile", "avx512_bf16", "amx_bf16")
-FINGERPRINT_VERSION = 2   # 2: bf16 flags in isa_flags (a table without the field predates them)
+FINGERPRINT_VERSION = 3   # 2: bf16 flags in isa_flags; 3: the allocator setting (allocator.py) is recorded
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")          # bf16 dot products in hardware (oneDNN uses them for bf16 GEMMs)
 # oneDNN ISA caps below its bf16 levels: bf16 is then emulated (slower than fp32), so not a candidate
 _ONEDNN_CAPS_WITHOUT_BF16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}
@@ -54,12 +54,14 @@ def machine_fingerprint(device: str = "cpu") -> dict:
     """What a latency depends on besides the model: CPU model, the ISA the kernels use, torch, threads."""
     import torch
 
+    from diffpro_cli.allocator import allocator_label
     from diffpro_cli.quant.kernels import cpu_has_vnni, isa_cap_without_vnni
 
     name, flags = _cpu_name_and_flags()
     return {"device": device, "cpu": name, "isa_flags": sorted(f for f in ISA_FLAGS if f in flags),
             "kernel_vnni": bool(cpu_has_vnni()), "isa_cap": isa_cap_without_vnni(),
-            "torch": torch.__version__, "threads": int(torch.get_num_threads()), "version": FINGERPRINT_VERSION}
+            "torch": torch.__version__, "threads": int(torch.get_num_threads()), "allocator": allocator_label(),
+            "version": FINGERPRINT_VERSION}
 
 
 def isa_cap_without_bf16() -> str | None:

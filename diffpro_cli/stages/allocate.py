@@ -27,7 +27,7 @@ import numpy as np
 
 from diffpro_cli.console import QUIET_UI, UI
 from diffpro_cli.errors import BudgetError, InputError, UsageError
-from diffpro_cli.planning.costs import (check_fingerprint, fingerprint_id, machine_fingerprint,
+from diffpro_cli.planning.costs import (FINGERPRINT_VERSION, check_fingerprint, fingerprint_id, machine_fingerprint,
                                        measure_cost_table, read_cost_table, table_latency_fn, world_table)
 from diffpro_cli.planning.error_model import error_model
 from diffpro_cli.planning.joint import pareto_front, solve_joint, step_entries
@@ -410,8 +410,9 @@ def obtain_cost_table(ctx, cfg: AllocateConfig, layers: list[Layer]) -> dict:
     previous = None
     if path.exists() and not ctx.force:
         previous = read_cost_table(path)
-        if "version" not in (previous.get("fingerprint") or {}):   # an older diffpro's table: time it again
-            ctx.ui.info(f"allocate: {path} was measured by an older diffpro (no bf16 flags in its fingerprint); re-measuring")
+        if (previous.get("fingerprint") or {}).get("version", 0) < FINGERPRINT_VERSION:   # an older diffpro's table: time it again
+            ctx.ui.info(f"allocate: {path} was measured by an older diffpro (its fingerprint lacks the bf16 flags or "
+                        "the allocator setting); re-measuring")
             previous = None
         else:
             check_fingerprint(previous, path, explicit=False, ui=ctx.ui)

@@ -387,7 +387,9 @@ def device_info() -> dict:
                 break
     except OSError:
         pass
-    return {"kind": "cpu", "name": name, "threads": torch.get_num_threads(), "torch": torch.__version__}
+    from diffpro_cli.allocator import allocator_label
+
+    return {"kind": "cpu", "name": name, "threads": torch.get_num_threads(), "torch": torch.__version__, "allocator": allocator_label()}
 
 
 def measure_bench(ctx, cfg: BenchConfig, quantized: Path | None = None, timesteps: list[int] | None = None,
