@@ -1,0 +1,154 @@
+"""Pair-bounded int8 weights (quant/pair_bound.py): the bound, minimal change, the conv pairing, and the
+AVX2 kernels computing the exact integer GEMM with full 8-bit activations once weights are bounded."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from diffpro_cli.quant.pair_bound import PAIR_BOUND, pair_bound, pair_bound_conv
+
+AVX2_ENV = {"FBGEMM_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+
+
+def _pair_sums(q):
+    q = q.to(torch.int32)
+    if q.shape[1] % 2:
+        q = torch.cat([q, q.new_zeros(q.shape[0], 1)], dim=1)
+    return q.abs().reshape(q.shape[0], -1, 2).sum(-1)
+
+
+@pytest.mark.parametrize("k", [64, 37])
+def test_every_pair_is_bounded_and_only_violating_pairs_change(k):
+    torch.manual_seed(0)
+    q = torch.randint(-127, 128, (24, k), dtype=torch.int8)
+    fixed, changed = pair_bound(q)
+    assert fixed.dtype == torch.int8 and fixed.shape == q.shape
+    sums_before, sums_after = _pair_sums(q), _pair_sums(fixed)
+    assert int(sums_after.max()) <= PAIR_BOUND
+    bad = sums_before > PAIR_BOUND
+    assert bool(bad.any()) and bool((~bad).any())            # the data exercises both cases
+    assert bool((sums_after[bad] == PAIR_BOUND).all())        # moved onto the bound, not below it
+    pad = lambda t: torch.cat([t, t.new_zeros(t.shape[0], k % 2)], 1).reshape(t.shape[0], -1, 2)
+    assert torch.equal(pad(fixed)[~bad], pad(q)[~bad])        # untouched pairs are unchanged
+    assert changed == int((fixed != q).sum()) > 0
+    same_sign = (fixed.int() * q.int() >= 0) & (fixed.int().abs() <= q.int().abs())
+    assert bool(same_sign.all())                               # signs kept, magnitudes never grow
+
+
+def test_known_pairs_split_the_excess_evenly():
+    q = torch.tensor([[127, 127, 127, -3, -100, 50, 64, 64, 120]], dtype=torch.int8)
+    fixed, changed = pair_bound(q)
+    assert fixed.tolist() == [[64, 64, 126, -2, -89, 39, 64, 64, 120]]
+    assert changed == 6
+
+
+def test_violating_pairs_get_the_least_squared_error_on_the_bound():
+    torch.manual_seed(1)
+    target = torch.empty(40, 2).uniform_(-127.4, 127.4)
+    target = target[target.abs().round().sum(-1) > PAIR_BOUND]
+    q = target.round().to(torch.int8)
+    grid = torch.cartesian_prod(torch.arange(-127, 128), torch.arange(-127, 128)).float()
+    grid = grid[grid.abs().sum(-1) <= PAIR_BOUND]              # every feasible integer pair
+    for source in (None, target):   # re-rounded from the integers or from the unrounded targets
+        fixed, _ = pair_bound(q, source)
+        t = q.float() if source is None else source
+        best = ((t[:, None, :] - grid[None]) ** 2).sum(-1).amin(1)
+        assert bool((((t - fixed.float()) ** 2).sum(-1) <= best + 1e-4).all())
+
+
+def test_within_bound_weights_are_returned_as_they_are():
+    q = torch.tensor([[64, -64, 127, 1, 0, -127]], dtype=torch.int8)
+    fixed, changed = pair_bound(q)
+    assert torch.equal(fixed, q) and changed == 0
+
+
+def test_conv_pairs_run_along_input_channels_at_each_tap():
+    q = torch.zeros(1, 3, 2, 2, dtype=torch.int8)
+    q[0, 0, 0, 0] = q[0, 1, 0, 0] = 127     # channels 0,1 at one tap: a pair the kernel adds
+    q[0, 2, 0, 1] = q[0, 0, 1, 0] = 127     # odd channel 2 and the next tap's channel 0: not paired
+    q[0, 2, 1, 1] = 100                      # neighbours in the flat [in·kh·kw] layout: not paired
+    q[0, 2, 1, 0] = 100
+    fixed, changed = pair_bound_conv(q)
+    assert fixed[0, :2, 0, 0].tolist() == [64, 64] and changed == 2
+    expected = q.clone()
+    expected[0, :2, 0, 0] = 64
+    assert torch.equal(fixed, expected)
+
+
+# -- the AVX2 kernels (vpmaddubsw), in a child process with the ISA caps set ------------------------
+
+_CHILD = r"""
+import json, warnings, torch
+from diffpro_cli.quant.pair_bound import pair_bound, pair_bound_conv
+warnings.simplefilter("ignore")
+torch.manual_seed(0)
+N, K = 48, 256
+w_raw = torch.randint(-127, 128, (N, K), dtype=torch.int8)
+w_raw[:, :2] = 127                                   # every row has at least one violating pair
+codes = torch.randint(200, 256, (8, K)); codes[:, 0] = 255; codes[:, 1] = 0   # u8 0..255, row max 255
+
+def rel(y, exact):
+    return float((y.double() - exact).abs().max() / exact.abs().max())
+
+def fbgemm(w):   # dynamic, reduce_range False: x in [0, 1] -> scale 1/255, zero point 0, codes as given
+    torch.backends.quantized.engine = "x86" if "x86" in torch.backends.quantized.supported_engines else "fbgemm"
+    qw = torch._make_per_channel_quantized_tensor(w, torch.ones(N, dtype=torch.double), torch.zeros(N, dtype=torch.long), 0)
+    y = torch.ops.quantized.linear_dynamic(codes.float() / 255, torch.ops.quantized.linear_prepack(qw, None), False)
+    return rel(y * 255, codes.double() @ w.double().T)
+
+def onednn(w):   # symmetric +-127 grid: u8 code = q + 128
+    xq = codes.clamp(1, 255).to(torch.uint8)
+    y = torch.ops.onednn.qlinear_pointwise(xq, 1.0, 128, torch.ops.onednn.qlinear_prepack(w, None), torch.ones(N),
+                                           torch.zeros(N, dtype=torch.long), None, 1.0, 0, torch.float32, "none", [], "")
+    return rel(y, (xq.double() - 128) @ w.double().T)
+
+def conv(w4):
+    o = w4.shape[0]
+    xq = torch.randint(200, 256, (2, 16, 5, 5)).to(torch.uint8).contiguous(memory_format=torch.channels_last)
+    pw = torch.ops.onednn.qconv_prepack(w4.contiguous(), torch.ones(o), 1.0, 128, [1, 1], [0, 0], [1, 1], 1, None)
+    y = torch.ops.onednn.qconv2d_pointwise(xq, 1.0, 128, pw, torch.ones(o), torch.zeros(o, dtype=torch.long), None,
+                                           [1, 1], [0, 0], [1, 1], 1, 1.0, 0, torch.float32, "none", [], "")
+    return rel(y, torch.nn.functional.conv2d(xq.double() - 128, w4.double()))
+
+w4 = torch.randint(-127, 128, (24, 16, 3, 3), dtype=torch.int8)
+w4[:, :2] = 127
+out = {"capability": torch.backends.cpu.get_cpu_capability(),
+       "fbgemm": [fbgemm(w_raw), fbgemm(pair_bound(w_raw)[0])],
+       "onednn": [onednn(w_raw), onednn(pair_bound(w_raw)[0])],
+       "conv": [conv(w4), conv(pair_bound_conv(w4)[0])]}
+print(json.dumps(out))
+"""
+
+
+def _kernels_available() -> bool:
+    engines = torch.backends.quantized.supported_engines
+    return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_pointwise")
+            and hasattr(torch.ops.onednn, "qconv2d_pointwise") and hasattr(torch.ops.quantized, "linear_dynamic")
+            and any(e in engines for e in ("x86", "fbgemm")))
+
+
+def _cpu_has_avx2() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "avx2" in next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _kernels_available(), reason="needs fbgemm and oneDNN int8 ops (x86)")
+def test_avx2_kernels_are_exact_with_pair_bounded_weights_and_8_bit_activations():
+    env = dict(os.environ, **AVX2_ENV)
+    run = subprocess.run([sys.executable, "-c", _CHILD], env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert run.returncode == 0, run.stderr[-2000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    if out["capability"] != "AVX2":
+        pytest.skip(f"the ISA cap did not take effect (capability {out['capability']})")
+    for name in ("fbgemm", "onednn", "conv"):
+        unbounded, bounded = out[name]
+        assert bounded < 1e-6, f"{name}: pair-bounded weights miss the exact integer result by {bounded:.3g}"
+        if _cpu_has_avx2():   # vpmaddubsw: the unbounded weights must really saturate (else the test proves nothing)
+            assert unbounded > 1e-2, f"{name}: unbounded weights did not saturate ({unbounded:.3g})"
