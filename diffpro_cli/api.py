@@ -111,6 +111,7 @@ def quantize_(model: nn.Module | DiffusionModel, plan: dict | str | Path, *, fus
     `.net`). Static activation modes need calibrated ranges: use `quantize(...)` (the stage) for those."""
     from diffpro_cli.artifacts import read_json
     from diffpro_cli.checkpoint import plan_layer, set_submodule
+    from diffpro_cli.quant.epilogue import fuse_activations
     from diffpro_cli.quant.layers import fuse_shared_inputs
 
     if not isinstance(plan, dict):
@@ -133,6 +134,7 @@ def quantize_(model: nn.Module | DiffusionModel, plan: dict | str | Path, *, fus
             set_submodule(net, name, layer.prepare("cpu"))
     if fuse:
         fuse_shared_inputs(net)
+        fuse_activations(net)
     install_timestep_hook(net)
     return model
 

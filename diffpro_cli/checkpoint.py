@@ -33,6 +33,7 @@ from diffpro_cli.artifacts import atomic_save_safetensors, atomic_write_json, re
 from diffpro_cli.errors import InputError, TrustError
 from diffpro_cli.models.base import EMBEDDING_FORWARDS, DiffusionModel, apply_net_patches, dit_forward, unet_forward
 from diffpro_cli.quant.formats import dequantize_weight, fp16_exact, quantize_weight
+from diffpro_cli.quant.epilogue import fuse_activations
 from diffpro_cli.quant.layers import Int8Embedding, QuantConv2d, QuantLinear, _QuantBase, empty_from_record, fuse_shared_inputs, normalise_act, timestep_context
 
 SCHEMA = "diffpro.quantized/1"
@@ -343,6 +344,7 @@ def load_quantized(path: str | Path, *, trust_code: bool = False, verify: bool =
         net.eval()
         if fuse:   # before packing, so fused q/k/v weights are packed once, not per layer and then again
             fuse_shared_inputs(net)
+            fuse_activations(net)
         qlayers = quant_layers(net)
         names = {id(mod): name for name, mod in qlayers.items()}
         for mod in qlayers.values():

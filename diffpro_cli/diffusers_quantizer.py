@@ -82,6 +82,7 @@ def _classes():
         _net_patches,
         set_submodule,
     )
+    from diffpro_cli.quant.epilogue import fuse_activations
     from diffpro_cli.quant.layers import (
         Int8Embedding,
         _QuantBase,
@@ -237,6 +238,7 @@ def _classes():
                                  f"export the checkpoint again")
             model.eval()
             fuse_shared_inputs(model)   # before packing: a fused q/k/v group is packed once
+            fuse_activations(model)     # MLP GELUs into their int8 GEMM's epilogue
             layers = [m for m in model.modules() if isinstance(m, _QuantBase)]
             for layer in layers:
                 layer.prepare("cpu")

@@ -177,12 +177,24 @@ def capture_inputs(model, modules: dict, batch: int, seed: int = 0) -> tuple[dic
     return captured, (x, t, y)
 
 
-def _path_module(quantize_module, mod, opt: Option, inp):
+def _path_module(quantize_module, mod, opt: Option, inp, post_op: str | None = None):
     """The module `quantize` emits for `mod` under a quantized option (a copy; static activations get
-    the captured input's range), ready to be timed on `inp`."""
+    the captured input's range; `post_op`: the activation the deployed layer applies, fused where its
+    kernel can, quant/epilogue.py), ready to be timed on `inp`."""
     static = float(inp.abs().max()) if opt.act_bits < 16 and opt.act_mode == "static" else None
-    return quantize_module(copy.deepcopy(mod), opt.weight_bits, act_bits=opt.act_bits, act_mode=opt.act_mode,
-                           group_size=opt.group_size, static_absmax=static).eval()
+    q = quantize_module(copy.deepcopy(mod), opt.weight_bits, act_bits=opt.act_bits, act_mode=opt.act_mode,
+                        group_size=opt.group_size, static_absmax=static).eval()
+    if post_op is not None and getattr(q, "is_diffpro_quant", False):
+        q.post_op = post_op
+        q._forget_kernel()
+    return q
+
+
+def _float_fn(mod, inp, post_op: str | None):
+    """The float layer as it runs in the model: followed by its activation where quantize would fuse one."""
+    from diffpro_cli.quant.epilogue import apply_post_op
+
+    return lambda: apply_post_op(post_op, mod(inp))
 
 
 def measure_cost_table(model, options: list[Option], batch: int, repeats: int, ui: UI = QUIET_UI,
@@ -196,7 +208,10 @@ def measure_cost_table(model, options: list[Option], batch: int, repeats: int, u
     if quantize_module is None:
         raise InputError("latency: the integer kernels (diffpro_cli.quant.layers) are unavailable; "
                          "pass --latency-source analytic for a labelled estimate")
+    from diffpro_cli.quant.epilogue import activation_after
+
     modules = {name: mod for name, (mod, _) in model.quantizable_layers().items()}
+    posts = {name: activation_after(model.net, name) for name in modules}
     captured, (x, t, y) = capture_inputs(model, modules, batch)
     old = (previous or {}).get("layers", {})
     table: dict[str, dict] = {}
@@ -215,10 +230,10 @@ def measure_cost_table(model, options: list[Option], batch: int, repeats: int, u
                 if label in row["ms"]:
                     continue
                 if opt.full_precision:
-                    fns[(name, label)] = lambda f=mod, i=inp: f(i)
+                    fns[(name, label)] = _float_fn(mod, inp, posts[name])
                     continue
                 try:
-                    q = _path_module(quantize_module, mod, opt, inp)
+                    q = _path_module(quantize_module, mod, opt, inp, posts[name])
                     q(inp)
                     fns[(name, label)] = lambda f=q, i=inp: f(i)
                 except Exception as exc:   # an option this layer's kernels cannot run: not a choice here
@@ -240,16 +255,18 @@ def measure_cost_table(model, options: list[Option], batch: int, repeats: int, u
     retimed = any(name != "__forward__" for name, _ in fns)   # new columns: the other worlds need them too
     if (native_bf16() if bf16 is None else bf16) and ("bfloat16" not in worlds or retimed):
         worlds["bfloat16"] = measure_world(model, modules, captured, columns, (x, t, y), batch, repeats, ui,
-                                           quantize_module, torch.bfloat16)
+                                           quantize_module, torch.bfloat16, posts)
     return {"schema": COST_SCHEMA, "fingerprint": machine_fingerprint(), "batch": batch, "repeats": repeats,
             "model": {"spec": model.spec, "sha256": model.sha256}, "units": "ms per image per denoising step",
             "layers": table, "forward_ms": forward, "remainder_ms": max(0.0, forward - gemm), "worlds": worlds,
             "notes": ["layers timed one at a time on their real inputs (fused q/k/v of the deployed model share one "
-                      "activation quantization, so those rows slightly overstate the integer path)"]}
+                      "activation quantization, so those rows slightly overstate the integer path)",
+                      "an MLP's first Linear is timed with its GELU on every path (the integer kernel fuses it): "
+                      + (", ".join(sorted(n for n, p in posts.items() if p)) or "none in this model")]}
 
 
 def measure_world(model, modules: dict, captured: dict, columns: dict, xty: tuple, batch: int, repeats: int,
-                  ui: UI, quantize_module, dtype) -> dict:
+                  ui: UI, quantize_module, dtype, posts: dict | None = None) -> dict:
     """Every column again with the float math in `dtype` (the model's compute_dtype at run time): float
     layers as `dtype` copies on `dtype` inputs, integer kernels on `dtype` inputs (their float32 casts
     included), weight-only layers on their `dtype` weight copy, and the whole forward in `dtype` for the
@@ -263,11 +280,16 @@ def measure_world(model, modules: dict, captured: dict, columns: dict, xty: tupl
                 continue
             inp = captured[name][0][0].to(dtype)
             table[name] = {"ms": {}}
+            post = (posts or {}).get(name)
             for label, opt in columns.items():
                 try:
-                    f = copy.deepcopy(mod).to(dtype) if opt.full_precision else _path_module(quantize_module, mod, opt, inp)
-                    f(inp)
-                    fns[(name, label)] = lambda f=f, i=inp: f(i)
+                    if opt.full_precision:
+                        fn = _float_fn(copy.deepcopy(mod).to(dtype), inp, post)
+                    else:
+                        q = _path_module(quantize_module, mod, opt, inp, post)
+                        fn = lambda f=q, i=inp: f(i)   # noqa: E731
+                    fn()
+                    fns[(name, label)] = fn
                 except Exception:   # not runnable in this dtype here: never chosen in this world
                     table[name]["ms"][label] = None
         low = copy.deepcopy(model).set_compute_dtype(dtype)

@@ -144,11 +144,26 @@ def _group_qmax(layers) -> int:
     return min(cpu_act_qmax(layer.weight_bits, layer.group_size) for layer in layers)
 
 
+def quantize_u8_fast(x: torch.Tensor, scale: float, qmax: int) -> torch.Tensor:
+    """round(x/scale) + zp as uint8 for a float32 x and a scalar scale that bounds |x/scale| ≤ qmax:
+    torch's fused quantize (one vectorised pass) and a byte copy out of the quantized tensor, ~2x
+    faster than quantize_u8's float passes here (session 10: 29 vs 47 µs at 512×192)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # the quantized-tensor API is deprecated; we only use its kernel
+        return torch.quantize_per_tensor(x, scale, ACT_ZERO_POINT[qmax], torch.quint8).int_repr()
+
+
 @register
 class CpuOnednnLinear:
-    """Int8 GEMM (oneDNN matmul, u8 activations × s8 weights → s32, dequantized inside)."""
+    """Int8 GEMM (oneDNN matmul, u8 activations × s8 weights → s32, dequantized inside).
+
+    With one scale per tensor ("dynamic", "static") oneDNN applies the activation scale, the weight
+    scales and the bias in its epilogue, and also a following GELU (`layer.post_op`, set by
+    layers.fuse_activations) and the output's cast: it writes bf16 directly in a bf16 model
+    (`low_precision_io`), so that an integer layer costs no float32 round trip there."""
 
     name = "cpu-onednn-int8"
+    low_precision_io = True   # takes bf16/fp16 inputs and returns the input's dtype (layers.call_kernel)
 
     @staticmethod
     def usable(layer, device: torch.device) -> bool:
@@ -161,8 +176,13 @@ class CpuOnednnLinear:
         self.act_qmax = _group_qmax(layers)
         self.out_features = s8.numel()
 
+    @staticmethod
+    def fuses(layer) -> bool:
+        """Whether this kernel applies `layer.post_op` itself (in oneDNN's epilogue)."""
+        return layer.post_op in POST_OP_ALGORITHMS and layer.act_mode != "dynamic-token"
+
     def __call__(self, layer, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
+        shape, dtype = x.shape, x.dtype
         x2 = x.reshape(-1, shape[-1]).float()
         qmax, zp = self.act_qmax, ACT_ZERO_POINT[self.act_qmax]
         if layer.act_mode == "dynamic-token":
@@ -171,16 +191,25 @@ class CpuOnednnLinear:
             y = torch.ops.onednn.qlinear_pointwise(xq, 1.0, zp, self.w, self.w_scale, self.w_zp, None,
                                                    1.0, 0, torch.float32, "none", [], "")
             y = y.mul_(scale) if self.bias is None else torch.addcmul(self.bias, y, scale)
-        else:   # one scale for the whole input: oneDNN applies it and the bias
-            static = layer.act_mode == "static"
-            scale = layer.static_scale(qmax) if static else tensor_scale(x2, qmax)
-            xq = quantize_u8(x2, scale, qmax, clamp=static)
-            y = torch.ops.onednn.qlinear_pointwise(xq, scale, zp, self.w, self.w_scale, self.w_zp, self.bias,
-                                                   1.0, 0, torch.float32, "none", [], "")
-        return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+            return y.reshape(*shape[:-1], self.out_features).to(dtype)
+        # one scale for the whole input: oneDNN applies it, the bias and the post-op, and writes `dtype`
+        if layer.act_mode == "static":
+            scale = layer.static_scale(qmax)
+            xq = quantize_u8(x2, scale, qmax, clamp=True)
+        else:
+            scale = tensor_scale(x2, qmax)
+            xq = quantize_u8_fast(x2, scale, qmax)
+        post, algorithm = ("gelu", POST_OP_ALGORITHMS[layer.post_op]) if self.fuses(layer) else ("none", "")
+        out_dtype = dtype if dtype in (torch.bfloat16, torch.float32) else torch.float32
+        y = torch.ops.onednn.qlinear_pointwise(xq, scale, zp, self.w, self.w_scale, self.w_zp, self.bias,
+                                               1.0, 0, out_dtype, post, [], algorithm)
+        return y.reshape(*shape[:-1], self.out_features).to(dtype)
 
     def act_scheme(self, layer) -> str:
         return {"dynamic-token": "token", "dynamic": "tensor"}.get(layer.act_mode, "static")
+
+
+POST_OP_ALGORITHMS = {"gelu": "none", "gelu-tanh": "tanh"}   # layers.POST_OPS names → oneDNN's gelu algorithm
 
 
 @register
@@ -340,6 +369,8 @@ def candidates(op: str, device_type: str, bits: int, act_mode: str) -> list[str]
 def select(layer, device: torch.device, prefer: str | None = None) -> type:
     """The first usable kernel for `layer` on `device` (the preferred name first, if listed)."""
     names = candidates(layer.kind, device.type, layer.weight_bits, layer.act_mode)
+    if prefer is None and getattr(layer, "post_op", None) in POST_OP_ALGORITHMS and "cpu-onednn-int8" in names:
+        prefer = "cpu-onednn-int8"   # fbgemm's fused op cannot take an epilogue: the GELU would be its own pass
     order = ([prefer] if prefer in names else []) + [n for n in names if n not in OPT_IN]
     for name in order:
         if KERNELS[name].usable(layer, device):
@@ -348,9 +379,13 @@ def select(layer, device: torch.device, prefer: str | None = None) -> type:
 
 
 def describe(kernel_cls: type, layer, act_qmax: int | None) -> str:
-    """Report name: kernel plus the precisions it computes in, e.g. "cpu-onednn-int8:w4a8-dynamic"."""
+    """Report name: kernel plus the precisions it computes in, e.g. "cpu-onednn-int8:w4a8-dynamic"
+    ("+gelu" where the kernel applies the layer's following activation itself)."""
     if act_qmax is None:
         act = "a16" if layer.act_mode == "none" or kernel_cls is DequantFloat else "a8"
     else:
         act = f"a{act_bits_of(act_qmax)}"
-    return f"{kernel_cls.name}:w{layer.weight_bits}{act}-{layer.act_mode}"
+    fused = getattr(kernel_cls, "fuses", None)
+    post = getattr(layer, "post_op", None)
+    suffix = f"+{post}" if post and fused is not None and fused(layer) else ""
+    return f"{kernel_cls.name}:w{layer.weight_bits}{act}-{layer.act_mode}{suffix}"

@@ -23,6 +23,7 @@ from torch import nn
 
 from diffpro_cli.errors import UsageError
 from diffpro_cli.quant import kernels
+from diffpro_cli.quant.epilogue import apply_post_op
 from diffpro_cli.quant.formats import STORAGE_BITS, dequantize_weight, fp16_exact, gptq_quantize, layout_name, pack_bits, packed_numel, quantize_weight, unpack_bits
 
 _TIMESTEPS: contextvars.ContextVar = contextvars.ContextVar("diffpro_timesteps", default=None)
@@ -57,13 +58,19 @@ def _nearest(calibrated: torch.Tensor, ts: torch.Tensor) -> torch.Tensor:
 
 
 def call_kernel(kernel, layer, x: torch.Tensor) -> torch.Tensor:
-    """`kernel(layer, x)`. Integer kernels take and give float32: in a bf16/fp16 model (compute_dtype)
-    they are called outside autocast on a float32 copy and their output cast back; kernels that compute
-    in the input's dtype (`any_dtype`, weight-only) are called as they are."""
+    """`kernel(layer, x)`, then the layer's post-op (epilogue.py) unless the kernel applied it. Integer
+    kernels take and give float32: in a bf16/fp16 model (compute_dtype) they are called outside autocast
+    on a float32 copy and their output cast back, except kernels that read and write the model's dtype
+    themselves (`low_precision_io`); kernels that compute in the input's dtype (`any_dtype`, weight-only)
+    are called as they are."""
+    post = getattr(layer, "post_op", None)
+    fused = post is not None and getattr(kernel, "fuses", None) is not None and kernel.fuses(layer)
     if x.dtype == torch.float32 or getattr(kernel, "any_dtype", False):
-        return kernel(layer, x)
-    with torch.autocast(x.device.type, enabled=False):
-        return kernel(layer, x.float()).to(x.dtype)
+        y = kernel(layer, x)
+    else:
+        with torch.autocast(x.device.type, enabled=False):
+            y = kernel(layer, x) if getattr(kernel, "low_precision_io", False) else kernel(layer, x.float()).to(x.dtype)
+    return y if fused else apply_post_op(post, y)
 
 
 class _QuantBase(nn.Module):
@@ -91,6 +98,7 @@ class _QuantBase(nn.Module):
             self.register_buffer("act_timesteps", torch.zeros(num_act_timesteps, dtype=torch.int64, device=device))
             self.register_buffer("act_absmax", torch.zeros(num_act_timesteps, dtype=torch.float32, device=device))
         self.prefer: str | None = None      # a kernel name to try first (e.g. "cuda-fp8")
+        self.post_op: str | None = None     # an activation this layer applies to its output (epilogue.py)
         self._kernel = None
         self._kernel_device = None
         self._kernel_label = ""
@@ -226,7 +234,7 @@ class _QuantBase(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._compiled_lead is not None:   # compiled.enable(): traceable ops for torch.compile
             from diffpro_cli.quant import compiled
-            return compiled.forward(self, x)
+            return apply_post_op(self.post_op, compiled.forward(self, x))   # inductor fuses the activation
         if torch.compiler.is_compiling():      # a layer the compiled path leaves eager: an opaque call
             return _eager_forward_opaque(self, x)
         return self._eager_forward(x)

@@ -172,6 +172,7 @@ def apply_plan(model: DiffusionModel, plan: dict, static_ranges: dict | None = N
     """Swap the model's layers for quant layers IN PLACE (for in-memory use; the checkpoint path is
     `quantize_to_dir`, which leaves the float model untouched)."""
     from diffpro_cli.checkpoint import plan_layer, set_submodule
+    from diffpro_cli.quant.epilogue import fuse_activations
     from diffpro_cli.quant.layers import fuse_shared_inputs
 
     entries = plan.get("layers", {})
@@ -181,6 +182,7 @@ def apply_plan(model: DiffusionModel, plan: dict, static_ranges: dict | None = N
             set_submodule(model.net, name, layer.prepare("cpu"))
     if fuse:
         fuse_shared_inputs(model.net)
+        fuse_activations(model.net)
     return model
 
 
