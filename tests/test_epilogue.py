@@ -7,7 +7,11 @@ from diffusers.models.activations import GELU
 
 import diffpro
 from diffpro_cli.quant import kernels
-from diffpro_cli.quant.epilogue import activation_after, fuse_activations, unfuse_activations
+from diffpro_cli.quant.epilogue import (
+    activation_after,
+    fuse_activations,
+    unfuse_activations,
+)
 from diffpro_cli.quant.layers import quantize_module
 
 ONEDNN = kernels.CpuOnednnLinear.usable(None, torch.device("cpu"))
