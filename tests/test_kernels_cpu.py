@@ -150,7 +150,7 @@ def test_avx2_code_paths_match_the_exact_integer_result():
 
 # -- the compiled execution path (quant/compiled.py) ----------------------------------------------
 
-def _compiled_check(layer, x, qmax):
+def _compiled_check(layer, x, qmax, w_ref=None):
     from diffpro_cli.quant import compiled
     from diffpro_cli.quant.reference import kernel_tolerance, reference_activation
 
@@ -158,7 +158,7 @@ def _compiled_check(layer, x, qmax):
         y = layer(x).reshape(-1, layer.out_features).double()
     x2 = x.reshape(-1, x.shape[-1])
     x_hat, step, amb = reference_activation(x2, compiled.act_scheme(layer), qmax)
-    w_ref = layer.dequantized_weight().double()
+    w_ref = layer.dequantized_weight().double() if w_ref is None else w_ref
     ref = x_hat @ w_ref.T + layer.bias.double()
     tol = kernel_tolerance(x_hat, step, amb, w_ref, layer.bias, None)
     assert bool(((y - ref).abs() <= tol).all()), f"max err {(y - ref).abs().max():.3g}"
@@ -188,6 +188,33 @@ def test_compiled_path_ops_match_the_reference(mode, bits):
     assert "_c_w" not in single.state_dict()      # the checkpoint's state is unchanged
     compiled.disable(net)
     assert single._compiled_lead is None and "_c_w" not in dict(single.named_buffers())
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "dynamic-token"])
+def test_compiled_path_attaches_layers_whose_integers_were_released_at_load(mode):
+    """An inference-only load (diffpro.load) keeps only the eager kernel's packed copy (fbgemm for
+    "dynamic", oneDNN for "dynamic-token"); the compiled path must recover the same integer weights,
+    scales and bias from it (bench --compile once ran such checkpoints' integer layers eager)."""
+    from diffpro_cli.quant import compiled
+    from diffpro_cli.quant.layers import QuantLinear, SharedInputGroup
+
+    if not compiled.compiled_available():
+        pytest.skip(compiled.unavailable_reason())
+    torch.manual_seed(3)
+    x = torch.randn(2, 9, 64) * torch.rand(2, 9, 1) * 4
+    single = quantize_module(nn.Linear(64, 24), 8, act_mode=mode)
+    group = [QuantLinear.from_float(nn.Linear(64, 16 + 8 * i), 4, mode) for i in range(3)]
+    SharedInputGroup(group)
+    net = nn.ModuleList([single, *group])
+    refs = [layer.dequantized_weight().double() for layer in net]
+    for layer in net:
+        layer.prepare("cpu")
+    for layer in net:
+        layer.release_integers()
+    assert all(layer.integers_released for layer in net)
+    assert compiled.enable(net) == {"compiled": 4, "eager": 0}
+    for layer, w_ref in zip(net, refs):
+        _compiled_check(layer, x, layer._compiled_state["qmax"], w_ref)
 
 
 def test_compiled_path_leaves_static_and_conv_layers_eager():

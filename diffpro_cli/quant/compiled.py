@@ -108,16 +108,16 @@ def attach(layer, members=None) -> bool:
         return _attach_float(layer, members)
     # Convolutions keep their eager kernel (called opaquely from the graph): inductor's qconv lowering
     # in torch 2.14 rejects the activation zero point of the non-fused overload.
-    if layer.kind != "linear" or layer.act_mode not in ("dynamic", "dynamic-token") or layer.integers_released:
+    if layer.kind != "linear" or layer.act_mode not in ("dynamic", "dynamic-token"):
         return False
-    q8, s8, bias = kernels._stacked_weights(members)   # the eager kernels' folding and stacking
     qmax = min(kernels.cpu_act_qmax(m.weight_bits, m.group_size) for m in members)
-    if layer.kind == "conv2d":
-        padding, extra = kernels._explicit_padding(layer)
-        packed = torch.ops.onednn.qconv_prepack(q8.reshape(layer.weight_shape).contiguous(), s8, 1.0, ZP, list(layer.stride),
-                                                padding, list(layer.dilation), layer.groups, None)
-        _state(layer).update(padding=padding, extra_pad=extra)
+    if layer.integers_released:   # an inference-only load: the eager kernel's packed copy is all there is
+        recovered = _from_eager_kernel(layer)
+        if recovered is None:
+            return False
+        packed, s8, bias = recovered
     else:
+        q8, s8, bias = kernels._stacked_weights(members)   # the eager kernels' folding and stacking
         packed = torch.ops.onednn.qlinear_prepack(q8, None)
     layer.register_buffer("_c_w", packed, persistent=False)
     layer.register_buffer("_c_ws", s8, persistent=False)
@@ -128,6 +128,19 @@ def attach(layer, members=None) -> bool:
     _state(layer).update(qmax=qmax, sizes=[m.out_features for m in members] if layer.kind == "linear" else None,
                          label=f"{NAME}:w{layer.weight_bits}a{kernels.act_bits_of(qmax)}-{layer.act_mode}")
     return True
+
+
+def _from_eager_kernel(layer):
+    """(oneDNN-packed weight, per-channel scales, bias) of a Linear (or fused group) whose stored integers
+    were released at load, taken from its CPU eager kernel: oneDNN's packed weight as it is, fbgemm's
+    unpacked to the same folded int8 grid and packed for oneDNN. None for any other kernel."""
+    kernel = layer._group.kernel if layer._group is not None else layer._kernel
+    if isinstance(kernel, kernels.CpuOnednnLinear):
+        return kernel.w, kernel.w_scale, kernel.bias
+    if isinstance(kernel, kernels.CpuFbgemmLinear):
+        qw, bias = torch.ops.quantized.linear_unpack(kernel.packed)
+        return torch.ops.onednn.qlinear_prepack(qw.int_repr(), None), qw.q_per_channel_scales().float(), bias
+    return None
 
 
 def _attach_float(layer, members) -> bool:
