@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install demo test bench lint clean
+.PHONY: install demo test bench cuda-check lint clean
 
 install: $(STAMP)
 
@@ -27,6 +27,11 @@ test: install
 
 bench: install
 	$(BIN)/python benchmarks/kernels.py
+
+# On a GPU machine: the CUDA tests (skipped elsewhere) and the DiT-XL/2 kernel table of issue #20.
+cuda-check: install
+	$(BIN)/python -m pytest -q -rs -p no:cacheprovider -k cuda tests
+	$(BIN)/python benchmarks/cuda_kernels.py --json cuda_kernels.json
 
 lint: install
 	$(BIN)/python -m ruff check diffpro_cli tests benchmarks scripts
