@@ -18,7 +18,6 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from diffpro_cli import __version__
@@ -26,11 +25,24 @@ from diffpro_cli.artifacts import atomic_write_json, read_json, sha256_json
 from diffpro_cli.console import QUIET_UI, UI
 from diffpro_cli.errors import InputError, UsageError
 from diffpro_cli.models.base import DiffusionModel
-from diffpro_cli.sampling import SamplerConfig, sample, sample_dpmsolver, uniform_timesteps
+from diffpro_cli.sampling import (
+    SamplerConfig,
+    sample,
+    sample_dpmsolver,
+    uniform_timesteps,
+)
 from diffpro_cli.stages import bench_float
-from diffpro_cli.stages.bench_cache import CACHE_ROWS  # rows on request (docs/caching.md)
+from diffpro_cli.stages.bench_cache import (
+    CACHE_ROWS,  # rows on request (docs/caching.md)
+)
 from diffpro_cli.stages.bench_float import FLOAT_ROWS
-from diffpro_cli.stages.comparisons import derived_ratios, steps_note, strongest_float_baseline, versus_cache, versus_step_cut
+from diffpro_cli.stages.comparisons import (
+    derived_ratios,
+    steps_note,
+    strongest_float_baseline,
+    versus_cache,
+    versus_step_cut,
+)
 
 REPORT_SCHEMA = "diffpro.report/1"
 # per-row fields from metrics.evidence (docs/report.md)
@@ -151,7 +163,11 @@ def build_rows(ctx, cfg: BenchConfig, quantized: Path | None, timesteps: list[in
     fp = ctx.model()   # memory is measured later, in fresh processes (measure_memory)
     ref_ts = uniform_timesteps(fp.num_train_timesteps, cfg.reference_steps)
     qinfo = checkpoint_info(quantized) if quantized is not None else None
-    from diffpro_cli.stages.bench_cache import cache_row, checkpoint_policy, diffpro_nocache_row
+    from diffpro_cli.stages.bench_cache import (
+        cache_row,
+        checkpoint_policy,
+        diffpro_nocache_row,
+    )
 
     # the plan's step subset; a checkpoint with a cache schedule records the bits+steps plan's as base_timesteps
     diffpro_ts = timesteps or (((qinfo["meta"].get("cache") or {}).get("base_timesteps") or qinfo["timesteps"]) if qinfo else None)
@@ -303,81 +319,6 @@ def measure_latency(rows: list[Row], cfg: BenchConfig, ui: UI = QUIET_UI) -> dic
     return out
 
 
-def row_features(row: Row, cfg: BenchConfig, n: int, inception, cache, ui: UI = QUIET_UI) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
-    """Inception features of the row's first n seeded samples (cached; sharded over torchrun ranks),
-    its first `grid_n` samples for the figure, and its first min(n, PAIRED_N) samples as uint8 for the
-    paired metrics (cached beside the features; on rank 0 under torchrun: its shard's share)."""
-    from diffpro_cli.distributed import is_main, sharded_map
-    from diffpro_cli.metrics.fid import FeatureCache, inception_features
-    from diffpro_cli.metrics.paired import PAIRED_N, load_paired, save_paired
-    from diffpro_cli.mnist import to_uint8
-
-    key = FeatureCache.key(identity=row.identity, ts=row.timesteps, steps=row.steps, method=cfg.method,
-                           cfg=cfg.cfg_scale, seed=cfg.seed)
-    n_paired = min(n, PAIRED_N)
-    feats = cache.get(key, n)
-    grid = {}
-    if feats is None or len(feats) < n:
-        with ui.progress(f"sampling + inception {row.name}", total=n * (row.steps + 1)) as advance:
-            def work(start: int, count: int) -> np.ndarray:
-                x = row.sampler(cfg, count, cfg.sample_batch, first_index=start, advance=advance)
-                if start == 0:
-                    grid["x"], grid["paired"] = x[:cfg.grid_n], to_uint8(x[:n_paired])
-                return inception_features(x, inception, advance=advance)
-
-            feats = sharded_map(n, work)
-        if is_main():
-            cache.put(key, feats, meta={"row": row.name})
-            if "paired" in grid:
-                save_paired(cache.directory, key, grid["paired"])
-    if not is_main():   # other ranks only contribute features (measure_bench reports on rank 0)
-        return feats, grid.get("x"), None
-    if "paired" not in grid:
-        grid["paired"] = load_paired(cache.directory, key, n_paired)
-    if grid["paired"] is None:   # features cached by an older version: sample the paired images once
-        grid["paired"] = to_uint8(row.sampler(cfg, n_paired, cfg.sample_batch))
-        save_paired(cache.directory, key, grid["paired"])
-    if "x" not in grid:
-        grid["x"] = grid["paired"][:cfg.grid_n].float() / 127.5 - 1 if cfg.grid_n <= len(grid["paired"]) \
-            else row.sampler(cfg, min(cfg.grid_n, n), cfg.sample_batch)
-    return feats, grid["x"], grid["paired"]
-
-
-def fid_inputs(rows: list[Row], cfg: BenchConfig) -> tuple:
-    """(Inception network, (mu, sigma, n) of the reference): checked before any measuring, so a bad
-    --reference or missing Inception weights fail at once, not after minutes of timing."""
-    from diffpro_cli.metrics.fid import load_inception, load_reference_stats
-
-    for row in rows:
-        if row.model.random_weights:
-            raise UsageError(f"{row.model.spec} has random weights: FID is meaningless; drop --fid (speed and memory only)")
-    return load_inception(cfg.inception_weights), load_reference_stats(cfg.reference)
-
-
-def fid_for_rows(rows: list[Row], cfg: BenchConfig, workdir: Path, inception, reference: tuple,
-                 ui: UI = QUIET_UI) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Per row: FID and FID vs fp32 with bootstrap intervals, KID, PSNR/SSIM vs fp32 (metrics.evidence),
-    from features computed once; "_replicates" holds the paired bootstrap for derived/versus_step_cut."""
-    from diffpro_cli.distributed import is_main
-    from diffpro_cli.metrics import evidence
-    from diffpro_cli.metrics.fid import FeatureCache
-    from diffpro_cli.metrics.reference import reference_features, reference_size
-
-    mu_ref, sigma_ref, ref_n = reference
-    cache = FeatureCache(workdir / "bench" / "fid-cache")
-    feats, samples, paired = {}, {}, {}
-    for row in rows:
-        feats[row.name], samples[row.name], paired[row.name] = row_features(row, cfg, cfg.fid_n, inception, cache, ui)
-    if not is_main():
-        return {}, samples
-    ref_feats, ref_info = reference_features(cfg.reference, reference_size(cfg.fid_n), inception, cache, ui=ui)
-    results, replicates = evidence.measure_rows(feats, paired, mu_ref, sigma_ref, ref_feats, seed=cfg.seed)
-    results["_reference_n"] = ref_n
-    results["_replicates"] = replicates
-    results["_evidence"] = evidence.settings(cfg.seed, kid_reference=ref_info)
-    return results, samples
-
-
 def device_info() -> dict:
     name = platform.processor() or platform.machine()
     try:
@@ -400,6 +341,7 @@ def measure_bench(ctx, cfg: BenchConfig, quantized: Path | None = None, timestep
     ui, workdir, model_spec = ctx.ui, ctx.workdir, ctx.model_spec
     bench_dir = workdir / "bench"
     from diffpro_cli.sampling import SamplerConfig, check_method
+    from diffpro_cli.stages.bench_fid import fid_for_rows, fid_inputs
 
     check_method(ctx.model(), SamplerConfig(method=cfg.method))   # before any row is built or timed
     rows, notes = build_rows(ctx, cfg, quantized, timesteps)
