@@ -9,7 +9,13 @@ import sys
 import pytest
 import torch
 
-from diffpro_cli.quant.pair_bound import PAIR_BOUND, pair_bound, pair_bound_conv
+from diffpro_cli.quant.formats import fp16_scale
+from diffpro_cli.quant.pair_bound import (
+    PAIR_BOUND,
+    bounded_channel_grid,
+    pair_bound,
+    pair_bound_conv,
+)
 
 AVX2_ENV = {"FBGEMM_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
 
@@ -77,6 +83,34 @@ def test_conv_pairs_run_along_input_channels_at_each_tap():
     expected = q.clone()
     expected[0, :2, 0, 0] = 64
     assert torch.equal(fixed, expected)
+
+
+def test_scale_search_bounds_every_pair_and_beats_both_fixed_grids():
+    torch.manual_seed(2)
+    w = torch.rand(16, 64) * 2 - 1                      # near-uniform weights: many violating pairs
+    w[0] = w[0] * 0.4                                   # a channel already within the bound ...
+    w[0, :2] = torch.tensor([1.0, 0.005])               # ... its maximum paired with a small weight
+    scale = fp16_scale(w.abs().amax(1) / 127)         # stored scales are fp16-exact
+    q = torch.round(w / scale[:, None]).to(torch.int8)
+    fixed, new_scale, changed = bounded_channel_grid(q, scale)
+    assert int(_pair_sums(fixed).max()) <= PAIR_BOUND
+    stored = q.float() * scale[:, None]
+    err = ((fixed.float() * new_scale[:, None] - stored) ** 2).sum(1)
+    plain = ((pair_bound(q)[0].float() * scale[:, None] - stored) ** 2).sum(1)
+    s64 = fp16_scale(scale * 127 / 64)
+    cap = ((torch.round(stored / s64[:, None]) * s64[:, None] - stored) ** 2).sum(1)
+    assert bool((err <= plain + 1e-9).all()) and bool((err <= cap + 1e-9).all())
+    assert float(err.sum()) < 0.9 * min(float(plain.sum()), float(cap.sum()))   # the search pays off
+    assert torch.equal(fixed[0], q[0]) and float(new_scale[0]) == float(scale[0])   # nothing to fix: kept
+    assert changed == int((fixed != q).sum())
+
+
+def test_scale_search_pairs_conv_weights_along_input_channels():
+    torch.manual_seed(3)
+    q = torch.randint(-127, 128, (8, 6, 3, 3), dtype=torch.int8)
+    fixed, _, _ = bounded_channel_grid(q.reshape(8, -1), torch.full((8,), 0.01), conv_shape=q.shape)
+    per_tap = fixed.reshape(8, 6, 3, 3).permute(0, 2, 3, 1).reshape(-1, 6)
+    assert int(_pair_sums(per_tap).max()) <= PAIR_BOUND
 
 
 # -- the AVX2 kernels (vpmaddubsw), in a child process with the ISA caps set ------------------------
