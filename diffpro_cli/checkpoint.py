@@ -71,6 +71,7 @@ def plan_layer(module: nn.Module, entry: dict | None, static_range: tuple | None
         if static_range is None:
             raise InputError("static activations need calibrated ranges; run quantize with --act-mode static through the stage")
         layer.set_static_ranges(*static_range)
+    layer.prefer = entry.get("kernel")   # the kernel allocate measured fastest for it (None: the registry's rule)
     return layer
 
 

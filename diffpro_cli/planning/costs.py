@@ -177,17 +177,56 @@ def capture_inputs(model, modules: dict, batch: int, seed: int = 0) -> tuple[dic
     return captured, (x, t, y)
 
 
-def _path_module(quantize_module, mod, opt: Option, inp, post_op: str | None = None):
+def _path_module(quantize_module, mod, opt: Option, inp, post_op: str | None = None, prefer: str | None = None):
     """The module `quantize` emits for `mod` under a quantized option (a copy; static activations get
     the captured input's range; `post_op`: the activation the deployed layer applies, fused where its
-    kernel can, quant/epilogue.py), ready to be timed on `inp`."""
+    kernel can, quant/epilogue.py; `prefer`: the kernel to run), ready to be timed on `inp`."""
     static = float(inp.abs().max()) if opt.act_bits < 16 and opt.act_mode == "static" else None
     q = quantize_module(copy.deepcopy(mod), opt.weight_bits, act_bits=opt.act_bits, act_mode=opt.act_mode,
                         group_size=opt.group_size, static_absmax=static).eval()
-    if post_op is not None and getattr(q, "is_diffpro_quant", False):
-        q.post_op = post_op
+    if (post_op is not None or prefer is not None) and getattr(q, "is_diffpro_quant", False):
+        q.post_op, q.prefer = post_op, prefer
         q._forget_kernel()
     return q
+
+
+def _integer_cells(quantize_module, mod, opt: Option, inp, post_op: str | None) -> dict:
+    """{kernel name or None: timed fn} for one quantized option of one layer: every kernel that can run
+    it here when the integer path has a choice (fbgemm's fused op and oneDNN's matmul on x86: which is
+    faster depends on the shape and the CPU, e.g. oneDNN 20-25 % faster at DiT-XL/2's widths and fbgemm
+    at the built-ins' on the same VNNI CPU), else {None: the registry's one}. Raises when none can."""
+    from diffpro_cli.quant import kernels
+
+    q = _path_module(quantize_module, mod, opt, inp, post_op)
+    q(inp)
+    names = [] if opt.act_bits >= 16 else [
+        n for n in kernels.candidates(q.kind, "cpu", q.weight_bits, q.act_mode)
+        if n not in kernels.OPT_IN and n != "dequant-float" and kernels.KERNELS[n].usable(q, inp.device)]
+    if len(names) < 2:
+        return {None: lambda f=q, i=inp: f(i)}
+    cells = {}
+    for name in names:
+        alt = _path_module(quantize_module, mod, opt, inp, post_op, prefer=name)
+        alt(inp)
+        cells[name] = lambda f=alt, i=inp: f(i)
+    return cells
+
+
+def _keep_fastest(timed: dict, table: dict, batch: int) -> float | None:
+    """Fold {(layer, column, kernel): ms per call} into table rows: each cell the fastest kernel's time
+    per image, the kernel recorded in row["kernel"][column] where there was a choice. Returns the
+    forward's ms per image if it was timed."""
+    forward = None
+    for (name, label, kernel), ms in timed.items():
+        if name == "__forward__":
+            forward = ms / batch
+            continue
+        row = table[name]
+        if row["ms"].get(label) is None or ms / batch < row["ms"][label]:
+            row["ms"][label] = ms / batch
+            if kernel is not None:
+                row.setdefault("kernel", {})[label] = kernel
+    return forward
 
 
 def _float_fn(mod, inp, post_op: str | None):
@@ -224,35 +263,33 @@ def measure_cost_table(model, options: list[Option], batch: int, repeats: int, u
             if name not in captured:
                 continue
             inp = captured[name][0][0]
-            row = {"kind": type(mod).__name__, "input_shape": list(inp.shape), "ms": dict(old.get(name, {}).get("ms", {}))}
+            kept = old.get(name, {})
+            row = {"kind": type(mod).__name__, "input_shape": list(inp.shape), "ms": dict(kept.get("ms", {}))}
+            if kept.get("kernel"):
+                row["kernel"] = dict(kept["kernel"])
             table[name] = row
             for label, opt in columns.items():
                 if label in row["ms"]:
                     continue
                 if opt.full_precision:
-                    fns[(name, label)] = _float_fn(mod, inp, posts[name])
+                    fns[(name, label, None)] = _float_fn(mod, inp, posts[name])
                     continue
                 try:
-                    q = _path_module(quantize_module, mod, opt, inp, posts[name])
-                    q(inp)
-                    fns[(name, label)] = lambda f=q, i=inp: f(i)
+                    for kernel, fn in _integer_cells(quantize_module, mod, opt, inp, posts[name]).items():
+                        fns[(name, label, kernel)] = fn
                 except Exception as exc:   # an option this layer's kernels cannot run: not a choice here
                     row["ms"][label] = None
                     row.setdefault("unsupported", {})[label] = str(exc).splitlines()[0][:120]
         forward = (previous or {}).get("forward_ms")
         if forward is None or fns:      # the forward shares the rounds, so the remainder is consistent
-            fns[("__forward__", "fp32")] = lambda: model.eps(x, t, y)
+            fns[("__forward__", "fp32", None)] = lambda: model.eps(x, t, y)
         rounds = max(1, repeats)
         with ui.progress("allocate: timing layers (cost table)", total=rounds) as advance:
             timed = interleaved_min_ms(fns, rounds, advance=advance)
-    for (name, label), ms in timed.items():
-        if name == "__forward__":
-            forward = ms / batch
-        else:
-            table[name]["ms"][label] = ms / batch
+    forward = _keep_fastest(timed, table, batch) or forward
     gemm = sum(r["ms"]["fp32"] for r in table.values())
     worlds = dict((previous or {}).get("worlds") or {})
-    retimed = any(name != "__forward__" for name, _ in fns)   # new columns: the other worlds need them too
+    retimed = any(key[0] != "__forward__" for key in fns)   # new columns: the other worlds need them too
     if (native_bf16() if bf16 is None else bf16) and ("bfloat16" not in worlds or retimed):
         worlds["bfloat16"] = measure_world(model, modules, captured, columns, (x, t, y), batch, repeats, ui,
                                            quantize_module, torch.bfloat16, posts)
@@ -285,21 +322,19 @@ def measure_world(model, modules: dict, captured: dict, columns: dict, xty: tupl
                 try:
                     if opt.full_precision:
                         fn = _float_fn(copy.deepcopy(mod).to(dtype), inp, post)
+                        fn()
+                        fns[(name, label, None)] = fn
                     else:
-                        q = _path_module(quantize_module, mod, opt, inp, post)
-                        fn = lambda f=q, i=inp: f(i)   # noqa: E731
-                    fn()
-                    fns[(name, label)] = fn
+                        for kernel, fn in _integer_cells(quantize_module, mod, opt, inp, post).items():
+                            fns[(name, label, kernel)] = fn
                 except Exception:   # not runnable in this dtype here: never chosen in this world
                     table[name]["ms"][label] = None
         low = copy.deepcopy(model).set_compute_dtype(dtype)
         x, t, y = xty
-        fns[("__forward__", "fp32")] = lambda: low.eps(x, t, y)
+        fns[("__forward__", "fp32", None)] = lambda: low.eps(x, t, y)
         with ui.progress(f"allocate: timing layers in {str(dtype).replace('torch.', '')} (cost table)", total=max(1, repeats)) as advance:
             timed = interleaved_min_ms(fns, max(1, repeats), advance=advance)
-    forward = timed.pop(("__forward__", "fp32")) / batch
-    for (name, label), ms in timed.items():
-        table[name]["ms"][label] = ms / batch
+    forward = _keep_fastest(timed, table, batch)
     gemm = sum(r["ms"].get("fp32") or 0.0 for r in table.values())
     return {"layers": table, "forward_ms": forward, "remainder_ms": max(0.0, forward - gemm),
             "note": "fp32 column = the float layer computing in this dtype"}
@@ -313,7 +348,8 @@ def world_table(doc: dict, world: str) -> dict:
     w = (doc.get("worlds") or {}).get(world)
     if w is None:
         raise InputError(f"cost table has no {world} timings; delete it (or pass --force) to re-measure")
-    layers = {name: {**row, "ms": w["layers"].get(name, {}).get("ms", {})} for name, row in doc["layers"].items()}
+    layers = {name: {**row, "ms": w["layers"].get(name, {}).get("ms", {}), "kernel": w["layers"].get(name, {}).get("kernel", {})}
+              for name, row in doc["layers"].items()}
     return {**doc, "layers": layers, "forward_ms": w["forward_ms"], "remainder_ms": w["remainder_ms"], "world": world}
 
 
@@ -357,3 +393,19 @@ def table_latency_fn(doc: dict, analytic: bool = False) -> Callable[[Layer, Opti
         return float("nan") if value is None else float(value)
 
     return latency
+
+
+def attach_kernels(entries: dict, view: dict) -> int:
+    """Give every integer plan entry the kernel its cost-table cell was fastest with (`entry["kernel"]`,
+    which quantize passes on as the layer's preferred kernel); `view` is the table as seen from the
+    plan's compute dtype (world_table). Returns the number of entries given one."""
+    made = 0
+    for name, entry in entries.items():
+        if int(entry.get("weight_bits", 16)) >= 16 or int(entry.get("act_bits", 16)) >= 16:
+            continue
+        opt = Option(int(entry["weight_bits"]), int(entry["act_bits"]), entry.get("act_mode", "dynamic"), entry.get("group_size"))
+        kernel = ((view["layers"].get(name) or {}).get("kernel") or {}).get(path_label(opt))
+        if kernel:
+            entry["kernel"] = kernel
+            made += 1
+    return made

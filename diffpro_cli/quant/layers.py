@@ -256,7 +256,7 @@ class _QuantBase(nn.Module):
                 "group_size": self.group_size, "weight_shape": list(self.weight_shape),
                 "act_bits": 16 if self.act_mode == "none" else 8, "act_mode": self.act_mode,
                 "act_timesteps": int(self.act_timesteps.numel()) if self.act_mode == "static" else 0,
-                "bias": self.bias is not None, "kernel": self.kernel_name, **self._extra_config()}
+                "bias": self.bias is not None, "kernel": self.kernel_name, "prefer": self.prefer, **self._extra_config()}
 
     def _extra_config(self) -> dict:
         return {}
@@ -407,6 +407,11 @@ def fuse_shared_inputs(net: nn.Module) -> int:
             continue
         if any(m._group is not None for m in members) or len({m.act_mode for m in members}) != 1:
             continue
+        prefers = [m.prefer for m in members]
+        if len(set(prefers)) > 1:   # one GEMM runs one kernel: the one most members were measured fastest with
+            for m in members:
+                m.prefer = max(prefers, key=prefers.count)
+                m._forget_kernel()
         if len({kernels.select(m, torch.device("cpu"), m.prefer) for m in members}) != 1:
             continue
         if members[0].act_mode == "static" and not all(torch.equal(m.act_absmax, members[0].act_absmax) for m in members):
@@ -434,11 +439,15 @@ def empty_from_record(record: dict, device=None) -> _QuantBase:
                   num_act_timesteps=record.get("act_timesteps", 0), device=device)
     if record["type"] == "linear":
         out_f, in_f = record["weight_shape"]
-        return QuantLinear(in_f, out_f, bias=record["bias"], **common)
-    c = record["conv"]
-    padding = c["padding"] if isinstance(c["padding"], str) else tuple(c["padding"])
-    return QuantConv2d(c["in_channels"], c["out_channels"], tuple(c["kernel_size"]), tuple(c["stride"]), padding,
-                       tuple(c["dilation"]), c["groups"], record["bias"], c["padding_mode"], **common)
+        layer = QuantLinear(in_f, out_f, bias=record["bias"], **common)
+    else:
+        c = record["conv"]
+        padding = c["padding"] if isinstance(c["padding"], str) else tuple(c["padding"])
+        layer = QuantConv2d(c["in_channels"], c["out_channels"], tuple(c["kernel_size"]), tuple(c["stride"]), padding,
+                            tuple(c["dilation"]), c["groups"], record["bias"], c["padding_mode"], **common)
+    prefer = record.get("prefer")   # the kernel the plan measured fastest; ignored where it is not a candidate
+    layer.prefer = prefer if prefer in kernels.KERNELS else None
+    return layer
 
 
 def quantize_module(module: nn.Module, weight_bits: int, act_bits: int = 8, act_mode: str = "dynamic",

@@ -27,7 +27,7 @@ import numpy as np
 
 from diffpro_cli.console import QUIET_UI, UI
 from diffpro_cli.errors import BudgetError, InputError, UsageError
-from diffpro_cli.planning.costs import (FINGERPRINT_VERSION, check_fingerprint, fingerprint_id, machine_fingerprint,
+from diffpro_cli.planning.costs import (FINGERPRINT_VERSION, attach_kernels, check_fingerprint, fingerprint_id, machine_fingerprint,
                                        measure_cost_table, read_cost_table, table_latency_fn, world_table)
 from diffpro_cli.planning.error_model import error_model
 from diffpro_cli.planning.joint import pareto_front, solve_joint, step_entries
@@ -361,6 +361,8 @@ def run_allocate(ctx, cfg: AllocateConfig, *, scores_path: str | Path | None = N
 
         worlds = ["float32"] + [w for w in (doc or {}).get("worlds") or {} if w in WORLDS and cfg.latency_source != "analytic"]
         plan, pareto = plan_per_world(solve_world, worlds, trades_latency_of(cfg), ui)
+        if doc is not None:   # each integer layer runs the kernel its cost-table cell was fastest with
+            attach_kernels(plan["layers"], world_table(doc, plan.get("compute_dtype", "float32")))
         if plan["solver"]["protected_relaxed"]:
             ui.warn(f"the budget forces {plan['solver']['protected_relaxed']} protected layer(s) below {cfg.protect_bits} bits")
         if plan.get("baseline_check"):

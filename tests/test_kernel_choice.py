@@ -1,0 +1,87 @@
+"""Per-layer kernel choice: the cost table times every integer kernel that can run a cell, the plan
+names the fastest per layer, and quantize, the checkpoint and diffpro.load run exactly that kernel."""
+
+import json
+
+import pytest
+import torch
+
+import diffpro
+from diffpro_cli.planning import costs
+from diffpro_cli.quant import kernels
+
+FBGEMM, ONEDNN = "cpu-fbgemm-int8", "cpu-onednn-int8"
+BOTH = all(kernels.KERNELS[k].usable(type("L", (), {"act_mode": "dynamic", "weight_bits": 8, "group_size": None})(), torch.device("cpu"))
+           for k in (FBGEMM, ONEDNN))
+pytestmark = pytest.mark.skipif(not BOTH, reason="needs both x86 int8 kernels (fbgemm and oneDNN)")
+
+
+def _rigged(fast_onednn):
+    """interleaved_min_ms stand-in: oneDNN 1 ms and fbgemm 3 ms for layers `fast_onednn` picks, the
+    other way round elsewhere; everything else 2 ms."""
+    def timing(fns, rounds, advance=lambda n=1: None):
+        out = {}
+        for key in fns:
+            name, _, kernel = key
+            if kernel is None:
+                out[key] = 2.0
+            else:
+                onednn_wins = fast_onednn(name)
+                out[key] = 1.0 if (kernel == ONEDNN) == onednn_wins else 3.0
+        return out
+    return timing
+
+
+def test_cost_table_keeps_the_faster_kernel_per_cell(monkeypatch):
+    # catches: only the registry's default kernel timed, the slower kernel's time kept, or the winner
+    # not recorded beside the cell
+    model = diffpro.load("random:dit-tiny")
+    monkeypatch.setattr(costs, "interleaved_min_ms", _rigged(lambda name: "attn1" in name))
+    opts = [costs.Option(8, 8, "dynamic", None)]
+    doc = costs.measure_cost_table(model, opts, batch=2, repeats=1, bf16=False)
+    rows = doc["layers"]
+    attn = [n for n in rows if "attn1.to_q" in n]
+    mlp = [n for n in rows if n.endswith("ff.net.2")]
+    assert attn and mlp
+    for n in attn:
+        assert rows[n]["kernel"]["w8a8d"] == ONEDNN and rows[n]["ms"]["w8a8d"] == pytest.approx(1.0 / 2)
+    for n in mlp:
+        assert rows[n]["kernel"]["w8a8d"] == FBGEMM and rows[n]["ms"]["w8a8d"] == pytest.approx(1.0 / 2)
+    assert all("kernel" not in r or "fp32" not in r["kernel"] for r in rows.values())
+
+
+def test_the_measured_kernel_reaches_the_plan_the_checkpoint_and_the_loaded_model(tmp_path, monkeypatch):
+    # catches: the plan's kernel dropped by quantize, not stored in diffpro.json, ignored at load, or a
+    # fused q/k/v group splitting because its members were measured with different kernels
+    w = tmp_path / "w"
+    diffpro.profile("random:dit-tiny", w, samples=2, timesteps="999:0:500", batch=2)
+    diffpro.score("random:dit-tiny", w)
+    fast = lambda name: "attn1.to_q" in name or "attn1.to_k" in name or "ff.net.2" in name
+    monkeypatch.setattr(costs, "interleaved_min_ms", _rigged(fast))
+    plan = diffpro.allocate("random:dit-tiny", w, budget="avg-bits=9", bits=[8, 16], act_bits=[8], repeats=1, batch=2)
+    integer = {n: e for n, e in plan["layers"].items() if e["weight_bits"] < 16 and e["act_bits"] < 16}
+    convs = {n for n in integer if n == "pos_embed.proj"}   # one integer conv kernel: nothing to choose
+    assert convs and all("kernel" not in integer[n] for n in convs)
+    integer = {n: e for n, e in integer.items() if n not in convs}
+    assert integer and all(e.get("kernel") == (ONEDNN if fast(n) else FBGEMM) for n, e in integer.items())
+    diffpro.quantize("random:dit-tiny", w)
+    records = json.loads((w / "quantized" / "diffpro.json").read_text())["layers"]
+    model = diffpro.load(w / "quantized")
+    layers = dict(model.net.named_modules())
+    for name, entry in integer.items():
+        kernel = layers[name].kernel_name.split(":")[0]
+        if name.rsplit(".", 1)[-1] in ("to_q", "to_k", "to_v"):   # q and k were measured faster on oneDNN, v on fbgemm: the group runs oneDNN
+            assert kernel == ONEDNN and layers[name].kernel_name.endswith("+fused3")
+        else:
+            assert kernel == entry["kernel"], name
+            assert records[name]["prefer"] == entry["kernel"]
+
+
+def test_attach_kernels_skips_float_entries_and_unknown_cells():
+    # catches: a float layer or a weight-only one handed an integer kernel name
+    view = {"layers": {"a": {"kernel": {"w8a8d": ONEDNN}}, "b": {"kernel": {"w8a8d": ONEDNN}}, "c": {}}}
+    entries = {"a": {"weight_bits": 8, "act_bits": 8, "act_mode": "dynamic", "group_size": None},
+               "b": {"weight_bits": 8, "act_bits": 16, "act_mode": "dynamic", "group_size": None},
+               "c": {"weight_bits": 8, "act_bits": 8, "act_mode": "dynamic", "group_size": None}}
+    assert costs.attach_kernels(entries, view) == 1
+    assert entries["a"]["kernel"] == ONEDNN and "kernel" not in entries["b"] and "kernel" not in entries["c"]
