@@ -75,7 +75,7 @@ def run_variant(args) -> None:
     if args.variant != "fp32":
         floats = {n: m.weight.detach().clone() for n, m in model.net.named_modules() if isinstance(getattr(m, "weight", None), torch.Tensor)}
         if args.variant.startswith("avx2-") and args.variant != "avx2-a7":
-            kernels.cpu_act_qmax = lambda bits, group_size=None: 127
+            kernels.cpu_act_qmax = lambda bits, group_size=None, pair_bounded=False: 127
         diffpro.quantize_(model, uniform_plan(model, 8))
         changed = total = 0
         err2 = ref2 = 0.0

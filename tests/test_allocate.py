@@ -387,7 +387,7 @@ def test_activation_error_follows_the_cpu_kernels_input_grid(monkeypatch):
     only8 = Layer("m", "mlp", "Linear", 8, 8, 72, 0, score=1.0, cdf=0.5, measured={4: 1e-2, 8: 1e-5}, measured_act={8: 1e-3})
     name, bit_error = error_model([layer, only8])
     for vnni, w8_grid in ((True, 127), (False, 63)):
-        monkeypatch.setattr(kernels, "cpu_act_qmax", lambda w, g=None, v=vnni: 127 if (w <= 6 and not g) or v else 63)
+        monkeypatch.setattr(kernels, "cpu_act_qmax", lambda w, g=None, p=False, v=vnni: 127 if (w <= 6 and not g) or v else 63)
         _, act = activation_error_model([layer, only8], name, bit_error)
         assert act(layer, 8, 4) == 1e-3 and act(only8, 8, 4) == 1e-3 and act(layer, 16, 8) == 0.0
         assert act(layer, 8, 8) == (1e-3 if vnni else 5e-3)
@@ -400,7 +400,7 @@ def test_measured_activation_error_keeps_hard_inputs_float(monkeypatch):
     measurement the weight curve stands in and it gets 8-bit activations like the rest."""
     import diffpro_cli.quant.kernels as kernels
 
-    monkeypatch.setattr(kernels, "cpu_act_qmax", lambda w, g=None: 127)   # a VNNI CPU: the "8" measurement applies as is
+    monkeypatch.setattr(kernels, "cpu_act_qmax", lambda w, g=None, p=False: 127)   # a VNNI CPU: the "8" measurement applies as is
     scores = make_scores(n=6, measured=True, seed=3)
     hard = "blocks.4.attn_out"
     for name, d in scores["layers"].items():

@@ -127,7 +127,7 @@ for bits, group in ((8, None), (6, None), (4, None), (4, 32)):
         qc = quantize_module(conv, bits, act_mode="dynamic")
         out["rows"].append([f"conv w{bits} {qc.kernel_name}", *worst(qc, xc, None)])
 # the grid the rule refuses for 8-bit weights: force +-127 and show that it saturates here
-kernels.cpu_act_qmax = lambda bits, group=None: 127
+kernels.cpu_act_qmax = lambda bits, group=None, pair_bounded=False: 127
 ql = quantize_module(lin, 8, act_mode="dynamic-token")
 out["forced_127_w8_excess"] = worst(ql, xl, None)[0]
 print(json.dumps(out))

@@ -186,3 +186,74 @@ def test_avx2_kernels_are_exact_with_pair_bounded_weights_and_8_bit_activations(
         assert bounded < 1e-6, f"{name}: pair-bounded weights miss the exact integer result by {bounded:.3g}"
         if _cpu_has_avx2():   # vpmaddubsw: the unbounded weights must really saturate (else the test proves nothing)
             assert unbounded > 1e-2, f"{name}: unbounded weights did not saturate ({unbounded:.3g})"
+
+
+# -- integration: quantize bounds the pairs, the checkpoint records it, the kernels take 8-bit inputs --
+
+def _uniformish_linear(k=64, n=24):
+    torch.manual_seed(5)
+    lin = torch.nn.Linear(k, n)
+    torch.nn.init.uniform_(lin.weight, -1, 1)   # near-uniform, like the built-in DiT's: many pairs violate
+    return lin
+
+
+def test_bound_pairs_makes_a_layer_saturation_free_and_its_kernel_uses_the_8_bit_grid(monkeypatch):
+    # catches: the flag not reaching the activation grid on a CPU without VNNI (7-bit kept for nothing),
+    # or the re-rounded weights still holding a pair over the bound
+    from diffpro_cli.quant import kernels
+    from diffpro_cli.quant.layers import QuantLinear
+
+    monkeypatch.setattr(kernels, "cpu_has_vnni", lambda: False)
+    lin = _uniformish_linear()
+    plain = QuantLinear.from_float(lin, 8, "dynamic")
+    bounded = QuantLinear.from_float(lin, 8, "dynamic")
+    assert bounded.bound_pairs(lin.weight) > 0
+    q = bounded.int_weight().int()
+    assert int((q[:, 0::2].abs() + q[:, 1::2].abs()).max()) <= PAIR_BOUND
+    assert int((plain.int_weight().int()[:, 0::2].abs() + plain.int_weight().int()[:, 1::2].abs()).max()) > PAIR_BOUND
+    with torch.no_grad():
+        plain(torch.randn(4, 64))
+        bounded(torch.randn(4, 64))
+    assert plain.act_qmax == 63 and bounded.act_qmax == 127
+    assert bounded.kernel_name.endswith("w8a8-dynamic") and plain.kernel_name.endswith("w8a7-dynamic")
+    err = (bounded.dequantized_weight() - lin.weight).abs().max()
+    assert err < 2.5 * (lin.weight.abs().amax(1) / 127).max()   # a re-rounding, not a different layer
+
+
+@pytest.mark.parametrize("setting", ["on", "off"])
+def test_quantize_records_pair_bounded_layers_and_loading_keeps_them(tmp_path, monkeypatch, setting):
+    # catches: diffpro.json without the flag (a reload would fall back to 7-bit activations on AVX2), the
+    # bound applied to layers on float activations, or "off" ignored
+    import diffpro
+    from diffpro_cli.quant import kernels
+    from diffpro_cli.stages.quantize import QuantizeConfig, quantize_to_dir, uniform_plan
+
+    model = diffpro.load("random:dit-tiny")
+    plan = uniform_plan(model, 8)
+    meta = quantize_to_dir(model, plan, tmp_path / "q", cfg=QuantizeConfig(pair_bound=setting))
+    layers = meta["layers"]
+    integer = [n for n, r in layers.items() if r["act_mode"] != "none" and r["type"] == "linear"]
+    floats = [n for n, r in layers.items() if r["act_mode"] == "none"]
+    assert integer and floats and not any(layers[n]["pair_bounded"] for n in floats)
+    assert all(layers[n]["pair_bounded"] is (setting == "on") for n in integer)
+    monkeypatch.setattr(kernels, "cpu_has_vnni", lambda: False)
+    loaded = diffpro.load(tmp_path / "q")
+    mods = dict(loaded.net.named_modules())
+    assert all(mods[n].pair_bounded is (setting == "on") for n in integer)
+
+
+def test_auto_bounds_exactly_where_the_cpu_lacks_vnni(monkeypatch):
+    # catches: "auto" costing VNNI machines accuracy, or never turning on where it helps
+    from diffpro_cli.quant import kernels
+    from diffpro_cli.stages.quantize import wants_pair_bound
+
+    monkeypatch.setattr(kernels, "cpu_has_vnni", lambda: True)
+    assert not wants_pair_bound("auto") and wants_pair_bound("on") and not wants_pair_bound("off")
+    monkeypatch.setattr(kernels, "cpu_has_vnni", lambda: False)
+    assert wants_pair_bound("auto")
+
+
+def test_bad_pair_bound_value_is_one_usage_line(cli, tmp_path):
+    code, _, err = cli("quantize", "random:dit-tiny", "--bits", "8", "--pair-bound", "maybe", "-w", tmp_path)
+    assert code == 2 and err.strip().startswith("error: --pair-bound maybe") and "Traceback" not in err
+    assert not (tmp_path / "quantized").exists()

@@ -110,7 +110,7 @@ def attach(layer, members=None) -> bool:
     # in torch 2.14 rejects the activation zero point of the non-fused overload.
     if layer.kind != "linear" or layer.act_mode not in ("dynamic", "dynamic-token"):
         return False
-    qmax = min(kernels.cpu_act_qmax(m.weight_bits, m.group_size) for m in members)
+    qmax = min(kernels.cpu_act_qmax(m.weight_bits, m.group_size, m.pair_bounded) for m in members)
     if layer.integers_released:   # an inference-only load: the eager kernel's packed copy is all there is
         recovered = _from_eager_kernel(layer)
         if recovered is None:

@@ -98,7 +98,7 @@ def cpu_has_vnni() -> bool:
 SATURATION_FREE_QMAX = 64   # |q_w| ≤ 64: 2·255·64 = 32640 fits vpmaddubsw's int16 pair sum
 
 
-def cpu_act_qmax(weight_bits: int, group_size: int | None = None) -> int:
+def cpu_act_qmax(weight_bits: int, group_size: int | None = None, pair_bounded: bool = False) -> int:
     """Activation grid of the CPU kernels for a layer of `weight_bits` (group-wise if `group_size`).
 
     ±127 with VNNI/AMX. Without VNNI (AVX2's vpmaddubsw sums u8·s8 pairs in saturating int16) the grid
@@ -108,7 +108,7 @@ def cpu_act_qmax(weight_bits: int, group_size: int | None = None) -> int:
     Measured with fbgemm and oneDNN capped to AVX2 (torch 2.14.1): per-channel W4/W6 with ±127 match the
     exact integer result to 1e-7; W8, and W4/W6 with group size 32, miss it by up to 0.2 relative
     (tests/test_kernels_cpu.py). Callers that do not know the group size get the per-channel answer."""
-    if cpu_has_vnni():
+    if cpu_has_vnni() or pair_bounded:   # pair-bounded weights (layers.bound_pairs) cannot saturate either
         return 127
     folded_max = 127 if weight_bits >= 8 or group_size else 2 ** (weight_bits - 1) - 1
     return 127 if folded_max <= SATURATION_FREE_QMAX else 63
@@ -141,7 +141,7 @@ def _quant_engine(name: str):
 
 
 def _group_qmax(layers) -> int:
-    return min(cpu_act_qmax(layer.weight_bits, layer.group_size) for layer in layers)
+    return min(cpu_act_qmax(layer.weight_bits, layer.group_size, getattr(layer, "pair_bounded", False)) for layer in layers)
 
 
 def quantize_u8_fast(x: torch.Tensor, scale: float, qmax: int) -> torch.Tensor:
@@ -227,7 +227,7 @@ class CpuFbgemmLinear:
         if device.type != "cpu" or _fbgemm_engine() is None or not hasattr(torch.ops.quantized, "linear_dynamic"):
             return False
         if layer.act_mode == "static":   # fbgemm clamps static activations to the full u8 range
-            return cpu_act_qmax(layer.weight_bits, layer.group_size) == 127 and hasattr(torch.ops.quantized, "linear_with_input_q_dq_qweight_dq_output_fp32")
+            return cpu_act_qmax(layer.weight_bits, layer.group_size, getattr(layer, "pair_bounded", False)) == 127 and hasattr(torch.ops.quantized, "linear_with_input_q_dq_qweight_dq_output_fp32")
         return layer.act_mode == "dynamic"
 
     def __init__(self, layers, device: torch.device):

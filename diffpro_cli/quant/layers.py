@@ -99,6 +99,7 @@ class _QuantBase(nn.Module):
             self.register_buffer("act_absmax", torch.zeros(num_act_timesteps, dtype=torch.float32, device=device))
         self.prefer: str | None = None      # a kernel name to try first (e.g. "cuda-fp8")
         self.post_op: str | None = None     # an activation this layer applies to its output (epilogue.py)
+        self.pair_bounded = False           # weights fit AVX2's int16 pair sums with 8-bit activations (bound_pairs)
         self._kernel = None
         self._kernel_device = None
         self._kernel_label = ""
@@ -122,6 +123,28 @@ class _QuantBase(nn.Module):
         if bias is not None:
             self.bias = bias.detach().float().clone().to(device)
         self._forget_kernel()
+
+    def bound_pairs(self, weight: torch.Tensor) -> int:
+        """Re-round 8-bit per-channel weights from the float `weight` so that every pair of products an
+        AVX2 kernel adds in int16 fits with full 8-bit activations (quant/pair_bound.py; the kernels
+        then use the ±127 activation grid on every CPU, not AVX2's 7-bit one). Round-to-nearest only: it
+        replaces the stored integers. Returns the number of weights changed; 0 where it does not apply
+        (other widths, group-wise scales, float activations, grouped convolutions)."""
+        from diffpro_cli.quant.pair_bound import bounded_channel_grid
+
+        if self.weight_bits != 8 or self.group_size is not None or self.act_mode == "none":
+            return 0
+        if self.kind == "conv2d" and self.groups != 1:
+            return 0
+        q, scale = quantize_weight(weight.detach().cpu(), 8)
+        conv = list(self.weight_shape) if self.kind == "conv2d" else None
+        q, scale, changed = bounded_channel_grid(q, scale, weight.detach().cpu().reshape(q.shape), conv_shape=conv)
+        device = self.weight_scale.device
+        self.qweight = q.to(device)
+        self.weight_scale = scale.reshape(-1, 1).float().to(device)
+        self.pair_bounded = True
+        self._forget_kernel()
+        return int(changed)
 
     @property
     def integers_released(self) -> bool:
@@ -222,7 +245,7 @@ class _QuantBase(nn.Module):
         if self._kernel is not None:
             return self._kernel_label
         cls = kernels.select(self, torch.device("cpu"), self.prefer)
-        qmax = kernels.cpu_act_qmax(self.weight_bits, self.group_size) if cls.name.startswith("cpu-") else None
+        qmax = kernels.cpu_act_qmax(self.weight_bits, self.group_size, self.pair_bounded) if cls.name.startswith("cpu-") else None
         return kernels.describe(cls, self, qmax)
 
     @property
@@ -256,7 +279,8 @@ class _QuantBase(nn.Module):
                 "group_size": self.group_size, "weight_shape": list(self.weight_shape),
                 "act_bits": 16 if self.act_mode == "none" else 8, "act_mode": self.act_mode,
                 "act_timesteps": int(self.act_timesteps.numel()) if self.act_mode == "static" else 0,
-                "bias": self.bias is not None, "kernel": self.kernel_name, "prefer": self.prefer, **self._extra_config()}
+                "bias": self.bias is not None, "kernel": self.kernel_name, "prefer": self.prefer,
+                "pair_bounded": self.pair_bounded, **self._extra_config()}
 
     def _extra_config(self) -> dict:
         return {}
@@ -447,6 +471,7 @@ def empty_from_record(record: dict, device=None) -> _QuantBase:
                             tuple(c["dilation"]), c["groups"], record["bias"], c["padding_mode"], **common)
     prefer = record.get("prefer")   # the kernel the plan measured fastest; ignored where it is not a candidate
     layer.prefer = prefer if prefer in kernels.KERNELS else None
+    layer.pair_bounded = bool(record.get("pair_bounded", False))
     return layer
 
 
