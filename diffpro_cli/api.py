@@ -210,5 +210,7 @@ def bench(model: str | DiffusionModel, workdir: str | Path = "diffpro-work", *, 
         quantized = ctx.workdir / "quantized"
     if timesteps_path is None and (ctx.workdir / "timesteps.json").exists():
         timesteps_path = ctx.workdir / "timesteps.json"
+    if isinstance(options.get("rows"), str):   # "fp32,diffpro" as on the command line
+        options["rows"] = [r.strip() for r in options["rows"].split(",") if r.strip()]
     run_bench(ctx, _config(BenchConfig, options, seed=seed), quantized=quantized, timesteps_path=timesteps_path)
     return read_json(ctx.workdir / "bench" / "report.json", "diffpro.report/1")

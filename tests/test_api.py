@@ -118,3 +118,10 @@ def test_quantized_transformer_drops_into_a_diffusers_pipeline(tmp_path):
     assert any(isinstance(m, QuantLinear) for m in pipe.transformer.modules())
     diff = float(abs(q_images - float_images).mean())
     assert 0 < diff < 0.05
+
+
+def test_bench_takes_rows_as_the_command_line_writes_them(tmp_path):
+    # catches: a comma string iterated character by character ("unknown row 'f'") from the Python face
+    report = diffpro.bench("random:dit-tiny", tmp_path / "w", rows="fp32, w8a8-uniform", reference_steps=4,
+                           repeats=1, latency_batch=2)
+    assert [r["name"] for r in report["rows"]] == ["fp32", "w8a8-uniform"]
