@@ -300,6 +300,13 @@ def bench_forward_lean(model, out_root: Path, repeats: int, with_token: bool) ->
     if with_token:
         save_quantized(model, uniform_plan(model, 8, 8, "dynamic-token"), out_root / "w8a8-token")
         variants["diffpro-w8a8-token"] = load_quantized(out_root / "w8a8-token")
+    # the same W8A8 with every integer Linear on oneDNN's matmul instead of fbgemm (what a plan names
+    # per layer when the cost table measures oneDNN faster: docs/planning.md, "Which integer kernel")
+    onednn = uniform_plan(model, 8)
+    for entry in onednn["layers"].values():
+        entry["kernel"] = "cpu-onednn-int8"
+    save_quantized(model, onednn, out_root / "w8a8-onednn")
+    variants["diffpro-w8a8-dyn-onednn"] = load_quantized(out_root / "w8a8-onednn")
 
     def run(k):
         if k == "torch-dyn":
