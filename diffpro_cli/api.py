@@ -60,9 +60,11 @@ def load(spec: str | Path, *, device: str = "cpu", dtype=None, trust_code: bool 
     (keyed by the timestep; `model.net._diffpro_cache` counts what ran); `cache=False` computes all."""
     from diffpro_cli.loading import load_model
 
-    if device != "cpu":
-        raise UsageError(f"device {device!r}: this release runs on the CPU; CUDA end to end is not available yet")
-    model = load_model(str(spec), trust_code=trust_code, weights=weights, seed=seed)
+    target = _device(device)
+    # a quantized checkpoint keeps its stored integers when it goes to a GPU: its layers pack them there
+    model = load_model(str(spec), trust_code=trust_code, weights=weights, seed=seed, keep_integers=target.type != "cpu")
+    if target.type != "cpu":
+        model.net.to(target)   # quant layers re-prepare their kernel (kernels_cuda.py) on the first call there
     if dtype is not None:
         set_compute_dtype(model, dtype)
     install_timestep_hook(model.net)
@@ -73,6 +75,22 @@ def load(spec: str | Path, *, device: str = "cpu", dtype=None, trust_code: bool 
         if policy is not None:
             install_cache(model, policy)
     return model
+
+
+def _device(device) -> "torch.device":
+    """`device` as a torch.device: the CPU, or CUDA where there is one (UNVERIFIED end to end: the CUDA
+    kernels and this path have not run on a GPU in this project yet; `make cuda-check` on a GPU machine)."""
+    import torch
+
+    try:
+        target = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise UsageError(f"device {device!r}: use 'cpu' or 'cuda' (or 'cuda:N')") from None
+    if target.type not in ("cpu", "cuda"):
+        raise UsageError(f"device {device!r}: diffpro runs on 'cpu' or 'cuda'")
+    if target.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"device {device!r}: no CUDA device here (torch.cuda.is_available() is False); use device='cpu'")
+    return target
 
 
 def set_compute_dtype(model: DiffusionModel, dtype) -> DiffusionModel:

@@ -16,7 +16,8 @@ def is_quantized_checkpoint(spec: str | Path) -> bool:
     return path.is_dir() and (path / "diffpro.json").exists()
 
 
-def load_model(spec: str | Path, *, trust_code: bool = False, weights: str | Path | None = None, seed: int = 0) -> DiffusionModel:
+def load_model(spec: str | Path, *, trust_code: bool = False, weights: str | Path | None = None, seed: int = 0,
+               keep_integers: bool = False) -> DiffusionModel:
     """A diffpro quantized checkpoint (a directory with diffpro.json; its network's code behind
     `trust_code`), or any float model spec (models.load_float_model). The first load in a process keeps
     freed memory in it from then on (allocator.steady_allocator: steady step latency on CPU)."""
@@ -28,7 +29,7 @@ def load_model(spec: str | Path, *, trust_code: bool = False, weights: str | Pat
         from diffpro_cli.models.builtin_text import attach_default
 
         # builtin:flow-mnist's checkpoints sample on its default prompts, as the float model does
-        return attach_default(load_quantized(Path(spec), trust_code=trust_code))
+        return attach_default(load_quantized(Path(spec), trust_code=trust_code, keep_integers=keep_integers))
     from diffpro_cli.models import load_float_model
 
     return load_float_model(str(spec), trust_code=trust_code, weights=weights, seed=seed)

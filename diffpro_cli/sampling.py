@@ -95,16 +95,36 @@ def default_labels(model: DiffusionModel, n: int):
     return torch.arange(n) % model.num_classes
 
 
+def model_device(model: DiffusionModel) -> torch.device:
+    """Where the model's network lives (its first parameter or buffer; the CPU for an empty one)."""
+    first = next(iter(model.net.parameters()), None)
+    if first is None:
+        first = next(iter(model.net.buffers()), None)
+    return torch.device("cpu") if first is None else first.device
+
+
+def to_device(y, device: torch.device):
+    """Labels (a tensor) or a Conditioning moved to `device`; None stays None."""
+    if isinstance(y, torch.Tensor):
+        return y.to(device)
+    if isinstance(y, Conditioning):
+        return y._map(lambda v: v.to(device))
+    return y
+
+
 def initial_batches(model: DiffusionModel, n: int, labels, seed: int, batch_size: int, first_index: int):
-    """Yields (global indices, per-sample generators, x_T, conditioning) batch by batch."""
+    """Yields (global indices, per-sample generators, x_T, conditioning) batch by batch, on the model's
+    device. x_T is drawn on the CPU from each sample's own generator and then moved, so a sample starts
+    from the same noise on every device."""
+    device = model_device(model)
     if labels is None:
         labels = default_labels(model, first_index + n)
         labels = labels[first_index:] if labels is not None else None
     for start in range(0, n, batch_size):
         idx = list(range(first_index + start, first_index + min(n, start + batch_size)))
         gens = sample_generators(seed, idx)
-        x = torch.stack([torch.randn(model.sample_shape, generator=g) for g in gens])
-        yield idx, gens, x, take(labels, start, len(idx))
+        x = torch.stack([torch.randn(model.sample_shape, generator=g) for g in gens]).to(device)
+        yield idx, gens, x, to_device(take(labels, start, len(idx)), device)
 
 
 @dataclass
@@ -128,11 +148,11 @@ class SamplerConfig:
 
 def _guided(model: DiffusionModel, fn, x: torch.Tensor, t: int, y, cfg_scale: float) -> torch.Tensor:
     """uncond + scale·(cond − uncond) of fn(x, t, conditioning); one call with the batch doubled."""
-    tt = torch.full((x.shape[0],), int(t), dtype=torch.long)
+    tt = torch.full((x.shape[0],), int(t), dtype=torch.long, device=x.device)
     if y is None or cfg_scale == 1.0:
         return fn(x, tt, y)
     if isinstance(y, Conditioning) and not y.is_class:
-        both_y = Conditioning.cat([y, y.unconditional(model.null_class)])
+        both_y = Conditioning.cat([y, to_device(y.unconditional(model.null_class), x.device)])
     else:
         if model.null_class is None:
             return fn(x, tt, y)
@@ -180,7 +200,7 @@ def check_method(model: DiffusionModel, cfg: SamplerConfig) -> None:
 
 
 def _randn_like(x: torch.Tensor, gens: list[torch.Generator]) -> torch.Tensor:
-    return torch.stack([torch.randn(x.shape[1:], generator=g) for g in gens])
+    return torch.stack([torch.randn(x.shape[1:], generator=g) for g in gens]).to(x.device)
 
 
 def step(x, eps, a_t: float, a_prev: float, cfg: SamplerConfig, gens) -> torch.Tensor:
@@ -248,7 +268,7 @@ def sample(
                 a_prev = float(acp[ts[i - 1]]) if i > 0 else 1.0
                 x = step(x, out, a_t, a_prev, cfg, gens)
             advance(len(idx))
-        outs.append(model.decode(x) if decode else x)
+        outs.append((model.decode(x) if decode else x).cpu())
     return torch.cat(outs) if outs else torch.empty(0, *model.sample_shape)
 
 
@@ -317,5 +337,5 @@ def sample_dpmsolver(
             eps = guided_eps(model, x, int(t), y, cfg_scale)
             x = sched.step(eps, t, x).prev_sample
             advance(len(idx))
-        outs.append(model.decode(x) if decode else x)
+        outs.append((model.decode(x) if decode else x).cpu())
     return torch.cat(outs) if outs else torch.empty(0, *model.sample_shape)

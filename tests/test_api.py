@@ -73,10 +73,35 @@ def test_quantize_in_place_refuses_a_plan_for_another_network(pipeline):
 
 
 def test_api_rejects_unknown_options_and_devices():
+    # catches: a typo'd option or device accepted silently, or "cuda" on a machine without one failing
+    # deep inside torch instead of with one line naming the fix
     with pytest.raises(UsageError, match="unknown option"):
         diffpro.profile("random:dit-tiny", "unused", sampels=3)
-    with pytest.raises(UsageError, match="CPU"):
-        diffpro.load("random:dit-tiny", device="cuda")
+    with pytest.raises(UsageError, match="'cpu' or 'cuda'"):
+        diffpro.load("random:dit-tiny", device="tpu")
+    with pytest.raises(UsageError, match="diffpro runs on"):
+        diffpro.load("random:dit-tiny", device="meta")
+    if not torch.cuda.is_available():
+        with pytest.raises(UsageError, match="no CUDA device here"):
+            diffpro.load("random:dit-tiny", device="cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA end to end needs a GPU")
+def test_cuda_load_and_sample_match_the_cpu(pipeline):
+    """A quantized checkpoint loaded onto the GPU samples from the same seeded noise as on the CPU; the
+    integer kernels differ (torch._int_mm vs fbgemm/oneDNN) so the images agree closely, not exactly."""
+    from diffpro_cli.sampling import SamplerConfig, model_device, sample
+
+    qdir = pipeline[0] / "quantized"
+    cpu, gpu = diffpro.load(qdir), diffpro.load(qdir, device="cuda")
+    assert model_device(gpu).type == "cuda"
+    ts = [999, 666, 333, 0]
+    a = sample(cpu, 4, ts, SamplerConfig(), seed=3)
+    b = sample(gpu, 4, ts, SamplerConfig(), seed=3)
+    assert b.device.type == "cpu" and b.shape == a.shape
+    assert float((a - b).abs().max()) < 0.1
+    kernels = {m.kernel_name.split(":")[0] for m in gpu.net.modules() if getattr(m, "is_diffpro_quant", False)}
+    assert any(k.startswith("cuda-") for k in kernels)
 
 
 def test_static_activation_checkpoint_needs_no_timestep_context(pipeline, tmp_path):
