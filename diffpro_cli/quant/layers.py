@@ -432,14 +432,15 @@ def fuse_shared_inputs(net: nn.Module) -> int:
         if any(m._group is not None for m in members) or len({m.act_mode for m in members}) != 1:
             continue
         prefers = [m.prefer for m in members]
-        if len(set(prefers)) > 1:   # one GEMM runs one kernel: the one most members were measured fastest with
-            for m in members:
-                m.prefer = max(prefers, key=prefers.count)
-                m._forget_kernel()
-        if len({kernels.select(m, torch.device("cpu"), m.prefer) for m in members}) != 1:
+        prefer = max(prefers, key=prefers.count)   # one GEMM runs one kernel: the one most members were measured fastest with
+        if len({kernels.select(m, torch.device("cpu"), prefer) for m in members}) != 1:
             continue
         if members[0].act_mode == "static" and not all(torch.equal(m.act_absmax, members[0].act_absmax) for m in members):
             continue
+        for m in members:
+            if m.prefer != prefer:
+                m.prefer = prefer
+                m._forget_kernel()
         SharedInputGroup(members)
         made += 1
     return made
