@@ -226,7 +226,11 @@ def test_quantize_records_pair_bounded_layers_and_loading_keeps_them(tmp_path, m
     # bound applied to layers on float activations, or "off" ignored
     import diffpro
     from diffpro_cli.quant import kernels
-    from diffpro_cli.stages.quantize import QuantizeConfig, quantize_to_dir, uniform_plan
+    from diffpro_cli.stages.quantize import (
+        QuantizeConfig,
+        quantize_to_dir,
+        uniform_plan,
+    )
 
     model = diffpro.load("random:dit-tiny")
     plan = uniform_plan(model, 8)
@@ -257,3 +261,23 @@ def test_bad_pair_bound_value_is_one_usage_line(cli, tmp_path):
     code, _, err = cli("quantize", "random:dit-tiny", "--bits", "8", "--pair-bound", "maybe", "-w", tmp_path)
     assert code == 2 and err.strip().startswith("error: --pair-bound maybe") and "Traceback" not in err
     assert not (tmp_path / "quantized").exists()
+
+
+def test_bench_reuses_a_uniform_checkpoint_only_under_the_same_saturation_rule(tmp_path, monkeypatch):
+    # catches: the pair-bound marks changing the recorded plan hash (every bench re-quantizing the W8
+    # baseline), or a W8 baseline made on a VNNI machine reused on an AVX2 one with 7-bit activations
+    import diffpro
+    from diffpro_cli.quant import kernels
+    from diffpro_cli.stages.bench import uniform_checkpoint
+
+    model = diffpro.load("random:dit-tiny")
+    out = tmp_path / "w8"
+    monkeypatch.setattr(kernels, "cpu_has_vnni", lambda: False)
+    uniform_checkpoint(model, 8, out)
+    first = (out / "model.safetensors").stat().st_mtime_ns
+    uniform_checkpoint(model, 8, out)
+    assert (out / "model.safetensors").stat().st_mtime_ns == first          # reused: same rule, same plan
+    monkeypatch.setattr(kernels, "cpu_has_vnni", lambda: True)
+    uniform_checkpoint(model, 8, out)
+    meta = json.loads((out / "diffpro.json").read_text())
+    assert not any(r["pair_bounded"] for r in meta["layers"].values())      # re-made for this CPU's rule

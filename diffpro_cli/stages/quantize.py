@@ -208,6 +208,7 @@ def quantize_to_dir(model: DiffusionModel, plan: dict, out_dir: Path, timesteps:
     from diffpro_cli.sampling import uniform_timesteps
 
     cfg = cfg or QuantizeConfig()
+    provenance = {"plan_sha256": sha256_json(plan), **(provenance or {})}   # the plan as given, not as marked below
     if wants_pair_bound(cfg.pair_bound):   # every entry asks; layers.bound_pairs applies where it can
         plan = {**plan, "layers": {n: {**e, "pair_bound": True} for n, e in plan["layers"].items()}}
     static = [n for n, e in plan["layers"].items() if e.get("act_mode") == "static" and e.get("act_bits", 8) < 16 and e.get("weight_bits", 16) < 16]
