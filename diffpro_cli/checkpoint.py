@@ -20,7 +20,6 @@ timestep subset and provenance hashes.
 
 from __future__ import annotations
 
-
 import time
 from pathlib import Path
 

@@ -190,13 +190,19 @@ def _path_module(quantize_module, mod, opt: Option, inp, post_op: str | None = N
     return q
 
 
-def _integer_cells(quantize_module, mod, opt: Option, inp, post_op: str | None) -> dict:
-    """{kernel name or None: timed fn} for one quantized option of one layer: every kernel that can run
-    it here when the integer path has a choice (fbgemm's fused op and oneDNN's matmul on x86: which is
-    faster depends on the shape and the CPU, e.g. oneDNN 20-25 % faster at DiT-XL/2's widths and fbgemm
-    at the built-ins' on the same VNNI CPU), else {None: the registry's one}. Raises when none can."""
+def _cells(quantize_module, mod, opt: Option, inp, post_op: str | None, float_mod=None) -> dict:
+    """{kernel name or None: timed fn} for one cell of one layer, each run once here: the float layer
+    (`float_mod`, default `mod`) followed by its activation for a full-precision option; for a quantized
+    one, every kernel that can run it when the integer path has a choice (fbgemm's fused op and oneDNN's
+    matmul on x86: which is faster depends on the shape and the CPU, e.g. oneDNN 20-25 % faster at
+    DiT-XL/2's widths and fbgemm at the built-ins' on the same VNNI CPU), else {None: the registry's one}.
+    Raises when the option cannot run here."""
     from diffpro_cli.quant import kernels
 
+    if opt.full_precision:
+        fn = _float_fn(mod if float_mod is None else float_mod, inp, post_op)
+        fn()
+        return {None: fn}
     q = _path_module(quantize_module, mod, opt, inp, post_op)
     q(inp)
     names = [] if opt.act_bits >= 16 else [
@@ -204,11 +210,13 @@ def _integer_cells(quantize_module, mod, opt: Option, inp, post_op: str | None) 
         if n not in kernels.OPT_IN and n != "dequant-float" and kernels.KERNELS[n].usable(q, inp.device)]
     if len(names) < 2:
         return {None: lambda f=q, i=inp: f(i)}
-    cells = {}
+    chosen = q.kernel_name.split(":")[0]   # the registry's pick: the same module as preferring it by name
+    cells = {chosen: lambda f=q, i=inp: f(i)} if chosen in names else {}
     for name in names:
-        alt = _path_module(quantize_module, mod, opt, inp, post_op, prefer=name)
-        alt(inp)
-        cells[name] = lambda f=alt, i=inp: f(i)
+        if name not in cells:
+            alt = _path_module(quantize_module, mod, opt, inp, post_op, prefer=name)
+            alt(inp)
+            cells[name] = lambda f=alt, i=inp: f(i)
     return cells
 
 
@@ -271,15 +279,15 @@ def measure_cost_table(model, options: list[Option], batch: int, repeats: int, u
             for label, opt in columns.items():
                 if label in row["ms"]:
                     continue
-                if opt.full_precision:
-                    fns[(name, label, None)] = _float_fn(mod, inp, posts[name])
-                    continue
                 try:
-                    for kernel, fn in _integer_cells(quantize_module, mod, opt, inp, posts[name]).items():
-                        fns[(name, label, kernel)] = fn
+                    cells = _cells(quantize_module, mod, opt, inp, posts[name])
                 except Exception as exc:   # an option this layer's kernels cannot run: not a choice here
+                    if opt.full_precision:
+                        raise
                     row["ms"][label] = None
                     row.setdefault("unsupported", {})[label] = str(exc).splitlines()[0][:120]
+                    continue
+                fns.update({(name, label, kernel): fn for kernel, fn in cells.items()})
         forward = (previous or {}).get("forward_ms")
         if forward is None or fns:      # the forward shares the rounds, so the remainder is consistent
             fns[("__forward__", "fp32", None)] = lambda: model.eps(x, t, y)
@@ -318,17 +326,14 @@ def measure_world(model, modules: dict, captured: dict, columns: dict, xty: tupl
             inp = captured[name][0][0].to(dtype)
             table[name] = {"ms": {}}
             post = (posts or {}).get(name)
+            low_mod = copy.deepcopy(mod).to(dtype)
             for label, opt in columns.items():
                 try:
-                    if opt.full_precision:
-                        fn = _float_fn(copy.deepcopy(mod).to(dtype), inp, post)
-                        fn()
-                        fns[(name, label, None)] = fn
-                    else:
-                        for kernel, fn in _integer_cells(quantize_module, mod, opt, inp, post).items():
-                            fns[(name, label, kernel)] = fn
+                    cells = _cells(quantize_module, mod, opt, inp, post, float_mod=low_mod)
                 except Exception:   # not runnable in this dtype here: never chosen in this world
                     table[name]["ms"][label] = None
+                    continue
+                fns.update({(name, label, kernel): fn for kernel, fn in cells.items()})
         low = copy.deepcopy(model).set_compute_dtype(dtype)
         x, t, y = xty
         fns[("__forward__", "fp32", None)] = lambda: low.eps(x, t, y)

@@ -125,7 +125,7 @@ def attach(layer, members=None) -> bool:
     layer.register_buffer("_c_b", bias, persistent=False)
     layer.register_buffer("_c_zp", torch.tensor(ZP, dtype=torch.long), persistent=False)
     layer.register_buffer("_c_one", torch.ones((), dtype=torch.float32), persistent=False)
-    _state(layer).update(qmax=qmax, sizes=[m.out_features for m in members] if layer.kind == "linear" else None,
+    _state(layer).update(qmax=qmax, sizes=[m.out_features for m in members],
                          label=f"{NAME}:w{layer.weight_bits}a{kernels.act_bits_of(qmax)}-{layer.act_mode}")
     return True
 
@@ -207,19 +207,6 @@ def linear_forward(layer, x: torch.Tensor) -> torch.Tensor:
     return y.reshape(*shape[:-1], y.shape[-1]).to(x.dtype)
 
 
-def conv_forward(layer, x: torch.Tensor) -> torch.Tensor:
-    st = layer._compiled_state
-    dtype = x.dtype
-    x = kernels._pad(layer, x.float(), st["extra_pad"])
-    scale = x.abs().amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-12) / st["qmax"]
-    xq = _quantize_u8(x, scale).contiguous(memory_format=torch.channels_last)
-    acc = torch.ops.onednn.qconv2d_pointwise(xq, 1.0, ZP, layer._c_w, layer._c_ws,
-                                                    layer._c_wzp, None, list(layer.stride), st["padding"], list(layer.dilation),
-                                                    layer.groups, 1.0, 0, torch.float32, "none", [None], "")
-    y = acc * scale if layer._c_b is None else torch.addcmul(layer._c_b.view(1, -1, 1, 1), acc, scale)
-    return y.contiguous().to(dtype)
-
-
 def forward(layer, x: torch.Tensor) -> torch.Tensor:
     """The compiled path's forward of one attached layer. Members of a fused q/k/v group hold the same
     packed weight tensors as buffers and each take their slice of the fused GEMM; inductor's
@@ -228,9 +215,7 @@ def forward(layer, x: torch.Tensor) -> torch.Tensor:
         y = float_forward(layer, x)
         if layer.kind == "conv2d":
             return y
-    elif layer.kind == "conv2d":
-        return conv_forward(layer, x)
-    else:
+    else:   # integer convolutions stay eager (attach), so this is a Linear
         y = linear_forward(layer, x)
     sizes = layer._compiled_state["sizes"]
     if len(sizes) == 1:
