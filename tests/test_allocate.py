@@ -394,6 +394,55 @@ def test_activation_error_follows_the_cpu_kernels_input_grid(monkeypatch):
         assert act(only8, 8, 8) == pytest.approx(1e-3 if vnni else 4e-3)
 
 
+def test_pair_bounded_layers_are_priced_as_quantize_runs_them_without_vnni(monkeypatch):
+    """Without VNNI, where score assumed quantize's pair bound (measured_error_pair_bounded), an 8-bit
+    per-channel integer option costs the bounded weights' error + the "8" input measurement; where it did
+    not (pair bound off), the plain error + the "7" one. Group-wise 8-bit and float activations are not
+    bounded: plain error, and the 7-bit grid for the group-wise integer option."""
+    import diffpro_cli.quant.kernels as kernels
+    from diffpro_cli.planning.error_model import activation_error_model, option_error
+
+    monkeypatch.setattr(kernels, "cpu_has_vnni", lambda: False)
+    common = dict(role="mlp", kind="Linear", in_features=128, out_features=8, params=1032, macs=0, score=1.0, cdf=0.5,
+                  measured={4: 1e-2, 8: 1e-5}, measured_act={7: 5e-3, 8: 1e-3})
+    bounded = Layer("b", **common, measured_pair_bounded={8: 3e-5})
+    plain = Layer("p", **common)
+    name, bit_error = error_model([bounded, plain])
+    act_name, act = activation_error_model([bounded, plain], name, bit_error)
+    assert "pair-bounded" in act_name
+    err = lambda layer, w, a, g=None: option_error(bit_error, act, layer, Option(w, a, "dynamic", g))  # noqa: E731
+    assert err(bounded, 8, 8) == pytest.approx(3e-5 + 1e-3)       # bounded weights, 8-bit grid
+    assert err(plain, 8, 8) == pytest.approx(1e-5 + 5e-3)         # pair bound off: 7-bit grid, plain weights
+    assert err(bounded, 8, 16) == pytest.approx(1e-5)             # float activations: nothing bounded
+    assert err(bounded, 8, 8, 64) == pytest.approx(1e-5 + 5e-3)   # group-wise: not bounded, 7-bit grid
+    assert err(bounded, 4, 8) == pytest.approx(1e-2 + 1e-3)       # 4-bit per-channel: 8-bit grid anyway
+    monkeypatch.setattr(kernels, "cpu_has_vnni", lambda: True)    # VNNI: one grid, weights as measured
+    assert option_error(bit_error, act, plain, Option(8, 8, "dynamic", None)) == pytest.approx(1e-5 + 1e-3)
+
+
+def test_plan_records_the_pair_bound_assumption_of_its_scores(monkeypatch):
+    """plan.json carries scores.json's pair-bound record and how many chosen layers were priced bounded;
+    scores without a record (a VNNI CPU that does not bound) give a plan without one, as before."""
+    import diffpro_cli.quant.kernels as kernels
+
+    monkeypatch.setattr(kernels, "cpu_has_vnni", lambda: False)
+    scores = make_scores(n=6, measured=True, seed=3)
+    cfg = AllocateConfig(float_act=[], budget="avg-bits=9", bits=[8, 16], act_bits=[8], protect=[])
+    plan, _ = allocate_plan(scores, cfg, latency_fn=fake_latency)
+    assert "pair_bound" not in plan
+    record = {"setting": "auto", "assumed": True, "cpu_vnni": False, "rule": "r"}
+    scores["pair_bound"] = record
+    for d in scores["layers"].values():
+        d["measured_act_error"] = {"7": 1e-2, "8": 1e-4}
+        d["measured_error_pair_bounded"] = {"8": d["measured_error"]["8"] * 2}
+    first = next(iter(scores["layers"]))
+    del scores["layers"][first]["measured_error_pair_bounded"]     # a layer the bound does not cover
+    plan, _ = allocate_plan(scores, cfg, latency_fn=fake_latency)
+    eights = [n for n, e in plan["layers"].items() if e["weight_bits"] == 8 and e["act_bits"] == 8]
+    assert first in eights and len(eights) > 1
+    assert plan["pair_bound"] == {**record, "source": "scores.json", "priced_bounded_layers": len(eights) - 1}
+
+
 def test_measured_activation_error_keeps_hard_inputs_float(monkeypatch):
     """A layer whose inputs are costly to quantize (measured_act_error) gets float activations from the
     MILP when --act-bits 8,16 allows it, while --min-speedup keeps the costly GEMMs integer; without the

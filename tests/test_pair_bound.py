@@ -281,3 +281,23 @@ def test_bench_reuses_a_uniform_checkpoint_only_under_the_same_saturation_rule(t
     uniform_checkpoint(model, 8, out)
     meta = json.loads((out / "diffpro.json").read_text())
     assert not any(r["pair_bounded"] for r in meta["layers"].values())      # re-made for this CPU's rule
+
+
+def test_the_measured_bounded_weights_are_exactly_what_quantize_stores():
+    # catches: score --measure pricing another rounding than layers.bound_pairs stores (a different scale
+    # search, or the conv pairing along the wrong axis), and the bound claimed for grouped convolutions
+    from diffpro_cli.quant.layers import QuantConv2d, QuantLinear
+    from diffpro_cli.quant.pair_bound import bound_covers, pair_bounded_weight
+
+    lin = _uniformish_linear()
+    torch.manual_seed(6)
+    conv = torch.nn.Conv2d(6, 8, 3)
+    torch.nn.init.uniform_(conv.weight, -1, 1)
+    for mod, cls in ((lin, QuantLinear), (conv, QuantConv2d)):
+        layer = cls.from_float(mod, 8, "dynamic")
+        assert layer.bound_pairs(mod.weight) > 0
+        measured = pair_bounded_weight(mod.weight)
+        assert measured.shape == mod.weight.shape and torch.equal(measured, layer.dequantized_weight())
+        assert not torch.equal(measured, cls.from_float(mod, 8, "dynamic").dequantized_weight())   # really re-rounded
+        assert bound_covers(mod)
+    assert not bound_covers(torch.nn.Conv2d(4, 8, 3, groups=2)) and not bound_covers(torch.nn.LayerNorm(4))

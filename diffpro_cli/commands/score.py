@@ -26,6 +26,7 @@ def score_cmd(
     probes: Annotated[int, typer.Option("--probes", help="Random probes per batch of the taylor estimate.")] = 2,
     group_size: Annotated[Optional[int], typer.Option("--group-size", help="Weight quantisation group size (default per output channel).")] = None,
     act_mode: Annotated[str, typer.Option("--act-mode", help="--measure: activation mode whose 8-bit input error is measured per layer (dynamic, dynamic-token, static).")] = "dynamic",
+    pair_bound: Annotated[str, typer.Option("--pair-bound", help="--measure: the quantize --pair-bound to measure for (auto, on, off): where it bounds 8-bit weights (auto: CPUs without VNNI), their 8-bit error is also measured bounded and allocate prices those layers on the 8-bit activation grid.")] = "auto",
     layer: Annotated[Optional[str], typer.Option("--layer", help="Layer shown in the activation-over-timesteps figure (default the top-ranked).")] = None,
     top: Annotated[int, typer.Option("--top", help="Layers drawn in the PCA spectra figure.")] = 8,
     figures: Annotated[bool, typer.Option("--figures/--no-figures", help="Write PNG figures to WORKDIR/figures.")] = True,
@@ -37,7 +38,8 @@ def score_cmd(
     ui = ctx.ui
     cfg = ScoreConfig(formula=formula, pca_metric=pca_metric, variance=variance, weights=parse_weights(component_weights),
                       bits=parse_int_list(bits, "--bits"), measure=measure, taylor=taylor, calib_samples=calib_samples, calib_timesteps=calib_timesteps,
-                      probes=probes, normalize=normalize, group_size=group_size, act_mode=act_mode, figures=figures, figure_layer=layer, top=top)
+                      probes=probes, normalize=normalize, group_size=group_size, act_mode=act_mode, pair_bound=pair_bound, figures=figures,
+                      figure_layer=layer, top=top)
     result = run_score(ctx, cfg, profile_path=profile)
     outcome, out = result.outcome, result.value
     doc = read_json(out, "diffpro.scores/1")

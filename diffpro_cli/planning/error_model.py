@@ -7,7 +7,7 @@ import math
 from typing import Callable
 
 from diffpro_cli.errors import InputError, UsageError
-from diffpro_cli.planning.options import Layer, Option
+from diffpro_cli.planning.options import Layer, Option, effective_option
 
 ERROR_MODELS = ("auto", "measured", "taylor", "proxy", "score", "cdf")
 
@@ -27,7 +27,14 @@ def measured_at(measured: dict[int, float], bits: int) -> float:
     return measured[b0] * 4.0 ** (b0 - bits)
 
 
-def error_model(layers: list[Layer], choice: str = "auto", proxy_bits: int = 4) -> tuple[str, Callable[[Layer, int], float]]:
+def pair_bounded(layer: Layer, weight_bits: int, group_size: int | None) -> bool:
+    """Whether quantize's pair bound covers this layer's integer option: its scores carry the bounded
+    8-bit measurement (score assumed the bound and it covers the layer: stages/pair_bound_assumption.py)
+    and the option is 8-bit per-channel on integer activations (the caller's case)."""
+    return bool(layer.measured_pair_bounded) and weight_bits == 8 and not group_size
+
+
+def error_model(layers: list[Layer], choice: str = "auto", proxy_bits: int = 4) -> tuple[str, Callable[..., float]]:
     """E(layer, bits): predicted error of quantizing one tensor of the layer (weights or inputs) to `bits`.
 
     Sources, best first (auto takes the first one that EVERY layer has, so units never mix):
@@ -41,6 +48,8 @@ def error_model(layers: list[Layer], choice: str = "auto", proxy_bits: int = 4) 
                 proxy width) × 4^(proxy_bits - bits);
       score     combined_score × 4^-bits (only when every score is positive);
       cdf       the score's CDF × 4^-bits (rank-based, always positive).
+    E(layer, bits, pair_bounded=True): with measured errors, the 8-bit error of the pair-bounded weights
+    where score measured it (measured_error_pair_bounded); the other models have no such measurement.
     """
     have = {
         "measured": all(l.measured for l in layers),
@@ -59,9 +68,11 @@ def error_model(layers: list[Layer], choice: str = "auto", proxy_bits: int = 4) 
                "score": "the combined scores are not all positive; use --error-model cdf"}[choice]
         raise InputError(f"--error-model {choice}: not every layer in scores.json has it; {fix} or pass --error-model auto")
 
-    def bit_error(layer: Layer, bits: int) -> float:
+    def bit_error(layer: Layer, bits: int, pair_bounded: bool = False) -> float:
         if bits >= 16:
             return 0.0
+        if pair_bounded and choice == "measured" and bits in layer.measured_pair_bounded:
+            return layer.measured_pair_bounded[bits]
         if choice in ("measured", "taylor"):
             return measured_at(layer.measured if choice == "measured" else layer.taylor, bits)
         if choice == "proxy":
@@ -79,7 +90,8 @@ def activation_error_model(layers: list[Layer], weight_model: str, bit_error) ->
     weight errors and a measured_act_error for every layer (`score --measure`), the measured one, in the
     same units, on the grid this CPU's kernels really use (kernels.cpu_act_qmax): without VNNI the
     inputs get a 7-bit grid, so 8-bit activations cost the "7" measurement (or the "8" one × 4 when
-    only that was measured). Otherwise the weight curve stands in (E(layer, act_bits)),
+    only that was measured), except on layers quantize's pair bound covers (`pair_bounded`: 8-bit
+    per-channel weights re-rounded so the 8-bit grid cannot saturate), which cost the "8" one. Otherwise the weight curve stands in (E(layer, act_bits)),
     which misjudges layers whose inputs are hard to quantize but whose weights are not, like a patch
     embedding fed x_t itself."""
     if weight_model.startswith("measured") and all(l.measured_act for l in layers):
@@ -89,17 +101,31 @@ def activation_error_model(layers: list[Layer], weight_model: str, bit_error) ->
             if act_bits >= 16:
                 return 0.0
             # act_bits is 8 here (ACT_BITS); the grid depends on the weights the GEMM multiplies
-            return measured_at(layer.measured_act, act_bits_of(cpu_act_qmax(weight_bits, group_size)))
+            grid = cpu_act_qmax(weight_bits, group_size, pair_bounded(layer, weight_bits, group_size))
+            return measured_at(layer.measured_act, act_bits_of(grid))
 
-        return "measured_act_error on this CPU's kernel grid (outside: × 4^-Δbits)", measured_act
+        bounded = " (pair-bounded 8-bit weights: the 8-bit grid)" if any(l.measured_pair_bounded for l in layers) else ""
+        return f"measured_act_error on this CPU's kernel grid{bounded} (outside: × 4^-Δbits)", measured_act
     return "as the weights' E(layer, bits)", lambda layer, act_bits, weight_bits, group_size=None: bit_error(layer, act_bits)
 
 
 def option_error(bit_error, act_error, layer: Layer, opt: Option) -> float:
-    """Weight error + activation error of one layer under `opt` (the two add, to first order)."""
+    """Weight error + activation error of one layer under `opt` (the two add, to first order). On float
+    activations nothing is pair-bounded: those options keep the plain weight error."""
     if opt.full_precision:
         return 0.0
     if opt.act_bits >= 16:
         return bit_error(layer, opt.weight_bits)
-    return bit_error(layer, opt.weight_bits) + act_error(layer, opt.act_bits, opt.weight_bits, opt.group_size)
+    bounded = pair_bounded(layer, opt.weight_bits, opt.group_size)
+    return bit_error(layer, opt.weight_bits, bounded) + act_error(layer, opt.act_bits, opt.weight_bits, opt.group_size)
 
+
+
+def plan_pair_bound(record: dict | None, layers: list[Layer], options: list[Option], choice: list[int]) -> dict | None:
+    """plan.json's record of the pair-bound assumption its errors were priced with: scores.json's record
+    (None, as there, on a VNNI CPU that does not bound) and how many chosen layers were priced bounded."""
+    if record is None:
+        return None
+    priced = [l.name for l, j in zip(layers, choice)
+              if (o := effective_option(l, options[j])) and not o.full_precision and o.act_bits < 16 and pair_bounded(l, o.weight_bits, o.group_size)]
+    return {**record, "source": "scores.json", "priced_bounded_layers": len(priced)}

@@ -116,6 +116,9 @@ class Layer:
     proxy: float | None = None     # log10 predicted relative output error at the score's proxy bits
     taylor: dict[int, float] = field(default_factory=dict)   # first-order error estimates per bit width
     measured_act: dict[int, float] = field(default_factory=dict)   # measured error with only the inputs quantized
+    # measured error at 8 bits of the weights quantize's pair bound stores (score on a CPU without VNNI;
+    # stages/pair_bound_assumption.py): present = the bound covers this layer's 8-bit per-channel weights
+    measured_pair_bounded: dict[int, float] = field(default_factory=dict)
 
     @property
     def weight_numel(self) -> int:
@@ -147,7 +150,9 @@ def load_layers(scores: dict, path: str | Path = "scores.json") -> list[Layer]:
                 measured={int(k): float(v) for k, v in (d.get("measured_error") or {}).items() if v is not None},
                 proxy=float(d["output_error_proxy"]) if d.get("output_error_proxy") is not None else None,
                 taylor={int(k): float(v) for k, v in (d.get("taylor_error") or {}).items() if v is not None},
-                measured_act={int(k): float(v) for k, v in (d.get("measured_act_error") or {}).items() if v is not None}))
+                measured_act={int(k): float(v) for k, v in (d.get("measured_act_error") or {}).items() if v is not None},
+                measured_pair_bounded={int(k): float(v) for k, v in (d.get("measured_error_pair_bounded") or {}).items()
+                                       if v is not None}))
         except (KeyError, TypeError, ValueError) as exc:
             raise InputError(f"{path}: layer {name} lacks a valid {exc}; re-run `diffpro score`") from None
     return layers

@@ -117,3 +117,25 @@ def bounded_channel_grid(q: torch.Tensor, scale: torch.Tensor, weight: torch.Ten
         best_err = torch.where(take, err, best_err)
         best_q, best_s = torch.where(take, fixed, best_q), torch.where(take, s, best_s)
     return best_q, best_s.reshape(-1), int((best_q != q).sum())
+
+
+def bound_covers(module) -> bool:
+    """Whether quantize's pair bound can apply to this float layer at 8-bit per-channel weights on
+    integer activations (layers.bound_pairs): Linear, or Conv2d without groups (oneDNN's pairing of
+    grouped convolutions was not measured)."""
+    from torch import nn
+
+    return isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1)
+
+
+def pair_bounded_weight(weight: torch.Tensor) -> torch.Tensor:
+    """The float weights a pair-bounded 8-bit per-channel layer computes with: what layers.bound_pairs
+    stores for `weight` ([out, in] or a Conv2d's [out, in, kh, kw]), dequantized. `score --measure`
+    uses it so the measured 8-bit error is the one quantize's bounded layer really has."""
+    from diffpro_cli.quant.formats import dequantize_weight, quantize_weight
+
+    w = weight.detach().cpu()
+    q, scale = quantize_weight(w, 8)
+    conv = list(w.shape) if w.dim() == 4 else None
+    q, scale, _ = bounded_channel_grid(q, scale, w.reshape(q.shape), conv_shape=conv)
+    return dequantize_weight(q, scale.reshape(-1, 1)).reshape(w.shape).to(weight.dtype)

@@ -29,7 +29,7 @@ from diffpro_cli.console import QUIET_UI, UI
 from diffpro_cli.errors import BudgetError, InputError, UsageError
 from diffpro_cli.planning.costs import (FINGERPRINT_VERSION, attach_kernels, check_fingerprint, fingerprint_id, machine_fingerprint,
                                        measure_cost_table, read_cost_table, table_latency_fn, world_table)
-from diffpro_cli.planning.error_model import error_model
+from diffpro_cli.planning.error_model import error_model, plan_pair_bound
 from diffpro_cli.planning.joint import pareto_front, solve_joint, step_entries
 from diffpro_cli.planning.options import (DEFAULT_PROTECT, FLOAT_ACT_ROLES, METHODS, Layer, Option, load_layers, make_options,
                                           parse_budgets)
@@ -233,6 +233,7 @@ def allocate_plan(scores: dict, cfg: AllocateConfig, *, latency_fn: Callable[[La
         "options": {"bits": sorted(set(cfg.bits)), "act_bits": sorted(set(cfg.act_bits)), "act_mode": cfg.act_mode,
                     "group_size": cfg.group_size, "protect": list(cfg.protect), "protect_bits": cfg.protect_bits},
         "error_model": table.error_model,
+        **({"pair_bound": pb} if (pb := plan_pair_bound(scores.get("pair_bound"), table.layers, table.options, sol.choice)) else {}),
         "conventions": {"avg_bits": "storage bits (weights, fp32 scales, fp32 bias; 16 = kept at fp32) / parameters of the scored layers",
                         "bytes": "scored layers only; other_bytes = the rest of the checkpoint as profiled (buffers, schedule, header estimate)",
                         "latency_ms": "one denoising step per image at the cost table's batch: chosen layer latencies + non-GEMM remainder",

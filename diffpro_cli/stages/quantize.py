@@ -276,6 +276,11 @@ def run_quantize(ctx, cfg: QuantizeConfig, *, plan_path: Path | None = None, tim
         plan = read_json(plan_path, PLAN_SCHEMA)
         validate_plan(plan, model, str(plan_path))
         inputs["plan"] = input_record(plan_path)
+        from diffpro_cli.stages.pair_bound_assumption import pair_bound_note
+
+        note = pair_bound_note(plan, model, cfg.pair_bound, cfg.rounding)   # priced under another saturation rule
+        if note is not None:
+            getattr(ctx.ui, note[0])(note[1])
     elif cfg.bits is not None:
         plan = uniform_plan(model, cfg.bits, cfg.act_bits, cfg.act_mode, cfg.group_size, cfg.float_act)
     else:

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from diffpro_cli.errors import InputError, UsageError
+from diffpro_cli.stages.pair_bound_assumption import measure_pair_bounded_errors, pair_bound_record
 from diffpro_cli.stages.score_components import (
     COMPONENTS,
     cdf_and_rank,
@@ -65,6 +66,7 @@ class ScoreConfig:
     normalize: str = "zscore"     # how components are put on one scale before weighting: zscore | rank
     group_size: int | None = None
     act_mode: str = "dynamic"     # --measure: activation scheme whose 8-bit input error is measured
+    pair_bound: str = "auto"      # the quantize --pair-bound the measurements assume (stages/pair_bound_assumption.py)
     figures: bool = True
     figure_layer: str | None = None
     top: int = 8
@@ -74,7 +76,10 @@ class ScoreConfig:
         return self.measure or self.taylor or self.formula == "taylor"
 
     def as_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if d["pair_bound"] == "auto":   # the default: configs (and their stage hashes) stay as before it existed
+            del d["pair_bound"]
+        return d
 
 
 def parse_weights(text: str) -> dict:
@@ -111,6 +116,10 @@ def validate_config(cfg: ScoreConfig) -> None:
 
     if cfg.act_mode not in ACT_MODES:
         raise UsageError(f"--act-mode {cfg.act_mode}: unknown; choose one of {', '.join(ACT_MODES)}")
+    from diffpro_cli.stages.quantize import PAIR_BOUND_SETTINGS
+
+    if cfg.pair_bound not in PAIR_BOUND_SETTINGS:
+        raise UsageError(f"--pair-bound {cfg.pair_bound}: use one of {', '.join(PAIR_BOUND_SETTINGS)}")
 
 
 def spearman(a: list[float], b: list[float]) -> dict:
@@ -200,6 +209,7 @@ def write_scores(profile_path: Path, cfg: ScoreConfig, workdir: Path, model=None
             taylor = taylor_layer_errors(model, names, x, t, y, cfg.bits, cfg.group_size, batch=batch,
                                          probes=cfg.probes, seed=int(doc["calibration"]["seed"]), advance=advance)
     layers = score_layers(doc, tensors, cfg, taylor)
+    bound = pair_bound_record(cfg.pair_bound)
     result = {
         "schema": SCHEMA,
         "model": {"spec": doc["model"]["spec"], "sha256": doc["model"].get("sha256"),
@@ -212,6 +222,8 @@ def write_scores(profile_path: Path, cfg: ScoreConfig, workdir: Path, model=None
         "config": cfg.as_dict() | ({"proxy_bits": min(cfg.bits)} if taylor is not None else {}),
         "layers": layers,
     }
+    if bound is not None:
+        result["pair_bound"] = bound
     if calib is not None:
         x, t, y, ts, n = calib
         result["calibration"] = {"samples": n, "timesteps": ts, "inputs": int(x.shape[0]), "bits": cfg.bits,
@@ -219,11 +231,16 @@ def write_scores(profile_path: Path, cfg: ScoreConfig, workdir: Path, model=None
     if cfg.measure:
         x, t, y, ts, n = calib
         batch = int(doc["calibration"]["batch"])
-        with ui.progress("measuring", total=len(names) * (len(cfg.bits) + 1)) as advance:
+        assumed = bool(bound and bound["assumed"])
+        with ui.progress("measuring", total=len(names) * (len(cfg.bits) + 1 + assumed)) as advance:
             errors = measure_layer_errors(model, names, x, t, y, cfg.bits, cfg.group_size, batch=batch, advance=advance)
             act_errors = measure_act_errors(model, names, x, t, y, cfg.act_mode, batch=batch, advance=advance)
+            bounded = measure_pair_bounded_errors(model, names, x, t, y, act_errors, cfg.act_mode, batch=batch,
+                                                  advance=advance) if assumed else {}
         for name in names:
             layers[name]["measured_error"] = {b: _round(v) for b, v in errors[name].items()}
+            if name in bounded:   # the 8-bit error of the weights quantize's pair bound will store
+                layers[name]["measured_error_pair_bounded"] = {"8": _round(bounded[name])}
             layers[name]["measured_act_error"] = {b: _round(v) for b, v in act_errors[name].items()}
         result["validation"] = {"metric": "relative MSE of the noise prediction (sum over calibration inputs), one layer quantised",
                                 "spearman": validation_report(layers, cfg.bits)}
@@ -358,7 +375,11 @@ def run_score(ctx, cfg: ScoreConfig, *, profile_path: str | Path | None = None):
     workdir = ctx.workdir
     out = workdir / "scores.json"
     outputs = {"scores": out, **(figure_paths(workdir / "figures", cfg) if cfg.figures else {})}
-    result = ctx.run_stage("score", inputs, cfg.as_dict(), outputs, lambda: write_scores(json_path, cfg, workdir, model, ui),
+    config = cfg.as_dict()
+    bound = pair_bound_record(cfg.pair_bound)
+    if bound is not None:   # scores made under another saturation rule are not up to date (a VNNI CPU's stay so)
+        config["pair_bound_record"] = bound
+    result = ctx.run_stage("score", inputs, config, outputs, lambda: write_scores(json_path, cfg, workdir, model, ui),
                            seed=int(doc["calibration"]["seed"]))
     result.value = out
     return result
