@@ -9,7 +9,7 @@ artifacts hold. `import diffpro` re-exports everything here (docs/api.md).
 Each stage function takes the model spec (or an already loaded `DiffusionModel`), the work directory
 and the stage's options as keyword arguments (the fields of its config dataclass, e.g.
 `ProfileConfig`), goes through the same lock as the CLI (skipped when up to date), and returns the
-artifact's JSON record.
+artifact's JSON record. `device="cuda"` runs the stage on a GPU, as the CLI's `--device` does.
 """
 
 from __future__ import annotations
@@ -30,16 +30,21 @@ __all__ = ["load", "quantize_", "profile", "score", "prune", "allocate", "quanti
 
 
 def _context(model: str | DiffusionModel, workdir: str | Path, trust_code: bool, weights, seed: int, force: bool, quiet: bool,
-             conditioning=None, prompts=None, negative_prompt: str = ""):
+             conditioning=None, prompts=None, negative_prompt: str = "", device: str | None = None):
+    """The stage context of one API call. `device`: where the stage computes ("cpu", "cuda", "cuda:N");
+    default the CPU, or, for an already loaded model, where its network lives (which `device` moves it to)."""
     from diffpro_cli.console import UI
+    from diffpro_cli.devices import net_device, place
     from diffpro_cli.stages.context import StageContext
 
     spec = model.spec if isinstance(model, DiffusionModel) else str(model)
+    if device is None:
+        device = str(net_device(model.net)) if isinstance(model, DiffusionModel) else "cpu"
     ctx = StageContext.create(spec, workdir, trust_code=trust_code, weights=weights, seed=seed,
                               ui=UI(quiet=quiet), force=force, conditioning=conditioning,
-                              prompts=prompts, negative_prompt=negative_prompt)
+                              prompts=prompts, negative_prompt=negative_prompt, device=device)
     if isinstance(model, DiffusionModel):
-        ctx.use_model(model)
+        ctx.use_model(place(model, ctx.device))
     return ctx
 
 
@@ -60,11 +65,8 @@ def load(spec: str | Path, *, device: str = "cpu", dtype=None, trust_code: bool 
     (keyed by the timestep; `model.net._diffpro_cache` counts what ran); `cache=False` computes all."""
     from diffpro_cli.loading import load_model
 
-    target = _device(device)
     # a quantized checkpoint keeps its stored integers when it goes to a GPU: its layers pack them there
-    model = load_model(str(spec), trust_code=trust_code, weights=weights, seed=seed, keep_integers=target.type != "cpu")
-    if target.type != "cpu":
-        model.net.to(target)   # quant layers re-prepare their kernel (kernels_cuda.py) on the first call there
+    model = load_model(str(spec), trust_code=trust_code, weights=weights, seed=seed, device=device)
     if dtype is not None:
         set_compute_dtype(model, dtype)
     install_timestep_hook(model.net)
@@ -75,22 +77,6 @@ def load(spec: str | Path, *, device: str = "cpu", dtype=None, trust_code: bool 
         if policy is not None:
             install_cache(model, policy)
     return model
-
-
-def _device(device) -> "torch.device":
-    """`device` as a torch.device: the CPU, or CUDA where there is one (UNVERIFIED end to end: the CUDA
-    kernels and this path have not run on a GPU in this project yet; `make cuda-check` on a GPU machine)."""
-    import torch
-
-    try:
-        target = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise UsageError(f"device {device!r}: use 'cpu' or 'cuda' (or 'cuda:N')") from None
-    if target.type not in ("cpu", "cuda"):
-        raise UsageError(f"device {device!r}: diffpro runs on 'cpu' or 'cuda'")
-    if target.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"device {device!r}: no CUDA device here (torch.cuda.is_available() is False); use device='cpu'")
-    return target
 
 
 def set_compute_dtype(model: DiffusionModel, dtype) -> DiffusionModel:
@@ -159,57 +145,57 @@ def quantize_(model: nn.Module | DiffusionModel, plan: dict | str | Path, *, fus
 
 def profile(model: str | DiffusionModel, workdir: str | Path = "diffpro-work", *, trust_code: bool = False, weights=None,
             seed: int = 0, force: bool = False, quiet: bool = True, conditioning=None, prompts=None, negative_prompt: str = "",
-            **options: Any) -> dict:
+            device: str | None = None, **options: Any) -> dict:
     """Per-layer, per-timestep activation statistics; returns profile.json's record."""
     from diffpro_cli.artifacts import read_json
     from diffpro_cli.stages.profile import SCHEMA, ProfileConfig, run_profile
 
-    ctx = _context(model, workdir, trust_code, weights, seed, force, quiet, conditioning, prompts, negative_prompt)
+    ctx = _context(model, workdir, trust_code, weights, seed, force, quiet, conditioning, prompts, negative_prompt, device)
     run_profile(ctx, _config(ProfileConfig, options, seed=seed))
     return read_json(ctx.workdir / "profile" / "profile.json", SCHEMA)
 
 
 def score(model: str | DiffusionModel | None = None, workdir: str | Path = "diffpro-work", *, trust_code: bool = False,
           weights=None, force: bool = False, quiet: bool = True, conditioning=None, prompts=None, negative_prompt: str = "",
-          **options: Any) -> dict:
+          device: str | None = None, **options: Any) -> dict:
     """Layer sensitivity from the profile in `workdir`; returns scores.json's record."""
     from diffpro_cli.artifacts import read_json
     from diffpro_cli.stages.score import ScoreConfig, run_score
 
-    ctx = _context(model or "", workdir, trust_code, weights, 0, force, quiet, conditioning, prompts, negative_prompt)
+    ctx = _context(model or "", workdir, trust_code, weights, 0, force, quiet, conditioning, prompts, negative_prompt, device)
     path = run_score(ctx, _config(ScoreConfig, options)).value
     return read_json(path, "diffpro.scores/1")
 
 
 def prune(model: str | DiffusionModel, workdir: str | Path = "diffpro-work", *, trust_code: bool = False, weights=None,
           seed: int = 0, force: bool = False, quiet: bool = True, conditioning=None, prompts=None, negative_prompt: str = "",
-          **options: Any) -> dict:
+          device: str | None = None, **options: Any) -> dict:
     """Drift-guided timestep subset; returns timesteps.json's record."""
     from diffpro_cli.stages.prune import PruneConfig, run_prune
 
-    ctx = _context(model, workdir, trust_code, weights, seed, force, quiet, conditioning, prompts, negative_prompt)
+    ctx = _context(model, workdir, trust_code, weights, seed, force, quiet, conditioning, prompts, negative_prompt, device)
     return run_prune(ctx, _config(PruneConfig, options, seed=seed)).value
 
 
 def allocate(model: str | DiffusionModel | None = None, workdir: str | Path = "diffpro-work", *, trust_code: bool = False,
              weights=None, force: bool = False, quiet: bool = True, scores_path=None, timesteps_path=None,
-             conditioning=None, prompts=None, negative_prompt: str = "", **options: Any) -> dict:
+             conditioning=None, prompts=None, negative_prompt: str = "", device: str | None = None, **options: Any) -> dict:
     """Per-layer bits and execution paths (and steps, with a latency budget) priced on this machine;
     returns plan.json's record."""
     from diffpro_cli.stages.allocate import AllocateConfig, run_allocate
 
-    ctx = _context(model or "", workdir, trust_code, weights, 0, force, quiet, conditioning, prompts, negative_prompt)
+    ctx = _context(model or "", workdir, trust_code, weights, 0, force, quiet, conditioning, prompts, negative_prompt, device)
     ts = timesteps_path or (ctx.workdir / "timesteps.json" if (ctx.workdir / "timesteps.json").exists() else None)
     return run_allocate(ctx, _config(AllocateConfig, options), scores_path=scores_path, timesteps_path=ts).value
 
 
 def quantize(model: str | DiffusionModel, workdir: str | Path = "diffpro-work", *, plan_path=None, timesteps_path=None,
              out_dir=None, trust_code: bool = False, weights=None, seed: int = 0, force: bool = False, quiet: bool = True,
-             conditioning=None, prompts=None, negative_prompt: str = "", **options: Any) -> dict:
+             conditioning=None, prompts=None, negative_prompt: str = "", device: str | None = None, **options: Any) -> dict:
     """Write a real integer checkpoint (default WORKDIR/quantized) from plan.json; returns diffpro.json's record."""
     from diffpro_cli.stages.quantize import QuantizeConfig, run_quantize
 
-    ctx = _context(model, workdir, trust_code, weights, seed, force, quiet, conditioning, prompts, negative_prompt)
+    ctx = _context(model, workdir, trust_code, weights, seed, force, quiet, conditioning, prompts, negative_prompt, device)
     cfg = _config(QuantizeConfig, options, seed=seed)
     if plan_path is None and cfg.bits is None:
         plan_path = ctx.workdir / "plan.json"
@@ -218,12 +204,12 @@ def quantize(model: str | DiffusionModel, workdir: str | Path = "diffpro-work", 
 
 def bench(model: str | DiffusionModel, workdir: str | Path = "diffpro-work", *, quantized=None, timesteps_path=None,
           trust_code: bool = False, weights=None, seed: int = 0, force: bool = False, quiet: bool = True,
-          conditioning=None, prompts=None, negative_prompt: str = "", **options: Any) -> dict:
+          conditioning=None, prompts=None, negative_prompt: str = "", device: str | None = None, **options: Any) -> dict:
     """Every baseline and the plan, measured in one run; returns bench/report.json's record."""
     from diffpro_cli.artifacts import read_json
     from diffpro_cli.stages.bench import BenchConfig, run_bench
 
-    ctx = _context(model, workdir, trust_code, weights, seed, force, quiet, conditioning, prompts, negative_prompt)
+    ctx = _context(model, workdir, trust_code, weights, seed, force, quiet, conditioning, prompts, negative_prompt, device)
     if quantized is None and (ctx.workdir / "quantized" / "diffpro.json").exists():
         quantized = ctx.workdir / "quantized"
     if timesteps_path is None and (ctx.workdir / "timesteps.json").exists():

@@ -121,7 +121,7 @@ def checkpoint_tensors(model: DiffusionModel, qlayers: dict[str, _QuantBase], in
     tensors = {}
     if int8_embeddings:   # lookup tables: int8 per row on disk, dequantized to float at load
         for name in embedding_tables(model.net):
-            q, scale = quantize_weight(model.net.get_submodule(name).weight, 8)
+            q, scale = quantize_weight(model.net.get_submodule(name).weight.detach().cpu(), 8)
             tensors[f"{name}.weight{EMB_Q}"], tensors[f"{name}.weight{EMB_S}"] = q, _half_if_exact(scale)
     for name, layer in qlayers.items():
         if layer.integers_released:

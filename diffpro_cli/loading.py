@@ -17,19 +17,24 @@ def is_quantized_checkpoint(spec: str | Path) -> bool:
 
 
 def load_model(spec: str | Path, *, trust_code: bool = False, weights: str | Path | None = None, seed: int = 0,
-               keep_integers: bool = False) -> DiffusionModel:
+               keep_integers: bool = False, device: str | None = None) -> DiffusionModel:
     """A diffpro quantized checkpoint (a directory with diffpro.json; its network's code behind
-    `trust_code`), or any float model spec (models.load_float_model). The first load in a process keeps
-    freed memory in it from then on (allocator.steady_allocator: steady step latency on CPU)."""
+    `trust_code`), or any float model spec (models.load_float_model), on `device` (default the CPU; a
+    checkpoint bound for a GPU keeps its stored integers, which its layers pack there on their first
+    call). The first load in a process keeps freed memory in it from then on (allocator.steady_allocator:
+    steady step latency on CPU)."""
     from diffpro_cli.allocator import steady_allocator
+    from diffpro_cli.devices import place, resolve_device
 
+    target = resolve_device(device)
     steady_allocator()
     if is_quantized_checkpoint(spec):
         from diffpro_cli.checkpoint import load_quantized
         from diffpro_cli.models.builtin_text import attach_default
 
         # builtin:flow-mnist's checkpoints sample on its default prompts, as the float model does
-        return attach_default(load_quantized(Path(spec), trust_code=trust_code, keep_integers=keep_integers))
+        model = attach_default(load_quantized(Path(spec), trust_code=trust_code, keep_integers=keep_integers or target.type != "cpu"))
+        return place(model, target)
     from diffpro_cli.models import load_float_model
 
-    return load_float_model(str(spec), trust_code=trust_code, weights=weights, seed=seed)
+    return place(load_float_model(str(spec), trust_code=trust_code, weights=weights, seed=seed), target)

@@ -25,6 +25,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from diffpro_cli.devices import net_device
 from diffpro_cli.errors import UsageError
 from diffpro_cli.models.base import DiffusionModel
 from diffpro_cli.models.conditioning import Conditioning, take
@@ -97,10 +98,7 @@ def default_labels(model: DiffusionModel, n: int):
 
 def model_device(model: DiffusionModel) -> torch.device:
     """Where the model's network lives (its first parameter or buffer; the CPU for an empty one)."""
-    first = next(iter(model.net.parameters()), None)
-    if first is None:
-        first = next(iter(model.net.buffers()), None)
-    return torch.device("cpu") if first is None else first.device
+    return net_device(model.net)
 
 
 def to_device(y, device: torch.device):

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(not BOTH, reason="needs both x86 int8 kernels (f
 def _rigged(fast_onednn):
     """interleaved_min_ms stand-in: oneDNN 1 ms and fbgemm 3 ms for layers `fast_onednn` picks, the
     other way round elsewhere; everything else 2 ms."""
-    def timing(fns, rounds, advance=lambda n=1: None):
+    def timing(fns, rounds, advance=lambda n=1: None, device="cpu"):
         out = {}
         for key in fns:
             name, _, kernel = key

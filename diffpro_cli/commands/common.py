@@ -24,6 +24,7 @@ Weights = Annotated[Optional[Path], typer.Option("--weights", help="Weights file
 Conditioning = Annotated[Optional[Path], typer.Option("--conditioning", help="Prompt embeddings (.safetensors/.pt: prompt_embeds, pooled_prompt_embeds, negative_*) or class_labels that every stage calibrates and samples on; text-conditioned models need it.")]
 Prompts = Annotated[Optional[Path], typer.Option("--prompts", help="Prompts file (one a line, or a JSON list of strings) encoded once with the pipeline's own text encoders (needs diffpro[text]); instead of --conditioning.")]
 NegativePrompt = Annotated[str, typer.Option("--negative-prompt", help="The unconditional prompt of --prompts (classifier-free guidance).")]
+Device = Annotated[str, typer.Option("--device", help="Where to compute: cpu, cuda or cuda:N (CUDA paths: see docs/results.md for the GPUs that verified them).")]
 ModelArg = Annotated[str, typer.Argument(help="builtin:NAME, random:ARCH, a diffusers dir, a DiT .pt, a quantized dir, or module:factory.")]
 
 DEFAULT_WORKDIR = Path("diffpro-work")
@@ -53,13 +54,13 @@ def make_ui(quiet: bool, json_output: bool) -> UI:
 
 def make_context(model: str | None, workdir, *, trust_code: bool = False, weights=None, seed: int = 0,
                  quiet: bool = False, json_output: bool = False, force: bool = False, wait: bool = False,
-                 conditioning=None, prompts=None, negative_prompt: str = ""):
+                 conditioning=None, prompts=None, negative_prompt: str = "", device: str = "cpu"):
     """The one StageContext a command hands to its stage: load options, workdir, UI, force, wait."""
     from diffpro_cli.stages.context import StageContext
 
     return StageContext.create(model or "", workdir, trust_code=trust_code, weights=weights, seed=seed,
                                ui=make_ui(quiet, json_output), force=force, wait=wait, conditioning=conditioning,
-                               prompts=prompts, negative_prompt=negative_prompt)
+                               prompts=prompts, negative_prompt=negative_prompt, device=device)
 
 
 def attach_conditioning(model, conditioning=None, prompts=None, negative_prompt: str = "", device: str = "cpu"):
@@ -79,12 +80,12 @@ def attach_conditioning(model, conditioning=None, prompts=None, negative_prompt:
 
 STAGE_OPTIONS = (("workdir", Workdir, DEFAULT_WORKDIR), ("trust_code", TrustCode, False), ("weights", Weights, None),
                  ("conditioning", Conditioning, None), ("prompts", Prompts, None), ("negative_prompt", NegativePrompt, ""),
-                 ("force", Force, False), ("wait", Wait, False), ("json_output", JsonOut, False), ("quiet", Quiet, False))
+                 ("device", Device, "cpu"), ("force", Force, False), ("wait", Wait, False), ("json_output", JsonOut, False), ("quiet", Quiet, False))
 
 
 def stage_command(fn):
     """Give a stage command the options every stage shares (--workdir, --trust-code, --weights, --conditioning,
-    --prompts, --negative-prompt, --force, --wait, --json, --quiet) and call it as fn(ctx, **its own options)
+    --prompts, --negative-prompt, --device, --force, --wait, --json, --quiet) and call it as fn(ctx, **its own options)
     with the StageContext built from them (its `model` and `seed` options, where it has them, go into the
     context too). One place for the shared options instead of a copy in every command."""
     hints = typing.get_type_hints(fn, include_extras=True)

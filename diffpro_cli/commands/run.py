@@ -14,6 +14,7 @@ def run_cmd(
     stages: Annotated[Optional[str], typer.Option("--stages", help="Comma list overriding the config's stages.")] = None,
     trust_code: TrustCode = False,
     weights: Weights = None,
+    device: Annotated[Optional[str], typer.Option("--device", help="Override the config's device: cpu, cuda or cuda:N.")] = None,
     force: Force = False,
     wait: Wait = False,
     json_output: JsonOut = False,
@@ -31,6 +32,8 @@ def run_cmd(
         cfg.trust_code = True
     if weights is not None:
         cfg.weights = str(weights)
+    if device is not None:
+        cfg.device = device
     if stages:
         cfg.stages = [s.strip() for s in stages.split(",") if s.strip()]
         bad = [s for s in cfg.stages if s not in STAGES]

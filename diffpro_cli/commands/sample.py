@@ -7,6 +7,7 @@ import typer
 
 from diffpro_cli.commands.common import (
     Conditioning,
+    Device,
     JsonOut,
     ModelArg,
     NegativePrompt,
@@ -38,6 +39,7 @@ def sample_cmd(
     conditioning: Conditioning = None,
     prompts: Prompts = None,
     negative_prompt: NegativePrompt = "",
+    device: Device = "cpu",
     cache: Annotated[bool, typer.Option("--cache/--no-cache", help="Run a quantized checkpoint's cache schedule (reused computation across steps), on its timesteps.")] = True,
     json_output: JsonOut = False,
     quiet: Quiet = False,
@@ -54,8 +56,8 @@ def sample_cmd(
         raise UsageError("--n and --batch must be at least 1")
     if method not in ("ddim", "ddpm"):
         raise UsageError(f"--method {method}: unknown sampler; use ddim or ddpm")
-    m = load_model(model, trust_code=trust_code, weights=weights, seed=seed)
-    attach_conditioning(m, conditioning, prompts, negative_prompt)
+    m = load_model(model, trust_code=trust_code, weights=weights, seed=seed, device=device)
+    attach_conditioning(m, conditioning, prompts, negative_prompt, device=device)
     if m.untrained:
         ui.warn(f"{m.spec} is UNTRAINED (seeded random weights): samples are noise-like")
     from diffpro_cli.cache import install_cache, model_cache_record, record_policy
@@ -95,7 +97,7 @@ def sample_cmd(
         tensors["labels"] = y if y is not None else default_labels(m, n)
     run = getattr(m.net, "_diffpro_cache", None)
     meta = {"model": m.spec, "model_sha256": str(m.sha256), "seed": str(seed), "timesteps": ",".join(map(str, ts)),
-            "sampler": str(cfg.as_dict()), "untrained": str(m.untrained),
+            "sampler": str(cfg.as_dict()), "untrained": str(m.untrained), "device": str(device),
             "compute_fraction": str(None if run is None else run.compute_fraction)}
     atomic_save_safetensors(raw, tensors, metadata=meta)
     ui.result({"grid": str(out), "samples": str(raw), "n": n, "steps": len(ts), "model": m.spec,

@@ -23,11 +23,13 @@ def vm_hwm_bytes() -> int | None:
 
 
 def subprocess_peak(spec: str, batch: int, steps: int = 2, trust_code: bool = False, weights: str | None = None,
-                    timeout: float = 900, ui=None, conditioning: str | None = None) -> dict:
+                    timeout: float = 900, ui=None, conditioning: str | None = None, device: str = "cpu") -> dict:
     """{"load_bytes", "run_bytes", "method"}: growth of a fresh process's peak RSS while loading `spec`
     (every tensor touched) and then while sampling one batch of `batch` over `steps` steps (steps 0:
     load only, run_bytes = load_bytes). Growth is counted from after the libraries are imported.
-    Values are None where it failed. With `ui` (a console.UI), a heartbeat line while the child runs."""
+    On a CUDA `device`: the peak bytes torch's CUDA allocator handed out (torch.cuda.max_memory_allocated)
+    after the load and over the run instead. Values are None where it failed. With `ui` (a console.UI),
+    a heartbeat line while the child runs."""
     import json
     import subprocess
     import sys
@@ -39,7 +41,11 @@ def subprocess_peak(spec: str, batch: int, steps: int = 2, trust_code: bool = Fa
         cmd += ["--weights", str(weights)]
     if conditioning:      # a text-conditioned model samples on its prompt embeddings
         cmd += ["--conditioning", str(conditioning)]
-    method = "fresh process: VmHWM growth after imports (load: every tensor touched; run: + one sampling batch)"
+    gpu = str(device).startswith("cuda")
+    if gpu:
+        cmd += ["--device", str(device)]
+    method = ("fresh process: CUDA allocator peak (torch.cuda.max_memory_allocated; load, then + one sampling batch)" if gpu else
+              "fresh process: VmHWM growth after imports (load: every tensor touched; run: + one sampling batch)")
     from contextlib import nullcontext
 
     try:
@@ -63,6 +69,10 @@ def _child(argv: list[str]) -> None:
     from diffpro_cli.loading import load_model
     from diffpro_cli.sampling import SamplerConfig, sample, uniform_timesteps
 
+    device = argv[argv.index("--device") + 1] if "--device" in argv else "cpu"
+    if device.startswith("cuda"):
+        _child_cuda(spec, batch, steps, device, kwargs, argv)
+        return
     base = vm_hwm_bytes()
     model = load_model(spec, **kwargs)
     if "--conditioning" in argv:
@@ -75,6 +85,27 @@ def _child(argv: list[str]) -> None:
         sample(model, batch, uniform_timesteps(model.num_train_timesteps, steps), SamplerConfig(), seed=0, batch_size=batch)
     ran = vm_hwm_bytes()
     print(json.dumps({"load_bytes": loaded - base, "run_bytes": ran - base}))
+
+
+def _child_cuda(spec: str, batch: int, steps: int, device: str, kwargs: dict, argv: list[str]) -> None:
+    """The CUDA variant of _child: allocator peaks on the GPU (the host's RSS says nothing about it)."""
+    import json
+
+    from diffpro_cli.loading import load_model
+    from diffpro_cli.sampling import SamplerConfig, sample, uniform_timesteps
+
+    torch.cuda.init()
+    torch.cuda.reset_peak_memory_stats(device)
+    model = load_model(spec, device=device, **kwargs)
+    if "--conditioning" in argv:
+        model.with_conditioning(argv[argv.index("--conditioning") + 1])
+    torch.cuda.synchronize(device)
+    loaded = int(torch.cuda.max_memory_allocated(device))
+    if steps > 0:
+        sample(model, batch, uniform_timesteps(model.num_train_timesteps, steps), SamplerConfig(), seed=0, batch_size=batch)
+        torch.cuda.synchronize(device)
+    ran = int(torch.cuda.max_memory_allocated(device))
+    print(json.dumps({"load_bytes": loaded, "run_bytes": ran}))
 
 
 if __name__ == "__main__":

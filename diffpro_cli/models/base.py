@@ -9,6 +9,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from diffpro_cli.devices import net_device
 from diffpro_cli.errors import InputError, UsageError
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "flow")
@@ -331,6 +332,15 @@ class DiffusionModel:
         """The network's own prediction (learned-variance channels dropped) at integer timesteps t ([B] or scalar)."""
         if t.ndim == 0:
             t = t.expand(x.shape[0])
+        device = net_device(self.net)
+        if device.type != "cpu" or x.device != device:   # a network on a GPU: inputs follow it (no-op where
+            from diffpro_cli.models.conditioning import Conditioning   # they are there), the output comes back
+
+            y = y.to(device) if isinstance(y, torch.Tensor) else y._map(lambda v: v.to(device)) if isinstance(y, Conditioning) else y
+            return self._raw_on(x.to(device), t.to(device), y).to(x.device)
+        return self._raw_on(x, t, y)
+
+    def _raw_on(self, x: torch.Tensor, t: torch.Tensor, y=None) -> torch.Tensor:
         low = self.compute_dtype not in (None, torch.float32)
         with torch.autocast(x.device.type, dtype=self.compute_dtype) if low else contextlib.nullcontext():
             out = self.forward_fn(self.net, x, t, self._net_conditioning(y)).to(x.dtype)

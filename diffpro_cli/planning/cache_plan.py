@@ -233,7 +233,7 @@ def block_latencies(model, cfg: CachePlanConfig, with_forward: bool = False):
     if with_forward:
         fns["__forward__"] = lambda: model.eps(x, t, y)
     with torch.no_grad():
-        ms = interleaved_min_ms(fns, cfg.repeats)
+        ms = interleaved_min_ms(fns, cfg.repeats, device=str(x.device))   # synchronised on a GPU
     out = [sum(ms[f"{u}.{j}"] for j in range(len(mods))) / n for u, mods in enumerate(units)]
     return (out, ms["__forward__"] / n) if with_forward else out
 

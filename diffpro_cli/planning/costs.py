@@ -51,12 +51,18 @@ def _cpu_name_and_flags() -> tuple[str, set[str]]:
 
 
 def machine_fingerprint(device: str = "cpu") -> dict:
-    """What a latency depends on besides the model: CPU model, the ISA the kernels use, torch, threads."""
+    """What a latency depends on besides the model: CPU model, the ISA the kernels use, torch, threads;
+    on a GPU its name, compute capability and CUDA version instead of the CPU's kernels."""
     import torch
 
     from diffpro_cli.allocator import allocator_label
     from diffpro_cli.quant.kernels import cpu_has_vnni, isa_cap_without_vnni
 
+    if str(device).startswith("cuda"):
+        dev = torch.device(device)
+        return {"device": "cuda", "gpu": torch.cuda.get_device_name(dev),
+                "capability": list(torch.cuda.get_device_capability(dev)), "cuda": torch.version.cuda,
+                "torch": torch.__version__, "version": FINGERPRINT_VERSION}
     name, flags = _cpu_name_and_flags()
     return {"device": device, "cpu": name, "isa_flags": sorted(f for f in ISA_FLAGS if f in flags),
             "kernel_vnni": bool(cpu_has_vnni()), "isa_cap": isa_cap_without_vnni(),
@@ -97,33 +103,43 @@ def fingerprint_id(fp: dict) -> str:
 
 
 def describe_fingerprint(fp: dict) -> str:
+    if fp.get("device") == "cuda":
+        return f"{fp.get('gpu')} (sm {'.'.join(map(str, fp.get('capability') or []))}, CUDA {fp.get('cuda')}), torch {fp.get('torch')}"
     return (f"{fp.get('cpu')} [{','.join(fp.get('isa_flags') or []) or 'no AVX2'}"
             f"{', VNNI kernels' if fp.get('kernel_vnni') else ', no VNNI kernels'}], torch {fp.get('torch')}, "
             f"{fp.get('threads')} threads")
 
 
-def _inner_calls(fn) -> int:
+def _inner_calls(fn, sync=lambda: None) -> int:
     """Calls per timed sample so that one sample lasts ≥ 2 ms (after a warm-up call)."""
     fn()
+    sync()
     t0 = time.perf_counter()
     fn()
+    sync()
     once = max(time.perf_counter() - t0, 1e-6)
     return max(1, min(1000, int(0.002 / once)))
 
 
-def interleaved_min_ms(fns: dict, repeats: int, advance=lambda n=1: None) -> dict:
+def interleaved_min_ms(fns: dict, repeats: int, advance=lambda n=1: None, device: str = "cpu") -> dict:
     """ms per call of every fn, timed round-robin (each round one sample of every fn, so the samples of
     one cell are spread over the whole measurement) and reduced by the minimum over rounds: on a shared
     CPU the least-disturbed sample estimates the kernel's own cost (a median keeps the ~1 ms stalls a
-    busy second core causes, which swamp sub-0.1 ms layers)."""
-    inner = {k: _inner_calls(f) for k, f in fns.items()}
+    busy second core causes, which swamp sub-0.1 ms layers). On a CUDA `device` each sample is
+    synchronised on both ends, so it covers the queued kernels, not just their launches."""
+    from diffpro_cli.devices import synchronize
+
+    sync = (lambda: synchronize(device)) if str(device).startswith("cuda") else (lambda: None)
+    inner = {k: _inner_calls(f, sync) for k, f in fns.items()}
     best = {k: float("inf") for k in fns}
     for _ in range(max(1, repeats)):
         for k, f in fns.items():
             n = inner[k]
+            sync()
             t0 = time.perf_counter()
             for _ in range(n):
                 f()
+            sync()
             best[k] = min(best[k], (time.perf_counter() - t0) / n * 1000.0)
         advance(1)
     return best
@@ -164,10 +180,14 @@ def capture_inputs(model, modules: dict, batch: int, seed: int = 0) -> tuple[dic
             lambda m, args, kwargs, n=name: captured.setdefault(n, (tuple(keep(a) for a in args),
                                                                     {k: keep(v) for k, v in kwargs.items()})),
             with_kwargs=True))
+    from diffpro_cli.devices import net_device
+    from diffpro_cli.sampling import to_device
+
+    device = net_device(model.net)       # drawn on the CPU (same inputs everywhere), timed where the net is
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, *model.sample_shape, generator=gen)
-    t = torch.full((batch,), model.num_train_timesteps // 2, dtype=torch.long)
-    y = default_labels(model, batch)     # class i % C, or entry i % M of a text model's conditioning set
+    x = torch.randn(batch, *model.sample_shape, generator=gen).to(device)
+    t = torch.full((batch,), model.num_train_timesteps // 2, dtype=torch.long).to(device)
+    y = to_device(default_labels(model, batch), device)   # class i % C, or entry i % M of a text model's conditioning set
     try:
         with torch.no_grad():
             model.eps(x, t, y)
@@ -206,7 +226,7 @@ def _cells(quantize_module, mod, opt: Option, inp, post_op: str | None, float_mo
     q = _path_module(quantize_module, mod, opt, inp, post_op)
     q(inp)
     names = [] if opt.act_bits >= 16 else [
-        n for n in kernels.candidates(q.kind, "cpu", q.weight_bits, q.act_mode)
+        n for n in kernels.candidates(q.kind, inp.device.type, q.weight_bits, q.act_mode)
         if n not in kernels.OPT_IN and n != "dequant-float" and kernels.KERNELS[n].usable(q, inp.device)]
     if len(names) < 2:
         return {None: lambda f=q, i=inp: f(i)}
@@ -257,6 +277,9 @@ def measure_cost_table(model, options: list[Option], batch: int, repeats: int, u
                          "pass --latency-source analytic for a labelled estimate")
     from diffpro_cli.quant.epilogue import activation_after
 
+    from diffpro_cli.devices import net_device
+
+    device = str(net_device(model.net))
     modules = {name: mod for name, (mod, _) in model.quantizable_layers().items()}
     posts = {name: activation_after(model.net, name) for name in modules}
     captured, (x, t, y) = capture_inputs(model, modules, batch)
@@ -293,15 +316,15 @@ def measure_cost_table(model, options: list[Option], batch: int, repeats: int, u
             fns[("__forward__", "fp32", None)] = lambda: model.eps(x, t, y)
         rounds = max(1, repeats)
         with ui.progress("allocate: timing layers (cost table)", total=rounds) as advance:
-            timed = interleaved_min_ms(fns, rounds, advance=advance)
+            timed = interleaved_min_ms(fns, rounds, advance=advance, device=device)
     forward = _keep_fastest(timed, table, batch) or forward
     gemm = sum(r["ms"]["fp32"] for r in table.values())
     worlds = dict((previous or {}).get("worlds") or {})
     retimed = any(key[0] != "__forward__" for key in fns)   # new columns: the other worlds need them too
-    if (native_bf16() if bf16 is None else bf16) and ("bfloat16" not in worlds or retimed):
+    if (native_bf16(device) if bf16 is None else bf16) and ("bfloat16" not in worlds or retimed):
         worlds["bfloat16"] = measure_world(model, modules, captured, columns, (x, t, y), batch, repeats, ui,
                                            quantize_module, torch.bfloat16, posts)
-    return {"schema": COST_SCHEMA, "fingerprint": machine_fingerprint(), "batch": batch, "repeats": repeats,
+    return {"schema": COST_SCHEMA, "fingerprint": machine_fingerprint(device), "batch": batch, "repeats": repeats,
             "model": {"spec": model.spec, "sha256": model.sha256}, "units": "ms per image per denoising step",
             "layers": table, "forward_ms": forward, "remainder_ms": max(0.0, forward - gemm), "worlds": worlds,
             "notes": ["layers timed one at a time on their real inputs (fused q/k/v of the deployed model share one "
@@ -338,7 +361,7 @@ def measure_world(model, modules: dict, captured: dict, columns: dict, xty: tupl
         x, t, y = xty
         fns[("__forward__", "fp32", None)] = lambda: low.eps(x, t, y)
         with ui.progress(f"allocate: timing layers in {str(dtype).replace('torch.', '')} (cost table)", total=max(1, repeats)) as advance:
-            timed = interleaved_min_ms(fns, max(1, repeats), advance=advance)
+            timed = interleaved_min_ms(fns, max(1, repeats), advance=advance, device=str(x.device))
     forward = _keep_fastest(timed, table, batch)
     gemm = sum(r["ms"].get("fp32") or 0.0 for r in table.values())
     return {"layers": table, "forward_ms": forward, "remainder_ms": max(0.0, forward - gemm),
@@ -358,9 +381,9 @@ def world_table(doc: dict, world: str) -> dict:
     return {**doc, "layers": layers, "forward_ms": w["forward_ms"], "remainder_ms": w["remainder_ms"], "world": world}
 
 
-def check_fingerprint(doc: dict, path: Path, explicit: bool, ui: UI = QUIET_UI) -> None:
-    """Refuse a table measured on another machine unless the user passed it explicitly."""
-    here = machine_fingerprint()
+def check_fingerprint(doc: dict, path: Path, explicit: bool, ui: UI = QUIET_UI, device: str = "cpu") -> None:
+    """Refuse a table measured on another machine (or device) unless the user passed it explicitly."""
+    here = machine_fingerprint(device)
     there = doc.get("fingerprint") or {}
     if fingerprint_id(there) == fingerprint_id(here):
         return

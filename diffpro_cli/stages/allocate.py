@@ -387,12 +387,17 @@ def run_allocate(ctx, cfg: AllocateConfig, *, scores_path: str | Path | None = N
         return plan
 
     if latency_fn is None and cfg.cost_table is None:
-        outputs["cost_table"] = workdir / "cost_table.json"
+        outputs["cost_table"] = cost_table_path(ctx)
     config = {**cfg.as_dict(), "latency_injected": latency_fn is not None}
     if latency_fn is None:
         # a plan is priced for one machine: the same inputs on another machine are not up to date
-        config["machine"] = fingerprint_id(machine_fingerprint())
+        config["machine"] = fingerprint_id(machine_fingerprint(ctx.device))
     return ctx.run_stage("allocate", inputs, config, outputs, compute, reread=lambda: read_json(out, PLAN_SCHEMA))
+
+
+def cost_table_path(ctx) -> Path:
+    """WORKDIR/cost_table.json for the CPU; one table per GPU run device (cost_table-cuda.json, ...)."""
+    return ctx.workdir / ("cost_table.json" if ctx.device == "cpu" else f"cost_table-{ctx.device.replace(':', '')}.json")
 
 
 def obtain_cost_table(ctx, cfg: AllocateConfig, layers: list[Layer]) -> dict:
@@ -407,9 +412,9 @@ def obtain_cost_table(ctx, cfg: AllocateConfig, layers: list[Layer]) -> dict:
         if not path.exists():
             raise InputError(f"--cost-table {path}: no such file; measure one with `diffpro allocate` on the target machine")
         doc = read_cost_table(path)
-        check_fingerprint(doc, path, explicit=True, ui=ctx.ui)
+        check_fingerprint(doc, path, explicit=True, ui=ctx.ui, device=ctx.device)
         return doc
-    path = ctx.workdir / "cost_table.json"
+    path = cost_table_path(ctx)
     previous = None
     if path.exists() and not ctx.force:
         previous = read_cost_table(path)
@@ -418,14 +423,14 @@ def obtain_cost_table(ctx, cfg: AllocateConfig, layers: list[Layer]) -> dict:
                         "the allocator setting); re-measuring")
             previous = None
         else:
-            check_fingerprint(previous, path, explicit=False, ui=ctx.ui)
+            check_fingerprint(previous, path, explicit=False, ui=ctx.ui, device=ctx.device)
         model = ctx.model()
         if previous is not None and (previous.get("batch") != cfg.batch or (previous.get("model") or {}).get("sha256") != model.sha256
                                      or (previous.get("model") or {}).get("spec") != model.spec):
             ctx.ui.info(f"allocate: {path} was timed for another model or batch; re-measuring")
             previous = None
     model = ctx.model()
-    ctx.ui.info(f"allocate: cost table at batch {cfg.batch} on this machine -> {path}")
+    ctx.ui.info(f"allocate: cost table at batch {cfg.batch} on this machine ({ctx.device}) -> {path}")
     doc = measure_cost_table(model, options, cfg.batch, cfg.repeats, ctx.ui, previous=previous)
     missing = [l.name for l in layers if l.name not in doc["layers"]]
     if missing:

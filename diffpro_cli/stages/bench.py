@@ -264,7 +264,7 @@ def measure_memory(rows: list[Row], cfg: BenchConfig, ctx) -> str:
             weights = opts.weights if row.load_spec == ctx.model_spec else None
             measured[row.load_spec] = subprocess_peak(row.load_spec, cfg.latency_batch, trust_code=opts.trust_code,
                                                       weights=weights, ui=ctx.ui,
-                                                      conditioning=ctx.conditioning_file())
+                                                      conditioning=ctx.conditioning_file(), device=ctx.device)
         row.load_mem_bytes = measured[row.load_spec]["load_bytes"]
         row.peak_mem_bytes = measured[row.load_spec]["run_bytes"]
     return next(iter(measured.values()))["method"] if measured else ""
@@ -291,7 +291,7 @@ def uniform_checkpoint(model: DiffusionModel, bits: int, out_dir: Path, force: b
 # ---------------------------------------------------------------------------------------------
 
 
-def measure_latency(rows: list[Row], cfg: BenchConfig, ui: UI = QUIET_UI) -> dict[str, dict]:
+def measure_latency(rows: list[Row], cfg: BenchConfig, ui: UI = QUIET_UI, device: str = "cpu") -> dict[str, dict]:
     """Per-image latency of every row, timed round-robin so load drift hits all rows alike."""
     from diffpro_cli.metrics.energy import energy_meter
     from diffpro_cli.metrics.latency import interleaved, scale
@@ -303,8 +303,8 @@ def measure_latency(rows: list[Row], cfg: BenchConfig, ui: UI = QUIET_UI) -> dic
             sub = Row(row.name, row.model, row.timesteps[-cfg.latency_steps:], cfg.latency_steps, 0, 0, "")
         fns[row.name] = (lambda r=sub: r.sampler(cfg, cfg.latency_batch, cfg.latency_batch))
     ui.info(f"bench: timing {len(rows)} rows × {cfg.repeats} repeats (batch {cfg.latency_batch})")
-    with energy_meter() as energy:
-        stats = interleaved(fns, repeats=cfg.repeats, warmup=1, ui=ui, description="bench: timing")
+    with energy_meter(device) as energy:
+        stats = interleaved(fns, repeats=cfg.repeats, warmup=1, ui=ui, description="bench: timing", device=device)
     out = {}
     total_images = cfg.repeats * cfg.latency_batch * len(rows)
     for row in rows:
@@ -322,7 +322,13 @@ def measure_latency(rows: list[Row], cfg: BenchConfig, ui: UI = QUIET_UI) -> dic
     return out
 
 
-def device_info() -> dict:
+def device_info(device: str = "cpu") -> dict:
+    from diffpro_cli.allocator import allocator_label
+    from diffpro_cli.devices import device_name, is_cuda
+
+    if is_cuda(device):
+        return {"kind": "cuda", "name": device_name(device), "device": device, "threads": torch.get_num_threads(),
+                "torch": torch.__version__, "cuda": torch.version.cuda}
     name = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -331,8 +337,6 @@ def device_info() -> dict:
                 break
     except OSError:
         pass
-    from diffpro_cli.allocator import allocator_label
-
     return {"kind": "cpu", "name": name, "threads": torch.get_num_threads(), "torch": torch.__version__, "allocator": allocator_label()}
 
 
@@ -348,15 +352,17 @@ def measure_bench(ctx, cfg: BenchConfig, quantized: Path | None = None, timestep
 
     check_method(ctx.model(), SamplerConfig(method=cfg.method))   # before any row is built or timed
     rows, notes = build_rows(ctx, cfg, quantized, timesteps)
-    if cfg.compile:
+    if cfg.compile and ctx.device != "cpu":   # the compiled integer path is oneDNN's (quant/compiled.py)
+        notes.append(f"compile requested: not available on {ctx.device} yet, every row ran eager")
+    elif cfg.compile:
         notes.append(compile_rows(rows))
     if not rows:
         raise UsageError("--rows selects nothing to measure; name at least one row")
     from diffpro_cli.distributed import barrier, is_main, rank_world
 
     fp_model = rows[0].model if rows[0].name == "fp32" else None
-    fid_setup = fid_inputs(rows, cfg) if cfg.fid else None
-    timing = measure_latency(rows, cfg, ui) if is_main() else {}   # other ranks would skew the timing
+    fid_setup = fid_inputs(rows, cfg, ctx.device) if cfg.fid else None
+    timing = measure_latency(rows, cfg, ui, ctx.device) if is_main() else {}   # other ranks would skew the timing
     if is_main() and cfg.memory:
         notes.append("peak_mem_bytes: " + measure_memory(rows, cfg, ctx)
                      + f", batch {cfg.latency_batch}; load_mem_bytes: the load alone")
@@ -380,7 +386,7 @@ def measure_bench(ctx, cfg: BenchConfig, quantized: Path | None = None, timestep
         "diffpro_version": __version__,
         "model": {"spec": model_spec, "sha256": model0.sha256, "random_weights": bool(model0.random_weights),
                   "untrained": bool(model0.untrained)},
-        "device": device_info(),
+        "device": device_info(ctx.device),
         "fid": {"n_samples": cfg.fid_n if cfg.fid else None, "reference": cfg.reference if cfg.fid else None,
                 "reference_n": fid_results.get("_reference_n"), "seed": cfg.seed,
                 **({"evidence": fid_results["_evidence"]} if "_evidence" in fid_results else {})},

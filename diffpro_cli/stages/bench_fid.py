@@ -57,7 +57,7 @@ def row_features(row: Row, cfg: BenchConfig, n: int, inception, cache, ui: UI = 
     return feats, grid["x"], grid["paired"]
 
 
-def fid_inputs(rows: list[Row], cfg: BenchConfig) -> tuple:
+def fid_inputs(rows: list[Row], cfg: BenchConfig, device: str = "cpu") -> tuple:
     """(Inception network, (mu, sigma, n) of the reference): checked before any measuring, so a bad
     --reference or missing Inception weights fail at once, not after minutes of timing."""
     from diffpro_cli.metrics.fid import load_inception, load_reference_stats
@@ -65,7 +65,7 @@ def fid_inputs(rows: list[Row], cfg: BenchConfig) -> tuple:
     for row in rows:
         if row.model.random_weights:
             raise UsageError(f"{row.model.spec} has random weights: FID is meaningless; drop --fid (speed and memory only)")
-    return load_inception(cfg.inception_weights), load_reference_stats(cfg.reference)
+    return load_inception(cfg.inception_weights, device=device), load_reference_stats(cfg.reference)
 
 
 def fid_for_rows(rows: list[Row], cfg: BenchConfig, workdir: Path, inception, reference: tuple,

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from diffpro_cli.console import QUIET_UI, UI
+from diffpro_cli.devices import device_text
 from diffpro_cli.errors import UsageError
 
 
@@ -83,7 +84,7 @@ class StageContext:
         return cls(model_spec, Path(workdir), LoadOptions(bool(trust_code), None if weights is None else str(weights), int(seed),
                                                           None if conditioning is None else str(conditioning),
                                                           None if prompts is None else str(prompts), negative_prompt or ""),
-                   ui=ui, force=force, wait=wait, device=device)
+                   ui=ui, force=force, wait=wait, device=device_text(device))
 
     def load(self, spec: str | Path | None = None, *, seed: int | None = None):
         """Load `spec` (default: the run's model) with the run's trust flag, weights and seed. The run's own
@@ -99,7 +100,7 @@ class StageContext:
             return self._models[spec]
         # --weights belongs to the run's module:factory model; a quantized dir carries its own tensors
         weights = self.load_options.weights if spec == self.model_spec else None
-        model = load_model(spec, trust_code=self.load_options.trust_code, weights=weights, seed=seed)
+        model = load_model(spec, trust_code=self.load_options.trust_code, weights=weights, seed=seed, device=self.device)
         if self.load_options.conditioning:   # the run's model and its quantized checkpoints sample on the same set
             model.with_conditioning(self.load_options.conditioning)    # shapes checked against the network
         elif self.load_options.prompts:
@@ -164,6 +165,8 @@ class StageContext:
         def computed():
             box["value"] = compute()
 
+        if self.device != "cpu":   # GPU numerics differ from the CPU's: a stage run there is another result
+            config = {**config, "device": self.device}
         outcome = run_stage(self.workdir, stage, inputs, config, outputs, computed,
                             force=self.force if force is None else force, seed=self.seed if seed is None else seed,
                             ui=self.ui, wait=self.wait)

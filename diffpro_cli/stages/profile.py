@@ -119,6 +119,8 @@ class Profiler:
             if x is not self._last_input or last != owner:
                 raise RuntimeError(f"profiler: {name} stopped sharing its input with {owner}")
             return
+        if x.device.type != "cpu":   # a network on a GPU: statistics accumulate on the CPU (float64 sums, sketch)
+            x = x.cpu()
         mat = layer_input_matrix(module, x)
         if name not in self.stats:
             self.stats[name] = LayerStats(mat.shape[1], self.n_t, self.max_dim, self.max_rows, layer_seed(self.seed, name))
@@ -131,7 +133,7 @@ class Profiler:
     def _post(self, name: str, module: nn.Module, out: torch.Tensor) -> None:
         out_dim = output_dim(module)
         self.out_rows[name][self.ti] += out.numel() // out_dim
-        self.out_sumsq[name][self.ti] += out.float().square().sum(dtype=torch.float64)
+        self.out_sumsq[name][self.ti] += float(out.float().square().sum(dtype=torch.float64))
 
     def owner(self, name: str) -> str:
         return self.shares.get(name, name)

@@ -121,8 +121,8 @@ def _recorder(keep: set[int]):
 
     def on_step(t, x, eps):
         if t in keep:
-            store.setdefault(t, []).append(x.clone())
-            eps_store.setdefault(t, []).append(eps.clone())
+            store.setdefault(t, []).append(x.to("cpu", copy=True))    # the drift algebra runs on the CPU
+            eps_store.setdefault(t, []).append(eps.to("cpu", copy=True))
 
     def collect():
         return ({t: torch.cat(v) for t, v in store.items()}, {t: torch.cat(v) for t, v in eps_store.items()})

@@ -169,7 +169,7 @@ def calibrate(model: DiffusionModel, static_names: list[str], hessian_names: lis
     if names:
         _run_trajectories_with_input_hooks(model, names, record, timesteps, n_samples, seed)
     ranges = {name: (list(timesteps), absmax[name]) for name in static_names}
-    hessians = {name: sums[name] / counts[name] for name in hessian_names if sums[name] is not None}
+    hessians = {name: (sums[name] / counts[name]).cpu() for name in hessian_names if sums[name] is not None}
     return ranges, hessians
 
 
@@ -194,7 +194,8 @@ def apply_plan(model: DiffusionModel, plan: dict, static_ranges: dict | None = N
     for name, (mod, _) in list(model.quantizable_layers().items()):
         layer = plan_layer(mod, entries.get(name), (static_ranges or {}).get(name))
         if layer is not None and layer is not mod:
-            set_submodule(model.net, name, layer.prepare("cpu"))
+            device = mod.weight.device     # the network's device: its kernel is packed there
+            set_submodule(model.net, name, layer.to(device).prepare(device))
     if fuse:
         fuse_shared_inputs(model.net)
         fuse_activations(model.net)

@@ -16,7 +16,7 @@ from diffpro_cli.console import QUIET_UI, UI
 from diffpro_cli.errors import InputError, UsageError
 
 STAGES = ("profile", "score", "prune", "allocate", "quantize", "bench")
-TOP_KEYS = {"model", "workdir", "seed", "trust_code", "weights", "conditioning", "prompts", "negative_prompt", "stages"}
+TOP_KEYS = {"model", "workdir", "seed", "trust_code", "weights", "conditioning", "prompts", "negative_prompt", "device", "stages"}
 
 
 @dataclass
@@ -29,6 +29,7 @@ class RunConfig:
     conditioning: str | None = None      # prompt embeddings file for text-conditioned models
     prompts: str | None = None           # or a prompts file encoded with the pipeline's text encoders
     negative_prompt: str = ""
+    device: str = "cpu"                  # cpu, cuda or cuda:N: where every stage computes
     stages: list[str] = field(default_factory=lambda: list(STAGES))
     sections: dict[str, dict] = field(default_factory=dict)
 
@@ -94,7 +95,7 @@ def run_pipeline(cfg: RunConfig, *, force: bool = False, wait: bool = False, ui:
     check_sections(cfg)   # a typo in [bench] must fail now, not after the stages before it ran
     ctx = StageContext.create(cfg.model, cfg.workdir, trust_code=cfg.trust_code, weights=cfg.weights, seed=cfg.seed,
                               ui=ui, force=force, wait=wait, conditioning=cfg.conditioning,
-                              prompts=cfg.prompts, negative_prompt=cfg.negative_prompt)
+                              prompts=cfg.prompts, negative_prompt=cfg.negative_prompt, device=cfg.device)
     ctx.model()           # load errors (bad spec, untrusted code) before any stage runs or anything is written
     ctx.workdir.mkdir(parents=True, exist_ok=True)
     classes = stage_config_classes()

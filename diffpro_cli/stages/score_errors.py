@@ -187,7 +187,7 @@ def taylor_layer_errors(model, names: list[str], x, t, y, bits: list[int], group
                 try:
                     with torch.enable_grad():
                         eps = model.eps(xb, tb, yb)
-                        r = torch.randn(eps.shape, generator=gen)
+                        r = torch.randn(eps.shape, generator=gen).to(eps.device)   # same probes on every device
                         grads = torch.autograd.grad((eps * r).sum(), [z for *_, z in records], allow_unused=True)
                 finally:
                     for h in handles:
