@@ -272,6 +272,7 @@ def measure_memory(rows: list[Row], cfg: BenchConfig, ctx) -> str:
 
 def uniform_checkpoint(model: DiffusionModel, bits: int, out_dir: Path, force: bool = False) -> Path:
     """A uniform-bits baseline written as a real checkpoint (reused when already there)."""
+    from diffpro_cli.devices import net_device
     from diffpro_cli.stages.quantize import quantize_uniform_to_dir, uniform_plan, wants_pair_bound
 
     if (out_dir / "diffpro.json").exists() and not force:
@@ -279,7 +280,7 @@ def uniform_checkpoint(model: DiffusionModel, bits: int, out_dir: Path, force: b
         same_plan = meta.get("provenance", {}).get("plan_sha256") == sha256_json(uniform_plan(model, bits))
         # made on a CPU with the other saturation rule (pair-bounded weights or not): quantize again here
         bounded = any(rec.get("pair_bounded") for rec in (meta.get("layers") or {}).values())
-        same_rule = bounded == (bits == 8 and wants_pair_bound("auto"))
+        same_rule = bounded == (bits == 8 and wants_pair_bound("auto", str(net_device(model.net))))
         if meta.get("model", {}).get("sha256") in (None, model.sha256) and same_plan and same_rule:
             return out_dir
     quantize_uniform_to_dir(model, bits, out_dir)

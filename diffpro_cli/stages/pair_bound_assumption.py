@@ -18,14 +18,14 @@ RULE = ("8-bit round-to-nearest per-channel weights of layers on integer activat
         "8-bit activation grid. Not bounded: other widths, group-wise scales, float activations, GPTQ rounding")
 
 
-def pair_bound_record(setting: str) -> dict | None:
-    """scores.json's record of the assumption; None on a VNNI CPU that does not bound (one grid, nothing
-    to record: those scores stay as they were)."""
+def pair_bound_record(setting: str, device: str = "cpu") -> dict | None:
+    """scores.json's record of the assumption; None on a VNNI CPU or a GPU that does not bound (one grid,
+    nothing to record: those scores stay as they were)."""
     from diffpro_cli.quant.kernels import cpu_has_vnni
     from diffpro_cli.stages.quantize import wants_pair_bound
 
-    assumed, vnni = wants_pair_bound(setting), cpu_has_vnni()
-    if vnni and not assumed:
+    assumed, vnni = wants_pair_bound(setting, device), cpu_has_vnni()
+    if (vnni or str(device).startswith("cuda")) and not assumed:
         return None
     return {"setting": setting, "assumed": assumed, "cpu_vnni": vnni, "rule": RULE}
 
@@ -90,6 +90,7 @@ def bounded_layers_of_plan(plan: dict, model, rounding: str) -> tuple[list[str],
 def pair_bound_note(plan: dict, model, pair_bound: str, rounding: str) -> tuple[str, str] | None:
     """("warn" | "info", one line) when the plan was priced under another pair-bound assumption than
     this quantize run applies; None when they agree (always on a VNNI CPU with default settings)."""
+    from diffpro_cli.devices import net_device
     from diffpro_cli.quant.kernels import cpu_has_vnni
     from diffpro_cli.stages.quantize import wants_pair_bound
 
@@ -97,7 +98,7 @@ def pair_bound_note(plan: dict, model, pair_bound: str, rounding: str) -> tuple[
     if not covered:
         return None
     assumed = bool((plan.get("pair_bound") or {}).get("assumed"))
-    applies = wants_pair_bound(pair_bound)
+    applies = wants_pair_bound(pair_bound, str(net_device(model.net)))
     unbounded = covered if not applies else gptq
     if assumed and unbounded:
         why = "--rounding gptq" if applies else f"--pair-bound {pair_bound}" + (" (this CPU has VNNI)" if pair_bound == "auto" else "")

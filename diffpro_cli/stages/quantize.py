@@ -11,6 +11,7 @@ from torch import nn
 
 from diffpro_cli.artifacts import input_record, read_json, sha256_json
 from diffpro_cli.console import QUIET_UI, UI
+from diffpro_cli.devices import net_device
 from diffpro_cli.errors import InputError, UsageError
 from diffpro_cli.models.base import DiffusionModel
 from diffpro_cli.planning.options import FLOAT_ACT_ROLES
@@ -38,15 +39,16 @@ class QuantizeConfig:
 PAIR_BOUND_SETTINGS = ("auto", "on", "off")
 
 
-def wants_pair_bound(setting: str) -> bool:
+def wants_pair_bound(setting: str, device: str = "cpu") -> bool:
     """Whether quantize bounds 8-bit weight pairs (docs/quantization.md, "Saturation"): on a CPU without
     VNNI it lets the integer kernels take 8-bit activations instead of 7-bit ones (+2.0 dB PSNR on the
-    built-in DiT's W8A8, AVX2 paths); with VNNI it would only cost accuracy (-0.3 dB), so "auto" is off."""
+    built-in DiT's W8A8, AVX2 paths); with VNNI, or for a run on a GPU (whose int8 GEMMs accumulate in
+    int32), it would only cost accuracy (-0.3 dB), so "auto" is off there."""
     from diffpro_cli.quant.kernels import cpu_has_vnni
 
     if setting not in PAIR_BOUND_SETTINGS:
         raise UsageError(f"pair_bound {setting!r}: use one of {', '.join(PAIR_BOUND_SETTINGS)}")
-    return setting == "on" or (setting == "auto" and not cpu_has_vnni())
+    return setting == "on" or (setting == "auto" and not str(device).startswith("cuda") and not cpu_has_vnni())
 
 
 def _model_id(model: DiffusionModel) -> set:
@@ -210,7 +212,7 @@ def quantize_to_dir(model: DiffusionModel, plan: dict, out_dir: Path, timesteps:
 
     cfg = cfg or QuantizeConfig()
     provenance = {"plan_sha256": sha256_json(plan), **(provenance or {})}   # the plan as given, not as marked below
-    if wants_pair_bound(cfg.pair_bound):   # every entry asks; layers.bound_pairs applies where it can
+    if wants_pair_bound(cfg.pair_bound, str(net_device(model.net))):   # every entry asks; layers.bound_pairs applies where it can
         plan = {**plan, "layers": {n: {**e, "pair_bound": True} for n, e in plan["layers"].items()}}
     static = [n for n, e in plan["layers"].items() if e.get("act_mode") == "static" and e.get("act_bits", 8) < 16 and e.get("weight_bits", 16) < 16]
     cal_ts = timesteps or uniform_timesteps(model.num_train_timesteps, cfg.calib_steps)

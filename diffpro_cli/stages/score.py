@@ -26,6 +26,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from diffpro_cli.devices import net_device
 from diffpro_cli.errors import InputError, UsageError
 from diffpro_cli.stages.pair_bound_assumption import measure_pair_bounded_errors, pair_bound_record
 from diffpro_cli.stages.score_components import (
@@ -209,7 +210,7 @@ def write_scores(profile_path: Path, cfg: ScoreConfig, workdir: Path, model=None
             taylor = taylor_layer_errors(model, names, x, t, y, cfg.bits, cfg.group_size, batch=batch,
                                          probes=cfg.probes, seed=int(doc["calibration"]["seed"]), advance=advance)
     layers = score_layers(doc, tensors, cfg, taylor)
-    bound = pair_bound_record(cfg.pair_bound)
+    bound = pair_bound_record(cfg.pair_bound, str(net_device(model.net)) if model is not None else "cpu")
     result = {
         "schema": SCHEMA,
         "model": {"spec": doc["model"]["spec"], "sha256": doc["model"].get("sha256"),
@@ -376,7 +377,7 @@ def run_score(ctx, cfg: ScoreConfig, *, profile_path: str | Path | None = None):
     out = workdir / "scores.json"
     outputs = {"scores": out, **(figure_paths(workdir / "figures", cfg) if cfg.figures else {})}
     config = cfg.as_dict()
-    bound = pair_bound_record(cfg.pair_bound)
+    bound = pair_bound_record(cfg.pair_bound, ctx.device)
     if bound is not None:   # scores made under another saturation rule are not up to date (a VNNI CPU's stay so)
         config["pair_bound_record"] = bound
     result = ctx.run_stage("score", inputs, config, outputs, lambda: write_scores(json_path, cfg, workdir, model, ui),
