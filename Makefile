@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install demo test bench cuda-check lint clean
+.PHONY: install demo test bench cuda-check gpu-wheels lint clean
 
 install: $(STAMP)
 
@@ -34,6 +34,14 @@ cuda-check: install
 	-$(BIN)/python -m pytest -q -rs -p no:cacheprovider -k cuda tests
 	-$(BIN)/python benchmarks/cuda_kernels.py --json cuda_kernels.json
 	-CI=true $(BIN)/diffpro run sample_configs/demo.toml --device cuda --workdir diffpro-work/cuda-demo
+
+# Wheels a lent GPU machine lacks (no registry there; torch is preinstalled): carried as .whl/ for
+# scripts/cuda_check.sh, the one-command GPU check (docs/results.md says what a GPU session ran).
+gpu-wheels: install
+	rm -rf .whl
+	$(BIN)/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+	  diffusers==$$($(BIN)/python -c "import diffusers; print(diffusers.__version__)") pytorch-fid==0.3.0 importlib_metadata lazy-importer
 
 lint: install
 	$(BIN)/python -m ruff check diffpro_cli tests benchmarks scripts
