@@ -71,8 +71,8 @@ def plan_layer(module: nn.Module, entry: dict | None, static_range: tuple | None
             raise InputError("static activations need calibrated ranges; run quantize with --act-mode static through the stage")
         layer.set_static_ranges(*static_range)
     layer.prefer = entry.get("kernel")   # the kernel allocate measured fastest for it (None: the registry's rule)
-    if entry.get("pair_bound") and hessian is None:   # GPTQ's rounding is not redone (kept on AVX2's 7-bit grid)
-        layer.bound_pairs(module.weight)
+    if entry.get("pair_bound"):   # re-rounded where the bound covers it (GPTQ: bounded GPTQ), else kept as set
+        layer.bound_pairs(module.weight, hessian)
     return layer
 
 

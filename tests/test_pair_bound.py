@@ -301,3 +301,62 @@ def test_the_measured_bounded_weights_are_exactly_what_quantize_stores():
         assert not torch.equal(measured, cls.from_float(mod, 8, "dynamic").dequantized_weight())   # really re-rounded
         assert bound_covers(mod)
     assert not bound_covers(torch.nn.Conv2d(4, 8, 3, groups=2)) and not bound_covers(torch.nn.LayerNorm(4))
+
+
+def _correlated_layer(out: int, k: int, seed: int = 0):
+    """Near-uniform weights [out, k] (many pairs violate) and the second moment of correlated inputs."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.rand(out, k, generator=g) * 2 - 1
+    x = torch.randn(8 * k, k, generator=g) @ (torch.eye(k) + torch.randn(k, k, generator=g) / k ** 0.5)
+    return w, (x.T @ x / x.shape[0]).double()
+
+
+def _output_error(q, scale, w, hessian):
+    e = q.double() * scale.double().reshape(-1, 1) - w.double()
+    return float(((e @ hessian) * e).sum())
+
+
+@pytest.mark.parametrize("k", [64, 37])
+def test_bounded_gptq_keeps_every_pair_and_beats_bounded_rounding_to_nearest(k):
+    # catches: an odd column rounded without the clamp (pairs over 128), a clamp on the wrong partner or
+    # the wrong parity (odd K), the rounding error not pushed onto later columns (no better than bounded
+    # round-to-nearest), and scales that are not fp16-exact (changed by a save and reload)
+    from diffpro_cli.quant.formats import fp16_exact, gptq_quantize, quantize_weight
+    from diffpro_cli.quant.pair_bound import bounded_gptq
+
+    w, hessian = _correlated_layer(48, k)
+    q, scale, changed = bounded_gptq(w, hessian)
+    assert q.dtype == torch.int8 and q.shape == w.shape and scale.shape == (48,) and fp16_exact(scale)
+    assert int(q.abs().max()) <= 127 and int(_pair_sums(q).max()) <= PAIR_BOUND
+    plain, plain_scale = gptq_quantize(w, 8, hessian)
+    assert int(_pair_sums(plain).max()) > PAIR_BOUND and changed > 0       # the data needs the bound
+    rtn_q, rtn_scale, _ = bounded_channel_grid(*quantize_weight(w, 8), w)    # what bound_pairs stores without GPTQ
+    t = w / scale.reshape(-1, 1)                                             # bounded RTN on bounded GPTQ's scales
+    same_q, _ = pair_bound(torch.round(t).clamp(-127, 127).to(torch.int8), t)
+    ours = _output_error(q, scale, w, hessian)
+    assert ours < 0.7 * _output_error(rtn_q, rtn_scale, w, hessian)
+    assert ours < 0.7 * _output_error(same_q, scale, w, hessian)
+    assert ours > _output_error(plain, plain_scale, w, hessian)              # the bound has a price: really bounded
+
+
+def test_gptq_plan_layer_with_pair_bound_is_bounded_gptq_on_the_8_bit_grid(monkeypatch):
+    # catches: plan_layer skipping the bound for GPTQ layers (7-bit grid), bounding them by round-to-nearest
+    # (the hessian dropped), or bounding what the rule does not cover (group-wise scales)
+    from diffpro_cli.checkpoint import plan_layer
+    from diffpro_cli.quant import kernels
+    from diffpro_cli.quant.pair_bound import bounded_gptq
+
+    monkeypatch.setattr(kernels, "cpu_has_vnni", lambda: False)
+    w, hessian = _correlated_layer(16, 64, seed=1)
+    lin = torch.nn.Linear(64, 16)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+    entry = {"weight_bits": 8, "act_bits": 8, "act_mode": "dynamic", "pair_bound": True}
+    layer = plan_layer(lin, entry, hessian=hessian)
+    q, scale, _ = bounded_gptq(w, hessian)
+    assert layer.pair_bounded and torch.equal(layer.int_weight(), q) and torch.equal(layer.weight_scale.reshape(-1), scale)
+    with torch.no_grad():
+        layer(torch.randn(4, 64))
+    assert layer.act_qmax == 127
+    grouped = plan_layer(lin, {**entry, "group_size": 32}, hessian=hessian)
+    assert not grouped.pair_bounded and int(_pair_sums(grouped.int_weight()).max()) > PAIR_BOUND

@@ -96,28 +96,25 @@ def _uniform_plan(assumed: bool | None):
 
 
 def test_quantize_notes_a_plan_priced_under_another_pair_bound(monkeypatch):
-    # catches: silence when --pair-bound off or GPTQ leaves bounded-priced layers on the 7-bit grid, a note
-    # on every default run, and the float-activation layers counted as bounded
+    # catches: silence when --pair-bound off leaves bounded-priced layers on the 7-bit grid, a note on every
+    # default run (GPTQ included: it is bounded too), and the float-activation layers counted as bounded
     from diffpro_cli.stages.pair_bound_assumption import bounded_layers_of_plan, pair_bound_note
 
     model, plan = _uniform_plan(True)
-    covered, gptq = bounded_layers_of_plan(plan, model, "gptq")
+    covered = bounded_layers_of_plan(plan, model)
     integer = [n for n, e in plan["layers"].items() if e["act_bits"] < 16]
     assert covered == integer and len(integer) < len(plan["layers"])       # float-act layers: not bounded
-    assert gptq and len(gptq) <= len(covered)
     monkeypatch.setattr(kernels, "cpu_has_vnni", lambda: False)
-    assert pair_bound_note(plan, model, "auto", "nearest") is None         # as priced
-    level, line = pair_bound_note(plan, model, "off", "nearest")
-    assert level == "warn" and "--pair-bound off" in line and f"leaves {len(covered)} of them" in line
-    level, line = pair_bound_note(plan, model, "auto", "gptq")
-    assert level == "warn" and "--rounding gptq" in line and f"leaves {len(gptq)} of them" in line
+    assert pair_bound_note(plan, model, "auto") is None                    # as priced, any rounding
+    level, line = pair_bound_note(plan, model, "off")
+    assert level == "warn" and "--pair-bound off" in line and f"leaves all {len(covered)} of them" in line
     model, plan = _uniform_plan(False)
-    level, line = pair_bound_note(plan, model, "auto", "nearest")          # priced on the 7-bit grid, run bounded
+    level, line = pair_bound_note(plan, model, "auto")                     # priced on the 7-bit grid, run bounded
     assert level == "info" and f"bounds {len(covered)} of them" in line
-    assert pair_bound_note(plan, model, "off", "nearest") is None
+    assert pair_bound_note(plan, model, "off") is None
     monkeypatch.setattr(kernels, "cpu_has_vnni", lambda: True)
     model, plan = _uniform_plan(None)                                      # a VNNI plan, default quantize
-    assert pair_bound_note(plan, model, "auto", "nearest") is None and pair_bound_note(plan, model, "auto", "gptq") is None
+    assert pair_bound_note(plan, model, "auto") is None
 
 
 def test_quantize_cli_prints_the_mismatch_line(cli, tmp_path, monkeypatch):
@@ -127,3 +124,29 @@ def test_quantize_cli_prints_the_mismatch_line(cli, tmp_path, monkeypatch):
     code, _, err = cli("quantize", "random:dit-tiny", "--plan", tmp_path / "plan.json", "--pair-bound", "off", "-w", tmp_path)
     assert code == 0, err
     assert sum("priced" in line and "pair-bounded" in line for line in err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("pair_bound", ["auto", "off"])
+def test_gptq_quantize_without_vnni_bounds_its_linear_layers_and_warns_only_when_off(cli, tmp_path, monkeypatch, pair_bound):
+    # catches: GPTQ layers left unbounded on the 7-bit grid (the plan priced them bounded), a stale
+    # "--rounding gptq" warning, bounded weights that still saturate, and "off" bounding anyway
+    from diffpro_cli.quant.pair_bound import PAIR_BOUND
+
+    monkeypatch.setattr(kernels, "cpu_has_vnni", lambda: False)
+    _, plan = _uniform_plan(True)
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    out = tmp_path / "q"
+    code, _, err = cli("quantize", "random:dit-tiny", "--plan", tmp_path / "plan.json", "--rounding", "gptq",
+                       "--pair-bound", pair_bound, "--calib-samples", "1", "-w", tmp_path, "--out", out)
+    assert code == 0, err
+    warned = sum("priced" in line and "pair-bounded" in line for line in err.splitlines())
+    assert warned == (pair_bound == "off"), err
+    layers = json.loads((out / "diffpro.json").read_text())["layers"]
+    gptq = [n for n, r in layers.items() if r["rounding"] == "gptq" and r["act_mode"] != "none"]
+    assert gptq and all(layers[n]["pair_bounded"] is (pair_bound == "auto") for n in gptq)
+    from diffpro_cli.checkpoint import load_quantized
+
+    loaded = dict(load_quantized(out, keep_integers=True).net.named_modules())
+    q = loaded[gptq[0]].int_weight().int()
+    pairs = (q[:, 0::2].abs() + q[:, 1::2].abs()).max()
+    assert (int(pairs) <= PAIR_BOUND) is (pair_bound == "auto")

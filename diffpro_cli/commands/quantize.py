@@ -21,7 +21,7 @@ def quantize_cmd(
     float_act: Annotated[str, typer.Option("--float-act", help="With --bits: roles computed on float activations from their stored weights ('none' for all-integer; docs/quantization.md).")] = "patch_embed,final",
     timesteps: Annotated[Optional[Path], typer.Option("--timesteps", help="timesteps.json from `diffpro prune`: stored in the checkpoint; static ranges are calibrated on it.")] = None,
     rounding: Annotated[str, typer.Option("--rounding", help="nearest (round-to-nearest) or gptq (output-aware rounding of Linear weights from the float model's own trajectories; same format and kernels).")] = "nearest",
-    pair_bound: Annotated[str, typer.Option("--pair-bound", help="auto, on or off: bound 8-bit round-to-nearest weights so that CPUs without VNNI run them with 8-bit activations instead of 7-bit (auto: on exactly there; docs/quantization.md, Saturation).")] = "auto",
+    pair_bound: Annotated[str, typer.Option("--pair-bound", help="auto, on or off: bound 8-bit weights (nearest or GPTQ) so that CPUs without VNNI run them with 8-bit activations instead of 7-bit (auto: on exactly there; docs/quantization.md, Saturation).")] = "auto",
     calib_samples: Annotated[int, typer.Option("--calib-samples", help="Trajectories that calibrate static ranges and GPTQ inputs.")] = 4,
     out: Annotated[Optional[Path], typer.Option("--out", help="Checkpoint directory (default WORKDIR/quantized).")] = None,
     seed: Seed = 0,

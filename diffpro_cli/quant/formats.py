@@ -113,6 +113,21 @@ def quantize_weight(w: torch.Tensor, bits: int, group_size: int | None = None) -
     return q.reshape(flat.shape).to(torch.int8), scale.reshape(flat.shape[0], -1)
 
 
+def gptq_inverse(hessian: torch.Tensor, cols: int, damp: float = 0.01) -> torch.Tensor | None:
+    """GPTQ's upper Cholesky factor of the inverse of the damped `hessian` (float64 [cols, cols]; inputs
+    that never fire get a unit diagonal); None where it is not positive definite even so."""
+    H = hessian.double().clone()
+    if H.shape != (cols, cols):
+        raise ValueError(f"hessian is {tuple(H.shape)}, expected {(cols, cols)}")
+    dead = torch.diagonal(H) <= 0
+    H[dead, dead] = 1.0
+    H += damp * float(torch.diagonal(H).mean()) * torch.eye(cols, dtype=H.dtype)
+    try:
+        return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    except torch.linalg.LinAlgError:
+        return None
+
+
 def gptq_quantize(w: torch.Tensor, bits: int, hessian: torch.Tensor, group_size: int | None = None,
                   damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
     """Output-aware rounding (GPTQ, Frantar et al. 2022) on the same grid as `quantize_weight`.
@@ -128,15 +143,8 @@ def gptq_quantize(w: torch.Tensor, bits: int, hessian: torch.Tensor, group_size:
     cols = W.shape[1]
     g = group_size or cols
     col_scale = scale.double().repeat_interleave(g, dim=1)               # [out, in]
-    H = hessian.double().clone()
-    if H.shape != (cols, cols):
-        raise ValueError(f"hessian is {tuple(H.shape)}, expected {(cols, cols)}")
-    dead = torch.diagonal(H) <= 0
-    H[dead, dead] = 1.0
-    H += damp * float(torch.diagonal(H).mean()) * torch.eye(cols, dtype=H.dtype)
-    try:
-        Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
-    except torch.linalg.LinAlgError:
+    Hinv = gptq_inverse(hessian, cols, damp)
+    if Hinv is None:
         return quantize_weight(w, bits, group_size)
     Q = torch.empty_like(W)
     for i in range(cols):

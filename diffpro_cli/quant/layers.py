@@ -124,21 +124,20 @@ class _QuantBase(nn.Module):
             self.bias = bias.detach().float().clone().to(device)
         self._forget_kernel()
 
-    def bound_pairs(self, weight: torch.Tensor) -> int:
+    def bound_pairs(self, weight: torch.Tensor, hessian: torch.Tensor | None = None) -> int:
         """Re-round 8-bit per-channel weights from the float `weight` so that every pair of products an
         AVX2 kernel adds in int16 fits with full 8-bit activations (quant/pair_bound.py; the kernels
-        then use the ±127 activation grid on every CPU, not AVX2's 7-bit one). Round-to-nearest only: it
-        replaces the stored integers. Returns the number of weights changed; 0 where it does not apply
-        (other widths, group-wise scales, float activations, grouped convolutions)."""
-        from diffpro_cli.quant.pair_bound import bounded_channel_grid
+        then use the ±127 activation grid on every CPU, not AVX2's 7-bit one), replacing the stored
+        integers: GPTQ rounding given `hessian` (Linear), else round-to-nearest. Returns the number of weights
+        changed; 0 where it does not apply (other widths, group-wise scales, float activations, grouped convolutions)."""
+        from diffpro_cli.quant.pair_bound import bounded_integers
 
         if self.weight_bits != 8 or self.group_size is not None or self.act_mode == "none":
             return 0
         if self.kind == "conv2d" and self.groups != 1:
             return 0
-        q, scale = quantize_weight(weight.detach().cpu(), 8)
         conv = list(self.weight_shape) if self.kind == "conv2d" else None
-        q, scale, changed = bounded_channel_grid(q, scale, weight.detach().cpu().reshape(q.shape), conv_shape=conv)
+        q, scale, changed = bounded_integers(weight, conv, hessian if self.kind == "linear" else None)
         device = self.weight_scale.device
         self.qweight = q.to(device)
         self.weight_scale = scale.reshape(-1, 1).float().to(device)

@@ -25,6 +25,10 @@ built-in DiT's near-uniform weights (their squared error then grows 800x and PSN
 `bounded_channel_grid` therefore also searches each channel's scale between x1 and x127/64 (where no
 pair can exceed the bound: the global |q| ≤ 64 cap) for the least error after the bound; measured in
 benchmarks/pair_bound_quality.py.
+
+GPTQ rounding (`quantize --rounding gptq`, Linear layers) keeps the bound too (`bounded_gptq`): the
+column loop clamps each odd column to |q| ≤ 128 − |q[partner]| as it rounds it and pushes that error onto
+the columns not yet rounded like any other rounding error, so later columns compensate for the clamp.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from collections.abc import Sequence
 
 import torch
 
-from diffpro_cli.quant.formats import fp16_scale
+from diffpro_cli.quant.formats import fp16_scale, gptq_inverse, quantize_weight
 
 PAIR_BOUND = 128   # 255 · 128 = 32640 ≤ 32767 (int16 max)
 
@@ -128,14 +132,72 @@ def bound_covers(module) -> bool:
     return isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1)
 
 
+def _bounded_gptq_columns(W: torch.Tensor, scale: torch.Tensor, Hinv: torch.Tensor, bound: int,
+                          block: int = 128) -> torch.Tensor:
+    """GPTQ's column loop (formats.gptq_quantize, with its lazy block updates) on rows W (float64 [R, K],
+    overwritten) with one scale a row (`scale` [R]): integers [R, K] in ±127 whose pairs (2j, 2j+1)
+    are within `bound`. An odd K's last column pairs with padding: only the ±127 clamp."""
+    rows, k = W.shape
+    Q = torch.zeros_like(W)
+    for b0 in range(0, k, block):   # `block` is even: a pair never straddles two blocks
+        b1 = min(b0 + block, k)
+        Wb, err = W[:, b0:b1].clone(), torch.empty(rows, b1 - b0, dtype=W.dtype)
+        for j in range(b1 - b0):
+            i = b0 + j
+            lim = torch.full_like(scale, 127.0) if i % 2 == 0 else (bound - Q[:, i - 1].abs()).clamp_max(127)
+            q = torch.maximum(torch.minimum(torch.round(Wb[:, j] / scale), lim), -lim)
+            Q[:, i] = q
+            err[:, j] = (Wb[:, j] - q * scale) / Hinv[i, i]
+            Wb[:, j + 1:] -= err[:, j:j + 1] * Hinv[i, i + 1:b1].unsqueeze(0)
+        if b1 < k:
+            W[:, b1:] -= err @ Hinv[b0:b1, b1:]
+    return Q
+
+
+def bounded_gptq(weight: torch.Tensor, hessian: torch.Tensor, steps: int = 16, damp: float = 0.01,
+                 bound: int = PAIR_BOUND) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(int8 [out, K], fp16-exact scale [out], changed vs round-to-nearest): 8-bit per-channel GPTQ
+    rounding (formats.gptq_quantize; `hessian` = E[x xᵀ] [K, K]) of Linear weights [out, K] whose every
+    pair (2j, 2j+1) is within `bound`. Each channel's scale is searched over bounded_channel_grid's
+    multipliers (x1 … x127/64) for the least output error e H eᵀ (e = w − ŵ), all of them in one
+    batched column loop (GPTQ treats rows independently); bounded round-to-nearest (bounded_channel_grid)
+    is a candidate too, so no channel's output error exceeds what bound_pairs stores without a hessian."""
+    w = weight.detach().reshape(weight.shape[0], -1).float().cpu()
+    out, k = w.shape
+    q0, s0 = quantize_weight(w, 8)
+    rq, rs, _ = bounded_channel_grid(q0, s0, w, steps=steps, bound=bound)
+    Hinv = gptq_inverse(hessian, k, damp)
+    if Hinv is None:
+        return rq, rs, int((rq != q0).sum())
+    scales = fp16_scale(s0.reshape(1, out) * torch.linspace(1.0, 127 / (bound // 2), steps).reshape(-1, 1))
+    Q = _bounded_gptq_columns(w.double().repeat(steps, 1), scales.reshape(-1).double(), Hinv, bound)
+    cand_q = torch.cat([Q.reshape(steps, out, k), rq.double().unsqueeze(0)])        # [steps + 1, out, K]
+    cand_s = torch.cat([scales, rs.reshape(1, out)]).double()
+    e = cand_q * cand_s.unsqueeze(-1) - w.double()
+    best = ((e @ hessian.double().cpu()) * e).sum(-1).argmin(0)                   # per channel
+    rows = torch.arange(out)
+    q = cand_q[best, rows].to(torch.int8)
+    return q, cand_s[best, rows].float(), int((q != q0).sum())
+
+
+def bounded_integers(weight: torch.Tensor, conv_shape: Sequence[int] | None = None,
+                     hessian: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """What layers.bound_pairs stores for the float `weight`: (int8 [out, K], scale [out], changed).
+    With `hessian` (Linear layers, quantize --rounding gptq) GPTQ rounding, else round-to-nearest."""
+    w = weight.detach().cpu()
+    if hessian is not None:
+        return bounded_gptq(w, hessian)
+    q, scale = quantize_weight(w, 8)
+    return bounded_channel_grid(q, scale, w.reshape(q.shape), conv_shape=conv_shape)
+
+
 def pair_bounded_weight(weight: torch.Tensor) -> torch.Tensor:
     """The float weights a pair-bounded 8-bit per-channel layer computes with: what layers.bound_pairs
-    stores for `weight` ([out, in] or a Conv2d's [out, in, kh, kw]), dequantized. `score --measure`
-    uses it so the measured 8-bit error is the one quantize's bounded layer really has."""
-    from diffpro_cli.quant.formats import dequantize_weight, quantize_weight
+    stores for `weight` ([out, in] or a Conv2d's [out, in, kh, kw]) without a hessian, dequantized.
+    `score --measure` uses it so the measured 8-bit error is the one quantize's bounded layer really has
+    (round-to-nearest; GPTQ only lowers it)."""
+    from diffpro_cli.quant.formats import dequantize_weight
 
     w = weight.detach().cpu()
-    q, scale = quantize_weight(w, 8)
-    conv = list(w.shape) if w.dim() == 4 else None
-    q, scale, _ = bounded_channel_grid(q, scale, w.reshape(q.shape), conv_shape=conv)
+    q, scale, _ = bounded_integers(w, list(w.shape) if w.dim() == 4 else None)
     return dequantize_weight(q, scale.reshape(-1, 1)).reshape(w.shape).to(weight.dtype)

@@ -1,10 +1,11 @@
 """The pair-bound assumption across score → allocate → quantize (quant/pair_bound.py, `quantize --pair-bound`).
 
-On a CPU without VNNI, quantize (pair bound auto) re-rounds 8-bit round-to-nearest per-channel weights
-so that AVX2's int16 pair sums cannot saturate, and those layers then run on the 8-bit activation grid
+On a CPU without VNNI, quantize (pair bound auto) re-rounds 8-bit per-channel weights (round-to-nearest
+or, with --rounding gptq, GPTQ: pair_bound.bounded_gptq) so that AVX2's int16 pair sums cannot saturate, and those layers then run on the 8-bit activation grid
 instead of the 7-bit one. `score --measure` measures what such a layer will really be: the error of its
-BOUNDED 8-bit weights (measured_error_pair_bounded; measured_error keeps plain round-to-nearest, which
-is what the same weights cost on float activations, where nothing is bounded) and its input error on
+BOUNDED 8-bit weights (measured_error_pair_bounded, round-to-nearest: bounded GPTQ only lowers it, as
+plain GPTQ does measured_error; measured_error keeps plain round-to-nearest, which is what the same
+weights cost on float activations, where nothing is bounded) and its input error on
 the grid the bounded layer's kernel uses. scores.json records the assumption; allocate prices with it
 and writes it into plan.json; quantize says when it will run otherwise (pair_bound_note).
 """
@@ -13,9 +14,9 @@ from __future__ import annotations
 
 import torch
 
-RULE = ("8-bit round-to-nearest per-channel weights of layers on integer activations (Linear, Conv2d without "
-        "groups) re-rounded so that AVX2's int16 pair sums cannot saturate (layers.bound_pairs); they run on the "
-        "8-bit activation grid. Not bounded: other widths, group-wise scales, float activations, GPTQ rounding")
+RULE = ("8-bit per-channel weights of layers on integer activations (Linear, Conv2d without groups) re-rounded "
+        "so that AVX2's int16 pair sums cannot saturate (layers.bound_pairs; GPTQ rounding bounded as it rounds); "
+        "they run on the 8-bit activation grid. Not bounded: other widths, group-wise scales, float activations")
 
 
 def pair_bound_record(setting: str, device: str = "cpu") -> dict | None:
@@ -72,42 +73,37 @@ def measure_pair_bounded_errors(model, names: list[str], x, t, y, act_errors: di
     return result
 
 
-def bounded_layers_of_plan(plan: dict, model, rounding: str) -> tuple[list[str], list[str]]:
-    """(layers of `plan` that quantize's pair bound covers, the subset GPTQ rounding would leave
-    unbounded: its Linear layers with `rounding` "gptq"). Mirrors checkpoint.plan_layer + bound_pairs."""
-    from torch import nn
-
+def bounded_layers_of_plan(plan: dict, model) -> list[str]:
+    """The layers of `plan` that quantize's pair bound covers, whatever the rounding (GPTQ is bounded
+    too). Mirrors checkpoint.plan_layer + layers.bound_pairs."""
     from diffpro_cli.quant.pair_bound import bound_covers
 
     modules = model.quantizable_layers()
-    covered = [n for n, e in plan.get("layers", {}).items()
-               if int(e.get("weight_bits", 16)) == 8 and int(e.get("act_bits", 8)) < 16 and e.get("act_mode") != "none"
-               and e.get("group_size") is None and n in modules and bound_covers(modules[n][0])]
-    gptq = [n for n in covered if rounding == "gptq" and isinstance(modules[n][0], nn.Linear)]
-    return covered, gptq
+    return [n for n, e in plan.get("layers", {}).items()
+            if int(e.get("weight_bits", 16)) == 8 and int(e.get("act_bits", 8)) < 16 and e.get("act_mode") != "none"
+            and e.get("group_size") is None and n in modules and bound_covers(modules[n][0])]
 
 
-def pair_bound_note(plan: dict, model, pair_bound: str, rounding: str) -> tuple[str, str] | None:
+def pair_bound_note(plan: dict, model, pair_bound: str) -> tuple[str, str] | None:
     """("warn" | "info", one line) when the plan was priced under another pair-bound assumption than
     this quantize run applies; None when they agree (always on a VNNI CPU with default settings)."""
     from diffpro_cli.devices import net_device
     from diffpro_cli.quant.kernels import cpu_has_vnni
     from diffpro_cli.stages.quantize import wants_pair_bound
 
-    covered, gptq = bounded_layers_of_plan(plan, model, rounding)
+    covered = bounded_layers_of_plan(plan, model)
     if not covered:
         return None
     assumed = bool((plan.get("pair_bound") or {}).get("assumed"))
     applies = wants_pair_bound(pair_bound, str(net_device(model.net)))
-    unbounded = covered if not applies else gptq
-    if assumed and unbounded:
-        why = "--rounding gptq" if applies else f"--pair-bound {pair_bound}" + (" (this CPU has VNNI)" if pair_bound == "auto" else "")
+    if assumed and not applies:
+        why = f"--pair-bound {pair_bound}" + (" (this CPU has VNNI)" if pair_bound == "auto" else "")
         grid = "the 7-bit activation grid" if not cpu_has_vnni() else "the 8-bit grid (this CPU has VNNI)"
         return "warn", (f"quantize: the plan priced {len(covered)} 8-bit layers as pair-bounded (8-bit activations without VNNI), "
-                        f"but {why} leaves {len(unbounded)} of them unbounded, on {grid}: their error differs from the "
+                        f"but {why} leaves all {len(covered)} of them unbounded, on {grid}: their error differs from the "
                         f"plan's prediction; re-run `diffpro score --measure --pair-bound off` and allocate to price that")
-    if not assumed and applies and len(unbounded) < len(covered):
+    if not assumed and applies:
         return "info", (f"quantize: the plan priced {len(covered)} 8-bit layers without a pair bound (7-bit activations without "
-                        f"VNNI); this run bounds {len(covered) - len(unbounded)} of them (--pair-bound {pair_bound}) and runs "
+                        f"VNNI); this run bounds {len(covered)} of them (--pair-bound {pair_bound}) and runs "
                         f"them on the 8-bit grid: re-run `diffpro score --measure` and allocate to price that")
     return None

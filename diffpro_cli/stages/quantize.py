@@ -33,7 +33,7 @@ class QuantizeConfig:
     rounding: str = "nearest"          # "nearest" or "gptq" (output-aware rounding of Linear weights)
     seed: int = 0
     float_act: list[str] = field(default_factory=lambda: list(FLOAT_ACT_ROLES))   # uniform baselines only
-    pair_bound: str = "auto"           # 8-bit round-to-nearest weights bounded for AVX2 (layers.bound_pairs):
+    pair_bound: str = "auto"           # 8-bit weights (nearest or GPTQ) bounded for AVX2 (layers.bound_pairs):
                                        # "auto" where this CPU lacks VNNI, "on", "off"
 
 PAIR_BOUND_SETTINGS = ("auto", "on", "off")
@@ -281,7 +281,7 @@ def run_quantize(ctx, cfg: QuantizeConfig, *, plan_path: Path | None = None, tim
         inputs["plan"] = input_record(plan_path)
         from diffpro_cli.stages.pair_bound_assumption import pair_bound_note
 
-        note = pair_bound_note(plan, model, cfg.pair_bound, cfg.rounding)   # priced under another saturation rule
+        note = pair_bound_note(plan, model, cfg.pair_bound)   # priced under another saturation rule
         if note is not None:
             getattr(ctx.ui, note[0])(note[1])
     elif cfg.bits is not None:
