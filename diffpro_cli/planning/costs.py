@@ -289,8 +289,10 @@ def measure_cost_table(model, options: list[Option], batch: int, repeats: int, u
     for opt in [Option(16, 16, options[0].act_mode if options else "dynamic", None), *options]:
         columns.setdefault(path_label(opt), opt)
     fns: dict[tuple[str, str], Callable[[], object]] = {}
-    with torch.no_grad():
+    # building every cell (quantize + pack per option and kernel) takes minutes on a DiT-XL/2: its own progress
+    with torch.no_grad(), ui.progress("allocate: preparing layer kernels (cost table)", total=len(modules)) as prepared:
         for name, mod in modules.items():
+            prepared(1)
             if name not in captured:
                 continue
             inp = captured[name][0][0]
@@ -311,6 +313,7 @@ def measure_cost_table(model, options: list[Option], batch: int, repeats: int, u
                     row.setdefault("unsupported", {})[label] = str(exc).splitlines()[0][:120]
                     continue
                 fns.update({(name, label, kernel): fn for kernel, fn in cells.items()})
+    with torch.no_grad():
         forward = (previous or {}).get("forward_ms")
         if forward is None or fns:      # the forward shares the rounds, so the remainder is consistent
             fns[("__forward__", "fp32", None)] = lambda: model.eps(x, t, y)
@@ -342,8 +345,10 @@ def measure_world(model, modules: dict, captured: dict, columns: dict, xty: tupl
     import torch
 
     fns, table = {}, {}
-    with torch.no_grad():
+    world = str(dtype).replace("torch.", "")
+    with torch.no_grad(), ui.progress(f"allocate: preparing layer kernels in {world} (cost table)", total=len(modules)) as prepared:
         for name, mod in modules.items():
+            prepared(1)
             if name not in captured:
                 continue
             inp = captured[name][0][0].to(dtype)
@@ -357,10 +362,11 @@ def measure_world(model, modules: dict, captured: dict, columns: dict, xty: tupl
                     table[name]["ms"][label] = None
                     continue
                 fns.update({(name, label, kernel): fn for kernel, fn in cells.items()})
+    with torch.no_grad():
         low = copy.deepcopy(model).set_compute_dtype(dtype)
         x, t, y = xty
         fns[("__forward__", "fp32", None)] = lambda: low.eps(x, t, y)
-        with ui.progress(f"allocate: timing layers in {str(dtype).replace('torch.', '')} (cost table)", total=max(1, repeats)) as advance:
+        with ui.progress(f"allocate: timing layers in {world} (cost table)", total=max(1, repeats)) as advance:
             timed = interleaved_min_ms(fns, max(1, repeats), advance=advance, device=str(x.device))
     forward = _keep_fastest(timed, table, batch)
     gemm = sum(r["ms"].get("fp32") or 0.0 for r in table.values())
