@@ -18,6 +18,10 @@ because fbgemm/oneDNN read their ISA caps once per process:
   avx2-cap64  caps: 8-bit activations, global |q| ≤ 64 (scale x127/64; no pair can saturate)
   vnni-pb     no caps: the avx2-pbt integers on VNNI (separates the bound's weight error from the kernel)
   vnni-pbs    no caps: the avx2-pbs integers and scales on VNNI (what stored AVX2-safe weights cost there)
+  avx2-gptq   caps: `quantize --rounding gptq --pair-bound off` (GPTQ unbounded: 7-bit activations)
+  avx2-gptq-pb  caps: `quantize --rounding gptq --pair-bound on` (pair_bound.bounded_gptq: 8-bit activations)
+  vnni-gptq   no caps: `quantize --rounding gptq` (unbounded, 8-bit activations: the VNNI reference)
+The gptq rows write a real checkpoint (calibration: quantize's defaults, 4 trajectories x 50 steps) and load it.
 Prints PSNR of the final samples against fp32 (same seeds) and the fraction of weights the bound changed.
 The pair-bound variants patch `kernels.cpu_act_qmax` to 127 in-process (this script only).
 """
@@ -36,7 +40,9 @@ AVX2_ENV = {"FBGEMM_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2", 
             "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 # this folder holds kernels.py, which would shadow the `kernels` package diffusers imports
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-VARIANTS = ("fp32", "vnni", "avx2-a7", "avx2-pb", "avx2-pbt", "avx2-a8", "avx2-pbs", "avx2-pbsq", "avx2-cap64", "vnni-pb", "vnni-pbs")
+VARIANTS = ("fp32", "vnni", "avx2-a7", "avx2-pb", "avx2-pbt", "avx2-a8", "avx2-pbs", "avx2-pbsq", "avx2-cap64", "vnni-pb", "vnni-pbs",
+            "avx2-gptq", "avx2-gptq-pb", "vnni-gptq")
+GPTQ = ("avx2-gptq", "avx2-gptq-pb", "vnni-gptq")
 BOUNDED = ("avx2-pb", "avx2-pbt", "avx2-pbs", "avx2-pbsq", "avx2-cap64", "vnni-pb", "vnni-pbs")
 
 
@@ -72,7 +78,15 @@ def run_variant(args) -> None:
 
     model = diffpro.load(args.model)
     info = {"variant": args.variant, "vnni": kernels.cpu_has_vnni(), "capability": torch.backends.cpu.get_cpu_capability()}
-    if args.variant != "fp32":
+    if args.variant in GPTQ:
+        from diffpro_cli.stages.quantize import QuantizeConfig, quantize_to_dir
+
+        ckpt = Path(args.out) / f"{args.variant}-ckpt"
+        cfg = QuantizeConfig(rounding="gptq", pair_bound="on" if args.variant == "avx2-gptq-pb" else "off")
+        quantize_to_dir(model, uniform_plan(model, 8), ckpt, cfg=cfg)
+        model = diffpro.load(ckpt)
+        info["pair_bounded_layers"] = sum(bool(getattr(m, "pair_bounded", False)) for m in model.net.modules())
+    elif args.variant != "fp32":
         floats = {n: m.weight.detach().clone() for n, m in model.net.named_modules() if isinstance(getattr(m, "weight", None), torch.Tensor)}
         if args.variant.startswith("avx2-") and args.variant != "avx2-a7":
             kernels.cpu_act_qmax = lambda bits, group_size=None, pair_bounded=False: 127
@@ -136,6 +150,8 @@ def main() -> None:
         p = psnr(torch.load(out / f"{v}.pt"), ref)
         frac = (f"{100 * info['changed'] / info['total']:.2f}% (mse x{info['weight_mse_vs_rtn']:.1f})"
                 if info.get("total") else "")
+        if "pair_bounded_layers" in info:
+            frac = f"{info['pair_bounded_layers']} layers pair-bounded"
         print(f"{v:<10} {p.mean():>10.2f} dB {frac:>36}  {info['capability']} vnni={info['vnni']} {', '.join(info['kernels'])}")
 
 

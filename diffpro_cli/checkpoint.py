@@ -62,8 +62,9 @@ def plan_layer(module: nn.Module, entry: dict | None, static_range: tuple | None
     if entry is None or int(entry.get("weight_bits", 16)) >= 16:
         return None
     mode = normalise_act(int(entry.get("act_bits", 8)), entry.get("act_mode", "dynamic"))
+    bound = bool(entry.get("pair_bound"))   # GPTQ runs once: bounded below, or plain where the bound does not apply
     if isinstance(module, nn.Linear):
-        layer = QuantLinear.from_float(module, int(entry["weight_bits"]), mode, entry.get("group_size"), hessian)
+        layer = QuantLinear.from_float(module, int(entry["weight_bits"]), mode, entry.get("group_size"), None if bound else hessian)
     else:
         layer = QuantConv2d.from_float(module, int(entry["weight_bits"]), mode, entry.get("group_size"))
     if mode == "static":
@@ -71,8 +72,10 @@ def plan_layer(module: nn.Module, entry: dict | None, static_range: tuple | None
             raise InputError("static activations need calibrated ranges; run quantize with --act-mode static through the stage")
         layer.set_static_ranges(*static_range)
     layer.prefer = entry.get("kernel")   # the kernel allocate measured fastest for it (None: the registry's rule)
-    if entry.get("pair_bound"):   # re-rounded where the bound covers it (GPTQ: bounded GPTQ), else kept as set
+    if bound:
         layer.bound_pairs(module.weight, hessian)
+    if bound and not layer.pair_bounded and hessian is not None:   # not covered (e.g. group-wise): plain GPTQ
+        layer.set_weight(module.weight, module.bias, hessian)
     return layer
 
 

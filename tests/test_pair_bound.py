@@ -341,9 +341,11 @@ def test_bounded_gptq_keeps_every_pair_and_beats_bounded_rounding_to_nearest(k):
 
 def test_gptq_plan_layer_with_pair_bound_is_bounded_gptq_on_the_8_bit_grid(monkeypatch):
     # catches: plan_layer skipping the bound for GPTQ layers (7-bit grid), bounding them by round-to-nearest
-    # (the hessian dropped), or bounding what the rule does not cover (group-wise scales)
+    # (the hessian dropped), bounding what the rule does not cover (group-wise scales), or leaving those on
+    # round-to-nearest instead of plain GPTQ
     from diffpro_cli.checkpoint import plan_layer
     from diffpro_cli.quant import kernels
+    from diffpro_cli.quant.formats import gptq_quantize
     from diffpro_cli.quant.pair_bound import bounded_gptq
 
     monkeypatch.setattr(kernels, "cpu_has_vnni", lambda: False)
@@ -360,3 +362,4 @@ def test_gptq_plan_layer_with_pair_bound_is_bounded_gptq_on_the_8_bit_grid(monke
     assert layer.act_qmax == 127
     grouped = plan_layer(lin, {**entry, "group_size": 32}, hessian=hessian)
     assert not grouped.pair_bounded and int(_pair_sums(grouped.int_weight()).max()) > PAIR_BOUND
+    assert torch.equal(grouped.int_weight(), gptq_quantize(w, 8, hessian, 32)[0])
