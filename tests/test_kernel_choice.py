@@ -58,6 +58,7 @@ def test_the_measured_kernel_reaches_the_plan_the_checkpoint_and_the_loaded_mode
     diffpro.score("random:dit-tiny", w)
     fast = lambda name: "attn1.to_q" in name or "attn1.to_k" in name or "ff.net.2" in name
     monkeypatch.setattr(costs, "interleaved_min_ms", _rigged(fast))
+    monkeypatch.setattr(costs, "cell_key", lambda name, *rest: name)   # every layer its own timing (q, k, v differ)
     plan = diffpro.allocate("random:dit-tiny", w, budget="avg-bits=9", bits=[8, 16], act_bits=[8], repeats=1, batch=2)
     integer = {n: e for n, e in plan["layers"].items() if e["weight_bits"] < 16 and e["act_bits"] < 16}
     convs = {n for n in integer if n == "pos_embed.proj"}   # one integer conv kernel: nothing to choose
@@ -85,3 +86,30 @@ def test_attach_kernels_skips_float_entries_and_unknown_cells():
                "c": {"weight_bits": 8, "act_bits": 8, "act_mode": "dynamic", "group_size": None}}
     assert costs.attach_kernels(entries, view) == 1
     assert entries["a"]["kernel"] == ONEDNN and "kernel" not in entries["b"] and "kernel" not in entries["c"]
+
+
+def test_layers_of_one_shape_share_one_measurement(monkeypatch):
+    """A DiT's blocks repeat the same shapes: each distinct (kind, weight, input, activation) cell is built
+    and timed once and its rows copied to the other layers (`same_as`), which made a DiT-XL/2's table 28x
+    cheaper. Catches: sharing across different shapes (a wrong key), shared rows left without cells, or
+    every layer still built and timed."""
+    model = diffpro.load("random:dit-tiny")
+    timed_names = set()
+
+    def timing(fns, rounds, advance=lambda n=1: None, device="cpu"):
+        timed_names.update(k[0] for k in fns)
+        return {k: (1.0 if "blocks.0." in k[0] else 5.0) for k in fns}
+
+    monkeypatch.setattr(costs, "interleaved_min_ms", timing)
+    doc = costs.measure_cost_table(model, [costs.Option(8, 8, "dynamic", None)], batch=2, repeats=1, bf16=False)
+    rows = doc["layers"]
+    q0, q1 = "transformer_blocks.0.attn1.to_q", "transformer_blocks.1.attn1.to_q"
+    assert rows[q1]["same_as"] == q0 and q1 not in timed_names and q0 in timed_names
+    assert rows[q1]["ms"] == rows[q0]["ms"] and rows[q1]["kernel"] == rows[q0]["kernel"]
+    shapes = {}
+    for name, row in rows.items():
+        lead = row.get("same_as", name)
+        assert row["input_shape"] == rows[lead]["input_shape"] and set(row["ms"]) == set(rows[lead]["ms"])
+        shapes.setdefault(lead, set()).add(name)
+    assert "same_as" not in rows["pos_embed.proj"]          # the only conv: its own cell
+    assert len(timed_names - {"__forward__"}) == len(shapes) < len(rows)

@@ -240,6 +240,38 @@ def _cells(quantize_module, mod, opt: Option, inp, post_op: str | None, float_mo
     return cells
 
 
+def cell_key(name: str, mod, inp, post_op: str | None) -> tuple:
+    """What a layer's cost depends on: its kind, weight shape, bias, convolution geometry, input shape and
+    dtype, and the activation it runs with. Layers with one key (a DiT's 28 blocks) share one timing."""
+    geometry = tuple(str(getattr(mod, a, None)) for a in ("stride", "padding", "dilation", "groups", "padding_mode"))
+    weight = getattr(mod, "weight", None)
+    return (type(mod).__name__, None if weight is None else tuple(weight.shape), getattr(mod, "bias", None) is not None,
+            geometry, tuple(inp.shape), str(inp.dtype), post_op)
+
+
+def _shared_cells(names, key_of) -> dict[str, str]:
+    """{layer: the first layer with its cell_key} for every layer after the first of its key."""
+    first: dict[tuple, str] = {}
+    same = {}
+    for n in names:
+        lead = first.setdefault(key_of(n), n)
+        if lead != n:
+            same[n] = lead
+    return same
+
+
+def _copy_shared(table: dict, same: dict[str, str]) -> None:
+    """Give every layer that shares a measurement its representative's cells (the ones it lacks)."""
+    for name, lead in same.items():
+        row, src = table[name], table[lead]
+        row["same_as"] = lead
+        for label, ms in src["ms"].items():
+            row["ms"].setdefault(label, ms)
+        for field in ("kernel", "unsupported"):
+            if src.get(field):
+                row[field] = {**src[field], **row.get(field, {})}
+
+
 def _keep_fastest(timed: dict, table: dict, batch: int) -> float | None:
     """Fold {(layer, column, kernel): ms per call} into table rows: each cell the fastest kernel's time
     per image, the kernel recorded in row["kernel"][column] where there was a choice. Returns the
@@ -289,6 +321,8 @@ def measure_cost_table(model, options: list[Option], batch: int, repeats: int, u
     for opt in [Option(16, 16, options[0].act_mode if options else "dynamic", None), *options]:
         columns.setdefault(path_label(opt), opt)
     fns: dict[tuple[str, str], Callable[[], object]] = {}
+    same = _shared_cells([n for n in modules if n in captured],
+                         lambda n: cell_key(n, modules[n], captured[n][0][0], posts[n]))
     # building every cell (quantize + pack per option and kernel) takes minutes on a DiT-XL/2: its own progress
     with torch.no_grad(), ui.progress("allocate: preparing layer kernels (cost table)", total=len(modules)) as prepared:
         for name, mod in modules.items():
@@ -301,6 +335,8 @@ def measure_cost_table(model, options: list[Option], batch: int, repeats: int, u
             if kept.get("kernel"):
                 row["kernel"] = dict(kept["kernel"])
             table[name] = row
+            if name in same:   # timed once, on the first layer of its shape (_copy_shared)
+                continue
             for label, opt in columns.items():
                 if label in row["ms"]:
                     continue
@@ -321,6 +357,7 @@ def measure_cost_table(model, options: list[Option], batch: int, repeats: int, u
         with ui.progress("allocate: timing layers (cost table)", total=rounds) as advance:
             timed = interleaved_min_ms(fns, rounds, advance=advance, device=device)
     forward = _keep_fastest(timed, table, batch) or forward
+    _copy_shared(table, same)
     gemm = sum(r["ms"]["fp32"] for r in table.values())
     worlds = dict((previous or {}).get("worlds") or {})
     retimed = any(key[0] != "__forward__" for key in fns)   # new columns: the other worlds need them too
@@ -332,6 +369,8 @@ def measure_cost_table(model, options: list[Option], batch: int, repeats: int, u
             "layers": table, "forward_ms": forward, "remainder_ms": max(0.0, forward - gemm), "worlds": worlds,
             "notes": ["layers timed one at a time on their real inputs (fused q/k/v of the deployed model share one "
                       "activation quantization, so those rows slightly overstate the integer path)",
+                      f"layers of the same shape, input and activation share one measurement (`same_as`): "
+                      f"{len(table) - len(same)} timed for {len(table)} layers",
                       "an MLP's first Linear is timed with its GELU on every path (the integer kernel fuses it): "
                       + (", ".join(sorted(n for n, p in posts.items() if p)) or "none in this model")]}
 
@@ -345,6 +384,8 @@ def measure_world(model, modules: dict, captured: dict, columns: dict, xty: tupl
     import torch
 
     fns, table = {}, {}
+    same = _shared_cells([n for n in modules if n in captured],
+                         lambda n: cell_key(n, modules[n], captured[n][0][0], (posts or {}).get(n)))
     world = str(dtype).replace("torch.", "")
     with torch.no_grad(), ui.progress(f"allocate: preparing layer kernels in {world} (cost table)", total=len(modules)) as prepared:
         for name, mod in modules.items():
@@ -353,6 +394,8 @@ def measure_world(model, modules: dict, captured: dict, columns: dict, xty: tupl
                 continue
             inp = captured[name][0][0].to(dtype)
             table[name] = {"ms": {}}
+            if name in same:
+                continue
             post = (posts or {}).get(name)
             low_mod = copy.deepcopy(mod).to(dtype)
             for label, opt in columns.items():
@@ -369,6 +412,7 @@ def measure_world(model, modules: dict, captured: dict, columns: dict, xty: tupl
         with ui.progress(f"allocate: timing layers in {world} (cost table)", total=max(1, repeats)) as advance:
             timed = interleaved_min_ms(fns, max(1, repeats), advance=advance, device=str(x.device))
     forward = _keep_fastest(timed, table, batch)
+    _copy_shared(table, same)
     gemm = sum(r["ms"].get("fp32") or 0.0 for r in table.values())
     return {"layers": table, "forward_ms": forward, "remainder_ms": max(0.0, forward - gemm),
             "note": "fp32 column = the float layer computing in this dtype"}
