@@ -196,7 +196,7 @@ def _avg_bits(model: DiffusionModel, qlayers: dict[str, _QuantBase]) -> float:
 def save_quantized(model: DiffusionModel, plan: dict | None, out_dir: str | Path, timesteps: list[int] | None = None,
                    static_ranges: dict[str, tuple] | None = None, provenance: dict | None = None,
                    int8_embeddings: bool = True, hessians: dict[str, torch.Tensor] | None = None,
-                   cache: dict | None = None) -> dict:
+                   cache: dict | None = None, advance=lambda n=1: None) -> dict:
     """Quantize `model` layer by layer as `plan` says and write the checkpoint; returns diffpro.json.
 
     The float model is not modified (each quant layer lives only until its integers are collected), so
@@ -204,7 +204,7 @@ def save_quantized(model: DiffusionModel, plan: dict | None, out_dir: str | Path
     static_ranges: layer name → (timesteps, max |x| per timestep), for act_mode "static" entries.
     hessians: layer name → E[x xᵀ] of its inputs, for GPTQ rounding of those (Linear) layers.
     cache: the plan's `cache` section (docs/caching.md), recorded as is; `diffpro.load` and `diffpro
-    sample` execute its schedule.
+    sample` execute its schedule. `advance(1)` after each layer (GPTQ on a large model takes minutes).
     """
     out_dir = Path(out_dir)
     entries = (plan or {}).get("layers", {})
@@ -214,6 +214,7 @@ def save_quantized(model: DiffusionModel, plan: dict | None, out_dir: str | Path
         layer = plan_layer(mod, entries.get(name), static_ranges.get(name), hessians.get(name))
         if layer is not None:
             qlayers[name] = layer
+        advance(1)
     tensors = checkpoint_tensors(model, qlayers, int8_embeddings)
     float_bytes = sum(t.numel() * 4 for t in model.net.state_dict().values() if t.is_floating_point())
     layers = {name: layer.describe() | {"rounding": "gptq" if name in hessians and layer.kind == "linear" else "nearest"}

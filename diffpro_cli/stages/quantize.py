@@ -225,8 +225,9 @@ def quantize_to_dir(model: DiffusionModel, plan: dict, out_dir: Path, timesteps:
         what = [f"{len(static)} static ranges"] * bool(static) + [f"GPTQ inputs of {len(linear)} Linear layers"] * bool(linear)
         ui.info(f"quantize: calibrating {' and '.join(what)} over {len(cal_ts)} timesteps ({cfg.calib_samples} samples, one pass)")
         ranges, hessians = calibrate(model, static, linear, cal_ts, cfg.calib_samples, cfg.seed)
-    return save_quantized(model, plan, out_dir, timesteps, static_ranges=ranges, provenance=provenance, hessians=hessians,
-                          cache=plan.get("cache"))
+    with ui.progress("quantize: rounding layers", total=len(model.quantizable_layers())) as advance:
+        return save_quantized(model, plan, out_dir, timesteps, static_ranges=ranges, provenance=provenance, hessians=hessians,
+                              cache=plan.get("cache"), advance=advance)
 
 
 def quantize_uniform_to_dir(model: DiffusionModel, bits: int, out_dir: Path, act_mode: str = "dynamic") -> dict:
