@@ -363,3 +363,33 @@ def test_gptq_plan_layer_with_pair_bound_is_bounded_gptq_on_the_8_bit_grid(monke
     grouped = plan_layer(lin, {**entry, "group_size": 32}, hessian=hessian)
     assert not grouped.pair_bounded and int(_pair_sums(grouped.int_weight()).max()) > PAIR_BOUND
     assert torch.equal(grouped.int_weight(), gptq_quantize(w, 8, hessian, 32)[0])
+
+
+def test_bounded_gptq_runs_the_loop_on_a_few_scales_and_never_loses_to_bounded_rounding_to_nearest():
+    # catches: candidate integers paired with another candidate's scale (scale not on the channel's grid),
+    # the loop's damped loss taken as e H eᵀ without undoing the damping or a dead input's unit diagonal
+    # (channels then lose to bounded round-to-nearest or to a larger `keep`), and a ranking that drops the
+    # good multipliers (keep=4 far from all 16)
+    from diffpro_cli.quant.formats import quantize_weight
+    from diffpro_cli.quant.pair_bound import bounded_gptq
+
+    w, hessian = _correlated_layer(32, 64, seed=2)
+    w = w * torch.linspace(0.2, 1.0, 64)                          # channels whose best multipliers differ
+    hessian[5, :] = hessian[:, 5] = 0                             # an input that never fires
+    q0, s0 = quantize_weight(w, 8)
+    grid = fp16_scale(s0.reshape(1, -1) * torch.linspace(1.0, 127 / 64, 16).reshape(-1, 1))   # [16, out]
+
+    def per_channel(q, scale):
+        e = q.double() * scale.double().reshape(-1, 1) - w.double()
+        return ((e @ hessian) * e).sum(-1)
+
+    rtn = per_channel(*bounded_channel_grid(q0, s0, w)[:2])
+    errs = {}
+    for keep in (1, 4, 16):
+        q, scale, _ = bounded_gptq(w, hessian, keep=keep)
+        assert int(_pair_sums(q).max()) <= PAIR_BOUND
+        assert bool((grid == scale.reshape(1, -1)).any(0).all())
+        errs[keep] = per_channel(q, scale)
+        assert bool((errs[keep] <= rtn * (1 + 1e-9)).all())
+    assert bool((errs[16] <= errs[4] * (1 + 1e-9)).all()) and bool((errs[4] <= errs[1] * (1 + 1e-9)).all())
+    assert float(errs[4].sum()) < 1.01 * float(errs[16].sum()) and float(errs[16].sum()) < 0.7 * float(rtn.sum())
