@@ -123,10 +123,40 @@ def _json_default(o):
 
 
 def atomic_save_safetensors(path: str | Path, tensors: dict, metadata: dict[str, str] | None = None) -> Path:
+    """safetensors file written atomically, byte-for-byte reproducible: the same tensors and metadata give
+    the same sha256 in every process (sort_safetensors_metadata)."""
     from safetensors.torch import save_file
 
     tensors = {k: v.contiguous() for k, v in tensors.items()}
-    return _atomic_write(Path(path), lambda p: save_file(tensors, str(p), metadata=metadata))
+
+    def write(p: Path) -> None:
+        save_file(tensors, str(p), metadata=metadata)
+        sort_safetensors_metadata(p)
+
+    return _atomic_write(Path(path), write)
+
+
+def sort_safetensors_metadata(path: Path) -> bool:
+    """Rewrite a safetensors header in place with its `__metadata__` keys sorted. Why: the writer keeps
+    metadata in a hash map whose order changes from call to call, so identical checkpoints got different
+    sha256 (and the lock and feature caches that key on it missed). Only the header's bytes are touched,
+    within its original length (padding with spaces, as the format allows); returns False, leaving the
+    file as written, where the sorted header would not fit."""
+    import struct
+
+    with open(path, "r+b") as f:
+        size = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(size))
+        meta = header.pop("__metadata__", None)
+        if not meta or len(meta) < 2:
+            return True
+        text = json.dumps({"__metadata__": dict(sorted(meta.items())), **header}, separators=(",", ":"),
+                          ensure_ascii=False).encode()
+        if len(text) > size:
+            return False
+        f.seek(8)
+        f.write(text + b" " * (size - len(text)))
+    return True
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> Path:

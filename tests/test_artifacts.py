@@ -88,3 +88,16 @@ def test_lock_refuses_other_schema_version(tmp_path):
     (tmp_path / "diffpro.lock.json").write_text('{"schema": "diffpro.lock/99", "stages": {}}')
     with pytest.raises(InputError, match="cannot be read"):
         Lock(tmp_path).read()
+
+
+def test_safetensors_files_are_byte_reproducible(tmp_path):
+    # catches: metadata written in the safetensors writer's hash-map order, which gave the same checkpoint
+    # another sha256 on every save (lock records and feature caches keyed on it then missed)
+    from diffpro_cli.artifacts import sha256_file
+
+    tensors = {"a": torch.arange(10.0), "b": torch.ones(3, dtype=torch.int8)}
+    meta = {f"k{i}": f"v{i}" for i in range(6)} | {"prompt": 'a "quoted" café\nline'}
+    shas = {sha256_file(atomic_save_safetensors(tmp_path / f"{i}.safetensors", tensors, meta)) for i in range(8)}
+    assert len(shas) == 1
+    loaded, got = load_safetensors(tmp_path / "0.safetensors")
+    assert got == meta and torch.equal(loaded["a"], tensors["a"]) and torch.equal(loaded["b"], tensors["b"])
