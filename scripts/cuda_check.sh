@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU check of issue #20 as ONE command for a lent device machine (no package registry there, torch
 # preinstalled): `bash scripts/cuda_check.sh`, with the wheels of `make gpu-wheels` carried in .whl/.
-# Every step runs even when one before it failed, each under its own time limit, and writes its log to
-# $OUT (what the device tool brings back). On a GPU machine with a registry, `make cuda-check` does the same.
+# Every step runs even when one before it failed, each under its own time limit (together 570 s: one device
+# call may run 600 s), and writes its log to $OUT (what the device tool brings back). On a GPU machine with
+# a registry, `make cuda-check` does the same.
 set -u
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -21,12 +22,12 @@ step() {   # step NAME SECONDS COMMAND...: run, keep the log, say how it ended
   tail -n 25 "$OUT/$name.log"
   echo "== $name: rc=$rc"
 }
-step env 60 $PY -c "import torch, diffusers; print(torch.__version__, diffusers.__version__, torch.cuda.get_device_name(), torch.cuda.get_device_capability())"
-step pytest 240 $PY -m pytest -q -rs -p no:cacheprovider -k cuda tests
-step kernels 150 $PY benchmarks/cuda_kernels.py --json "$OUT/cuda_kernels.json"
+step env 30 $PY -c "import torch, diffusers; print(torch.__version__, diffusers.__version__, torch.cuda.get_device_name(), torch.cuda.get_device_capability())"
+step pytest 180 $PY -m pytest -q -rs -p no:cacheprovider -k cuda tests
+step kernels 120 $PY benchmarks/cuda_kernels.py --json "$OUT/cuda_kernels.json"
 # the demo pipeline on the GPU; FID off (the Inception weights, 95 MB, do not travel to a lent machine)
 sed -e 's/^fid = true.*/fid = false/' -e 's#^workdir = .*#workdir = "/tmp/cuda-demo"#' sample_configs/demo.toml > /tmp/cuda-demo.toml
-step demo 300 $PY -m diffpro_cli run /tmp/cuda-demo.toml --device cuda
+step demo 240 $PY -m diffpro_cli run /tmp/cuda-demo.toml --device cuda
 cp /tmp/cuda-demo/bench/report.md "$OUT/demo-report.md" 2>/dev/null
 cp /tmp/cuda-demo/bench/report.json "$OUT/demo-report.json" 2>/dev/null
 exit 0
