@@ -28,7 +28,7 @@ import torch
 from diffpro_cli.devices import net_device
 from diffpro_cli.errors import UsageError
 from diffpro_cli.models.base import DiffusionModel
-from diffpro_cli.models.conditioning import Conditioning, take
+from diffpro_cli.models.conditioning import Conditioning, take, to_device
 
 SAMPLE_SEED_STRIDE = 1_000_003
 
@@ -99,15 +99,6 @@ def default_labels(model: DiffusionModel, n: int):
 def model_device(model: DiffusionModel) -> torch.device:
     """Where the model's network lives (its first parameter or buffer; the CPU for an empty one)."""
     return net_device(model.net)
-
-
-def to_device(y, device: torch.device):
-    """Labels (a tensor) or a Conditioning moved to `device`; None stays None."""
-    if isinstance(y, torch.Tensor):
-        return y.to(device)
-    if isinstance(y, Conditioning):
-        return y._map(lambda v: v.to(device))
-    return y
 
 
 def initial_batches(model: DiffusionModel, n: int, labels, seed: int, batch_size: int, first_index: int):

@@ -8,26 +8,24 @@ from typing import Callable
 
 import torch
 
-
-def _sync():
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
+from diffpro_cli.devices import is_cuda, synchronize
 
 
 def _span(fn: Callable[[], object], device: str) -> float:
-    """Seconds `fn` takes: CUDA events around it on a GPU (the queued work, synchronised), else wall clock."""
-    if str(device).startswith("cuda"):
+    """Seconds `fn` takes: CUDA events around it on a GPU (the queued work, synchronised), else wall clock
+    (synchronised with any GPU work in flight, as before devices existed)."""
+    if is_cuda(device):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize(device)
+        synchronize(device)
         start.record()
         fn()
         end.record()
         end.synchronize()
         return start.elapsed_time(end) / 1000.0
-    _sync()
+    synchronize()
     t0 = time.perf_counter()
     fn()
-    _sync()
+    synchronize()
     return time.perf_counter() - t0
 
 

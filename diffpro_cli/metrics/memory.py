@@ -91,20 +91,19 @@ def _child_cuda(spec: str, batch: int, steps: int, device: str, kwargs: dict, ar
     """The CUDA variant of _child: allocator peaks on the GPU (the host's RSS says nothing about it)."""
     import json
 
+    from diffpro_cli.devices import peak_memory_bytes, reset_peak_memory
     from diffpro_cli.loading import load_model
     from diffpro_cli.sampling import SamplerConfig, sample, uniform_timesteps
 
     torch.cuda.init()
-    torch.cuda.reset_peak_memory_stats(device)
+    reset_peak_memory(device)
     model = load_model(spec, device=device, **kwargs)
     if "--conditioning" in argv:
         model.with_conditioning(argv[argv.index("--conditioning") + 1])
-    torch.cuda.synchronize(device)
-    loaded = int(torch.cuda.max_memory_allocated(device))
+    loaded = peak_memory_bytes(device)
     if steps > 0:
         sample(model, batch, uniform_timesteps(model.num_train_timesteps, steps), SamplerConfig(), seed=0, batch_size=batch)
-        torch.cuda.synchronize(device)
-    ran = int(torch.cuda.max_memory_allocated(device))
+    ran = peak_memory_bytes(device)
     print(json.dumps({"load_bytes": loaded, "run_bytes": ran}))
 
 

@@ -334,10 +334,9 @@ class DiffusionModel:
             t = t.expand(x.shape[0])
         device = net_device(self.net)
         if device.type != "cpu" or x.device != device:   # a network on a GPU: inputs follow it (no-op where
-            from diffpro_cli.models.conditioning import Conditioning   # they are there), the output comes back
+            from diffpro_cli.models.conditioning import to_device   # they are there), the output comes back
 
-            y = y.to(device) if isinstance(y, torch.Tensor) else y._map(lambda v: v.to(device)) if isinstance(y, Conditioning) else y
-            return self._raw_on(x.to(device), t.to(device), y).to(x.device)
+            return self._raw_on(x.to(device), t.to(device), to_device(y, device)).to(x.device)
         return self._raw_on(x, t, y)
 
     def _raw_on(self, x: torch.Tensor, t: torch.Tensor, y=None) -> torch.Tensor:

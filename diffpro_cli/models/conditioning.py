@@ -128,6 +128,11 @@ class Conditioning:
         return out
 
 
+def to_device(y, device):
+    """Labels (a tensor) or a Conditioning moved to `device` (Conditioning.to); None stays None."""
+    return y.to(device) if isinstance(y, (torch.Tensor, Conditioning)) else y
+
+
 def as_conditioning(y) -> Conditioning | None:
     """A Conditioning from a Conditioning, a LongTensor of class labels, or None (kept None)."""
     if y is None or isinstance(y, Conditioning):

@@ -242,7 +242,8 @@ def _cells(quantize_module, mod, opt: Option, inp, post_op: str | None, float_mo
 
 def cell_key(name: str, mod, inp, post_op: str | None) -> tuple:
     """What a layer's cost depends on: its kind, weight shape, bias, convolution geometry, input shape and
-    dtype, and the activation it runs with. Layers with one key (a DiT's 28 blocks) share one timing."""
+    dtype, and the activation it runs with. Layers with one key (a DiT's 28 blocks) share one timing.
+    `name` is not part of the key; it is there so a test can key cells by layer."""
     geometry = tuple(str(getattr(mod, a, None)) for a in ("stride", "padding", "dilation", "groups", "padding_mode"))
     weight = getattr(mod, "weight", None)
     return (type(mod).__name__, None if weight is None else tuple(weight.shape), getattr(mod, "bias", None) is not None,
@@ -363,7 +364,7 @@ def measure_cost_table(model, options: list[Option], batch: int, repeats: int, u
     retimed = any(key[0] != "__forward__" for key in fns)   # new columns: the other worlds need them too
     if (native_bf16(device) if bf16 is None else bf16) and ("bfloat16" not in worlds or retimed):
         worlds["bfloat16"] = measure_world(model, modules, captured, columns, (x, t, y), batch, repeats, ui,
-                                           quantize_module, torch.bfloat16, posts)
+                                           quantize_module, torch.bfloat16, posts, same)
     return {"schema": COST_SCHEMA, "fingerprint": machine_fingerprint(device), "batch": batch, "repeats": repeats,
             "model": {"spec": model.spec, "sha256": model.sha256}, "units": "ms per image per denoising step",
             "layers": table, "forward_ms": forward, "remainder_ms": max(0.0, forward - gemm), "worlds": worlds,
@@ -376,16 +377,15 @@ def measure_cost_table(model, options: list[Option], batch: int, repeats: int, u
 
 
 def measure_world(model, modules: dict, captured: dict, columns: dict, xty: tuple, batch: int, repeats: int,
-                  ui: UI, quantize_module, dtype, posts: dict | None = None) -> dict:
+                  ui: UI, quantize_module, dtype, posts: dict, same: dict[str, str]) -> dict:
     """Every column again with the float math in `dtype` (the model's compute_dtype at run time): float
     layers as `dtype` copies on `dtype` inputs, integer kernels on `dtype` inputs (their float32 casts
     included), weight-only layers on their `dtype` weight copy, and the whole forward in `dtype` for the
-    remainder. Same units and reduction as the float32 table."""
+    remainder. Same units and reduction as the float32 table; `same`: the float32 table's shared cells
+    (_shared_cells), timed once here too."""
     import torch
 
     fns, table = {}, {}
-    same = _shared_cells([n for n in modules if n in captured],
-                         lambda n: cell_key(n, modules[n], captured[n][0][0], (posts or {}).get(n)))
     world = str(dtype).replace("torch.", "")
     with torch.no_grad(), ui.progress(f"allocate: preparing layer kernels in {world} (cost table)", total=len(modules)) as prepared:
         for name, mod in modules.items():
@@ -396,7 +396,7 @@ def measure_world(model, modules: dict, captured: dict, columns: dict, xty: tupl
             table[name] = {"ms": {}}
             if name in same:
                 continue
-            post = (posts or {}).get(name)
+            post = posts.get(name)
             low_mod = copy.deepcopy(mod).to(dtype)
             for label, opt in columns.items():
                 try:
