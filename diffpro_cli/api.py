@@ -114,9 +114,7 @@ def quantize_(model: nn.Module | DiffusionModel, plan: dict | str | Path, *, fus
     `plan`: plan.json's record or its path; layer names are relative to `model` (a `DiffusionModel`'s
     `.net`). Static activation modes need calibrated ranges: use `quantize(...)` (the stage) for those."""
     from diffpro_cli.artifacts import read_json
-    from diffpro_cli.checkpoint import plan_layer, set_submodule
-    from diffpro_cli.quant.epilogue import fuse_activations
-    from diffpro_cli.quant.layers import fuse_shared_inputs
+    from diffpro_cli.stages.quantize import swap_planned_layers
 
     if not isinstance(plan, dict):
         plan = read_json(Path(plan), "diffpro.plan/1")
@@ -132,13 +130,7 @@ def quantize_(model: nn.Module | DiffusionModel, plan: dict | str | Path, *, fus
     if static:
         raise UsageError(f"{len(static)} layers use static activations, which need calibration: run "
                          f"diffpro.quantize(model, workdir, plan_path=...) or plan with act_mode dynamic")
-    for name, entry in entries.items():
-        layer = plan_layer(modules[name], entry)
-        if layer is not None and layer is not modules[name]:
-            set_submodule(net, name, layer.prepare("cpu"))
-    if fuse:
-        fuse_shared_inputs(net)
-        fuse_activations(net)
+    swap_planned_layers(net, {name: modules[name] for name in entries}, entries, fuse=fuse)
     install_timestep_hook(net)
     return model
 

@@ -130,11 +130,9 @@ class _QuantBase(nn.Module):
         then use the ±127 activation grid on every CPU, not AVX2's 7-bit one), replacing the stored
         integers: GPTQ rounding given `hessian` (Linear), else round-to-nearest. Returns the number of weights
         changed; 0 where it does not apply (other widths, group-wise scales, float activations, grouped convolutions)."""
-        from diffpro_cli.quant.pair_bound import bounded_integers
+        from diffpro_cli.quant.pair_bound import bound_applies, bounded_integers
 
-        if self.weight_bits != 8 or self.group_size is not None or self.act_mode == "none":
-            return 0
-        if self.kind == "conv2d" and self.groups != 1:
+        if not bound_applies(self.weight_bits, self.group_size, self.act_mode == "none") or (self.kind == "conv2d" and self.groups != 1):
             return 0
         conv = list(self.weight_shape) if self.kind == "conv2d" else None
         q, scale, changed = bounded_integers(weight, conv, hessian if self.kind == "linear" else None)

@@ -135,6 +135,12 @@ def _channel_grid(w: torch.Tensor, scale: torch.Tensor, conv_shape: Sequence[int
     return best_q, best_s, torch.stack(scales), torch.stack(errs)
 
 
+def bound_applies(weight_bits: int, group_size: int | None, float_activations: bool) -> bool:
+    """The option side of the rule (bound_covers is the layer side): 8-bit per-channel weights on integer
+    activations. layers.bound_pairs and the planner's view of a plan (pair_bound_assumption) both ask it."""
+    return int(weight_bits) == 8 and group_size is None and not float_activations
+
+
 def bound_covers(module) -> bool:
     """Whether quantize's pair bound can apply to this float layer at 8-bit per-channel weights on
     integer activations (layers.bound_pairs): Linear, or Conv2d without groups (oneDNN's pairing of

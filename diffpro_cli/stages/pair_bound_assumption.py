@@ -33,42 +33,33 @@ def pair_bound_record(setting: str, device: str = "cpu") -> dict | None:
 
 @torch.no_grad()
 def measure_pair_bounded_errors(model, names: list[str], x, t, y, act_errors: dict[str, dict[str, float]],
-                                act_mode: str = "dynamic", batch: int = 16, advance=lambda n=1: None) -> dict[str, float]:
+                                act_mode: str = "dynamic", batch: int = 16, advance=lambda n=1: None,
+                                reference=None) -> dict[str, float]:
     """For each named layer the bound covers (pair_bound.bound_covers): the relative eps error with its
     weights pair-bounded at 8 bits (returned, name → error), and, added to `act_errors[name]` under its
     grid's key, the error of its input quantised as the bounded layer's kernel does ("8": the ±127 grid).
     A key already measured (the 4-bit probe of measure_act_errors runs the same kernel on the same grid)
-    is not measured twice."""
-    from diffpro_cli.quant.kernels import act_bits_of
+    is not measured twice. `reference`: score_errors.reference_eps of these inputs, when the caller has it."""
     from diffpro_cli.quant.layers import quantize_module
     from diffpro_cli.quant.pair_bound import bound_covers, pair_bounded_weight
-    from diffpro_cli.stages.score_errors import _act_error, _eps_all
+    from diffpro_cli.stages.score_errors import _act_error, error_with_weight, kernel_grid, reference_eps
 
     layers = model.quantizable_layers()
-    ref = _eps_all(model, x, t, y, batch)
-    denom = float(ref.double().square().sum()) or 1.0
+    reference = reference or reference_eps(model, x, t, y, batch)
     mode = "dynamic" if act_mode == "static" else act_mode
     result = {}
     for name in names:
         mod = layers[name][0]
         if not bound_covers(mod):
             continue
-        original = mod.weight.data.clone()
-        mod.weight.data.copy_(pair_bounded_weight(original).to(original.device))
-        try:
-            out = _eps_all(model, x, t, y, batch)
-        finally:
-            mod.weight.data.copy_(original)
-        result[name] = float((out - ref).double().square().sum()) / denom
+        w = mod.weight.data
+        result[name] = error_with_weight(model, mod, pair_bounded_weight(w).to(w.device), x, t, y, reference, batch)
         probe = quantize_module(mod, 8, act_bits=8, act_mode=mode)
         probe.bound_pairs(mod.weight)
         probe.prepare(mod.weight.device)   # re-made for the bounded integers, on the device quantize_module used
-        kernel = probe._kernel
-        scheme, qmax, reduce_range = kernel.act_scheme(probe), kernel.act_qmax, getattr(kernel, "reduce_range", False)
-        del probe
-        key = "8" if qmax is None else str(act_bits_of(qmax))
+        key, scheme, qmax, reduce_range = kernel_grid(probe)
         if key not in act_errors.setdefault(name, {}):
-            act_errors[name][key] = _act_error(model, mod, x, t, y, ref, denom, batch, scheme, qmax, reduce_range)
+            act_errors[name][key] = _act_error(model, mod, x, t, y, reference, batch, scheme, qmax, reduce_range)
         advance(1)
     return result
 
@@ -76,12 +67,12 @@ def measure_pair_bounded_errors(model, names: list[str], x, t, y, act_errors: di
 def bounded_layers_of_plan(plan: dict, model) -> list[str]:
     """The layers of `plan` that quantize's pair bound covers, whatever the rounding (GPTQ is bounded
     too). Mirrors checkpoint.plan_layer + layers.bound_pairs."""
-    from diffpro_cli.quant.pair_bound import bound_covers
+    from diffpro_cli.quant.pair_bound import bound_applies, bound_covers
 
     modules = model.quantizable_layers()
     return [n for n, e in plan.get("layers", {}).items()
-            if int(e.get("weight_bits", 16)) == 8 and int(e.get("act_bits", 8)) < 16 and e.get("act_mode") != "none"
-            and e.get("group_size") is None and n in modules and bound_covers(modules[n][0])]
+            if bound_applies(e.get("weight_bits", 16), e.get("group_size"), int(e.get("act_bits", 8)) >= 16 or e.get("act_mode") == "none")
+            and n in modules and bound_covers(modules[n][0])]
 
 
 def pair_bound_note(plan: dict, model, pair_bound: str) -> tuple[str, str] | None:

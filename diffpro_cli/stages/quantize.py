@@ -39,6 +39,12 @@ class QuantizeConfig:
 PAIR_BOUND_SETTINGS = ("auto", "on", "off")
 
 
+def check_pair_bound(setting: str) -> None:
+    """One usage line for a pair-bound setting that is not auto/on/off (quantize's and score's option)."""
+    if setting not in PAIR_BOUND_SETTINGS:
+        raise UsageError(f"--pair-bound {setting}: use one of {', '.join(PAIR_BOUND_SETTINGS)}")
+
+
 def wants_pair_bound(setting: str, device: str = "cpu") -> bool:
     """Whether quantize bounds 8-bit weight pairs (docs/quantization.md, "Saturation"): on a CPU without
     VNNI it lets the integer kernels take 8-bit activations instead of 7-bit ones (+2.0 dB PSNR on the
@@ -46,8 +52,7 @@ def wants_pair_bound(setting: str, device: str = "cpu") -> bool:
     int32), it would only cost accuracy (-0.3 dB), so "auto" is off there."""
     from diffpro_cli.quant.kernels import cpu_has_vnni
 
-    if setting not in PAIR_BOUND_SETTINGS:
-        raise UsageError(f"pair_bound {setting!r}: use one of {', '.join(PAIR_BOUND_SETTINGS)}")
+    check_pair_bound(setting)
     return setting == "on" or (setting == "auto" and not str(device).startswith("cuda") and not cpu_has_vnni())
 
 
@@ -188,20 +193,29 @@ def collect_hessians(model: DiffusionModel, names: list[str], timesteps: list[in
 def apply_plan(model: DiffusionModel, plan: dict, static_ranges: dict | None = None, fuse: bool = True) -> DiffusionModel:
     """Swap the model's layers for quant layers IN PLACE (for in-memory use; the checkpoint path is
     `quantize_to_dir`, which leaves the float model untouched)."""
+    swap_planned_layers(model.net, {name: mod for name, (mod, _) in model.quantizable_layers().items()},
+                        plan.get("layers", {}), static_ranges, fuse)
+    return model
+
+
+def swap_planned_layers(net: nn.Module, modules: dict[str, nn.Module], entries: dict, static_ranges: dict | None = None,
+                        fuse: bool = True) -> nn.Module:
+    """Replace each of `modules` (name in `net` → its float layer) that `entries` quantizes with its quant
+    layer, in place, the kernel packed on that layer's device; then fuse q/k/v inputs and MLP
+    activations. apply_plan and the API's quantize_ both swap through here."""
     from diffpro_cli.checkpoint import plan_layer, set_submodule
     from diffpro_cli.quant.epilogue import fuse_activations
     from diffpro_cli.quant.layers import fuse_shared_inputs
 
-    entries = plan.get("layers", {})
-    for name, (mod, _) in list(model.quantizable_layers().items()):
+    for name, mod in modules.items():
         layer = plan_layer(mod, entries.get(name), (static_ranges or {}).get(name))
         if layer is not None and layer is not mod:
             device = mod.weight.device     # the network's device: its kernel is packed there
-            set_submodule(model.net, name, layer.to(device).prepare(device))
+            set_submodule(net, name, layer.to(device).prepare(device))
     if fuse:
-        fuse_shared_inputs(model.net)
-        fuse_activations(model.net)
-    return model
+        fuse_shared_inputs(net)
+        fuse_activations(net)
+    return net
 
 
 def quantize_to_dir(model: DiffusionModel, plan: dict, out_dir: Path, timesteps: list[int] | None = None,
@@ -262,8 +276,7 @@ def run_quantize(ctx, cfg: QuantizeConfig, *, plan_path: Path | None = None, tim
         raise UsageError(f"--act-mode {cfg.act_mode}: use one of {', '.join(ACT_MODES)}")
     if cfg.rounding not in ("nearest", "gptq"):
         raise UsageError(f"--rounding {cfg.rounding}: use nearest or gptq")
-    if cfg.pair_bound not in PAIR_BOUND_SETTINGS:
-        raise UsageError(f"--pair-bound {cfg.pair_bound}: use one of {', '.join(PAIR_BOUND_SETTINGS)}")
+    check_pair_bound(cfg.pair_bound)
     if cfg.act_bits not in (8, 16):
         raise UsageError(f"--act-bits {cfg.act_bits}: use 8 (int8 activations) or 16 (weight-only)")
     if cfg.group_size is not None and cfg.group_size <= 0:

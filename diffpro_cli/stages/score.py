@@ -40,6 +40,7 @@ from diffpro_cli.stages.score_errors import (
     calibration_set,
     measure_act_errors,
     measure_layer_errors,
+    reference_eps,
     taylor_layer_errors,
 )
 
@@ -117,10 +118,9 @@ def validate_config(cfg: ScoreConfig) -> None:
 
     if cfg.act_mode not in ACT_MODES:
         raise UsageError(f"--act-mode {cfg.act_mode}: unknown; choose one of {', '.join(ACT_MODES)}")
-    from diffpro_cli.stages.quantize import PAIR_BOUND_SETTINGS
+    from diffpro_cli.stages.quantize import check_pair_bound
 
-    if cfg.pair_bound not in PAIR_BOUND_SETTINGS:
-        raise UsageError(f"--pair-bound {cfg.pair_bound}: use one of {', '.join(PAIR_BOUND_SETTINGS)}")
+    check_pair_bound(cfg.pair_bound)
 
 
 def spearman(a: list[float], b: list[float]) -> dict:
@@ -233,11 +233,14 @@ def write_scores(profile_path: Path, cfg: ScoreConfig, workdir: Path, model=None
         x, t, y, ts, n = calib
         batch = int(doc["calibration"]["batch"])
         assumed = bool(bound and bound["assumed"])
+        reference = reference_eps(model, x, t, y, batch)   # one unquantised pass serves every measurement
         with ui.progress("measuring", total=len(names) * (len(cfg.bits) + 1 + assumed)) as advance:
-            errors = measure_layer_errors(model, names, x, t, y, cfg.bits, cfg.group_size, batch=batch, advance=advance)
-            act_errors = measure_act_errors(model, names, x, t, y, cfg.act_mode, batch=batch, advance=advance)
+            errors = measure_layer_errors(model, names, x, t, y, cfg.bits, cfg.group_size, batch=batch, advance=advance,
+                                          reference=reference)
+            act_errors = measure_act_errors(model, names, x, t, y, cfg.act_mode, batch=batch, advance=advance,
+                                            reference=reference)
             bounded = measure_pair_bounded_errors(model, names, x, t, y, act_errors, cfg.act_mode, batch=batch,
-                                                  advance=advance) if assumed else {}
+                                                  advance=advance, reference=reference) if assumed else {}
         for name in names:
             layers[name]["measured_error"] = {b: _round(v) for b, v in errors[name].items()}
             if name in bounded:   # the 8-bit error of the weights quantize's pair bound will store

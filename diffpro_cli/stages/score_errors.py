@@ -61,31 +61,62 @@ def _eps_all(model, x, t, y, batch: int) -> torch.Tensor:
     return torch.cat(outs)
 
 
+@torch.no_grad()
+def reference_eps(model, x, t, y, batch: int) -> tuple[torch.Tensor, float]:
+    """The unquantised prediction on the calibration inputs and its Σ‖eps‖²: every measured error is
+    relative to it, so `score` computes it once and hands it to each measurement."""
+    ref = _eps_all(model, x, t, y, batch)
+    return ref, float(ref.double().square().sum()) or 1.0
+
+
+def relative_error(out: torch.Tensor, reference: tuple[torch.Tensor, float]) -> float:
+    ref, denom = reference
+    return float((out - ref).double().square().sum()) / denom
+
+
+@torch.no_grad()
+def error_with_weight(model, mod, weight: torch.Tensor, x, t, y, reference, batch: int) -> float:
+    """The relative error of the prediction with `mod`'s weight replaced by `weight` (restored after)."""
+    original = mod.weight.data.clone()
+    mod.weight.data.copy_(weight)
+    try:
+        return relative_error(_eps_all(model, x, t, y, batch), reference)
+    finally:
+        mod.weight.data.copy_(original)
+
+
+def kernel_grid(probe) -> tuple[str, str, int | None, bool]:
+    """(grid key, activation scheme, qmax, reduce_range) of the kernel a prepared quant layer runs: the
+    key is the input grid's bits ("8", "7"), "8" for kernels with float activations."""
+    from diffpro_cli.quant.kernels import act_bits_of
+
+    kernel = probe._kernel
+    qmax = kernel.act_qmax
+    return ("8" if qmax is None else str(act_bits_of(qmax)), kernel.act_scheme(probe), qmax,
+            getattr(kernel, "reduce_range", False))
+
+
 def _group(w: torch.Tensor, group_size: int | None) -> int | None:
     return group_size if group_size and w[0].numel() % group_size == 0 else None
 
 
 @torch.no_grad()
 def measure_layer_errors(model, names: list[str], x, t, y, bits: list[int], group_size: int | None = None,
-                         batch: int = 16, advance=lambda n=1: None) -> dict[str, dict[str, float]]:
-    """Σ‖eps_q - eps‖² / Σ‖eps‖² when ONE layer's weights are fake-quantised, per layer and bit width."""
+                         batch: int = 16, advance=lambda n=1: None, reference=None) -> dict[str, dict[str, float]]:
+    """Σ‖eps_q - eps‖² / Σ‖eps‖² when ONE layer's weights are fake-quantised, per layer and bit width.
+    `reference`: reference_eps of these inputs, when the caller has it."""
     from diffpro_cli.quant.reference import fake_quant_weight
 
     layers = model.quantizable_layers()
-    ref = _eps_all(model, x, t, y, batch)
-    denom = float(ref.double().square().sum()) or 1.0
+    reference = reference or reference_eps(model, x, t, y, batch)
     result = {}
     for name in names:
         mod = layers[name][0]
-        original = mod.weight.data.clone()
+        w = mod.weight.data
         per_bits = {}
         for b in bits:
-            mod.weight.data.copy_(fake_quant_weight(original, b, _group(original, group_size)))
-            try:
-                out = _eps_all(model, x, t, y, batch)
-            finally:
-                mod.weight.data.copy_(original)
-            per_bits[str(b)] = float((out - ref).double().square().sum()) / denom
+            per_bits[str(b)] = error_with_weight(model, mod, fake_quant_weight(w, b, _group(w, group_size)),
+                                                 x, t, y, reference, batch)
             advance(1)
         result[name] = per_bits
     return result
@@ -93,37 +124,30 @@ def measure_layer_errors(model, names: list[str], x, t, y, bits: list[int], grou
 
 @torch.no_grad()
 def measure_act_errors(model, names: list[str], x, t, y, act_mode: str = "dynamic", batch: int = 16,
-                       advance=lambda n=1: None) -> dict[str, dict[str, float]]:
+                       advance=lambda n=1: None, reference=None) -> dict[str, dict[str, float]]:
     """Σ‖eps_q - eps‖² / Σ‖eps‖² when ONE layer's INPUT is quantised exactly as its CPU integer kernel
     quantises it (the kernel's own scheme and grid, weights kept float), per layer → {act bits: error}
     for each input grid the kernels use at 4- and 8-bit weights: "8" with VNNI, "7" without
     (quant/kernels.py::cpu_act_qmax). Why: a layer's activation error has nothing to do with its weight
     error (a patch embedding sees x_t itself), so the allocator should not reuse the weight curve for it.
     Static mode is measured with one range per call: its calibrated ranges do not exist yet."""
-    from diffpro_cli.quant.kernels import act_bits_of
     from diffpro_cli.quant.layers import quantize_module
 
     layers = model.quantizable_layers()
-    ref = _eps_all(model, x, t, y, batch)
-    denom = float(ref.double().square().sum()) or 1.0
+    reference = reference or reference_eps(model, x, t, y, batch)
     mode = "dynamic" if act_mode == "static" else act_mode
     result = {}
     for name in names:
         result[name] = {}
         for weight_bits in (4, 8):   # the two activation grids the CPU kernels use (identical with VNNI)
-            probe = quantize_module(layers[name][0], weight_bits, act_bits=8, act_mode=mode)
-            kernel = probe._kernel
-            scheme, qmax = kernel.act_scheme(probe), kernel.act_qmax
-            del probe
-            key = "8" if qmax is None else str(act_bits_of(qmax))
+            key, scheme, qmax, reduce_range = kernel_grid(quantize_module(layers[name][0], weight_bits, act_bits=8, act_mode=mode))
             if key not in result[name]:
-                result[name][key] = _act_error(model, layers[name][0], x, t, y, ref, denom, batch, scheme, qmax,
-                                               getattr(kernel, "reduce_range", False))
+                result[name][key] = _act_error(model, layers[name][0], x, t, y, reference, batch, scheme, qmax, reduce_range)
         advance(1)
     return result
 
 
-def _act_error(model, mod, x, t, y, ref, denom, batch, scheme, qmax, reduce_range) -> float:
+def _act_error(model, mod, x, t, y, reference, batch, scheme, qmax, reduce_range) -> float:
     """Relative eps error with `mod`'s input fake-quantised on the kernel's grid (0 for float kernels)."""
     from diffpro_cli.quant.reference import reference_activation
 
@@ -141,7 +165,7 @@ def _act_error(model, mod, x, t, y, ref, denom, batch, scheme, qmax, reduce_rang
         out = _eps_all(model, x, t, y, batch)
     finally:
         handle.remove()
-    return float((out - ref).double().square().sum()) / denom
+    return relative_error(out, reference)
 
 
 def _layer_delta(module, x: torch.Tensor, dw: torch.Tensor) -> torch.Tensor:
