@@ -30,8 +30,11 @@ def measured_at(measured: dict[int, float], bits: int) -> float:
 def pair_bounded(layer: Layer, weight_bits: int, group_size: int | None) -> bool:
     """Whether quantize's pair bound covers this layer's integer option: its scores carry the bounded
     8-bit measurement (score assumed the bound and it covers the layer: stages/pair_bound_assumption.py)
-    and the option is 8-bit per-channel on integer activations (the caller's case)."""
-    return bool(layer.measured_pair_bounded) and weight_bits == 8 and not group_size
+    and the option is one the bound applies to (pair_bound.bound_applies; integer activations are the
+    caller's case)."""
+    from diffpro_cli.quant.pair_bound import bound_applies
+
+    return bool(layer.measured_pair_bounded) and bound_applies(weight_bits, group_size or None, float_activations=False)
 
 
 def error_model(layers: list[Layer], choice: str = "auto", proxy_bits: int = 4) -> tuple[str, Callable[..., float]]:
