@@ -37,6 +37,14 @@ from diffpro_cli.errors import InputError, UsageError
 
 SCHEMA = "diffpro.cache/1"
 POLICIES = ("static", "fbcache")
+# U-Nets whose forward runs down_blocks → mid_block → up_blocks, each deep block returning what the next
+# consumes (UNet2DConditionModel, SD 1.x/2.x/SDXL, is DeepCache's own target; its cross-attention blocks
+# take the text through kwargs the wrappers pass on untouched).
+UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
+# UNet2DConditionModel kwargs that add outside residuals (ControlNet, T2I-Adapter) to the deep features:
+# a cached step has none of those features to add them to.
+_EXTERNAL_RESIDUALS = ("down_block_additional_residuals", "mid_block_additional_residual",
+                       "down_intrablock_additional_residuals")
 
 
 def cache_units(net: nn.Module) -> nn.ModuleList:
@@ -54,14 +62,14 @@ def unit_kind(net: nn.Module) -> str:
     blocks = getattr(net, "transformer_blocks", None)
     if isinstance(blocks, nn.ModuleList) and len(blocks):
         return "dit"
-    if type(net).__name__ == "UNet2DModel" and len(getattr(net, "down_blocks", ())) >= 2:
+    if type(net).__name__ in UNET_CLASSES and len(getattr(net, "down_blocks", ())) >= 2:
         return "unet"
-    raise UsageError(f"caching runs on DiT transformer blocks or a UNet2DModel's deep blocks, not {type(net).__name__}; "
-                     "run without a cache schedule")
+    raise UsageError(f"caching runs on DiT transformer blocks or a U-Net's deep blocks ({' / '.join(UNET_CLASSES)}), "
+                     f"not {type(net).__name__}; run without a cache schedule")
 
 
 def unet_deep_modules(net: nn.Module) -> list[nn.Module]:
-    """The deep part of a UNet2DModel (one cacheable unit): down_blocks[1:], mid_block, up_blocks[:-1].
+    """The deep part of a U-Net (one cacheable unit): down_blocks[1:], mid_block, up_blocks[:-1].
     Its output (up_blocks[-2]'s) is the feature the shallow up block consumes."""
     if any(hasattr(b, "skip_conv") for b in (*net.down_blocks, *net.up_blocks)):
         raise UsageError("caching: U-Nets with skip-sample blocks (SkipDownBlock2D) are not supported; run without a cache schedule")
@@ -391,7 +399,7 @@ class CacheRunner:
 
 
 class DeepCacheRunner(CacheRunner):
-    """DeepCache on a UNet2DModel: one unit, the deep part (`unet_deep_modules`). At a step where it is
+    """DeepCache on a U-Net (UNET_CLASSES): one unit, the deep part (`unet_deep_modules`). At a step where it is
     cached, conv_in, down_blocks[0], up_blocks[-1] and the output layers run on the new input; the deep
     down blocks, the mid block and the deep up blocks do no compute (they pass their input through as
     a placeholder nobody reads), and up_blocks[-2] returns the feature it produced at the last step
@@ -440,6 +448,13 @@ class DeepCacheRunner(CacheRunner):
         self._handles.append(net.register_forward_pre_hook(self._pre_hook, with_kwargs=True, prepend=True))
         return self
 
+    def _pre_hook(self, module, args, kwargs):
+        outside = [k for k in _EXTERNAL_RESIDUALS if kwargs.get(k) is not None]
+        if outside:
+            raise UsageError(f"cache: the U-Net was called with {', '.join(outside)} (ControlNet / T2I-Adapter residuals), "
+                             "which a cached step cannot add to its reused deep feature; run without a cache schedule")
+        return super()._pre_hook(module, args, kwargs)
+
     def __exit__(self, *exc) -> None:
         for h in self._handles:
             h.remove()
@@ -451,7 +466,7 @@ class DeepCacheRunner(CacheRunner):
 
 def cached(model, policy, timesteps: Sequence[int] | None = None, on_residual=None) -> CacheRunner:
     """`with cached(model, policy) as run: sample(model, ...)`; `run.compute_fraction` afterwards.
-    A DiT's blocks or a UNet2DModel's deep part (DeepCacheRunner)."""
+    A DiT's blocks or a U-Net's deep part (DeepCacheRunner)."""
     net = _net(model)
     cls = DeepCacheRunner if unit_kind(net) == "unet" else CacheRunner
     return cls(net, policy, list(timesteps) if timesteps is not None else None, on_residual)

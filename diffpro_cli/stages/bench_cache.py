@@ -26,7 +26,7 @@ def cache_row(ctx, cfg, name: str, fp, ref_ts: list[int], fp_id: str, fp_bytes: 
     try:
         kind = unit_kind(fp.net)
     except UsageError:
-        notes.append(f"{name} row skipped: caching runs on DiT transformer blocks or a UNet2DModel, {fp.kind} is neither")
+        notes.append(f"{name} row skipped: caching runs on DiT transformer blocks or a U-Net's deep blocks, {fp.kind} has neither")
         return []
     n_units = num_cache_units(fp.net)
     tail = max(1, round(0.1 * len(ref_ts)))
