@@ -61,7 +61,8 @@ def test_frechet_distance_matches_pytorch_fid():
     np.testing.assert_allclose(mu1, a.mean(0))
     np.testing.assert_allclose(s1, np.cov(a, rowvar=False))
     ours = M.frechet_distance(mu1, s1, mu2, s2)
-    assert ours == pytest.approx(calculate_frechet_distance(mu1, s1, mu2, s2), rel=1e-9)
+    with M.pytorch_fid_scipy():   # pytorch-fid 0.3.0 itself, on any scipy (see test_..._scipy_without_disp)
+        assert ours == pytest.approx(calculate_frechet_distance(mu1, s1, mu2, s2), rel=1e-9)
     assert M.frechet_distance(mu1, s1, mu2, s2, method="eigh") == pytest.approx(ours, rel=1e-9)
     assert M.frechet_distance(mu1, s1, mu1, s1) == pytest.approx(0.0, abs=1e-6)
     small = M.stats_from_features(a[:10])  # singular covariance (10 < 32 features): still agrees
@@ -96,6 +97,27 @@ def test_features_equal_pytorch_fid_inception(inception, pytorch_fid_home, digit
     assert np.abs(M.inception_features(as_float, inception) - M.inception_features(digits[:3], inception)).max() == 0
 
 
+def test_frechet_distance_runs_pytorch_fid_on_a_scipy_without_disp(monkeypatch):
+    """scipy 1.18 (Python >= 3.12) removed sqrtm's `disp`, which pytorch-fid 0.3.0 passes. Catches: FID
+    raising TypeError there (bench's FID column lost, exit 1); the shim left installed after the call."""
+    import scipy.linalg
+    from pytorch_fid import fid_score
+
+    rng = np.random.default_rng(1)
+    (mu1, s1), (mu2, s2) = M.stats_from_features(rng.normal(size=(60, 8))), M.stats_from_features(rng.normal(0.5, 1, (50, 8)))
+    before = M.frechet_distance(mu1, s1, mu2, s2)
+    old_sqrtm = scipy.linalg.sqrtm
+
+    def sqrtm(A):   # scipy 1.18's signature: the root only, no disp
+        return old_sqrtm(A)
+
+    monkeypatch.setattr(scipy.linalg, "sqrtm", sqrtm)
+    with pytest.raises(TypeError, match="disp"):
+        fid_score.calculate_frechet_distance(mu1, s1, mu2, s2)   # pytorch-fid alone fails on it
+    assert M.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(before, rel=1e-12)
+    assert fid_score.linalg is scipy.linalg
+
+
 def test_fid_agrees_with_pytorch_fid_on_folders(inception, pytorch_fid_home, digits, tmp_path, monkeypatch):
     """Two PNG folders: pytorch-fid end to end (its reading, network, statistics, distance) vs diffpro."""
     from pytorch_fid.fid_score import (
@@ -120,7 +142,8 @@ def test_fid_agrees_with_pytorch_fid_on_folders(inception, pytorch_fid_home, dig
     # features (full rank with 8 images); both methods of ours against pytorch-fid's formula.
     top = np.argsort(-np.diag(ours[0][1]))[:6]
     sub = [(mu[top], sigma[np.ix_(top, top)]) for mu, sigma in ours]
-    theirs_fd = calculate_frechet_distance(*sub[0], *sub[1])
+    with M.pytorch_fid_scipy():
+        theirs_fd = calculate_frechet_distance(*sub[0], *sub[1])
     assert M.frechet_distance(*sub[0], *sub[1]) == pytest.approx(theirs_fd, rel=1e-9)
     assert M.frechet_distance(*sub[0], *sub[1], method="eigh") == pytest.approx(theirs_fd, rel=1e-6)
     assert theirs_fd > 0.1

@@ -149,6 +149,50 @@ def stats_from_features(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.mean(features, axis=0), np.cov(features, rowvar=False)
 
 
+class _LinalgWithDisp:
+    """scipy.linalg whose sqrtm still takes `disp` (see pytorch_fid_scipy); everything else is scipy's."""
+
+    def __getattr__(self, name):
+        from scipy import linalg
+
+        return getattr(linalg, name)
+
+    @staticmethod
+    def sqrtm(A, disp=True, **kwargs):
+        from scipy import linalg
+
+        root = linalg.sqrtm(A, **kwargs)
+        if disp:
+            return root
+        # the old disp=False contract: (root, Frobenius error of root² relative to A)
+        errest = np.linalg.norm(root @ root - A, "fro") / max(np.linalg.norm(A, "fro"), np.finfo(float).tiny)
+        return root, float(errest)
+
+
+@contextlib.contextmanager
+def pytorch_fid_scipy():
+    """pytorch-fid 0.3.0 calls scipy.linalg.sqrtm(A, disp=False); scipy 1.18 (Python >= 3.12) removed `disp`,
+    so its Fréchet distance raised TypeError there. For the call, hand pytorch-fid a scipy.linalg whose
+    sqrtm keeps the old signature; with an older scipy nothing changes."""
+    import inspect
+
+    from pytorch_fid import fid_score
+    from scipy import linalg
+
+    try:
+        has_disp = "disp" in inspect.signature(linalg.sqrtm).parameters
+    except (TypeError, ValueError):   # a signature inspect cannot read: assume the old one
+        has_disp = True
+    if has_disp or fid_score.linalg is not linalg:
+        yield
+        return
+    fid_score.linalg = _LinalgWithDisp()
+    try:
+        yield
+    finally:
+        fid_score.linalg = linalg
+
+
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6, method: str = "sqrtm") -> float:
     """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 sqrt(S1 S2)).
 
@@ -169,7 +213,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6, method: str = 
 
     said = io.StringIO()
     try:
-        with contextlib.redirect_stdout(said):  # its singular-product notice would corrupt --json output
+        with contextlib.redirect_stdout(said), pytorch_fid_scipy():  # its singular-product notice would corrupt --json output
             value = calculate_frechet_distance(mu1, sigma1, mu2, sigma2, eps=eps)
     except ValueError as exc:  # "Imaginary component m"
         raise InputError(f"FID: matrix square root has an imaginary part ({exc}); use more images") from None
