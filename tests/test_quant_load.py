@@ -453,3 +453,32 @@ def test_missing_vae_fails_when_decoding_not_when_loading(reloads, tmp_path):
         assert torch.equal(m.eps(x, t, y), r["memory"]["eps"])     # latency / memory runs need no VAE
         with pytest.raises(InputError, match="decoding needs the VAE at .*gone"):
             m.decode(z)
+
+
+def test_models_describes_a_quantized_checkpoint_by_what_it_holds(tmp_path, cli):
+    """`diffpro models QDIR`: the source model's parameter count (not 0: integer weights are buffers), size, bits,
+    the kernels per layer, the timestep subset and the cache schedule, from diffpro.json. Catches: a quantized
+    checkpoint described as a 0-parameter model; the cache section or timesteps dropped from the description."""
+    import json
+
+    from diffpro_cli.cache import CacheSchedule
+    from diffpro_cli.loading import load_model
+    from diffpro_cli.stages.quantize import uniform_plan
+
+    m = load_model("random:dit-tiny")
+    ts = [0, 250, 500, 750, 999]
+    n_blocks = len(m.net.transformer_blocks)
+    sched = CacheSchedule(ts, n_blocks, [set(range(n_blocks)), set(), set(range(n_blocks)), set(), set(range(n_blocks))])
+    save_quantized(m, uniform_plan(m, 4), tmp_path / "q", ts, cache={"enabled": True, "schedule": sched.as_dict()})
+    code, out, err = cli("models", tmp_path / "q", "--json")
+    assert code == 0, err
+    desc = json.loads(out)
+    float_params = sum(p.numel() for p in m.net.parameters())
+    q = desc["quantized"]
+    assert desc["params"] == float_params, (desc["params"], float_params)
+    assert q["source"] == "random:dit-tiny" and q["timesteps"] == 5 and q["timestep_range"] == [999, 0]
+    assert q["cache"] == {"policy": "CacheSchedule", "compute_fraction": pytest.approx(sched.compute_fraction())}
+    assert sum(q["kernels"].values()) == len(json.loads((tmp_path / "q" / "diffpro.json").read_text())["layers"])
+    assert 0 < q["bytes"] < q["fp32_bytes"]
+    code, out, _ = cli("models", tmp_path / "q")
+    assert code == 0 and "quantized dit from random:dit-tiny" in out and "5 timesteps (999 … 0)" in out and "CacheSchedule" in out
