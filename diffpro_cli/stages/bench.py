@@ -239,13 +239,22 @@ def compile_rows(rows: list[Row]) -> str:
     if reason is not None:
         return f"compile requested but unavailable ({reason}): every row ran eager"
     done: dict[int, DiffusionModel] = {}
+    eager = []
     for row in rows:
+        if row.cache is not None:   # the cache runner's per-step Python state would recompile the graph every step
+            eager.append(row.name)
+            row.notes.append("ran eager under --compile (cached rows do)")
+            continue
         key = id(row.model)
         if key not in done:
             done[key] = compiled.compile_model(row.model)
         row.model = done[key]
-    return ("every row torch.compile'd (inductor, freezing): float rows as compiled float, integer layers on "
+    note = ("every row torch.compile'd (inductor, freezing): float rows as compiled float, integer layers on "
             "the compiled oneDNN int8 path; the first call of each shape compiled during warm-up; memory rows ran eager")
+    if eager:
+        note += (f"; except the cached rows ({', '.join(eager)}), which ran eager: their block wrappers switch "
+                 "per step, which a compiled graph would recompile for at every step")
+    return note
 
 
 def measure_memory(rows: list[Row], cfg: BenchConfig, ctx) -> str:
