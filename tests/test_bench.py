@@ -141,3 +141,30 @@ def test_steps_note_states_the_paired_difference_and_its_significance():
     line = steps_note(p)
     assert "16 calibration samples" in line and "12 wins / 4 losses" in line and "(significant)" in line
     assert "not significant" in steps_note({**p, "ci95": [-1e-5, 3e-4], "significant": False})
+
+
+def test_report_device_says_which_isa_the_kernels_ran_on(monkeypatch):
+    """A report must say whether its integer rows ran VNNI or AVX2 code (and under which cap), or its speed-ups
+    cannot be placed. Catches: the ISA left out of report.json / the Device line; a cap (the AVX2 emulation
+    variables) not recorded, so an emulated run reads as a real VNNI one."""
+    from diffpro_cli.quant import kernels
+    from diffpro_cli.report import _isa_text
+    from diffpro_cli.stages.bench import device_info
+
+    monkeypatch.delenv("FBGEMM_ENABLE_INSTRUCTIONS", raising=False)
+    for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY"):
+        monkeypatch.delenv(name, raising=False)
+    kernels.cpu_has_vnni.cache_clear()
+    plain = device_info("cpu")
+    assert plain["isa_cap"] is None and plain["integer_kernels"] == ("VNNI" if kernels.cpu_has_vnni() else "pre-VNNI (AVX2 vpmaddubsw)")
+    monkeypatch.setenv("FBGEMM_ENABLE_INSTRUCTIONS", "AVX2")
+    kernels.cpu_has_vnni.cache_clear()
+    try:
+        capped = device_info("cpu")
+    finally:
+        kernels.cpu_has_vnni.cache_clear()
+    assert capped["isa_cap"] == "FBGEMM_ENABLE_INSTRUCTIONS=AVX2" and capped["integer_kernels"].startswith("pre-VNNI")
+    assert capped["isa_flags"] == plain["isa_flags"]          # the CPU's flags, whatever the cap
+    line = _isa_text(capped)
+    assert "integer kernels pre-VNNI" in line and "capped by FBGEMM_ENABLE_INSTRUCTIONS=AVX2" in line
+    assert _isa_text({"kind": "cuda", "name": "GPU"}) == ""    # GPU reports and old reports: nothing to say

@@ -13,7 +13,6 @@ checkpoints and loaded back, so their size is a file size and their kernels are 
 
 from __future__ import annotations
 
-import platform
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -339,15 +338,13 @@ def device_info(device: str = "cpu") -> dict:
     if is_cuda(device):
         return {"kind": "cuda", "name": device_name(device), "device": device, "threads": torch.get_num_threads(),
                 "torch": torch.__version__, "cuda": torch.version.cuda}
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"kind": "cpu", "name": name, "threads": torch.get_num_threads(), "torch": torch.__version__, "allocator": allocator_label()}
+    from diffpro_cli.planning.costs import bf16_support, machine_fingerprint
+
+    fp = machine_fingerprint("cpu")   # the cost table's: which ISA the integer kernels and bf16 really ran on
+    return {"kind": "cpu", "name": fp["cpu"], "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "allocator": allocator_label(), "isa_flags": fp["isa_flags"],
+            "integer_kernels": "VNNI" if fp["kernel_vnni"] else "pre-VNNI (AVX2 vpmaddubsw)", "isa_cap": fp["isa_cap"],
+            "bf16": "native" if bf16_support("cpu")[0] else "emulated"}
 
 
 def measure_bench(ctx, cfg: BenchConfig, quantized: Path | None = None, timesteps: list[int] | None = None,
