@@ -4,7 +4,7 @@ artifacts hold. `import diffpro` re-exports everything here (docs/api.md).
     import diffpro
     plan = diffpro.allocate("builtin:dit-mnist", workdir="work", budget="avg-bits=4.4")
     model = diffpro.load("work/quantized")           # a quantized checkpoint, or any model spec
-    eps = model.net(x, timestep=t, class_labels=y)   # the original forward signature
+    eps = model.net(x, timestep=t, class_labels=y).sample   # the original forward signature
 
 Each stage function takes the model spec (or an already loaded `DiffusionModel`), the work directory
 and the stage's options as keyword arguments (the fields of its config dataclass, e.g.
@@ -25,8 +25,8 @@ from diffpro_cli.errors import UsageError
 from diffpro_cli.lora import load_lora, unload_lora
 from diffpro_cli.models.base import DiffusionModel
 
-__all__ = ["load", "quantize_", "profile", "score", "prune", "allocate", "quantize", "bench", "DiffusionModel",
-           "load_lora", "unload_lora", "register_diffusers_quantizer"]
+__all__ = ["DiffusionModel", "allocate", "bench", "install_timestep_hook", "load", "load_lora", "profile", "prune", "quantize",
+           "quantize_", "register_diffusers_quantizer", "score", "set_compute_dtype", "unload_lora"]
 
 
 def _context(model: str | DiffusionModel, workdir: str | Path, trust_code: bool, weights, seed: int, force: bool, quiet: bool,

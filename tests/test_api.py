@@ -150,3 +150,11 @@ def test_bench_takes_rows_as_the_command_line_writes_them(tmp_path):
     report = diffpro.bench("random:dit-tiny", tmp_path / "w", rows="fp32, w8a8-uniform", reference_steps=4,
                            repeats=1, latency_batch=2)
     assert [r["name"] for r in report["rows"]] == ["fp32", "w8a8-uniform"]
+
+
+def test_the_api_module_exports_every_name_import_diffpro_does():
+    # catches: set_compute_dtype / install_timestep_hook re-exported by diffpro but missing from api.__all__
+    from diffpro_cli import api
+
+    assert set(diffpro.__all__) - {"__version__"} <= set(api.__all__)
+    assert all(callable(getattr(api, name)) for name in api.__all__)
