@@ -22,6 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 PROGRESS_INTERVAL_ENV = "DIFFPRO_PROGRESS_INTERVAL"
 DEFAULT_PROGRESS_INTERVAL = 30.0
+WAKE_MARGIN = 0.97   # watchdog threads wake a little early: a busy machine wakes them late
 
 
 def _interactive() -> bool:
@@ -85,7 +86,17 @@ class UI:
             return
         if not self._is_interactive():
             plain = _PlainProgress(self, description, total, self._interval())
-            yield plain.advance
+            stop = threading.Event()
+            watchdog = None
+            if plain.interval > 0:   # a step longer than the interval must not leave the log silent
+                watchdog = threading.Thread(target=plain.keep_alive, args=(stop,), name="diffpro-progress", daemon=True)
+                watchdog.start()
+            try:
+                yield plain.advance
+            finally:
+                stop.set()
+                if watchdog is not None:
+                    watchdog.join()
             plain.finish()
             return
         columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
@@ -122,7 +133,7 @@ class UI:
             return
         stop = threading.Event()
         t0 = time.monotonic()
-        interval = max(self._interval(), 0.01)   # an interval of 0 must not spin
+        interval = max(self._interval() * WAKE_MARGIN, 0.01)   # an interval of 0 must not spin
 
         def beat():
             while not stop.wait(interval):
@@ -169,6 +180,24 @@ class _PlainProgress:
             self.last, self.printed = now, self.done
             text = self.line(now)
         self.ui._plain(text)
+
+    def keep_alive(self, stop: threading.Event) -> None:
+        """Until `stop`: the current line again whenever `interval` passed since the last one (a round of
+        work can outlast the interval, e.g. a timing round of a large model, and advance() only prints when
+        it is called)."""
+        interval = self.interval * WAKE_MARGIN
+        while True:
+            with self.lock:
+                wait = interval - (time.monotonic() - self.last)
+            if stop.wait(max(wait, 0.05)):
+                return
+            with self.lock:
+                now = time.monotonic()
+                if now - self.last < interval:
+                    continue
+                self.last, self.printed = now, self.done
+                text = self.line(now)
+            self.ui._plain(text)
 
     def finish(self) -> None:
         """The closing line (not printed when the block raised: the error says what happened)."""

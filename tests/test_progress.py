@@ -130,3 +130,20 @@ def test_tty_bar_and_spinner_nest_without_rich_live_errors():
     with ui.heartbeat("outer"):
         with ui.progress("inner", total=1) as advance:
             advance()
+
+
+def test_a_step_longer_than_the_interval_still_prints_a_line_every_interval():
+    """Catches: lines printed only from advance(), so one slow round (a timing round of a large model, a
+    cache candidate's sampling) left a log silent for minutes; the watchdog thread outliving its block."""
+    ui, buf = plain_ui(progress_interval=0.2)
+    with ui.progress("timing layers", total=2) as advance:
+        time.sleep(0.9)            # one round, no advance: the log must still move
+        advance()
+    got = lines(buf)
+    during = [ln for ln in got if LINE.match(ln) and LINE.match(ln)["done"] == "0"]
+    assert len(during) >= 3, got   # ~0.2, 0.4, 0.6, 0.8 s
+    assert LINE.match(got[-1])["done"] == "1"
+    assert not any(t.name == "diffpro-progress" for t in threading.enumerate())
+    n = len(lines(buf))
+    time.sleep(0.5)
+    assert len(lines(buf)) == n    # nothing after the block ended
