@@ -46,10 +46,32 @@ def sha256_json(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def cannot_write(path: str | Path, exc: OSError) -> UsageError:
+    """The one-line error for an output location the user chose but diffpro cannot write (read-only,
+    a file where a directory belongs or the reverse, a full disk): a usage error, not a bug."""
+    return UsageError(f"{path}: cannot write there ({exc.strerror or exc}); make it writable or choose another "
+                      "--workdir / --out")
+
+
+def ensure_dir(path: str | Path) -> Path:
+    """mkdir -p, with cannot_write's one-line error instead of a traceback."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{path}: is a file, not a directory; choose another --workdir / --out or move the file")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise cannot_write(path, exc) from None
+    return path
+
+
 def _atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    ensure_dir(path.parent)
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise cannot_write(path.parent, exc) from None
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -58,6 +80,8 @@ def _atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
+    except OSError as exc:
+        raise cannot_write(path, exc) from None
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -181,6 +205,18 @@ def read_json(path: str | Path, schema: str | None = None, *, missing: str = "ru
     return obj
 
 
+# the top-level keys (and their JSON types) every reader of an artifact indexes without checking: a file
+# with the right schema but one of these missing or of the wrong type is refused here, in one line
+REQUIRED_KEYS: dict[str, dict[str, type]] = {
+    "diffpro.lock": {"stages": dict},
+    "diffpro.profile": {"model": dict, "calibration": dict, "layers": list},
+    "diffpro.scores": {"model": dict, "layers": dict},
+    "diffpro.plan": {"model": dict, "layers": dict},
+    "diffpro.timesteps": {"timesteps": list},
+    "diffpro.quantized": {"model": dict, "layers": dict},
+}
+
+
 def check_schema(path: Path, obj: Any, expected: str) -> None:
     name, _, version = expected.partition("/")
     found = obj.get("schema") if isinstance(obj, dict) else None
@@ -191,6 +227,11 @@ def check_schema(path: Path, obj: Any, expected: str) -> None:
         raise InputError(f"{path}: is a {fname} artifact, expected {name}; pass the right file")
     if fversion != version:
         raise InputError(f"{path}: schema {found} cannot be read by diffpro {__version__} (reads {expected}); re-run the stage with this version")
+    for key, kind in REQUIRED_KEYS.get(name, {}).items():
+        if not isinstance(obj.get(key), kind):
+            what = "missing" if key not in obj else f"not a JSON {'object' if kind is dict else 'list'}"
+            raise InputError(f"{path}: its '{key}' is {what} (an incomplete or hand-edited {name} file); "
+                             "re-run the stage that writes it")
 
 
 def load_safetensors(path: str | Path) -> tuple[dict, dict]:
@@ -198,7 +239,7 @@ def load_safetensors(path: str | Path) -> tuple[dict, dict]:
     from safetensors import safe_open
 
     path = Path(path)
-    if not path.exists():
+    if not path.is_file():
         raise InputError(f"{path}: no such file; check the path or re-run the stage that writes it")
     try:
         tensors = {}
@@ -242,7 +283,10 @@ class StageCheck:
 @contextmanager
 def _flock(path: Path, mode: int):
     """fcntl.flock on `path` (created if missing) for the duration of the block."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as exc:
+        raise cannot_write(path.parent, exc) from None
     try:
         fcntl.flock(fd, mode)
         yield fd
@@ -290,8 +334,11 @@ def workdir_lock(workdir: str | Path, wait: bool = False, ui=None):
             yield since
         return
 
-    key.mkdir(parents=True, exist_ok=True)
-    fd = os.open(key / RUN_LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666)
+    ensure_dir(key)
+    try:
+        fd = os.open(key / RUN_LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as exc:
+        raise cannot_write(key, exc) from None
     try:
         holder = None
         try:
@@ -364,7 +411,7 @@ class Lock:
             # itself is replaced atomically, so an unguarded read still sees a whole file
             yield None
             return
-        self.workdir.mkdir(parents=True, exist_ok=True)
+        ensure_dir(self.workdir)
         with _flock(self.workdir / LOCK_FLOCK_NAME, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) as fd:
             yield fd
 

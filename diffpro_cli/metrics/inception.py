@@ -21,7 +21,6 @@ import hashlib
 import importlib.util
 import io
 import os
-import pickle
 import socket
 import warnings
 import zipfile
@@ -32,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffpro_cli.errors import InputError
+from diffpro_cli.errors import InputError, UsageError
 
 HUB_FILE = "pt_inception-2015-12-05-6726825d.pth"
 HUB_SHA256_PREFIX = "6726825d"  # torch-hub naming: the file name carries its sha256 prefix
@@ -149,8 +148,9 @@ def _check_state_dict(state, origin: str) -> dict[str, torch.Tensor]:
 def _read_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as exc:
-        raise InputError(f"{path}: cannot read as a weights-only state dict ({str(exc).splitlines()[0][:80]}); re-download it") from None
+    except Exception as exc:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, EOFError, struct.error ... for bad files
+        first = (str(exc).splitlines() or [type(exc).__name__])[0][:80]
+        raise InputError(f"{path}: cannot read as a weights-only state dict ({first}); re-download it") from None
     return _check_state_dict(state, str(path))
 
 
@@ -234,7 +234,7 @@ def _load_converted(path: Path) -> dict[str, torch.Tensor]:
     state = convert_fid_helper(_fid_helper_bytes(path), origin=str(path))
     try:
         atomic_save_safetensors(cached, state, metadata={"source": FID_HELPER, "source_sha256": FID_HELPER_SHA256})
-    except OSError as exc:
+    except (OSError, UsageError) as exc:   # atomic writes report an unwritable place as a UsageError
         warnings.warn(f"could not cache converted Inception weights in {cached}: {exc}")
     return state
 

@@ -76,9 +76,9 @@ def read_weights(path: str | Path):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError, KeyError, EOFError ... for bad files
         text = str(exc)
-        if "Weights only load failed" in text:
-            found = re.findall(r"GLOBAL ([\w.]+)", text)
-            what = f" (it pickles {found[0]})" if found else ""
+        found = re.findall(r"GLOBAL ([\w.]+)", text)
+        if "Weights only load failed" in text and found:   # without a GLOBAL it is a corrupt file, not code
+            what = f" (it pickles {found[0]})"
             raise TrustError(f"{path}: not a plain state dict{what} and diffpro does not unpickle code; "
                              "re-save it with torch.save(model.state_dict(), ...) or as .safetensors") from None
         first = text.splitlines()[0].split(". ")[0][:100] if text else type(exc).__name__

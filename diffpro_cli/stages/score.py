@@ -367,7 +367,7 @@ def run_score(ctx, cfg: ScoreConfig, *, profile_path: str | Path | None = None):
     if cfg.figure_layer is not None and cfg.figure_layer not in names:
         raise UsageError(f"--layer {cfg.figure_layer}: not a profiled layer; see the names in {json_path}")
     stats_path = json_path.parent / doc.get("stats_file", "stats.safetensors")
-    if not stats_path.exists():
+    if not stats_path.is_file():
         raise InputError(f"{stats_path}: missing next to {json_path.name}; re-run `diffpro profile`")
     inputs = {"profile": input_record(json_path), "stats": input_record(stats_path)}
     model = None

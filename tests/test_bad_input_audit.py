@@ -1,0 +1,130 @@
+"""Bad input a new user hits, one case per defect the audit found: each exits with its documented code and
+ONE `error:` line (no traceback), and writes nothing it should not."""
+
+import json
+import os
+
+import pytest
+
+TINY = "random:dit-tiny"
+
+
+def _one_error_line(err):
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+def _profile(cli, work):
+    code, _, err = cli("profile", TINY, "-w", work, "-q", "--samples", "1", "--batch", "1", "--timesteps", "999,499")
+    assert code == 0, err
+
+
+def _quantize(cli, tmp_path, name="q"):
+    code, _, err = cli("quantize", TINY, "--bits", "8", "--out", tmp_path / name, "-w", tmp_path / f"w{name}", "-q",
+                       "--calib-samples", "1")
+    assert code == 0, err
+    return tmp_path / name
+
+
+# ---- output locations -------------------------------------------------------------------------------
+
+def test_workdir_that_is_a_file_is_a_usage_error_not_a_traceback(cli, tmp_path):
+    blocker = tmp_path / "work"
+    blocker.write_text("not a directory")
+    code, _, err = cli("profile", TINY, "-w", blocker, "-q", "--samples", "1", "--batch", "1", "--timesteps", "999")
+    assert code == 2 and "is a file, not a directory" in _one_error_line(err) and str(blocker) in err
+    assert blocker.read_text() == "not a directory"
+
+
+def test_output_blocked_by_a_directory_leaves_no_temp_file(cli, tmp_path):
+    """sample --out naming a directory: os.replace raised IsADirectoryError (exit 1, traceback)."""
+    (tmp_path / "grid.png").mkdir()
+    code, _, err = cli("sample", TINY, "--steps", "1", "--n", "1", "--out", tmp_path / "grid.png", "-q")
+    assert code == 2 and "cannot write" in _one_error_line(err)
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into mode-555 directories")
+def test_read_only_workdir_is_a_usage_error(cli, tmp_path):
+    work = tmp_path / "ro"
+    work.mkdir()
+    work.chmod(0o555)
+    try:
+        code, _, err = cli("profile", TINY, "-w", work, "-q", "--samples", "1", "--batch", "1", "--timesteps", "999")
+    finally:
+        work.chmod(0o755)
+    assert code == 2 and "cannot write" in _one_error_line(err)
+
+
+def test_atomic_write_into_a_file_path_raises_usage_error(tmp_path):
+    from diffpro_cli.artifacts import atomic_write_json
+    from diffpro_cli.errors import UsageError
+
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(UsageError, match="is a file, not a directory"):
+        atomic_write_json(tmp_path / "f" / "out.json", {"a": 1})
+
+
+# ---- artifacts with the right schema but missing keys --------------------------------------------------
+
+def test_lock_file_without_stages_table_is_bad_input(cli, tmp_path):
+    work = tmp_path / "w"
+    work.mkdir()
+    (work / "diffpro.lock.json").write_text('{"schema": "diffpro.lock/1"}')
+    code, _, err = cli("profile", TINY, "-w", work, "-q", "--samples", "1", "--batch", "1", "--timesteps", "999")
+    assert code == 3 and "'stages'" in _one_error_line(err)
+
+
+@pytest.mark.parametrize("key,value", [("layers", None), ("model", None), ("layers", "x")])
+def test_profile_json_missing_or_mistyped_key_is_bad_input(cli, tmp_path, key, value):
+    work = tmp_path / "w"
+    _profile(cli, work)
+    path = work / "profile" / "profile.json"
+    doc = json.loads(path.read_text())
+    if value is None:
+        del doc[key]
+    else:
+        doc[key] = value
+    path.write_text(json.dumps(doc))
+    code, _, err = cli("score", "-w", work, "-q", "--no-figures")
+    assert code == 3 and f"'{key}'" in _one_error_line(err)
+    assert not (work / "scores.json").exists()
+
+
+def test_profile_stats_that_is_a_directory_is_bad_input(cli, tmp_path):
+    work = tmp_path / "w"
+    _profile(cli, work)
+    stats = work / "profile" / "stats.safetensors"
+    stats.unlink()
+    stats.mkdir()
+    code, _, err = cli("score", "-w", work, "-q", "--no-figures")
+    assert code == 3 and "stats.safetensors" in _one_error_line(err)
+
+
+# ---- model files --------------------------------------------------------------------------------------
+
+class NotAStateDict:
+    """A class a weights-only unpickler refuses (loading it would run code)."""
+
+
+def test_garbage_pt_is_corrupt_input_not_untrusted_code(cli, tmp_path):
+    import torch
+
+    (tmp_path / "m.pt").write_text("garbage")
+    code, _, err = cli("models", tmp_path / "m.pt")
+    assert code == 3 and "not a readable PyTorch checkpoint" in _one_error_line(err)
+
+    torch.save({"x": NotAStateDict()}, tmp_path / "code.pt")       # a pickle that needs code: still refused
+    code, _, err = cli("models", tmp_path / "code.pt")
+    assert code == 5 and "does not unpickle code" in _one_error_line(err)
+
+
+def test_garbage_inception_weights_are_bad_input(tmp_path):
+    from diffpro_cli.errors import InputError
+    from diffpro_cli.metrics.inception import _read_state_dict_file
+
+    (tmp_path / "i.pth").write_text("junk")
+    with pytest.raises(InputError, match="i.pth"):
+        _read_state_dict_file(tmp_path / "i.pth")
+
