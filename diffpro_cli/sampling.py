@@ -26,7 +26,7 @@ from typing import Callable, Sequence
 import torch
 
 from diffpro_cli.devices import net_device
-from diffpro_cli.errors import UsageError
+from diffpro_cli.errors import InputError, UsageError
 from diffpro_cli.models.base import DiffusionModel
 from diffpro_cli.models.conditioning import Conditioning, take, to_device
 
@@ -52,14 +52,20 @@ def parse_timesteps(text: str, num_train: int) -> list[int]:
     try:
         if ":" in text:
             a, b, step = (int(v) for v in text.split(":"))
-            step = abs(step) or 1
+            if step == 0:
+                raise UsageError(f"timesteps {text!r}: STEP must not be 0; use e.g. {a}:{b}:50")
+            step = abs(step)
             lo, hi = min(a, b), max(a, b)
             values = list(range(hi, lo - 1, -step))
         else:
             values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise UsageError(f"timesteps {text!r}: use START:STOP:STEP (e.g. 999:0:50) or a comma list") from None
-    values = sorted(set(min(max(v, 0), num_train - 1) for v in values))
+    outside = [v for v in values if not 0 <= v <= num_train]    # num_train itself: the last step (1000:0:50)
+    if outside:
+        raise UsageError(f"timesteps {text!r}: {outside[0]} is outside the model's 0..{num_train - 1}; "
+                         f"use e.g. {num_train - 1}:0:50")
+    values = sorted(set(min(v, num_train - 1) for v in values))
     if not values:
         raise UsageError(f"timesteps {text!r}: selects no timestep")
     return values
@@ -74,6 +80,21 @@ def validate_timesteps(timesteps: Sequence[int], num_train: int) -> list[int]:
     if ts[0] < 0 or ts[-1] >= num_train:
         raise UsageError(f"timesteps must lie in [0, {num_train - 1}]")
     return ts
+
+
+def read_timesteps_file(path, num_train: int) -> tuple[dict, list[int]]:
+    """A timesteps.json (from `diffpro prune`) and its validated timesteps; a bad list is the file's fault
+    (exit 3, naming it), not an option's."""
+    from diffpro_cli.artifacts import read_json
+
+    doc = read_json(path, "diffpro.timesteps/1")
+    ts = doc["timesteps"]
+    if not all(isinstance(t, int) and not isinstance(t, bool) for t in ts):
+        raise InputError(f"{path}: 'timesteps' must be a list of integer timesteps; re-run `diffpro prune`")
+    try:
+        return doc, validate_timesteps(ts, num_train)
+    except UsageError as exc:
+        raise InputError(f"{path}: {exc.message.split(';')[0]}; re-run `diffpro prune` for this model") from None
 
 
 def sample_generators(seed: int, indices: Sequence[int]) -> list[torch.Generator]:

@@ -128,3 +128,52 @@ def test_garbage_inception_weights_are_bad_input(tmp_path):
     with pytest.raises(InputError, match="i.pth"):
         _read_state_dict_file(tmp_path / "i.pth")
 
+
+# ---- timesteps ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text,needle", [("999:0:0", "STEP must not be 0"), ("5000,10", "5000 is outside"),
+                                         ("-5,10", "-5 is outside")])
+def test_profile_timesteps_step_zero_or_out_of_range_is_refused(cli, tmp_path, text, needle):
+    code, _, err = cli("profile", TINY, "-w", tmp_path / "w", "-q", "--samples", "1", "--timesteps", text)
+    assert code == 2 and needle in _one_error_line(err)
+    assert not (tmp_path / "w" / "profile").exists()
+
+
+def test_timesteps_range_ending_at_the_schedule_length_still_works():
+    from diffpro_cli.sampling import parse_timesteps
+
+    assert parse_timesteps("1000:0:500", 1000) == [0, 500, 999]   # the default 1000:0:50 relies on it
+
+
+@pytest.mark.parametrize("timesteps,needle", [("abc", "not a JSON list"), (["a"], "integer timesteps"),
+                                              ([5, 5000], "must lie in"), (None, "'timesteps'")])
+def test_sample_timesteps_file_with_bad_contents_is_bad_input(cli, tmp_path, timesteps, needle):
+    doc = {"schema": "diffpro.timesteps/1"} | ({} if timesteps is None else {"timesteps": timesteps})
+    (tmp_path / "t.json").write_text(json.dumps(doc))
+    code, _, err = cli("sample", TINY, "--n", "1", "--timesteps", tmp_path / "t.json", "--out", tmp_path / "g.png", "-q")
+    line = _one_error_line(err)
+    assert code == 3 and needle in line and "t.json" in line
+    assert not (tmp_path / "g.png").exists()
+
+
+def test_quantize_timesteps_file_with_strings_is_bad_input(cli, tmp_path):
+    (tmp_path / "t.json").write_text(json.dumps({"schema": "diffpro.timesteps/1", "timesteps": ["a"]}))
+    code, _, err = cli("quantize", TINY, "--bits", "8", "--timesteps", tmp_path / "t.json", "--out", tmp_path / "q",
+                       "-w", tmp_path / "w", "-q")
+    assert code == 3 and "t.json" in _one_error_line(err)
+    assert not (tmp_path / "q").exists()
+
+
+def test_quantize_refuses_a_quantized_checkpoint_as_model(cli, tmp_path):
+    q = _quantize(cli, tmp_path)
+    code, _, err = cli("quantize", q, "--bits", "8", "--out", tmp_path / "q2", "-w", tmp_path / "w2", "-q")
+    assert code == 3 and "already a diffpro quantized checkpoint" in _one_error_line(err)
+    assert not (tmp_path / "q2").exists()
+
+
+def test_quantize_refuses_a_plan_with_no_layers(cli, tmp_path):
+    plan = {"schema": "diffpro.plan/1", "model": {"spec": TINY, "sha256": None}, "layers": {}}
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    code, _, err = cli("quantize", TINY, "--plan", tmp_path / "plan.json", "--out", tmp_path / "q", "-w", tmp_path / "w", "-q")
+    assert code == 3 and "empty" in _one_error_line(err)
+    assert not (tmp_path / "q").exists()

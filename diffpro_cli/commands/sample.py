@@ -47,9 +47,15 @@ def sample_cmd(
     """Generate samples and write an image grid plus the raw samples."""
     import torch
 
-    from diffpro_cli.artifacts import atomic_save_safetensors, read_json
+    from diffpro_cli.artifacts import atomic_save_safetensors
     from diffpro_cli.loading import load_model
-    from diffpro_cli.sampling import SamplerConfig, sample, save_grid, uniform_timesteps
+    from diffpro_cli.sampling import (
+        SamplerConfig,
+        read_timesteps_file,
+        sample,
+        save_grid,
+        uniform_timesteps,
+    )
 
     ui = make_ui(quiet, json_output)
     if n < 1 or batch < 1:
@@ -64,7 +70,7 @@ def sample_cmd(
 
     policy = record_policy(model_cache_record(m)) if cache else None
     if timesteps_file is not None:
-        ts = read_json(timesteps_file, "diffpro.timesteps/1")["timesteps"]
+        ts = read_timesteps_file(timesteps_file, m.num_train_timesteps)[1]
     elif policy is not None and steps is None:
         ts = list(policy.timesteps)
     else:

@@ -79,6 +79,8 @@ def validate_plan(plan: dict, model: DiffusionModel, source: str = "plan") -> di
     if not isinstance(layers, dict):
         raise InputError(f"{source}: no 'layers' table; re-run `diffpro allocate`")
     check_same_model(source, plan.get("model"), model)
+    if not layers:
+        raise InputError(f"{source}: its 'layers' table is empty (nothing to quantize); re-run `diffpro allocate`")
     known = model.quantizable_layers()
     for name, entry in layers.items():
         if name not in known:
@@ -116,11 +118,11 @@ def uniform_plan(model: DiffusionModel, bits: int, act_bits: int = 8, act_mode: 
 
 
 def read_timesteps(path: Path, model: DiffusionModel) -> list[int]:
-    from diffpro_cli.sampling import validate_timesteps
+    from diffpro_cli.sampling import read_timesteps_file
 
     doc = read_json(path, TIMESTEPS_SCHEMA)
     check_same_model(str(path), doc.get("model"), model)
-    return validate_timesteps(doc.get("timesteps", []), model.num_train_timesteps)
+    return read_timesteps_file(path, model.num_train_timesteps)[1]
 
 
 def _run_trajectories_with_input_hooks(model: DiffusionModel, names: list[str], record, timesteps: list[int],
@@ -287,6 +289,10 @@ def run_quantize(ctx, cfg: QuantizeConfig, *, plan_path: Path | None = None, tim
         raise UsageError(f"--float-act {','.join(unknown)}: unknown role; use a comma list of {','.join(ROLES)} or none")
     if plan_path is not None and cfg.bits is not None:
         raise UsageError("--plan and --bits both given; use --plan for a mixed-precision plan or --bits for a uniform baseline")
+    from diffpro_cli.loading import is_quantized_checkpoint
+
+    if is_quantized_checkpoint(ctx.model_spec):
+        raise InputError(f"{ctx.model_spec}: is already a diffpro quantized checkpoint; quantize the float model it was made from")
     model = ctx.model()
     inputs = {"model": ctx.model_record(model)}
     if plan_path is not None:
