@@ -177,3 +177,54 @@ def test_quantize_refuses_a_plan_with_no_layers(cli, tmp_path):
     code, _, err = cli("quantize", TINY, "--plan", tmp_path / "plan.json", "--out", tmp_path / "q", "-w", tmp_path / "w", "-q")
     assert code == 3 and "empty" in _one_error_line(err)
     assert not (tmp_path / "q").exists()
+
+
+# ---- allocate / bench option and artifact checks, the allocator ---------------------------------
+
+@pytest.mark.parametrize("field,value,option", [("quant_weight", -1.0, "--quant-weight"),
+                                                ("remainder_ms", -5.0, "--remainder-ms")])
+def test_allocate_refuses_negative_weights_and_times(field, value, option):
+    from diffpro_cli.errors import UsageError
+    from diffpro_cli.stages.allocate import AllocateConfig, validate_config
+
+    with pytest.raises(UsageError, match=option):
+        validate_config(AllocateConfig(budget="avg-bits=6", **{field: value}))
+
+
+def test_stage_context_keeps_freed_memory_before_any_cost_table_is_checked(tmp_path):
+    """A separate `diffpro allocate` checked the cost table's fingerprint before loading a model, so its
+    allocator read 'default' while the table said 'kept': every re-plan failed with exit 3 and a message
+    naming two identical machines."""
+    import subprocess
+    import sys
+
+    from diffpro_cli.allocator import STEADY, _libc
+
+    if _libc() is None or os.environ.get("DIFFPRO_MALLOC", "").lower() == "default":
+        pytest.skip("glibc mallopt not in force here")
+    code = ("from diffpro_cli.stages.context import StageContext; from diffpro_cli.planning.costs import machine_fingerprint; "
+            f"StageContext.create('', {str(tmp_path)!r}); print(machine_fingerprint()['allocator'])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == STEADY
+
+
+def test_bench_refuses_a_checkpoint_of_another_model(cli, tmp_path):
+    q = _quantize(cli, tmp_path)
+    code, _, err = cli("bench", "random:unet-tiny", "--quantized", q, "--rows", "diffpro", "--reference-steps", "2",
+                       "--repeats", "1", "--latency-batch", "1", "-w", tmp_path / "wb", "-q")
+    line = _one_error_line(err)
+    assert code == 3 and "made for" in line and str(q) in line
+    assert not (tmp_path / "wb" / "bench" / "report.json").exists()
+
+
+@pytest.mark.parametrize("args,code_expected,needle", [
+    (["--threads", "-1"], 2, "--threads"),
+    (["--steps", "0"], 2, "--steps"),
+    (["--latency-steps", "0"], 2, "--latency-steps"),
+    (["--quantized", "nope"], 3, "no diffpro.json"),
+])
+def test_bench_bad_counts_and_missing_checkpoint(cli, tmp_path, args, code_expected, needle):
+    code, _, err = cli("bench", TINY, "-w", tmp_path / "w", "-q", *args)
+    assert code == code_expected and needle in _one_error_line(err)
+    assert not (tmp_path / "w" / "bench").exists()
+

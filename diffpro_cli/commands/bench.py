@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 import typer
 
 from diffpro_cli.commands.common import ModelArg, Seed, stage_command
-from diffpro_cli.errors import UsageError
+from diffpro_cli.errors import InputError, UsageError
 
 
 @stage_command
@@ -45,6 +45,8 @@ def bench_cmd(
         raise UsageError(f"--rows: unknown row(s) {', '.join(bad)}; choose from {', '.join(ALL_ROWS + CACHE_ROWS)}")
     if repeats < 1 or latency_batch < 1 or fid_n < 2 or reference_steps < 1:
         raise UsageError("--repeats, --latency-batch, --reference-steps must be ≥ 1 and --fid-n ≥ 2")
+    if (steps is not None and steps < 1) or (latency_steps is not None and latency_steps < 1) or (threads is not None and threads < 1):
+        raise UsageError("--steps, --latency-steps and --threads must be at least 1 when given")
     if method not in ("ddim", "ddpm", "euler"):
         raise UsageError(f"--method {method}: use ddim or ddpm (euler for flow-matching models)")
     if threads:
@@ -55,7 +57,7 @@ def bench_cmd(
     if quantized is None and (ctx.workdir / "quantized" / "diffpro.json").exists():
         quantized = ctx.workdir / "quantized"
     if quantized is not None and not (quantized / "diffpro.json").exists():
-        raise UsageError(f"--quantized {quantized}: no diffpro.json there; run `diffpro quantize` first")
+        raise InputError(f"--quantized {quantized}: no diffpro.json there; run `diffpro quantize` first")
     if timesteps is None and (ctx.workdir / "timesteps.json").exists():
         timesteps = ctx.workdir / "timesteps.json"
     cfg = BenchConfig(rows=names, reference_steps=reference_steps, steps=steps, method=method, cfg_scale=cfg_scale,

@@ -63,7 +63,7 @@ class AllocateConfig:
     float_act: list[str] = field(default_factory=lambda: list(FLOAT_ACT_ROLES))   # roles computed on float activations
     latency_budget: float | None = None  # joint plan: total ms per image over all steps
     min_speedup: float | None = None     # per-step latency ≤ the fp32 step's / this (measured kernels, same run)
-    steps: str | None = None             # joint plan: "auto" (the artifact's sweep) or a step count
+    steps: str | int | None = None       # joint plan: "auto" (the artifact's sweep) or a step count
     quant_weight: float = 1.0            # joint plan: units of quantization error per unit of drift
     batch: int = 8                       # images per call the cost table is timed at (bench's --latency-batch)
     cost_table: str | None = None        # an explicit cost table (another machine's: planned for as given, with a warning)
@@ -113,6 +113,10 @@ def validate_config(cfg: AllocateConfig) -> None:
         raise UsageError(f"cache_n {cfg.cache_n}: must be at least 1 calibration sample")
     if not 0 <= cfg.int_margin < 1:
         raise UsageError(f"int_margin {cfg.int_margin}: must be in [0, 1)")
+    if not (math.isfinite(cfg.quant_weight) and cfg.quant_weight >= 0):
+        raise UsageError(f"--quant-weight {cfg.quant_weight}: must be a non-negative weight of the quantization error, e.g. 1.0")
+    if cfg.remainder_ms is not None and not (math.isfinite(cfg.remainder_ms) and cfg.remainder_ms >= 0):
+        raise UsageError(f"--remainder-ms {cfg.remainder_ms}: must be a non-negative time per step (omit it to measure)")
     make_options(cfg.bits, cfg.act_bits, cfg.act_mode, cfg.group_size)
     unknown = [r for r in cfg.protect if r not in ROLES]
     if unknown:

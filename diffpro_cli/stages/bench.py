@@ -162,6 +162,10 @@ def build_rows(ctx, cfg: BenchConfig, quantized: Path | None, timesteps: list[in
     fp = ctx.model()   # memory is measured later, in fresh processes (measure_memory)
     ref_ts = uniform_timesteps(fp.num_train_timesteps, cfg.reference_steps)
     qinfo = checkpoint_info(quantized) if quantized is not None else None
+    if qinfo is not None:   # a checkpoint of another model would be benched against this one's baselines
+        from diffpro_cli.stages.quantize import check_same_model
+
+        check_same_model(str(quantized), qinfo["meta"].get("model"), fp)
     from diffpro_cli.stages.bench_cache import (
         cache_row,
         checkpoint_policy,

@@ -71,7 +71,12 @@ class StageContext:
     _prompt_conditioning: Any = field(default=None, repr=False)   # --prompts encoded (once per context)
 
     def __post_init__(self):
+        from diffpro_cli.allocator import steady_allocator
+
         self.workdir = Path(self.workdir)
+        # before anything reads a cost table: its fingerprint records the allocator, and a stage that
+        # checks one before loading a model (allocate) must see the setting it will time under
+        steady_allocator()
 
     @property
     def seed(self) -> int:
