@@ -228,3 +228,27 @@ def test_bench_bad_counts_and_missing_checkpoint(cli, tmp_path, args, code_expec
     assert code == code_expected and needle in _one_error_line(err)
     assert not (tmp_path / "w" / "bench").exists()
 
+
+
+# ---- run: the TOML config ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("edit,needle", [
+    (lambda t: t.replace("samples = 1", 'samples = "one"'), "samples = 'one' has the wrong type"),
+    (lambda t: t.replace("seed = 3", 'seed = "x"'), "seed = 'x' has the wrong type"),
+    (lambda t: t.replace("figures = false", 'figures = "no"'), "figures = 'no' has the wrong type"),
+    (lambda t: t.replace('budget = "avg-bits=6"', "budget = 6"), "budget = 6 has the wrong type"),
+    (lambda t: "profile = 3\n" + t.split("[profile]")[0] + "[score]" + t.split("[score]")[1], "must be a [profile] table"),
+])
+def test_run_config_with_wrongly_typed_values_is_one_usage_error(cli, tmp_path, edit, needle):
+    """A string where a number belongs crashed inside a stage (exit 1); figures = "no" was taken as true."""
+    text = ('model = "random:dit-tiny"\nseed = 3\n\n[profile]\nsamples = 1\n\n[score]\nfigures = false\n\n'
+            '[allocate]\nbudget = "avg-bits=6"\n')
+    (tmp_path / "c.toml").write_text(edit(text))
+    code, _, err = cli("run", tmp_path / "c.toml", "-w", tmp_path / "w", "-q")
+    assert code == 2 and needle in _one_error_line(err)
+    assert not (tmp_path / "w").exists()
+
+
+def test_run_config_that_is_a_directory_is_bad_input(cli, tmp_path):
+    code, _, err = cli("run", tmp_path, "-q")
+    assert code == 3 and "no such config file" in _one_error_line(err)

@@ -36,8 +36,8 @@ class RunConfig:
 
 def load_run_config(path: str | Path) -> RunConfig:
     path = Path(path)
-    if not path.exists():
-        raise InputError(f"{path}: no such config; see sample_configs/ for examples")
+    if not path.is_file():
+        raise InputError(f"{path}: no such config file; see sample_configs/ for examples")
     try:
         raw = tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
@@ -45,24 +45,68 @@ def load_run_config(path: str | Path) -> RunConfig:
     unknown = [k for k in raw if k not in TOP_KEYS and k not in STAGES]
     if unknown:
         raise UsageError(f"{path}: unknown key(s) {', '.join(unknown)}; top-level keys are {', '.join(sorted(TOP_KEYS))} plus sections [{'], ['.join(STAGES)}]")
+    check_types(RunConfig, {k: raw[k] for k in TOP_KEYS if k in raw}, str(path))
     cfg = RunConfig(**{k: raw[k] for k in TOP_KEYS if k in raw})
     bad = [s for s in cfg.stages if s not in STAGES]
     if bad:
         raise UsageError(f"{path}: stages {bad} unknown; choose from {', '.join(STAGES)}")
+    for s in STAGES:
+        if not isinstance(raw.get(s, {}), dict):
+            raise UsageError(f"{path}: {s} must be a [{s}] table, not a value")
     cfg.sections = {s: dict(raw.get(s, {})) for s in STAGES}
-    for s, sec in cfg.sections.items():
-        if not isinstance(sec, dict):
-            raise UsageError(f"{path}: [{s}] must be a table")
     # a relative workdir is relative to the current directory (like --workdir), not to the config
     return cfg
 
 
+def _type_ok(value, tp) -> bool:
+    """Whether a TOML value fits a config field's annotation (simple types, lists, optionals; else yes)."""
+    import types
+    import typing
+
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, a) for a in args)
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, str)
+    if origin in (list, tuple) or tp in (list, tuple):
+        return isinstance(value, list) and all(_type_ok(v, args[0]) for v in value) if args and args[-1] is not Ellipsis \
+            else isinstance(value, list)
+    if origin is dict or tp is dict:
+        return isinstance(value, dict)
+    return True
+
+
+def check_types(cls, values: dict, where: str) -> None:
+    """A wrongly typed TOML value (samples = "four", figures = "no") is one usage error naming it, not a
+    crash inside a stage or a string taken as true."""
+    import typing
+
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:  # noqa: BLE001 - an annotation that does not resolve: leave the stage's own checks
+        return
+    for key, value in values.items():
+        tp = hints.get(key)
+        if tp is not None and not _type_ok(value, tp):
+            shown = str(tp).replace("typing.", "").replace("<class '", "").replace("'>", "")
+            raise UsageError(f"{where}: {key} = {value!r} has the wrong type (expected {shown}); fix the config")
+
+
 def section(cls, values: dict, name: str, **defaults):
-    """Build a stage's config dataclass from its TOML table, naming unknown keys."""
+    """Build a stage's config dataclass from its TOML table, naming unknown keys and wrongly typed values."""
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = [k for k in values if k not in fields]
     if unknown:
         raise UsageError(f"[{name}] unknown key(s) {', '.join(unknown)}; valid: {', '.join(sorted(fields))}")
+    check_types(cls, values, f"[{name}]")
     return cls(**{**{k: v for k, v in defaults.items() if k in fields}, **values})
 
 
@@ -89,7 +133,7 @@ def run_pipeline(cfg: RunConfig, *, force: bool = False, wait: bool = False, ui:
     """Run the configured stages in order through one StageContext (the float model is loaded once and
     shared; trust_code and weights reach every load, quantized checkpoints included); returns each
     stage's outcome as a dict."""
-    from diffpro_cli.artifacts import workdir_lock
+    from diffpro_cli.artifacts import ensure_dir, workdir_lock
     from diffpro_cli.stages.context import StageContext
 
     check_sections(cfg)   # a typo in [bench] must fail now, not after the stages before it ran
@@ -97,7 +141,7 @@ def run_pipeline(cfg: RunConfig, *, force: bool = False, wait: bool = False, ui:
                               ui=ui, force=force, wait=wait, conditioning=cfg.conditioning,
                               prompts=cfg.prompts, negative_prompt=cfg.negative_prompt, device=cfg.device)
     ctx.model()           # load errors (bad spec, untrusted code) before any stage runs or anything is written
-    ctx.workdir.mkdir(parents=True, exist_ok=True)
+    ensure_dir(ctx.workdir)
     classes = stage_config_classes()
     runners = _runners()
     outcomes = []
