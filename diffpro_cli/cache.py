@@ -37,14 +37,9 @@ from diffpro_cli.errors import InputError, UsageError
 
 SCHEMA = "diffpro.cache/1"
 POLICIES = ("static", "fbcache")
-# U-Nets whose forward runs down_blocks → mid_block → up_blocks, each deep block returning what the next
-# consumes (UNet2DConditionModel, SD 1.x/2.x/SDXL, is DeepCache's own target; its cross-attention blocks
-# take the text through kwargs the wrappers pass on untouched).
-UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
-# UNet2DConditionModel kwargs that add outside residuals (ControlNet, T2I-Adapter) to the deep features:
-# a cached step has none of those features to add them to.
-_EXTERNAL_RESIDUALS = ("down_block_additional_residuals", "mid_block_additional_residual",
-                       "down_intrablock_additional_residuals")
+UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")   # the second's cross-attention takes the text via kwargs
+# ControlNet / T2I-Adapter residuals added to the deep features: a cached step has none to add them to
+_EXTERNAL_RESIDUALS = ("down_block_additional_residuals", "mid_block_additional_residual", "down_intrablock_additional_residuals")
 
 
 def cache_units(net: nn.Module) -> nn.ModuleList:
