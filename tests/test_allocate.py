@@ -3,6 +3,7 @@
 Every test uses a synthetic scores.json and an injected latency function: no model, no kernels.
 """
 
+import dataclasses
 import itertools
 import json
 
@@ -549,3 +550,20 @@ def test_solver_noise_on_the_native_stdout_never_reaches_stdout(monkeypatch, cap
     out = capfd.readouterr().out
     assert sol is not None and sorted(sol.choice) == [0, 1]      # one layer may take the 8-bit option
     assert "Highs" not in out and out == "after\n"              # stdout itself still works afterwards
+
+
+def test_min_speedup_is_against_the_fastest_float_when_given_one():
+    """With a bf16 world, --min-speedup must hold against the fastest float this machine runs, not the plan's
+    own float32 float (a '1.1x' plan was 2.6x slower than bf16 float alone). Catches: the reference ignored;
+    an infeasible floor whose message names the wrong baseline."""
+    scores = make_scores(n=6, measured=True, seed=3)
+    cfg = AllocateConfig(float_act=[], budget="avg-bits=6", bits=[4, 8, 16], act_bits=[8, 16], protect=[], min_speedup=1.5)
+    own, _ = allocate_plan(scores, cfg, latency_fn=fake_latency)
+    fp_step = own["baseline_check"]["fp32_step_ms"]
+    same, _ = allocate_plan(scores, cfg, latency_fn=fake_latency, reference_float_ms=fp_step)
+    assert same["layers"] == own["layers"]                      # the same reference: the same plan
+    faster = fp_step / 2                                        # a float twice as fast elsewhere (bf16)
+    plan, _ = allocate_plan(scores, cfg, latency_fn=fake_latency, reference_float_ms=faster)
+    assert plan["totals"]["latency_ms"] <= faster / 1.5 + 1e-9 < own["totals"]["latency_ms"]
+    with pytest.raises(BudgetError, match=rf"1.85x the fastest float step \({faster:.3g} ms\)"):
+        allocate_plan(scores, dataclasses.replace(cfg, min_speedup=2.0), latency_fn=fake_latency, reference_float_ms=faster)

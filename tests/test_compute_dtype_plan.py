@@ -126,3 +126,17 @@ def test_a_cost_table_from_an_older_fingerprint_is_re_measured_not_refused(tmp_p
     plan = diffpro.allocate("random:dit-tiny", w, budget="avg-bits=5", repeats=1, batch=2)
     fingerprint = json.loads(table.read_text())["fingerprint"]
     assert fingerprint["version"] == FINGERPRINT_VERSION and "allocator" in fingerprint and plan["totals"]["avg_bits"] <= 5
+
+
+def test_a_world_whose_plan_is_infeasible_still_counts_as_the_fastest_float():
+    """bf16 float alone runs a step in 1.6 ms but its plan cannot meet the budget; the kept float32 plan
+    (2.0 ms) must still be flagged as slower than that float. Catches: the fastest float taken only from
+    the worlds that produced a plan (the warning never appeared)."""
+    def solve(w):
+        if w == "bfloat16":
+            raise BudgetError("bf16 cannot")
+        return _plan(2.0, 0.01, 4.0), None
+    plan, _ = plan_per_world(solve, ["float32", "bfloat16"], True, _UI(), {"float32": 4.0, "bfloat16": 1.6})
+    check = plan["baseline_check"]
+    assert "WARNING" in check["verdict"] and check["fastest_float_dtype"] == "bfloat16"
+    assert check["fastest_float_step_ms"] == 1.6 and "bfloat16" not in plan["compute_dtypes"]

@@ -59,7 +59,7 @@ def allocate_cmd(
     t = plan["totals"]
     lat = f", {t['latency_ms']:.3f} ms/step" if t.get("latency_ms") is not None else ""
     if t.get("predicted_speedup"):
-        lat += f" ({t['predicted_speedup']:.2f}x fp32)"
+        lat += f" ({t['predicted_speedup']:.2f}x float in {plan.get('compute_dtype') or 'float32'})"
     joint = plan.get("joint")
     steps_txt = f", {joint['steps']} steps ({joint['total_latency_ms']:.1f} ms/image)" if joint else ""
     if (plan.get("cache") or {}).get("verdict"):

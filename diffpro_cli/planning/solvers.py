@@ -225,12 +225,15 @@ def budget_constraint(table: Table, budget: Budget, remainder_ms: float, other_b
     return Constraint("latency-ms", table.latency, budget.value - remainder_ms)
 
 
-def speedup_constraint(table: Table, min_speedup: float, remainder_ms: float) -> Constraint:
-    """Per-step latency (chosen layers + remainder) ≤ the all-fp32 step's latency / min_speedup: a
-    ratio against a baseline measured in the same run, so one config works on any machine. With
-    --act-bits 8,16 this is what keeps float activations for the few layers where they pay."""
+def speedup_constraint(table: Table, min_speedup: float, remainder_ms: float,
+                       reference_ms: float | None = None) -> Constraint:
+    """Per-step latency (chosen layers + remainder) ≤ the float step's latency / min_speedup: a ratio
+    against a baseline measured in the same run, so one config works on any machine. `reference_ms`:
+    that float step (the fastest float on this machine, whatever dtype the plan computes in); None:
+    this table's all-float step. With --act-bits 8,16 this is what keeps float activations for the few
+    layers where they pay."""
     _require_latency(table, "--min-speedup")
-    fp_step = float(table.fp_latency.sum()) + remainder_ms
+    fp_step = float(table.fp_latency.sum()) + remainder_ms if reference_ms is None else float(reference_ms)
     return Constraint("min-speedup", table.latency, fp_step / min_speedup - remainder_ms)
 
 

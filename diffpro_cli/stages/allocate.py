@@ -143,10 +143,23 @@ def checkpoint_other_bytes(scores: dict, table) -> int:
     return 4 * max(0, int(model.get("params") or 0) - table.params)
 
 
+def world_float_step_ms(view: dict, layers, remainder_ms: float | None) -> float | None:
+    """A cost-table world's all-float step per image (its layers' float column + its remainder), as the
+    solver prices it; None where a layer's float time is missing."""
+    try:
+        gemm = sum(float(view["layers"][layer.name]["ms"]["fp32"]) for layer in layers)
+    except (KeyError, TypeError, ValueError):
+        return None
+    return gemm + (float(view["remainder_ms"]) if remainder_ms is None else float(remainder_ms))
+
+
 def allocate_plan(scores: dict, cfg: AllocateConfig, *, latency_fn: Callable[[Layer, Option], float] | None = None,
                   remainder_ms: float = 0.0, remainder_source: str = "given", latency_source: str = "given",
-                  timesteps: dict | None = None, scores_path: str | Path = "scores.json", ui: UI = QUIET_UI) -> tuple[dict, dict | None]:
-    """The plan.json payload (and the Pareto payload with cfg.pareto). Pure: writes nothing."""
+                  timesteps: dict | None = None, scores_path: str | Path = "scores.json", ui: UI = QUIET_UI,
+                  reference_float_ms: float | None = None) -> tuple[dict, dict | None]:
+    """The plan.json payload (and the Pareto payload with cfg.pareto). Pure: writes nothing.
+    `reference_float_ms`: the fastest float step on this machine (any compute dtype), which --min-speedup
+    is measured against; None: this table's float step."""
     validate_config(cfg)
     budgets = parse_budgets(cfg.budget)
     fraction = next((b.value for b in budgets if b.kind == "latency"), None)
@@ -174,12 +187,13 @@ def allocate_plan(scores: dict, cfg: AllocateConfig, *, latency_fn: Callable[[La
             ms = min(ms, cfg.latency_budget)
         cfg = dataclasses.replace(cfg, latency_budget=ms, steps=cfg.steps or "auto")
     if cfg.min_speedup is not None:
-        k = speedup_constraint(table, cfg.min_speedup, remainder_ms)
+        k = speedup_constraint(table, cfg.min_speedup, remainder_ms, reference_float_ms)
         if smallest_feasible(table, k) > k.limit:
-            fp_step = float(table.fp_latency.sum()) + remainder_ms
+            fp_step = float(table.fp_latency.sum()) + remainder_ms if reference_float_ms is None else reference_float_ms
             best = fp_step / (smallest_feasible(table, k) + remainder_ms)
             raise BudgetError(f"--min-speedup {cfg.min_speedup:g} is infeasible: the fastest plan of these options is "
-                              f"{math.floor(best * 100) / 100:g}x per step; lower --min-speedup or allow lower --bits / --act-bits")
+                              f"{math.floor(best * 100) / 100:g}x the fastest float step ({fp_step:.3g} ms); lower "
+                              "--min-speedup or allow lower --bits / --act-bits")
         constraints.append(k)
 
     joint = None
@@ -354,6 +368,12 @@ def run_allocate(ctx, cfg: AllocateConfig, *, scores_path: str | Path | None = N
             doc = obtain_cost_table(ctx, cfg, layers)
             fingerprint = doc["fingerprint"]
 
+        worlds = ["float32"] + [w for w in (doc or {}).get("worlds") or {} if w in WORLDS and cfg.latency_source != "analytic"]
+        # each world's all-float step, whether or not its plan turns out feasible: --min-speedup and the
+        # baseline check are against the fastest float this machine runs
+        float_steps = {} if doc is None else {w: world_float_step_ms(world_table(doc, w), layers, cfg.remainder_ms) for w in worlds}
+        fastest_float = min((v for v in float_steps.values() if v), default=None)
+
         def solve_world(world: str):
             fn, remainder, rsource, lsource = latency_fn, cfg.remainder_ms or 0.0, "given", "injected"
             if doc is not None:
@@ -362,10 +382,10 @@ def run_allocate(ctx, cfg: AllocateConfig, *, scores_path: str | Path | None = N
                 if cfg.remainder_ms is None:
                     remainder, rsource = float(view["remainder_ms"]), "measured"
             return allocate_plan(scores, cfg, latency_fn=fn, remainder_ms=remainder, remainder_source=rsource,
-                                 latency_source=lsource, timesteps=timesteps, scores_path=scores_path, ui=SILENT_UI)
+                                 latency_source=lsource, timesteps=timesteps, scores_path=scores_path, ui=SILENT_UI,
+                                 reference_float_ms=fastest_float)
 
-        worlds = ["float32"] + [w for w in (doc or {}).get("worlds") or {} if w in WORLDS and cfg.latency_source != "analytic"]
-        plan, pareto = plan_per_world(solve_world, worlds, trades_latency_of(cfg), ui)
+        plan, pareto = plan_per_world(solve_world, worlds, trades_latency_of(cfg), ui, float_steps)
         if doc is not None:   # each integer layer runs the kernel its cost-table cell was fastest with
             attach_kernels(plan["layers"], world_table(doc, plan.get("compute_dtype", "float32")))
         if plan["solver"]["protected_relaxed"]:

@@ -37,10 +37,13 @@ def _score(plan: dict, trades_latency: bool) -> tuple:
     return (totals["latency_ms"], totals["error"])
 
 
-def plan_per_world(solve_world, worlds: list[str], trades_latency: bool, ui) -> tuple[dict, dict | None]:
+def plan_per_world(solve_world, worlds: list[str], trades_latency: bool, ui,
+                   float_steps: dict[str, float | None] | None = None) -> tuple[dict, dict | None]:
     """`solve_world(world) -> (plan, pareto)` in every world; the kept plan gains `compute_dtype` and
     `compute_dtypes` (each world's predicted step, error and float step: the record of the choice).
-    A world whose budget cannot be met is skipped; if none can, the float32 world's error is raised."""
+    A world whose budget cannot be met is skipped; if none can, the float32 world's error is raised.
+    `float_steps`: every world's all-float step from the cost table, so the check against the fastest
+    float also sees a world whose plan was infeasible."""
     results, first_error = {}, None
     for world in worlds:
         try:
@@ -62,14 +65,16 @@ def plan_per_world(solve_world, worlds: list[str], trades_latency: bool, ui) -> 
         line = ", ".join(f"{w} {r['step_ms']:.3g} ms (float alone {r['float_step_ms']:.3g})"
                          for w, r in plan["compute_dtypes"].items() if r["float_step_ms"] is not None)
         ui.info(f"allocate: float math in {best} (predicted per step: {line})")
-    fastest_float = min((r["float_step_ms"] for r in plan["compute_dtypes"].values() if r["float_step_ms"]), default=None)
+    floats = {w: r["float_step_ms"] for w, r in plan["compute_dtypes"].items()}
+    floats.update({w: v for w, v in (float_steps or {}).items() if v and not floats.get(w)})
+    fastest_float = min((v for v in floats.values() if v), default=None)
     check = plan.get("baseline_check")
     if check is not None:
         check["float_dtype"] = best   # its fp32_step_ms / speed-up are against float computing in this dtype
     if check is not None and fastest_float:
         check["fastest_float_step_ms"] = fastest_float
         check["speedup_vs_fastest_float_same_steps"] = fastest_float / check["plan_step_ms"]
-        fastest = min(plan["compute_dtypes"], key=lambda w: plan["compute_dtypes"][w]["float_step_ms"] or float("inf"))
+        fastest = min(floats, key=lambda w: floats[w] or float("inf"))
         check["fastest_float_dtype"] = fastest
         if fastest_float < check["plan_step_ms"]:
             check["verdict"] += (f"; WARNING: float alone in {fastest} is faster at the same steps "
