@@ -82,8 +82,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted; finished artifacts are kept, re-run to resume", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except cx.ClickException as exc:
-        exc.show()
+    except cx.ClickException as exc:   # click's own usage errors (unknown option, bad value): one line too
+        ctx = getattr(exc, "ctx", None)
+        where = ctx.command_path if ctx is not None else "diffpro"
+        fix = f"; see '{where} --help'" if isinstance(exc, cx.UsageError) else ""
+        print(f"error: {exc.format_message().rstrip('.')}{fix}", file=sys.stderr)
         return exc.exit_code
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from rich.console import Console
 from rich.errors import LiveError
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 
@@ -51,7 +52,9 @@ class UI:
     interactive: bool | None = None
 
     def __post_init__(self):
-        self.err = Console(stderr=True, highlight=False, soft_wrap=True)
+        # messages carry user text (specs like pkg:factory:, paths, [flag lists]): printed as given, never
+        # read as rich markup or :emoji: codes; warn() styles only its own prefix
+        self.err = Console(stderr=True, highlight=False, soft_wrap=True, markup=False, emoji=False)
 
     def _is_interactive(self) -> bool:
         return _interactive() if self.interactive is None else self.interactive
@@ -67,7 +70,7 @@ class UI:
             self.err.print(message)
 
     def warn(self, message: str) -> None:
-        self.err.print(f"[yellow]warning:[/yellow] {message}")
+        self.err.print(f"[yellow]warning:[/yellow] {escape(message)}", markup=True)
 
     def result(self, payload: dict, human: str | None = None) -> None:
         """The command's result: JSON on stdout with --json, else a human line (unless quiet)."""
@@ -75,7 +78,7 @@ class UI:
             sys.stdout.write(json.dumps(payload, indent=2, default=str) + "\n")
             sys.stdout.flush()
         elif human and not self.quiet:
-            Console(highlight=False, soft_wrap=True).print(human)
+            Console(highlight=False, soft_wrap=True, markup=False, emoji=False).print(human)
 
     @contextmanager
     def progress(self, description: str, total: int | None):

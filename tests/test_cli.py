@@ -83,4 +83,7 @@ def test_sample_refuses_unknown_timesteps_schema_and_runs_a_valid_file(cli, tmp_
 
 def test_unknown_option_is_usage_error(cli):
     rc, _, err = cli("sample", "--bogus")
-    assert rc == 2 and "No such option" in err
+    line = _one_error_line(err)   # catches: click's three-line Usage/Try/Error block instead of one error line
+    assert rc == 2 and "No such option: --bogus" in line and "diffpro sample --help" in line
+    rc, _, err = cli("sample", "builtin:dit-mnist", "--n", "lots")
+    assert rc == 2 and "Invalid value for '--n'" in _one_error_line(err)

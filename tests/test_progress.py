@@ -147,3 +147,15 @@ def test_a_step_longer_than_the_interval_still_prints_a_line_every_interval():
     n = len(lines(buf))
     time.sleep(0.5)
     assert len(lines(buf)) == n    # nothing after the block ended
+
+
+def test_messages_print_user_text_as_given_not_as_markup_or_emoji(capsys):
+    """Catches: rich reading a spec like mynet:factory: as an emoji code, or a fingerprint's [avx2,...] flag
+    list as a markup tag (it vanished from the cost-table warning), in info, warn and results."""
+    ui = UI(interactive=False)   # its own stderr console, as the commands build it
+    ui.info("loading mynet:factory: [avx2,avx512_vnni] done")
+    ui.warn("measured on AMD EPYC [avx2,avx512f]")
+    ui.result({}, human="mynet:factory: [x]")
+    got = capsys.readouterr()
+    assert got.err.splitlines() == ["loading mynet:factory: [avx2,avx512_vnni] done", "warning: measured on AMD EPYC [avx2,avx512f]"]
+    assert got.out.strip() == "mynet:factory: [x]"
