@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
-from diffpro_cli.artifacts import atomic_save_safetensors, atomic_write_json, read_json
+from diffpro_cli.artifacts import atomic_save_safetensors, atomic_write_json, cannot_write, ensure_dir, read_json
 from diffpro_cli.errors import InputError, UsageError
 
 TARGETS = ("diffusers", "torchao")
@@ -33,15 +35,48 @@ DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"   # the file name diff
 
 
 def _meta(qdir: Path) -> dict:
+    """The checkpoint's diffpro.json (schema, format version and its layer table checked), after a look at
+    model.safetensors' header: a corrupt checkpoint stops here, before anything is written."""
     if not (qdir / "diffpro.json").is_file() or not (qdir / "model.safetensors").is_file():
         raise InputError(f"{qdir}: not a diffpro quantized checkpoint (diffpro.json + model.safetensors); run `diffpro quantize` first")
-    return read_json(qdir / "diffpro.json")
+    from safetensors import safe_open
+
+    from diffpro_cli.checkpoint import read_meta
+
+    meta = read_meta(qdir)
+    try:
+        with safe_open(str(qdir / "model.safetensors"), framework="pt") as f:
+            f.keys()
+    except Exception as exc:  # noqa: BLE001 - safetensors raises several types for a damaged header
+        raise InputError(f"{qdir / 'model.safetensors'}: unreadable ({str(exc).splitlines()[0][:80]}); re-run `diffpro quantize`") from None
+    return meta
 
 
-def _fresh_dir(out: Path, force: bool) -> None:
+@contextmanager
+def _staged_dir(out: Path, force: bool):
+    """Yields an empty folder beside `out` to write the export into; renamed to `out` when the block ends
+    cleanly (replacing an existing `out` only with --force), removed otherwise: a failed export (a corrupt
+    checkpoint, a full disk) leaves nothing half-written at `out`."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out}: is a file, not a folder; choose another folder for the export")
     if out.exists() and any(out.iterdir()) and not force:
         raise UsageError(f"{out}: exists and is not empty; choose another folder or pass --force to overwrite")
-    out.mkdir(parents=True, exist_ok=True)
+    parent = ensure_dir(out.parent)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)   # mkdtemp's 0700 would otherwise become the export's mode
+    except OSError as exc:
+        raise cannot_write(parent, exc) from None
+    try:
+        yield tmp
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def export_diffusers(qdir: str | Path, out: str | Path, force: bool = False) -> dict:
@@ -52,22 +87,26 @@ def export_diffusers(qdir: str | Path, out: str | Path, force: bool = False) -> 
     if arch.get("builder") != "diffusers":
         raise UsageError(f"{qdir}: its network is not a diffusers model ({arch.get('builder') or 'unknown'} builder); "
                          f"only diffusers networks export to a diffusers folder: use --to torchao")
-    _fresh_dir(out, force)
     layers = {name: {k: rec.get(k) for k in ("type", "weight_bits", "act_bits", "act_mode", "group_size", "kernel")}
               for name, rec in (meta.get("layers") or {}).items()}
     config = {"_class_name": arch["class"], **arch["config"],
               "quantization_config": {"quant_method": "diffpro", "format": meta.get("schema"),
                                       "layers": layers, "patches": arch.get("patches") or {},
                                       "load_with": "diffpro.load(path)"}}
-    for name in ("diffpro.json", "model.safetensors"):
-        if (qdir / name).resolve() != (out / name).resolve():
-            tmp = out / f".{name}.tmp"
-            shutil.copyfile(qdir / name, tmp)
-            tmp.replace(out / name)
+    if out.resolve() == qdir.resolve():   # in the checkpoint's own folder: add the diffusers files beside it
+        _write_diffusers(qdir, meta, out, config)
+        return config
+    with _staged_dir(out, force) as tmp:
+        for name in ("diffpro.json", "model.safetensors"):
+            shutil.copyfile(qdir / name, tmp / name)
+        _write_diffusers(qdir, meta, tmp, config)
+    return config
+
+
+def _write_diffusers(qdir: Path, meta: dict, out: Path, config: dict) -> None:
     _link_diffusers_weights(out)
     atomic_write_json(out / "config.json", config)
     export_schedule(qdir, meta, out)
-    return config
 
 
 def _link_diffusers_weights(out: Path) -> None:
@@ -156,12 +195,12 @@ def export_torchao(qdir: str | Path, out: str | Path, force: bool = False, trust
                 skipped[name] = why
             continue
         mapping[name] = entry
-    _fresh_dir(out, force)
-    atomic_save_safetensors(out / "model.safetensors", state, {"diffpro_schema": TORCHAO_SCHEMA})
     doc = {"schema": TORCHAO_SCHEMA, "source": str(qdir), "architecture": (meta.get("model") or {}).get("architecture"),
            "fqn_to_config": mapping, "skipped": skipped,
            "weights": "float, dequantized from diffpro's stored integers (torchao re-quantizes them on load)"}
-    atomic_write_json(out / "torchao_config.json", doc)
+    with _staged_dir(out, force) as tmp:
+        atomic_save_safetensors(tmp / "model.safetensors", state, {"diffpro_schema": TORCHAO_SCHEMA})
+        atomic_write_json(tmp / "torchao_config.json", doc)
     return doc
 
 

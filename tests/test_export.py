@@ -47,6 +47,34 @@ def test_export_refuses_a_folder_that_is_not_a_checkpoint(tmp_path, cli):
     assert code == 2 and "diffusers or torchao" in err
 
 
+def test_a_failed_export_leaves_nothing_at_out_and_a_file_as_out_is_one_line(checkpoint, cli, tmp_path):
+    """Catches: a corrupt checkpoint copied into OUT before it was checked (a half-written export left
+    behind); an existing OUT replaced by a failed --force export; OUT that is a file ending in a traceback."""
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(checkpoint / "q", bad)
+    (bad / "model.safetensors").write_bytes((checkpoint / "q" / "model.safetensors").read_bytes()[:100])
+    for target in ("diffusers", "torchao"):
+        code, _, err = cli("export", bad, tmp_path / f"out-{target}", "--to", target)
+        lines = [ln for ln in err.splitlines() if ln.strip()]
+        assert code == 3 and len(lines) == 1 and lines[0].startswith("error:") and "model.safetensors" in lines[0], err
+        assert not (tmp_path / f"out-{target}").exists()
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "mine.txt").write_text("x")
+    code, _, err = cli("export", bad, kept, "--to", "diffusers", "--force")
+    assert code == 3 and (kept / "mine.txt").read_text() == "x"            # a failed --force keeps the old folder
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []   # no staging folder left over
+    (tmp_path / "afile").write_text("x")
+    code, _, err = cli("export", checkpoint / "q", tmp_path / "afile", "--to", "torchao")
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 2 and len(lines) == 1 and "is a file" in lines[0], err
+    code, _, err = cli("export", checkpoint / "q", kept, "--to", "torchao", "--force")   # a good --force replaces it
+    assert code == 0, err
+    assert sorted(p.name for p in kept.iterdir()) == ["model.safetensors", "torchao_config.json"]
+
+
 def test_torchao_mapping_follows_each_layers_precision():
     assert torchao_entry({"weight_bits": 8, "act_bits": 8, "act_mode": "dynamic"}, "linear")[0]["type"] == "Int8DynamicActivationInt8WeightConfig"
     assert torchao_entry({"weight_bits": 8, "act_bits": 16}, "linear")[0]["type"] == "Int8WeightOnlyConfig"
