@@ -87,3 +87,16 @@ def test_unknown_option_is_usage_error(cli):
     assert rc == 2 and "No such option: --bogus" in line and "diffpro sample --help" in line
     rc, _, err = cli("sample", "builtin:dit-mnist", "--n", "lots")
     assert rc == 2 and "Invalid value for '--n'" in _one_error_line(err)
+
+
+def test_bench_fid_on_random_weights_stops_before_writing_baselines(cli, tmp_path):
+    """Catches: the refusal coming after the uniform baselines were quantized and written (minutes of work
+    and files left for a run that could never start)."""
+    code, _, err = cli("bench", "random:dit-tiny", "--workdir", tmp_path / "w", "--fid", "--rows", "fp32,w8a8-uniform")
+    assert code == 2 and "random weights" in _one_error_line(err)
+    assert not (tmp_path / "w" / "bench").exists()
+
+
+def test_models_lists_the_random_architectures_too(cli):
+    code, out, _ = cli("models")
+    assert code == 0 and "random:dit-xl-2" in out and "builtin:flow-mnist" in out   # catches: human output dropping them

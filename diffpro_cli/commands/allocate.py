@@ -16,7 +16,7 @@ def allocate_cmd(
     budget: Annotated[Optional[str], typer.Option("--budget", help="avg-bits=5.0 | size-mb=3.5 | latency-ms=2.0 (per step and image) | latency=0.4 (fraction of the fp32 full-schedule latency; chooses the steps too); comma-separated to combine.")] = None,
     bits: Annotated[str, typer.Option("--bits", help="Weight bit options (from 2,3,4,6,8,16; 16 = keep fp32).")] = "4,8,16",
     act_bits: Annotated[str, typer.Option("--act-bits", help="Execution paths: 8 (integer kernels, DiffPro's dynamic int8 activations) and/or 16 (float compute from the stored low-bit weights). With both, each layer runs the faster one on this machine unless a latency budget trades them.")] = "8,16",
-    act_mode: Annotated[str, typer.Option("--act-mode", help="dynamic (per-token scales at every call) or static (per-timestep calibrated).")] = "dynamic",
+    act_mode: Annotated[str, typer.Option("--act-mode", help="dynamic (one scale per input tensor, found at every call) or static (per-timestep calibrated).")] = "dynamic",
     group_size: Annotated[Optional[int], typer.Option("--group-size", help="Weight scale group size along the input dim (default per output channel).")] = None,
     method: Annotated[str, typer.Option("--method", help="milp (exact) or cdf (the paper's rank/CDF-threshold rule).")] = "milp",
     protect: Annotated[str, typer.Option("--protect", help="Roles kept at >= --protect-bits unless the budget forces otherwise ('none' to disable).")] = "patch_embed,time_embed,class_embed,context_embed,adaln,final",

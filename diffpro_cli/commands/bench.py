@@ -17,7 +17,7 @@ def bench_cmd(
     timesteps: Annotated[Optional[Path], typer.Option("--timesteps", help="timesteps.json for the diffpro row (default WORKDIR/timesteps.json, else the checkpoint's).")] = None,
     rows: Annotated[Optional[str], typer.Option("--rows", help="Comma list of rows: fp32,bf16,w8a8-uniform,w4-uniform,ddim,bf16-ddim,dpmsolver,subset (fp32 on diffpro's timesteps),diffpro (default: all of them, bf16 and bf16-ddim only where the device runs bf16 natively); on request cache-only, fbcache-0.08, fbcache-0.12 (DiTs), deepcache-2, deepcache-3 (U-Nets), diffpro-nocache.")] = None,
     reference_steps: Annotated[int, typer.Option("--reference-steps", help="Steps of the full-precision schedule.")] = 100,
-    steps: Annotated[Optional[int], typer.Option("--steps", help="Reduced step count for ddim/dpmsolver rows (default: diffpro's).")] = None,
+    steps: Annotated[Optional[int], typer.Option("--steps", help="Reduced step count for ddim/dpmsolver rows (default: diffpro's timesteps' count; without timesteps, half of --reference-steps).")] = None,
     method: Annotated[str, typer.Option("--method", help="Sampler for every row: ddim or ddpm (epsilon/v models), euler (flow-matching models; ddim with eta 0 is the same update there).")] = "ddim",
     cfg_scale: Annotated[float, typer.Option("--cfg", help="Classifier-free guidance scale.")] = 1.0,
     fid: Annotated[bool, typer.Option("--fid/--no-fid", help="Compute FID (pytorch-fid InceptionV3).")] = False,

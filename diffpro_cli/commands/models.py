@@ -23,7 +23,8 @@ def models_cmd(
     if model is None:
         rows = [{"spec": f"builtin:{k}", "class": v["class"], "trained": weights_path(k).exists()} for k, v in BUILTIN_CONFIGS.items()]
         ui.result({"builtin": rows, "random": [f"random:{a}" for a in RANDOM_ARCHS if "tiny" not in a]},
-                  human="\n".join(f"{r['spec']:22s} {r['class']:24s} {'trained' if r['trained'] else 'UNTRAINED'}" for r in rows))
+                  human="\n".join([f"{r['spec']:22s} {r['class']:24s} {'trained' if r['trained'] else 'UNTRAINED'}" for r in rows]
+                                  + [f"random:{a:15s} {'random weights (speed and memory only)'}" for a in RANDOM_ARCHS if "tiny" not in a]))
         return
     from diffpro_cli.loading import is_quantized_checkpoint
 

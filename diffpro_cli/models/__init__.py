@@ -46,4 +46,4 @@ def load_float_model(spec: str, *, trust_code: bool = False, weights: str | Path
         from diffpro_cli.models.custom import load_custom
 
         return load_custom(spec, weights=weights, trust_code=trust_code)
-    raise InputError(f"{spec}: no such model file or directory; pass a path, builtin:dit-mnist, builtin:unet-mnist, random:dit-xl-2, or module:factory")
+    raise InputError(f"{spec}: no such model file or directory; pass a path, builtin:dit-mnist, builtin:unet-mnist, builtin:flow-mnist, random:dit-xl-2 (`diffpro models` lists them), or module:factory")

@@ -362,6 +362,8 @@ def measure_bench(ctx, cfg: BenchConfig, quantized: Path | None = None, timestep
     from diffpro_cli.stages.bench_fid import fid_for_rows, fid_inputs
 
     check_method(ctx.model(), SamplerConfig(method=cfg.method))   # before any row is built or timed
+    if cfg.fid and ctx.model().random_weights:   # before the baseline checkpoints are quantized and written
+        raise UsageError(f"{ctx.model().spec} has random weights: FID is meaningless; drop --fid (speed and memory only)")
     rows, notes = build_rows(ctx, cfg, quantized, timesteps)
     if cfg.compile and ctx.device != "cpu":   # the compiled integer path is oneDNN's (quant/compiled.py)
         notes.append(f"compile requested: not available on {ctx.device} yet, every row ran eager")
