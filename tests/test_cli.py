@@ -100,3 +100,12 @@ def test_bench_fid_on_random_weights_stops_before_writing_baselines(cli, tmp_pat
 def test_models_lists_the_random_architectures_too(cli):
     code, out, _ = cli("models")
     assert code == 0 and "random:dit-xl-2" in out and "builtin:flow-mnist" in out   # catches: human output dropping them
+
+
+@pytest.mark.parametrize("args, needle", [(["sample", "builtin:dit-mnist", "--out", "g.jpg"], ".png"),
+                                          (["train", "dit-mnist", "--lr", "-1"], "--lr"),
+                                          (["train", "dit-mnist", "--threads", "0"], "--threads")])
+def test_options_that_would_be_ignored_or_crash_later_are_refused_at_once(cli, tmp_path, args, needle):
+    """Catches: a PNG written under a .jpg name; training started with a negative learning rate or 0 threads."""
+    code, _, err = cli(*args)
+    assert code == 2 and needle in _one_error_line(err)

@@ -60,6 +60,8 @@ def sample_cmd(
     ui = make_ui(quiet, json_output)
     if n < 1 or batch < 1:
         raise UsageError("--n and --batch must be at least 1")
+    if out.suffix.lower() != ".png":   # the grid is written as PNG whatever the name says
+        raise UsageError(f"--out {out}: the grid is a PNG; give a path ending in .png")
     if method not in ("ddim", "ddpm"):
         raise UsageError(f"--method {method}: unknown sampler; use ddim or ddpm")
     m = load_model(model, trust_code=trust_code, weights=weights, seed=seed, device=device)

@@ -40,6 +40,8 @@ def train_cmd(
         raise UsageError(f"--loss-weighting {loss_weighting}: unknown; choose one of {', '.join(LOSS_WEIGHTINGS)}")
     if snr_gamma <= 0:
         raise UsageError("--snr-gamma must be positive")
+    if not lr > 0 or (max_minutes is not None and not max_minutes > 0) or (threads is not None and threads < 1):
+        raise UsageError("--lr and --max-minutes must be positive and --threads at least 1")
     if name == "flow-mnist" and loss_weighting != "uniform":
         raise UsageError("--loss-weighting is for the epsilon models; flow-mnist trains on the plain velocity MSE (drop the option)")
     out = out or Path(".train") / name
