@@ -217,6 +217,20 @@ def test_bench_refuses_a_checkpoint_of_another_model(cli, tmp_path):
     assert not (tmp_path / "wb" / "bench" / "report.json").exists()
 
 
+def test_bench_refuses_timesteps_pruned_for_another_model(cli, tmp_path):
+    """Catches: bench taking a timesteps.json of another model as the diffpro/ddim-K schedule (quantize
+    already refused it)."""
+    import json
+
+    ts = tmp_path / "timesteps.json"
+    ts.write_text(json.dumps({"schema": "diffpro.timesteps/1", "timesteps": [0, 500, 999],
+                              "model": {"spec": "random:unet-tiny", "sha256": "0" * 64}}))
+    code, _, err = cli("bench", "random:dit-tiny", "--timesteps", ts, "--rows", "fp32", "--reference-steps", "2",
+                       "--repeats", "1", "--latency-batch", "1", "-w", tmp_path / "wb", "-q")
+    assert code == 3 and "made for another model" in _one_error_line(err)
+    assert not (tmp_path / "wb" / "bench" / "report.json").exists()
+
+
 @pytest.mark.parametrize("args,code_expected,needle", [
     (["--threads", "-1"], 2, "--threads"),
     (["--steps", "0"], 2, "--steps"),

@@ -469,6 +469,9 @@ def run_bench(ctx, cfg: BenchConfig, *, quantized: Path | None = None, timesteps
     if timesteps_path is not None:
         inputs["timesteps"] = input_record(timesteps_path)
         ts_doc = read_json(timesteps_path, "diffpro.timesteps/1")
+        from diffpro_cli.stages.quantize import check_same_model
+
+        check_same_model(str(timesteps_path), ts_doc.get("model"), ctx.model())   # as quantize does
         ts, evidence = ts_doc["timesteps"], ts_doc.get("paired_vs_uniform")
     outputs = {"report": workdir / "bench" / "report.json", "markdown": workdir / "bench" / "report.md"}
 
