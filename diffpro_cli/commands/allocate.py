@@ -22,7 +22,7 @@ def allocate_cmd(
     protect: Annotated[str, typer.Option("--protect", help="Roles kept at >= --protect-bits unless the budget forces otherwise ('none' to disable).")] = "patch_embed,time_embed,class_embed,context_embed,adaln,final",
     protect_bits: Annotated[int, typer.Option("--protect-bits", help="Weight-bit floor for protected roles.")] = 8,
     float_act: Annotated[str, typer.Option("--float-act", help="Roles computed on float activations from their stored low-bit weights when 16 is in --act-bits ('none' to disable; docs/quantization.md).")] = "patch_embed,final",
-    min_speedup: Annotated[Optional[float], typer.Option("--min-speedup", help="Also keep each step at least this much faster than fp32 (measured cost table, same run), e.g. 1.5.")] = None,
+    min_speedup: Annotated[Optional[float], typer.Option("--min-speedup", help="Also keep each step at least this much faster than the fastest float here (fp32, or bf16 where native; measured cost table, same run), e.g. 1.5.")] = None,
     latency_budget: Annotated[Optional[float], typer.Option("--latency-budget", help="Joint plan: total ms per image over all steps (chooses steps and bits).")] = None,
     timesteps: Annotated[Optional[Path], typer.Option("--timesteps", help="timesteps.json from `diffpro prune` (its sweep gives the step counts).")] = None,
     steps: Annotated[Optional[str], typer.Option("--steps", help="Joint plan: auto (every step count in the timesteps sweep) or a step count.")] = None,

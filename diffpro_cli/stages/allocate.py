@@ -62,7 +62,7 @@ class AllocateConfig:
     protect_bits: int = 8
     float_act: list[str] = field(default_factory=lambda: list(FLOAT_ACT_ROLES))   # roles computed on float activations
     latency_budget: float | None = None  # joint plan: total ms per image over all steps
-    min_speedup: float | None = None     # per-step latency ≤ the fp32 step's / this (measured kernels, same run)
+    min_speedup: float | None = None     # per-step latency ≤ the fastest float step's / this (measured kernels, same run)
     steps: str | int | None = None       # joint plan: "auto" (the artifact's sweep) or a step count
     quant_weight: float = 1.0            # joint plan: units of quantization error per unit of drift
     batch: int = 8                       # images per call the cost table is timed at (bench's --latency-batch)
