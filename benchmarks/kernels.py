@@ -20,7 +20,6 @@ import argparse
 import copy
 import dataclasses
 import gc
-import json
 import os
 import statistics
 import sys

@@ -1,7 +1,6 @@
 import json
 
 import pytest
-import torch
 
 
 def _one_error_line(err):
