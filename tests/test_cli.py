@@ -108,3 +108,10 @@ def test_options_that_would_be_ignored_or_crash_later_are_refused_at_once(cli, t
     """Catches: a PNG written under a .jpg name; training started with a negative learning rate or 0 threads."""
     code, _, err = cli(*args)
     assert code == 2 and needle in _one_error_line(err)
+
+
+def test_weights_without_a_factory_model_is_refused_not_ignored(cli, tmp_path):
+    """Catches: --weights silently ignored for a model that brings its own (the user believes their
+    weights were used)."""
+    code, _, err = cli("models", "builtin:dit-mnist", "--weights", tmp_path / "w.pt")
+    assert code == 2 and "--weights is for module:factory" in _one_error_line(err)

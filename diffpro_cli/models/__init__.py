@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from diffpro_cli.errors import InputError
+from diffpro_cli.errors import InputError, UsageError
 from diffpro_cli.models.base import DiffusionModel
 
 DEFAULT_MODEL = "builtin:dit-mnist"
@@ -21,6 +21,8 @@ def load_float_model(spec: str, *, trust_code: bool = False, weights: str | Path
     """Resolve a float model spec (see module docstring) to a DiffusionModel in eval mode on CPU.
     Quantized checkpoints are loaded one level up (diffpro_cli.loading), so models never imports the
     checkpoint code that builds on it."""
+    if weights is not None and not _FACTORY.match(spec):   # it would be ignored: the model has its own weights
+        raise UsageError(f"--weights is for module:factory models; {spec} brings its own weights: drop --weights")
     if spec.startswith("builtin:"):
         from diffpro_cli.models.builtin import load_builtin
 
