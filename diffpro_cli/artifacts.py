@@ -65,6 +65,18 @@ def ensure_dir(path: str | Path) -> Path:
     return path
 
 
+def writable_dir(path: str | Path) -> Path:
+    """ensure_dir, then prove a file can be created there (cannot_write's one line otherwise): for a stage
+    that would otherwise find out only when it writes its result, after all its work."""
+    path = ensure_dir(path)
+    try:
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-check."):
+            pass
+    except OSError as exc:
+        raise cannot_write(path, exc) from None
+    return path
+
+
 def _atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
     path = Path(path)
     ensure_dir(path.parent)

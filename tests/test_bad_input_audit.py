@@ -266,3 +266,13 @@ def test_run_config_with_wrongly_typed_values_is_one_usage_error(cli, tmp_path, 
 def test_run_config_that_is_a_directory_is_bad_input(cli, tmp_path):
     code, _, err = cli("run", tmp_path, "-q")
     assert code == 3 and "no such config file" in _one_error_line(err)
+
+
+def test_bench_with_a_blocked_report_fails_before_measuring(cli, tmp_path):
+    """Catches: bench measuring every row for minutes and only then failing to write report.json (a
+    directory stands where it goes)."""
+    (tmp_path / "wb" / "bench" / "report.json").mkdir(parents=True)
+    code, _, err = cli("bench", "random:dit-tiny", "--rows", "fp32,w8a8-uniform", "--reference-steps", "2", "--repeats", "1",
+                       "--latency-batch", "1", "-w", tmp_path / "wb", "-q")
+    assert code == 2 and "report.json" in _one_error_line(err)
+    assert not (tmp_path / "wb" / "bench" / "baselines").exists()   # nothing was quantized or measured

@@ -358,12 +358,16 @@ def measure_bench(ctx, cfg: BenchConfig, quantized: Path | None = None, timestep
 
     ui, workdir, model_spec = ctx.ui, ctx.workdir, ctx.model_spec
     bench_dir = workdir / "bench"
+    from diffpro_cli.artifacts import writable_dir
     from diffpro_cli.sampling import SamplerConfig, check_method
     from diffpro_cli.stages.bench_fid import fid_for_rows, fid_inputs
 
     check_method(ctx.model(), SamplerConfig(method=cfg.method))   # before any row is built or timed
     if cfg.fid and ctx.model().random_weights:   # before the baseline checkpoints are quantized and written
         raise UsageError(f"{ctx.model().spec} has random weights: FID is meaningless; drop --fid (speed and memory only)")
+    writable_dir(bench_dir)   # a report that cannot be written must fail now, not after minutes of measuring
+    if (bench_dir / "report.json").is_dir():
+        raise UsageError(f"{bench_dir / 'report.json'}: is a directory; remove it or choose another --workdir")
     rows, notes = build_rows(ctx, cfg, quantized, timesteps)
     if cfg.compile and ctx.device != "cpu":   # the compiled integer path is oneDNN's (quant/compiled.py)
         notes.append(f"compile requested: not available on {ctx.device} yet, every row ran eager")
