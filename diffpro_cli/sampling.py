@@ -83,16 +83,21 @@ def validate_timesteps(timesteps: Sequence[int], num_train: int) -> list[int]:
 
 
 def read_timesteps_file(path, num_train: int) -> tuple[dict, list[int]]:
-    """A timesteps.json (from `diffpro prune`) and its validated timesteps; a bad list is the file's fault
-    (exit 3, naming it), not an option's."""
+    """A timesteps.json (from `diffpro prune`) and its validated timesteps (timesteps_of)."""
     from diffpro_cli.artifacts import read_json
 
     doc = read_json(path, "diffpro.timesteps/1")
+    return doc, timesteps_of(doc, path, num_train)
+
+
+def timesteps_of(doc: dict, path, num_train: int) -> list[int]:
+    """A timesteps.json document's validated timesteps; a bad list is the file's fault (exit 3, naming
+    it), not an option's."""
     ts = doc["timesteps"]
     if not all(isinstance(t, int) and not isinstance(t, bool) for t in ts):
         raise InputError(f"{path}: 'timesteps' must be a list of integer timesteps; re-run `diffpro prune`")
     try:
-        return doc, validate_timesteps(ts, num_train)
+        return validate_timesteps(ts, num_train)
     except UsageError as exc:
         raise InputError(f"{path}: {exc.message.split(';')[0]}; re-run `diffpro prune` for this model") from None
 

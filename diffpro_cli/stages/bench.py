@@ -472,11 +472,10 @@ def run_bench(ctx, cfg: BenchConfig, *, quantized: Path | None = None, timesteps
     ts, evidence = None, None
     if timesteps_path is not None:
         inputs["timesteps"] = input_record(timesteps_path)
-        ts_doc = read_json(timesteps_path, "diffpro.timesteps/1")
-        from diffpro_cli.stages.quantize import check_same_model
+        from diffpro_cli.stages.quantize import read_timesteps
 
-        check_same_model(str(timesteps_path), ts_doc.get("model"), ctx.model())   # as quantize does
-        ts, evidence = ts_doc["timesteps"], ts_doc.get("paired_vs_uniform")
+        ts_doc, ts = read_timesteps(timesteps_path, ctx.model())   # as quantize reads it
+        evidence = ts_doc.get("paired_vs_uniform")
     outputs = {"report": workdir / "bench" / "report.json", "markdown": workdir / "bench" / "report.md"}
 
     def compute():

@@ -117,12 +117,13 @@ def uniform_plan(model: DiffusionModel, bits: int, act_bits: int = 8, act_mode: 
             "solver": {"method": "uniform", "status": "n/a"}}
 
 
-def read_timesteps(path: Path, model: DiffusionModel) -> list[int]:
-    from diffpro_cli.sampling import read_timesteps_file
+def read_timesteps(path: Path, model: DiffusionModel) -> tuple[dict, list[int]]:
+    """A timesteps.json made for `model` (refused if pruned for another) and its validated timesteps."""
+    from diffpro_cli.sampling import timesteps_of
 
     doc = read_json(path, TIMESTEPS_SCHEMA)
     check_same_model(str(path), doc.get("model"), model)
-    return read_timesteps_file(path, model.num_train_timesteps)[1]
+    return doc, timesteps_of(doc, path, model.num_train_timesteps)
 
 
 def _run_trajectories_with_input_hooks(model: DiffusionModel, names: list[str], record, timesteps: list[int],
@@ -310,7 +311,7 @@ def run_quantize(ctx, cfg: QuantizeConfig, *, plan_path: Path | None = None, tim
         raise UsageError("quantize needs --plan PLAN.json (from `diffpro allocate`) or --bits 8|4 for a uniform baseline")
     timesteps = None
     if timesteps_path is not None:
-        timesteps = read_timesteps(timesteps_path, model)
+        timesteps = read_timesteps(timesteps_path, model)[1]
         inputs["timesteps"] = input_record(timesteps_path)
     elif plan.get("timesteps"):
         timesteps = [int(t) for t in plan["timesteps"]]
