@@ -414,6 +414,9 @@ def plan_joint_cache(model, teacher_model, base_ts: list[int], candidates: dict[
     than the plan (× 1 + `tolerance`) is kept: faster at no more drift, or no cache.
     "drift" is `distance(candidate samples, teacher samples)` (None: MSE), on decoded samples with
     `decode`; the teacher tensor is the same object in every call (a distance may cache its features)."""
+    from diffpro_cli.cache import policy_from_dict
+    from diffpro_cli.planning.joint import cache_fraction_for, schedule_latency_ms, select_fastest_cache, select_joint_cache
+
     if objective not in OBJECTIVES:
         raise UsageError(f"cache objective {objective!r}: use latency (faster at no more drift) or drift (less drift at the same latency)")
     from diffpro_cli.sampling import default_labels, sample
@@ -426,17 +429,6 @@ def plan_joint_cache(model, teacher_model, base_ts: list[int], candidates: dict[
             return sample(m, cfg.n, ts, _sampler(cfg), labels=labels, seed=cfg.seed, batch_size=cfg.batch, decode=decode)
 
     ui.info(f"allocate: cache vs steps, teacher = float on {len(teacher_ts)} steps ({cfg.n} samples)")
-    with ui.heartbeat("allocate: cache vs steps"):   # minutes of sampling with few lines of its own
-        return _joint_candidates(model, teacher_model, base_ts, candidates, step_ms, unit_ms, budget_ms, teacher_ts, cfg,
-                                 ui, objective, tolerance, distance, final)
-
-
-def _joint_candidates(model, teacher_model, base_ts, candidates, step_ms, unit_ms, budget_ms, teacher_ts, cfg, ui,
-                      objective, tolerance, distance, final) -> dict:
-    """plan_joint_cache's measurements (see there)."""
-    from diffpro_cli.cache import policy_from_dict
-    from diffpro_cli.planning.joint import cache_fraction_for, schedule_latency_ms, select_fastest_cache, select_joint_cache
-
     teacher = final(teacher_model, sorted(teacher_ts))
     base = {"steps": len(base_ts), "timesteps": list(base_ts), "cache": None, "predicted_ms": len(base_ts) * step_ms,
             "drift": distance(final(model, sorted(base_ts)), teacher)}

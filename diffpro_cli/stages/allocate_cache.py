@@ -48,10 +48,11 @@ def joint_cache_section(ctx, cfg: AllocateConfig, plan: dict, doc: dict, timeste
     unit_ms = unit_latencies_under_plan(block_ms, unit_layer_names(model.net, list(plan["layers"])), plan["layers"], fp_ms)
     step_ms = float(plan["totals"]["latency_ms"])
     metric, distance, definition = cache_distance(ctx, cfg, model)
-    rec = plan_joint_cache(qmodel, model, base_ts, cands, step_ms, unit_ms, len(base_ts) * step_ms,
-                           uniform_timesteps(n_train, cfg.full_steps), ccfg, ctx.ui,
-                           objective=cfg.cache_objective, tolerance=cfg.cache_tolerance,
-                           distance=distance, decode=distance is not None)
+    with ctx.ui.heartbeat("allocate: cache vs steps"):   # minutes of sampling with few lines of its own
+        rec = plan_joint_cache(qmodel, model, base_ts, cands, step_ms, unit_ms, len(base_ts) * step_ms,
+                               uniform_timesteps(n_train, cfg.full_steps), ccfg, ctx.ui,
+                               objective=cfg.cache_objective, tolerance=cfg.cache_tolerance,
+                               distance=distance, decode=distance is not None)
     chosen = rec.pop("chosen")
     K = len(base_ts)
     if cfg.cache_objective == "latency":
