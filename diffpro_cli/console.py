@@ -55,6 +55,7 @@ class UI:
         # messages carry user text (specs like pkg:factory:, paths, [flag lists]): printed as given, never
         # read as rich markup or :emoji: codes; warn() styles only its own prefix
         self.err = Console(stderr=True, highlight=False, soft_wrap=True, markup=False, emoji=False)
+        self.last_line = time.monotonic()   # when this UI last printed a line (progress watchdogs count from it)
 
     def _is_interactive(self) -> bool:
         return _interactive() if self.interactive is None else self.interactive
@@ -64,13 +65,16 @@ class UI:
 
     def _plain(self, line: str) -> None:
         self.err.print(line, markup=False, highlight=False)
+        self.last_line = time.monotonic()
 
     def info(self, message: str) -> None:
         if not self.quiet:
             self.err.print(message)
+            self.last_line = time.monotonic()
 
     def warn(self, message: str) -> None:
         self.err.print(f"[yellow]warning:[/yellow] {escape(message)}", markup=True)
+        self.last_line = time.monotonic()
 
     def result(self, payload: dict, human: str | None = None) -> None:
         """The command's result: JSON on stdout with --json, else a human line (unless quiet)."""
@@ -185,18 +189,18 @@ class _PlainProgress:
         self.ui._plain(text)
 
     def keep_alive(self, stop: threading.Event) -> None:
-        """Until `stop`: the current line again whenever `interval` passed since the last one (a round of
-        work can outlast the interval, e.g. a timing round of a large model, and advance() only prints when
-        it is called)."""
+        """Until `stop`: the current line again whenever `interval` passed since the UI's last line, this
+        block's or any other (a round of work can outlast the interval, e.g. a timing round of a large model,
+        and advance() only prints when it is called; the work before the block's first round counts too)."""
         interval = self.interval * WAKE_MARGIN
         while True:
             with self.lock:
-                wait = interval - (time.monotonic() - self.last)
+                wait = interval - (time.monotonic() - self.ui.last_line)
             if stop.wait(max(wait, 0.05)):
                 return
             with self.lock:
                 now = time.monotonic()
-                if now - self.last < interval:
+                if now - self.ui.last_line < interval:
                     continue
                 self.last, self.printed = now, self.done
                 text = self.line(now)

@@ -159,3 +159,18 @@ def test_messages_print_user_text_as_given_not_as_markup_or_emoji(capsys):
     got = capsys.readouterr()
     assert got.err.splitlines() == ["loading mynet:factory: [avx2,avx512_vnni] done", "warning: measured on AMD EPYC [avx2,avx512f]"]
     assert got.out.strip() == "mynet:factory: [x]"
+
+
+def test_the_watchdog_counts_from_the_last_line_printed_before_its_block():
+    """Catches: a block's first keep-alive line coming a whole interval after the block started, so quiet
+    work before it plus the interval left the log silent longer than the interval (34 s in a demo log)."""
+    ui, buf = plain_ui(progress_interval=0.6)
+    ui.info("setup done")
+    time.sleep(0.45)               # quiet work between the last line and the block
+    t0 = time.monotonic()
+    with ui.progress("sampling", total=1) as advance:
+        while len(lines(buf)) < 2 and time.monotonic() - t0 < 2:
+            time.sleep(0.01)
+        first = time.monotonic() - t0
+        advance()
+    assert first < 0.45, first     # ~0.6 s after "setup done", not 0.6 s after the block began
