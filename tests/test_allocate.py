@@ -357,6 +357,27 @@ def test_stage_joint_reads_workdir_timesteps(scores_file, tmp_path):
                      latency_fn=fake_latency)
 
 
+@pytest.mark.parametrize("budget", ["latency=0.5", "avg-bits=6,latency=0.5"])
+def test_bad_steps_for_a_latency_fraction_fails_before_the_cost_table_is_timed(scores_file, tmp_path, monkeypatch, budget):
+    """--budget latency=F --steps 7 against a sweep of 5 and 10 steps timed the whole cost table (minutes on a
+    real model) before saying that 7 is not in the sweep."""
+    import diffpro_cli.stages.allocate as allocate_stage
+
+    work = tmp_path / "w"
+    work.mkdir()
+    sweep = [{"steps": k, "timesteps": list(range(0, 1000, 1000 // k)), "drift": 0.5 / k} for k in (5, 10)]
+    (work / "timesteps.json").write_text(json.dumps({"schema": "diffpro.timesteps/1", "model": {"spec": "test:synthetic"},
+                                                     "timesteps": sweep[1]["timesteps"], "sweep": sweep}))
+
+    def timed(*args, **kwargs):
+        raise AssertionError("the cost table was timed before --steps was checked")
+
+    monkeypatch.setattr(allocate_stage, "obtain_cost_table", timed)
+    with pytest.raises(UsageError, match=r"--steps 7: the timesteps artifact has step counts \[5, 10\]"):
+        run_allocate(_ctx(work), AllocateConfig(budget=budget, steps="7", protect=[]), scores_path=scores_file)
+    assert not (work / "plan.json").exists() and not (work / "cost_table.json").exists()
+
+
 def test_group_size_that_does_not_divide_a_layer_falls_back_to_per_channel_there():
     scores = make_scores(n=3, measured=True)
     widths = [16, 64, 128]

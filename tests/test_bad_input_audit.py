@@ -179,6 +179,51 @@ def test_quantize_refuses_a_plan_with_no_layers(cli, tmp_path):
     assert not (tmp_path / "q").exists()
 
 
+def _uniform_plan_file(tmp_path, edit=None):
+    import diffpro
+    from diffpro_cli.stages.quantize import uniform_plan
+
+    plan = uniform_plan(diffpro.load(TINY), 8)
+    if edit:
+        edit(plan)
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    return tmp_path / "plan.json"
+
+
+@pytest.mark.parametrize("args,needle", [(["--act-mode", "static"], "allocate --act-mode static"),
+                                         (["--act-bits", "16"], "applies to --bits only"),
+                                         (["--group-size", "16"], "applies to --bits only")])
+def test_quantize_plan_refuses_options_it_would_ignore(cli, tmp_path, args, needle):
+    """--act-mode/--act-bits/--group-size with --plan were silently ignored: the user asked for static
+    activations and got the plan's dynamic ones."""
+    plan = _uniform_plan_file(tmp_path)
+    code, _, err = cli("quantize", TINY, "--plan", plan, *args, "--out", tmp_path / "q", "-w", tmp_path / "w", "-q")
+    assert code == 2 and needle in _one_error_line(err)
+    assert not (tmp_path / "q").exists()
+
+
+def test_quantize_plan_accepts_its_own_act_mode_restated(cli, tmp_path):
+    """sample_configs restate act_mode = "dynamic" beside a dynamic plan: refusing it would break `make demo`."""
+    plan = _uniform_plan_file(tmp_path)
+    code, _, err = cli("quantize", TINY, "--plan", plan, "--act-mode", "dynamic", "--out", tmp_path / "q",
+                       "-w", tmp_path / "w", "-q")
+    assert code == 0, err
+    meta = json.loads((tmp_path / "q" / "diffpro.json").read_text())
+    assert {r["act_mode"] for r in meta["layers"].values()} >= {"dynamic"}
+
+
+@pytest.mark.parametrize("field,value", [("act_bits", 4), ("act_mode", "sometimes")])   # weight_bits: test_quant
+def test_quantize_plan_with_an_unsupported_layer_value_is_bad_input(cli, tmp_path, field, value):
+    """A plan whose layer says act_bits 4 exited 2 (a bad option) though no option was wrong: the file is."""
+    def edit(plan):
+        next(iter(plan["layers"].values()))[field] = value
+    plan = _uniform_plan_file(tmp_path, edit)
+    code, _, err = cli("quantize", TINY, "--plan", plan, "--out", tmp_path / "q", "-w", tmp_path / "w", "-q")
+    line = _one_error_line(err)
+    assert code == 3 and f"{field} " in line and "re-run `diffpro allocate`" in line
+    assert not (tmp_path / "q").exists()
+
+
 # ---- allocate / bench option and artifact checks, the allocator ---------------------------------
 
 @pytest.mark.parametrize("field,value,option", [("quant_weight", -1.0, "--quant-weight"),

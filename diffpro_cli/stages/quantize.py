@@ -25,9 +25,9 @@ TIMESTEPS_SCHEMA = "diffpro.timesteps/1"
 @dataclass
 class QuantizeConfig:
     bits: int | None = None            # uniform weight bits when there is no plan
-    act_bits: int = 8
-    act_mode: str = "dynamic"
-    group_size: int | None = None
+    act_bits: int | None = None        # --bits only (None: 8); a plan sets each layer's own
+    act_mode: str | None = None        # None: the plan's modes, "dynamic" with --bits; given with a plan, it must match it
+    group_size: int | None = None      # --bits only
     calib_samples: int = 4             # static mode: samples whose trajectories calibrate the ranges
     calib_steps: int = 50              # static mode without a timesteps file: uniform steps calibrated
     rounding: str = "nearest"          # "nearest" or "gptq" (output-aware rounding of Linear weights)
@@ -74,7 +74,8 @@ def check_same_model(what: str, recorded: dict | None, model: DiffusionModel) ->
 
 
 def validate_plan(plan: dict, model: DiffusionModel, source: str = "plan") -> dict:
-    """Every layer named exists and is quantizable, bits and modes are supported; returns plan["layers"]."""
+    """Every layer named exists and is quantizable, bits and modes are supported; returns plan["layers"].
+    A bad value is a bad artifact (exit 3, InputError), not a bad option: the file is what must change."""
     layers = plan.get("layers")
     if not isinstance(layers, dict):
         raise InputError(f"{source}: no 'layers' table; re-run `diffpro allocate`")
@@ -87,17 +88,34 @@ def validate_plan(plan: dict, model: DiffusionModel, source: str = "plan") -> di
             raise InputError(f"{source}: layer {name!r} does not exist in {model.spec}; re-run `diffpro allocate` for this model")
         bits = entry.get("weight_bits")
         if bits not in (*STORAGE_BITS, 16):
-            raise UsageError(f"{source}: layer {name}: weight_bits {bits} unsupported; use one of {', '.join(map(str, STORAGE_BITS))} or 16")
+            raise InputError(f"{source}: layer {name}: weight_bits {bits} unsupported (supported: {', '.join(map(str, STORAGE_BITS))}, 16); re-run `diffpro allocate`")
         if entry.get("act_bits", 8) not in (8, 16):
-            raise UsageError(f"{source}: layer {name}: act_bits {entry.get('act_bits')} unsupported; use 8 or 16")
+            raise InputError(f"{source}: layer {name}: act_bits {entry.get('act_bits')} unsupported (supported: 8, 16); re-run `diffpro allocate`")
         if entry.get("act_mode", "dynamic") not in ACT_MODES:
-            raise UsageError(f"{source}: layer {name}: act_mode {entry.get('act_mode')!r} unsupported; use one of {', '.join(ACT_MODES)}")
+            raise InputError(f"{source}: layer {name}: act_mode {entry.get('act_mode')!r} unsupported (supported: {', '.join(ACT_MODES)}); re-run `diffpro allocate`")
         g = entry.get("group_size")
         mod = known[name][0]
         in_flat = mod.weight[0].numel() if hasattr(mod, "weight") else getattr(mod, "in_flat", 0)
         if g is not None and (not isinstance(g, int) or g <= 0 or in_flat % g):
-            raise UsageError(f"{source}: layer {name}: group_size {g} does not divide its input size {in_flat}; pick a divisor or null")
+            raise InputError(f"{source}: layer {name}: group_size {g} does not divide its input size {in_flat}; re-run `diffpro allocate` (a divisor or null)")
     return layers
+
+
+def check_plan_options(plan: dict, cfg: QuantizeConfig, source: str = "plan") -> None:
+    """A plan fixes every layer's activation bits, mode and group size (allocate priced them): --act-bits and
+    --group-size are for --bits only, and --act-mode is accepted with a plan only where it matches the
+    plan's integer layers (a config that restates "dynamic" stays valid); otherwise it would be ignored."""
+    for flag, value in (("--act-bits", cfg.act_bits), ("--group-size", cfg.group_size)):
+        if value is not None:
+            raise UsageError(f"{flag} {value}: applies to --bits only; {source} sets it per layer "
+                             f"(re-run `diffpro allocate` with {flag} to change it), or leave {flag} out")
+    if cfg.act_mode is None:
+        return
+    modes = sorted({e.get("act_mode", "dynamic") for e in plan["layers"].values()
+                    if e.get("weight_bits", 16) < 16 and e.get("act_bits", 8) < 16})
+    if modes and modes != [cfg.act_mode]:
+        raise UsageError(f"--act-mode {cfg.act_mode}: {source} runs its integer layers with {'/'.join(modes)} activations "
+                         f"(allocate chose them); re-run `diffpro allocate --act-mode {cfg.act_mode}`, or leave --act-mode out")
 
 
 def uniform_plan(model: DiffusionModel, bits: int, act_bits: int = 8, act_mode: str = "dynamic", group_size: int | None = None,
@@ -275,12 +293,12 @@ def run_quantize(ctx, cfg: QuantizeConfig, *, plan_path: Path | None = None, tim
     Returns a StageResult (value: the checkpoint's diffpro.json record)."""
 
     out_dir = Path(out_dir) if out_dir is not None else ctx.workdir / "quantized"
-    if cfg.act_mode not in ACT_MODES:
+    if cfg.act_mode is not None and cfg.act_mode not in ACT_MODES:
         raise UsageError(f"--act-mode {cfg.act_mode}: use one of {', '.join(ACT_MODES)}")
     if cfg.rounding not in ("nearest", "gptq"):
         raise UsageError(f"--rounding {cfg.rounding}: use nearest or gptq")
     check_pair_bound(cfg.pair_bound)
-    if cfg.act_bits not in (8, 16):
+    if cfg.act_bits is not None and cfg.act_bits not in (8, 16):
         raise UsageError(f"--act-bits {cfg.act_bits}: use 8 (int8 activations) or 16 (weight-only)")
     if cfg.group_size is not None and cfg.group_size <= 0:
         raise UsageError(f"--group-size {cfg.group_size}: must be a positive divisor of the layers' input sizes")
@@ -299,6 +317,7 @@ def run_quantize(ctx, cfg: QuantizeConfig, *, plan_path: Path | None = None, tim
     if plan_path is not None:
         plan = read_json(plan_path, PLAN_SCHEMA)
         validate_plan(plan, model, str(plan_path))
+        check_plan_options(plan, cfg, str(plan_path))
         inputs["plan"] = input_record(plan_path)
         from diffpro_cli.stages.pair_bound_assumption import pair_bound_note
 
@@ -306,7 +325,7 @@ def run_quantize(ctx, cfg: QuantizeConfig, *, plan_path: Path | None = None, tim
         if note is not None:
             getattr(ctx.ui, note[0])(note[1])
     elif cfg.bits is not None:
-        plan = uniform_plan(model, cfg.bits, cfg.act_bits, cfg.act_mode, cfg.group_size, cfg.float_act)
+        plan = uniform_plan(model, cfg.bits, cfg.act_bits or 8, cfg.act_mode or "dynamic", cfg.group_size, cfg.float_act)
     else:
         raise UsageError("quantize needs --plan PLAN.json (from `diffpro allocate`) or --bits 8|4 for a uniform baseline")
     timesteps = None
