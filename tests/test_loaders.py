@@ -61,6 +61,7 @@ def assert_one_error_line(err):
     lines = [ln for ln in err.strip().splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     assert "Traceback" not in err
+    return lines[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -366,6 +367,24 @@ def test_custom_needs_trust_code(factory_module, capsys):
     assert code == TrustError.exit_code
     assert_one_error_line(err)
     assert "--trust-code" in err
+
+
+@pytest.mark.parametrize("source,needle", [
+    ("def factory():\n    raise RuntimeError('no GPU here\\nsecond line')\n", "factory() raised RuntimeError: no GPU here"),
+    ("raise ValueError('bad config at import')\n", "raised ValueError: bad config at import"),
+])
+def test_custom_factory_or_module_that_raises_is_one_error_line(tmp_path, monkeypatch, capsys, source, needle):
+    """A factory (or its module's import) that raised printed the whole traceback with exit 1, as if
+    diffpro had a bug; the user's code failed, so: one line with the exception and how to see its traceback."""
+    import sys
+
+    (tmp_path / "diffpro_test_raising_mod.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        code, err = run_cli(["models", "diffpro_test_raising_mod:factory", "--trust-code"], capsys)
+    finally:
+        sys.modules.pop("diffpro_test_raising_mod", None)
+    assert code == InputError.exit_code and needle in assert_one_error_line(err) and "second line" not in err
 
 
 def test_custom_with_trust_code_and_weights(factory_module, tmp_path, capsys):

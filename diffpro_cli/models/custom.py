@@ -44,6 +44,11 @@ def _wrap_module(spec: str, module: nn.Module, sample_shape) -> DiffusionModel:
     )
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:160]}" if text else type(exc).__name__
+
+
 def load_custom(spec: str, weights: str | Path | None = None, trust_code: bool = False) -> DiffusionModel:
     """Import `pkg.module`, call `factory()` and wrap the result (contract in the module docstring)."""
     from diffpro_cli.artifacts import sha256_file
@@ -56,10 +61,17 @@ def load_custom(spec: str, weights: str | Path | None = None, trust_code: bool =
         mod = importlib.import_module(module_name)
     except ImportError as exc:
         raise InputError(f"{spec}: cannot import {module_name} ({exc}); check the module name and PYTHONPATH") from None
+    except Exception as exc:   # the user's module failed while importing: their bug, one line, not ours
+        raise InputError(f"{spec}: importing {module_name} raised {_first_line(exc)}; fix the module "
+                         f"(`python -c 'import {module_name}'` shows the traceback)") from None
     factory = getattr(mod, factory_name, None)
     if not callable(factory):
         raise InputError(f"{spec}: {module_name} has no callable {factory_name}; name the factory function after the colon")
-    result = factory()
+    try:
+        result = factory()
+    except Exception as exc:
+        raise InputError(f"{spec}: {factory_name}() raised {_first_line(exc)}; fix the factory "
+                         f"(`python -c 'import {module_name}; {module_name}.{factory_name}()'` shows the traceback)") from None
     if isinstance(result, DiffusionModel):
         model = dataclasses.replace(result, spec=spec)
     elif isinstance(result, nn.Module):
