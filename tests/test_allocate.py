@@ -333,6 +333,22 @@ def _ctx(workdir):
     return StageContext.create("", workdir)
 
 
+def test_cost_table_differing_only_outside_the_description_names_the_difference(cli, scores_file, tmp_path):
+    """A table from the same CPU but another allocator setting was refused with 'measured on X; this is X':
+    two identical machine descriptions and no hint of what to change."""
+    from diffpro_cli.planning.costs import machine_fingerprint
+
+    scores = json.loads(scores_file.read_text())
+    other = dict(machine_fingerprint(), allocator="some-other-allocator")
+    work = tmp_path / "w"
+    work.mkdir()
+    (work / "cost_table.json").write_text(json.dumps(synthetic_cost_table(scores, fingerprint=other)))
+    code, out, err = cli("allocate", scores_file, "-w", work, "--budget", "avg-bits=6", "--repeats", "1")
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert code == 3 and len(lines) == 1 and lines[0].startswith("error:"), err
+    assert "allocator 'some-other-allocator' there" in lines[0] and "; this is" not in lines[0]
+
+
 def test_stage_with_injected_latency(scores_file, tmp_path):
     outcome, plan = run_allocate(_ctx(tmp_path / "w"), AllocateConfig(float_act=[], budget="latency-ms=0.3", protect=[]),
                                  scores_path=scores_file, latency_fn=fake_latency)

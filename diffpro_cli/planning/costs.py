@@ -438,6 +438,9 @@ def check_fingerprint(doc: dict, path: Path, explicit: bool, ui: UI = QUIET_UI, 
     if fingerprint_id(there) == fingerprint_id(here):
         return
     what = f"{path} was measured on {describe_fingerprint(there)}; this is {describe_fingerprint(here)}"
+    if describe_fingerprint(there) == describe_fingerprint(here):   # say what differs, not the same words twice
+        diffs = [f"{k} {there.get(k)!r} there, {here.get(k)!r} here" for k in sorted(set(there) | set(here)) if there.get(k) != here.get(k)]
+        what = f"{path} was measured on this kind of machine ({describe_fingerprint(here)}) but with {'; '.join(diffs)}"
     if explicit:
         ui.warn(f"{what}: planning with it as given (--cost-table)")
         return
