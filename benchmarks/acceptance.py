@@ -69,15 +69,13 @@ def bars(report: dict) -> list[dict]:
 
 
 def device_line(report: dict) -> str:
+    from diffpro_cli.report import isa_text
+
     d = report.get("device", {})
     line = f"{d.get('name', '?')} ({d.get('kind', '?')}, {d.get('threads', '?')} threads, torch {d.get('torch', '?')})"
-    if "isa_flags" in d:
-        line += f"; ISA {' '.join(d['isa_flags'])}; integer kernels {d.get('integer_kernels')}"
-        if d.get("isa_cap"):
-            line += f"; CAPPED by {d['isa_cap']} (emulation: numerics, not speed)"
-    else:
-        line += "; ISA not recorded (a report from before session 12)"
-    return line
+    if "isa_flags" not in d:
+        return line + "; ISA not recorded (a report from before session 12)"
+    return line + isa_text(d) + (" — EMULATED: numerics, not speed" if d.get("isa_cap") else "")
 
 
 def _fmt(v) -> str:

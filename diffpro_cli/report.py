@@ -50,11 +50,12 @@ def _kid(r):
     return f"{r['kid'] * 1000:.2f} ± {r['kid_std'] * 1000:.2f}"
 
 
-def _isa_text(device: dict) -> str:
+def isa_text(device: dict) -> str:
     """'; ISA avx2 avx512_vnni: integer kernels VNNI, bf16 native; capped by X=Y' (CPU reports that carry it)."""
     if "isa_flags" not in device:
         return ""
-    text = f"; ISA {' '.join(device['isa_flags']) or 'none of ours'}: integer kernels {device['integer_kernels']}, bf16 {device['bf16']}"
+    text = (f"; ISA {' '.join(device['isa_flags']) or 'none of ours'}: integer kernels {device.get('integer_kernels', '?')}, "
+            f"bf16 {device.get('bf16', '?')}")
     return text + (f"; capped by {device['isa_cap']}" if device.get("isa_cap") else "")
 
 
@@ -89,7 +90,7 @@ def write_markdown(report: dict, bench_dir: Path, samples: dict, workdir: Path, 
         f"# diffpro report — {report['model']['spec']}",
         "",
         f"Device: {report['device']['name']} ({report['device']['kind']}, {report['device']['threads']} threads, torch {report['device']['torch']}"
-        f"{_isa_text(report['device'])}"
+        f"{isa_text(report['device'])}"
         f"{'; malloc: ' + report['device']['allocator'] if report['device'].get('allocator') else ''}). "
         f"Sampler: {report['sampler']['method']}, cfg {report['sampler']['cfg_scale']}. Seed {report['fid']['seed']}.",
         "",

@@ -148,7 +148,7 @@ def test_report_device_says_which_isa_the_kernels_ran_on(monkeypatch):
     cannot be placed. Catches: the ISA left out of report.json / the Device line; a cap (the AVX2 emulation
     variables) not recorded, so an emulated run reads as a real VNNI one."""
     from diffpro_cli.quant import kernels
-    from diffpro_cli.report import _isa_text
+    from diffpro_cli.report import isa_text
     from diffpro_cli.stages.bench import device_info
 
     monkeypatch.delenv("FBGEMM_ENABLE_INSTRUCTIONS", raising=False)
@@ -165,6 +165,6 @@ def test_report_device_says_which_isa_the_kernels_ran_on(monkeypatch):
         kernels.cpu_has_vnni.cache_clear()
     assert capped["isa_cap"] == "FBGEMM_ENABLE_INSTRUCTIONS=AVX2" and capped["integer_kernels"].startswith("pre-VNNI")
     assert capped["isa_flags"] == plain["isa_flags"]          # the CPU's flags, whatever the cap
-    line = _isa_text(capped)
+    line = isa_text(capped)
     assert "integer kernels pre-VNNI" in line and "capped by FBGEMM_ENABLE_INSTRUCTIONS=AVX2" in line
-    assert _isa_text({"kind": "cuda", "name": "GPU"}) == ""    # GPU reports and old reports: nothing to say
+    assert isa_text({"kind": "cuda", "name": "GPU"}) == ""    # GPU reports and old reports: nothing to say

@@ -47,7 +47,7 @@ def test_acceptance_reads_issue_19_bars_off_a_report(tmp_path):
                    "diffpro ΔFID": False,                            # +5.5 > +5
                    "diffpro FID vs fp32 / w4-uniform's": True,       # 49 / 100 <= 0.5
                    "w8a8-uniform vs fp32 (eager)": None, "w8a8-uniform ΔFID": None}   # no such row: n/a
-    assert "CAPPED by FBGEMM_ENABLE_INSTRUCTIONS=AVX2" in acceptance.device_line(report)
+    assert "capped by FBGEMM_ENABLE_INSTRUCTIONS=AVX2 — EMULATED" in acceptance.device_line(report)
     path = tmp_path / "report.json"
     path.write_text(json.dumps(report))
     assert acceptance.main([str(path)]) == 1
