@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from diffpro_cli.errors import InputError, UsageError
+from diffpro_cli.quant.compiled import REGION_ATTR
 
 SCHEMA = "diffpro.cache/1"
 POLICIES = ("static", "fbcache")
@@ -82,6 +83,13 @@ def unit_modules(net: nn.Module) -> list[list[nn.Module]]:
 
 def num_cache_units(net: nn.Module) -> int:
     return len(unit_modules(net))
+
+
+def block_forward(module: nn.Module):
+    """A unit module's compute, as a runner's wrapper calls it: the regionally compiled forward where
+    quant.compiled.compile_regions gave it one (bench --compile; it outlives the runner), else the class's."""
+    own = vars(module).get(REGION_ATTR)
+    return own if own is not None else type(module).forward.__get__(module)
 
 
 def _net(model) -> nn.Module:
@@ -368,7 +376,7 @@ class CacheRunner:
             raise UsageError("cache: the network's blocks are already wrapped (a cache runner is active); leave it first")
         make = self._fb_forward if isinstance(self.policy, FirstBlockCache) else self._static_forward
         for u, block in enumerate(self.blocks):
-            block.forward = make(u, type(block).forward.__get__(block))
+            block.forward = make(u, block_forward(block))
         self._handles.append(self.net.register_forward_pre_hook(self._pre_hook, with_kwargs=True, prepend=True))
         return self
 
@@ -437,9 +445,9 @@ class DeepCacheRunner(CacheRunner):
         net = self.net
         for b in net.down_blocks[1:]:
             n_res = len(b.resnets) + (len(b.downsamplers) if getattr(b, "downsamplers", None) is not None else 0)
-            b.forward = self._deep_forward(type(b).forward.__get__(b), n_res, False)
+            b.forward = self._deep_forward(block_forward(b), n_res, False)
         for m in self._deep[len(net.down_blocks) - 1:]:
-            m.forward = self._deep_forward(type(m).forward.__get__(m), None, m is self._deep[-1])
+            m.forward = self._deep_forward(block_forward(m), None, m is self._deep[-1])
         self._handles.append(net.register_forward_pre_hook(self._pre_hook, with_kwargs=True, prepend=True))
         return self
 

@@ -302,3 +302,50 @@ def compile_model(model, **compile_kwargs):
         return model
     base = model.forward_fn
     return dataclasses.replace(model, forward_fn=lambda net, x, t, y: base(compiled_net, x, t, y))
+
+
+# ---------------------------------------------------------------------------------------------
+# Regional compilation (cached rows: the cache runner's skip/compute decisions stay in Python)
+# ---------------------------------------------------------------------------------------------
+
+REGION_ATTR = "_diffpro_compiled_forward"   # instance attribute the cache runner calls (cache.block_forward)
+
+
+def _own_forward(module: nn.Module):
+    """`type(module).forward` as a new function with its own code object, bound to `module`. Dynamo
+    keeps compiled graphs per code object, and under freezing each graph is specialised to one module's
+    weights (an id guard per parameter): N blocks of one class would be N recompiles of one code object,
+    and past dynamo's recompile limit (8) the rest would silently run eager."""
+    import types
+
+    fn = type(module).forward
+    if not isinstance(fn, types.FunctionType):
+        return fn.__get__(module)
+    own = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    own.__kwdefaults__, own.__qualname__ = fn.__kwdefaults__, fn.__qualname__
+    return own.__get__(module)
+
+
+def compile_regions(modules) -> int:
+    """Regional compilation: each module of `modules` (a DiT's transformer blocks, a U-Net's deep blocks)
+    gets its own compiled forward (inductor, freezing, its quant layers on the compiled path: the
+    options of compile_module) stored as the instance attribute REGION_ATTR. The module's `forward` is
+    left as it is: the cache runner calls the compiled one where it would call the block (its wrappers,
+    which decide per step what runs, stay Python), and the rest of the network runs eager. Returns the number
+    of modules compiled (0, after one notice line, where compile is unavailable)."""
+    reason = unavailable_reason()
+    if reason is not None:
+        _notice(reason)
+        return 0
+    count = 0
+    for m in modules:
+        enable(m)   # the quant layers inside the region only: the eager rest keeps its eager kernels
+        if REGION_ATTR not in vars(m):
+            m.__dict__[REGION_ATTR] = _Frozen(torch.compile(_own_forward(m), dynamic=False), m)
+            count += 1
+    return count
+
+
+def remove_regions(modules) -> None:
+    for m in modules:
+        m.__dict__.pop(REGION_ATTR, None)
