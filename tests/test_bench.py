@@ -118,21 +118,6 @@ def test_compile_rows_compiles_each_distinct_model_once_float_rows_included(monk
     assert rows[0].model == ("compiled", fp) and rows[1].model is rows[0].model and rows[2].model == ("compiled", q)
 
 
-def test_compile_rows_keeps_cached_rows_eager_and_says_so(monkeypatch):
-    """Catches: a cache row handed the compiled network, whose block wrappers then change at every step
-    (dynamo recompiles per step until its limit, and the timings include the compiles)."""
-    from diffpro_cli.quant import compiled
-    from diffpro_cli.stages.bench import Row, compile_rows
-
-    monkeypatch.setattr(compiled, "unavailable_reason", lambda: None)
-    monkeypatch.setattr(compiled, "compile_model", lambda m: ("compiled", m))
-    fp = object()
-    rows = [Row("fp32", fp, [0], 1, 1, 32.0, "a"), Row("cache-only", fp, [0], 1, 1, 32.0, "b", cache="policy")]
-    note = compile_rows(rows)
-    assert rows[0].model == ("compiled", fp) and rows[1].model is fp
-    assert "cache-only" in note and "ran eager" in note and any("eager" in n for n in rows[1].notes)
-
-
 def test_steps_note_states_the_paired_difference_and_its_significance():
     from diffpro_cli.stages.comparisons import steps_note
 

@@ -234,29 +234,27 @@ def build_rows(ctx, cfg: BenchConfig, quantized: Path | None, timesteps: list[in
 
 def compile_rows(rows: list[Row]) -> str:
     """torch.compile every row's network (each distinct model once), float rows included, so a compiled
-    plan is compared with compiled float; where compile is unavailable every row stays eager (one
-    note). Returns the note."""
+    plan is compared with compiled float; cached rows regionally (bench_cache.compile_cached_rows); where
+    compile is unavailable every row stays eager (one note). Returns the note."""
     from diffpro_cli.quant import compiled
+    from diffpro_cli.stages.bench_cache import compile_cached_rows
 
     reason = compiled.unavailable_reason()
     if reason is not None:
         return f"compile requested but unavailable ({reason}): every row ran eager"
     done: dict[int, DiffusionModel] = {}
-    eager = []
     for row in rows:
-        if row.cache is not None:   # the cache runner's per-step Python state would recompile the graph every step
-            eager.append(row.name)
-            row.notes.append("ran eager under --compile (cached rows do)")
-            continue
-        key = id(row.model)
-        if key not in done:
-            done[key] = compiled.compile_model(row.model)
-        row.model = done[key]
+        if row.cache is None:
+            key = id(row.model)
+            if key not in done:
+                done[key] = compiled.compile_model(row.model)
+            row.model = done[key]
+    regional = compile_cached_rows(rows)
     note = ("every row torch.compile'd (inductor, freezing): float rows as compiled float, integer layers on "
             "the compiled oneDNN int8 path; the first call of each shape compiled during warm-up; memory rows ran eager")
-    if eager:
-        note += (f"; except the cached rows ({', '.join(eager)}), which ran eager: their block wrappers switch "
-                 "per step, which a compiled graph would recompile for at every step")
+    if regional:
+        note += (f"; the cached rows ({', '.join(regional)}) regionally compiled: each block compiled on its own, "
+                 "the rest eager (the cache runner's per-step skip decisions stay Python)")
     return note
 
 
