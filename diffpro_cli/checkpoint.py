@@ -33,7 +33,8 @@ from diffpro_cli.errors import InputError, TrustError
 from diffpro_cli.models.base import EMBEDDING_FORWARDS, DiffusionModel, apply_net_patches, dit_forward, unet_forward
 from diffpro_cli.quant.formats import dequantize_weight, fp16_exact, quantize_weight
 from diffpro_cli.quant.epilogue import fuse_activations
-from diffpro_cli.quant.layers import Int8Embedding, QuantConv2d, QuantLinear, _QuantBase, empty_from_record, fuse_shared_inputs, normalise_act, timestep_context
+from diffpro_cli.quant.groups import fuse_shared_inputs
+from diffpro_cli.quant.layers import Int8Embedding, QuantConv2d, QuantLinear, _QuantBase, empty_from_record, normalise_act, timestep_context
 
 SCHEMA = "diffpro.quantized/1"
 FORMAT_VERSION = 1

@@ -83,12 +83,8 @@ def _classes():
         set_submodule,
     )
     from diffpro_cli.quant.epilogue import fuse_activations
-    from diffpro_cli.quant.layers import (
-        Int8Embedding,
-        _QuantBase,
-        empty_from_record,
-        fuse_shared_inputs,
-    )
+    from diffpro_cli.quant.groups import fuse_shared_inputs
+    from diffpro_cli.quant.layers import Int8Embedding, _QuantBase, empty_from_record
 
     class Method(str, Enum):   # diffusers reads `quant_method.value`; as a str it is its own table key
         DIFFPRO = QUANT_METHOD

@@ -171,7 +171,8 @@ def test_compiled_path_ops_match_the_reference(mode, bits):
     kernel's grid (per-tensor symmetric or per-token, u8 with zero point 128), for a plain layer and for
     each member of a fused q/k/v group."""
     from diffpro_cli.quant import compiled
-    from diffpro_cli.quant.layers import QuantLinear, SharedInputGroup
+    from diffpro_cli.quant.groups import SharedInputGroup
+    from diffpro_cli.quant.layers import QuantLinear
 
     if not compiled.compiled_available():
         pytest.skip(compiled.unavailable_reason())
@@ -196,7 +197,8 @@ def test_compiled_path_attaches_layers_whose_integers_were_released_at_load(mode
     "dynamic", oneDNN for "dynamic-token"); the compiled path must recover the same integer weights,
     scales and bias from it (bench --compile once ran such checkpoints' integer layers eager)."""
     from diffpro_cli.quant import compiled
-    from diffpro_cli.quant.layers import QuantLinear, SharedInputGroup
+    from diffpro_cli.quant.groups import SharedInputGroup
+    from diffpro_cli.quant.layers import QuantLinear
 
     if not compiled.compiled_available():
         pytest.skip(compiled.unavailable_reason())

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffpro_cli.quant import formats, kernels
-from diffpro_cli.quant.layers import QuantConv2d, QuantLinear, fuse_shared_inputs, quantize_module, timestep_context, unfuse
+from diffpro_cli.quant.groups import fuse_shared_inputs, unfuse
+from diffpro_cli.quant.layers import QuantConv2d, QuantLinear, quantize_module, timestep_context
 from diffpro_cli.quant.reference import (conv_kernel_tolerance, fake_quant_act_per_token, fake_quant_weight,
                                          kernel_tolerance, reference_activation)
 

@@ -317,15 +317,20 @@ class DequantFloat:
         self.act_qmax = None
 
     any_dtype = True   # float math in the input's dtype (bf16/fp16 under a model's compute_dtype)
+    traceable = True   # plain torch ops: torch.compile traces a prepared layer (layers._traced_forward)
 
     def __call__(self, layer, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == self.w.dtype:
             w, b = self.w, self.bias
         else:   # one copy per compute dtype, made once: a cast per call would cost a pass over the weights
-            cast = self.__dict__.setdefault("_cast", {})
-            if x.dtype not in cast:
-                cast[x.dtype] = (self.w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
-            w, b = cast[x.dtype]
+            cast = self.__dict__.get("_cast", {})
+            if x.dtype in cast:
+                w, b = cast[x.dtype]
+            elif torch.compiler.is_compiling():   # no Python state written inside a graph: cast in it
+                w, b = self.w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype)
+            else:
+                w, b = self.__dict__.setdefault("_cast", {}).setdefault(
+                    x.dtype, (self.w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype)))
         if layer.kind == "conv2d":
             return layer.float_conv(x, w, b)
         return F.linear(x, w, b)

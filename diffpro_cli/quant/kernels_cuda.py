@@ -1,6 +1,8 @@
 """CUDA kernels: int8 tensor cores through torch._int_mm (Linear, and Conv2d as im2col), tinygemm int4
 weight-only and FP8 `_scaled_mm`. They register themselves in kernel_common.KERNELS on import
 (kernels.py imports this module); the registry table in kernels.py says when each is a candidate.
+Each is plain torch ops (`traceable`): under torch.compile a prepared layer is traced into the graph
+(compiled_cuda.py), where the CPU's opaque oneDNN/fbgemm calls are graph breaks.
 
 UNVERIFIED: these kernels follow the documented contracts of those ops but have NOT run on a GPU in this
 project (see docs/quantization.md).
@@ -38,6 +40,7 @@ class CudaIntMmLinear:
     """INT8 tensor cores via torch._int_mm (cuBLASLt): per-token int8 activations × int8 weights → int32."""
 
     name = "cuda-int8-intmm"
+    traceable = True      # plain torch ops: torch.compile traces them (layers._traced_forward)
 
     @staticmethod
     def usable(layer, device: torch.device) -> bool:
@@ -74,6 +77,7 @@ class CudaIm2colIntMmConv2d:
     """Conv2d as im2col + torch._int_mm, one activation scale per sample."""
 
     name = "cuda-int8-im2col-intmm"
+    traceable = True
 
     @staticmethod
     def usable(layer, device: torch.device) -> bool:
@@ -115,6 +119,7 @@ class CudaInt4WeightOnly:
     """tinygemm int4 weight-only GEMM (torch._weight_int4pack_mm), bf16 activations (W4A16)."""
 
     name = "cuda-int4-tinygemm"
+    traceable = True
     GROUPS = (256, 128, 64, 32)
 
     @staticmethod
@@ -160,6 +165,7 @@ class CudaFp8Linear:
     the int8 reference; it runs only when asked for by name (layer.prefer = "cuda-fp8")."""
 
     name = "cuda-fp8"
+    traceable = True
     FP8_MAX = 448.0
 
     @staticmethod

@@ -9,13 +9,14 @@ State (what `state_dict` holds and the checkpoint stores):
 The kernel (kernels.py) is prepared for the device of the first input, and again if the input moves to
 another device; `prepare()` does it eagerly (the checkpoint loader calls it so load time and load
 memory are honest). Layers that always see the same input (attention q/k/v) can share one fused GEMM
-(`fuse_shared_inputs`); their stored state stays per layer.
+(groups.py, `fuse_shared_inputs`); their stored state stays per layer.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +26,9 @@ from diffpro_cli.errors import UsageError
 from diffpro_cli.quant import kernels
 from diffpro_cli.quant.epilogue import apply_post_op
 from diffpro_cli.quant.formats import STORAGE_BITS, dequantize_weight, fp16_exact, gptq_quantize, layout_name, pack_bits, packed_numel, quantize_weight, unpack_bits
+
+if TYPE_CHECKING:
+    from diffpro_cli.quant.groups import SharedInputGroup
 
 _TIMESTEPS: contextvars.ContextVar = contextvars.ContextVar("diffpro_timesteps", default=None)
 
@@ -255,9 +259,16 @@ class _QuantBase(nn.Module):
         if self._compiled_lead is not None:   # compiled.enable(): traceable ops for torch.compile
             from diffpro_cli.quant import compiled
             return apply_post_op(self.post_op, compiled.forward(self, x))   # inductor fuses the activation
-        if torch.compiler.is_compiling():      # a layer the compiled path leaves eager: an opaque call
-            return _eager_forward_opaque(self, x)
+        if torch.compiler.is_compiling():
+            kernel = self._group.kernel if self._group is not None else self._kernel
+            if getattr(kernel, "traceable", False) and self.act_mode != "static":
+                return self._traced_forward(kernel, x)   # plain torch ops (the CUDA kernels): traced, no break
+            return _eager_forward_opaque(self, x)    # a layer the compiled path leaves eager: an opaque call
         return self._eager_forward(x)
+
+    def _traced_forward(self, kernel, x: torch.Tensor) -> torch.Tensor:
+        """A prepared traceable kernel under torch.compile (a fused q/k/v member: groups.SharedInputGroup.traced)."""
+        return call_kernel(kernel, self, x) if self._group is None else self._group.traced(self, x)
 
     def _eager_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._group is not None:
@@ -366,88 +377,6 @@ class Int8Embedding(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, int8 rows"
-
-
-# ---------------------------------------------------------------------------------------------
-# Shared-input fusion (attention q/k/v → one GEMM)
-# ---------------------------------------------------------------------------------------------
-
-
-class SharedInputGroup:
-    """QuantLinears that are always called on the same input tensor, run as one GEMM.
-
-    The first member called with x computes every member's output and keeps the others' slices until
-    they are asked for with that same tensor object; a call with any other input recomputes, so results
-    are always right (a wrongly grouped pair just loses the speed-up).
-    """
-
-    def __init__(self, members: list[QuantLinear]):
-        self.members = members
-        self.sizes = [m.out_features for m in members]
-        self.kernel = None
-        self.device = None
-        self.label = ""
-        self._x = None
-        self._outs: list[torch.Tensor] | None = None
-        self._pending: set[int] = set()
-        for m in members:
-            m._group = self
-            m._kernel = None
-
-    def prepare(self, device: torch.device) -> None:
-        if self.kernel is not None and self.device == device:
-            return
-        lead = self.members[0]
-        cls = kernels.select(lead, device, lead.prefer)
-        self.kernel = cls(self.members, device)
-        self.device = device
-        self.label = kernels.describe(cls, lead, self.kernel.act_qmax) + f"+fused{len(self.members)}"
-
-    def run(self, member: QuantLinear, x: torch.Tensor) -> torch.Tensor:
-        i = next(k for k, m in enumerate(self.members) if m is member)
-        if self._x is x and i in self._pending:
-            self._pending.discard(i)
-            out = self._outs[i]
-            if not self._pending:
-                self._x, self._outs = None, None
-            return out
-        if self.kernel is None or self.device != x.device:
-            self.prepare(x.device)
-        outs = call_kernel(self.kernel, self.members[0], x).split(self.sizes, dim=-1)
-        self._x, self._outs, self._pending = x, list(outs), set(range(len(outs))) - {i}
-        return outs[i]
-
-
-def fuse_shared_inputs(net: nn.Module) -> int:
-    """Group the q/k/v projections of every self-attention (diffusers `Attention`) whose three layers
-    are QuantLinears with the same activation mode and kernel; returns the number of groups made."""
-    made = 0
-    for mod in net.modules():
-        members = [getattr(mod, n, None) for n in ("to_q", "to_k", "to_v")]
-        if getattr(mod, "is_cross_attention", True) or not all(isinstance(m, QuantLinear) for m in members):
-            continue
-        if any(m._group is not None for m in members) or len({m.act_mode for m in members}) != 1:
-            continue
-        prefers = [m.prefer for m in members]
-        prefer = max(prefers, key=prefers.count)   # one GEMM runs one kernel: the one most members were measured fastest with
-        if len({kernels.select(m, torch.device("cpu"), prefer) for m in members}) != 1:
-            continue
-        if members[0].act_mode == "static" and not all(torch.equal(m.act_absmax, members[0].act_absmax) for m in members):
-            continue
-        for m in members:
-            if m.prefer != prefer:
-                m.prefer = prefer
-                m._forget_kernel()
-        SharedInputGroup(members)
-        made += 1
-    return made
-
-
-def unfuse(net: nn.Module) -> None:
-    for mod in net.modules():
-        if isinstance(mod, _QuantBase):
-            mod._group = None
-            mod._kernel = None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -226,7 +226,7 @@ def swap_planned_layers(net: nn.Module, modules: dict[str, nn.Module], entries: 
     activations. apply_plan and the API's quantize_ both swap through here."""
     from diffpro_cli.checkpoint import plan_layer, set_submodule
     from diffpro_cli.quant.epilogue import fuse_activations
-    from diffpro_cli.quant.layers import fuse_shared_inputs
+    from diffpro_cli.quant.groups import fuse_shared_inputs
 
     for name, mod in modules.items():
         layer = plan_layer(mod, entries.get(name), (static_ranges or {}).get(name))

@@ -1,0 +1,72 @@
+"""torch.compile for a run on a GPU (`bench --compile --device cuda`, issue #20 item 4).
+
+On the CPU the compiled path (compiled.py) rewrites integer layers around oneDNN's int8 GEMM, because
+the eager CPU kernels are opaque fbgemm/oneDNN calls. The CUDA kernel classes (kernels_cuda.py) are
+plain torch ops already (`torch._int_mm`, `_weight_int4pack_mm`, `_scaled_mm`, unfold), so here a
+network is compiled as it is: every quant layer's kernel is selected and packed for the device first
+(a layer first prepared inside a trace would stay an opaque call), after which
+`_QuantBase.forward` traces it into the graph and inductor fuses the activation quantization and the
+dequantization around the integer GEMM. Static-activation layers (a per-timestep scale looked up from
+Python state) and kernels that are not traceable stay opaque calls. Float rows are compiled the same
+way: the baseline is compiled float.
+
+UNVERIFIED on a GPU (none lent to this project yet): the tracing and the numerics are checked on the
+CPU with the CUDA kernel classes built for the CPU (tests/test_compiled_cuda.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import sys
+
+import torch
+from torch import nn
+
+
+@functools.cache
+def unavailable_reason(device_type: str = "cuda") -> str | None:
+    """Why torch.compile cannot run a network on `device_type` here (None: it can)."""
+    if not hasattr(torch, "compile"):
+        return f"torch {torch.__version__} has no torch.compile"
+    if device_type == "cuda":
+        try:
+            from torch.utils._triton import has_triton
+        except ImportError:  # pragma: no cover - a torch without the helper
+            return "cannot tell whether triton (inductor's GPU code generator) is installed"
+        return None if has_triton() else "triton (inductor's GPU code generator) is not installed"
+    from diffpro_cli.quant import compiled
+
+    return compiled.unavailable_reason()
+
+
+def prepare_kernels(module: nn.Module, device: torch.device | str) -> int:
+    """Select and pack every quant layer's kernel for `device` now; returns how many were prepared."""
+    from diffpro_cli.quant.layers import _QuantBase
+
+    layers = [m for m in module.modules() if isinstance(m, _QuantBase)]
+    for layer in layers:
+        layer.prepare(device)
+    return len(layers)
+
+
+def compile_module(module: nn.Module, device: torch.device | str = "cuda", **compile_kwargs):
+    """torch.compile(module) for `device` with its quant layers prepared there; the module itself, with a
+    one-line notice, where compile is unavailable. The first call with each new input shape compiles."""
+    device = torch.device(device)
+    reason = unavailable_reason(device.type)
+    if reason is not None:
+        print(f"notice: {reason}; running eager", file=sys.stderr)
+        return module
+    prepare_kernels(module, device)
+    return torch.compile(module, dynamic=compile_kwargs.pop("dynamic", False), **compile_kwargs)
+
+
+def compile_model(model, device: torch.device | str = "cuda", **compile_kwargs):
+    """A DiffusionModel whose network runs compiled on `device`; `net` stays the eager module (its
+    state_dict and checkpoint are unchanged), `forward_fn` calls the compiled one."""
+    compiled_net = compile_module(model.net, device, **compile_kwargs)
+    if compiled_net is model.net:
+        return model
+    base = model.forward_fn
+    return dataclasses.replace(model, forward_fn=lambda net, x, t, y: base(compiled_net, x, t, y))

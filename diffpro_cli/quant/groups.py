@@ -1,0 +1,94 @@
+"""Shared-input fusion: QuantLinears always called on the same input tensor (attention q/k/v) run as
+one GEMM; their stored state stays per layer (layers.py)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from diffpro_cli.quant import kernels
+from diffpro_cli.quant.layers import QuantLinear, _QuantBase, call_kernel
+
+
+class SharedInputGroup:
+    """QuantLinears that are always called on the same input tensor, run as one GEMM.
+
+    The first member called with x computes every member's output and keeps the others' slices until
+    they are asked for with that same tensor object; a call with any other input recomputes, so results
+    are always right (a wrongly grouped pair just loses the speed-up).
+    """
+
+    def __init__(self, members: list[QuantLinear]):
+        self.members = members
+        self.sizes = [m.out_features for m in members]
+        self.kernel = None
+        self.device = None
+        self.label = ""
+        self._x = None
+        self._outs: list[torch.Tensor] | None = None
+        self._pending: set[int] = set()
+        for m in members:
+            m._group = self
+            m._kernel = None
+
+    def prepare(self, device: torch.device) -> None:
+        if self.kernel is not None and self.device == device:
+            return
+        lead = self.members[0]
+        cls = kernels.select(lead, device, lead.prefer)
+        self.kernel = cls(self.members, device)
+        self.device = device
+        self.label = kernels.describe(cls, lead, self.kernel.act_qmax) + f"+fused{len(self.members)}"
+
+    def run(self, member: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+        i = next(k for k, m in enumerate(self.members) if m is member)
+        if self._x is x and i in self._pending:
+            self._pending.discard(i)
+            out = self._outs[i]
+            if not self._pending:
+                self._x, self._outs = None, None
+            return out
+        if self.kernel is None or self.device != x.device:
+            self.prepare(x.device)
+        outs = call_kernel(self.kernel, self.members[0], x).split(self.sizes, dim=-1)
+        self._x, self._outs, self._pending = x, list(outs), set(range(len(outs))) - {i}
+        return outs[i]
+
+    def traced(self, member: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+        """`run` under torch.compile: each member computes the group's GEMM and keeps its slice. The
+        cache of the other slices is Python state a graph cannot hold; the graph's common-subexpression
+        pass merges the members' identical GEMMs into one."""
+        i = next(k for k, m in enumerate(self.members) if m is member)
+        return call_kernel(self.kernel, self.members[0], x).split(self.sizes, dim=-1)[i]
+
+
+def fuse_shared_inputs(net: nn.Module) -> int:
+    """Group the q/k/v projections of every self-attention (diffusers `Attention`) whose three layers
+    are QuantLinears with the same activation mode and kernel; returns the number of groups made."""
+    made = 0
+    for mod in net.modules():
+        members = [getattr(mod, n, None) for n in ("to_q", "to_k", "to_v")]
+        if getattr(mod, "is_cross_attention", True) or not all(isinstance(m, QuantLinear) for m in members):
+            continue
+        if any(m._group is not None for m in members) or len({m.act_mode for m in members}) != 1:
+            continue
+        prefers = [m.prefer for m in members]
+        prefer = max(prefers, key=prefers.count)   # one GEMM runs one kernel: the one most members were measured fastest with
+        if len({kernels.select(m, torch.device("cpu"), prefer) for m in members}) != 1:
+            continue
+        if members[0].act_mode == "static" and not all(torch.equal(m.act_absmax, members[0].act_absmax) for m in members):
+            continue
+        for m in members:
+            if m.prefer != prefer:
+                m.prefer = prefer
+                m._forget_kernel()
+        SharedInputGroup(members)
+        made += 1
+    return made
+
+
+def unfuse(net: nn.Module) -> None:
+    for mod in net.modules():
+        if isinstance(mod, _QuantBase):
+            mod._group = None
+            mod._kernel = None
