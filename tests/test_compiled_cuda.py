@@ -60,3 +60,31 @@ def test_compile_unavailable_returns_the_eager_network_with_a_notice(monkeypatch
     assert compiled_cuda.compile_model(model, "cuda") is model
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "notice: triton is not installed; running eager" in err
+
+
+@pytest.mark.skipif(not compiled.compiled_available(), reason=f"inductor unavailable: {compiled.unavailable_reason()}")
+def test_cached_run_with_regionally_compiled_blocks_matches_eager(monkeypatch):
+    """bench --compile's cached rows on a GPU: each block compiled on its own with its CUDA-class layers
+    prepared first. Catches: the cache runner not calling the compiled block, a block compiled with
+    unprepared (opaque) layers, a reused block's output differing from the eager runner's."""
+    from diffpro_cli.cache import unit_modules
+    from diffpro_cli.stages.quantize import apply_plan, uniform_plan
+    from test_compile_regions import run, skipping, tiny_dit
+
+    n = 4   # random:dit-tiny's 2 blocks are both ends of the schedule: none would be reused
+    model = tiny_dit(n)
+    apply_plan(model, uniform_plan(model, 8, act_mode="dynamic-token"))
+    quant = {k: m for k, m in model.net.named_modules() if getattr(m, "is_diffpro_quant", False)}
+    _force_cuda_classes(monkeypatch, quant.values())
+    eager, _ = run(model, skipping(n))
+    for m in quant.values():
+        m._forget_kernel()   # compile_regions must prepare them itself
+    blocks = [m for unit in unit_modules(model.net) for m in unit]
+    assert compiled_cuda.compile_regions(blocks, "cpu") == len(blocks) == n
+    from test_compile_regions import fresh_dynamo, frames_ok
+
+    fresh_dynamo()
+    out, runner = run(model, skipping(n))
+    assert runner.summary()["compute_fraction"] < 1   # blocks were reused
+    assert frames_ok() >= n   # each block ran its compiled forward (dynamo compiled its frame)
+    assert float((out - eager).norm() / eager.norm()) < 1e-4

@@ -70,3 +70,23 @@ def compile_model(model, device: torch.device | str = "cuda", **compile_kwargs):
         return model
     base = model.forward_fn
     return dataclasses.replace(model, forward_fn=lambda net, x, t, y: base(compiled_net, x, t, y))
+
+
+def compile_regions(modules, device: torch.device | str = "cuda") -> int:
+    """compiled.compile_regions for `device`: each module (a cache unit's block) gets its own compiled
+    forward as the instance attribute the cache runner calls, with its quant layers prepared there first.
+    Returns the number compiled (0, after one notice line, where compile is unavailable)."""
+    from diffpro_cli.quant.compiled import REGION_ATTR, _own_forward
+
+    device = torch.device(device)
+    reason = unavailable_reason(device.type)
+    if reason is not None:
+        print(f"notice: {reason}; running eager", file=sys.stderr)
+        return 0
+    count = 0
+    for m in modules:
+        if REGION_ATTR not in vars(m):
+            prepare_kernels(m, device)
+            m.__dict__[REGION_ATTR] = torch.compile(_own_forward(m), dynamic=False)
+            count += 1
+    return count
