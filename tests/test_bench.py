@@ -95,7 +95,8 @@ def test_versus_cache_compares_diffpro_with_every_cache_row_whatever_its_steps()
 
 def test_compile_rows_keeps_every_row_eager_with_one_note_where_compile_is_unavailable(monkeypatch):
     from diffpro_cli.quant import compiled
-    from diffpro_cli.stages.bench import Row, compile_rows
+    from diffpro_cli.stages.bench import Row
+    from diffpro_cli.stages.bench_compile import compile_rows
 
     monkeypatch.setattr(compiled, "unavailable_reason", lambda: "no C++ compiler")
     model = object()
@@ -106,7 +107,8 @@ def test_compile_rows_keeps_every_row_eager_with_one_note_where_compile_is_unava
 
 def test_compile_rows_compiles_each_distinct_model_once_float_rows_included(monkeypatch):
     from diffpro_cli.quant import compiled
-    from diffpro_cli.stages.bench import Row, compile_rows
+    from diffpro_cli.stages.bench import Row
+    from diffpro_cli.stages.bench_compile import compile_rows
 
     calls = []
     monkeypatch.setattr(compiled, "unavailable_reason", lambda: None)
@@ -116,6 +118,35 @@ def test_compile_rows_compiles_each_distinct_model_once_float_rows_included(monk
     compile_rows(rows)
     assert calls == [fp, q]
     assert rows[0].model == ("compiled", fp) and rows[1].model is rows[0].model and rows[2].model == ("compiled", q)
+
+
+@pytest.mark.parametrize("triton", [True, False])
+def test_compile_rows_on_a_gpu_uses_the_cuda_compile_for_every_row(monkeypatch, triton):
+    """bench --compile --device cuda said 'not available on cuda yet' and ran every row eager. Catches: a GPU
+    run compiled with the CPU's oneDNN path (its packed weights are CPU-only), a cached row left eager or
+    compiled whole, a missing triton not said."""
+    from types import SimpleNamespace
+
+    from diffpro_cli.quant import compiled, compiled_cuda
+    from diffpro_cli.stages.bench import Row
+    from diffpro_cli.stages.bench_compile import compile_rows
+
+    calls = []
+    monkeypatch.setattr(compiled_cuda, "unavailable_reason", lambda device_type="cuda": None if triton else "no triton")
+    monkeypatch.setattr(compiled_cuda, "compile_model", lambda m, device: calls.append(("model", m, device)) or ("compiled", m))
+    monkeypatch.setattr(compiled_cuda, "compile_regions", lambda blocks, device: calls.append(("regions", len(blocks), device)))
+    monkeypatch.setattr(compiled, "compile_model", lambda m: pytest.fail("the CPU compile path ran for a GPU run"))
+    monkeypatch.setattr("diffpro_cli.cache.unit_modules", lambda net: [[object()], [object()]])
+    fp, q = SimpleNamespace(net=None), SimpleNamespace(net=None)
+    rows = [Row("fp32", fp, [0], 1, 1, 32.0, "a"), Row("diffpro", q, [0], 1, 1, 4.0, "c"),
+            Row("cache-only", fp, [0], 1, 1, 32.0, "d", cache=object())]
+    note = compile_rows(rows, "cuda")
+    if not triton:
+        assert note == "compile requested but unavailable (no triton): every row ran eager" and not calls
+        return
+    assert calls == [("model", fp, "cuda"), ("model", q, "cuda"), ("regions", 2, "cuda")]
+    assert rows[0].model == ("compiled", fp) and rows[2].model is fp
+    assert "on cuda" in note and "UNVERIFIED" in note and "cache-only" in note
 
 
 def test_steps_note_states_the_paired_difference_and_its_significance():

@@ -153,8 +153,8 @@ def test_compile_rows_compiles_cached_rows_by_region(monkeypatch):
     """Catches: a cached row handed the whole compiled network (its wrappers change per step: dynamo
     recompiles per step until its limit, and those compiles land in the timings) or left eager; the
     float row beside it losing its whole-model compile. torch.compile is lazy: nothing compiles here."""
-    from diffpro_cli.stages.bench import Row, compile_rows
-    from diffpro_cli.stages.bench_cache import REGIONAL_NOTE
+    from diffpro_cli.stages.bench import Row
+    from diffpro_cli.stages.bench_compile import REGIONAL_NOTE, compile_rows
 
     monkeypatch.setattr(compiled, "unavailable_reason", lambda: None)
     model = tiny_dit(2)
@@ -172,7 +172,8 @@ def test_compile_rows_compiles_cached_rows_by_region(monkeypatch):
 
 def test_compile_rows_without_compile_leaves_every_row_eager(monkeypatch):
     """Catches: regions attached (or a second notice per row) where compile is unavailable."""
-    from diffpro_cli.stages.bench import Row, compile_rows
+    from diffpro_cli.stages.bench import Row
+    from diffpro_cli.stages.bench_compile import compile_rows
 
     monkeypatch.setattr(compiled, "unavailable_reason", lambda: "no C++ compiler")
     model = tiny_dit(2)

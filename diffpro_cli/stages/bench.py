@@ -34,6 +34,7 @@ from diffpro_cli.stages import bench_float
 from diffpro_cli.stages.bench_cache import (
     CACHE_ROWS,  # rows on request (docs/caching.md)
 )
+from diffpro_cli.stages.bench_compile import compile_rows
 from diffpro_cli.stages.bench_float import FLOAT_ROWS
 from diffpro_cli.stages.comparisons import (
     derived_ratios,
@@ -232,32 +233,6 @@ def build_rows(ctx, cfg: BenchConfig, quantized: Path | None, timesteps: list[in
     return rows, notes
 
 
-def compile_rows(rows: list[Row]) -> str:
-    """torch.compile every row's network (each distinct model once), float rows included, so a compiled
-    plan is compared with compiled float; cached rows regionally (bench_cache.compile_cached_rows); where
-    compile is unavailable every row stays eager (one note). Returns the note."""
-    from diffpro_cli.quant import compiled
-    from diffpro_cli.stages.bench_cache import compile_cached_rows
-
-    reason = compiled.unavailable_reason()
-    if reason is not None:
-        return f"compile requested but unavailable ({reason}): every row ran eager"
-    done: dict[int, DiffusionModel] = {}
-    for row in rows:
-        if row.cache is None:
-            key = id(row.model)
-            if key not in done:
-                done[key] = compiled.compile_model(row.model)
-            row.model = done[key]
-    regional = compile_cached_rows(rows)
-    note = ("every row torch.compile'd (inductor, freezing): float rows as compiled float, integer layers on "
-            "the compiled oneDNN int8 path; the first call of each shape compiled during warm-up; memory rows ran eager")
-    if regional:
-        note += (f"; the cached rows ({', '.join(regional)}) regionally compiled: each block compiled on its own, "
-                 "the rest eager (the cache runner's per-step skip decisions stay Python)")
-    return note
-
-
 def measure_memory(rows: list[Row], cfg: BenchConfig, ctx) -> str:
     """Peak memory of every row: a fresh process loads the row's model and samples one latency batch
     (in-process numbers would be wrong: the heap an earlier model freed is reused). Rows that load the
@@ -367,10 +342,8 @@ def measure_bench(ctx, cfg: BenchConfig, quantized: Path | None = None, timestep
     if (bench_dir / "report.json").is_dir():
         raise UsageError(f"{bench_dir / 'report.json'}: is a directory; remove it or choose another --workdir")
     rows, notes = build_rows(ctx, cfg, quantized, timesteps)
-    if cfg.compile and ctx.device != "cpu":   # the compiled integer path is oneDNN's (quant/compiled.py)
-        notes.append(f"compile requested: not available on {ctx.device} yet, every row ran eager")
-    elif cfg.compile:
-        notes.append(compile_rows(rows))
+    if cfg.compile:
+        notes.append(compile_rows(rows, ctx.device))
     if not rows:
         raise UsageError("--rows selects nothing to measure; name at least one row")
     from diffpro_cli.distributed import barrier, is_main, rank_world

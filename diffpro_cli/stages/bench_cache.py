@@ -54,27 +54,6 @@ def cache_row(ctx, cfg, name: str, fp, ref_ts: list[int], fp_id: str, fp_bytes: 
     return [Row(name, fp, list(ref_ts), len(ref_ts), fp_bytes, 32.0, f"{name}:{fp_id}:{key}", notes=row_notes, cache=policy)]
 
 
-REGIONAL_NOTE = "regionally compiled: each block compiled, the rest eager"
-
-
-def compile_cached_rows(rows: list) -> list[str]:
-    """bench --compile for the cached rows: each cache unit's modules (cache.unit_modules: a DiT's blocks,
-    a U-Net's deep blocks) compiled on its own (quant.compiled.compile_regions), which the cache runner
-    calls in place of the block's forward. A whole-network graph would be recompiled at every step, as
-    the runner swaps block forwards per step; here the skip/compute decisions stay Python and each
-    block's graph is compiled once per input shape. Returns the names of the rows compiled."""
-    from diffpro_cli.cache import unit_modules
-    from diffpro_cli.quant import compiled
-
-    names = []
-    for row in rows:
-        if row.cache is not None:
-            compiled.compile_regions([m for unit in unit_modules(row.model.net) for m in unit])
-            row.notes.append(f"{REGIONAL_NOTE} (torch.compile per block, inductor, freezing)")
-            names.append(row.name)
-    return names
-
-
 def checkpoint_policy(qinfo: dict | None, use_cache: bool):
     """The cache policy the diffpro row runs: the checkpoint's schedule, unless turned off."""
     from diffpro_cli.cache import record_policy
