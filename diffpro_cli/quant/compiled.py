@@ -331,8 +331,10 @@ def compile_regions(modules) -> int:
     gets its own compiled forward (inductor, freezing, its quant layers on the compiled path: the
     options of compile_module) stored as the instance attribute REGION_ATTR. The module's `forward` is
     left as it is: the cache runner calls the compiled one where it would call the block (its wrappers,
-    which decide per step what runs, stay Python), and the rest of the network runs eager. Returns the number
-    of modules compiled (0, after one notice line, where compile is unavailable)."""
+    which decide per step what runs, stay Python), and the rest of the network runs eager. Call it before
+    a runner wraps the blocks (`cached(...)`, install_cache, loading a checkpoint with a cache schedule
+    installs one): a runner takes the forward it calls when it wraps. Returns the number of modules
+    compiled (0, after one notice line, where compile is unavailable)."""
     reason = unavailable_reason()
     if reason is not None:
         _notice(reason)
