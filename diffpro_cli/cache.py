@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from diffpro_cli.errors import InputError, UsageError
-from diffpro_cli.quant.compiled import REGION_ATTR
+from diffpro_cli.quant.compiled import block_forward
 
 SCHEMA = "diffpro.cache/1"
 POLICIES = ("static", "fbcache")
@@ -83,13 +83,6 @@ def unit_modules(net: nn.Module) -> list[list[nn.Module]]:
 
 def num_cache_units(net: nn.Module) -> int:
     return len(unit_modules(net))
-
-
-def block_forward(module: nn.Module):
-    """A unit module's compute, as a runner's wrapper calls it: the regionally compiled forward where
-    quant.compiled.compile_regions gave it one (bench --compile; it outlives the runner), else the class's."""
-    own = vars(module).get(REGION_ATTR)
-    return own if own is not None else type(module).forward.__get__(module)
 
 
 def _net(model) -> nn.Module:

@@ -226,7 +226,7 @@ def forward(layer, x: torch.Tensor) -> torch.Tensor:
 
 def enable(net: nn.Module) -> dict[str, int]:
     """Switch every eligible quant layer of `net` to the compiled path's forward (in place; `disable`
-    undoes it). Fused q/k/v groups (layers.fuse_shared_inputs) keep one fused weight. Returns counts."""
+    undoes it). Fused q/k/v groups (groups.fuse_shared_inputs) keep one fused weight. Returns counts."""
     from diffpro_cli.quant.layers import _QuantBase
 
     counts = {"compiled": 0, "eager": 0}
@@ -308,7 +308,7 @@ def compile_model(model, **compile_kwargs):
 # Regional compilation (cached rows: the cache runner's skip/compute decisions stay in Python)
 # ---------------------------------------------------------------------------------------------
 
-REGION_ATTR = "_diffpro_compiled_forward"   # instance attribute the cache runner calls (cache.block_forward)
+REGION_ATTR = "_diffpro_compiled_forward"   # instance attribute the cache runner calls (block_forward)
 
 
 def _own_forward(module: nn.Module):
@@ -346,6 +346,13 @@ def compile_regions(modules) -> int:
             m.__dict__[REGION_ATTR] = _Frozen(torch.compile(_own_forward(m), dynamic=False), m)
             count += 1
     return count
+
+
+def block_forward(module: nn.Module):
+    """A unit module's compute, as a cache runner's wrapper calls it: the regionally compiled forward where
+    compile_regions gave it one (bench --compile; it outlives the runner), else the class's."""
+    own = vars(module).get(REGION_ATTR)
+    return own if own is not None else type(module).forward.__get__(module)
 
 
 def remove_regions(modules) -> None:
