@@ -182,3 +182,21 @@ def test_compile_rows_without_compile_leaves_every_row_eager(monkeypatch):
     assert note == "compile requested but unavailable (no C++ compiler): every row ran eager"
     assert all(r.model is model and not r.notes for r in rows)
     assert not any(compiled.REGION_ATTR in vars(b) for b in model.net.transformer_blocks)
+
+
+@needs_compile
+def test_regions_compiled_after_the_runner_wrapped_the_blocks_are_used():
+    """A runner took the block's forward when it wrapped it, so regions compiled afterwards (a library
+    user compiling a loaded checkpoint whose cache schedule installs its runner at load) ran eager."""
+    model = tiny_dit(3)
+    policy = skipping(3)
+    blocks = list(model.net.transformer_blocks)
+    fresh_dynamo()
+    try:
+        with torch.no_grad(), cached(model, policy) as r:
+            assert compiled.compile_regions(blocks) == 3    # after the runner wrapped the blocks
+            sample(model, 2, TS, SamplerConfig(cfg_scale=1.0), seed=5, batch_size=2, decode=False)
+        assert frames_ok() == 3 and r.evaluations < 8 * 3
+    finally:
+        compiled.remove_regions(blocks)
+        torch._dynamo.reset()

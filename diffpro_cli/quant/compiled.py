@@ -331,10 +331,10 @@ def compile_regions(modules) -> int:
     gets its own compiled forward (inductor, freezing, its quant layers on the compiled path: the
     options of compile_module) stored as the instance attribute REGION_ATTR. The module's `forward` is
     left as it is: the cache runner calls the compiled one where it would call the block (its wrappers,
-    which decide per step what runs, stay Python), and the rest of the network runs eager. Call it before
-    a runner wraps the blocks (`cached(...)`, install_cache, loading a checkpoint with a cache schedule
-    installs one): a runner takes the forward it calls when it wraps. Returns the number of modules
-    compiled (0, after one notice line, where compile is unavailable)."""
+    which decide per step what runs, stay Python, and look the compiled forward up at every call, so a
+    runner installed before, as loading a checkpoint with a cache schedule does, uses it too), and the
+    rest of the network runs eager. Returns the number of modules compiled (0, after one notice line,
+    where compile is unavailable)."""
     reason = unavailable_reason()
     if reason is not None:
         _notice(reason)
@@ -350,9 +350,12 @@ def compile_regions(modules) -> int:
 
 def block_forward(module: nn.Module):
     """A unit module's compute, as a cache runner's wrapper calls it: the regionally compiled forward where
-    compile_regions gave it one (bench --compile; it outlives the runner), else the class's."""
-    own = vars(module).get(REGION_ATTR)
-    return own if own is not None else type(module).forward.__get__(module)
+    compile_regions gave it one (bench --compile; it outlives the runner), else the class's. Looked up at
+    every call, so a region compiled after the runner wrapped the block is used too."""
+    def forward(*args, **kwargs):
+        own = vars(module).get(REGION_ATTR)
+        return (own if own is not None else type(module).forward.__get__(module))(*args, **kwargs)
+    return forward
 
 
 def remove_regions(modules) -> None:
