@@ -92,3 +92,32 @@ def test_plan_cache_and_deepcache_rows_on_a_unet(unet, tmp_path):
     share = report["cache_schedules"]["deepcache-3"]["computed_share"]
     assert [s[0] for s in share] == [1.0, 0, 0, 1.0, 0, 0, 1.0, 0, 0]
     assert (tmp_path / "bench" / "figures" / "cache_schedule.png").stat().st_size > 0
+
+
+def test_deepcache_with_regionally_compiled_deep_modules_matches_eager(unet):
+    """bench --compile on a DeepCache row: the deep modules compiled one by one. Catches: the DeepCache
+    wrappers calling the class forward instead of the compiled one (no frame compiled), a compiled deep
+    module whose per-call residual bookkeeping differs (other evaluations, another output)."""
+    from torch._dynamo.utils import counters
+
+    from diffpro_cli.cache import unit_modules
+    from diffpro_cli.quant import compiled
+
+    if not compiled.compiled_available():
+        pytest.skip(f"compiled path unavailable: {compiled.unavailable_reason()}")
+    sched = CacheSchedule(TS, 1, [{0}, set(), set(), {0}, set(), {0}, {0}, {0}])
+    with torch.no_grad(), cached(unet, sched) as eager_run:
+        eager = _run(unet)
+    deep = [m for unit in unit_modules(unet.net) for m in unit]
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        assert compiled.compile_regions(deep) == len(deep) >= 2
+        with torch.no_grad(), cached(unet, sched) as run:
+            out = _run(unet)
+        assert counters["frames"]["ok"] >= len(deep)
+    finally:
+        compiled.remove_regions(deep)
+        torch._dynamo.reset()
+    assert run.evaluations == eager_run.evaluations == 5
+    assert float((out - eager).norm() / eager.norm()) < 1e-4
