@@ -23,11 +23,13 @@ step() {   # step NAME SECONDS COMMAND...: run, keep the log, say how it ended
   echo "== $name: rc=$rc"
 }
 step env 30 $PY -c "import torch, diffusers; print(torch.__version__, diffusers.__version__, torch.cuda.get_device_name(), torch.cuda.get_device_capability())"
-step pytest 180 $PY -m pytest -q -rs -p no:cacheprovider -k cuda tests
+step pytest 160 $PY -m pytest -q -rs -p no:cacheprovider -k "cuda and not test_compiled_cuda" tests
 step kernels 120 $PY benchmarks/cuda_kernels.py --json "$OUT/cuda_kernels.json"
 # the demo pipeline on the GPU; FID off (the Inception weights, 95 MB, do not travel to a lent machine)
 sed -e 's/^fid = true.*/fid = false/' -e 's#^workdir = .*#workdir = "/tmp/cuda-demo"#' sample_configs/demo.toml > /tmp/cuda-demo.toml
-step demo 240 $PY -m diffpro_cli run /tmp/cuda-demo.toml --device cuda
+step demo 200 $PY -m diffpro_cli run /tmp/cuda-demo.toml --device cuda
 cp /tmp/cuda-demo/bench/report.md "$OUT/demo-report.md" 2>/dev/null
 cp /tmp/cuda-demo/bench/report.json "$OUT/demo-report.json" 2>/dev/null
+# bench --compile's GPU path (compiled_cuda.py): the quantized DiT compiled with its CUDA kernels traced (triton)
+step compile 60 $PY -m pytest -q -rs -p no:cacheprovider tests/test_compiled_cuda.py -k gpu
 exit 0
