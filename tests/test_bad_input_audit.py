@@ -321,3 +321,18 @@ def test_bench_with_a_blocked_report_fails_before_measuring(cli, tmp_path):
                        "--latency-batch", "1", "-w", tmp_path / "wb", "-q")
     assert code == 2 and "report.json" in _one_error_line(err)
     assert not (tmp_path / "wb" / "bench" / "baselines").exists()   # nothing was quantized or measured
+
+
+def test_quantize_plan_act_mode_check_ignores_weight_only_layers_written_as_mode_none(cli, tmp_path):
+    """A plan whose weight-only layers say act_mode "none" (act_bits 8; what `uniform_plan(..., act_mode="none")`
+    and checkpoint records write) refused `--act-mode dynamic` as if its integer layers ran "dynamic/none"
+    activations: check_plan_options counted the weight-only layers as integer-activation ones."""
+    def edit(plan):
+        next(iter(plan["layers"].values())).update(act_bits=8, act_mode="none")
+    plan = _uniform_plan_file(tmp_path, edit)
+    code, _, err = cli("quantize", TINY, "--plan", plan, "--act-mode", "dynamic", "--out", tmp_path / "q",
+                       "-w", tmp_path / "w", "-q")
+    assert code == 0, err
+    code, _, err = cli("quantize", TINY, "--plan", plan, "--act-mode", "static", "--out", tmp_path / "q2",
+                       "-w", tmp_path / "w2", "-q")
+    assert code == 2 and "with dynamic activations" in _one_error_line(err)   # "none" not named as a mode

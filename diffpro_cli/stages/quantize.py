@@ -111,8 +111,8 @@ def check_plan_options(plan: dict, cfg: QuantizeConfig, source: str = "plan") ->
                              f"(re-run `diffpro allocate` with {flag} to change it), or leave {flag} out")
     if cfg.act_mode is None:
         return
-    modes = sorted({e.get("act_mode", "dynamic") for e in plan["layers"].values()
-                    if e.get("weight_bits", 16) < 16 and e.get("act_bits", 8) < 16})
+    modes = sorted({e.get("act_mode", "dynamic") for e in plan["layers"].values()   # "none": weight-only, as act_bits 16
+                    if e.get("weight_bits", 16) < 16 and e.get("act_bits", 8) < 16 and e.get("act_mode") != "none"})
     if modes and modes != [cfg.act_mode]:
         raise UsageError(f"--act-mode {cfg.act_mode}: {source} runs its integer layers with {'/'.join(modes)} activations "
                          f"(allocate chose them); re-run `diffpro allocate --act-mode {cfg.act_mode}`, or leave --act-mode out")
