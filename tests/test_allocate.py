@@ -373,10 +373,14 @@ def test_stage_joint_reads_workdir_timesteps(scores_file, tmp_path):
                      latency_fn=fake_latency)
 
 
+@pytest.mark.parametrize("steps,needle", [("7", r"--steps 7: the timesteps artifact has step counts \[5, 10\]"),
+                                          (0, r"--steps 0: must be at least 1")])
 @pytest.mark.parametrize("budget", ["latency=0.5", "avg-bits=6,latency=0.5"])
-def test_bad_steps_for_a_latency_fraction_fails_before_the_cost_table_is_timed(scores_file, tmp_path, monkeypatch, budget):
+def test_bad_steps_for_a_latency_fraction_fails_before_the_cost_table_is_timed(scores_file, tmp_path, monkeypatch, budget,
+                                                                               steps, needle):
     """--budget latency=F --steps 7 against a sweep of 5 and 10 steps timed the whole cost table (minutes on a
-    real model) before saying that 7 is not in the sweep."""
+    real model) before saying that 7 is not in the sweep. `steps = 0` (a TOML integer) was read as "auto"
+    (`steps or "auto"`): the cost table was timed and the plan chose from the whole sweep, no error at all."""
     import diffpro_cli.stages.allocate as allocate_stage
 
     work = tmp_path / "w"
@@ -389,8 +393,8 @@ def test_bad_steps_for_a_latency_fraction_fails_before_the_cost_table_is_timed(s
         raise AssertionError("the cost table was timed before --steps was checked")
 
     monkeypatch.setattr(allocate_stage, "obtain_cost_table", timed)
-    with pytest.raises(UsageError, match=r"--steps 7: the timesteps artifact has step counts \[5, 10\]"):
-        run_allocate(_ctx(work), AllocateConfig(budget=budget, steps="7", protect=[]), scores_path=scores_file)
+    with pytest.raises(UsageError, match=needle):
+        run_allocate(_ctx(work), AllocateConfig(budget=budget, steps=steps, protect=[]), scores_path=scores_file)
     assert not (work / "plan.json").exists() and not (work / "cost_table.json").exists()
 
 
