@@ -254,9 +254,13 @@ def test_every_sample_config_names_only_known_keys(config):
 @pytest.mark.parametrize("config", sorted((Path(__file__).parent.parent / "sample_configs").glob("*.toml")), ids=lambda p: p.name)
 def test_every_sample_config_quantizes_with_the_activation_mode_it_plans(config):
     """quantize --plan refuses an act_mode other than the plan's: a shipped config whose [quantize]
-    act_mode differs from [allocate]'s (default dynamic) would fail at its quantize stage."""
+    act_mode differs from [allocate]'s (default dynamic), or that sets act_bits / group_size beside a plan,
+    would fail at its quantize stage (the test checked act_mode only)."""
     from diffpro_cli.stages.run import load_run_config
 
     sections = load_run_config(config).sections
     planned = sections.get("allocate", {}).get("act_mode", "dynamic")
-    assert sections.get("quantize", {}).get("act_mode", planned) == planned
+    quantize = sections.get("quantize", {})
+    assert quantize.get("act_mode", planned) == planned
+    if quantize.get("bits") is None:   # --plan also refuses act_bits and group_size (they are allocate's)
+        assert not {"act_bits", "group_size"} & set(quantize), quantize
