@@ -124,7 +124,8 @@ def test_compile_rows_compiles_each_distinct_model_once_float_rows_included(monk
 def test_compile_rows_on_a_gpu_uses_the_cuda_compile_for_every_row(monkeypatch, triton):
     """bench --compile --device cuda said 'not available on cuda yet' and ran every row eager. Catches: a GPU
     run compiled with the CPU's oneDNN path (its packed weights are CPU-only), a cached row left eager or
-    compiled whole, a missing triton not said."""
+    compiled whole, a missing triton not said, a note that did not say the memory rows ran eager (a fresh
+    eager process, as on the CPU, whose note says so)."""
     from types import SimpleNamespace
 
     from diffpro_cli.quant import compiled, compiled_cuda
@@ -147,6 +148,7 @@ def test_compile_rows_on_a_gpu_uses_the_cuda_compile_for_every_row(monkeypatch, 
     assert calls == [("model", fp, "cuda"), ("model", q, "cuda"), ("regions", 2, "cuda")]
     assert rows[0].model == ("compiled", fp) and rows[2].model is fp
     assert "on cuda" in note and "UNVERIFIED" in note and "cache-only" in note
+    assert "memory rows ran eager" in note   # peak memory comes from a fresh eager process on a GPU too
 
 
 def test_steps_note_states_the_paired_difference_and_its_significance():

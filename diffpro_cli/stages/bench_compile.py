@@ -30,7 +30,7 @@ def compile_rows(rows: list, device: str = "cpu") -> str:
     if gpu:
         note = (f"every row torch.compile'd on {device} (inductor): float rows as compiled float, the integer layers' "
                 "CUDA kernels traced into the graph (UNVERIFIED on a GPU until a GPU session records it); "
-                "the first call of each shape compiled during warm-up")
+                "the first call of each shape compiled during warm-up; memory rows ran eager")
     else:
         note = ("every row torch.compile'd (inductor, freezing): float rows as compiled float, integer layers on "
                 "the compiled oneDNN int8 path; the first call of each shape compiled during warm-up; memory rows ran eager")
