@@ -26,6 +26,19 @@ DEFAULT_PROGRESS_INTERVAL = 30.0
 WAKE_MARGIN = 0.97   # watchdog threads wake a little early: a busy machine wakes them late
 
 
+# Warnings libraries print while diffusers imports them, which no diffpro user can act on: with torchao
+# installed (the `torchao` extra), torch 2.14 warns about torchao's Enum registrations and diffusers'
+# torchao quantizer about tensor classes newer torchao moved. The CLI sets these loggers to error level.
+IMPORT_NOISE_LOGGERS = ("torch.utils._pytree", "diffusers.quantizers.torchao.torchao_quantizer")
+
+
+def quiet_import_noise() -> None:
+    import logging
+
+    for name in IMPORT_NOISE_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def _interactive() -> bool:
     return sys.stderr.isatty() and not os.environ.get("CI")
 
