@@ -136,6 +136,23 @@ def test_unknown_key_in_a_later_section_fails_before_any_stage_runs(tmp_path, cl
     assert not (tmp_path / "work" / "diffpro.lock.json").exists()   # nothing was computed
 
 
+@pytest.mark.parametrize("edit,needle", [
+    (lambda t: t.replace('[quantize]\nact_mode = "dynamic"', '[quantize]\nact_mode = "static"'), "[quantize] act_mode = 'static'"),
+    (lambda t: t.replace('[quantize]\n', '[quantize]\ngroup_size = 16\n'), "[quantize] group_size = 16"),
+])
+def test_quantize_options_a_plan_refuses_fail_before_any_stage_runs(tmp_path, cli, edit, needle):
+    """quantize --plan refuses an act_mode other than the plan's and any act_bits/group_size; in a run config
+    that refusal came at the quantize stage, after profile, score, prune and allocate had run (minutes)."""
+    cfg = _write_config(tmp_path)
+    text = edit(cfg.read_text())
+    assert text != cfg.read_text()
+    cfg.write_text(text)
+    code, out, err = cli("run", cfg)
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 2 and len(lines) == 1 and needle in lines[0], err
+    assert not (tmp_path / "work" / "diffpro.lock.json").exists()   # nothing was computed
+
+
 FACTORY_MODULE = '''\
 import torch
 from torch import nn

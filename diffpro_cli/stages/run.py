@@ -125,8 +125,23 @@ def stage_config_classes() -> dict:
 def check_sections(cfg: RunConfig) -> None:
     """Build every configured stage's config once, so unknown keys are named before any work starts."""
     classes = stage_config_classes()
-    for name in cfg.stages:
-        section(classes[name], cfg.sections[name], name, seed=cfg.seed)
+    built = {name: section(classes[name], cfg.sections[name], name, seed=cfg.seed) for name in cfg.stages}
+    check_quantize_plan_options(built)
+
+
+def check_quantize_plan_options(built: dict) -> None:
+    """[quantize] beside a plan (no `bits`): what quantize --plan refuses (stages.quantize.check_plan_options),
+    refused before profile, score and allocate have run rather than at the quantize stage."""
+    q, a = built.get("quantize"), built.get("allocate")
+    if q is None or q.bits is not None:
+        return
+    for key in ("act_bits", "group_size"):
+        if getattr(q, key) is not None:
+            raise UsageError(f"[quantize] {key} = {getattr(q, key)!r}: applies with `bits` only; the plan sets it per layer "
+                             f"(set it in [allocate]), or remove it")
+    if a is not None and q.act_mode is not None and q.act_mode != a.act_mode and 8 in a.act_bits:
+        raise UsageError(f"[quantize] act_mode = {q.act_mode!r}: [allocate] plans the integer layers with "
+                         f"{a.act_mode!r} activations; set act_mode = {q.act_mode!r} in [allocate], or remove it from [quantize]")
 
 
 def run_pipeline(cfg: RunConfig, *, force: bool = False, wait: bool = False, ui: UI = QUIET_UI) -> list[dict]:
