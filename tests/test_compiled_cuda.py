@@ -20,12 +20,17 @@ def w8a8_cuda_classes(monkeypatch):
 
 def test_the_whole_network_traces_as_one_graph(w8a8_cuda_classes):
     """Catches: a CUDA kernel (or the fused q/k/v group, or the float-activation layers) that is a graph
-    break under torch.compile — an opaque call, Python state written in the trace, a lazy prepare."""
+    break under torch.compile — an opaque call, Python state written in the trace, a lazy prepare; and a
+    fused q/k/v group whose members each computed the whole fused GEMM in the graph (three GEMMs of three
+    times the width per attention: inductor merges them only under freezing, which the GPU path lacks)."""
     model, (x, t, y), quant = w8a8_cuda_classes
     integer = [m for m in quant.values() if m.act_mode != "none"]
     assert any("fused3" in m.kernel_name for m in integer) and len(integer) < len(quant)   # groups and float layers present
     calls = []   # integer layer calls of one eager forward (DiT reuses block 0's timestep embedder at the end)
+    shared = []  # calls of a fused group's later members: the group's GEMM already computed their slice
     hooks = [m.register_forward_hook(lambda *a: calls.append(1)) for m in integer]
+    hooks += [m.register_forward_hook(lambda *a: shared.append(1)) for m in integer
+              if m._group is not None and m is not m._group.members[0]]
     with torch.no_grad():
         model.eps(x, t, y)
     for h in hooks:
@@ -36,7 +41,7 @@ def test_the_whole_network_traces_as_one_graph(w8a8_cuda_classes):
     reasons = [r.reason.splitlines()[0] for r in ex.break_reasons]
     assert (ex.graph_count, ex.graph_break_count) == (1, 0), reasons
     int_mm = sum(1 for n in ex.graphs[0].graph.nodes if "_int_mm" in str(n.target))
-    assert int_mm == len(calls) > len(integer) // 2   # every integer call's GEMM is in the graph (each group member traces its own)
+    assert shared and int_mm == len(calls) - len(shared) > len(integer) // 2   # every GEMM in the graph, a group's once
 
 
 @pytest.mark.skipif(not compiled.compiled_available(), reason=f"inductor unavailable: {compiled.unavailable_reason()}")

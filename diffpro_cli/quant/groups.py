@@ -41,6 +41,15 @@ class SharedInputGroup:
         self.label = kernels.describe(cls, lead, self.kernel.act_qmax) + f"+fused{len(self.members)}"
 
     def run(self, member: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel is None or self.device != x.device:
+            self.prepare(x.device)
+        return self.traced(member, x)
+
+    def traced(self, member: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+        """`run` without preparing (under torch.compile the kernel is prepared before the trace; a prepare
+        inside it would be traced). Dynamo traces the cache of the other members' slices as side effects
+        on this object, so the graph holds the group's GEMM once: computed per member, it stayed three
+        GEMMs (inductor merges them only under freezing, which the GPU compile does not use)."""
         i = next(k for k, m in enumerate(self.members) if m is member)
         if self._x is x and i in self._pending:
             self._pending.discard(i)
@@ -48,18 +57,9 @@ class SharedInputGroup:
             if not self._pending:
                 self._x, self._outs = None, None
             return out
-        if self.kernel is None or self.device != x.device:
-            self.prepare(x.device)
         outs = call_kernel(self.kernel, self.members[0], x).split(self.sizes, dim=-1)
         self._x, self._outs, self._pending = x, list(outs), set(range(len(outs))) - {i}
         return outs[i]
-
-    def traced(self, member: QuantLinear, x: torch.Tensor) -> torch.Tensor:
-        """`run` under torch.compile: each member computes the group's GEMM and keeps its slice. The
-        cache of the other slices is Python state a graph cannot hold; the graph's common-subexpression
-        pass merges the members' identical GEMMs into one."""
-        i = next(k for k, m in enumerate(self.members) if m is member)
-        return call_kernel(self.kernel, self.members[0], x).split(self.sizes, dim=-1)[i]
 
 
 def fuse_shared_inputs(net: nn.Module) -> int:
