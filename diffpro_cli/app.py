@@ -24,7 +24,6 @@ from diffpro_cli.commands.run import run_cmd
 from diffpro_cli.commands.sample import sample_cmd
 from diffpro_cli.commands.score import score_cmd
 from diffpro_cli.commands.train import train_cmd
-from diffpro_cli.console import quiet_import_noise
 from diffpro_cli.errors import EXIT_INTERRUPTED, DiffproError
 
 app = typer.Typer(
@@ -67,7 +66,6 @@ def _click_exceptions():
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code. Known errors print one line on stderr, never a traceback."""
     os.environ.setdefault("MPLBACKEND", "Agg")  # the one backend choice (headless); plots.py itself needs none
-    quiet_import_noise()
     cx = _click_exceptions()
     command = typer.main.get_command(app)
     try:

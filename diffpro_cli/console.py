@@ -28,7 +28,7 @@ WAKE_MARGIN = 0.97   # watchdog threads wake a little early: a busy machine wake
 
 # Warnings libraries print while diffusers imports them, which no diffpro user can act on: with torchao
 # installed (the `torchao` extra), torch 2.14 warns about torchao's Enum registrations and diffusers'
-# torchao quantizer about tensor classes newer torchao moved. The CLI sets these loggers to error level.
+# torchao quantizer about tensor classes newer torchao moved. Importing diffpro_cli sets these loggers to error level.
 IMPORT_NOISE_LOGGERS = ("torch.utils._pytree", "diffusers.quantizers.torchao.torchao_quantizer")
 
 

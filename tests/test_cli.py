@@ -119,7 +119,7 @@ def test_weights_without_a_factory_model_is_refused_not_ignored(cli, tmp_path):
 
 def test_no_library_import_warnings_with_torchao_installed(tmp_path):
     """With torchao installed (the `torchao` extra), importing diffusers printed three warnings before
-    every command's output (torch on torchao's Enum registrations, diffusers' torchao quantizer on moved
+    every command's output and on `import diffpro` (torch on torchao's Enum registrations, diffusers' torchao quantizer on moved
     tensor classes). A fresh process: the warnings come once per process, at the first diffusers import."""
     import subprocess
     import sys
@@ -128,3 +128,6 @@ def test_no_library_import_warnings_with_torchao_installed(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "diffpro_cli", "sample", "--steps", "1", "--n", "1", "--out",
                            str(tmp_path / "g.png"), "-q"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stderr.strip() == "", proc.stderr
+    lib = subprocess.run([sys.executable, "-c", "import diffpro; diffpro.load('builtin:dit-mnist')"],
+                         capture_output=True, text=True, timeout=300)   # the library face too
+    assert lib.returncode == 0 and lib.stderr.strip() == "", lib.stderr

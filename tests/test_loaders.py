@@ -372,6 +372,9 @@ def test_custom_needs_trust_code(factory_module, capsys):
 @pytest.mark.parametrize("source,needle", [
     ("def factory():\n    raise RuntimeError('no GPU here\\nsecond line')\n", "factory() raised RuntimeError: no GPU here"),
     ("raise ValueError('bad config at import')\n", "raised ValueError: bad config at import"),
+    ("import sys\nsys.exit(2)\n", "raised SystemExit: 2"),                 # a script's argparse at import
+    ("import diffpro_no_such_dependency\n", "imports diffpro_no_such_dependency, which is not installed"),
+    ("import diffpro\ndef factory():\n    return diffpro.load('no/such/model')\n", "error: no/such/model: no such model"),   # diffpro's own error, not re-wrapped
 ])
 def test_custom_factory_or_module_that_raises_is_one_error_line(tmp_path, monkeypatch, capsys, source, needle):
     """A factory (or its module's import) that raised printed the whole traceback with exit 1, as if

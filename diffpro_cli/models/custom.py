@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from diffpro_cli.errors import InputError, TrustError
+from diffpro_cli.errors import DiffproError, InputError, TrustError
 from diffpro_cli.models.base import DiffusionModel, linear_alphas_cumprod
 
 
@@ -60,8 +60,11 @@ def load_custom(spec: str, weights: str | Path | None = None, trust_code: bool =
     try:
         mod = importlib.import_module(module_name)
     except ImportError as exc:
+        missing = getattr(exc, "name", None)
+        if missing and module_name != missing and not module_name.startswith(missing + "."):   # the module's own import
+            raise InputError(f"{spec}: {module_name} imports {missing}, which is not installed ({exc}); install it") from None
         raise InputError(f"{spec}: cannot import {module_name} ({exc}); check the module name and PYTHONPATH") from None
-    except Exception as exc:   # the user's module failed while importing: their bug, one line, not ours
+    except (Exception, SystemExit) as exc:   # the user's module failed while importing: their bug, one line, not ours
         raise InputError(f"{spec}: importing {module_name} raised {_first_line(exc)}; fix the module "
                          f"(`python -c 'import {module_name}'` shows the traceback)") from None
     factory = getattr(mod, factory_name, None)
@@ -69,7 +72,9 @@ def load_custom(spec: str, weights: str | Path | None = None, trust_code: bool =
         raise InputError(f"{spec}: {module_name} has no callable {factory_name}; name the factory function after the colon")
     try:
         result = factory()
-    except Exception as exc:
+    except DiffproError:   # diffpro's own one-line errors (a factory that calls diffpro.load) keep their code
+        raise
+    except (Exception, SystemExit) as exc:
         raise InputError(f"{spec}: {factory_name}() raised {_first_line(exc)}; fix the factory "
                          f"(`python -c 'import {module_name}; {module_name}.{factory_name}()'` shows the traceback)") from None
     if isinstance(result, DiffusionModel):
