@@ -359,5 +359,6 @@ def block_forward(module: nn.Module):
 
 
 def remove_regions(modules) -> None:
+    """Drop the compiled forwards; the quant layers stay on the compiled path's ops (`disable` undoes that)."""
     for m in modules:
         m.__dict__.pop(REGION_ATTR, None)

@@ -44,6 +44,9 @@ def prepare_kernels(module: nn.Module, device: torch.device | str) -> int:
     """Select and pack every quant layer's kernel for `device` now; returns how many were prepared."""
     from diffpro_cli.quant.layers import _QuantBase
 
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:   # what x.device will say: "cuda" would repack at the first call
+        device = torch.device("cuda", torch.cuda.current_device())
     layers = [m for m in module.modules() if isinstance(m, _QuantBase)]
     for layer in layers:
         layer.prepare(device)
