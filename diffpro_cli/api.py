@@ -25,7 +25,7 @@ from diffpro_cli.errors import UsageError
 from diffpro_cli.lora import load_lora, unload_lora
 from diffpro_cli.models.base import DiffusionModel
 
-__all__ = ["DiffusionModel", "allocate", "bench", "install_timestep_hook", "load", "load_lora", "profile", "prune", "quantize",
+__all__ = ["DiffusionModel", "allocate", "bench", "compile", "install_timestep_hook", "load", "load_lora", "profile", "prune", "quantize",
            "quantize_", "register_diffusers_quantizer", "score", "set_compute_dtype", "unload_lora"]
 
 
@@ -77,6 +77,32 @@ def load(spec: str | Path, *, device: str = "cpu", dtype=None, trust_code: bool 
         if policy is not None:
             install_cache(model, policy)
     return model
+
+
+def compile(model: DiffusionModel, *, device: str | None = None) -> DiffusionModel:  # noqa: A001 - torch.compile's name
+    """The model torch.compile'd for where it runs, as `bench --compile` does: on the CPU its integer layers
+    on oneDNN's compiled int8 path (inductor with freezing), on a GPU its CUDA kernels traced into the
+    graph. A model running a cache schedule (a checkpoint loaded with one) gets each block compiled on
+    its own, the skip decisions staying Python, and is returned as it is; otherwise a new
+    `DiffusionModel` whose `eps` calls the compiled network (`.net` is the same module: its state_dict and
+    checkpoint are unchanged). Call it under `torch.no_grad()`; the first call per input shape compiles.
+    Where compile is unavailable: one notice line and the model as it was."""
+    import itertools
+
+    import torch
+
+    from diffpro_cli.cache import unit_modules
+    from diffpro_cli.quant import compiled, compiled_cuda
+
+    if device is None:
+        first = next(itertools.chain(model.net.parameters(), model.net.buffers()), None)
+        device = "cpu" if first is None else str(first.device)
+    gpu = torch.device(device).type == "cuda"
+    if "_diffpro_cache" in vars(model.net):   # install_cache: the runner's wrappers stay Python
+        blocks = [m for unit in unit_modules(model.net) for m in unit]
+        compiled_cuda.compile_regions(blocks, device) if gpu else compiled.compile_regions(blocks)
+        return model
+    return compiled_cuda.compile_model(model, device) if gpu else compiled.compile_model(model)
 
 
 def set_compute_dtype(model: DiffusionModel, dtype) -> DiffusionModel:
