@@ -89,4 +89,10 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from diffpro_cli.errors import DiffproError
+
+    try:
+        main()
+    except DiffproError as exc:   # a bad workdir or checkpoint: diffpro's one line, not a traceback
+        print(f"error: {exc.message}", file=sys.stderr)
+        sys.exit(exc.exit_code)
