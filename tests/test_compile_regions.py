@@ -200,3 +200,28 @@ def test_regions_compiled_after_the_runner_wrapped_the_blocks_are_used():
     finally:
         compiled.remove_regions(blocks)
         torch._dynamo.reset()
+
+
+@needs_compile
+def test_compiling_integer_layers_prints_no_torch_lowering_warning():
+    """torch's oneDNN int8 lowering warned 'To copy construct from a tensor...' for every integer layer it
+    compiled: two lines per layer in `bench --compile`'s log, about torch's own code."""
+    import warnings
+
+    from diffpro_cli.stages.quantize import uniform_plan
+
+    model = tiny_dit(1)
+    diffpro.quantize_(model, uniform_plan(model, 8, act_mode="dynamic", float_act=()))
+    x, t, y = torch.randn(2, *model.sample_shape), torch.tensor([900, 30]), torch.tensor([1, 2])
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fresh_dynamo()
+            fast = compiled.compile_model(model)
+            with torch.no_grad():
+                fast.eps(x, t, y)
+    finally:
+        compiled.disable(model.net)
+        torch._dynamo.reset()
+    assert frames_ok() >= 1
+    assert not [w for w in caught if "To copy construct" in str(w.message)], [str(w.message)[:60] for w in caught]

@@ -39,6 +39,7 @@ import functools
 import platform
 import shutil
 import sys
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -74,6 +75,14 @@ def unavailable_reason() -> str | None:
 def compiled_available() -> bool:
     """True where `compile_model` / `compile_module` compile (else they return the eager path)."""
     return unavailable_reason() is None
+
+
+def _quiet_lowering_warning() -> None:
+    """torch 2.14's oneDNN int8 lowering copy-constructs the weight zero point with torch.tensor(tensor), and
+    torch warns about that while compiling each integer layer: a line per layer in a user's log, about
+    torch's own code."""
+    warnings.filterwarnings("ignore", message="To copy construct from a tensor", category=UserWarning,
+                            module=r"torch\._inductor\.mkldnn_lowerings")
 
 
 def _notice(msg: str) -> None:
@@ -289,6 +298,7 @@ def compile_module(module: nn.Module, **compile_kwargs):
         _notice(reason)
         return module
     enable(module)
+    _quiet_lowering_warning()
     return _Frozen(torch.compile(module, dynamic=compile_kwargs.pop("dynamic", False), **compile_kwargs), module)
 
 
@@ -339,6 +349,7 @@ def compile_regions(modules) -> int:
     if reason is not None:
         _notice(reason)
         return 0
+    _quiet_lowering_warning()
     count = 0
     for m in modules:
         enable(m)   # the quant layers inside the region only: the eager rest keeps its eager kernels
