@@ -89,20 +89,16 @@ def compile(model: DiffusionModel, *, device: str | None = None) -> DiffusionMod
     Where compile is unavailable: one notice line and the model as it was."""
     import itertools
 
-    import torch
-
     from diffpro_cli.cache import unit_modules
-    from diffpro_cli.quant import compiled, compiled_cuda
+    from diffpro_cli.quant import compiled_cuda
 
     if device is None:
         first = next(itertools.chain(model.net.parameters(), model.net.buffers()), None)
         device = "cpu" if first is None else str(first.device)
-    gpu = torch.device(device).type == "cuda"
     if "_diffpro_cache" in vars(model.net):   # install_cache: the runner's wrappers stay Python
-        blocks = [m for unit in unit_modules(model.net) for m in unit]
-        compiled_cuda.compile_regions(blocks, device) if gpu else compiled.compile_regions(blocks)
+        compiled_cuda.compile_regions_on([m for unit in unit_modules(model.net) for m in unit], device)
         return model
-    return compiled_cuda.compile_model(model, device) if gpu else compiled.compile_model(model)
+    return compiled_cuda.compile_model_on(model, device)
 
 
 def set_compute_dtype(model: DiffusionModel, dtype) -> DiffusionModel:

@@ -305,9 +305,13 @@ def compile_module(module: nn.Module, **compile_kwargs):
 def compile_model(model, **compile_kwargs):
     """A DiffusionModel whose network runs compiled (see compile_module); the model's `net` stays the
     eager module (its state_dict and checkpoint are unchanged), `forward_fn` calls the compiled one."""
+    return with_compiled_net(model, compile_module(model.net, **compile_kwargs))
+
+
+def with_compiled_net(model, compiled_net):
+    """`model` with `forward_fn` calling `compiled_net` (the model itself where nothing was compiled)."""
     import dataclasses
 
-    compiled_net = compile_module(model.net, **compile_kwargs)
     if compiled_net is model.net:
         return model
     base = model.forward_fn

@@ -16,7 +16,6 @@ CPU with the CUDA kernel classes built for the CPU (tests/test_compiled_cuda.py)
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import sys
 
@@ -24,20 +23,25 @@ import torch
 from torch import nn
 
 
-@functools.cache
 def unavailable_reason(device_type: str = "cuda") -> str | None:
-    """Why torch.compile cannot run a network on `device_type` here (None: it can)."""
-    if not hasattr(torch, "compile"):
-        return f"torch {torch.__version__} has no torch.compile"
+    """Why torch.compile cannot run a network on `device_type` here (None: it can); the CPU's answer is
+    compiled.unavailable_reason's."""
     if device_type == "cuda":
-        try:
-            from torch.utils._triton import has_triton
-        except ImportError:  # pragma: no cover - a torch without the helper
-            return "cannot tell whether triton (inductor's GPU code generator) is installed"
-        return None if has_triton() else "triton (inductor's GPU code generator) is not installed"
+        return _gpu_unavailable_reason()
     from diffpro_cli.quant import compiled
 
     return compiled.unavailable_reason()
+
+
+@functools.cache
+def _gpu_unavailable_reason() -> str | None:
+    if not hasattr(torch, "compile"):
+        return f"torch {torch.__version__} has no torch.compile"
+    try:
+        from torch.utils._triton import has_triton
+    except ImportError:  # pragma: no cover - a torch without the helper
+        return "cannot tell whether triton (inductor's GPU code generator) is installed"
+    return None if has_triton() else "triton (inductor's GPU code generator) is not installed"
 
 
 def prepare_kernels(module: nn.Module, device: torch.device | str) -> int:
@@ -68,11 +72,9 @@ def compile_module(module: nn.Module, device: torch.device | str = "cuda", **com
 def compile_model(model, device: torch.device | str = "cuda", **compile_kwargs):
     """A DiffusionModel whose network runs compiled on `device`; `net` stays the eager module (its
     state_dict and checkpoint are unchanged), `forward_fn` calls the compiled one."""
-    compiled_net = compile_module(model.net, device, **compile_kwargs)
-    if compiled_net is model.net:
-        return model
-    base = model.forward_fn
-    return dataclasses.replace(model, forward_fn=lambda net, x, t, y: base(compiled_net, x, t, y))
+    from diffpro_cli.quant.compiled import with_compiled_net
+
+    return with_compiled_net(model, compile_module(model.net, device, **compile_kwargs))
 
 
 def compile_regions(modules, device: torch.device | str = "cuda") -> int:
@@ -93,3 +95,23 @@ def compile_regions(modules, device: torch.device | str = "cuda") -> int:
             m.__dict__[REGION_ATTR] = torch.compile(_own_forward(m), dynamic=False)
             count += 1
     return count
+
+
+# Where the run is: the CPU's compiled path (compiled.py) or this module's. bench --compile and diffpro.compile.
+
+def on_gpu(device) -> bool:
+    return torch.device(device).type == "cuda"
+
+
+def compile_model_on(model, device):
+    """compile_model for where `device` is: compiled.compile_model on the CPU, this module's on a GPU."""
+    from diffpro_cli.quant import compiled
+
+    return compile_model(model, device) if on_gpu(device) else compiled.compile_model(model)
+
+
+def compile_regions_on(modules, device) -> int:
+    """compile_regions for where `device` is: compiled.compile_regions on the CPU, this module's on a GPU."""
+    from diffpro_cli.quant import compiled
+
+    return compile_regions(modules, device) if on_gpu(device) else compiled.compile_regions(modules)

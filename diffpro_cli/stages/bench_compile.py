@@ -13,10 +13,10 @@ REGIONAL_NOTE = "regionally compiled: each block compiled, the rest eager"
 def compile_rows(rows: list, device: str = "cpu") -> str:
     """Compile every row's network (each distinct model once) for `device`; where compile is unavailable
     every row stays eager (one note). Returns the note."""
-    from diffpro_cli.quant import compiled, compiled_cuda
+    from diffpro_cli.quant import compiled_cuda
 
-    gpu = str(device) != "cpu"
-    reason = compiled_cuda.unavailable_reason("cuda") if gpu else compiled.unavailable_reason()
+    gpu = compiled_cuda.on_gpu(device)
+    reason = compiled_cuda.unavailable_reason("cuda" if gpu else "cpu")
     if reason is not None:
         return f"compile requested but unavailable ({reason}): every row ran eager"
     done: dict[int, object] = {}
@@ -24,7 +24,7 @@ def compile_rows(rows: list, device: str = "cpu") -> str:
         if row.cache is None:
             key = id(row.model)
             if key not in done:
-                done[key] = compiled_cuda.compile_model(row.model, device) if gpu else compiled.compile_model(row.model)
+                done[key] = compiled_cuda.compile_model_on(row.model, device)
             row.model = done[key]
     regional = compile_cached_rows(rows, device)
     if gpu:
@@ -44,17 +44,13 @@ def compile_cached_rows(rows: list, device: str = "cpu") -> list[str]:
     """The cached rows: each cache unit's modules (cache.unit_modules: a DiT's blocks, a U-Net's deep
     blocks) compiled on its own, each block's graph once per input shape. Returns the rows' names."""
     from diffpro_cli.cache import unit_modules
-    from diffpro_cli.quant import compiled, compiled_cuda
+    from diffpro_cli.quant import compiled_cuda
 
-    gpu = str(device) != "cpu"
+    gpu = compiled_cuda.on_gpu(device)
     names = []
     for row in rows:
         if row.cache is not None:
-            blocks = [m for unit in unit_modules(row.model.net) for m in unit]
-            if gpu:
-                compiled_cuda.compile_regions(blocks, device)
-            else:
-                compiled.compile_regions(blocks)
+            compiled_cuda.compile_regions_on([m for unit in unit_modules(row.model.net) for m in unit], device)
             row.notes.append(f"{REGIONAL_NOTE} (torch.compile per block, inductor{'' if gpu else ', freezing'})")
             names.append(row.name)
     return names
