@@ -44,6 +44,10 @@ def _gpu_unavailable_reason() -> str | None:
     return None if has_triton() else "triton (inductor's GPU code generator) is not installed"
 
 
+def _notice(reason: str) -> None:
+    print(f"notice: {reason}; running eager", file=sys.stderr)
+
+
 def prepare_kernels(module: nn.Module, device: torch.device | str) -> int:
     """Select and pack every quant layer's kernel for `device` now; returns how many were prepared."""
     from diffpro_cli.quant.layers import _QuantBase
@@ -63,7 +67,7 @@ def compile_module(module: nn.Module, device: torch.device | str = "cuda", **com
     device = torch.device(device)
     reason = unavailable_reason(device.type)
     if reason is not None:
-        print(f"notice: {reason}; running eager", file=sys.stderr)
+        _notice(reason)
         return module
     prepare_kernels(module, device)
     return torch.compile(module, dynamic=compile_kwargs.pop("dynamic", False), **compile_kwargs)
@@ -86,7 +90,7 @@ def compile_regions(modules, device: torch.device | str = "cuda") -> int:
     device = torch.device(device)
     reason = unavailable_reason(device.type)
     if reason is not None:
-        print(f"notice: {reason}; running eager", file=sys.stderr)
+        _notice(reason)
         return 0
     count = 0
     for m in modules:
