@@ -3,6 +3,8 @@ one GEMM; their stored state stays per layer (layers.py)."""
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -30,6 +32,18 @@ class SharedInputGroup:
         for m in members:
             m._group = self
             m._kernel = None
+
+    def __deepcopy__(self, memo):
+        """The group of the copied members (layers._QuantBase.__deepcopy__): the fused kernel is dropped and
+        packed again on the first call, or shared where the members' integers were released."""
+        new = SharedInputGroup.__new__(SharedInputGroup)
+        memo[id(self)] = new
+        released = any(m.integers_released for m in self.members)
+        new.kernel, new.device, new.label = (self.kernel, self.device, self.label) if released else (None, None, "")
+        new.sizes = list(self.sizes)
+        new._x, new._outs, new._pending = None, None, set()
+        new.members = copy.deepcopy(self.members, memo)
+        return new
 
     def prepare(self, device: torch.device) -> None:
         if self.kernel is not None and self.device == device:

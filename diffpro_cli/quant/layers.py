@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import copy
 from typing import TYPE_CHECKING
 
 import torch
@@ -276,6 +277,26 @@ class _QuantBase(nn.Module):
         if self._kernel is None or self._kernel_device != x.device:
             self.prepare(x.device)
         return call_kernel(self._kernel, self, x)
+
+    def __deepcopy__(self, memo):
+        """A copy that computes the same outputs. A prepared kernel is runtime state (oneDNN/fbgemm packed
+        weights, which cannot be deep-copied): the copy drops it and packs its own from its copied integers
+        on its first call. Where the integers were released (inference-only load) the packed kernel is all
+        that is left; it is immutable, so the copy shares it instead. Packed buffers of the compiled path
+        (compiled.attach) are shared for the same reason."""
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        for b in self._buffers.values():
+            if b is not None and b.is_mkldnn:
+                memo[id(b)] = b
+        state = dict(self.__dict__)
+        if self.integers_released:
+            if self._kernel is not None:   # (a fused member's kernel is its group's: groups.py)
+                memo[id(self._kernel)] = self._kernel
+        else:
+            state.update(_kernel=None, _kernel_device=None, _kernel_label="")
+        new.__setstate__(copy.deepcopy(state, memo))
+        return new
 
     def _apply(self, fn, recurse=True):   # .to()/.cuda(): runtime state is rebuilt on the next call
         self._forget_kernel()
