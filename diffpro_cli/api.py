@@ -15,6 +15,7 @@ artifact's JSON record. `device="cuda"` runs the stage on a GPU, as the CLI's `-
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,8 @@ def _context(model: str | DiffusionModel, workdir: str | Path, trust_code: bool,
     from diffpro_cli.stages.context import StageContext
 
     spec = model.spec if isinstance(model, DiffusionModel) else str(model)
+    if not isinstance(workdir, (str, os.PathLike)):
+        raise UsageError(f"workdir {workdir!r}: pass a directory path (str or pathlib.Path)")
     if device is None:
         device = str(net_device(model.net)) if isinstance(model, DiffusionModel) else "cpu"
     ctx = StageContext.create(spec, workdir, trust_code=trust_code, weights=weights, seed=seed,
@@ -46,6 +49,22 @@ def _context(model: str | DiffusionModel, workdir: str | Path, trust_code: bool,
     if isinstance(model, DiffusionModel):
         ctx.use_model(place(model, ctx.device))
     return ctx
+
+
+def _loaded(model, function: str) -> DiffusionModel:
+    """`model` if it is a loaded DiffusionModel; else one UsageError naming the fix (not an AttributeError later)."""
+    if not isinstance(model, DiffusionModel):
+        raise UsageError(f"diffpro.{function}: expected a DiffusionModel, got {type(model).__name__}; "
+                         f"load it first: model = diffpro.load(spec)")
+    return model
+
+
+def _module(model, function: str) -> nn.Module:
+    """The network of a DiffusionModel, or an nn.Module as it is; else one UsageError."""
+    net = model.net if isinstance(model, DiffusionModel) else model
+    if not isinstance(net, nn.Module):
+        raise UsageError(f"diffpro.{function}: expected a DiffusionModel or an nn.Module, got {type(model).__name__}")
+    return net
 
 
 def _config(cls, options: dict, **defaults):
@@ -90,9 +109,19 @@ def compile(model: DiffusionModel, *, device: str | None = None) -> DiffusionMod
     import itertools
 
     from diffpro_cli.cache import unit_modules
+    import torch
+
     from diffpro_cli.quant import compiled_cuda
 
-    if device is None:
+    _loaded(model, "compile")
+    if device is not None:   # the spelling only: where the model is, is the model's business
+        try:
+            device = str(torch.device(device))
+        except (RuntimeError, TypeError):
+            raise UsageError(f"diffpro.compile: device {device!r}: use cpu, cuda or cuda:N") from None
+        if torch.device(device).type not in ("cpu", "cuda"):
+            raise UsageError(f"diffpro.compile: device {device!r}: diffpro runs on cpu or cuda")
+    else:
         first = next(itertools.chain(model.net.parameters(), model.net.buffers()), None)
         device = "cpu" if first is None else str(first.device)
     if "_diffpro_cache" in vars(model.net):   # install_cache: the runner's wrappers stay Python
@@ -104,7 +133,7 @@ def compile(model: DiffusionModel, *, device: str | None = None) -> DiffusionMod
 def set_compute_dtype(model: DiffusionModel, dtype) -> DiffusionModel:
     """Run the model's float math in `dtype` (torch.bfloat16 / torch.float16, or their names; float32 undoes
     it): see `DiffusionModel.set_compute_dtype`. Quantized checkpoints planned for bf16 load with it set."""
-    return model.set_compute_dtype(dtype)
+    return _loaded(model, "set_compute_dtype").set_compute_dtype(dtype)
 
 
 def install_timestep_hook(net: nn.Module) -> nn.Module:
@@ -112,6 +141,7 @@ def install_timestep_hook(net: nn.Module) -> nn.Module:
     argument) to the static-activation layers for the duration of the call; idempotent."""
     from diffpro_cli.quant.layers import timestep_context
 
+    _module(net, "install_timestep_hook")
     if getattr(net, "_diffpro_timestep_hook", False):
         return net
     stack: list = []
@@ -140,7 +170,7 @@ def quantize_(model: nn.Module | DiffusionModel, plan: dict | str | Path, *, fus
 
     if not isinstance(plan, dict):
         plan = read_json(Path(plan), "diffpro.plan/1")
-    net = model.net if isinstance(model, DiffusionModel) else model
+    net = _module(model, "quantize_")
     modules = dict(net.named_modules())
     entries = plan.get("layers") or {}
     missing = [n for n in entries if n not in modules]
