@@ -36,3 +36,36 @@ def test_stage_functions_refuse_a_workdir_that_is_not_a_path():
     # catches: diffpro.profile(spec, 5) failing with pathlib's TypeError
     with pytest.raises(UsageError, match="workdir 5: pass a directory path"):
         diffpro.profile("random:dit-tiny", 5)
+
+
+Q = "transformer_blocks.0.attn1.to_q"
+
+
+@pytest.mark.parametrize("plan,problem", [
+    (3, "plan has type int; pass plan.json's record"),
+    ({"layers": [Q]}, r"plan\['layers'\] has type list"),
+    ({"layers": {Q: 8}}, f"plan layer '{Q}': the entry 8 is not a dict"),
+    ({"layers": {Q: {"weight_bits": "8"}}}, "weight_bits '8': use an integer"),
+    ({"layers": {Q: {"weight_bits": 5}}}, "weight_bits 5: use one of 2, 3, 4, 6, 8, or 16"),
+    ({"layers": {Q: {"weight_bits": 8, "act_bits": 4}}}, f"plan layer '{Q}': act_bits 4"),
+    ({"layers": {Q: {"weight_bits": 8, "act_mode": "dynamik"}}}, f"plan layer '{Q}': act_mode 'dynamik'"),
+    ({"layers": {Q: {"weight_bits": 4, "group_size": "8"}}}, "group_size '8': use an integer"),
+    ({"layers": {Q: {"weight_bits": 4, "group_size": 7}}}, "group_size 7 does not divide its input size 32"),
+    ({"layers": {"transformer_blocks.0.norm1": {"weight_bits": 8}}}, "is AdaLayerNormZero; only nn.Linear and nn.Conv2d"),
+])
+def test_quantize_in_place_refuses_bad_plan_entries_naming_the_layer(plan, problem):
+    # catches: a hand-written plan dict failing deep inside with "'int' object has no attribute 'get'",
+    # "'<=' not supported between 'str' and 'int'" or "'AdaLayerNormZero' has no attribute 'in_channels'"
+    model = diffpro.load("random:dit-tiny")
+    with pytest.raises(UsageError, match=problem):
+        diffpro.quantize_(model, plan)
+
+
+def test_a_bad_plan_entry_leaves_the_module_untouched():
+    # catches: the layers before the bad entry already swapped for integer ones (a half-quantized network)
+    model = diffpro.load("random:dit-tiny")
+    plan = {"layers": {Q: {"weight_bits": 8}, "transformer_blocks.0.attn1.to_k": {"weight_bits": 8},
+                       "transformer_blocks.0.attn1.to_v": {"weight_bits": 5}}}
+    with pytest.raises(UsageError, match="weight.bits 5"):
+        diffpro.quantize_(model, plan)
+    assert not any(getattr(m, "is_diffpro_quant", False) for m in model.net.modules())
