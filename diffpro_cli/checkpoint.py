@@ -240,6 +240,7 @@ def save_quantized(model: DiffusionModel, plan: dict | None, out_dir: str | Path
         "timesteps": None if timesteps is None else [int(t) for t in timesteps],
         "cache": _jsonable(cache) if cache else None,
         "compute_dtype": (plan or {}).get("compute_dtype") or "float32",   # the float math's dtype (allocate_dtype.py)
+        "planned_for": (plan or {}).get("world"),   # the cost-table world the plan was priced in, e.g. "compiled-bfloat16"
         "totals": {"avg_bits": round(_avg_bits(model, qlayers), 4), "quantized_layers": len(qlayers),
                    "float_layers": len(model.quantizable_layers()) - len(qlayers), "fp32_bytes": float_bytes},
         "provenance": {"model_sha256": model.sha256, "plan_sha256": None if plan is None else sha256_json(plan),

@@ -39,6 +39,7 @@ def allocate_cmd(
     cache_objective: Annotated[str, typer.Option("--cache-objective", help="With --cache: latency (the fastest schedule that drifts no more than the plan) or drift (the least drift at the plan's latency).")] = "latency",
     cache_metric: Annotated[str, typer.Option("--cache-metric", help="With --cache: the drift of that comparison: inception (paired FID Inception features of the decoded samples vs the float teacher's; mse when the weights are missing) or mse (final samples).")] = "inception",
     cache_n: Annotated[int, typer.Option("--cache-n", help="With --cache: calibration samples of the drift comparison.")] = 8,
+    compile_: Annotated[bool, typer.Option("--compile/--no-compile", help="Plan for torch.compile'd execution (bench --compile, diffpro.compile): the cost table also times every path compiled, and the plan must beat compiled float.")] = False,
     model: Annotated[Optional[str], typer.Option("--model", help="Model timed for the non-GEMM remainder (default: the scored one).")] = None,
 ):
     """Solve the per-layer bit allocation (and, with --latency-budget, the step count) under a budget; writes WORKDIR/plan.json."""
@@ -53,13 +54,13 @@ def allocate_cmd(
                          cost_table=None if cost_table is None else str(cost_table), full_steps=full_steps,
                          latency_source=latency_source, repeats=repeats, remainder_ms=remainder_ms, pareto=pareto,
                          error_model=error_model, cache=cache, cache_objective=cache_objective, cache_metric=cache_metric,
-                         cache_n=cache_n)
+                         cache_n=cache_n, compile=compile_)
     result = run_allocate(ctx, cfg, scores_path=scores, timesteps_path=timesteps)
     outcome, plan = result.outcome, result.value
     t = plan["totals"]
     lat = f", {t['latency_ms']:.3f} ms/step" if t.get("latency_ms") is not None else ""
     if t.get("predicted_speedup"):
-        lat += f" ({t['predicted_speedup']:.2f}x float in {plan.get('compute_dtype') or 'float32'})"
+        lat += f" ({t['predicted_speedup']:.2f}x float in {plan.get('world') or plan.get('compute_dtype') or 'float32'})"
     joint = plan.get("joint")
     steps_txt = f", {joint['steps']} steps ({joint['total_latency_ms']:.1f} ms/image)" if joint else ""
     if (plan.get("cache") or {}).get("verdict"):

@@ -298,10 +298,12 @@ def _float_fn(mod, inp, post_op: str | None):
 
 
 def measure_cost_table(model, options: list[Option], batch: int, repeats: int, ui: UI = QUIET_UI,
-                       previous: dict | None = None, bf16: bool | None = None) -> dict:
+                       previous: dict | None = None, bf16: bool | None = None, compiled: bool = False) -> dict:
     """The cost table document (module docstring). `previous`: a table of the same machine, model and
     batch whose cells are reused (only missing columns are timed). `bf16` (default: native_bf16()): also
-    the "bfloat16" world, every path timed with the model's float math in bf16 (doc["worlds"])."""
+    the "bfloat16" world, every path timed with the model's float math in bf16 (doc["worlds"]).
+    `compiled`: also the compiled worlds (costs_compiled.py); where compile is unavailable here,
+    doc["compiled_unavailable"] says why."""
     import torch
 
     quantize_module = _kernels()
@@ -362,10 +364,17 @@ def measure_cost_table(model, options: list[Option], batch: int, repeats: int, u
     gemm = sum(r["ms"]["fp32"] for r in table.values())
     worlds = dict((previous or {}).get("worlds") or {})
     retimed = any(key[0] != "__forward__" for key in fns)   # new columns: the other worlds need them too
-    if (native_bf16(device) if bf16 is None else bf16) and ("bfloat16" not in worlds or retimed):
+    use_bf16 = native_bf16(device) if bf16 is None else bf16
+    if use_bf16 and ("bfloat16" not in worlds or retimed):
         worlds["bfloat16"] = measure_world(model, modules, captured, columns, (x, t, y), batch, repeats, ui,
                                            quantize_module, torch.bfloat16, posts, same)
-    return {"schema": COST_SCHEMA, "fingerprint": machine_fingerprint(device), "batch": batch, "repeats": repeats,
+    no_compile = None
+    if compiled:
+        from diffpro_cli.planning.costs_compiled import add_compiled_worlds
+
+        no_compile = add_compiled_worlds(worlds, retimed, model, modules, captured, columns, (x, t, y), batch, repeats,
+                                         ui, quantize_module, posts, same, use_bf16)
+    return {"compiled_unavailable": no_compile, "schema": COST_SCHEMA, "fingerprint": machine_fingerprint(device), "batch": batch, "repeats": repeats,
             "model": {"spec": model.spec, "sha256": model.sha256}, "units": "ms per image per denoising step",
             "layers": table, "forward_ms": forward, "remainder_ms": max(0.0, forward - gemm), "worlds": worlds,
             "notes": ["layers timed one at a time on their real inputs (fused q/k/v of the deployed model share one "

@@ -33,6 +33,7 @@ from diffpro_cli.planning.error_model import error_model, plan_pair_bound
 from diffpro_cli.planning.joint import pareto_front, solve_joint, step_entries
 from diffpro_cli.planning.options import (DEFAULT_PROTECT, FLOAT_ACT_ROLES, METHODS, Layer, Option, load_layers, make_options,
                                           parse_budgets)
+from diffpro_cli.planning.costs_compiled import is_compiled
 from diffpro_cli.stages.allocate_dtype import SILENT_UI, WORLDS, plan_per_world
 from diffpro_cli.planning.solvers import (Constraint, budget_constraint, chosen_total, build_table, infeasible_message, plan_layers,
                                           predicted_speedup, smallest_feasible, solve, speedup_constraint, summarize)
@@ -80,6 +81,7 @@ class AllocateConfig:
     cache_objective: str = "latency"     # latency: faster at no more drift than the plan; drift: less drift at its latency
     cache_tolerance: float = 0.0         # latency objective: drift allowed over the plan's, as a fraction of it
     cache_metric: str = "inception"      # drift of that comparison: inception (paired FID features of decoded samples) | mse
+    compile: bool = False                # price and plan for torch.compile'd execution (planning/costs_compiled.py)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -368,7 +370,7 @@ def run_allocate(ctx, cfg: AllocateConfig, *, scores_path: str | Path | None = N
             doc = obtain_cost_table(ctx, cfg, layers)
             fingerprint = doc["fingerprint"]
 
-        worlds = ["float32"] + [w for w in (doc or {}).get("worlds") or {} if w in WORLDS and cfg.latency_source != "analytic"]
+        worlds = plan_worlds(doc, cfg, ui)
         # each world's all-float step, whether or not its plan turns out feasible: --min-speedup and the
         # baseline check are against the fastest float this machine runs
         float_steps = {} if doc is None else {w: world_float_step_ms(world_table(doc, w), layers, cfg.remainder_ms) for w in worlds}
@@ -419,6 +421,22 @@ def run_allocate(ctx, cfg: AllocateConfig, *, scores_path: str | Path | None = N
     return ctx.run_stage("allocate", inputs, config, outputs, compute, reread=lambda: read_json(out, PLAN_SCHEMA))
 
 
+def plan_worlds(doc: dict | None, cfg: AllocateConfig, ui) -> list[str]:
+    """The cost-table worlds the plan is solved in: the eager ones (float32, and bfloat16 where native),
+    or with `compile` the compiled ones only (the plan is then for compiled execution, and the float it
+    must beat is compiled float). An analytic estimate has only the float32 world."""
+    if doc is None or cfg.latency_source == "analytic":
+        return ["float32"]
+    have = list(doc.get("worlds") or {})
+    if cfg.compile:
+        compiled = [w for w in have if is_compiled(w)]
+        if compiled:
+            return compiled
+        why = doc.get("compiled_unavailable") or "the cost table has no compiled timings (measure it with allocate --compile)"
+        ui.warn(f"allocate --compile: {why}; planning for eager execution")
+    return ["float32"] + [w for w in have if w in WORLDS]
+
+
 def cost_table_path(ctx) -> Path:
     """WORKDIR/cost_table.json for the CPU; one table per GPU run device (cost_table-cuda.json, ...)."""
     return ctx.workdir / ("cost_table.json" if ctx.device == "cpu" else f"cost_table-{ctx.device.replace(':', '')}.json")
@@ -455,7 +473,7 @@ def obtain_cost_table(ctx, cfg: AllocateConfig, layers: list[Layer]) -> dict:
             previous = None
     model = ctx.model()
     ctx.ui.info(f"allocate: cost table at batch {cfg.batch} on this machine ({ctx.device}) -> {path}")
-    doc = measure_cost_table(model, options, cfg.batch, cfg.repeats, ctx.ui, previous=previous)
+    doc = measure_cost_table(model, options, cfg.batch, cfg.repeats, ctx.ui, previous=previous, compiled=cfg.compile)
     missing = [l.name for l in layers if l.name not in doc["layers"]]
     if missing:
         raise InputError(f"scores.json names layers the model does not run ({', '.join(missing[:3])}...); "

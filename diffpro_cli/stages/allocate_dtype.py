@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from diffpro_cli.console import UI
 from diffpro_cli.errors import BudgetError
+from diffpro_cli.planning.costs_compiled import world_dtype
 
 WORLDS = ("float32", "bfloat16")
 
@@ -41,7 +42,10 @@ def plan_per_world(solve_world, worlds: list[str], trades_latency: bool, ui,
                    float_steps: dict[str, float | None] | None = None) -> tuple[dict, dict | None]:
     """`solve_world(world) -> (plan, pareto)` in every world; the kept plan gains `compute_dtype` and
     `compute_dtypes` (each world's predicted step, error and float step: the record of the choice).
-    A world whose budget cannot be met is skipped; if none can, the float32 world's error is raised.
+    A world whose budget cannot be met is skipped; if none can, the first world's error is raised.
+    Worlds are cost-table worlds: a compute dtype ("float32", "bfloat16"), or a compiled one
+    ("compiled-bfloat16", planning/costs_compiled.py), whose dtype becomes `compute_dtype` and whose
+    name is kept as `world`.
     `float_steps`: every world's all-float step from the cost table, so the check against the fastest
     float also sees a world whose plan was infeasible."""
     results, first_error = {}, None
@@ -49,13 +53,13 @@ def plan_per_world(solve_world, worlds: list[str], trades_latency: bool, ui,
         try:
             results[world] = solve_world(world)
         except BudgetError as exc:
-            if world == "float32":
+            if first_error is None and world == worlds[0]:
                 first_error = exc
     if not results:
         raise first_error
     best = min(results, key=lambda w: _score(results[w][0], trades_latency))
     plan, pareto = results[best]
-    plan["compute_dtype"] = best
+    plan["compute_dtype"], plan["world"] = world_dtype(best), best
     plan["compute_dtypes"] = {
         w: {"step_ms": p["totals"]["latency_ms"], "error": p["totals"]["error"],
             "float_step_ms": (p.get("baseline_check") or {}).get("fp32_step_ms"),

@@ -167,6 +167,10 @@ def build_rows(ctx, cfg: BenchConfig, quantized: Path | None, timesteps: list[in
         from diffpro_cli.stages.quantize import check_same_model
 
         check_same_model(str(quantized), qinfo["meta"].get("model"), fp)
+        planned = qinfo["meta"].get("planned_for") or ""
+        if planned.startswith("compiled-") and not cfg.compile:
+            notes.append(f"{quantized} was planned for compiled execution ({planned}, allocate --compile): "
+                         "this bench ran eager; pass --compile to time it as deployed")
     from diffpro_cli.stages.bench_cache import (
         cache_row,
         checkpoint_policy,
