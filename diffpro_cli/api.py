@@ -15,7 +15,10 @@ artifact's JSON record. `device="cuda"` runs the stage on a GPU, as the CLI's `-
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import os
+import types
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +42,7 @@ def _context(model: str | DiffusionModel, workdir: str | Path, trust_code: bool,
     from diffpro_cli.stages.context import StageContext
 
     spec = model.spec if isinstance(model, DiffusionModel) else str(model)
+    _check_seed(seed)
     if not isinstance(workdir, (str, os.PathLike)):
         raise UsageError(f"workdir {workdir!r}: pass a directory path (str or pathlib.Path)")
     if device is None:
@@ -67,11 +71,41 @@ def _module(model, function: str) -> nn.Module:
     return net
 
 
+def _fits(value, hint) -> bool:
+    """Whether `value` has the type a config field is annotated with (int, float, str, bool, dict,
+    list[X], unions with None); other annotations are not checked."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, arm) for arm in typing.get_args(hint))
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        return isinstance(value, (list, tuple)) and all(_fits(v, item) for v in value)
+    if hint is type(None):
+        return value is None
+    if hint is int:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if hint in (str, bool, dict):
+        return isinstance(value, hint)
+    return True
+
+
+def _check_seed(seed) -> None:
+    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
+        raise UsageError(f"seed {seed!r}: use an integer")
+
+
 def _config(cls, options: dict, **defaults):
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(options) - names)
     if unknown:
         raise UsageError(f"unknown option(s) {', '.join(unknown)} for {cls.__name__}; valid: {', '.join(sorted(names))}")
+    hints = typing.get_type_hints(cls)
+    for name, value in options.items():   # a wrong type fails here, not as a TypeError deep in the stage
+        if not _fits(value, hints[name]):
+            expected = hints[name].__name__ if isinstance(hints[name], type) else str(hints[name])
+            raise UsageError(f"option {name}={value!r}: expected {expected} ({cls.__name__})")
     return cls(**{**{k: v for k, v in defaults.items() if k in names}, **options})
 
 
@@ -84,6 +118,7 @@ def load(spec: str | Path, *, device: str = "cpu", dtype=None, trust_code: bool 
     (keyed by the timestep; `model.net._diffpro_cache` counts what ran); `cache=False` computes all."""
     from diffpro_cli.loading import load_model
 
+    _check_seed(seed)
     # a quantized checkpoint keeps its stored integers when it goes to a GPU: its layers pack them there
     model = load_model(str(spec), trust_code=trust_code, weights=weights, seed=seed, device=device)
     if dtype is not None:

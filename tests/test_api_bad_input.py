@@ -69,3 +69,31 @@ def test_a_bad_plan_entry_leaves_the_module_untouched():
     with pytest.raises(UsageError, match="weight.bits 5"):
         diffpro.quantize_(model, plan)
     assert not any(getattr(m, "is_diffpro_quant", False) for m in model.net.modules())
+
+
+@pytest.mark.parametrize("call,problem", [
+    (lambda: diffpro.profile("random:dit-tiny", "unused", samples="2"), r"option samples='2': expected int \(ProfileConfig\)"),
+    (lambda: diffpro.profile("random:dit-tiny", "unused", cfg_scale="1.5"), "option cfg_scale='1.5': expected float"),
+    (lambda: diffpro.profile("random:dit-tiny", "unused", classes=3), r"option classes=3: expected list\[int\] \| None"),
+    (lambda: diffpro.allocate("random:dit-tiny", "unused", protect="attn"), r"option protect='attn': expected list\[str\]"),
+    (lambda: diffpro.quantize("random:dit-tiny", "unused", bits=True), "option bits=True: expected int | None"),
+    (lambda: diffpro.profile("random:dit-tiny", "unused", seed="a"), "seed 'a': use an integer"),
+    (lambda: diffpro.load("random:dit-tiny", seed="a"), "seed 'a': use an integer"),
+])
+def test_stage_options_of_the_wrong_type_are_one_usage_error(call, problem):
+    # catches: samples="2" failing as "'<' not supported between 'str' and 'int'" inside the profile stage,
+    # protect="attn" read letter by letter as roles, seed="a" as int()'s ValueError in the model builder
+    with pytest.raises(UsageError, match=problem):
+        call()
+
+
+def test_options_of_the_annotated_types_pass_the_check():
+    # catches: the type check refusing what the stages take (ints for floats, tuples for lists, None)
+    from diffpro_cli.api import _config
+    from diffpro_cli.stages.allocate import AllocateConfig
+    from diffpro_cli.stages.profile import ProfileConfig
+
+    cfg = _config(ProfileConfig, {"samples": 2, "cfg_scale": 2, "classes": (1, 2)})
+    assert cfg.cfg_scale == 2 and cfg.classes == (1, 2)
+    assert _config(AllocateConfig, {"steps": "auto", "group_size": None, "bits": [4, 8]}).steps == "auto"
+    assert _config(AllocateConfig, {"steps": 20}).steps == 20
