@@ -97,3 +97,14 @@ def test_options_of_the_annotated_types_pass_the_check():
     assert cfg.cfg_scale == 2 and cfg.classes == (1, 2)
     assert _config(AllocateConfig, {"steps": "auto", "group_size": None, "bits": [4, 8]}).steps == "auto"
     assert _config(AllocateConfig, {"steps": 20}).steps == 20
+
+
+def test_compute_dtype_errors_name_the_value_given():
+    # catches: "compute dtype None: ..." for diffpro.load(spec, dtype="float8") (the name looked up on
+    # torch, not what the user wrote), and "torch.bfloat16" (str() of the dtype) refused
+    model = diffpro.load("random:dit-tiny")
+    with pytest.raises(UsageError, match="compute dtype 'float8': use torch.bfloat16, torch.float16 or torch.float32"):
+        diffpro.set_compute_dtype(model, "float8")
+    with pytest.raises(UsageError, match="compute dtype torch.int8: use"):
+        diffpro.load("random:dit-tiny", dtype=torch.int8)
+    assert diffpro.set_compute_dtype(model, str(torch.bfloat16)).compute_dtype == torch.bfloat16

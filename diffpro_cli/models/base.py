@@ -290,9 +290,10 @@ class DiffusionModel:
         once; a quantized one keeps its integer weights and scales (integer kernels take float32 at their
         edges, weight-only layers keep one weight copy per dtype). `raw` runs under autocast and returns
         the input's dtype, so samplers stay in float32."""
-        dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+        given = dtype
+        dtype = getattr(torch, dtype.removeprefix("torch."), None) if isinstance(dtype, str) else dtype
         if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            raise UsageError(f"compute dtype {dtype}: use bfloat16, float16 or float32")
+            raise UsageError(f"compute dtype {given!r}: use torch.bfloat16, torch.float16 or torch.float32 (or their names)")
         if not any(getattr(m, "is_diffpro_quant", False) for m in self.net.modules()):
             with _diffusers_quiet():   # its "modules that should be kept in float32: []" note at every cast
                 self.net.to(dtype)
