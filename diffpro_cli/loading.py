@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from diffpro_cli.errors import UsageError
 from diffpro_cli.models.base import DiffusionModel
 
 
@@ -29,6 +30,8 @@ def load_model(spec: str | Path, *, trust_code: bool = False, weights: str | Pat
     target = resolve_device(device)
     steady_allocator()
     if is_quantized_checkpoint(spec):
+        if weights is not None:   # it would be ignored, as models.load_float_model refuses for built-in specs
+            raise UsageError(f"--weights is for module:factory models; {spec} is a quantized checkpoint that holds its own weights: drop --weights")
         from diffpro_cli.checkpoint import load_quantized
         from diffpro_cli.models.builtin_text import attach_default
 

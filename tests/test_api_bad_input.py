@@ -108,3 +108,16 @@ def test_compute_dtype_errors_name_the_value_given():
     with pytest.raises(UsageError, match="compute dtype torch.int8: use"):
         diffpro.load("random:dit-tiny", dtype=torch.int8)
     assert diffpro.set_compute_dtype(model, str(torch.bfloat16)).compute_dtype == torch.bfloat16
+
+
+def test_weights_with_a_quantized_checkpoint_is_refused_not_ignored(tmp_path):
+    # catches: diffpro.load(QDIR, weights=...) silently ignoring the weights (the checkpoint holds its own),
+    # where a built-in spec refuses them
+    from diffpro_cli.checkpoint import save_quantized
+    from diffpro_cli.stages.quantize import uniform_plan
+
+    m = diffpro.load("random:dit-tiny")
+    save_quantized(m, uniform_plan(m, 8), tmp_path / "q")
+    with pytest.raises(UsageError, match="is a quantized checkpoint that holds its own weights: drop --weights"):
+        diffpro.load(tmp_path / "q", weights=tmp_path / "other.safetensors")
+    assert diffpro.load(tmp_path / "q") is not None
