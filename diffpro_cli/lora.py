@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -268,6 +269,8 @@ def load_lora(model_or_net, lora, scale: float = 1.0, adapter_name: str = "defau
     net = _net_of(model_or_net)
     if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
         raise UsageError(f"adapter_name {adapter_name!r}: use a non-empty name without dots")
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+        raise UsageError(f"scale {scale!r}: use a finite number (the adapter's weight, e.g. 0.8)")
     tensors, config, label = _read_source(lora)
     modules = dict(net.named_modules())
     entries = _parse(tensors, config, modules, label)

@@ -121,3 +121,14 @@ def test_weights_with_a_quantized_checkpoint_is_refused_not_ignored(tmp_path):
     with pytest.raises(UsageError, match="is a quantized checkpoint that holds its own weights: drop --weights"):
         diffpro.load(tmp_path / "q", weights=tmp_path / "other.safetensors")
     assert diffpro.load(tmp_path / "q") is not None
+
+
+@pytest.mark.parametrize("scale", ["0.8", None, float("nan"), True])
+def test_lora_scale_that_is_not_a_number_is_one_usage_error(scale):
+    # catches: scale="0.8" failing as float()'s ValueError after the LoRA was read and parsed (and NaN
+    # accepted, turning every adapted layer's output into NaN)
+    model = diffpro.load("random:dit-tiny")
+    lora = {f"{Q}.lora_A.weight": torch.zeros(2, 32), f"{Q}.lora_B.weight": torch.zeros(32, 2)}
+    with pytest.raises(UsageError, match="scale .*: use a finite number"):
+        diffpro.load_lora(model, lora, scale=scale)
+    assert diffpro.load_lora(model, lora, scale=1) == [Q]
