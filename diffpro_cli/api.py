@@ -25,7 +25,7 @@ from typing import Any
 from torch import nn
 
 from diffpro_cli.diffusers_quantizer import register_diffusers_quantizer
-from diffpro_cli.errors import UsageError
+from diffpro_cli.errors import InputError, UsageError
 from diffpro_cli.lora import load_lora, unload_lora
 from diffpro_cli.models.base import DiffusionModel
 
@@ -89,6 +89,15 @@ def _fits(value, hint) -> bool:
     if hint in (str, bool, dict):
         return isinstance(value, hint)
     return True
+
+
+def _path_arg(name: str, value) -> Path | None:
+    """A path keyword (str or os.PathLike) as a Path; the stages below take Path objects."""
+    if value is None or isinstance(value, Path):
+        return value
+    if not isinstance(value, (str, os.PathLike)):
+        raise UsageError(f"{name}={value!r}: pass a path (str or pathlib.Path)")
+    return Path(value)
 
 
 def _check_seed(seed) -> None:
@@ -334,6 +343,11 @@ def bench(model: str | DiffusionModel, workdir: str | Path = "diffpro-work", *, 
         quantized = ctx.workdir / "quantized"
     if timesteps_path is None and (ctx.workdir / "timesteps.json").exists():
         timesteps_path = ctx.workdir / "timesteps.json"
+    quantized, timesteps_path = _path_arg("quantized", quantized), _path_arg("timesteps_path", timesteps_path)
+    if quantized is not None and not (quantized / "diffpro.json").is_file():
+        raise InputError(f"quantized={str(quantized)!r}: no diffpro.json there; pass a checkpoint directory diffpro.quantize wrote")
+    if timesteps_path is not None and not timesteps_path.is_file():
+        raise InputError(f"timesteps_path={str(timesteps_path)!r}: no such file; run diffpro.prune first or check the path")
     if isinstance(options.get("rows"), str):   # "fp32,diffpro" as on the command line
         options["rows"] = [r.strip() for r in options["rows"].split(",") if r.strip()]
     run_bench(ctx, _config(BenchConfig, options, seed=seed), quantized=quantized, timesteps_path=timesteps_path)

@@ -132,3 +132,27 @@ def test_lora_scale_that_is_not_a_number_is_one_usage_error(scale):
     with pytest.raises(UsageError, match="scale .*: use a finite number"):
         diffpro.load_lora(model, lora, scale=scale)
     assert diffpro.load_lora(model, lora, scale=1) == [Q]
+
+
+def test_bench_checks_its_paths_and_takes_them_as_strings(tmp_path, monkeypatch):
+    # catches: bench(quantized="work/quantized") crashing as "unsupported operand type(s) for /: 'str' and
+    # 'str'" inside the stage, and a missing quantized dir / timesteps file as a FileNotFoundError
+    # traceback from hashing it, where the CLI says one line
+    from diffpro_cli.checkpoint import save_quantized
+    from diffpro_cli.errors import InputError
+    from diffpro_cli.stages import bench as bench_stage
+    from diffpro_cli.stages.quantize import uniform_plan
+
+    with pytest.raises(InputError, match="quantized='/nonexistent': no diffpro.json there"):
+        diffpro.bench("random:dit-tiny", tmp_path / "w", quantized="/nonexistent", rows=["fp32"])
+    with pytest.raises(InputError, match="timesteps_path='/nonexistent.json': no such file"):
+        diffpro.bench("random:dit-tiny", tmp_path / "w", timesteps_path="/nonexistent.json", rows=["fp32"])
+    with pytest.raises(UsageError, match="quantized=3: pass a path"):
+        diffpro.bench("random:dit-tiny", tmp_path / "w", quantized=3, rows=["fp32"])
+    m = diffpro.load("random:dit-tiny")
+    save_quantized(m, uniform_plan(m, 8), tmp_path / "q")
+    seen = {}
+    monkeypatch.setattr(bench_stage, "run_bench", lambda ctx, cfg, quantized, timesteps_path: seen.update(q=quantized))
+    monkeypatch.setattr("diffpro_cli.artifacts.read_json", lambda *a, **k: {})
+    diffpro.bench("random:dit-tiny", tmp_path / "w", quantized=str(tmp_path / "q"), rows=["fp32"])
+    assert seen["q"] == tmp_path / "q" and hasattr(seen["q"], "is_dir")
