@@ -156,3 +156,16 @@ def test_bench_checks_its_paths_and_takes_them_as_strings(tmp_path, monkeypatch)
     monkeypatch.setattr("diffpro_cli.artifacts.read_json", lambda *a, **k: {})
     diffpro.bench("random:dit-tiny", tmp_path / "w", quantized=str(tmp_path / "q"), rows=["fp32"])
     assert seen["q"] == tmp_path / "q" and hasattr(seen["q"], "is_dir")
+
+
+def test_profiling_a_quantized_checkpoint_says_what_it_is(tmp_path):
+    # catches: "has no nn.Linear or nn.Conv2d layer to profile; pass a diffusion model" for a quantized
+    # checkpoint (it is one; its layers are integer already), which sends the user looking for the wrong fix
+    from diffpro_cli.checkpoint import save_quantized
+    from diffpro_cli.errors import InputError
+    from diffpro_cli.stages.quantize import uniform_plan
+
+    m = diffpro.load("random:dit-tiny")
+    save_quantized(m, uniform_plan(m, 8), tmp_path / "q")
+    with pytest.raises(InputError, match="is a diffpro quantized checkpoint .*; profile the float model it was made from"):
+        diffpro.profile(tmp_path / "q", tmp_path / "w", samples=2, batch=2, timesteps="999:0:500")
