@@ -394,7 +394,8 @@ class Int8Embedding(nn.Module):
         self.num_embeddings, self.embedding_dim = qweight.shape
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        return F.embedding(idx, self.qweight).float() * F.embedding(idx, self.scale)
+        # in the scales' dtype: float32 as loaded, bf16/fp16 after net.to(dtype), as a float table would be
+        return F.embedding(idx, self.qweight).to(self.scale.dtype) * F.embedding(idx, self.scale)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, int8 rows"
