@@ -27,6 +27,7 @@ measured, not predicted.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -217,6 +218,22 @@ def _flat(res) -> torch.Tensor:
     return res
 
 
+class _UnitForward:
+    """A block's wrapped forward, `make(block_forward(block), *args)` (a runner's wrapper), kept with what
+    made it: a deep copy of the network rebuilds it for the copied runner and block. (The closure alone
+    would be shared by the copy, which would then run the original's blocks and count in its runner.)"""
+
+    def __init__(self, make, block: nn.Module, *args):
+        self._make, self._block, self._args = make, block, args
+        self._forward = make(block_forward(block), *args)
+
+    def __call__(self, *args, **kwargs):
+        return self._forward(*args, **kwargs)
+
+    def __deepcopy__(self, memo):
+        return _UnitForward(copy.deepcopy(self._make, memo), copy.deepcopy(self._block, memo), *copy.deepcopy(self._args, memo))
+
+
 @dataclass
 class CacheRunner:
     """Executes a policy on a network's blocks (see the module docstring). None = compute everything
@@ -307,7 +324,7 @@ class CacheRunner:
         self.unit_evaluations[u] += 1
         return out
 
-    def _static_forward(self, u: int, orig):
+    def _static_forward(self, orig, u: int):
         def forward(hidden_states, *args, **kwargs):
             st = self._state
             key = (st.call, u)
@@ -327,7 +344,7 @@ class CacheRunner:
             return _apply(res, hidden_states, enc)
         return forward
 
-    def _fb_forward(self, u: int, orig):
+    def _fb_forward(self, orig, u: int):
         n = len(self.blocks)
         pol: FirstBlockCache = self.policy
 
@@ -369,7 +386,7 @@ class CacheRunner:
             raise UsageError("cache: the network's blocks are already wrapped (a cache runner is active); leave it first")
         make = self._fb_forward if isinstance(self.policy, FirstBlockCache) else self._static_forward
         for u, block in enumerate(self.blocks):
-            block.forward = make(u, block_forward(block))
+            block.forward = _UnitForward(make, block, u)
         self._handles.append(self.net.register_forward_pre_hook(self._pre_hook, with_kwargs=True, prepend=True))
         return self
 
@@ -438,9 +455,9 @@ class DeepCacheRunner(CacheRunner):
         net = self.net
         for b in net.down_blocks[1:]:
             n_res = len(b.resnets) + (len(b.downsamplers) if getattr(b, "downsamplers", None) is not None else 0)
-            b.forward = self._deep_forward(block_forward(b), n_res, False)
+            b.forward = _UnitForward(self._deep_forward, b, n_res, False)
         for m in self._deep[len(net.down_blocks) - 1:]:
-            m.forward = self._deep_forward(block_forward(m), None, m is self._deep[-1])
+            m.forward = _UnitForward(self._deep_forward, m, None, m is self._deep[-1])
         self._handles.append(net.register_forward_pre_hook(self._pre_hook, with_kwargs=True, prepend=True))
         return self
 

@@ -96,3 +96,35 @@ def test_deepcopy_of_a_model_quantized_in_place_after_a_forward():
         twin = copy.deepcopy(model)
         assert torch.equal(twin.eps(x, t, y), ref)
         assert torch.equal(model.eps(x, t, y), ref)   # the original still runs its own kernels
+
+
+@pytest.mark.parametrize("spec", ["random:dit-tiny", "random:unet-tiny"])
+def test_deepcopy_of_a_model_running_a_cache_schedule_runs_its_own_blocks(spec):
+    # catches: the cache runner's block wrappers (closures) shared by a deep copy, so that the copy ran
+    # the ORIGINAL's blocks and counted in the original's runner (a checkpoint with a cache plan loads so)
+    from diffpro_cli.cache import CacheSchedule, cache_units, install_cache, remove_cache
+
+    model = diffpro.load(spec)
+    n = 1 if spec.endswith("unet-tiny") else len(cache_units(model.net))
+    install_cache(model, CacheSchedule(timesteps=[400, 500], num_units=n, computed=[frozenset(range(n)), frozenset()]))
+    x, _, y = _inputs(model)
+    y = y if model.num_classes else None
+
+    def trajectory(m):   # step 0 computes every unit, step 1 reuses them all
+        return [m.eps(x, torch.tensor([t, t]), y) for t in (500, 400)]
+
+    with torch.no_grad():
+        twin = copy.deepcopy(model)
+        ref, got = trajectory(model), trajectory(twin)
+        assert all(torch.equal(a, b) for a, b in zip(ref, got))
+        assert twin.net._diffpro_cache is not model.net._diffpro_cache
+        for m in (model, twin):               # each runner counts its own calls and the units it ran
+            assert m.net._diffpro_cache.calls == 2 and m.net._diffpro_cache.unit_evaluations == [1] * n
+        for p in model.net.parameters():
+            p.add_(0.5)                       # the original changes; the copy must not see it
+        assert all(torch.equal(a, b) for a, b in zip(trajectory(twin), got))
+        twin_runner = twin.net._diffpro_cache
+        remove_cache(twin)                    # and removing the copy's runner leaves the original's installed
+        assert model.net._diffpro_cache.calls == 2 and twin_runner.calls == 4
+        trajectory(model)
+        assert model.net._diffpro_cache.calls == 4 and model.net._diffpro_cache.unit_evaluations == [2] * n
