@@ -26,7 +26,7 @@ from torch import nn
 
 from diffpro_cli.diffusers_quantizer import register_diffusers_quantizer
 from diffpro_cli.errors import InputError, UsageError
-from diffpro_cli.lora import load_lora, unload_lora
+from diffpro_cli.lora import COMPILED_MARK, load_lora, unload_lora
 from diffpro_cli.models.base import DiffusionModel
 
 __all__ = ["DiffusionModel", "allocate", "bench", "compile", "install_timestep_hook", "load", "load_lora", "profile", "prune", "quantize",
@@ -169,9 +169,13 @@ def compile(model: DiffusionModel, *, device: str | None = None) -> DiffusionMod
         first = next(itertools.chain(model.net.parameters(), model.net.buffers()), None)
         device = "cpu" if first is None else str(first.device)
     if "_diffpro_cache" in vars(model.net):   # install_cache: the runner's wrappers stay Python
-        compiled_cuda.compile_regions_on([m for unit in unit_modules(model.net) for m in unit], device)
+        if compiled_cuda.compile_regions_on([m for unit in unit_modules(model.net) for m in unit], device):
+            model.net.__dict__[COMPILED_MARK] = True   # lora.py refuses adapter changes the graph would ignore
         return model
-    return compiled_cuda.compile_model_on(model, device)
+    out = compiled_cuda.compile_model_on(model, device)
+    if out is not model:
+        model.net.__dict__[COMPILED_MARK] = True
+    return out
 
 
 def set_compute_dtype(model: DiffusionModel, dtype) -> DiffusionModel:

@@ -251,12 +251,20 @@ def _parse(tensors: dict, config: dict, modules: dict[str, nn.Module], label: st
 # ---------------------------------------------------------------------------------------------
 
 
-def _net_of(model_or_net) -> nn.Module:
+COMPILED_MARK = "_diffpro_compiled"   # set on a network by diffpro.compile (api.compile)
+
+
+def _net_of(model_or_net, verb: str) -> nn.Module:
+    """The network to adapt; refused once diffpro.compile compiled it: the compiled graph neither calls a
+    hook added later nor drops one traced into it, so the adapter change would be silently ignored."""
     from diffpro_cli.models.base import DiffusionModel
 
     net = model_or_net.net if isinstance(model_or_net, DiffusionModel) else model_or_net
     if not isinstance(net, nn.Module):
         raise UsageError(f"expected a DiffusionModel or an nn.Module, got {type(model_or_net).__name__}")
+    if vars(net).get(COMPILED_MARK):
+        raise UsageError(f"this network was compiled (diffpro.compile), and its compiled graph would ignore the LoRA {verb}; "
+                         f"load the model again and {verb} the LoRA before diffpro.compile")
     return net
 
 
@@ -266,7 +274,7 @@ def load_lora(model_or_net, lora, scale: float = 1.0, adapter_name: str = "defau
     computes base(x) + scale·(alpha/r)·B(A(x)); the base layer keeps its integer weights and kernel.
     Several adapters (distinct `adapter_name`s) add up. Returns the adapted layers' names. Nothing is
     attached when any entry fails to validate."""
-    net = _net_of(model_or_net)
+    net = _net_of(model_or_net, "load")
     if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
         raise UsageError(f"adapter_name {adapter_name!r}: use a non-empty name without dots")
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
@@ -298,7 +306,7 @@ def unload_lora(model_or_net, adapter_name: str | None = None) -> list[str]:
     """Remove the adapter `adapter_name` (None: every adapter) from every layer that has it; a layer
     left with no adapter loses its hook, so it computes exactly what it did before `load_lora`.
     Returns the names of the layers it was removed from."""
-    net = _net_of(model_or_net)
+    net = _net_of(model_or_net, "unload")
     removed = []
     loaded: set[str] = set()
     for name, layer in list(net.named_modules()):
