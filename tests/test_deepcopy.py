@@ -102,7 +102,12 @@ def test_deepcopy_of_a_model_quantized_in_place_after_a_forward():
 def test_deepcopy_of_a_model_running_a_cache_schedule_runs_its_own_blocks(spec):
     # catches: the cache runner's block wrappers (closures) shared by a deep copy, so that the copy ran
     # the ORIGINAL's blocks and counted in the original's runner (a checkpoint with a cache plan loads so)
-    from diffpro_cli.cache import CacheSchedule, cache_units, install_cache, remove_cache
+    from diffpro_cli.cache import (
+        CacheSchedule,
+        cache_units,
+        install_cache,
+        remove_cache,
+    )
 
     model = diffpro.load(spec)
     n = 1 if spec.endswith("unet-tiny") else len(cache_units(model.net))
