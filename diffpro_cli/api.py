@@ -14,6 +14,7 @@ artifact's JSON record. `device="cuda"` runs the stage on a GPU, as the CLI's `-
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import numbers
 import os
@@ -152,9 +153,9 @@ def compile(model: DiffusionModel, *, device: str | None = None) -> DiffusionMod
     Where compile is unavailable: one notice line and the model as it was."""
     import itertools
 
-    from diffpro_cli.cache import unit_modules
     import torch
 
+    from diffpro_cli.cache import unit_modules
     from diffpro_cli.quant import compiled_cuda
 
     _loaded(model, "compile")
@@ -184,6 +185,11 @@ def set_compute_dtype(model: DiffusionModel, dtype) -> DiffusionModel:
     return _loaded(model, "set_compute_dtype").set_compute_dtype(dtype)
 
 
+# The timestep contexts the hooks below entered, innermost last: per thread (a ContextVar), so that
+# threads calling one network at once each leave their own (a shared list made them exit each other's).
+_HOOK_CONTEXTS: contextvars.ContextVar = contextvars.ContextVar("diffpro_timestep_hook_contexts", default=())
+
+
 def install_timestep_hook(net: nn.Module) -> nn.Module:
     """A forward pre-hook that hands the call's timestep (keyword `timestep`, else the second positional
     argument) to the static-activation layers for the duration of the call; idempotent."""
@@ -192,16 +198,17 @@ def install_timestep_hook(net: nn.Module) -> nn.Module:
     _module(net, "install_timestep_hook")
     if getattr(net, "_diffpro_timestep_hook", False):
         return net
-    stack: list = []
 
     def before(module, args, kwargs):
         t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
         cm = timestep_context(t)
         cm.__enter__()
-        stack.append(cm)
+        _HOOK_CONTEXTS.set((*_HOOK_CONTEXTS.get(), cm))
 
     def after(module, args, kwargs, output):
-        stack.pop().__exit__(None, None, None)
+        *rest, cm = _HOOK_CONTEXTS.get()
+        _HOOK_CONTEXTS.set(tuple(rest))
+        cm.__exit__(None, None, None)
 
     net.register_forward_pre_hook(before, with_kwargs=True)
     net.register_forward_hook(after, with_kwargs=True, always_call=True)

@@ -1,0 +1,52 @@
+"""The timestep hook `diffpro.load` installs (api.install_timestep_hook) with threads calling one network
+at once, as a server does: each call's static-activation layers see that call's timestep."""
+
+import threading
+
+import torch
+from torch import nn
+
+import diffpro
+from diffpro_cli.quant.layers import quantize_module
+
+
+class _StaticNet(nn.Module):
+    """One static-activation layer whose calibrated range differs by timestep (t=0: tiny, t=999: wide)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = quantize_module(nn.Linear(16, 16), 8, act_mode="static", static_absmax=1.0)
+        self.lin.set_static_ranges([0, 999], [0.05, 4.0])
+        self.lin.prepare("cpu")
+
+    def forward(self, x, timestep):
+        return self.lin(x)
+
+
+def test_threads_calling_one_network_each_get_their_own_timestep():
+    # catches: the hook's shared stack of timestep contexts, from which concurrent calls popped (and
+    # exited) each other's: "ValueError: <Token ...> was created in a different Context" in the threads,
+    # or a static layer quantizing with another call's timestep range
+    net = diffpro.install_timestep_hook(_StaticNet())
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        expected = {t: net(x, torch.tensor([t] * 4)) for t in (0, 999)}
+    assert not torch.equal(expected[0], expected[999])    # the timestep really changes the output
+    errors, wrong = [], []
+
+    def work(t):
+        try:
+            with torch.no_grad():
+                for _ in range(200):
+                    if not torch.equal(net(x, torch.tensor([t] * 4)), expected[t]):
+                        wrong.append(t)
+        except Exception as e:   # noqa: BLE001 - reported below, with the thread's error
+            errors.append(f"{type(e).__name__}: {e}")
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in (0, 999, 0, 999)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert errors == [] and wrong == []
