@@ -71,6 +71,17 @@ def test_compile_unavailable_leaves_the_eager_table_and_says_why(tiny_model, mon
     assert not any(costs_compiled.is_compiled(w) for w in doc["worlds"])
 
 
+def _frozen_bytes() -> int:
+    """Bytes of the weight constants inductor's freezing baked into the modules it generated and loaded."""
+    import sys
+
+    import torch
+
+    return sum(v.numel() * v.element_size() for mod in list(sys.modules.values())
+               for k, v in list(getattr(mod, "__dict__", {}).items())
+               if k.startswith("_frozen_param") and isinstance(v, torch.Tensor))
+
+
 @needs_compile
 def test_allocate_compile_prices_compiled_cells_plans_in_a_compiled_world_and_the_checkpoint_says_so(tmp_path):
     import torch._dynamo
@@ -79,9 +90,12 @@ def test_allocate_compile_prices_compiled_cells_plans_in_a_compiled_world_and_th
     diffpro.profile("random:dit-tiny", w, samples=2, timesteps="999:0:500", batch=2)
     diffpro.score("random:dit-tiny", w)
     torch._dynamo.reset()
-    before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    before, frozen = torch._dynamo.utils.counters["stats"]["unique_graphs"], _frozen_bytes()
     plan = diffpro.allocate("random:dit-tiny", w, budget="avg-bits=9", bits=[8, 16], act_bits=[8], repeats=1, batch=2, compile=True)
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"] - before
+    # catches the frozen weight copies of every compiled cell and forward kept for the life of the process
+    # (DiT-XL/2: ~9 GB, and the bench after it in one `diffpro run` was killed for memory)
+    assert _frozen_bytes() == frozen
     doc = json.loads((w / "cost_table.json").read_text())
     cworlds = [k for k in doc["worlds"] if costs_compiled.is_compiled(k)]
     assert "compiled-float32" in cworlds and plan["world"] in cworlds

@@ -115,9 +115,10 @@ def measure_compiled_world(model, modules: dict, captured: dict, columns: dict, 
                     table[name].setdefault("unsupported", {})[label] = str(exc).splitlines()[0][:120]
                     continue
                 fns[(name, label, None)] = fn
-        ui.info(f"allocate: compiling the float forward in {world} (cost table remainder)")
-        whole = compiled_cuda.compile_model_on(copy.deepcopy(model).set_compute_dtype(dtype), device)
-        whole.eps(x, t, y)
+    with torch.no_grad():
+        with ui.heartbeat(f"allocate: compiling the float forward in {world} (cost table remainder)"):
+            whole = compiled_cuda.compile_model_on(copy.deepcopy(model).set_compute_dtype(dtype), device)
+            whole.eps(x, t, y)
         fns[("__forward__", "fp32", None)] = lambda: whole.eps(x, t, y)
         with ui.progress(f"allocate: timing layers in {world} (cost table)", total=max(1, repeats)) as advance:
             timed = interleaved_min_ms(fns, max(1, repeats), advance=advance, device=device)
@@ -137,6 +138,8 @@ def add_compiled_worlds(worlds: dict, retimed: bool, model, modules: dict, captu
     Returns why none could be measured (compile unavailable here), else None."""
     import torch
 
+    from diffpro_cli.quant import compiled
+
     device = str(xty[0].device)
     reason = unavailable_reason(device)
     if reason is not None:
@@ -144,6 +147,7 @@ def add_compiled_worlds(worlds: dict, retimed: bool, model, modules: dict, captu
     for dtype in [torch.float32] + ([torch.bfloat16] if bf16 else []):
         name = world_name(dtype)
         if name not in worlds or retimed:
-            worlds[name] = measure_compiled_world(model, modules, captured, columns, xty, batch, repeats, ui,
-                                                  quantize_module, dtype, posts, same)
+            with compiled.released():   # the cells' and the forward's frozen weight copies: not kept after timing
+                worlds[name] = measure_compiled_world(model, modules, captured, columns, xty, batch, repeats, ui,
+                                                      quantize_module, dtype, posts, same)
     return None

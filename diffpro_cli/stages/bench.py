@@ -454,7 +454,12 @@ def run_bench(ctx, cfg: BenchConfig, *, quantized: Path | None = None, timesteps
     outputs = {"report": workdir / "bench" / "report.json", "markdown": workdir / "bench" / "report.md"}
 
     def compute():
-        return measure_bench(ctx, cfg, quantized=quantized, timesteps=ts, step_evidence=evidence)
+        if not cfg.compile:
+            return measure_bench(ctx, cfg, quantized=quantized, timesteps=ts, step_evidence=evidence)
+        from diffpro_cli.quant.compiled import released
+
+        with released():   # the compiled rows' frozen weight copies die with the rows, not with the process
+            return measure_bench(ctx, cfg, quantized=quantized, timesteps=ts, step_evidence=evidence)
 
     # under torchrun every rank must take part in the collectives, so no rank may skip on its own:
     # sharded runs always compute (rank 0 still records the lock)
