@@ -31,6 +31,10 @@ from diffpro_cli.quant.formats import STORAGE_BITS, dequantize_weight, fp16_exac
 if TYPE_CHECKING:
     from diffpro_cli.quant.groups import SharedInputGroup
 
+RELEASED_MESSAGE = ("this quantized model was loaded for inference only (its integer weights were released after packing), "
+                    "so it has no state_dict to save, repack or move; load the checkpoint with "
+                    "diffpro_cli.checkpoint.load_quantized(path, keep_integers=True) for that")
+
 _TIMESTEPS: contextvars.ContextVar = contextvars.ContextVar("diffpro_timesteps", default=None)
 
 
@@ -167,12 +171,18 @@ class _QuantBase(nn.Module):
     def int_weight(self) -> torch.Tensor:
         """The signed integers as int8 [out, in·kh·kw] on the CPU (unpacked)."""
         if self.integers_released:
-            raise UsageError("this quantized model was loaded for inference only (its integer weights were released after packing); "
-                             "load the checkpoint with keep_integers=True to repack, re-save or move it")
+            raise UsageError(RELEASED_MESSAGE)
         out = self.weight_scale.shape[0]
         if self.weight_bits == 8:
             return self.qweight.cpu()
         return unpack_bits(self.qweight.cpu(), self.weight_bits, out * self.in_flat).reshape(out, self.in_flat)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        """Refused once the integers are released: the state dict would hold an empty qweight, and
+        torch.save of it (or anything built on it) would write a file that loads as a broken model."""
+        if self.integers_released:
+            raise UsageError(RELEASED_MESSAGE)
+        super()._save_to_state_dict(destination, prefix, keep_vars)
 
     def dequantized_weight(self) -> torch.Tensor:
         """The stored weight in float32, shaped like the float layer's (what the reference multiplies)."""
