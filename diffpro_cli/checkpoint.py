@@ -333,7 +333,7 @@ def load_quantized(path: str | Path, *, trust_code: bool = False, verify: bool =
             net.get_submodule(name)
         except AttributeError:
             raise InputError(f"{path / META}: layer {name} does not exist in {arch.get('class')}; the checkpoint does not match its config") from None
-        set_submodule(net, name, empty_from_record(record, device="meta"))
+        set_submodule(net, name, empty_from_record(record, device="meta", source=f"{path / META}: layer {name}"))
     with TensorFile(weights) as reader:
         packed_keys = {f"{name}.qweight" for name in meta["layers"]}
         state = {k: reader.get(k) for k in reader.keys() if k not in packed_keys}   # everything small first

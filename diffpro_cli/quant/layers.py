@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffpro_cli.errors import UsageError
+from diffpro_cli.errors import InputError, UsageError
 from diffpro_cli.quant import kernels
 from diffpro_cli.quant.epilogue import apply_post_op
 from diffpro_cli.quant.formats import STORAGE_BITS, dequantize_weight, fp16_exact, gptq_quantize, layout_name, pack_bits, packed_numel, quantize_weight, unpack_bits
@@ -416,8 +416,22 @@ class Int8Embedding(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 
-def empty_from_record(record: dict, device=None) -> _QuantBase:
-    """An uninitialised quant layer from its diffpro.json record (the checkpoint loader fills it)."""
+def empty_from_record(record: dict, device=None, source: str = "diffpro.json") -> _QuantBase:
+    """An uninitialised quant layer from its diffpro.json record (the checkpoint loader fills it). A
+    record no layer can be built from is a corrupt file, not a bad option: one InputError naming
+    `source` (the file and layer)."""
+    try:
+        return _layer_from_record(record, device)
+    except (UsageError, KeyError, TypeError, ValueError) as exc:
+        problem = f"field {exc} is missing" if isinstance(exc, KeyError) else str(exc).split(";")[0]
+        raise InputError(f"{source}: {problem} (a corrupt layer record); re-run `diffpro quantize` to write the checkpoint again") from None
+
+
+def _layer_from_record(record: dict, device) -> _QuantBase:
+    if not isinstance(record, dict):
+        raise TypeError(f"the record is a {type(record).__name__}, not an object")
+    if record["type"] not in ("linear", "conv2d") or record["act_mode"] not in kernels.ACT_MODES:
+        raise ValueError(f"type {record['type']!r} / act_mode {record['act_mode']!r} is not one diffpro writes")
     common = dict(weight_bits=record["weight_bits"], act_mode=record["act_mode"], group_size=record.get("group_size"),
                   num_act_timesteps=record.get("act_timesteps", 0), device=device)
     if record["type"] == "linear":
