@@ -121,3 +121,15 @@ def test_allocate_compile_prices_compiled_cells_plans_in_a_compiled_world_and_th
     diffpro.quantize("random:dit-tiny", w)
     meta = json.loads(next(w.glob("**/diffpro.json")).read_text())
     assert meta["planned_for"] == plan["world"]   # catches a compiled plan whose checkpoint forgets it (bench's note)
+
+
+def test_a_previous_tables_compiled_worlds_are_dropped_when_new_columns_are_timed_without_compile(tiny_model):
+    opts = [Option(8, 8, "dynamic", None)]
+    doc = measure_cost_table(tiny_model, opts, batch=2, repeats=1, bf16=False)
+    doc["worlds"]["compiled-float32"] = {"layers": {}, "forward_ms": 1.0, "remainder_ms": 0.0}
+    same = measure_cost_table(tiny_model, opts, batch=2, repeats=1, bf16=False, previous=doc)
+    assert "compiled-float32" in same["worlds"]      # nothing retimed: still valid, kept
+    more = measure_cost_table(tiny_model, opts + [Option(4, 8, "dynamic", None)], batch=2, repeats=1, bf16=False, previous=doc)
+    # catches: a stale compiled world without the new w4a8d column, which a later --compile plan would
+    # read as "cost table has no column" instead of timing it again
+    assert "compiled-float32" not in more["worlds"]

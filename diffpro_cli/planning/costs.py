@@ -368,15 +368,18 @@ def measure_cost_table(model, options: list[Option], batch: int, repeats: int, u
     if use_bf16 and ("bfloat16" not in worlds or retimed):
         worlds["bfloat16"] = measure_world(model, modules, captured, columns, (x, t, y), batch, repeats, ui,
                                            quantize_module, torch.bfloat16, posts, same)
+    from diffpro_cli.planning.costs_compiled import add_compiled_worlds, is_compiled
+
     no_compile = None
     if compiled:
-        from diffpro_cli.planning.costs_compiled import add_compiled_worlds
-
         no_compile = add_compiled_worlds(worlds, retimed, model, modules, captured, columns, (x, t, y), batch, repeats,
                                          ui, quantize_module, posts, same, use_bf16)
-    return {"compiled_unavailable": no_compile, "schema": COST_SCHEMA, "fingerprint": machine_fingerprint(device), "batch": batch, "repeats": repeats,
+    elif retimed:   # a previous table's compiled worlds lack the new columns: measured again when asked for
+        worlds = {w: v for w, v in worlds.items() if not is_compiled(w)}
+    return {"schema": COST_SCHEMA, "fingerprint": machine_fingerprint(device), "batch": batch, "repeats": repeats,
             "model": {"spec": model.spec, "sha256": model.sha256}, "units": "ms per image per denoising step",
             "layers": table, "forward_ms": forward, "remainder_ms": max(0.0, forward - gemm), "worlds": worlds,
+            "compiled_unavailable": no_compile,
             "notes": ["layers timed one at a time on their real inputs (fused q/k/v of the deployed model share one "
                       "activation quantization, so those rows slightly overstate the integer path)",
                       f"layers of the same shape, input and activation share one measurement (`same_as`): "

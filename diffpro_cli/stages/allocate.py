@@ -29,11 +29,11 @@ from diffpro_cli.console import QUIET_UI, UI
 from diffpro_cli.errors import BudgetError, InputError, UsageError
 from diffpro_cli.planning.costs import (FINGERPRINT_VERSION, attach_kernels, check_fingerprint, fingerprint_id, machine_fingerprint,
                                        measure_cost_table, read_cost_table, table_latency_fn, world_table)
+from diffpro_cli.planning.costs_compiled import is_compiled
 from diffpro_cli.planning.error_model import error_model, plan_pair_bound
 from diffpro_cli.planning.joint import pareto_front, solve_joint, step_entries
 from diffpro_cli.planning.options import (DEFAULT_PROTECT, FLOAT_ACT_ROLES, METHODS, Layer, Option, load_layers, make_options,
                                           parse_budgets)
-from diffpro_cli.planning.costs_compiled import is_compiled
 from diffpro_cli.stages.allocate_dtype import SILENT_UI, WORLDS, plan_per_world
 from diffpro_cli.planning.solvers import (Constraint, budget_constraint, chosen_total, build_table, infeasible_message, plan_layers,
                                           predicted_speedup, smallest_feasible, solve, speedup_constraint, summarize)
