@@ -133,3 +133,22 @@ def test_a_previous_tables_compiled_worlds_are_dropped_when_new_columns_are_time
     # catches: a stale compiled world without the new w4a8d column, which a later --compile plan would
     # read as "cost table has no column" instead of timing it again
     assert "compiled-float32" not in more["worlds"]
+
+
+@pytest.mark.parametrize("compile_rows", [False, True])
+def test_bench_notes_a_compiled_plan_benched_eager(tmp_path, compile_rows):
+    import torch
+
+    from diffpro_cli.checkpoint import save_quantized
+    from diffpro_cli.stages.bench import BenchConfig, build_rows
+    from diffpro_cli.stages.context import StageContext
+
+    model = diffpro.load("random:dit-tiny", seed=1)
+    name = next(n for n, (m, _) in model.quantizable_layers().items() if isinstance(m, torch.nn.Linear))
+    plan = {"layers": {name: {"weight_bits": 8, "act_bits": 8, "act_mode": "dynamic"}},
+            "compute_dtype": "float32", "world": "compiled-float32"}
+    save_quantized(model, plan, tmp_path / "q", None)
+    ctx = StageContext.create("random:dit-tiny", tmp_path / "w", seed=1)
+    _, notes = build_rows(ctx, BenchConfig(rows=["diffpro"], compile=compile_rows, steps=2), tmp_path / "q", None)
+    # catches a compiled plan's eager bench read as its deployed speed without a word
+    assert any("planned for compiled execution" in n for n in notes) is (not compile_rows)
