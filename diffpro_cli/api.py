@@ -193,27 +193,28 @@ _HOOK_CONTEXTS: contextvars.ContextVar = contextvars.ContextVar("diffpro_timeste
 def install_timestep_hook(net: nn.Module) -> nn.Module:
     """A forward pre-hook that hands the call's timestep (keyword `timestep`, else the second positional
     argument) to the static-activation layers for the duration of the call; idempotent."""
-    from diffpro_cli.quant.layers import timestep_context
-
     _module(net, "install_timestep_hook")
     if getattr(net, "_diffpro_timestep_hook", False):
         return net
-
-    def before(module, args, kwargs):
-        t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
-        cm = timestep_context(t)
-        cm.__enter__()
-        _HOOK_CONTEXTS.set((*_HOOK_CONTEXTS.get(), cm))
-
-    def after(module, args, kwargs, output):
-        *rest, cm = _HOOK_CONTEXTS.get()
-        _HOOK_CONTEXTS.set(tuple(rest))
-        cm.__exit__(None, None, None)
-
-    net.register_forward_pre_hook(before, with_kwargs=True)
-    net.register_forward_hook(after, with_kwargs=True, always_call=True)
+    net.register_forward_pre_hook(_enter_timestep_hook, with_kwargs=True)
+    net.register_forward_hook(_exit_timestep_hook, with_kwargs=True, always_call=True)
     net._diffpro_timestep_hook = True
     return net
+
+
+# module-level (not closures) so that a network carrying them pickles: torch.save(model.net)
+def _enter_timestep_hook(module, args, kwargs):
+    from diffpro_cli.quant.layers import timestep_context
+
+    cm = timestep_context(kwargs.get("timestep", args[1] if len(args) > 1 else None))
+    cm.__enter__()
+    _HOOK_CONTEXTS.set((*_HOOK_CONTEXTS.get(), cm))
+
+
+def _exit_timestep_hook(module, args, kwargs, output):
+    *rest, cm = _HOOK_CONTEXTS.get()
+    _HOOK_CONTEXTS.set(tuple(rest))
+    cm.__exit__(None, None, None)
 
 
 def quantize_(model: nn.Module | DiffusionModel, plan: dict | str | Path, *, fuse: bool = True) -> nn.Module:
