@@ -152,3 +152,8 @@ def test_bench_notes_a_compiled_plan_benched_eager(tmp_path, compile_rows):
     _, notes = build_rows(ctx, BenchConfig(rows=["diffpro"], compile=compile_rows, steps=2), tmp_path / "q", None)
     # catches a compiled plan's eager bench read as its deployed speed without a word
     assert any("planned for compiled execution" in n for n in notes) is (not compile_rows)
+    assert not any("planned for eager execution" in n for n in notes)
+    plan["world"] = "float32"
+    save_quantized(model, plan, tmp_path / "q", None)
+    _, notes = build_rows(ctx, BenchConfig(rows=["diffpro"], compile=compile_rows, steps=2), tmp_path / "q", None)
+    assert any("planned for eager execution" in n for n in notes) is compile_rows   # and the other way round

@@ -171,6 +171,9 @@ def build_rows(ctx, cfg: BenchConfig, quantized: Path | None, timesteps: list[in
         if planned.startswith("compiled-") and not cfg.compile:
             notes.append(f"{quantized} was planned for compiled execution ({planned}, allocate --compile): "
                          "this bench ran eager; pass --compile to time it as deployed")
+        elif planned and not planned.startswith("compiled-") and cfg.compile:
+            notes.append(f"{quantized} was planned for eager execution ({planned}); allocate --compile prices "
+                         "every path compiled, for a plan served compiled")
     from diffpro_cli.stages.bench_cache import (
         cache_row,
         checkpoint_policy,
