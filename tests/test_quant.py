@@ -351,3 +351,33 @@ def test_uniform_baseline_keeps_the_ends_on_float_activations(spec, tmp_path, cl
             assert (mod.act_mode == "none") == (name in float_layers), (name, mod.act_mode)
     code, _, err = cli("quantize", spec, "--bits", "8", "--float-act", "bogus", "--out", tmp_path / "bad", "--workdir", tmp_path / "w")
     assert code == 2 and _one_error_line(err) and "--float-act bogus" in err and not (tmp_path / "bad").exists()
+
+
+def test_a_fused_group_never_pairs_one_call_input_with_another_calls_outputs():
+    """Two threads calling one network share each q/k/v group's cache of the fused GEMM's slices. A thread
+    switch between a member's "is this my input?" check and its read of the slices must not hand it the
+    other call's slice. The switch is forced deterministically: the pending-members set runs the other
+    call inside the membership test. Catches the cache read from the group after the check (it held the
+    other call's outputs by then) instead of from the entry that was checked."""
+    from diffpro_cli.quant.groups import SharedInputGroup
+    from diffpro_cli.quant.layers import QuantLinear
+
+    torch.manual_seed(0)
+    q, k, v = (QuantLinear.from_float(nn.Linear(32, 16), 8, "dynamic") for _ in range(3))
+    xa, xb = torch.randn(4, 32), torch.randn(4, 32) * 3
+    with torch.no_grad():
+        want = k(xa)                      # k alone on xa, before any grouping
+        group = SharedInputGroup([q, k, v])
+        q(xa)                             # the group's GEMM on xa; k's and v's slices wait in the cache
+
+        class Preempted(set):
+            def __contains__(self, item):
+                if not getattr(self, "fired", False):
+                    self.fired = True
+                    q(xb)                 # the other thread's call replaces the cache
+                return super().__contains__(item)
+
+        x0, outs, pending = group._cached
+        group._cached = (x0, outs, Preempted(pending))
+        got = k(xa)
+    assert torch.equal(got, want)

@@ -26,9 +26,9 @@ class SharedInputGroup:
         self.kernel = None
         self.device = None
         self.label = ""
-        self._x = None
-        self._outs: list[torch.Tensor] | None = None
-        self._pending: set[int] = set()
+        # (input, the GEMM's output slices, members yet to take theirs): one attribute, read and replaced
+        # whole, so a thread calling the same network can never pair one input with another call's outputs
+        self._cached: tuple | None = None
         for m in members:
             m._group = self
             m._kernel = None
@@ -41,7 +41,7 @@ class SharedInputGroup:
         released = any(m.integers_released for m in self.members)
         new.kernel, new.device, new.label = (self.kernel, self.device, self.label) if released else (None, None, "")
         new.sizes = list(self.sizes)
-        new._x, new._outs, new._pending = None, None, set()
+        new._cached = None
         new.members = copy.deepcopy(self.members, memo)
         return new
 
@@ -65,14 +65,13 @@ class SharedInputGroup:
         on this object, so the graph holds the group's GEMM once: computed per member, it stayed three
         GEMMs (inductor merges them only under freezing, which the GPU compile does not use)."""
         i = next(k for k, m in enumerate(self.members) if m is member)
-        if self._x is x and i in self._pending:
-            self._pending.discard(i)
-            out = self._outs[i]
-            if not self._pending:
-                self._x, self._outs = None, None
-            return out
+        cached = self._cached
+        if cached is not None and cached[0] is x and i in cached[2]:
+            pending = cached[2] - {i}
+            self._cached = (x, cached[1], pending) if pending else None
+            return cached[1][i]
         outs = call_kernel(self.kernel, self.members[0], x).split(self.sizes, dim=-1)
-        self._x, self._outs, self._pending = x, list(outs), set(range(len(outs))) - {i}
+        self._cached = (x, list(outs), set(range(len(outs))) - {i})
         return outs[i]
 
 
