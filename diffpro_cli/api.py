@@ -196,7 +196,9 @@ def install_timestep_hook(net: nn.Module) -> nn.Module:
     _module(net, "install_timestep_hook")
     if getattr(net, "_diffpro_timestep_hook", False):
         return net
-    net.register_forward_pre_hook(_enter_timestep_hook, with_kwargs=True)
+    # first among the pre-hooks: a flow network's own hook (models/base.py) turns diffpro's integer index
+    # into σ·N, and static scales are keyed by the index
+    net.register_forward_pre_hook(_enter_timestep_hook, with_kwargs=True, prepend=True)
     net.register_forward_hook(_exit_timestep_hook, with_kwargs=True, always_call=True)
     net._diffpro_timestep_hook = True
     return net
@@ -204,9 +206,15 @@ def install_timestep_hook(net: nn.Module) -> nn.Module:
 
 # module-level (not closures) so that a network carrying them pickles: torch.save(model.net)
 def _enter_timestep_hook(module, args, kwargs):
+    import torch
+
     from diffpro_cli.quant.layers import timestep_context
 
-    cm = timestep_context(kwargs.get("timestep", args[1] if len(args) > 1 else None))
+    t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+    table = getattr(module, "_diffpro_flow_table", None)
+    if table is not None and isinstance(t, torch.Tensor) and t.is_floating_point():
+        t = (table.to(t.device) - t.float().reshape(-1, 1)).abs().argmin(dim=-1)   # a pipeline's σ·N → its index
+    cm = timestep_context(t)
     cm.__enter__()
     _HOOK_CONTEXTS.set((*_HOOK_CONTEXTS.get(), cm))
 

@@ -148,23 +148,30 @@ def _set_flow_timesteps(net: nn.Module, record: dict) -> None:
     A FLUX-style dynamic (resolution-dependent) shift is recorded as the equivalent fixed `shift` = exp(mu)."""
     n, shift = int(record["num_train_timesteps"]), float(record["shift"])
     table = flow_sigmas(n, shift) * n * float(record.get("timestep_scale", 1.0))
-    old = getattr(net, "_diffpro_timestep_hook", None)
+    old = getattr(net, "_diffpro_flow_hook", None)
     if old is not None:
         old.remove()
+    # install_timestep_hook maps a float timestep (a pipeline's σ·N) back to the nearest index with it
+    net.__dict__["_diffpro_flow_table"] = table.to(torch.float32)
+
+    # its own attribute: install_timestep_hook's marker is another, so installing one never skips the other
+    net._diffpro_flow_hook = net.register_forward_pre_hook(_flow_timestep_hook, with_kwargs=True)
+
+
+def _flow_timestep_hook(module, args, kwargs):
+    """_set_flow_timesteps' pre-hook (module level, so a network carrying it pickles)."""
+    table = module._diffpro_flow_table
 
     def to_net(t):
         if isinstance(t, torch.Tensor) and not t.is_floating_point() and not t.is_complex():
-            return table.to(t.device)[t.long()].to(torch.float32)
+            return table.to(t.device)[t.long()]
         return t
 
-    def hook(module, args, kwargs):
-        if "timestep" in kwargs:
-            kwargs = dict(kwargs, timestep=to_net(kwargs["timestep"]))
-        elif len(args) >= 2:
-            args = (args[0], to_net(args[1]), *args[2:])
-        return args, kwargs
-
-    net._diffpro_timestep_hook = net.register_forward_pre_hook(hook, with_kwargs=True)
+    if "timestep" in kwargs:
+        kwargs = dict(kwargs, timestep=to_net(kwargs["timestep"]))
+    elif len(args) >= 2:
+        args = (args[0], to_net(args[1]), *args[2:])
+    return args, kwargs
 
 
 def _set_default_guidance(net: nn.Module, scale: float) -> None:
