@@ -426,6 +426,8 @@ def plan_worlds(doc: dict | None, cfg: AllocateConfig, ui) -> list[str]:
     or with `compile` the compiled ones only (the plan is then for compiled execution, and the float it
     must beat is compiled float). An analytic estimate has only the float32 world."""
     if doc is None or cfg.latency_source == "analytic":
+        if cfg.compile:
+            ui.warn("allocate --compile: an analytic or injected latency has no compiled timings; planning for eager execution")
         return ["float32"]
     have = list(doc.get("worlds") or {})
     if cfg.compile:
