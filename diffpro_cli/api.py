@@ -112,7 +112,10 @@ def _config(cls, options: dict, **defaults):
     if unknown:
         raise UsageError(f"unknown option(s) {', '.join(unknown)} for {cls.__name__}; valid: {', '.join(sorted(names))}")
     hints = typing.get_type_hints(cls)
+    options = dict(options)
     for name, value in options.items():   # a wrong type fails here, not as a TypeError deep in the stage
+        if isinstance(value, os.PathLike) and _fits("", hints[name]):   # a path option (cost_table=Path(...)) as str
+            options[name] = value = os.fspath(value)
         if not _fits(value, hints[name]):
             expected = hints[name].__name__ if isinstance(hints[name], type) else str(hints[name])
             raise UsageError(f"option {name}={value!r}: expected {expected} ({cls.__name__})")
@@ -196,8 +199,8 @@ def install_timestep_hook(net: nn.Module) -> nn.Module:
     _module(net, "install_timestep_hook")
     if getattr(net, "_diffpro_timestep_hook", False):
         return net
-    # first among the pre-hooks: a flow network's own hook (models/base.py) turns diffpro's integer index
-    # into σ·N, and static scales are keyed by the index
+    # ahead of a flow network's own hook (models/base.py), which turns diffpro's integer index into σ·N:
+    # static scales are keyed by the index
     net.register_forward_pre_hook(_enter_timestep_hook, with_kwargs=True, prepend=True)
     net.register_forward_hook(_exit_timestep_hook, with_kwargs=True, always_call=True)
     net._diffpro_timestep_hook = True
@@ -216,13 +219,17 @@ def _enter_timestep_hook(module, args, kwargs):
         t = (table.to(t.device) - t.float().reshape(-1, 1)).abs().argmin(dim=-1)   # a pipeline's σ·N → its index
     cm = timestep_context(t)
     cm.__enter__()
-    _HOOK_CONTEXTS.set((*_HOOK_CONTEXTS.get(), cm))
+    _HOOK_CONTEXTS.set((*_HOOK_CONTEXTS.get(), (module, cm)))
 
 
 def _exit_timestep_hook(module, args, kwargs, output):
-    *rest, cm = _HOOK_CONTEXTS.get()
-    _HOOK_CONTEXTS.set(tuple(rest))
-    cm.__exit__(None, None, None)
+    """Leaves the context this module's pre-hook entered; nothing when that hook never ran (an earlier
+    pre-hook raised), so a failed inner network cannot pop the context of the call around it."""
+    stack = _HOOK_CONTEXTS.get()
+    if not stack or stack[-1][0] is not module:
+        return
+    _HOOK_CONTEXTS.set(stack[:-1])
+    stack[-1][1].__exit__(None, None, None)
 
 
 def quantize_(model: nn.Module | DiffusionModel, plan: dict | str | Path, *, fuse: bool = True) -> nn.Module:

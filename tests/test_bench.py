@@ -186,3 +186,20 @@ def test_report_device_says_which_isa_the_kernels_ran_on(monkeypatch):
     line = isa_text(capped)
     assert "integer kernels pre-VNNI" in line and "capped by FBGEMM_ENABLE_INSTRUCTIONS=AVX2" in line
     assert isa_text({"kind": "cuda", "name": "GPU"}) == ""    # GPU reports and old reports: nothing to say
+
+
+def test_bench_refuses_a_quantized_checkpoint_given_as_the_float_model(cli, tmp_path):
+    """Catches `diffpro bench QDIR` ending in the state_dict refusal's Python-API advice (exit 2), or
+    before that in a bogus 32-bit "fp32" row of integer layers."""
+    import torch
+
+    import diffpro
+    from diffpro_cli.checkpoint import save_quantized
+
+    model = diffpro.load("random:dit-tiny", seed=1)
+    name = next(n for n, (m, _) in model.quantizable_layers().items() if isinstance(m, torch.nn.Linear))
+    save_quantized(model, {"layers": {name: {"weight_bits": 8, "act_bits": 8, "act_mode": "dynamic"}}}, tmp_path / "q", None)
+    rc, _, err = cli("bench", tmp_path / "q", "--rows", "fp32", "-w", tmp_path / "w")
+    lines = [l for l in err.splitlines() if l.startswith("error:")]
+    assert rc == 3 and len(lines) == 1 and "quantized checkpoint" in lines[0] and "--quantized" in lines[0]
+    assert not (tmp_path / "w" / "bench" / "report.json").exists()

@@ -36,7 +36,6 @@ def test_state_dict_of_an_inference_only_load_is_refused_not_empty(qdir, tmp_pat
         torch.save(lean.net.state_dict(), tmp_path / "sd.pt")
     message = str(err.value)
     assert len(message.splitlines()) == 1 and "inference only" in message and "keep_integers=True" in message
-    assert not (tmp_path / "sd.pt").exists()
     # refusing leaves the model as it was: it still runs, and equals a load that kept its integers
     full = load_quantized(qdir, keep_integers=True)
     x, t, y = _inputs(lean)

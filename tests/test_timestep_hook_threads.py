@@ -50,3 +50,35 @@ def test_threads_calling_one_network_each_get_their_own_timestep():
     for th in threads:
         th.join()
     assert errors == [] and wrong == []
+
+
+def test_an_inner_network_whose_pre_hook_failed_leaves_the_outer_calls_timestep():
+    """Catches the exit hook popping a context its own pre-hook never entered (an earlier pre-hook, e.g.
+    a cache runner's, raised first): it left the outer network's context, so the outer call's static
+    layers went on with no timestep (their widest range) and torch printed a silenced-exception warning."""
+    from diffpro_cli.quant import layers
+
+    inner = diffpro.install_timestep_hook(_StaticNet())
+
+    def refuse(module, args, kwargs):
+        raise RuntimeError("refused before the timestep hook")
+    inner.register_forward_pre_hook(refuse, with_kwargs=True, prepend=True)
+    seen = []
+
+    class Outer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x, timestep):
+            try:
+                self.inner(x, timestep)
+            except RuntimeError:
+                pass
+            seen.append(layers._TIMESTEPS.get())
+            return x
+
+    outer = diffpro.install_timestep_hook(Outer())
+    with torch.no_grad():
+        outer(torch.randn(2, 16), torch.tensor([999, 999]))
+    assert seen[0] is not None and seen[0].tolist() == [999, 999]

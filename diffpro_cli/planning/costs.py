@@ -370,12 +370,12 @@ def measure_cost_table(model, options: list[Option], batch: int, repeats: int, u
                                            quantize_module, torch.bfloat16, posts, same)
     from diffpro_cli.planning.costs_compiled import add_compiled_worlds, is_compiled
 
+    if retimed:   # a previous table's compiled worlds lack the new columns: measured again when asked for
+        worlds = {w: v for w, v in worlds.items() if not is_compiled(w)}
     no_compile = None
     if compiled:
-        no_compile = add_compiled_worlds(worlds, retimed, model, modules, captured, columns, (x, t, y), batch, repeats,
+        no_compile = add_compiled_worlds(worlds, model, modules, captured, columns, (x, t, y), batch, repeats,
                                          ui, quantize_module, posts, same, use_bf16)
-    elif retimed:   # a previous table's compiled worlds lack the new columns: measured again when asked for
-        worlds = {w: v for w, v in worlds.items() if not is_compiled(w)}
     return {"schema": COST_SCHEMA, "fingerprint": machine_fingerprint(device), "batch": batch, "repeats": repeats,
             "model": {"spec": model.spec, "sha256": model.sha256}, "units": "ms per image per denoising step",
             "layers": table, "forward_ms": forward, "remainder_ms": max(0.0, forward - gemm), "worlds": worlds,

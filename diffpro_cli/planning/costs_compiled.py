@@ -131,11 +131,11 @@ def measure_compiled_world(model, modules: dict, captured: dict, columns: dict, 
                      "before them as they do in the whole graph (priced slightly high)")}
 
 
-def add_compiled_worlds(worlds: dict, retimed: bool, model, modules: dict, captured: dict, columns: dict, xty: tuple,
+def add_compiled_worlds(worlds: dict, model, modules: dict, captured: dict, columns: dict, xty: tuple,
                         batch: int, repeats: int, ui: UI, quantize_module, posts: dict, same: dict[str, str],
                         bf16: bool) -> str | None:
-    """Measure the compiled worlds `worlds` lacks (all of them when `retimed`: new columns) into it.
-    Returns why none could be measured (compile unavailable here), else None."""
+    """Measure the compiled worlds `worlds` lacks into it (the caller drops stale ones first). Returns why
+    none could be measured (compile unavailable here, or it failed on a float layer), else None."""
     import torch
 
     from diffpro_cli.quant import compiled
@@ -146,8 +146,13 @@ def add_compiled_worlds(worlds: dict, retimed: bool, model, modules: dict, captu
         return reason
     for dtype in [torch.float32] + ([torch.bfloat16] if bf16 else []):
         name = world_name(dtype)
-        if name not in worlds or retimed:
-            with compiled.released():   # the cells' and the forward's frozen weight copies: not kept after timing
-                worlds[name] = measure_compiled_world(model, modules, captured, columns, xty, batch, repeats, ui,
-                                                      quantize_module, dtype, posts, same)
+        if name not in worlds:
+            try:
+                with compiled.released():   # the cells' and the forward's frozen weight copies: not kept after timing
+                    worlds[name] = measure_compiled_world(model, modules, captured, columns, xty, batch, repeats, ui,
+                                                          quantize_module, dtype, posts, same)
+            except Exception as exc:   # inductor failing on plain float code: this machine cannot compile the model
+                for stale in [w for w in worlds if is_compiled(w)]:
+                    worlds.pop(stale)
+                return f"torch.compile failed on the float model in {name} ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})"
     return None

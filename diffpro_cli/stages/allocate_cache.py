@@ -38,8 +38,9 @@ def joint_cache_section(ctx, cfg: AllocateConfig, plan: dict, doc: dict, timeste
         qmodel.set_compute_dtype(plan["compute_dtype"])   # drift as the checkpoint will run
     ccfg = CachePlanConfig(n=cfg.cache_n, batch=cfg.cache_n, seed=ctx.seed, latency_batch=cfg.batch,
                            proposals=("aligned", "interval"), step_cut=False)
-    # the plan's own world: in a bf16 plan the float layers and the remainder cost their bf16 times
-    doc = world_table(doc, plan.get("compute_dtype") or "float32")
+    # the plan's own world: in a bf16 plan the float layers and the remainder cost their bf16 times, in a
+    # compiled plan (allocate --compile) their compiled ones
+    doc = world_table(doc, plan.get("world") or plan.get("compute_dtype") or "float32")
     fp_ms = {n: float(r["ms"]["fp32"]) for n, r in doc["layers"].items()}
     # each unit's share of the forward (timed together), on the cost table's float step of that world
     timed, forward_ms = block_latencies(model, ccfg, with_forward=True)
