@@ -365,16 +365,17 @@ def bench(model: str | DiffusionModel, workdir: str | Path = "diffpro-work", *, 
     from diffpro_cli.artifacts import read_json
     from diffpro_cli.stages.bench import BenchConfig, run_bench
 
-    ctx = _context(model, workdir, trust_code, weights, seed, force, quiet, conditioning, prompts, negative_prompt, device)
-    if quantized is None and (ctx.workdir / "quantized" / "diffpro.json").exists():
-        quantized = ctx.workdir / "quantized"
-    if timesteps_path is None and (ctx.workdir / "timesteps.json").exists():
-        timesteps_path = ctx.workdir / "timesteps.json"
+    # the paths given are checked first: a typo fails before any model is loaded
     quantized, timesteps_path = _path_arg("quantized", quantized), _path_arg("timesteps_path", timesteps_path)
     if quantized is not None and not (quantized / "diffpro.json").is_file():
         raise InputError(f"quantized={str(quantized)!r}: no diffpro.json there; pass a checkpoint directory diffpro.quantize wrote")
     if timesteps_path is not None and not timesteps_path.is_file():
         raise InputError(f"timesteps_path={str(timesteps_path)!r}: no such file; run diffpro.prune first or check the path")
+    ctx = _context(model, workdir, trust_code, weights, seed, force, quiet, conditioning, prompts, negative_prompt, device)
+    if quantized is None and (ctx.workdir / "quantized" / "diffpro.json").exists():
+        quantized = ctx.workdir / "quantized"
+    if timesteps_path is None and (ctx.workdir / "timesteps.json").exists():
+        timesteps_path = ctx.workdir / "timesteps.json"
     if isinstance(options.get("rows"), str):   # "fp32,diffpro" as on the command line
         options["rows"] = [r.strip() for r in options["rows"].split(",") if r.strip()]
     run_bench(ctx, _config(BenchConfig, options, seed=seed), quantized=quantized, timesteps_path=timesteps_path)
