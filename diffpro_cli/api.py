@@ -209,15 +209,10 @@ def install_timestep_hook(net: nn.Module) -> nn.Module:
 
 # module-level (not closures) so that a network carrying them pickles: torch.save(model.net)
 def _enter_timestep_hook(module, args, kwargs):
-    import torch
-
+    from diffpro_cli.models.base import index_of_timestep
     from diffpro_cli.quant.layers import timestep_context
 
-    t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
-    table = getattr(module, "_diffpro_flow_table", None)
-    if table is not None and isinstance(t, torch.Tensor) and t.is_floating_point():
-        t = (table.to(t.device) - t.float().reshape(-1, 1)).abs().argmin(dim=-1)   # a pipeline's σ·N → its index
-    cm = timestep_context(t)
+    cm = timestep_context(index_of_timestep(module, kwargs.get("timestep", args[1] if len(args) > 1 else None)))
     cm.__enter__()
     _HOOK_CONTEXTS.set((*_HOOK_CONTEXTS.get(), (module, cm)))
 

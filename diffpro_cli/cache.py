@@ -41,6 +41,7 @@ from diffpro_cli.cache_policy import (
     sampling_order,
 )
 from diffpro_cli.errors import InputError, UsageError
+from diffpro_cli.models.base import index_of_timestep
 from diffpro_cli.quant.compiled import block_forward
 
 UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")   # the second's cross-attention takes the text via kwargs
@@ -207,7 +208,7 @@ class CacheRunner:
         t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
         if t is None:
             raise UsageError("cache: the network was called without a timestep; caching needs the sampler's timestep")
-        tv = torch.as_tensor(t).reshape(-1)
+        tv = torch.as_tensor(index_of_timestep(self.net, t)).reshape(-1)   # a pipeline's σ·N on a flow net: its index
         if tv.numel() == 0 or not bool((tv == tv[0]).all()):
             raise UsageError("cache: one network call mixes timesteps; call the network with one timestep per batch")
         step = self._step_of.get(int(round(float(tv[0]))))

@@ -41,3 +41,26 @@ def test_a_loaded_flow_net_pickles_and_computes_the_same():
     net = torch.load(buf, weights_only=False)
     with torch.no_grad():
         assert torch.equal(model.forward_fn(net, x, t, y), model.forward_fn(model.net, x, t, y))
+
+
+def test_a_cached_flow_net_called_with_sigma_n_finds_its_steps():
+    """Catches the cache runner keying the step on round(σ·N) for a flow network called by a pipeline:
+    "the sampler ran timestep 980, the cache policy was made for other timesteps"."""
+    from diffpro_cli.cache import CacheSchedule, cached
+    from diffpro_cli.sampling import uniform_timesteps
+
+    model = diffpro.load("builtin:flow-mnist", cache=False)
+    ts = uniform_timesteps(1000, 4)
+    x, y = torch.randn(2, *model.sample_shape), default_labels(model, 2)
+    computed = [{0, 1, 2, 3}, {0, 3}, {0, 1, 2, 3}, {0, 1, 2, 3}]
+    outs = {}
+    for how in ("index", "sigma_n"):
+        with torch.no_grad(), cached(model, CacheSchedule(ts, 4, computed)) as run:
+            outs[how] = []
+            for t in sorted(ts, reverse=True):   # sampling order, as a pipeline's scheduler steps
+                tt = torch.tensor([t, t])
+                if how == "sigma_n":
+                    tt = model.net._diffpro_flow_table[tt]
+                outs[how].append(model.forward_fn(model.net, x, tt, y))
+            assert run.compute_fraction == 14 / 16   # step 1 ran units 0 and 3 only
+    assert all(torch.equal(a, b) for a, b in zip(outs["index"], outs["sigma_n"]))

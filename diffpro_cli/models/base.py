@@ -158,6 +158,15 @@ def _set_flow_timesteps(net: nn.Module, record: dict) -> None:
     net._diffpro_flow_hook = net.register_forward_pre_hook(_flow_timestep_hook, with_kwargs=True)
 
 
+def index_of_timestep(net: nn.Module, t):
+    """diffpro's integer timestep index for a call's `timestep`: a flow network called by a pipeline gets
+    σ·N (a float), mapped back to the nearest index of its training schedule; anything else as it is."""
+    table = getattr(net, "_diffpro_flow_table", None)
+    if table is None or not isinstance(t, torch.Tensor) or not t.is_floating_point():
+        return t
+    return (table.to(t.device) - t.float().reshape(-1, 1)).abs().argmin(dim=-1)
+
+
 def _flow_timestep_hook(module, args, kwargs):
     """_set_flow_timesteps' pre-hook (module level, so a network carrying it pickles)."""
     table = module._diffpro_flow_table
