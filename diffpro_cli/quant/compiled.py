@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffpro_cli.quant import kernels
+from diffpro_cli.quant.epilogue import apply_post_op
 
 COMPILE_OPTIONS = {"freezing": True}    # packed int8 weights must be graph constants for the oneDNN lowerings
 
@@ -228,40 +229,56 @@ def act_scheme(layer) -> str:
     return "sample" if layer.kind == "conv2d" else {"dynamic": "tensor", "dynamic-token": "token"}[layer.act_mode]
 
 
-def linear_forward(layer, x: torch.Tensor) -> torch.Tensor:
-    """Full output of the layer's (possibly fused) GEMM for input x [..., in]."""
+# activations oneDNN's int8 GEMM applies in its epilogue (post-op name, algorithm): the tanh-GELU of a DiT's
+# MLP computed by inductor after the GEMM cost more than the GEMM itself (512×768, bf16 world: 368 µs a call
+# with it separate, 189 µs fused with a bf16 output, against 238 µs for the bf16 float layer)
+ONEDNN_POST_OPS = {"gelu": ("gelu", "none"), "gelu-tanh": ("gelu", "tanh")}
+
+
+def linear_forward(layer, x: torch.Tensor, post_op: str | None = None) -> torch.Tensor:
+    """Full output of the layer's (possibly fused) GEMM for input x [..., in], in x's dtype (bf16 written by
+    oneDNN directly); `post_op` (a key of ONEDNN_POST_OPS) applied in the GEMM's epilogue, which only the
+    per-tensor scheme allows (per-token outputs are scaled after the GEMM)."""
     st = layer._compiled_state
     qmax = st["qmax"]
     shape = x.shape
     x2 = x.reshape(-1, shape[-1]).float()
     if layer.act_mode == "dynamic-token":
+        if post_op is not None:
+            raise ValueError("a per-token layer's activation cannot run in the GEMM's epilogue")
         scale = x2.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / qmax
         acc = torch.ops.onednn.qlinear_pointwise.tensor(_quantize_u8(x2, scale), torch.tensor(1.0), torch.tensor(ZP),
                                                         layer._c_w, layer._c_ws, layer._c_wzp, None, 1.0, 0, torch.float32,
                                                         "none", [None], "")
         y = acc * scale if layer._c_b is None else torch.addcmul(layer._c_b, acc, scale)
     else:
+        attr, algorithm = ONEDNN_POST_OPS[post_op] if post_op is not None else ("none", "")
+        out_dtype = torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32
         scale = x2.abs().amax().clamp_min(1e-12) / qmax
         y = torch.ops.onednn.qlinear_pointwise.tensor(_quantize_u8(x2, scale), scale, torch.tensor(ZP), layer._c_w, layer._c_ws,
-                                                      layer._c_wzp, layer._c_b, 1.0, 0, torch.float32, "none", [None], "")
+                                                      layer._c_wzp, layer._c_b, 1.0, 0, out_dtype, attr, [None], algorithm)
     return y.reshape(*shape[:-1], y.shape[-1]).to(x.dtype)
 
 
-def forward(layer, x: torch.Tensor) -> torch.Tensor:
-    """The compiled path's forward of one attached layer. Members of a fused q/k/v group hold the same
-    packed weight tensors as buffers and each take their slice of the fused GEMM; inductor's
-    common-subexpression pass leaves one GEMM per group in the graph."""
+def forward(layer, x: torch.Tensor, post_op: str | None = None) -> torch.Tensor:
+    """The compiled path's forward of one attached layer, with its activation `post_op` (epilogue.py)
+    applied: inside the int8 GEMM where oneDNN can (a per-tensor Linear of its own), else after it, where
+    inductor fuses it into the next loop. Members of a fused q/k/v group hold the same packed weight
+    tensors as buffers and each take their slice of the fused GEMM; inductor's common-subexpression pass
+    leaves one GEMM per group in the graph."""
+    sizes = layer._compiled_state["sizes"]
     if layer._compiled_state.get("float"):
         y = float_forward(layer, x)
         if layer.kind == "conv2d":
-            return y
+            return apply_post_op(post_op, y)
+    elif post_op in ONEDNN_POST_OPS and layer.act_mode == "dynamic" and len(sizes) == 1:
+        return linear_forward(layer, x, post_op)
     else:   # integer convolutions stay eager (attach), so this is a Linear
         y = linear_forward(layer, x)
-    sizes = layer._compiled_state["sizes"]
-    if len(sizes) == 1:
-        return y
-    start = sum(sizes[:layer._compiled_index])
-    return y[..., start:start + sizes[layer._compiled_index]]
+    if len(sizes) > 1:
+        start = sum(sizes[:layer._compiled_index])
+        y = y[..., start:start + sizes[layer._compiled_index]]
+    return apply_post_op(post_op, y)
 
 
 def enable(net: nn.Module) -> dict[str, int]:

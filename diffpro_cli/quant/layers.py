@@ -269,7 +269,7 @@ class _QuantBase(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._compiled_lead is not None:   # compiled.enable(): traceable ops for torch.compile
             from diffpro_cli.quant import compiled
-            return apply_post_op(self.post_op, compiled.forward(self, x))   # inductor fuses the activation
+            return compiled.forward(self, x, self.post_op)   # the activation in oneDNN's epilogue, or fused by inductor
         if torch.compiler.is_compiling():
             kernel = self._group.kernel if self._group is not None else self._kernel
             if getattr(kernel, "traceable", False) and self.act_mode != "static":
