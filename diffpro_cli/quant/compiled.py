@@ -7,8 +7,9 @@ around oneDNN's int8 GEMM (`onednn.qlinear_pointwise.tensor`, `onednn.qconv2d_po
 inductor can
   * fuse the activation's range search and u8 quantization into the loops that produce the activation
     (LayerNorm + adaLN modulation, GELU, ...), one pass instead of three;
-  * hand the dequantization (output scale, bias) to oneDNN's epilogue, and fuse the per-token output
-    scaling into the next elementwise op;
+  * hand the dequantization (output scale, bias), an MLP's GELU and a bf16 model's output cast to
+    oneDNN's epilogue (per-tensor layers), and fuse the per-token output scaling into the next
+    elementwise op;
   * constant-fold the packed weights (`freezing`), so the graph calls the GEMMs with no Python between.
 
 Still integer: the same stored weights (folded onto the per-channel int8 grid) run on oneDNN's
