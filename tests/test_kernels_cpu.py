@@ -286,3 +286,48 @@ def test_compiled_path_runs_a_per_tensor_layers_gelu_in_the_int8_gemm(post, monk
             assert calls == ([] if mode == "dynamic" else [post])   # in the epilogue only where oneDNN can
             low = layer(x.to(torch.bfloat16))
             assert low.dtype == torch.bfloat16 and torch.allclose(low.float(), out, atol=0.1, rtol=0.05)
+
+
+_COMPILED_CHILD = """
+import json, torch
+from torch import nn
+from diffpro_cli.quant import compiled, kernels
+from diffpro_cli.quant.layers import quantize_module
+from diffpro_cli.quant.reference import kernel_tolerance, reference_activation
+
+torch.manual_seed(0)
+x = torch.randn(40, 256) * 3
+rows = []
+for bits in (8, 4):
+    for mode in ("dynamic", "dynamic-token"):
+        layer = quantize_module(nn.Linear(256, 48), bits, act_mode=mode)
+        compiled.enable(nn.ModuleList([layer]))
+        qmax = layer._compiled_state["qmax"]
+        with torch.no_grad():
+            y = layer(x).double()
+        x_hat, step, amb = reference_activation(x, compiled.act_scheme(layer), qmax)
+        w_ref = layer.dequantized_weight().double()
+        ref = x_hat @ w_ref.T + layer.bias.double()
+        tol = kernel_tolerance(x_hat, step, amb, w_ref, layer.bias, None)
+        rows.append([f"w{bits} {mode}", float(((y - ref).abs() - tol).max()), qmax])
+print(json.dumps({"vnni": kernels.cpu_has_vnni(), "rows": rows}))
+"""
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN (x86)")
+def test_the_compiled_path_does_not_saturate_on_avx2():
+    """The compiled path's ops on AVX2 code (no VNNI): catches the u8 zero point 128 on the ±63 grid,
+    whose values up to 191 overflowed vpmaddubsw's int16 pair sums (errors of ~0.9 against the exact
+    integer result), where the eager kernels use 64."""
+    from diffpro_cli.quant import compiled
+
+    if not compiled.compiled_available():
+        pytest.skip(compiled.unavailable_reason())
+    env = dict(os.environ, **AVX2_ENV)
+    run = subprocess.run([sys.executable, "-c", _COMPILED_CHILD], env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert run.returncode == 0, run.stderr[-2000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    assert out["vnni"] is False
+    for name, excess, qmax in out["rows"]:
+        assert excess <= 0.0, f"{name}: beyond the exact-integer tolerance by {excess:.3g}"
+    assert any(qmax == 63 for _, _, qmax in out["rows"])   # the 7-bit grid was exercised

@@ -129,12 +129,12 @@ def _notice(msg: str) -> None:
 NAME = "cpu-compiled-onednn-int8"
 FLOAT_NAME = "cpu-compiled-dequant-float"
 BUFFERS = ("_c_w", "_c_ws", "_c_wzp", "_c_b", "_c_zp", "_c_one")
-ZP = 128   # u8 zero point of the symmetric ±qmax activation grid (kernels.ACT_ZERO_POINT)
+ZP = 128   # u8 zero point of the ±127 activation grid; a layer's own is kernels.ACT_ZERO_POINT[qmax] (state "zp")
 
 
-def _quantize_u8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def _quantize_u8(x: torch.Tensor, scale: torch.Tensor, zp: int = ZP) -> torch.Tensor:
     # floor(x/s + zp + 1/2), as the eager kernels and reference.py round; |x/s| ≤ qmax by construction
-    return torch.floor(x / scale + (ZP + 0.5)).to(torch.uint8)
+    return torch.floor(x / scale + (zp + 0.5)).to(torch.uint8)
 
 
 def _state(layer) -> dict:
@@ -165,9 +165,12 @@ def attach(layer, members=None) -> bool:
     layer.register_buffer("_c_ws", s8, persistent=False)
     layer.register_buffer("_c_wzp", torch.zeros(s8.numel(), dtype=torch.long), persistent=False)
     layer.register_buffer("_c_b", bias, persistent=False)
-    layer.register_buffer("_c_zp", torch.tensor(ZP, dtype=torch.long), persistent=False)
+    # the eager kernels' zero point for this grid: 64 on AVX2's ±63 grid keeps every u8 ≤ 127, so the u8·s8
+    # pairs vpmaddubsw sums in int16 cannot saturate (128 gave values up to 191: errors of ~0.9 on AVX2)
+    zp = kernels.ACT_ZERO_POINT[qmax]
+    layer.register_buffer("_c_zp", torch.tensor(zp, dtype=torch.long), persistent=False)
     layer.register_buffer("_c_one", torch.ones((), dtype=torch.float32), persistent=False)
-    _state(layer).update(qmax=qmax, sizes=[m.out_features for m in members],
+    _state(layer).update(qmax=qmax, zp=zp, sizes=[m.out_features for m in members],
                          label=f"{NAME}:w{layer.weight_bits}a{kernels.act_bits_of(qmax)}-{layer.act_mode}")
     return True
 
@@ -241,14 +244,14 @@ def linear_forward(layer, x: torch.Tensor, post_op: str | None = None) -> torch.
     oneDNN directly); `post_op` (a key of ONEDNN_POST_OPS) applied in the GEMM's epilogue, which only the
     per-tensor scheme allows (per-token outputs are scaled after the GEMM)."""
     st = layer._compiled_state
-    qmax = st["qmax"]
+    qmax, zp = st["qmax"], st.get("zp", ZP)
     shape = x.shape
     x2 = x.reshape(-1, shape[-1]).float()
     if layer.act_mode == "dynamic-token":
         if post_op is not None:
             raise ValueError("a per-token layer's activation cannot run in the GEMM's epilogue")
         scale = x2.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / qmax
-        acc = torch.ops.onednn.qlinear_pointwise.tensor(_quantize_u8(x2, scale), torch.tensor(1.0), torch.tensor(ZP),
+        acc = torch.ops.onednn.qlinear_pointwise.tensor(_quantize_u8(x2, scale, zp), torch.tensor(1.0), torch.tensor(zp),
                                                         layer._c_w, layer._c_ws, layer._c_wzp, None, 1.0, 0, torch.float32,
                                                         "none", [None], "")
         y = acc * scale if layer._c_b is None else torch.addcmul(layer._c_b, acc, scale)
@@ -256,7 +259,7 @@ def linear_forward(layer, x: torch.Tensor, post_op: str | None = None) -> torch.
         attr, algorithm = ONEDNN_POST_OPS[post_op] if post_op is not None else ("none", "")
         out_dtype = torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32
         scale = x2.abs().amax().clamp_min(1e-12) / qmax
-        y = torch.ops.onednn.qlinear_pointwise.tensor(_quantize_u8(x2, scale), scale, torch.tensor(ZP), layer._c_w, layer._c_ws,
+        y = torch.ops.onednn.qlinear_pointwise.tensor(_quantize_u8(x2, scale, zp), scale, torch.tensor(zp), layer._c_w, layer._c_ws,
                                                       layer._c_wzp, layer._c_b, 1.0, 0, out_dtype, attr, [None], algorithm)
     return y.reshape(*shape[:-1], y.shape[-1]).to(x.dtype)
 
