@@ -310,11 +310,16 @@ class DiffusionModel:
         dtype = getattr(torch, dtype.removeprefix("torch."), None) if isinstance(dtype, str) else dtype
         if dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise UsageError(f"compute dtype {given!r}: use torch.bfloat16, torch.float16 or torch.float32 (or their names)")
-        if not any(getattr(m, "is_diffpro_quant", False) for m in self.net.modules()):
+        if not self.is_quantized:
             with _diffusers_quiet():   # its "modules that should be kept in float32: []" note at every cast
                 self.net.to(dtype)
         self.compute_dtype = None if dtype == torch.float32 else dtype
         return self
+
+    @property
+    def is_quantized(self) -> bool:
+        """Whether any layer of the network is a diffpro integer layer (a quantized checkpoint or quantize_)."""
+        return any(getattr(m, "is_diffpro_quant", False) for m in self.net.modules())
 
     @property
     def is_flow(self) -> bool:

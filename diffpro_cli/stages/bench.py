@@ -343,7 +343,7 @@ def measure_bench(ctx, cfg: BenchConfig, quantized: Path | None = None, timestep
     from diffpro_cli.stages.bench_fid import fid_for_rows, fid_inputs
 
     check_method(ctx.model(), SamplerConfig(method=cfg.method))   # before any row is built or timed
-    if any(getattr(m, "is_diffpro_quant", False) for m in ctx.model().net.modules()):
+    if ctx.model().is_quantized:
         raise InputError(f"{ctx.model().spec}: is a diffpro quantized checkpoint, not a float model; bench the float "
                          f"model it was made from, with this checkpoint as --quantized")
     if cfg.fid and ctx.model().random_weights:   # before the baseline checkpoints are quantized and written

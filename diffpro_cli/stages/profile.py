@@ -186,7 +186,7 @@ def collect(model, cfg: ProfileConfig, advance=lambda n=1: None) -> tuple[Profil
     labels = calibration_labels(model, cfg.samples, cfg.classes)
     layers, _ = profiled_layers(model)
     if not layers:
-        if any(getattr(m, "is_diffpro_quant", False) for m in model.net.modules()):
+        if model.is_quantized:
             raise InputError(f"{model.spec}: is a diffpro quantized checkpoint (its layers are integer already); "
                              f"profile the float model it was made from")
         raise InputError(f"{model.spec}: has no nn.Linear or nn.Conv2d layer to profile; pass a diffusion model")
