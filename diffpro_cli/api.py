@@ -18,7 +18,6 @@ import contextvars
 import dataclasses
 import numbers
 import os
-import types
 import typing
 from pathlib import Path
 from typing import Any
@@ -72,26 +71,6 @@ def _module(model, function: str) -> nn.Module:
     return net
 
 
-def _fits(value, hint) -> bool:
-    """Whether `value` has the type a config field is annotated with (int, float, str, bool, dict,
-    list[X], unions with None); other annotations are not checked."""
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        return any(_fits(value, arm) for arm in typing.get_args(hint))
-    if origin is list:
-        (item,) = typing.get_args(hint)
-        return isinstance(value, (list, tuple)) and all(_fits(v, item) for v in value)
-    if hint is type(None):
-        return value is None
-    if hint is int:
-        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-    if hint is float:
-        return isinstance(value, numbers.Real) and not isinstance(value, bool)
-    if hint in (str, bool, dict):
-        return isinstance(value, hint)
-    return True
-
-
 def _path_arg(name: str, value) -> Path | None:
     """A path keyword (str or os.PathLike) as a Path; the stages below take Path objects."""
     if value is None or isinstance(value, Path):
@@ -111,12 +90,14 @@ def _config(cls, options: dict, **defaults):
     unknown = sorted(set(options) - names)
     if unknown:
         raise UsageError(f"unknown option(s) {', '.join(unknown)} for {cls.__name__}; valid: {', '.join(sorted(names))}")
+    from diffpro_cli.stages.run import type_fits
+
     hints = typing.get_type_hints(cls)
     options = dict(options)
     for name, value in options.items():   # a wrong type fails here, not as a TypeError deep in the stage
-        if isinstance(value, os.PathLike) and _fits("", hints[name]):   # a path option (cost_table=Path(...)) as str
+        if isinstance(value, os.PathLike) and type_fits("", hints[name]):   # a path option (cost_table=Path(...)) as str
             options[name] = value = os.fspath(value)
-        if not _fits(value, hints[name]):
+        if not type_fits(value, hints[name]):
             expected = hints[name].__name__ if isinstance(hints[name], type) else str(hints[name])
             raise UsageError(f"option {name}={value!r}: expected {expected} ({cls.__name__})")
     return cls(**{**{k: v for k, v in defaults.items() if k in names}, **options})
@@ -154,11 +135,10 @@ def compile(model: DiffusionModel, *, device: str | None = None) -> DiffusionMod
     `DiffusionModel` whose `eps` calls the compiled network (`.net` is the same module: its state_dict and
     checkpoint are unchanged). Call it under `torch.no_grad()`; the first call per input shape compiles.
     Where compile is unavailable: one notice line and the model as it was."""
-    import itertools
-
     import torch
 
     from diffpro_cli.cache import unit_modules
+    from diffpro_cli.devices import net_device
     from diffpro_cli.quant import compiled_cuda
 
     _loaded(model, "compile")
@@ -170,8 +150,7 @@ def compile(model: DiffusionModel, *, device: str | None = None) -> DiffusionMod
         if torch.device(device).type not in ("cpu", "cuda"):
             raise UsageError(f"diffpro.compile: device {device!r}: diffpro runs on cpu or cuda")
     else:
-        first = next(itertools.chain(model.net.parameters(), model.net.buffers()), None)
-        device = "cpu" if first is None else str(first.device)
+        device = str(net_device(model.net))
     if "_diffpro_cache" in vars(model.net):   # install_cache: the runner's wrappers stay Python
         if compiled_cuda.compile_regions_on([m for unit in unit_modules(model.net) for m in unit], device):
             model.net.__dict__[COMPILED_MARK] = True   # lora.py refuses adapter changes the graph would ignore

@@ -58,27 +58,30 @@ def load_run_config(path: str | Path) -> RunConfig:
     return cfg
 
 
-def _type_ok(value, tp) -> bool:
-    """Whether a TOML value fits a config field's annotation (simple types, lists, optionals; else yes)."""
+def type_fits(value, tp) -> bool:
+    """Whether a value fits a config field's annotation (simple types, lists, optionals; else yes): a TOML
+    value here, and a Python argument of the library's stage functions (api._config), where numpy numbers
+    and tuples count as numbers and lists."""
+    import numbers
     import types
     import typing
 
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
-        return any(_type_ok(value, a) for a in args)
+        return any(type_fits(value, a) for a in args)
     if tp is type(None):
         return value is None
     if tp is bool:
         return isinstance(value, bool)
     if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
     if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+        return isinstance(value, numbers.Real) and not isinstance(value, bool)
     if tp is str:
         return isinstance(value, str)
     if origin in (list, tuple) or tp in (list, tuple):
-        return isinstance(value, list) and all(_type_ok(v, args[0]) for v in value) if args and args[-1] is not Ellipsis \
-            else isinstance(value, list)
+        return isinstance(value, (list, tuple)) and all(type_fits(v, args[0]) for v in value) if args and args[-1] is not Ellipsis \
+            else isinstance(value, (list, tuple))
     if origin is dict or tp is dict:
         return isinstance(value, dict)
     return True
@@ -95,7 +98,7 @@ def check_types(cls, values: dict, where: str) -> None:
         return
     for key, value in values.items():
         tp = hints.get(key)
-        if tp is not None and not _type_ok(value, tp):
+        if tp is not None and not type_fits(value, tp):
             shown = str(tp).replace("typing.", "").replace("<class '", "").replace("'>", "")
             raise UsageError(f"{where}: {key} = {value!r} has the wrong type (expected {shown}); fix the config")
 
