@@ -211,7 +211,7 @@ def quantize_(model: nn.Module | DiffusionModel, plan: dict | str | Path, *, fus
     `plan`: plan.json's record or its path; layer names are relative to `model` (a `DiffusionModel`'s
     `.net`). Static activation modes need calibrated ranges: use `quantize(...)` (the stage) for those."""
     from diffpro_cli.artifacts import read_json
-    from diffpro_cli.stages.quantize import swap_planned_layers
+    from diffpro_cli.stages.quantize import plan_entry_problem, swap_planned_layers
 
     net = _module(model, "quantize_")
     if not isinstance(plan, (dict, str, os.PathLike)):
@@ -228,7 +228,9 @@ def quantize_(model: nn.Module | DiffusionModel, plan: dict | str | Path, *, fus
         raise UsageError(f"the plan names layers this module does not have ({', '.join(missing[:3])}); "
                          f"pass the network the plan was made for")
     for name, entry in entries.items():
-        _check_plan_entry(name, entry, modules[name])
+        problem = plan_entry_problem(entry, modules[name])
+        if problem is not None:
+            raise UsageError(f"plan layer {name!r}: {problem}")
     static = [n for n, e in entries.items() if e.get("act_mode") == "static" and int(e.get("act_bits", 8)) < 16
               and int(e.get("weight_bits", 16)) < 16]
     if static:
@@ -237,40 +239,6 @@ def quantize_(model: nn.Module | DiffusionModel, plan: dict | str | Path, *, fus
     swap_planned_layers(net, {name: modules[name] for name in entries}, entries, fuse=fuse)
     install_timestep_hook(net)
     return model
-
-
-def _check_plan_entry(name: str, entry, module: nn.Module) -> None:
-    """One UsageError naming the layer for a plan entry `quantize_` cannot apply, before any layer is
-    swapped (a bad entry halfway through would leave the module half quantized)."""
-    from diffpro_cli.quant.formats import STORAGE_BITS
-    from diffpro_cli.quant.layers import _QuantBase, normalise_act
-
-    if not isinstance(entry, dict):
-        raise UsageError(f"plan layer {name!r}: the entry {entry!r} is not a dict; use one such as "
-                         f'{{"weight_bits": 8, "act_bits": 8, "act_mode": "dynamic"}}')
-    for key, default in (("weight_bits", 16), ("act_bits", 8)):
-        value = entry.get(key, default)
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise UsageError(f"plan layer {name!r}: {key} {value!r}: use an integer")
-    bits, group = entry.get("weight_bits", 16), entry.get("group_size")
-    if bits >= 16 or isinstance(module, _QuantBase):   # kept in float, or already quantized: left as it is
-        return
-    if not isinstance(module, (nn.Linear, nn.Conv2d)):
-        raise UsageError(f"plan layer {name!r} is {type(module).__name__}; only nn.Linear and nn.Conv2d layers can be quantized")
-    if bits not in STORAGE_BITS:
-        raise UsageError(f"plan layer {name!r}: weight_bits {bits}: use one of {', '.join(map(str, STORAGE_BITS))}, or 16 for float")
-    if not isinstance(entry.get("act_mode", "dynamic"), str):
-        raise UsageError(f"plan layer {name!r}: act_mode {entry['act_mode']!r}: use a mode name such as \"dynamic\"")
-    try:
-        normalise_act(entry.get("act_bits", 8), entry.get("act_mode", "dynamic"))
-    except UsageError as e:
-        raise UsageError(f"plan layer {name!r}: {e.message}") from None
-    if group is not None and (not isinstance(group, int) or isinstance(group, bool)):
-        raise UsageError(f"plan layer {name!r}: group_size {group!r}: use an integer, or null (per-channel scales)")
-    in_flat = module.weight[0].numel()
-    if group is not None and (group <= 0 or in_flat % group):
-        raise UsageError(f"plan layer {name!r}: group_size {group!r} does not divide its input size {in_flat}; "
-                         f"use a divisor of {in_flat} or null (per-channel scales)")
 
 
 def profile(model: str | DiffusionModel, workdir: str | Path = "diffpro-work", *, trust_code: bool = False, weights=None,

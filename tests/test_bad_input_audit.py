@@ -224,6 +224,20 @@ def test_quantize_plan_with_an_unsupported_layer_value_is_bad_input(cli, tmp_pat
     assert not (tmp_path / "q").exists()
 
 
+@pytest.mark.parametrize("value,needle", [(8, "the entry 8 is not a dict"),
+                                          ({"weight_bits": 4, "group_size": True}, "group_size True: use an integer")])
+def test_quantize_plan_with_a_malformed_layer_entry_is_bad_input(cli, tmp_path, value, needle):
+    """A plan entry that is not a dict crashed the stage with AttributeError ('int' object has no attribute
+    'get'), and group_size true passed as groups of 1 (the stage had its own checker, the API another)."""
+    def edit(plan):
+        plan["layers"][next(iter(plan["layers"]))] = value
+    plan = _uniform_plan_file(tmp_path, edit)
+    code, _, err = cli("quantize", TINY, "--plan", plan, "--out", tmp_path / "q", "-w", tmp_path / "w", "-q")
+    line = _one_error_line(err)
+    assert code == 3 and needle in line and "re-run `diffpro allocate`" in line
+    assert not (tmp_path / "q").exists()
+
+
 # ---- allocate / bench option and artifact checks, the allocator ---------------------------------
 
 @pytest.mark.parametrize("field,value,option", [("quant_weight", -1.0, "--quant-weight"),
@@ -247,7 +261,7 @@ def test_stage_context_keeps_freed_memory_before_any_cost_table_is_checked(tmp_p
 
     if _libc() is None or os.environ.get("DIFFPRO_MALLOC", "").lower() == "default":
         pytest.skip("glibc mallopt not in force here")
-    code = ("from diffpro_cli.stages.context import StageContext; from diffpro_cli.planning.costs import machine_fingerprint; "
+    code = ("from diffpro_cli.stages.context import StageContext; from diffpro_cli.planning.fingerprint import machine_fingerprint; "
             f"StageContext.create('', {str(tmp_path)!r}); print(machine_fingerprint()['allocator'])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == STEADY

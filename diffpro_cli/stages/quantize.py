@@ -73,6 +73,39 @@ def check_same_model(what: str, recorded: dict | None, model: DiffusionModel) ->
         raise InputError(f"{what} was made for {spec}, not {model.spec}; re-run it for this model")
 
 
+EXAMPLE_ENTRY = '{"weight_bits": 8, "act_bits": 8, "act_mode": "dynamic"}'
+
+
+def plan_entry_problem(entry, module: nn.Module) -> str | None:
+    """What makes one plan entry unusable on `module`, or None. The one check behind the stage's
+    validate_plan (a bad artifact: "re-run allocate") and the API's quantize_ (a bad argument); each
+    caller names the layer and words the fix. Float (16-bit) entries and already-quantized layers are
+    left as they are, so only their values are checked."""
+    if not isinstance(entry, dict):
+        return f"the entry {entry!r} is not a dict; use one such as {EXAMPLE_ENTRY}"
+    values = {"weight_bits": entry.get("weight_bits", 16), "act_bits": entry.get("act_bits", 8)}
+    for key, value in values.items():
+        if not isinstance(value, int) or isinstance(value, bool):
+            return f"{key} {value!r}: use an integer"
+    bits, mode, group = values["weight_bits"], entry.get("act_mode", "dynamic"), entry.get("group_size")
+    if bits not in (*STORAGE_BITS, 16):
+        return f"weight_bits {bits}: use one of {', '.join(map(str, STORAGE_BITS))}, or 16 for float"
+    if values["act_bits"] not in (8, 16):
+        return f"act_bits {values['act_bits']}: activations are int8 (8) or float (16); use 8 or 16"
+    if not isinstance(mode, str) or mode not in ACT_MODES:
+        return f"act_mode {mode!r}: use one of {', '.join(ACT_MODES)}"
+    if group is not None and (not isinstance(group, int) or isinstance(group, bool)):
+        return f"group_size {group!r}: use an integer, or null (per-channel scales)"
+    if bits >= 16 or getattr(module, "is_diffpro_quant", False):
+        return None
+    if not isinstance(module, (nn.Linear, nn.Conv2d)):
+        return f"is {type(module).__name__}; only nn.Linear and nn.Conv2d layers can be quantized"
+    in_flat = module.weight[0].numel()
+    if group is not None and (group <= 0 or in_flat % group):
+        return f"group_size {group} does not divide its input size {in_flat}; use a divisor of {in_flat} or null (per-channel scales)"
+    return None
+
+
 def validate_plan(plan: dict, model: DiffusionModel, source: str = "plan") -> dict:
     """Every layer named exists and is quantizable, bits and modes are supported; returns plan["layers"].
     A bad value is a bad artifact (exit 3, InputError), not a bad option: the file is what must change."""
@@ -86,18 +119,9 @@ def validate_plan(plan: dict, model: DiffusionModel, source: str = "plan") -> di
     for name, entry in layers.items():
         if name not in known:
             raise InputError(f"{source}: layer {name!r} does not exist in {model.spec}; re-run `diffpro allocate` for this model")
-        bits = entry.get("weight_bits")
-        if bits not in (*STORAGE_BITS, 16):
-            raise InputError(f"{source}: layer {name}: weight_bits {bits} unsupported (supported: {', '.join(map(str, STORAGE_BITS))}, 16); re-run `diffpro allocate`")
-        if entry.get("act_bits", 8) not in (8, 16):
-            raise InputError(f"{source}: layer {name}: act_bits {entry.get('act_bits')} unsupported (supported: 8, 16); re-run `diffpro allocate`")
-        if entry.get("act_mode", "dynamic") not in ACT_MODES:
-            raise InputError(f"{source}: layer {name}: act_mode {entry.get('act_mode')!r} unsupported (supported: {', '.join(ACT_MODES)}); re-run `diffpro allocate`")
-        g = entry.get("group_size")
-        mod = known[name][0]
-        in_flat = mod.weight[0].numel() if hasattr(mod, "weight") else getattr(mod, "in_flat", 0)
-        if g is not None and (not isinstance(g, int) or g <= 0 or in_flat % g):
-            raise InputError(f"{source}: layer {name}: group_size {g} does not divide its input size {in_flat}; re-run `diffpro allocate` (a divisor or null)")
+        problem = plan_entry_problem(entry, known[name][0])
+        if problem is not None:
+            raise InputError(f"{source}: layer {name}: {problem} (re-run `diffpro allocate`)")
     return layers
 
 
