@@ -38,7 +38,8 @@ def test_cli_infeasible_budget_one_line_and_nothing_written(cli, scores_file, tm
 
 def synthetic_cost_table(scores: dict, latency=None, fingerprint: dict | None = None) -> dict:
     """A cost-table document for the synthetic layers, stamped with this machine's fingerprint."""
-    from diffpro_cli.planning.costs import COST_SCHEMA, machine_fingerprint, path_label
+    from diffpro_cli.planning.costs import COST_SCHEMA, path_label
+    from diffpro_cli.planning.fingerprint import machine_fingerprint
 
     latency = latency or fake_latency
     rows = {}
@@ -73,7 +74,7 @@ def test_cli_writes_plan_with_explicit_cost_table_skips_when_up_to_date_and_pare
 def _refused_table_of(cli, scores_file, tmp_path, **fingerprint):
     """WORKDIR/cost_table.json stamped with this machine's fingerprint changed by `fingerprint`: allocate
     refuses it with one error line (exit 3) and writes no plan. Returns (workdir, the line)."""
-    from diffpro_cli.planning.costs import machine_fingerprint
+    from diffpro_cli.planning.fingerprint import machine_fingerprint
 
     other = dict(machine_fingerprint(), **fingerprint)
     work = tmp_path / "w"

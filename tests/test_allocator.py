@@ -36,7 +36,7 @@ def test_opt_out_leaves_the_default_and_says_why():
 def test_loading_a_model_applies_it_and_the_cost_fingerprint_records_it():
     # catches: a stage measuring its cost table under one allocator and the deployed process running
     # under another without the fingerprint telling them apart
-    code = ("from diffpro_cli.loading import load_model; from diffpro_cli.planning.costs import machine_fingerprint;"
+    code = ("from diffpro_cli.loading import load_model; from diffpro_cli.planning.fingerprint import machine_fingerprint;"
             "load_model('random:dit-tiny'); print(machine_fingerprint()['allocator'])")
     assert _fresh(code) == allocator.STEADY
     assert _fresh(code, DIFFPRO_MALLOC="default").startswith("default")

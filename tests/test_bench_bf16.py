@@ -56,11 +56,11 @@ def test_default_rows_hold_bf16_only_where_the_device_runs_it_natively(monkeypat
 
 
 def test_native_bf16_reads_the_cpu_flags_and_honours_onednn_isa_caps(monkeypatch):
-    from diffpro_cli.planning import costs
+    from diffpro_cli.planning import fingerprint
 
     for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(costs, "_cpu_name_and_flags", lambda: ("cpu", {"avx2", "avx512f", "avx512_bf16"}))
+    monkeypatch.setattr(fingerprint, "_cpu_name_and_flags", lambda: ("cpu", {"avx2", "avx512f", "avx512_bf16"}))
     assert bench_float.native_bf16("cpu")[0] is True
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx512_core_amx")          # a cap above bf16 keeps it native
     assert bench_float.native_bf16("cpu")[0] is True
@@ -72,9 +72,9 @@ def test_native_bf16_reads_the_cpu_flags_and_honours_onednn_isa_caps(monkeypatch
     monkeypatch.setenv("DNNL_MAX_CPU_ISA", "AVX2")
     assert bench_float.native_bf16("cpu")[0] is False
     monkeypatch.delenv("DNNL_MAX_CPU_ISA")
-    monkeypatch.setattr(costs, "_cpu_name_and_flags", lambda: ("cpu", {"avx2", "amx_bf16"}))
+    monkeypatch.setattr(fingerprint, "_cpu_name_and_flags", lambda: ("cpu", {"avx2", "amx_bf16"}))
     assert bench_float.native_bf16("cpu")[0] is True
-    monkeypatch.setattr(costs, "_cpu_name_and_flags", lambda: ("cpu", {"avx2", "avx512f", "avx512_vnni"}))
+    monkeypatch.setattr(fingerprint, "_cpu_name_and_flags", lambda: ("cpu", {"avx2", "avx512f", "avx512_vnni"}))
     assert bench_float.native_bf16("cpu")[0] is False
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert bench_float.native_bf16("cuda")[0] is False

@@ -6,7 +6,8 @@ import torch
 
 import diffpro
 from diffpro_cli.errors import BudgetError, InputError
-from diffpro_cli.planning.costs import measure_cost_table, native_bf16, table_latency_fn, world_table
+from diffpro_cli.planning.costs import measure_cost_table, table_latency_fn, world_table
+from diffpro_cli.planning.fingerprint import native_bf16
 from diffpro_cli.planning.options import Layer, Option
 from diffpro_cli.stages.allocate_dtype import plan_per_world
 
@@ -108,7 +109,7 @@ def test_a_cost_table_from_an_older_fingerprint_is_re_measured_not_refused(tmp_p
     # "measured on another machine" errors
     import json
 
-    from diffpro_cli.planning.costs import FINGERPRINT_VERSION
+    from diffpro_cli.planning.fingerprint import FINGERPRINT_VERSION
 
     w = tmp_path / "w"
     diffpro.profile("random:dit-tiny", w, samples=2, timesteps="999:0:500", batch=2)

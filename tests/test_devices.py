@@ -90,7 +90,7 @@ def test_cost_tables_are_kept_per_device(tmp_path):
 
 def test_cpu_fingerprint_is_unchanged_by_the_gpu_branch():
     # catches: the CUDA fingerprint fields leaking into CPU tables (every CPU table would re-measure)
-    from diffpro_cli.planning.costs import machine_fingerprint
+    from diffpro_cli.planning.fingerprint import machine_fingerprint
 
     fp = machine_fingerprint("cpu")
     assert fp["device"] == "cpu" and "gpu" not in fp and "isa_flags" in fp

@@ -17,97 +17,16 @@ refused unless the user passes it explicitly (`allocate --cost-table`), which pl
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
-import os
-import platform
 import time
 from pathlib import Path
 from typing import Callable
 
 from diffpro_cli.console import QUIET_UI, UI
 from diffpro_cli.errors import InputError, UsageError
+from diffpro_cli.planning.fingerprint import machine_fingerprint, native_bf16
 from diffpro_cli.planning.options import Layer, Option
 
 COST_SCHEMA = "diffpro.cost_table/2"
-ISA_FLAGS = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8", "amx_tile", "avx512_bf16", "amx_bf16")
-FINGERPRINT_VERSION = 3   # 2: bf16 flags in isa_flags; 3: the allocator setting (allocator.py) is recorded
-BF16_FLAGS = ("avx512_bf16", "amx_bf16")          # bf16 dot products in hardware (oneDNN uses them for bf16 GEMMs)
-# oneDNN ISA caps below its bf16 levels: bf16 is then emulated (slower than fp32), so not a candidate
-_ONEDNN_CAPS_WITHOUT_BF16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}
-
-
-def _cpu_name_and_flags() -> tuple[str, set[str]]:
-    name, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and name in ("", platform.machine(), platform.processor()):
-                name = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return name, flags
-
-
-def machine_fingerprint(device: str = "cpu") -> dict:
-    """What a latency depends on besides the model: CPU model, the ISA the kernels use, torch, threads;
-    on a GPU its name, compute capability and CUDA version instead of the CPU's kernels."""
-    import torch
-
-    from diffpro_cli.allocator import allocator_label
-    from diffpro_cli.quant.kernels import cpu_has_vnni, isa_cap_without_vnni
-
-    if str(device).startswith("cuda"):
-        dev = torch.device(device)
-        return {"device": "cuda", "gpu": torch.cuda.get_device_name(dev),
-                "capability": list(torch.cuda.get_device_capability(dev)), "cuda": torch.version.cuda,
-                "torch": torch.__version__, "version": FINGERPRINT_VERSION}
-    name, flags = _cpu_name_and_flags()
-    return {"device": device, "cpu": name, "isa_flags": sorted(f for f in ISA_FLAGS if f in flags),
-            "kernel_vnni": bool(cpu_has_vnni()), "isa_cap": isa_cap_without_vnni(),
-            "torch": torch.__version__, "threads": int(torch.get_num_threads()), "allocator": allocator_label(),
-            "version": FINGERPRINT_VERSION}
-
-
-def isa_cap_without_bf16() -> str | None:
-    """The environment variable (as "NAME=value") that caps oneDNN's ISA below native bf16, if any."""
-    for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
-        if os.environ.get(name, "").strip().upper() in _ONEDNN_CAPS_WITHOUT_BF16:
-            return f"{name}={os.environ[name].strip()}"
-    return None
-
-
-def bf16_support(device: str = "cpu") -> tuple[bool, str]:
-    """(whether bf16 math runs in hardware on `device`, why): CUDA with bf16 support, or a CPU with
-    AVX512_BF16 / AMX-BF16 that no oneDNN ISA cap keeps from using them. Elsewhere bf16 is emulated
-    (slower than fp32): the cost table does not time it and bench's default rows leave it out."""
-    import torch
-
-    if str(device).startswith("cuda"):
-        ok = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-        return ok, "CUDA bf16 supported" if ok else "CUDA without bf16 support"
-    cap = isa_cap_without_bf16()
-    if cap is not None:
-        return False, f"{cap} caps oneDNN below bf16 (emulated)"
-    have = [f for f in BF16_FLAGS if f in _cpu_name_and_flags()[1]]
-    return (True, f"CPU flags {', '.join(have)}") if have else (False, "no avx512_bf16/amx_bf16 CPU flag (emulated)")
-
-
-def native_bf16(device: str = "cpu") -> bool:
-    return bf16_support(device)[0]
-
-
-def fingerprint_id(fp: dict) -> str:
-    return hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def describe_fingerprint(fp: dict) -> str:
-    if fp.get("device") == "cuda":
-        return f"{fp.get('gpu')} (sm {'.'.join(map(str, fp.get('capability') or []))}, CUDA {fp.get('cuda')}), torch {fp.get('torch')}"
-    return (f"{fp.get('cpu')} [{','.join(fp.get('isa_flags') or []) or 'no AVX2'}"
-            f"{', VNNI kernels' if fp.get('kernel_vnni') else ', no VNNI kernels'}], torch {fp.get('torch')}, "
-            f"{fp.get('threads')} threads")
 
 
 def _inner_calls(fn, sync=lambda: None) -> int:
@@ -290,6 +209,27 @@ def _keep_fastest(timed: dict, table: dict, batch: int) -> float | None:
     return forward
 
 
+def fold_timings(timed: dict, table: dict, same: dict[str, str], batch: int, forward: float | None = None) -> tuple[float, float]:
+    """The end of every world's measurement: fold the timings into `table` (_keep_fastest), fill the rows
+    that share a cell (_copy_shared), and return (forward, remainder) in ms per image, the remainder
+    being the forward less every layer's float cell. `forward`: a previous table's, when not re-timed."""
+    forward = _keep_fastest(timed, table, batch) or forward
+    _copy_shared(table, same)
+    gemm = sum(r["ms"].get("fp32") or 0.0 for r in table.values())
+    return forward, max(0.0, forward - gemm)
+
+
+def world_rows(modules: dict, captured: dict, same: dict[str, str], table: dict, dtype):
+    """(name, module, its captured input in `dtype`) for every layer a world times itself; each captured
+    layer gets its row in `table` here (a layer sharing a cell is filled by fold_timings)."""
+    for name, mod in modules.items():
+        if name not in captured:
+            continue
+        table[name] = {"ms": {}}
+        if name not in same:
+            yield name, mod, captured[name][0][0].to(dtype)
+
+
 def _float_fn(mod, inp, post_op: str | None):
     """The float layer as it runs in the model: followed by its activation where quantize would fuse one."""
     from diffpro_cli.quant.epilogue import apply_post_op
@@ -359,9 +299,7 @@ def measure_cost_table(model, options: list[Option], batch: int, repeats: int, u
         rounds = max(1, repeats)
         with ui.progress("allocate: timing layers (cost table)", total=rounds) as advance:
             timed = interleaved_min_ms(fns, rounds, advance=advance, device=device)
-    forward = _keep_fastest(timed, table, batch) or forward
-    _copy_shared(table, same)
-    gemm = sum(r["ms"]["fp32"] for r in table.values())
+    forward, remainder = fold_timings(timed, table, same, batch, forward)
     worlds = dict((previous or {}).get("worlds") or {})
     retimed = any(key[0] != "__forward__" for key in fns)   # new columns: the other worlds need them too
     use_bf16 = native_bf16(device) if bf16 is None else bf16
@@ -378,7 +316,7 @@ def measure_cost_table(model, options: list[Option], batch: int, repeats: int, u
                                          ui, quantize_module, posts, same, use_bf16)
     return {"schema": COST_SCHEMA, "fingerprint": machine_fingerprint(device), "batch": batch, "repeats": repeats,
             "model": {"spec": model.spec, "sha256": model.sha256}, "units": "ms per image per denoising step",
-            "layers": table, "forward_ms": forward, "remainder_ms": max(0.0, forward - gemm), "worlds": worlds,
+            "layers": table, "forward_ms": forward, "remainder_ms": remainder, "worlds": worlds,
             "compiled_unavailable": no_compile,
             "notes": ["layers timed one at a time on their real inputs (fused q/k/v of the deployed model share one "
                       "activation quantization, so those rows slightly overstate the integer path)",
@@ -399,15 +337,10 @@ def measure_world(model, modules: dict, captured: dict, columns: dict, xty: tupl
 
     fns, table = {}, {}
     world = str(dtype).replace("torch.", "")
-    with torch.no_grad(), ui.progress(f"allocate: preparing layer kernels in {world} (cost table)", total=len(modules)) as prepared:
-        for name, mod in modules.items():
+    timed_here = sum(1 for n in modules if n in captured and n not in same)
+    with torch.no_grad(), ui.progress(f"allocate: preparing layer kernels in {world} (cost table)", total=timed_here) as prepared:
+        for name, mod, inp in world_rows(modules, captured, same, table, dtype):
             prepared(1)
-            if name not in captured:
-                continue
-            inp = captured[name][0][0].to(dtype)
-            table[name] = {"ms": {}}
-            if name in same:
-                continue
             post = posts.get(name)
             low_mod = copy.deepcopy(mod).to(dtype)
             for label, opt in columns.items():
@@ -423,10 +356,8 @@ def measure_world(model, modules: dict, captured: dict, columns: dict, xty: tupl
         fns[("__forward__", "fp32", None)] = lambda: low.eps(x, t, y)
         with ui.progress(f"allocate: timing layers in {world} (cost table)", total=max(1, repeats)) as advance:
             timed = interleaved_min_ms(fns, max(1, repeats), advance=advance, device=str(x.device))
-    forward = _keep_fastest(timed, table, batch)
-    _copy_shared(table, same)
-    gemm = sum(r["ms"].get("fp32") or 0.0 for r in table.values())
-    return {"layers": table, "forward_ms": forward, "remainder_ms": max(0.0, forward - gemm),
+    forward, remainder = fold_timings(timed, table, same, batch)
+    return {"layers": table, "forward_ms": forward, "remainder_ms": remainder,
             "note": "fp32 column = the float layer computing in this dtype"}
 
 
@@ -441,22 +372,6 @@ def world_table(doc: dict, world: str) -> dict:
     layers = {name: {**row, "ms": w["layers"].get(name, {}).get("ms", {}), "kernel": w["layers"].get(name, {}).get("kernel", {})}
               for name, row in doc["layers"].items()}
     return {**doc, "layers": layers, "forward_ms": w["forward_ms"], "remainder_ms": w["remainder_ms"], "world": world}
-
-
-def check_fingerprint(doc: dict, path: Path, explicit: bool, ui: UI = QUIET_UI, device: str = "cpu") -> None:
-    """Refuse a table measured on another machine (or device) unless the user passed it explicitly."""
-    here = machine_fingerprint(device)
-    there = doc.get("fingerprint") or {}
-    if fingerprint_id(there) == fingerprint_id(here):
-        return
-    what = f"{path} was measured on {describe_fingerprint(there)}; this is {describe_fingerprint(here)}"
-    if describe_fingerprint(there) == describe_fingerprint(here):   # say what differs, not the same words twice
-        diffs = [f"{k} {there.get(k)!r} there, {here.get(k)!r} here" for k in sorted(set(there) | set(here)) if there.get(k) != here.get(k)]
-        what = f"{path} was measured on this kind of machine ({describe_fingerprint(here)}) but with {'; '.join(diffs)}"
-    if explicit:
-        ui.warn(f"{what}: planning with it as given (--cost-table)")
-        return
-    raise InputError(f"{what}; delete it (or pass --force) to re-measure here, or pass it as --cost-table to plan for that machine")
 
 
 def read_cost_table(path: Path) -> dict:

@@ -84,23 +84,18 @@ def measure_compiled_world(model, modules: dict, captured: dict, columns: dict, 
     """One compiled world (module docstring): same shape, units and reduction as costs.measure_world."""
     import torch
 
-    from diffpro_cli.planning.costs import _copy_shared, _keep_fastest, _path_module, interleaved_min_ms
+    from diffpro_cli.planning.costs import _path_module, fold_timings, interleaved_min_ms, world_rows
     from diffpro_cli.quant import compiled_cuda
 
     x, t, y = xty
     device = str(x.device)
     world = world_name(dtype)
     fns, table = {}, {}
-    timed_here = [n for n in modules if n in captured and n not in same]
+    timed_here = sum(1 for n in modules if n in captured and n not in same)
     with torch.no_grad(), ui.progress(f"allocate: compiling layer cells in {world} (cost table)",
-                                      total=len(timed_here) * len(columns)) as compiled_one:
-        for name in modules:
-            if name not in captured:
-                continue
-            table[name] = {"ms": {}}
-            if name in same:
-                continue
-            mod, inp, post = modules[name], captured[name][0][0].to(dtype), posts.get(name)
+                                      total=timed_here * len(columns)) as compiled_one:
+        for name, mod, inp in world_rows(modules, captured, same, table, dtype):
+            post = posts.get(name)
             for label, opt in columns.items():
                 compiled_one(1)
                 try:
@@ -122,10 +117,8 @@ def measure_compiled_world(model, modules: dict, captured: dict, columns: dict, 
         fns[("__forward__", "fp32", None)] = lambda: whole.eps(x, t, y)
         with ui.progress(f"allocate: timing layers in {world} (cost table)", total=max(1, repeats)) as advance:
             timed = interleaved_min_ms(fns, max(1, repeats), advance=advance, device=device)
-    forward = _keep_fastest(timed, table, batch)
-    _copy_shared(table, same)
-    gemm = sum(r["ms"].get("fp32") or 0.0 for r in table.values())
-    return {"layers": table, "forward_ms": forward, "remainder_ms": max(0.0, forward - gemm),
+    forward, remainder = fold_timings(timed, table, same, batch)
+    return {"layers": table, "forward_ms": forward, "remainder_ms": remainder,
             "note": ("every cell torch.compile'd on its own, the forward compiled whole; fp32 column = the float layer "
                      "computing in this dtype; integer cells cannot fuse their activation quantization into the op "
                      "before them as they do in the whole graph (priced slightly high)")}

@@ -27,8 +27,8 @@ import numpy as np
 
 from diffpro_cli.console import QUIET_UI, UI
 from diffpro_cli.errors import BudgetError, InputError, UsageError
-from diffpro_cli.planning.costs import (FINGERPRINT_VERSION, attach_kernels, check_fingerprint, fingerprint_id, machine_fingerprint,
-                                       measure_cost_table, read_cost_table, table_latency_fn, world_table)
+from diffpro_cli.planning.costs import attach_kernels, measure_cost_table, read_cost_table, table_latency_fn, world_table
+from diffpro_cli.planning.fingerprint import FINGERPRINT_VERSION, check_fingerprint, fingerprint_id, machine_fingerprint
 from diffpro_cli.planning.costs_compiled import is_compiled
 from diffpro_cli.planning.error_model import error_model, plan_pair_bound
 from diffpro_cli.planning.joint import pareto_front, solve_joint, step_entries

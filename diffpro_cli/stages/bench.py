@@ -322,7 +322,7 @@ def device_info(device: str = "cpu") -> dict:
     if is_cuda(device):
         return {"kind": "cuda", "name": device_name(device), "device": device, "threads": torch.get_num_threads(),
                 "torch": torch.__version__, "cuda": torch.version.cuda}
-    from diffpro_cli.planning.costs import bf16_support, machine_fingerprint
+    from diffpro_cli.planning.fingerprint import bf16_support, machine_fingerprint
 
     fp = machine_fingerprint("cpu")   # the cost table's: which ISA the integer kernels and bf16 really ran on
     return {"kind": "cpu", "name": fp["cpu"], "threads": torch.get_num_threads(), "torch": torch.__version__,

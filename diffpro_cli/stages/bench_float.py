@@ -16,13 +16,13 @@ import copy
 
 import torch
 
-from diffpro_cli.planning.costs import bf16_support
+from diffpro_cli.planning.fingerprint import bf16_support
 
 FLOAT_ROWS = ("bf16", "bf16-ddim")
 
 
 def native_bf16(device: str = "cpu") -> tuple[bool, str]:
-    """(whether `device` computes bf16 natively, why): the planner's check (planning.costs.bf16_support:
+    """(whether `device` computes bf16 natively, why): the planner's check (planning.fingerprint.bf16_support:
     CUDA with bf16; a CPU with avx512_bf16 / amx_bf16 and no oneDNN ISA cap below them)."""
     return bf16_support(device)
 
