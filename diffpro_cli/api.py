@@ -104,17 +104,22 @@ def _config(cls, options: dict, **defaults):
 
 
 def load(spec: str | Path, *, device: str = "cpu", dtype=None, trust_code: bool = False, weights: str | Path | None = None,
-         seed: int = 0, cache: bool = True) -> DiffusionModel:
+         seed: int = 0, cache: bool = True, keep_integers: bool = False) -> DiffusionModel:
     """A model spec or a diffpro quantized checkpoint as a `DiffusionModel`. Its `.net` keeps the original
     forward signature (a diffusers transformer is called as `net(hidden_states, timestep=..., ...)`);
     static-activation layers learn the current timestep from a forward pre-hook, no context needed.
     A checkpoint whose plan reuses computation across steps runs its cache schedule on every call
-    (keyed by the timestep; `model.net._diffpro_cache` counts what ran); `cache=False` computes all."""
+    (keyed by the timestep; `model.net._diffpro_cache` counts what ran); `cache=False` computes all.
+    A CPU load releases each layer's stored integers once its kernel has packed them (half the memory);
+    `keep_integers=True` keeps them, for `state_dict()`, `copy.deepcopy` with repacking, moving the model
+    to another device, or re-saving. Ignored for float specs."""
     from diffpro_cli.loading import load_model
 
     _check_seed(seed)
     # a quantized checkpoint keeps its stored integers when it goes to a GPU: its layers pack them there
-    model = load_model(str(spec), trust_code=trust_code, weights=weights, seed=seed, device=device)
+    if not isinstance(keep_integers, bool):
+        raise UsageError(f"diffpro.load: keep_integers={keep_integers!r}: pass True or False")
+    model = load_model(str(spec), trust_code=trust_code, weights=weights, seed=seed, device=device, keep_integers=keep_integers)
     if dtype is not None:
         set_compute_dtype(model, dtype)
     install_timestep_hook(model.net)

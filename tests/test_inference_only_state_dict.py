@@ -71,3 +71,20 @@ def test_diffusers_loaded_export_refuses_its_state_dict_too(qdir, tmp_path):
         net.state_dict()
     with pytest.raises(ValueError, match="not serializable"):   # diffusers' own refusal (is_serializable)
         net.save_pretrained(tmp_path / "again")
+
+
+def test_the_public_load_can_keep_the_integers_the_refusal_asks_for(qdir):
+    """The refusal told API users to call the private diffpro_cli.checkpoint.load_quantized; diffpro.load
+    had no way to keep the integers. Bug caught: keep_integers not reaching the checkpoint load (the
+    layers released anyway), or the message naming an API that is not public."""
+    lean = diffpro.load(qdir)
+    with pytest.raises(UsageError, match=r"diffpro\.load\(path, keep_integers=True\)"):
+        lean.net.state_dict()
+    kept = diffpro.load(qdir, keep_integers=True)
+    layers = [m for m in kept.net.modules() if isinstance(m, _QuantBase)]
+    assert layers and not any(m.integers_released for m in layers)
+    stored = load_quantized(qdir, keep_integers=True).net.state_dict()
+    got = kept.net.state_dict()
+    assert set(got) == set(stored) and all(torch.equal(got[k], stored[k]) for k in stored)
+    with pytest.raises(UsageError, match="keep_integers='yes'"):
+        diffpro.load(qdir, keep_integers="yes")

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
 RELEASED_MESSAGE = ("this quantized model was loaded for inference only (its integer weights were released after packing), "
                     "so it has no state_dict to save, repack or move; load the checkpoint with "
-                    "diffpro_cli.checkpoint.load_quantized(path, keep_integers=True) for that")
+                    "diffpro.load(path, keep_integers=True) for that")
 
 _TIMESTEPS: contextvars.ContextVar = contextvars.ContextVar("diffpro_timesteps", default=None)
 
