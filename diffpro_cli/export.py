@@ -122,10 +122,17 @@ def _link_diffusers_weights(out: Path) -> None:
 
 
 def export_schedule(qdir: Path, meta: dict, out: Path) -> dict | None:
-    """The plan's timesteps for diffusers: `scheduler/scheduler_config.json` (EulerDiscreteScheduler with the
-    model's own betas) and `diffpro_schedule.json` (the kept timesteps, high to low). Euler in σ-space
-    on these timesteps is DDIM (η = 0) on the same subset, which is diffpro's sampler without x0
-    clipping; diffusers' DDIMScheduler cannot take an arbitrary subset (it steps by a fixed stride)."""
+    """The plan's timesteps for diffusers: `scheduler/scheduler_config.json` and `diffpro_schedule.json`
+    (the kept timesteps, high to low, and the `set_timesteps` arguments that walk them).
+
+    * epsilon / v-prediction models: EulerDiscreteScheduler with the model's own betas and prediction
+      type. Euler in σ-space on these timesteps is DDIM (η = 0) on the same subset, which is diffpro's
+      sampler without x0 clipping; diffusers' DDIMScheduler cannot take an arbitrary subset (it steps
+      by a fixed stride).
+    * flow models: FlowMatchEulerDiscreteScheduler with the model's shift (a flow model's ᾱ reaches 0
+      at σ = 1, an infinite σ for EulerDiscreteScheduler). It shifts the sigmas it is given, so
+      `set_timesteps` gets the unshifted (t + 1)/N and lands on diffpro's σ_t; its Euler step is
+      diffpro's flow Euler step."""
     timesteps = meta.get("timesteps")
     if not timesteps:
         return None
@@ -134,27 +141,43 @@ def export_schedule(qdir: Path, meta: dict, out: Path) -> dict | None:
     from diffpro_cli.loading import load_model
 
     model = load_model(qdir)
-    ac = model.alphas_cumprod.double()
-    betas = 1.0 - ac / torch.cat([torch.ones(1, dtype=ac.dtype), ac[:-1]])
-    sched = {"_class_name": "EulerDiscreteScheduler", "num_train_timesteps": int(ac.numel()),
-             "trained_betas": [float(b) for b in betas], "prediction_type": "epsilon"}
+    kept = sorted((int(t) for t in timesteps), reverse=True)
+    n = int(model.num_train_timesteps)
+    if model.is_flow:
+        sched = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": n,
+                 "shift": float(model.flow_shift), "use_dynamic_shifting": False}
+        call = {"sigmas": [(t + 1) / n for t in kept]}
+        same = "diffpro's flow Euler sampler on these timesteps"
+    else:
+        ac = model.alphas_cumprod.double()
+        betas = 1.0 - ac / torch.cat([torch.ones(1, dtype=ac.dtype), ac[:-1]])
+        sched = {"_class_name": "EulerDiscreteScheduler", "num_train_timesteps": int(ac.numel()),
+                 "trained_betas": [float(b) for b in betas], "prediction_type": model.prediction_type}
+        call = {"timesteps": kept}
+        same = "diffpro's DDIM (eta 0) on these timesteps, without x0 clipping"
     (out / "scheduler").mkdir(exist_ok=True)
     atomic_write_json(out / "scheduler" / "scheduler_config.json", sched)
-    doc = {"timesteps": sorted((int(t) for t in timesteps), reverse=True),
-           "usage": "EulerDiscreteScheduler.from_pretrained(OUT, subfolder='scheduler').set_timesteps(timesteps=...)",
-           "equivalent_to": "diffpro's DDIM (eta 0) on these timesteps, without x0 clipping"}
+    arg = next(iter(call))
+    doc = {"timesteps": kept, "set_timesteps": call,
+           "usage": f"{sched['_class_name']}.from_pretrained(OUT, subfolder='scheduler').set_timesteps({arg}=set_timesteps['{arg}'])",
+           "equivalent_to": same}
     atomic_write_json(out / "diffpro_schedule.json", doc)
     return doc
 
 
 def diffusers_scheduler(path: str | Path):
-    """The exported folder's EulerDiscreteScheduler with the plan's timesteps already set."""
-    from diffusers import EulerDiscreteScheduler
+    """The exported folder's scheduler (the class its scheduler_config.json names) with the plan's
+    timesteps already set."""
+    import diffusers
 
     path = Path(path)
     doc = read_json(path / "diffpro_schedule.json", missing="export with a checkpoint that has timesteps (diffpro prune, then quantize)")
-    sched = EulerDiscreteScheduler.from_pretrained(str(path), subfolder="scheduler")
-    sched.set_timesteps(timesteps=doc["timesteps"])
+    name = read_json(path / "scheduler" / "scheduler_config.json", missing="export the checkpoint again").get("_class_name", "EulerDiscreteScheduler")
+    cls = getattr(diffusers, name, None)
+    if cls is None:
+        raise InputError(f"{path / 'scheduler'}: this diffusers has no {name}; upgrade diffusers or export again")
+    sched = cls.from_pretrained(str(path), subfolder="scheduler")
+    sched.set_timesteps(**(doc.get("set_timesteps") or {"timesteps": doc["timesteps"]}))
     return sched
 
 
