@@ -52,11 +52,24 @@ def _meta(qdir: Path) -> dict:
     return meta
 
 
+def _check_out(qdir: Path, out: Path) -> None:
+    """Refuse an OUT whose replacement would delete what the user still needs: the checkpoint itself
+    (OUT is QDIR or a folder above it) or the current directory (`diffpro export Q . --force` emptied it)."""
+    q, o = qdir.resolve(), out.resolve()
+    if o == q or o in q.parents:
+        raise UsageError(f"{out}: holds the checkpoint {qdir}, which the export would delete; choose another folder for the export")
+    if out.exists() and (o == Path.cwd().resolve() or o in Path.cwd().resolve().parents):
+        raise UsageError(f"{out}: is (or holds) the current directory, which the export would replace; "
+                         f"choose a new folder for the export, e.g. ./exported")
+
+
 @contextmanager
 def _staged_dir(out: Path, force: bool):
     """Yields an empty folder beside `out` to write the export into; renamed to `out` when the block ends
     cleanly (replacing an existing `out` only with --force), removed otherwise: a failed export (a corrupt
-    checkpoint, a full disk) leaves nothing half-written at `out`."""
+    checkpoint, a full disk) leaves nothing half-written at `out`. An old `out` is moved aside before the
+    rename and deleted after it, so no moment leaves neither the old folder nor the new one."""
+    out = Path(os.path.abspath(out))    # Path(".").name is "": the staging folder and the rename need a real name
     if out.exists() and not out.is_dir():
         raise UsageError(f"{out}: is a file, not a folder; choose another folder for the export")
     if out.exists() and any(out.iterdir()) and not force:
@@ -71,9 +84,17 @@ def _staged_dir(out: Path, force: bool):
         raise cannot_write(parent, exc) from None
     try:
         yield tmp
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        old = tmp.with_name(tmp.name[:-len(".tmp")] + ".old") if out.exists() else None
+        try:
+            if old is not None:
+                out.rename(old)
+            tmp.rename(out)
+        except OSError as exc:
+            if old is not None and old.exists() and not out.exists():
+                old.rename(out)
+            raise cannot_write(out, exc) from None
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -96,6 +117,7 @@ def export_diffusers(qdir: str | Path, out: str | Path, force: bool = False) -> 
     if out.resolve() == qdir.resolve():   # in the checkpoint's own folder: add the diffusers files beside it
         _write_diffusers(qdir, meta, out, config)
         return config
+    _check_out(qdir, out)
     with _staged_dir(out, force) as tmp:
         for name in ("diffpro.json", "model.safetensors"):
             shutil.copyfile(qdir / name, tmp / name)
@@ -204,6 +226,7 @@ def export_torchao(qdir: str | Path, out: str | Path, force: bool = False, trust
     """Write OUT/model.safetensors (dequantized float weights) and OUT/torchao_config.json."""
     qdir, out = Path(qdir), Path(out)
     meta = _meta(qdir)
+    _check_out(qdir, out)
     from diffpro_cli.checkpoint import load_quantized
 
     model = load_quantized(qdir, trust_code=trust_code, keep_integers=True)
