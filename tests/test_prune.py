@@ -159,6 +159,10 @@ def test_search_beats_uniform_on_builtin_model_and_the_stage_writes_then_skips(t
     (["--steps", "10", "--metric", "fid"], "--metric"),
     (["--steps", "10", "--candidates", "5"], "--candidates"),
     (["--steps", "10", "--sweep", "a,b"], "--sweep"),
+    # the budget as given: these named a --steps 1 / a --candidates 20 the user never passed
+    (["--fraction", "0.001"], "--fraction 0.001: keeps 1 of the 1000"),
+    (["--steps", "25", "--reference-steps", "20"], "--steps 25: more than the 20 steps"),
+    (["--reference-steps", "250"], "the default --fraction 0.5 (500 steps)"),
 ])
 def test_cli_bad_options_exit_2_with_one_error_line_and_write_nothing(cli, tmp_path, args, needle):
     code, out, err = cli("prune", "builtin:dit-mnist", "-w", tmp_path / "w", *args)
@@ -181,3 +185,13 @@ def test_paired_comparison_of_selected_and_uniform_drift():
     mixed = paired_comparison([1, 2, 3, 4], [2, 1, 4, 3], seed=0)  # two wins, two losses
     assert mixed["mean_uniform_minus_selected"] == 0 and mixed["sign_test_p"] == 1.0 and not mixed["significant"]
     assert mixed["ci95"][0] < 0 < mixed["ci95"][1]
+
+
+def test_negative_seed_reaches_the_bootstrap():
+    """prune --seed -1 sampled the teacher and every student, then crashed in numpy's default_rng (ValueError
+    traceback, exit 1, no timesteps.json); a negative seed is a valid --seed everywhere else."""
+    from diffpro_cli.stages.prune import paired_comparison
+
+    out = paired_comparison([1.0, 2.0, 3.0], [2.0, 2.5, 3.5], seed=-1)
+    assert out["wins"] == 3 and out["bootstrap"]["seed"] == -1
+    assert paired_comparison([1.0, 2.0], [2.0, 3.0], seed=5) == paired_comparison([1.0, 2.0], [2.0, 3.0], seed=5)

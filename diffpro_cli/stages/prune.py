@@ -69,6 +69,9 @@ def resolve_steps(num_train: int, steps: int | None, fraction: float | None) -> 
         if not 0 < fraction <= 1:
             raise UsageError(f"--fraction {fraction}: must be in (0, 1], e.g. 0.5 keeps half of the steps")
         steps = max(1, round(fraction * num_train))
+        if steps < 2:   # name the option the user gave, not a --steps they never passed
+            raise UsageError(f"--fraction {fraction}: keeps {steps} of the {num_train} training steps; keep at least 2 "
+                             f"(e.g. --fraction {2 / num_train:.3g}) or pass --steps")
     if not 2 <= steps <= num_train:
         raise UsageError(f"--steps {steps}: must be between 2 and {num_train} (the training schedule)")
     return steps
@@ -285,7 +288,7 @@ def paired_comparison(selected: list[float], uniform: list[float], seed: int, re
 
     d = np.asarray(uniform, dtype=np.float64) - np.asarray(selected, dtype=np.float64)
     n = len(d)
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(seed % 2 ** 64)   # numpy refuses negative seeds; torch and --seed take them
     boot = d[rng.integers(0, n, size=(resamples, n))].mean(axis=1) if n > 1 else np.repeat(d.mean(), 2)
     wins, losses = int((d > 0).sum()), int((d < 0).sum())
     p = float(binomtest(wins, wins + losses).pvalue) if wins + losses else 1.0
@@ -299,6 +302,13 @@ def paired_comparison(selected: list[float], uniform: list[float], seed: int, re
 # ---------------------------------------------------------------------------------------------
 # The selector
 # ---------------------------------------------------------------------------------------------
+
+
+def _budget_text(cfg: PruneConfig, K: int) -> str:
+    """The budget as the user gave it (--steps, --fraction or the default fraction), for error messages."""
+    if cfg.steps is not None:
+        return f"--steps {K}"
+    return f"--fraction {cfg.fraction} ({K} steps)" if cfg.fraction is not None else f"the default --fraction 0.5 ({K} steps)"
 
 
 def _check(cfg: PruneConfig, num_train: int) -> tuple[int, int, list[int], list[int]]:
@@ -318,6 +328,9 @@ def _check(cfg: PruneConfig, num_train: int) -> tuple[int, int, list[int], list[
         raise UsageError(f"--reference-steps {R}: must be between 2 and {num_train}")
     reference = uniform_timesteps(num_train, R)
     k_max = max([K] + list(cfg.sweep))
+    if cfg.candidates is None and K > len(reference):   # the default grid is the reference: name what the user set
+        raise UsageError(f"{_budget_text(cfg, K)}: more than the {len(reference)} steps of the teacher's reference "
+                         f"schedule; raise --reference-steps to at least {K} or keep fewer steps")
     C = min(len(reference), max(100, 2 * k_max)) if cfg.candidates is None else cfg.candidates
     if not K <= C <= len(reference):
         raise UsageError(f"--candidates {C}: must be between --steps ({K}) and --reference-steps ({len(reference)}); raise --reference-steps")
