@@ -102,8 +102,14 @@ def timesteps_of(doc: dict, path, num_train: int) -> list[int]:
         raise InputError(f"{path}: {exc.message.split(';')[0]}; re-run `diffpro prune` for this model") from None
 
 
+def _generator_seed(value: int) -> int:
+    """`value` itself where torch's manual_seed takes it ([-2**63, 2**64)), so every seed that worked keeps its
+    noise; otherwise reduced mod 2**64 (a large --seed such as `date +%s%N` overflowed: ValueError traceback)."""
+    return value if -(2 ** 63) <= value < 2 ** 64 else value % 2 ** 64
+
+
 def sample_generators(seed: int, indices: Sequence[int]) -> list[torch.Generator]:
-    return [torch.Generator().manual_seed(seed * SAMPLE_SEED_STRIDE + int(i)) for i in indices]
+    return [torch.Generator().manual_seed(_generator_seed(seed * SAMPLE_SEED_STRIDE + int(i))) for i in indices]
 
 
 def default_labels(model: DiffusionModel, n: int):

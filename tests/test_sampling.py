@@ -138,3 +138,22 @@ def test_x0_clipping_defaults_to_pixel_space_only(tiny_model):
     assert not latent.clip_x0_default and tiny_model.clip_x0_default
     assert torch.equal(run(latent, SamplerConfig()), run(latent, raw))
     assert torch.equal(run(latent, clipped), run(tiny_model, clipped))               # explicit choice wins
+
+
+@pytest.mark.parametrize("seed", [2 ** 63, 10 ** 14, 2 ** 64 + 5, -(2 ** 70)])
+def test_a_large_seed_samples_instead_of_overflowing(tiny_model, seed):
+    """--seed 10**14 (or `date +%s%N`) overflowed torch's manual_seed in seed * stride + index: a ValueError
+    traceback (exit 1) from sample, prune, profile and bench."""
+    x = sample(tiny_model, 2, [999], seed=seed, batch_size=1)
+    assert torch.isfinite(x).all()
+    assert not torch.equal(x, sample(tiny_model, 2, [999], seed=seed + 1, batch_size=1))
+
+
+def test_seeds_that_worked_keep_their_noise():
+    """The overflow fix must not move a seed torch took as it was (negative seeds included)."""
+    from diffpro_cli.sampling import SAMPLE_SEED_STRIDE
+
+    for seed in (0, 7, -1, 2 ** 40):
+        (g,) = sample_generators(seed, [3])
+        ref = torch.Generator().manual_seed(seed * SAMPLE_SEED_STRIDE + 3)
+        assert torch.equal(torch.randn(4, generator=g), torch.randn(4, generator=ref))
