@@ -271,6 +271,21 @@ def float_state_dict(net) -> dict:
     return out
 
 
+# the keyword each config takes its weight granularity by: diffpro's groups, or one scale per output
+# channel (torchao's own default for Int8DynamicActivationIntxWeightConfig is groups of 32, another grid,
+# and refused for layers narrower than 32)
+_GRANULARITY_ARG = {"Int8DynamicActivationIntxWeightConfig": "weight_granularity", "IntxWeightOnlyConfig": "granularity",
+                    "Int8WeightOnlyConfig": "granularity"}
+
+
+def _granularity(config: str, group_size):
+    from torchao.quantization.granularity import PerAxis, PerGroup, PerRow
+
+    if group_size:
+        return PerGroup(int(group_size))
+    return PerRow() if config == "Int8WeightOnlyConfig" else PerAxis(0)   # both: one scale per output row
+
+
 def torchao_config(path: str | Path):
     """torchao's FqnToConfig from an exported folder's torchao_config.json (needs `pip install torchao`)."""
     try:
@@ -284,14 +299,10 @@ def torchao_config(path: str | Path):
         cls = getattr(tq, entry["type"], None)
         if cls is None:
             raise UsageError(f"this torchao has no {entry['type']}; upgrade torchao")
-        kwargs = {k: v for k, v in entry["kwargs"].items() if v is not None}
+        kwargs = {k: v for k, v in entry["kwargs"].items() if k != "group_size"}
         if "weight_dtype" in kwargs:
             kwargs["weight_dtype"] = getattr(torch, kwargs["weight_dtype"])
-        if "group_size" in kwargs and entry["type"] != "Int8WeightOnlyConfig":
-            from torchao.quantization.granularity import PerGroup
-
-            kwargs["weight_granularity" if "Intx" in entry["type"] else "granularity"] = PerGroup(kwargs.pop("group_size"))
-        elif "group_size" in kwargs:
-            kwargs.pop("group_size")
+        if entry["type"] in _GRANULARITY_ARG:
+            kwargs[_GRANULARITY_ARG[entry["type"]]] = _granularity(entry["type"], entry["kwargs"].get("group_size"))
         configs[fqn] = cls(**kwargs)
     return tq.FqnToConfig(fqn_to_config=configs)
