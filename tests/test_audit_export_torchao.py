@@ -11,9 +11,9 @@ pytest.importorskip("torchao")
 
 # (quantize options, the torchao config every Linear maps to)
 CASES = {
-    "w4a8-per-channel": (dict(bits=4, act_bits=8), "Int8DynamicActivationIntxWeightConfig"),
-    "w4-groups": (dict(bits=4, group_size=8, act_bits=16), "IntxWeightOnlyConfig"),
-    "w8-groups": (dict(bits=8, group_size=8, act_bits=16), "Int8WeightOnlyConfig"),
+    "w4a8-per-channel": ({"bits": 4, "act_bits": 8}, "Int8DynamicActivationIntxWeightConfig"),
+    "w4-groups": ({"bits": 4, "group_size": 8, "act_bits": 16}, "IntxWeightOnlyConfig"),
+    "w8-groups": ({"bits": 8, "group_size": 8, "act_bits": 16}, "Int8WeightOnlyConfig"),
 }
 
 
