@@ -293,13 +293,49 @@ def load_lora(model_or_net, lora, scale: float = 1.0, adapter_name: str = "defau
     order = [n for n in modules if n in adapters]
     for name in order:
         layer = modules[name]
+        if "lora" not in layer._modules and hasattr(layer, "lora"):
+            raise UsageError(f"{name}: the layer already has an attribute 'lora'; LoRA cannot attach here")
+        if getattr(layer, "post_op", None) is not None and _fused_parent(net, name) is None:
+            raise UsageError(f"{name}: this layer applies a fused activation ({layer.post_op}) that LoRA cannot go before; "
+                             f"leave it out of the LoRA")
+    for name in order:
+        layer = modules[name]
         if "lora" not in layer._modules:
-            if hasattr(layer, "lora"):
-                raise UsageError(f"{name}: the layer already has an attribute 'lora'; LoRA cannot attach here")
+            if getattr(layer, "post_op", None) is not None:
+                _unfuse(net, name, layer)
             layer.lora = nn.ModuleDict()
             layer.__dict__["_diffpro_lora_hook"] = layer.register_forward_hook(_lora_hook)
         layer.lora[adapter_name] = adapters[name]
     return order
+
+
+def _fused_parent(net: nn.Module, name: str) -> nn.Module | None:
+    """The GELU module whose activation epilogue.fuse_activations moved into layer `name`, or None."""
+    from diffpro_cli.quant.epilogue import activation_after
+
+    parent_name = name.rpartition(".")[0]
+    if activation_after(net, name) is None:
+        return None
+    parent = net.get_submodule(parent_name) if parent_name else net
+    return parent if "forward" in parent.__dict__ else None
+
+
+def _unfuse(net: nn.Module, name: str, layer: nn.Module) -> None:
+    """A LoRA delta belongs before the MLP's GELU (GELU(Wx + ΔWx)), but a layer with the GELU fused into
+    its epilogue returns GELU(Wx) and the hook could only add ΔWx after it. While adapted, the GELU
+    module applies its activation itself again; unload_lora fuses it back (_fuse_back)."""
+    from diffpro_cli.quant.epilogue import unfuse_activations
+
+    unfuse_activations(_fused_parent(net, name))
+    layer.__dict__["_diffpro_lora_unfused"] = True
+
+
+def _fuse_back(net: nn.Module, name: str, layer: nn.Module) -> None:
+    from diffpro_cli.quant.epilogue import fuse_activations
+
+    if layer.__dict__.pop("_diffpro_lora_unfused", False):
+        parent_name = name.rpartition(".")[0]
+        fuse_activations(net.get_submodule(parent_name) if parent_name else net)
 
 
 def unload_lora(model_or_net, adapter_name: str | None = None) -> list[str]:
@@ -322,6 +358,7 @@ def unload_lora(model_or_net, adapter_name: str | None = None) -> list[str]:
         if len(adapters) == 0:
             layer.__dict__.pop("_diffpro_lora_hook").remove()
             del layer.lora
+            _fuse_back(net, name, layer)
     if adapter_name is not None and not removed:
         raise UsageError(f"no LoRA adapter named {adapter_name!r} is loaded"
                          + (f" (loaded: {', '.join(sorted(loaded))})" if loaded else " (none is)"))

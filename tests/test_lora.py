@@ -12,6 +12,7 @@ from torch import nn
 import diffpro
 from diffpro_cli.errors import InputError, UsageError
 from diffpro_cli.quant import layers as qlayers
+from diffpro_cli.quant.epilogue import fuse_activations, unfuse_activations
 from diffpro_cli.quant.layers import QuantConv2d, QuantLinear
 from diffpro_cli.stages.quantize import uniform_plan
 
@@ -144,6 +145,11 @@ def test_lora_on_quantized_dit_adds_the_float_delta_and_unloads_exactly(qdir, tm
             return out + d * SCALING
         return hook
 
+    # a LoRA on an MLP proj acts before its GELU (which diffpro fuses into the proj's int8 GEMM): the
+    # by-hand reference and the per-layer check run with that GELU applied by its own module again
+    mlp = modules["transformer_blocks.3.ff.net.0"]
+    assert modules["transformer_blocks.3.ff.net.0.proj"].post_op is not None
+    unfuse_activations(mlp)
     handles = [modules[n].register_forward_hook(add_by_hand(n)) for n in TARGETS]
     with torch.no_grad():
         by_hand = model.eps(x, t, y)
@@ -161,6 +167,7 @@ def test_lora_on_quantized_dit_adds_the_float_delta_and_unloads_exactly(qdir, tm
             err = float((out.double() - (base_out.double() + delta)).abs().max())
             assert err <= 2e-6 * float(out.abs().max()) + 1e-6, (n, err)   # catches a wrong scaling, A/B or conv geometry
             assert float(delta.abs().max()) > 1e-3 * float(base_out.abs().max()), n
+    fuse_activations(mlp)
 
     # unloading restores the base exactly: no hook, no adapter state left
     with torch.no_grad():
