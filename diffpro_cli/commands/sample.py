@@ -27,8 +27,8 @@ def sample_cmd(
     steps: Annotated[Optional[int], typer.Option("--steps", help="Number of uniformly spaced timesteps (default 50, or a cached checkpoint's own).")] = None,
     n: Annotated[int, typer.Option("--n", help="Number of samples.")] = 16,
     out: Annotated[Path, typer.Option("--out", help="PNG grid path; raw samples go next to it as .safetensors.")] = Path("samples.png"),
-    method: Annotated[str, typer.Option("--method", help="ddim or ddpm.")] = "ddim",
-    eta: Annotated[float, typer.Option("--eta", help="DDIM eta (0 = deterministic).")] = 0.0,
+    method: Annotated[str, typer.Option("--method", help="ddim or ddpm; flow-matching models: euler (or ddim with eta 0).")] = "ddim",
+    eta: Annotated[float, typer.Option("--eta", help="DDIM eta, 0 (deterministic) to 1 (DDPM-like noise).")] = 0.0,
     cfg_scale: Annotated[float, typer.Option("--cfg", help="Classifier-free guidance scale (1 = off).")] = 1.0,
     labels: Annotated[Optional[str], typer.Option("--labels", help="Comma list of class labels (cycled); default i % classes.")] = None,
     timesteps_file: Annotated[Optional[Path], typer.Option("--timesteps", help="timesteps.json from `diffpro prune` (overrides --steps).")] = None,
@@ -45,13 +45,15 @@ def sample_cmd(
     quiet: Quiet = False,
 ):
     """Generate samples and write an image grid plus the raw samples."""
+    import math
+
     import torch
 
     from diffpro_cli.artifacts import atomic_save_safetensors
     from diffpro_cli.loading import load_model
     from diffpro_cli.sampling import (
         SamplerConfig,
-        read_timesteps_file,
+        check_method,
         sample,
         save_grid,
         uniform_timesteps,
@@ -62,8 +64,12 @@ def sample_cmd(
         raise UsageError("--n and --batch must be at least 1")
     if out.suffix.lower() != ".png":   # the grid is written as PNG whatever the name says
         raise UsageError(f"--out {out}: the grid is a PNG; give a path ending in .png")
-    if method not in ("ddim", "ddpm"):
-        raise UsageError(f"--method {method}: unknown sampler; use ddim or ddpm")
+    if method not in ("ddim", "ddpm", "euler"):   # which of them fits the model: sampling.check_method, once loaded
+        raise UsageError(f"--method {method}: unknown sampler; use ddim or ddpm (euler for flow-matching models)")
+    if not (math.isfinite(eta) and 0 <= eta <= 1):   # a negative or NaN eta silently bent the DDIM update
+        raise UsageError(f"--eta {eta}: must be between 0 (deterministic DDIM) and 1 (DDPM-like noise)")
+    if not math.isfinite(cfg_scale):
+        raise UsageError(f"--cfg {cfg_scale}: must be a finite guidance scale (1 = off), e.g. 4")
     m = load_model(model, trust_code=trust_code, weights=weights, seed=seed, device=device)
     attach_conditioning(m, conditioning, prompts, negative_prompt, device=device)
     if m.untrained:
@@ -72,7 +78,7 @@ def sample_cmd(
 
     policy = record_policy(model_cache_record(m)) if cache else None
     if timesteps_file is not None:
-        ts = read_timesteps_file(timesteps_file, m.num_train_timesteps)[1]
+        ts = _timesteps_for(timesteps_file, m)
     elif policy is not None and steps is None:
         ts = list(policy.timesteps)
     else:
@@ -94,10 +100,12 @@ def sample_cmd(
             raise UsageError(f"--labels: classes must be in 0..{m.num_classes - 1}")
         y = torch.tensor([vals[i % len(vals)] for i in range(n)])
     cfg = SamplerConfig(method=method, eta=eta, cfg_scale=cfg_scale)
+    check_method(m, cfg)
+    raw = out.with_suffix(".safetensors")
+    _check_outputs(out, raw)   # before sampling: a blocked .safetensors left the .png written and nothing else
     with ui.progress("sampling", total=n * len(ts)) as advance:
         x = sample(m, n, ts, cfg, labels=y, seed=seed, batch_size=batch, advance=advance)
     save_grid(x, out)
-    raw = out.with_suffix(".safetensors")
     tensors = {"samples": x.float()}
     if y is not None or m.num_classes is not None:
         from diffpro_cli.sampling import default_labels
@@ -111,3 +119,37 @@ def sample_cmd(
     ui.result({"grid": str(out), "samples": str(raw), "n": n, "steps": len(ts), "model": m.spec,
                "untrained": m.untrained, "seed": seed, "compute_fraction": None if run is None else run.compute_fraction},
               human=f"wrote {out} and {raw} ({n} samples, {len(ts)} steps{', UNTRAINED model' if m.untrained else ''})")
+
+
+def _check_outputs(out: Path, raw: Path) -> None:
+    """The grid and the raw samples can both be written (neither is a directory, their folder can take a file)."""
+    from diffpro_cli.artifacts import writable_dir
+
+    for path in (out, raw):
+        if path.is_dir():
+            raise UsageError(f"{path}: cannot write there (a directory of that name exists); choose another --out")
+    writable_dir(out.parent)
+
+
+def _timesteps_for(path: Path, m) -> list[int]:
+    """A timesteps.json's validated timesteps, refused when pruned for another model, as quantize and bench
+    refuse it; a quantized checkpoint also takes the file pruned for the model it was quantized from."""
+    from types import SimpleNamespace
+
+    from diffpro_cli.errors import InputError
+    from diffpro_cli.sampling import read_timesteps_file
+    from diffpro_cli.stages.quantize import check_same_model
+
+    doc, ts = read_timesteps_file(path, m.num_train_timesteps)
+    recorded = doc.get("model")
+    if recorded is not None and not isinstance(recorded, dict):
+        raise InputError(f"{path}: its 'model' is not a JSON object (a hand-edited timesteps file); re-run `diffpro prune`")
+    source = m.config.get("quantized_from")
+    try:
+        check_same_model(str(path), recorded, m)
+    except InputError:
+        if source is None:
+            raise
+        check_same_model(str(path), recorded, SimpleNamespace(spec=source, sha256=m.config.get("model_sha256"),
+                                                              untrained=m.untrained))
+    return ts
