@@ -192,6 +192,9 @@ def _build(name: str, layer: nn.Module, down: torch.Tensor, up: torch.Tensor, al
                          f"{type(layer).__name__} (expected A {list(want_down)}, B {list(want_up)}); "
                          f"load a LoRA made for this model")
     a = float(r) if alpha is None else float(alpha)
+    if not (math.isfinite(a) and torch.isfinite(down).all() and torch.isfinite(up).all()):
+        raise InputError(f"{name}: the LoRA's weights or alpha hold NaN or inf (every output would too); "
+                         f"the file is damaged, re-create it")
     scaling = scale * (a / math.sqrt(r) if rslora else a / r)
     device = _device_of(layer)
     return LoRAAdapter(down.to(device), up.to(device), scaling, None if conv is None else {
@@ -205,6 +208,7 @@ def _parse(tensors: dict, config: dict, modules: dict[str, nn.Module], label: st
     unknown: list[str] = []
     unrecognised: list[str] = []
     alphas: dict[str, float] = {}
+    named: set[str] = set()     # PEFT adapter names inside the keys (<module>.lora_A.<adapter>.weight)
     for key, value in tensors.items():
         m = _WEIGHT.match(key)
         if m is None:
@@ -216,6 +220,10 @@ def _parse(tensors: dict, config: dict, modules: dict[str, nn.Module], label: st
             continue
         part = "down" if m["part"] in ("lora_A", "lora_down") else "up"
         found.setdefault(m["mod"], {})[part] = value
+        named.add(m["adapter"] or "")
+    if len(named) > 1:   # one module's A/B pairs would overwrite each other: the adapters mixed silently
+        raise InputError(f"{label}: holds {len(named)} adapters ({', '.join(sorted(n or '(unnamed)' for n in named))}); "
+                         f"save each adapter to its own file (PEFT: save_pretrained(..., selected_adapters=[name]))")
     if unrecognised:
         raise InputError(f"{label}: {len(unrecognised)} key(s) are not LoRA weights this loader reads "
                          f"({', '.join(unrecognised[:3])}); expected <module>.lora_A/lora_B.weight or "

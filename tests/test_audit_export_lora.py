@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import diffpro
-from diffpro_cli.errors import UsageError
+from diffpro_cli.errors import InputError, UsageError
 from diffpro_cli.quant import layers as qlayers
 
 PROJ = "transformer_blocks.0.ff.net.0.proj"
@@ -68,3 +68,27 @@ def test_a_fused_activation_without_its_gelu_module_is_refused():
     with pytest.raises(UsageError, match="fused activation") as err:
         diffpro.load_lora(net, {"0.lora_A.weight": torch.randn(2, 8), "0.lora_B.weight": torch.randn(16, 2)})
     assert "\n" not in err.value.message and not hasattr(net[0], "lora")
+
+
+def _tiny():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(qlayers.quantize_module(torch.nn.Linear(8, 16), 8))
+
+
+@pytest.mark.parametrize("sd, text", [
+    # a PEFT model's state_dict with two adapters: the second pair overwrote the first, module by module
+    ({"0.lora_A.one.weight": torch.randn(2, 8), "0.lora_B.one.weight": torch.randn(16, 2),
+      "0.lora_A.two.weight": torch.randn(3, 8), "0.lora_B.two.weight": torch.randn(16, 3)}, "holds 2 adapters"),
+    ({"0.lora_A.weight": torch.full((2, 8), float("nan")), "0.lora_B.weight": torch.randn(16, 2)}, "NaN or inf"),
+    ({"0.lora_down.weight": torch.randn(2, 8), "0.lora_up.weight": torch.randn(16, 2), "0.alpha": torch.tensor(float("inf"))},
+     "NaN or inf"),
+])
+def test_damaged_or_mixed_adapter_files_fail_with_one_line(sd, text):
+    """Bugs caught: a file holding two PEFT adapters loaded as one (whichever pair came last per module);
+    NaN/inf weights or alpha loaded silently, turning every sample into NaN."""
+    net = _tiny()
+    with pytest.raises(InputError, match=text) as err:
+        diffpro.load_lora(net, sd)
+    assert "\n" not in err.value.message and not hasattr(net[0], "lora")
+    # one named adapter (PEFT's `default`) still loads
+    assert diffpro.load_lora(net, {"0.lora_A.default.weight": torch.randn(2, 8), "0.lora_B.default.weight": torch.randn(16, 2)}) == ["0"]
