@@ -8,8 +8,11 @@
   class's own `from_pretrained(OUT)` too (diffusers_quantizer.py; diffusion_pytorch_model.safetensors
   is a hard link to model.safetensors). The integer tensors are the checkpoint's own: no float
   copy is written, so the folder stays as small as the checkpoint.
-* `torchao`: OUT/model.safetensors holds float weights DEQUANTIZED from diffpro's integers (so torchao
-  starts from diffpro's rounding: GPTQ or nearest, on the same per-channel grid) and
+* `torchao`: OUT/model.safetensors holds float weights DEQUANTIZED from diffpro's integers (torchao
+  starts from diffpro's rounding, GPTQ or nearest, with the same groups or per-channel scales, but
+  re-rounds it: its symmetric scale is max/7.5 (int4) or max/127.5 (int8) where diffpro's is max/7 or
+  max/127, so its weights differ from diffpro's by up to half a step: measured 1/15 (int4) and 1/255
+  (int8) of a row's largest weight on a tiny DiT, torchao 0.18) and
   OUT/torchao_config.json maps every quantized module's fully qualified name to the torchao config
   that runs the same precision (W8A8 dynamic → Int8DynamicActivationInt8WeightConfig, weight-only int8
   → Int8WeightOnlyConfig, 4-bit weights with int8 activations → Int8DynamicActivationIntxWeightConfig,
@@ -93,7 +96,9 @@ def _staged_dir(out: Path, force: bool):
             if old is not None and old.exists() and not out.exists():
                 old.rename(out)
             raise cannot_write(out, exc) from None
-        if old is not None:
+        if old is not None and old.is_symlink():   # OUT was a link to a folder: the link is what was replaced
+            old.unlink()
+        elif old is not None:
             shutil.rmtree(old, ignore_errors=True)
     finally:
         if tmp.exists():

@@ -74,3 +74,16 @@ def test_a_failed_final_rename_keeps_the_old_out(qdir, tmp_path, monkeypatch, cl
     monkeypatch.undo()
     assert export_mod.export_torchao(qdir, out, force=True)["fqn_to_config"]
     assert sorted(p.name for p in out.iterdir()) == ["model.safetensors", "torchao_config.json"]
+
+
+def test_force_export_over_a_symlinked_out_replaces_the_link_not_its_target(qdir, tmp_path, cli):
+    """Bug caught: OUT a symlink to an earlier export (`latest -> run3`) with --force ended in rmtree's
+    `OSError: Cannot call rmtree on a symbolic link` traceback."""
+    (tmp_path / "run3").mkdir()
+    (tmp_path / "run3" / "old.txt").write_text("old")
+    (tmp_path / "latest").symlink_to(tmp_path / "run3", target_is_directory=True)
+    code, _, err = cli("export", qdir, tmp_path / "latest", "--to", "torchao", "--force")
+    assert code == 0, err
+    assert not (tmp_path / "latest").is_symlink() and (tmp_path / "latest" / "torchao_config.json").is_file()
+    assert (tmp_path / "run3" / "old.txt").read_text() == "old"       # the link's target is left alone
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "run3"]
