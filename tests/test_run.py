@@ -281,3 +281,43 @@ def test_every_sample_config_quantizes_with_the_activation_mode_it_plans(config)
     assert quantize.get("act_mode", planned) == planned
     if quantize.get("bits") is None:   # --plan also refuses act_bits and group_size (they are allocate's)
         assert not {"act_bits", "group_size"} & set(quantize), quantize
+
+
+@pytest.mark.parametrize("edit,needle", [
+    (lambda t: t.replace("steps = 6\n", "steps = 1\n"), "[prune] --steps 1: must be between 2"),
+    (lambda t: t.replace("steps = 6\n", "steps = 6\nprotect_tail = 9\n"), "[prune] --protect-tail 9"),
+    (lambda t: t.replace("steps = 6\n", "steps = 6\nfraction = 0.5\n"), "[prune] --steps and --fraction both given"),
+    (lambda t: t.replace('budget = "avg-bits=6"', 'budget = "avg-bits=6"\nmethod = "greedy"'), "[allocate] --method greedy"),
+])
+def test_out_of_range_option_of_a_later_stage_fails_before_any_stage_runs(tmp_path, cli, edit, needle):
+    """[prune] steps = 1 (or a bad [allocate] method) was refused only when that stage's turn came, after
+    profile and score had run: minutes on a real model, for a typo the config already showed."""
+    cfg = _write_config(tmp_path)
+    text = edit(cfg.read_text())
+    assert text != cfg.read_text()
+    cfg.write_text(text)
+    code, _, err = cli("run", cfg, "--quiet")
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 2 and len(lines) == 1 and needle in lines[0], err
+    assert not (tmp_path / "work" / "diffpro.lock.json").exists()   # nothing was computed
+
+
+def test_typo_in_the_section_of_a_stage_not_run_is_still_named(tmp_path, cli):
+    """With stages = ["profile"] (or --stages profile), `[bench] rowz = 1` passed silently and failed only on
+    the run that included bench."""
+    cfg = _write_config(tmp_path)
+    cfg.write_text(cfg.read_text().replace("grid_n = 2", "grid_n = 2\nrowz = 1"))
+    code, _, err = cli("run", cfg, "--stages", "profile", "--quiet")
+    assert code == 2 and "[bench] unknown key(s) rowz" in err
+    assert not (tmp_path / "work" / "diffpro.lock.json").exists()
+
+
+def test_a_run_of_no_stages_is_a_usage_error(tmp_path, cli):
+    """stages = [] (or --stages ,) ran nothing, printed 'done:' and exited 0."""
+    cfg = _write_config(tmp_path)
+    cfg.write_text(cfg.read_text().replace("seed = 3\n", "seed = 3\nstages = []\n"))
+    code, _, err = cli("run", cfg, "--quiet")
+    assert code == 2 and "stages = [] runs nothing" in err
+    cfg = _write_config(tmp_path)
+    code, _, err = cli("run", cfg, "--stages", ",", "--quiet")
+    assert code == 2 and "names no stage" in err

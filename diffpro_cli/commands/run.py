@@ -34,11 +34,13 @@ def run_cmd(
         cfg.weights = str(weights)
     if device is not None:
         cfg.device = device
-    if stages:
+    if stages is not None:
         cfg.stages = [s.strip() for s in stages.split(",") if s.strip()]
         bad = [s for s in cfg.stages if s not in STAGES]
         if bad:
             raise UsageError(f"--stages: unknown {', '.join(bad)}; choose from {', '.join(STAGES)}")
+        if not cfg.stages:   # ran nothing and reported "done"
+            raise UsageError(f"--stages {stages!r} names no stage; give a comma list such as profile,score")
     outcomes = run_pipeline(cfg, force=force, wait=wait, ui=ui)
     report = Path(cfg.workdir) / "bench" / "report.md"
     ui.result({"workdir": cfg.workdir, "stages": outcomes},

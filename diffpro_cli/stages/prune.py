@@ -311,6 +311,11 @@ def _budget_text(cfg: PruneConfig, K: int) -> str:
     return f"--fraction {cfg.fraction} ({K} steps)" if cfg.fraction is not None else f"the default --fraction 0.5 ({K} steps)"
 
 
+def validate_config(cfg: PruneConfig, num_train: int) -> None:
+    """Every option checked against the model's schedule (one `error:` line each), e.g. by `run` before any stage."""
+    _check(cfg, num_train)
+
+
 def _check(cfg: PruneConfig, num_train: int) -> tuple[int, int, list[int], list[int]]:
     """Validate options; returns K, T, the reference schedule and the candidate grid (increasing)."""
     if cfg.search not in SEARCHES:

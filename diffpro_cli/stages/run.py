@@ -50,6 +50,8 @@ def load_run_config(path: str | Path) -> RunConfig:
     bad = [s for s in cfg.stages if s not in STAGES]
     if bad:
         raise UsageError(f"{path}: stages {bad} unknown; choose from {', '.join(STAGES)}")
+    if not cfg.stages:   # ran nothing and reported "done"
+        raise UsageError(f"{path}: stages = [] runs nothing; list at least one of {', '.join(STAGES)} (or drop the key for all)")
     for s in STAGES:
         if not isinstance(raw.get(s, {}), dict):
             raise UsageError(f"{path}: {s} must be a [{s}] table, not a value")
@@ -125,11 +127,31 @@ def stage_config_classes() -> dict:
             "quantize": QuantizeConfig, "bench": BenchConfig}
 
 
-def check_sections(cfg: RunConfig) -> None:
-    """Build every configured stage's config once, so unknown keys are named before any work starts."""
+def check_sections(cfg: RunConfig) -> dict:
+    """Build every stage's config once, so unknown keys are named before any work starts: the sections of
+    stages this run skips too (a typo there surfaced only on the run that included them). Returns the
+    configs of the stages that run."""
     classes = stage_config_classes()
-    built = {name: section(classes[name], cfg.sections[name], name, seed=cfg.seed) for name in cfg.stages}
+    built = {name: section(classes[name], cfg.sections[name], name, seed=cfg.seed) for name in STAGES}
+    built = {name: c for name, c in built.items() if name in cfg.stages}
     check_quantize_plan_options(built)
+    return built
+
+
+def check_values(built: dict, model) -> None:
+    """The running stages' own option checks, before the first stage runs: `[prune] steps = 1` or a bad
+    `[allocate] method` failed only when that stage's turn came, after the stages before it had run.
+    Each error is prefixed with its section."""
+    from diffpro_cli.stages import allocate, profile, prune, score
+
+    checks = {"profile": profile.validate_config, "score": score.validate_config, "allocate": allocate.validate_config,
+              "prune": lambda c: prune.validate_config(c, model.num_train_timesteps)}
+    for name, stage_cfg in built.items():
+        if name in checks:
+            try:
+                checks[name](stage_cfg)
+            except UsageError as exc:
+                raise UsageError(f"[{name}] {exc.message}") from None
 
 
 def check_quantize_plan_options(built: dict) -> None:
@@ -154,11 +176,11 @@ def run_pipeline(cfg: RunConfig, *, force: bool = False, wait: bool = False, ui:
     from diffpro_cli.artifacts import ensure_dir, workdir_lock
     from diffpro_cli.stages.context import StageContext
 
-    check_sections(cfg)   # a typo in [bench] must fail now, not after the stages before it ran
+    built = check_sections(cfg)   # a typo in [bench] must fail now, not after the stages before it ran
     ctx = StageContext.create(cfg.model, cfg.workdir, trust_code=cfg.trust_code, weights=cfg.weights, seed=cfg.seed,
                               ui=ui, force=force, wait=wait, conditioning=cfg.conditioning,
                               prompts=cfg.prompts, negative_prompt=cfg.negative_prompt, device=cfg.device)
-    ctx.model()           # load errors (bad spec, untrusted code) before any stage runs or anything is written
+    check_values(built, ctx.model())   # load errors (bad spec, untrusted code), then out-of-range options, before any stage
     ensure_dir(ctx.workdir)
     classes = stage_config_classes()
     runners = _runners()
