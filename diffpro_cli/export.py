@@ -41,6 +41,8 @@ def _meta(qdir: Path) -> dict:
     """The checkpoint's diffpro.json (schema, format version and its layer table checked), after a look at
     model.safetensors' header: a corrupt checkpoint stops here, before anything is written."""
     if not (qdir / "diffpro.json").is_file() or not (qdir / "model.safetensors").is_file():
+        if (qdir / "quantized" / "diffpro.json").is_file():   # a workdir: its checkpoint is one level down
+            raise InputError(f"{qdir}: is a diffpro workdir, not a checkpoint; export its checkpoint: {qdir / 'quantized'}")
         raise InputError(f"{qdir}: not a diffpro quantized checkpoint (diffpro.json + model.safetensors); run `diffpro quantize` first")
     from safetensors import safe_open
 

@@ -87,3 +87,12 @@ def test_force_export_over_a_symlinked_out_replaces_the_link_not_its_target(qdir
     assert not (tmp_path / "latest").is_symlink() and (tmp_path / "latest" / "torchao_config.json").is_file()
     assert (tmp_path / "run3" / "old.txt").read_text() == "old"       # the link's target is left alone
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "run3"]
+
+
+def test_a_workdir_given_as_qdir_names_its_checkpoint(qdir, tmp_path, cli):
+    """Bug caught: `diffpro export WORKDIR OUT` (the folder `diffpro run` wrote) answered "run `diffpro
+    quantize` first" to a user who had, instead of naming WORKDIR/quantized."""
+    shutil.copytree(qdir, tmp_path / "work" / "quantized")
+    line = _one_error(*cli("export", tmp_path / "work", tmp_path / "out")[::2], want_code=3)
+    assert str(tmp_path / "work" / "quantized") in line and "diffpro quantize" not in line
+    assert not (tmp_path / "out").exists()
