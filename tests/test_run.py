@@ -321,3 +321,18 @@ def test_a_run_of_no_stages_is_a_usage_error(tmp_path, cli):
     cfg = _write_config(tmp_path)
     code, _, err = cli("run", cfg, "--stages", ",", "--quiet")
     assert code == 2 and "names no stage" in err
+
+
+def test_relative_path_beside_the_config_but_not_in_the_current_directory_is_named(tmp_path, cli, monkeypatch):
+    """prompts = "digits.txt" beside run.toml, run from another directory: the error was the prompts reader's
+    bare 'digits.txt: no such prompts file', not saying that config paths are relative to the current directory."""
+    here = tmp_path / "configs"
+    here.mkdir()
+    (here / "digits.txt").write_text("the digit 3\n")
+    (here / "run.toml").write_text('model = "builtin:flow-mnist"\nworkdir = "work"\nprompts = "digits.txt"\nstages = ["profile"]\n')
+    monkeypatch.chdir(tmp_path)
+    code, _, err = cli("run", here / "run.toml", "--quiet")
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 3 and len(lines) == 1 and "is read relative to the current directory" in lines[0], err
+    assert str(here / "digits.txt") in lines[0]
+    assert not (tmp_path / "work").exists()

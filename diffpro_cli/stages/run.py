@@ -57,7 +57,32 @@ def load_run_config(path: str | Path) -> RunConfig:
             raise UsageError(f"{path}: {s} must be a [{s}] table, not a value")
     cfg.sections = {s: dict(raw.get(s, {})) for s in STAGES}
     # a relative workdir is relative to the current directory (like --workdir), not to the config
+    check_relative_paths(path, raw)
     return cfg
+
+
+# the keys that name files ([section] → keys; None: the top level)
+PATH_KEYS = {None: ("model", "weights", "conditioning", "prompts"), "allocate": ("cost_table",),
+             "bench": ("reference", "inception_weights")}
+
+
+def check_relative_paths(path: Path, raw: dict) -> None:
+    """Paths in a config are read relative to the current directory, as on the command line. One that is
+    missing there but exists beside the config (prompts = "digits.txt" next to run.toml, run from elsewhere)
+    is named with both fixes, instead of the stage's bare 'no such file'."""
+    here, cwd = path.resolve().parent, Path.cwd().resolve()
+    if here == cwd:
+        return
+    for name, keys in PATH_KEYS.items():
+        table = raw if name is None else raw.get(name, {})
+        for key in keys:
+            value = table.get(key)
+            if not isinstance(value, str) or not value or Path(value).is_absolute() or Path(value).exists():
+                continue
+            if (here / value).exists():
+                where = key if name is None else f"[{name}] {key}"
+                raise InputError(f"{path}: {where} = {value!r} is read relative to the current directory ({cwd}), where "
+                                 f"it does not exist; it is beside the config: write {key} = {str(here / value)!r} or run from {here}")
 
 
 def type_fits(value, tp) -> bool:
