@@ -82,3 +82,11 @@ def test_quantized_checkpoint_takes_the_timesteps_pruned_for_its_float_model(cli
     foreign = _timesteps_file(tmp_path / "foreign.json", {"spec": "builtin:dit-mnist", "sha256": "ab" * 32})
     code, _, err = cli("sample", q, "--n", "1", "--timesteps", foreign, "--out", tmp_path / "f.png", "-q")
     assert code == 3 and "made for another model" in _one_error_line(err)
+
+
+def test_labels_on_a_text_conditioned_model_point_to_prompts(cli, tmp_path):
+    """sample builtin:flow-mnist --labels 3 said the text-conditioned model 'is unconditional'."""
+    code, _, err = cli("sample", "builtin:flow-mnist", "--labels", "3", "--steps", "2", "--n", "1",
+                       "--out", tmp_path / "g.png", "-q")
+    line = _one_error_line(err)
+    assert code == 2 and "conditioned on text" in line and "--prompts" in line and "unconditional" not in line

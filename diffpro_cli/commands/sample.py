@@ -90,6 +90,9 @@ def sample_cmd(
         install_cache(m, policy)
     y = None
     if labels:
+        if m.conditioning == "embeddings":   # was told "is unconditional"
+            raise UsageError(f"--labels: {m.spec} is conditioned on text, not class labels; drop --labels and pass "
+                             "--prompts FILE (or --conditioning FILE)")
         if m.num_classes is None:
             raise UsageError(f"--labels: {m.spec} is unconditional; drop --labels")
         try:
