@@ -14,8 +14,8 @@
   max/127, so its weights differ from diffpro's by up to half a step: measured 1/15 (int4) and 1/255
   (int8) of a row's largest weight on a tiny DiT, torchao 0.18) and
   OUT/torchao_config.json maps every quantized module's fully qualified name to the torchao config
-  that runs the same precision (W8A8 dynamic → Int8DynamicActivationInt8WeightConfig, weight-only int8
-  → Int8WeightOnlyConfig, 4-bit weights with int8 activations → Int8DynamicActivationIntxWeightConfig,
+  that runs the same precision (W8A8 dynamic, per channel → Int8DynamicActivationInt8WeightConfig, weight-only int8
+  → Int8WeightOnlyConfig, 4-bit or grouped weights with int8 activations → Int8DynamicActivationIntxWeightConfig,
   other weight-only widths → IntxWeightOnlyConfig). `torchao_config(OUT)` rebuilds it as an
   `FqnToConfig` for `torchao.quantization.quantize_`. Layers torchao has no config for (Conv2d, static
   activations) are listed under "skipped" and stay float there.
@@ -220,7 +220,7 @@ def torchao_entry(rec: dict, kind: str) -> tuple[dict | None, str | None]:
     if a < 16 and mode == "static":
         return None, "static (per-timestep calibrated) activations have no torchao config; stays float there"
     if a < 16:
-        if w == 8:
+        if w == 8 and not group:   # torchao's int8 x int8 config has per-row weights only: groups go below
             return {"type": "Int8DynamicActivationInt8WeightConfig", "kwargs": {}}, None
         return {"type": "Int8DynamicActivationIntxWeightConfig",
                 "kwargs": {"weight_dtype": f"int{w}", "group_size": group}}, None

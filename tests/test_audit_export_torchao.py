@@ -14,6 +14,7 @@ CASES = {
     "w4a8-per-channel": ({"bits": 4, "act_bits": 8}, "Int8DynamicActivationIntxWeightConfig"),
     "w4-groups": ({"bits": 4, "group_size": 8, "act_bits": 16}, "IntxWeightOnlyConfig"),
     "w8-groups": ({"bits": 8, "group_size": 8, "act_bits": 16}, "Int8WeightOnlyConfig"),
+    "w8a8-groups": ({"bits": 8, "group_size": 8, "act_bits": 8}, "Int8DynamicActivationIntxWeightConfig"),
 }
 
 
@@ -29,7 +30,8 @@ def test_torchao_quantize_accepts_the_config_on_diffpros_grid(dit_dir, tiny_dit,
     """Bugs caught: a grouped 4-bit weight-only export made IntxWeightOnlyConfig(weight_granularity=...)
     (TypeError: unexpected keyword); a per-channel W4A8 export left torchao's default groups of 32 (another
     grid than diffpro's, and an AssertionError on layers 16 wide); a grouped int8 weight-only export lost
-    its groups (torchao per-row)."""
+    its groups (torchao per-row), and so did a grouped W8A8 one (Int8DynamicActivationInt8WeightConfig has
+    per-row weights only; the int8 x intx config takes groups)."""
     from safetensors.torch import load_file
     from torchao.quantization import quantize_
 
