@@ -153,7 +153,7 @@ def _config_alpha(module_name: str, config: dict) -> float | None:
     return float(config["lora_alpha"]) if config.get("lora_alpha") is not None else None
 
 
-def _geometry(layer: nn.Module) -> tuple[str, int, int, dict | None]:
+def _geometry(name: str, layer: nn.Module) -> tuple[str, int, int, dict | None]:
     """(kind, in, out, conv geometry) of a layer a LoRA can attach to."""
     from diffpro_cli.quant.layers import QuantConv2d, QuantLinear
 
@@ -165,7 +165,8 @@ def _geometry(layer: nn.Module) -> tuple[str, int, int, dict | None]:
             "kernel_size": tuple(layer.kernel_size), "stride": tuple(layer.stride), "dilation": tuple(layer.dilation),
             "padding": padding if isinstance(padding, str) else tuple(padding), "padding_mode": layer.padding_mode,
             "groups": layer.groups}
-    raise UsageError(f"{type(layer).__name__}: LoRA attaches to Linear/Conv2d layers (float or diffpro-quantized) only")
+    raise UsageError(f"{name}: is a {type(layer).__name__}; LoRA attaches to Linear/Conv2d layers (float or diffpro-quantized) "
+                     f"only: load a LoRA made for this model")
 
 
 def _device_of(layer: nn.Module) -> torch.device:
@@ -176,7 +177,7 @@ def _device_of(layer: nn.Module) -> torch.device:
 
 def _build(name: str, layer: nn.Module, down: torch.Tensor, up: torch.Tensor, alpha: float | None, scale: float,
            rslora: bool) -> LoRAAdapter:
-    kind, n_in, n_out, conv = _geometry(layer)
+    kind, n_in, n_out, conv = _geometry(name, layer)
     down, up = down.detach().float(), up.detach().float()
     r = int(down.shape[0]) if down.dim() >= 2 else 0
     if kind == "conv" and conv["groups"] != 1:

@@ -92,3 +92,14 @@ def test_damaged_or_mixed_adapter_files_fail_with_one_line(sd, text):
     assert "\n" not in err.value.message and not hasattr(net[0], "lora")
     # one named adapter (PEFT's `default`) still loads
     assert diffpro.load_lora(net, {"0.lora_A.default.weight": torch.randn(2, 8), "0.lora_B.default.weight": torch.randn(16, 2)}) == ["0"]
+
+
+def test_a_lora_on_a_layer_that_is_not_linear_or_conv_names_that_layer(qdir):
+    """Bug caught: the error named only the class ("LayerNorm: LoRA attaches to Linear/Conv2d layers"), not
+    which of the file's modules it was, so the user could not tell what to drop."""
+    model = diffpro.load(qdir)
+    name = "transformer_blocks.1.norm3"
+    assert type(model.net.get_submodule(name)).__name__ == "LayerNorm"
+    with pytest.raises(UsageError, match="Linear/Conv2d") as err:
+        diffpro.load_lora(model, {f"{name}.lora_A.weight": torch.randn(2, 16), f"{name}.lora_B.weight": torch.randn(16, 2)})
+    assert name in err.value.message and "\n" not in err.value.message
