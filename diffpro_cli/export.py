@@ -127,7 +127,7 @@ def export_diffusers(qdir: str | Path, out: str | Path, force: bool = False) -> 
     _check_out(qdir, out)
     with _staged_dir(out, force) as tmp:
         for name in ("diffpro.json", "model.safetensors"):
-            shutil.copyfile(qdir / name, tmp / name)
+            _copy(qdir / name, tmp / name, out)
         _write_diffusers(qdir, meta, tmp, config)
     return config
 
@@ -146,8 +146,16 @@ def _link_diffusers_weights(out: Path) -> None:
     try:
         os.link(out / "model.safetensors", tmp)
     except OSError:
-        shutil.copyfile(out / "model.safetensors", tmp)
+        _copy(out / "model.safetensors", tmp, out)
     tmp.replace(out / DIFFUSERS_WEIGHTS)
+
+
+def _copy(src: Path, dst: Path, out: Path) -> None:
+    """shutil.copyfile with cannot_write's one line (a full disk while copying the weights) for the traceback."""
+    try:
+        shutil.copyfile(src, dst)
+    except OSError as exc:
+        raise cannot_write(out, exc) from None
 
 
 def export_schedule(qdir: Path, meta: dict, out: Path) -> dict | None:

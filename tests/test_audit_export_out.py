@@ -96,3 +96,21 @@ def test_a_workdir_given_as_qdir_names_its_checkpoint(qdir, tmp_path, cli):
     line = _one_error(*cli("export", tmp_path / "work", tmp_path / "out")[::2], want_code=3)
     assert str(tmp_path / "work" / "quantized") in line and "diffpro quantize" not in line
     assert not (tmp_path / "out").exists()
+
+
+def test_a_full_disk_while_copying_the_weights_is_one_line_and_leaves_nothing(qdir, tmp_path, monkeypatch, cli):
+    """Bug caught: ENOSPC while the diffusers export copied model.safetensors ended in an OSError traceback
+    (the staging folder was removed, but the user saw a crash, not what to do)."""
+    real_copy = shutil.copyfile
+
+    def full_disk(src, dst, *args, **kwargs):
+        if str(src).endswith("model.safetensors"):
+            with open(dst, "wb") as f:
+                f.write(b"partial")
+            raise OSError(28, "No space left on device")
+        return real_copy(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "copyfile", full_disk)
+    line = _one_error(*cli("export", qdir, tmp_path / "out", "--to", "diffusers")[::2])
+    assert "cannot write" in line and "No space left" in line
+    assert list(tmp_path.iterdir()) == []
