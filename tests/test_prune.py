@@ -195,3 +195,14 @@ def test_negative_seed_reaches_the_bootstrap():
     out = paired_comparison([1.0, 2.0, 3.0], [2.0, 2.5, 3.5], seed=-1)
     assert out["wins"] == 3 and out["bootstrap"]["seed"] == -1
     assert paired_comparison([1.0, 2.0], [2.0, 3.0], seed=5) == paired_comparison([1.0, 2.0], [2.0, 3.0], seed=5)
+
+
+def test_keeping_every_reference_step_reports_zero_drift_without_a_nan_ratio(cli, tmp_path):
+    """K = --reference-steps (the full teacher schedule): the only subset is the teacher's, drift 0 against
+    uniform 0, and the summary line printed '(nanx, dp)'."""
+    code, out, err = cli("prune", "random:dit-tiny", "-w", tmp_path / "w", "--steps", "6", "--reference-steps", "6",
+                         "--n", "1", "--batch", "1")
+    assert code == 0, err
+    assert "nan" not in out and "the teacher's own schedule" in out
+    doc = json.loads((tmp_path / "w" / "timesteps.json").read_text())
+    assert doc["timesteps"] == uniform_timesteps(1000, 6) and doc["drift"] == 0 == doc["uniform_drift"]

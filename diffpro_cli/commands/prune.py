@@ -37,8 +37,9 @@ def prune_cmd(
     result = {**outcome.as_dict(), "steps": len(payload["timesteps"]), "protect_tail": payload["protect_tail"],
               "drift": payload["drift"], "uniform_drift": payload["uniform_drift"], "selected_by": payload["selected_by"],
               "untrained": payload["model"].get("untrained", False)}
-    ratio = payload["drift"] / payload["uniform_drift"] if payload["uniform_drift"] else float("nan")
+    # uniform drift 0: every reference step kept (K = --reference-steps), there is no ratio ("nanx" before)
+    ratio = f"{payload['drift'] / payload['uniform_drift']:.2f}x" if payload["uniform_drift"] else "the teacher's own schedule"
     ui.result(result, human=(f"{outcome.outputs['timesteps']}: {result['steps']} steps, drift {payload['drift']:.4g} vs "
-                             f"uniform {payload['uniform_drift']:.4g} ({ratio:.2f}x, {payload['selected_by']})"
+                             f"uniform {payload['uniform_drift']:.4g} ({ratio}, {payload['selected_by']})"
                              f"{', UNTRAINED model' if result['untrained'] else ''}"
                              f"{' [up to date]' if outcome.status == 'up to date' else ''}"))
