@@ -3,8 +3,10 @@
 The base layer is untouched: a QuantLinear / QuantConv2d keeps its integer weights and kernel (nothing
 is dequantized), a layer the plan kept in float stays an nn.Linear / nn.Conv2d. Each adapted layer gets
 a `lora` ModuleDict (one `LoRAAdapter` per adapter name, float32 parameters on the layer's device) and
-one forward hook that adds every adapter's delta to the layer's output. `unload_lora` removes both, so
-the network computes exactly what it computed before.
+one forward hook that adds every adapter's delta to the layer's output. An MLP projection whose GELU
+diffpro fused into its int8 GEMM (quant/epilogue.py) hands the GELU back to its module while adapted,
+so the delta goes before the activation. `unload_lora` removes all of it (re-fusing the GELU), so the
+network computes exactly what it computed before.
 
 State-dict layouts read (module names as in `net.named_modules()`; a leading `transformer.`, `unet.`,
 `base_model.model.` or `model.` is stripped):
