@@ -163,6 +163,8 @@ def test_search_beats_uniform_on_builtin_model_and_the_stage_writes_then_skips(t
     (["--fraction", "0.001"], "--fraction 0.001: keeps 1 of the 1000"),
     (["--steps", "25", "--reference-steps", "20"], "--steps 25: more than the 20 steps"),
     (["--reference-steps", "250"], "the default --fraction 0.5 (500 steps)"),
+    # ran the teacher, then blamed the grid: "no subset of 10 steps fits the candidate grid with this tail"
+    (["--steps", "10", "--cfg", "nan"], "--cfg nan"),
 ])
 def test_cli_bad_options_exit_2_with_one_error_line_and_write_nothing(cli, tmp_path, args, needle):
     code, out, err = cli("prune", "builtin:dit-mnist", "-w", tmp_path / "w", *args)
@@ -206,3 +208,14 @@ def test_keeping_every_reference_step_reports_zero_drift_without_a_nan_ratio(cli
     assert "nan" not in out and "the teacher's own schedule" in out
     doc = json.loads((tmp_path / "w" / "timesteps.json").read_text())
     assert doc["timesteps"] == uniform_timesteps(1000, 6) and doc["drift"] == 0 == doc["uniform_drift"]
+
+
+def test_a_model_with_non_finite_output_is_named_not_the_candidate_grid(tiny_model):
+    """A network that outputs NaN made every drift NaN, and prune said 'no subset of K steps fits the candidate
+    grid with this tail; raise --candidates or lower --protect-tail' (exit 2): advice that cannot help."""
+    from diffpro_cli.errors import InputError
+
+    tiny_model.forward_fn = lambda net, x, t, y: torch.full_like(x, float("nan"))
+    cfg = PruneConfig(steps=4, reference_steps=20, n=1, batch=1)
+    with pytest.raises(InputError, match="not finite"):
+        select_timesteps(tiny_model, cfg)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from diffpro_cli.console import QUIET_UI, UI
-from diffpro_cli.errors import UsageError
+from diffpro_cli.errors import InputError, UsageError
 from diffpro_cli.models.base import DiffusionModel
 from diffpro_cli.sampling import SamplerConfig, default_labels, sample, uniform_timesteps
 
@@ -324,6 +324,8 @@ def _check(cfg: PruneConfig, num_train: int) -> tuple[int, int, list[int], list[
         raise UsageError(f"--metric {cfg.metric}: unknown; use final or trajectory")
     if cfg.n < 1 or cfg.batch < 1:
         raise UsageError("--n and --batch must be at least 1")
+    if not math.isfinite(cfg.cfg_scale):   # NaN drift ended in "no subset fits the candidate grid" after the teacher ran
+        raise UsageError(f"--cfg {cfg.cfg_scale}: must be a finite guidance scale (1 = off), e.g. 4")
     K = resolve_steps(num_train, cfg.steps, cfg.fraction)
     T = default_tail(K) if cfg.protect_tail is None else cfg.protect_tail
     if not 0 <= T <= K - 1:
@@ -364,6 +366,9 @@ def select_timesteps(model: DiffusionModel, cfg: PruneConfig, ui: UI = QUIET_UI)
     ui.info(f"prune: teacher DDIM on {len(reference)} steps for {cfg.n} calibration samples")
     with ui.progress("teacher", total=cfg.n * len(reference)) as advance:
         teacher = run_teacher(model, reference, set(cands), cfg, labels, advance)
+    if not torch.isfinite(teacher.final).all():   # else every drift is NaN and the search blames the grid
+        raise InputError(f"{model.spec}: the teacher's samples are not finite (NaN or inf), so no drift can be measured; "
+                         "check the model's weights (does `diffpro sample` give finite samples?)")
     cost = local_drift_matrix(teacher, cands_desc, model, clip_x0=sampler.clip_x0)
 
     results = []
