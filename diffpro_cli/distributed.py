@@ -69,15 +69,43 @@ def shard_range(n: int, rank: int, world: int) -> tuple[int, int]:
 
 
 def sharded_map(n: int, fn: Callable[[int, int], np.ndarray]) -> np.ndarray:
-    """fn(start, count) → rows for items [start, start+count); returns all n rows on every rank."""
+    """fn(start, count) → rows for items [start, start+count); returns all n rows on every rank.
+
+    A rank whose share raises still joins the gather (with its error instead of rows), so every rank
+    raises instead of the others waiting in the collective until the process group times out: the
+    failing rank its own exception, the others `shard_failure`'s."""
     rank, world = rank_world()
     start, stop = shard_range(n, rank, world)
-    local = fn(start, stop - start) if stop > start else None
     if world == 1:
-        return local
+        return fn(start, stop - start) if stop > start else None
+    failure = None
+    try:
+        local = fn(start, stop - start) if stop > start else None
+    except Exception as exc:  # noqa: BLE001 - re-raised below, after the other ranks have heard of it
+        local, failure = None, exc
     parts = [None] * world
-    dist.all_gather_object(parts, local)
-    return np.concatenate([p for p in parts if p is not None and len(p)])
+    dist.all_gather_object(parts, ("ok", local) if failure is None else
+                           ("failed", f"{type(failure).__name__}: {failure}", getattr(failure, "exit_code", None)))
+    failed = [(r, p) for r, p in enumerate(parts) if p[0] == "failed"]
+    if failure is not None:
+        raise failure
+    if failed:
+        raise shard_failure(*failed[0], world)
+    return np.concatenate([p[1] for p in parts if p[1] is not None and len(p[1])])
+
+
+def shard_failure(rank: int, part: tuple, world: int) -> Exception:
+    """The error the other ranks raise for a rank's failed share: a DiffproError with the failing rank's
+    exit code where it failed with one (a user's error), else a RuntimeError (a bug: traceback)."""
+    from diffpro_cli.errors import DiffproError
+
+    _, text, code = part
+    message = f"rank {rank} of {world} failed on its share of the samples ({text}); see that rank's output"
+    if code is None:
+        return RuntimeError(message)
+    err = DiffproError(message)
+    err.exit_code = code
+    return err
 
 
 def barrier() -> None:

@@ -37,6 +37,32 @@ def _worker(rank, world, port, out_dir):
     dist.destroy_process_group()
 
 
+def _failing_worker(rank, world, port, out_dir):
+    """Rank 1's share raises (a user's error); every rank records what sharded_map did."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from diffpro_cli.errors import InputError
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=20))
+
+    def work(start, count):
+        if rank == 1:
+            raise InputError("bench/fid-cache: no space left on device")
+        return np.zeros((count, 2))
+
+    try:
+        sharded_map(5, work)
+        outcome = "returned"
+    except Exception as exc:  # noqa: BLE001 - recorded for the test
+        outcome = f"{type(exc).__name__}|{getattr(exc, 'exit_code', None)}|{exc}"
+    with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
+        f.write(outcome)
+    dist.destroy_process_group()
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -57,6 +83,19 @@ def test_two_gloo_processes_equal_single_process(tmp_path, tiny_model):
         merged = np.load(tmp_path / f"rank{r}.npy")
         assert merged.shape == single.shape
         np.testing.assert_allclose(merged, single, rtol=1e-5, atol=1e-5)
+
+
+def test_a_failing_shard_fails_every_rank_with_its_error_instead_of_a_hang(tmp_path):
+    """Catches: a rank whose share raised skipping the all-gather, so the others died inside the
+    collective with gloo's RuntimeError (peer gone, or the process group's timeout, 30 min by default
+    if the failed rank lingers): a traceback, exit 1, not saying what went wrong. Now every rank raises
+    at once, the others naming the failed rank, its error and its exit code (3 here, an input error)."""
+    mp.start_processes(_failing_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    failed = (tmp_path / "rank1.txt").read_text()
+    assert failed.startswith("InputError|3|") and "no space left" in failed
+    name, code, message = (tmp_path / "rank0.txt").read_text().split("|", 2)
+    assert (name, code) == ("DiffproError", "3")
+    assert "rank 1 of 2 failed" in message and "no space left on device" in message
 
 
 def test_backend_follows_the_run_device_not_gpu_presence(monkeypatch):
