@@ -90,3 +90,21 @@ def test_labels_on_a_text_conditioned_model_point_to_prompts(cli, tmp_path):
                        "--out", tmp_path / "g.png", "-q")
     line = _one_error_line(err)
     assert code == 2 and "conditioned on text" in line and "--prompts" in line and "unconditional" not in line
+
+
+def test_a_quantized_checkpoint_samples_on_its_own_timesteps_by_default(cli, tmp_path):
+    """quantize --timesteps stores the pruned steps in the checkpoint and bench's diffpro row runs them, but
+    `diffpro sample QDIR` ran 50 uniform steps (docs/api.md: sample work/quantized runs the plan's steps)."""
+    steps = _timesteps_file(tmp_path / "t.json", None)   # [0, 500, 999]
+    q = tmp_path / "q"
+    code, _, err = cli("quantize", TINY, "--bits", "8", "--timesteps", steps, "--out", q, "-w", tmp_path / "w", "-q",
+                       "--calib-samples", "1")
+    assert code == 0, err
+    code, out, err = cli("sample", q, "--n", "1", "--out", tmp_path / "a.png", "--json", "-q")
+    assert code == 0 and json.loads(out)["steps"] == 3, err
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "a.safetensors"), "pt") as f:
+        assert f.metadata()["timesteps"] == "0,500,999"
+    code, out, err = cli("sample", q, "--n", "1", "--steps", "4", "--out", tmp_path / "b.png", "--json", "-q")
+    assert code == 0 and json.loads(out)["steps"] == 4, err       # an explicit --steps still wins
