@@ -272,11 +272,16 @@ def load_reference_stats(name_or_path: str | Path) -> tuple[np.ndarray, np.ndarr
         if not path.is_file():
             raise InputError(f"{path}: no such file; pass builtin:mnist or an .npz made by `diffpro fid-stats`")
     try:
-        with np.load(path) as f:
+        loaded = np.load(path)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):   # a .npy holds one array, not mu and sigma
+            raise ValueError("a single array, not an .npz archive")
+        with loaded as f:
             mu = f["mu"][:]
             sigma = f["sigma"][:] if "sigma" in f.files else unpack_sigma(f["sigma_triu"])
             n = int(f["n"]) if "n" in f.files else None
-    except (OSError, KeyError, ValueError) as exc:
+        if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
+            raise ValueError(f"mu {mu.shape} and sigma {sigma.shape} are not a mean and its covariance")
+    except (OSError, KeyError, ValueError, TypeError) as exc:
         raise InputError(f"{path}: not FID statistics with mu and sigma ({exc}); re-create it with `diffpro fid-stats`") from None
     return mu, sigma, n
 

@@ -13,6 +13,8 @@ import torch
 from diffpro_cli.console import QUIET_UI, UI
 from diffpro_cli.errors import UsageError
 
+FEATURE_DIM = 2048   # Inception pool3 (metrics.fid.inception_features)
+
 if TYPE_CHECKING:
     from diffpro_cli.stages.bench import BenchConfig, Row
 
@@ -60,12 +62,17 @@ def row_features(row: Row, cfg: BenchConfig, n: int, inception, cache, ui: UI = 
 def fid_inputs(rows: list[Row], cfg: BenchConfig, device: str = "cpu") -> tuple:
     """(Inception network, (mu, sigma, n) of the reference): checked before any measuring, so a bad
     --reference or missing Inception weights fail at once, not after minutes of timing."""
+    from diffpro_cli.errors import InputError
     from diffpro_cli.metrics.fid import load_inception, load_reference_stats
 
     for row in rows:
         if row.model.random_weights:
             raise UsageError(f"{row.model.spec} has random weights: FID is meaningless; drop --fid (speed and memory only)")
-    return load_inception(cfg.inception_weights, device=device), load_reference_stats(cfg.reference)
+    reference = load_reference_stats(cfg.reference)
+    if len(reference[0]) != FEATURE_DIM:   # else the FID of every row fails after all of its sampling
+        raise InputError(f"--reference {cfg.reference}: statistics of {len(reference[0])}-d features, not Inception's "
+                         f"{FEATURE_DIM}-d pool3; make them with `diffpro fid-stats`")
+    return load_inception(cfg.inception_weights, device=device), reference
 
 
 def fid_for_rows(rows: list[Row], cfg: BenchConfig, workdir: Path, inception, reference: tuple,
