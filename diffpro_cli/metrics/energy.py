@@ -41,20 +41,25 @@ def energy_meter(device: str = "cpu"):
     """Yields a dict filled on exit with {"joules": float | None, "source": str, "note": str}."""
     result = {"joules": None, "source": None, "note": None}
     if device.startswith("cuda"):
+        # the body runs outside every try: an error in it (a CUDA OOM while timing) must reach the caller
+        # as itself, not be caught here and end in contextlib's "generator didn't stop after throw()"
         try:
             import pynvml
 
             pynvml.nvmlInit()
             h = pynvml.nvmlDeviceGetHandleByIndex(0)
             start = pynvml.nvmlDeviceGetTotalEnergyConsumption(h)
-            yield result
-            end = pynvml.nvmlDeviceGetTotalEnergyConsumption(h)
-            result.update(joules=(end - start) / 1000.0, source="nvml total energy")
-            return
         except Exception as exc:  # pynvml missing or the counter is not supported
             result["note"] = f"NVML energy counter unavailable ({type(exc).__name__})"
             yield result
             return
+        yield result
+        try:
+            end = pynvml.nvmlDeviceGetTotalEnergyConsumption(h)
+            result.update(joules=(end - start) / 1000.0, source="nvml total energy")
+        except Exception as exc:  # noqa: BLE001 - the counter stopped answering: no number, said why
+            result["note"] = f"NVML energy counter unreadable after the run ({type(exc).__name__})"
+        return
     domains = _rapl_domains()
     if not domains:
         result["note"] = "no readable RAPL counter (/sys/class/powercap) on this machine"

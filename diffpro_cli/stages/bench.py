@@ -296,20 +296,23 @@ def measure_latency(rows: list[Row], cfg: BenchConfig, ui: UI = QUIET_UI, device
             sub = Row(row.name, row.model, row.timesteps[-cfg.latency_steps:], cfg.latency_steps, 0, 0, "")
         fns[row.name] = (lambda r=sub: r.sampler(cfg, cfg.latency_batch, cfg.latency_batch))
     ui.info(f"bench: timing {len(rows)} rows × {cfg.repeats} repeats (batch {cfg.latency_batch})")
+    for fn in fns.values():   # the warm-up runs outside the energy window: it holds the timed repeats only
+        fn()
     with energy_meter(device) as energy:
-        stats = interleaved(fns, repeats=cfg.repeats, warmup=1, ui=ui, description="bench: timing", device=device)
+        stats = interleaved(fns, repeats=cfg.repeats, warmup=0, ui=ui, description="bench: timing", device=device)
     out = {}
     total_images = cfg.repeats * cfg.latency_batch * len(rows)
     for row in rows:
-        per_image = scale(stats[row.name], cfg.latency_batch)
+        per_image, timed_share = scale(stats[row.name], cfg.latency_batch), 1.0
         if cfg.latency_steps and row.timesteps is not None and cfg.latency_steps < row.steps and row.cache is None:
-            per_image = scale(per_image, cfg.latency_steps / row.steps)
+            timed_share = cfg.latency_steps / row.steps   # latency and energy both scale to the row's steps
+            per_image = scale(per_image, timed_share)
             row.notes.append(f"latency timed over {cfg.latency_steps} steps and scaled to {row.steps}")
         out[row.name] = {"latency": per_image, "energy": None}
         if energy["joules"] is not None:
             # one counter for the whole interleaved run: share it by each row's time
             share = stats[row.name]["median"] / sum(s["median"] for s in stats.values())
-            out[row.name]["energy"] = energy["joules"] * share * len(rows) / total_images
+            out[row.name]["energy"] = energy["joules"] * share * len(rows) / total_images / timed_share
     if energy["joules"] is None:
         out["_note"] = energy["note"]
     return out
