@@ -188,7 +188,7 @@ def build_rows(ctx, cfg: BenchConfig, quantized: Path | None, timesteps: list[in
     fp_bytes = float_size_bytes(fp)
     rows: list[Row] = []
     bf16_shared: dict = {}   # one bf16 copy for both bf16 rows; `fp` stays fp32
-    for name in cfg.rows:
+    for name in dict.fromkeys(cfg.rows):   # a row named twice is measured and reported once
         if name == "fp32":
             rows.append(Row("fp32", fp, ref_ts, len(ref_ts), fp_bytes, 32.0, f"fp32:{fp_id}"))
         elif name in ("w8a8-uniform", "w4-uniform"):
@@ -358,7 +358,8 @@ def measure_bench(ctx, cfg: BenchConfig, quantized: Path | None = None, timestep
     if cfg.compile:
         notes.append(compile_rows(rows, ctx.device))
     if not rows:
-        raise UsageError("--rows selects nothing to measure; name at least one row")
+        skipped = [n for n in notes if " row skipped: " in n]   # why each requested row could not be built
+        raise UsageError("--rows selects nothing to measure: " + ("; ".join(skipped) if skipped else "name at least one row"))
     from diffpro_cli.distributed import barrier, is_main, rank_world
 
     fp_model = rows[0].model if rows[0].name == "fp32" else None
