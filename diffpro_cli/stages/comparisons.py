@@ -29,6 +29,14 @@ def derived_ratios(report: dict, replicates=None) -> dict:
     return out
 
 
+def speed_verdict(ratio: float, slower: str = "SLOWER") -> str:
+    """'1.23x faster' / '0.81x SLOWER...' for other row's latency over diffpro's; a ratio that prints as
+    1.00x is a tie, not 'SLOWER' (0.996) or 'faster' (1.004): the text must not contradict its number."""
+    if f"{ratio:.2f}" == "1.00":
+        return "1.00x, a tie"
+    return f"{ratio:.2f}x " + ("faster" if ratio > 1.0 else slower)
+
+
 def steps_note(p: dict) -> str:
     """One line for prune's paired comparison of drift-selected and uniform steps."""
     lo, hi = p["ci95"]
@@ -71,8 +79,7 @@ def strongest_float_baseline(report: dict) -> dict | None:
     out = {"row": best["name"], "steps": best["steps"], "latency_s_per_image": best["latency_s_per_image"]["median"],
            "diffpro_speedup": round(ratio, 3),
            "line": (f"strongest float baseline at diffpro's {dp['steps']} steps: {best['name']} "
-                    f"({best['latency_s_per_image']['median'] * 1000:.1f} ms/img); diffpro {ratio:.2f}x "
-                    + ("faster" if ratio >= 1.0 else "SLOWER"))}
+                    f"({best['latency_s_per_image']['median'] * 1000:.1f} ms/img); diffpro {speed_verdict(ratio)}")}
     if best["latency_s_per_image"].get("min") and dp["latency_s_per_image"].get("min"):
         # fastest repeats too (as derived's speedup_min): on a busy machine the medians can disagree
         out["diffpro_speedup_min"] = round(best["latency_s_per_image"]["min"] / dp["latency_s_per_image"]["min"], 3)
@@ -120,10 +127,9 @@ def _versus(report: dict, replicates, pick, describe, slower: str = "SLOWER") ->
             if quality and ci is not None:
                 sig = "significant" if ci[0] > 0 or ci[1] < 0 else "not significant"
                 quality += f" (paired Δ {entry['delta_fid_vs_fp']:+.2f} [{ci[0]:+.2f}, {ci[1]:+.2f}], {sig})"
-        verdict = "faster" if ratio >= 1.0 else slower
         # smaller than this row (a bf16 row holds half of fp32's bytes); else than the baseline
         smaller = (r["size_bytes"] / dp["size_bytes"] if r.get("size_bytes") and dp.get("size_bytes")
                    else report["derived"].get("diffpro", {}).get("compression") or 0)
-        entry["line"] = f"diffpro vs {name} ({describe(r)}): {ratio:.2f}x {verdict}{quality}, {smaller:.2f}x smaller"
+        entry["line"] = f"diffpro vs {name} ({describe(r)}): {speed_verdict(ratio, slower)}{quality}, {smaller:.2f}x smaller"
         out.append(entry)
     return out

@@ -1,0 +1,26 @@
+"""The report's speed verdicts when diffpro and a float row tie: the words must not contradict the number."""
+
+from diffpro_cli.stages.comparisons import strongest_float_baseline, versus_cache, versus_step_cut
+
+
+def _row(name, steps, median, minimum=None):
+    lat = {"median": median, **({"min": minimum} if minimum is not None else {})}
+    return {"name": name, "steps": steps, "latency_s_per_image": lat, "fid_vs_fp": None, "size_bytes": 100}
+
+
+def test_a_ratio_that_prints_as_1_00x_is_a_tie_not_slower_or_faster():
+    """Catches: diffpro at 0.997 of ddim-25's speed reported "1.00x SLOWER: quantized compute does not
+    pay on this machine" (and at exactly 1.0 "1.00x faster"), as results.md's bf16-ddim-50 run did."""
+    rows = [_row("ddim-25", 25, 1.000), _row("bf16-ddim-25", 25, 1.004), _row("deepcache-2", 50, 1.001),
+            _row("diffpro", 25, 1.003)]
+    rep = {"rows": rows, "derived": {}}
+    lines = {v["row"]: v["line"] for v in versus_step_cut(rep) + versus_cache(rep)}
+    for name, line in lines.items():
+        assert "1.00x, a tie" in line and "SLOWER" not in line and "faster" not in line, (name, line)
+    best = strongest_float_baseline(rep)
+    assert best["row"] == "ddim-25" and "diffpro 1.00x, a tie" in best["line"] and "SLOWER" not in best["line"]
+    # a real difference keeps its word
+    rows[-1]["latency_s_per_image"]["median"] = 1.2
+    assert "0.83x SLOWER" in versus_step_cut(rep)[0]["line"]
+    rows[-1]["latency_s_per_image"]["median"] = 0.8
+    assert "1.25x faster" in versus_step_cut(rep)[0]["line"]
