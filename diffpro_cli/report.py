@@ -109,7 +109,9 @@ def write_markdown(report: dict, bench_dir: Path, samples: dict, workdir: Path, 
                   f"KID ×10³: mean ± std over {kid['subsets']} subsets"
                   f"{' against ' + str((kid.get('reference') or {}).get('n')) + ' reference images' if (kid.get('reference') or {}).get('n') else ''}. "
                   f"PSNR vs fp32: mean over the first {ev['paired']['n_max']} (at most) same-seed image pairs."), ""]
-    lines += [("| row | steps | avg bits | size | speedup (of minima) | compression | latency/img (median) | peak mem | FID [95% CI] | ΔFID | "
+    base = report.get("baseline", "fp32")   # the derived columns' reference row (the first row without fp32)
+    lines += [(f"| row | steps | avg bits | size | speedup vs {base} (of minima) | compression vs {base} | "
+               f"latency/img (median) | peak mem | FID [95% CI] | ΔFID vs {base} | "
                "FID vs fp32 | KID ×10³ | PSNR vs fp32 | energy/img |"),
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:

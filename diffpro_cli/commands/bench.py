@@ -72,6 +72,6 @@ def bench_cmd(
     report = read_json(ctx.workdir / "bench" / "report.json", "diffpro.report/1")
     report["stage"] = outcome.as_dict()
     lines = [f"{r['name']:>14s}: {r['steps']:4d} steps, {r['weight_bits_avg']:5.2f} bits, "
-             f"{r['latency_s_per_image']['median'] * 1000:8.1f} ms/img, speedup {report['derived'][r['name']]['speedup']:.2f}x"
+             f"{r['latency_s_per_image']['median'] * 1000:8.1f} ms/img, speedup {report['derived'][r['name']]['speedup']:.2f}x vs {report['baseline']}"
              + (f", FID {r['fid']:.2f}" if r["fid"] is not None else "") for r in report["rows"]]
     ui.result(report, human="\n".join(lines) + f"\nwrote {ctx.workdir / 'bench' / 'report.json'} and report.md")
