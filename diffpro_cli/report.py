@@ -129,6 +129,10 @@ def write_markdown(report: dict, bench_dir: Path, samples: dict, workdir: Path, 
     line = significance_line(report)
     if line:
         lines += ["", line]
+    min_n = (report["fid"].get("evidence") or {}).get("bootstrap", {}).get("min_n")
+    if min_n and report["fid"]["n_samples"] and report["fid"]["n_samples"] < min_n:
+        lines += ["", f"No 95 % intervals and no significance at N = {report['fid']['n_samples']}: a bootstrap interval "
+                      f"from fewer than {min_n} samples covers far less than 95 % (pass --fid-n {min_n} or more)."]
     kid_ref = report["fid"].get("evidence", {}).get("kid", {}).get("reference") or {}
     if "note" in kid_ref:
         lines += ["", f"KID not measured: {kid_ref['note']}."]

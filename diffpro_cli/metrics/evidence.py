@@ -38,7 +38,7 @@ class Replicates:
 def settings(seed: int, resamples: int = S.BOOTSTRAP_RESAMPLES, kid_reference: dict | None = None) -> dict:
     """What the report records about these metrics (every random choice and its seed)."""
     return {
-        "bootstrap": {"resamples": resamples, "seed": seed, "level": S.CI_LEVEL,
+        "bootstrap": {"resamples": resamples, "seed": seed, "level": S.CI_LEVEL, "min_n": S.MIN_INTERVAL_N,
                       "method": "percentile interval re-centred on the estimate after regressing out the "
                                 "resamples' duplicate counts; same indices for every row (paired)"},
         "kid": {"subsets": S.KID_SUBSETS, "subset_size_max": S.KID_SUBSET_SIZE, "seed": seed,
@@ -52,29 +52,35 @@ def settings(seed: int, resamples: int = S.BOOTSTRAP_RESAMPLES, kid_reference: d
 def measure_rows(features: dict, paired_images: dict, mu_ref, sigma_ref, ref_features=None, *,
                  seed: int = 0, baseline: str = "fp32", resamples: int = S.BOOTSTRAP_RESAMPLES) -> tuple[dict, Replicates]:
     """Per row: fid, fid_ci95, n, fid_vs_fp, fid_vs_fp_ci95, kid, kid_std, psnr_vs_fp32(_ci95),
-    ssim_vs_fp32(_ci95) (null where not measurable), and the replicates for paired differences."""
+    ssim_vs_fp32(_ci95) (null where not measurable), and the replicates for paired differences.
+    Below S.MIN_INTERVAL_N samples every interval is null and no replicates are kept."""
     reps = Replicates()
     out: dict[str, dict] = {}
     base = features.get(baseline)
     for name, feats in features.items():
         n = len(feats)
-        if n not in reps.indices:
+        boot_ok = n >= S.MIN_INTERVAL_N
+        if boot_ok and n not in reps.indices:
             reps.indices[n] = S.bootstrap_indices(n, resamples, seed)
-        idx = reps.indices[n]
+        idx = reps.indices.get(n)
         ident = np.arange(n)[None]
         fid = float(S.fid_replicates(feats, mu_ref, sigma_ref, ident)[0])
-        boot = S.fid_replicates(feats, mu_ref, sigma_ref, idx)
-        reps.values[name], reps.estimates[name], reps.n[name] = {"fid": boot}, {"fid": fid}, n
-        row = {"fid": fid, "fid_ci95": S.interval(boot, fid, indices=idx), "n": n,
+        row = {"fid": fid, "fid_ci95": None, "n": n,
                "fid_vs_fp": None, "fid_vs_fp_ci95": None, "kid": None, "kid_std": None}
+        if boot_ok:
+            boot = S.fid_replicates(feats, mu_ref, sigma_ref, idx)
+            reps.values[name], reps.estimates[name], reps.n[name] = {"fid": boot}, {"fid": fid}, n
+            row["fid_ci95"] = S.interval(boot, fid, indices=idx)
         if base is not None and len(base) == n:
             if name == baseline:
                 row["fid_vs_fp"] = 0.0   # by definition; its interval stays null
             else:
                 vs = float(S.fid_replicates_between(feats, base, ident)[0])
-                vboot = S.fid_replicates_between(feats, base, idx)
-                row["fid_vs_fp"], row["fid_vs_fp_ci95"] = vs, S.interval(vboot, vs, indices=idx)
-                reps.values[name]["fid_vs_fp"], reps.estimates[name]["fid_vs_fp"] = vboot, vs
+                row["fid_vs_fp"] = vs
+                if boot_ok:
+                    vboot = S.fid_replicates_between(feats, base, idx)
+                    row["fid_vs_fp_ci95"] = S.interval(vboot, vs, indices=idx)
+                    reps.values[name]["fid_vs_fp"], reps.estimates[name]["fid_vs_fp"] = vboot, vs
         if ref_features is not None:
             k = S.kid(feats, ref_features, seed=seed)
             row["kid"], row["kid_std"] = k["kid"], k["kid_std"]
@@ -96,7 +102,7 @@ def paired_metrics(images, base_images, is_baseline: bool, seed: int, resamples:
     if n < 2:
         return out
     a, b = images[:n], base_images[:n]
-    idx = S.bootstrap_indices(n, resamples, seed)
+    idx = S.bootstrap_indices(n, resamples, seed) if n >= S.MIN_INTERVAL_N else None   # None: no interval
     out["psnr_vs_fp32"], out["psnr_vs_fp32_ci95"] = P.mean_with_interval(P.psnr(a, b), idx)
     if min(a.shape[-2:]) >= P.SSIM_WINDOW:
         out["ssim_vs_fp32"], out["ssim_vs_fp32_ci95"] = P.mean_with_interval(P.ssim(a, b), idx)

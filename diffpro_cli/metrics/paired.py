@@ -75,10 +75,13 @@ def ssim(a, b, window: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA) -> np.ndarr
 
 
 def mean_with_interval(values, indices) -> tuple[float, list[float]]:
-    """Mean of per-image values and its 95 % bootstrap interval over `indices` ([B, n] into values)."""
+    """Mean of per-image values and its 95 % bootstrap interval over `indices` ([B, n] into values;
+    None: the mean alone, its interval None)."""
     from diffpro_cli.metrics.stats import interval
 
     v = np.asarray(values, dtype=np.float64)
+    if indices is None:
+        return float(v.mean()), None
     reps = v[np.asarray(indices)].mean(axis=1)
     return float(v.mean()), interval(reps, float(v.mean()))
 

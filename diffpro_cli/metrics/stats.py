@@ -32,6 +32,11 @@ from __future__ import annotations
 import numpy as np
 
 BOOTSTRAP_RESAMPLES = 200
+# Below this many samples no interval is reported (null): the 95 % percentile bootstrap of a mean of
+# normal values covers the truth in 50 % of draws at n = 2, 70 % at 3, 83 % at 5, 87 % at 8 and
+# 90 % from 10 on (400 seeded draws each, `interval`), so a tiny --fid-n would print "significant"
+# for noise.
+MIN_INTERVAL_N = 10
 CI_LEVEL = 0.95
 KID_SUBSETS = 100
 KID_SUBSET_SIZE = 1000
