@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
-import numbers
 import os
 import typing
 from pathlib import Path
@@ -81,8 +80,9 @@ def _path_arg(name: str, value) -> Path | None:
 
 
 def _check_seed(seed) -> None:
-    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
-        raise UsageError(f"seed {seed!r}: use an integer")
+    from diffpro_cli.stages.context import check_seed
+
+    check_seed(seed, "seed")
 
 
 def _config(cls, options: dict, **defaults):

@@ -18,7 +18,7 @@ JsonOut = Annotated[bool, typer.Option("--json", help="Print the result as JSON 
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or info lines.")]
 Force = Annotated[bool, typer.Option("--force", help="Recompute even if the stage is up to date.")]
 Wait = Annotated[bool, typer.Option("--wait", help="If another diffpro process is using the workdir, wait for it instead of exiting with code 2.")]
-Seed = Annotated[int, typer.Option("--seed", help="Seed for every random choice (recorded in artifacts).")]
+Seed = Annotated[int, typer.Option("--seed", min=0, max=2 ** 63 - 1, help="Seed for every random choice (recorded in artifacts), 0 to 2**63 - 1.")]
 TrustCode = Annotated[bool, typer.Option("--trust-code", help="Allow importing module:factory code and non-weights-only pickles.")]
 Weights = Annotated[Optional[Path], typer.Option("--weights", help="Weights file for a module:factory model.")]
 Conditioning = Annotated[Optional[Path], typer.Option("--conditioning", help="Prompt embeddings (.safetensors/.pt: prompt_embeds, pooled_prompt_embeds, negative_*) or class_labels that every stage calibrates and samples on; text-conditioned models need it.")]

@@ -18,6 +18,21 @@ from diffpro_cli.devices import device_text
 from diffpro_cli.errors import UsageError
 
 
+SEED_MAX = 2 ** 63 - 1   # numpy's generators refuse negative seeds, torch's manual_seed anything from 2**64
+
+
+def check_seed(seed, where: str = "--seed") -> int:
+    """One rule for every seed a run takes (CLI, API, a config's sections): an integer in [0, 2**63).
+    A negative seed crashed numpy's bootstraps after the work was done; a huge one, torch's manual_seed."""
+    import numbers
+
+    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
+        raise UsageError(f"{where} {seed!r}: use an integer from 0 to {SEED_MAX}")
+    if not 0 <= int(seed) <= SEED_MAX:
+        raise UsageError(f"{where} {seed}: use an integer from 0 to {SEED_MAX} (2**63 - 1)")
+    return int(seed)
+
+
 @dataclass(frozen=True)
 class LoadOptions:
     """How models are loaded: the trust flag and weights file reach every loader, quantized dirs included."""
@@ -86,7 +101,7 @@ class StageContext:
     def create(cls, model_spec: str, workdir: str | Path, *, trust_code: bool = False, weights=None, seed: int = 0,
                ui: UI = QUIET_UI, force: bool = False, wait: bool = False, device: str = "cpu",
                conditioning=None, prompts=None, negative_prompt: str | None = "") -> "StageContext":
-        return cls(model_spec, Path(workdir), LoadOptions(bool(trust_code), None if weights is None else str(weights), int(seed),
+        return cls(model_spec, Path(workdir), LoadOptions(bool(trust_code), None if weights is None else str(weights), check_seed(seed),
                                                           None if conditioning is None else str(conditioning),
                                                           None if prompts is None else str(prompts), negative_prompt or ""),
                    ui=ui, force=force, wait=wait, device=device_text(device))

@@ -288,7 +288,7 @@ def paired_comparison(selected: list[float], uniform: list[float], seed: int, re
 
     d = np.asarray(uniform, dtype=np.float64) - np.asarray(selected, dtype=np.float64)
     n = len(d)
-    rng = np.random.default_rng(seed % 2 ** 64)   # numpy refuses negative seeds; torch and --seed take them
+    rng = np.random.default_rng(seed)   # seeds are 0..2**63-1 (stages.context.check_seed)
     boot = d[rng.integers(0, n, size=(resamples, n))].mean(axis=1) if n > 1 else np.repeat(d.mean(), 2)
     wins, losses = int((d > 0).sum()), int((d < 0).sum())
     p = float(binomtest(wins, wins + losses).pvalue) if wins + losses else 1.0

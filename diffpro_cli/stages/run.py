@@ -14,6 +14,7 @@ from pathlib import Path
 
 from diffpro_cli.console import QUIET_UI, UI
 from diffpro_cli.errors import InputError, UsageError
+from diffpro_cli.stages.context import check_seed
 
 STAGES = ("profile", "score", "prune", "allocate", "quantize", "bench")
 TOP_KEYS = {"model", "workdir", "seed", "trust_code", "weights", "conditioning", "prompts", "negative_prompt", "device", "stages"}
@@ -47,6 +48,7 @@ def load_run_config(path: str | Path) -> RunConfig:
         raise UsageError(f"{path}: unknown key(s) {', '.join(unknown)}; top-level keys are {', '.join(sorted(TOP_KEYS))} plus sections [{'], ['.join(STAGES)}]")
     check_types(RunConfig, {k: raw[k] for k in TOP_KEYS if k in raw}, str(path))
     cfg = RunConfig(**{k: raw[k] for k in TOP_KEYS if k in raw})
+    check_seed(cfg.seed, f"{path}: seed")
     bad = [s for s in cfg.stages if s not in STAGES]
     if bad:
         raise UsageError(f"{path}: stages {bad} unknown; choose from {', '.join(STAGES)}")
@@ -137,6 +139,8 @@ def section(cls, values: dict, name: str, **defaults):
     if unknown:
         raise UsageError(f"[{name}] unknown key(s) {', '.join(unknown)}; valid: {', '.join(sorted(fields))}")
     check_types(cls, values, f"[{name}]")
+    if "seed" in values:
+        check_seed(values["seed"], f"[{name}] seed")
     return cls(**{**{k: v for k, v in defaults.items() if k in fields}, **values})
 
 
