@@ -62,7 +62,7 @@ def test_timesteps_pruned_for_another_model_are_refused_like_quantize_and_bench_
     assert not (tmp_path / "g.png").exists()
     odd = _timesteps_file(tmp_path / "odd.json", "builtin:dit-mnist")
     code, _, err = cli("sample", TINY, "--n", "1", "--timesteps", odd, "--out", tmp_path / "g.png", "-q")
-    assert code == 3 and "'model' is not a JSON object" in _one_error_line(err)
+    assert code == 3 and "'model' record is not a JSON object" in _one_error_line(err)
 
 
 def test_quantized_checkpoint_takes_the_timesteps_pruned_for_its_float_model(cli, tmp_path):

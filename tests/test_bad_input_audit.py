@@ -350,3 +350,15 @@ def test_quantize_plan_act_mode_check_ignores_weight_only_layers_written_as_mode
     code, _, err = cli("quantize", TINY, "--plan", plan, "--act-mode", "static", "--out", tmp_path / "q2",
                        "-w", tmp_path / "w2", "-q")
     assert code == 2 and "with dynamic activations" in _one_error_line(err)   # "none" not named as a mode
+
+
+@pytest.mark.parametrize("record", ['"random:dit-tiny"', '["random:dit-tiny"]'])
+def test_quantize_timesteps_whose_model_record_is_not_an_object_is_bad_input(cli, tmp_path, record):
+    """A hand-edited timesteps.json whose "model" is a string or list: quantize --timesteps (and bench,
+    through the same check_same_model) ended in AttributeError ('str' object has no attribute 'get')."""
+    ts = tmp_path / "timesteps.json"
+    ts.write_text('{"schema": "diffpro.timesteps/1", "timesteps": [999, 500, 0], "model": ' + record + '}')
+    code, _, err = cli("quantize", TINY, "--bits", "8", "--timesteps", ts, "--out", tmp_path / "q", "-w", tmp_path / "w", "-q")
+    line = _one_error_line(err)
+    assert code == 3 and "'model' record is not a JSON object" in line
+    assert not (tmp_path / "q").exists()

@@ -339,7 +339,7 @@ def run_allocate(ctx, cfg: AllocateConfig, *, scores_path: str | Path | None = N
     layers = load_layers(scores, scores_path)
     error_model(layers, cfg.error_model)
     if timesteps is not None:
-        t_spec, s_spec = (timesteps.get("model") or {}).get("spec"), (scores.get("model") or {}).get("spec")
+        t_spec, s_spec = _spec_of(timesteps), _spec_of(scores)
         if t_spec and s_spec and t_spec != s_spec:
             ui.warn(f"{timesteps_path} was pruned for {t_spec} but the scores are for {s_spec}")
     if cfg.latency_budget is not None or joint:   # a bad --steps fails before the cost table is timed
@@ -366,7 +366,7 @@ def run_allocate(ctx, cfg: AllocateConfig, *, scores_path: str | Path | None = N
         fingerprint, doc = None, None
         if latency_fn is None:
             if not ctx.model_spec:     # `diffpro allocate` without --model: the scored model
-                ctx.model_spec = (scores.get("model") or {}).get("spec", "")
+                ctx.model_spec = _spec_of(scores) or ""
             doc = obtain_cost_table(ctx, cfg, layers)
             fingerprint = doc["fingerprint"]
 
@@ -469,8 +469,9 @@ def obtain_cost_table(ctx, cfg: AllocateConfig, layers: list[Layer]) -> dict:
         else:
             check_fingerprint(previous, path, explicit=False, ui=ctx.ui, device=ctx.device)
         model = ctx.model()
-        if previous is not None and (previous.get("batch") != cfg.batch or (previous.get("model") or {}).get("sha256") != model.sha256
-                                     or (previous.get("model") or {}).get("spec") != model.spec):
+        timed_for = (previous or {}).get("model")
+        if previous is not None and (previous.get("batch") != cfg.batch or not isinstance(timed_for, dict)
+                                     or timed_for.get("sha256") != model.sha256 or timed_for.get("spec") != model.spec):
             ctx.ui.info(f"allocate: {path} was timed for another model or batch; re-measuring")
             previous = None
     model = ctx.model()
@@ -482,3 +483,9 @@ def obtain_cost_table(ctx, cfg: AllocateConfig, layers: list[Layer]) -> dict:
                          f"re-run `diffpro score` for {model.spec}")
     atomic_write_json(path, doc)
     return doc
+
+
+def _spec_of(doc: dict) -> str | None:
+    """The model spec an artifact records (None where its 'model' is missing or not an object)."""
+    record = doc.get("model")
+    return record.get("spec") if isinstance(record, dict) else None

@@ -66,6 +66,8 @@ def check_same_model(what: str, recorded: dict | None, model: DiffusionModel) ->
     """Refuse an artifact made for another model (by sha256, or by spec when no hash was recorded)."""
     if not recorded:
         return
+    if not isinstance(recorded, dict):   # a hand-edited file: its .get() was an AttributeError traceback
+        raise InputError(f"{what}: its 'model' record is not a JSON object ({type(recorded).__name__}); re-run the stage that wrote it")
     sha, spec = recorded.get("sha256"), recorded.get("spec")
     if sha is not None and _model_id(model) and sha not in _model_id(model):
         raise InputError(f"{what} was made for another model ({spec}, sha256 {str(sha)[:12]}…), not {model.spec}; re-run it for this model")
