@@ -29,7 +29,7 @@ def row_features(row: Row, cfg: BenchConfig, n: int, inception, cache, ui: UI = 
     from diffpro_cli.mnist import to_uint8
 
     key = FeatureCache.key(identity=row.identity, ts=row.timesteps, steps=row.steps, method=cfg.method,
-                           cfg=cfg.cfg_scale, seed=cfg.seed)
+                           cfg=cfg.cfg_scale, seed=cfg.seed, **kernel_variant(row, cfg))
     n_paired = min(n, PAIRED_N)
     feats = cache.get(key, n)
     grid = {}
@@ -57,6 +57,20 @@ def row_features(row: Row, cfg: BenchConfig, n: int, inception, cache, ui: UI = 
         grid["x"] = grid["paired"][:cfg.grid_n].float() / 127.5 - 1 if cfg.grid_n <= len(grid["paired"]) \
             else row.sampler(cfg, min(cfg.grid_n, n), cfg.sample_batch)
     return feats, grid["x"], grid["paired"]
+
+
+def kernel_variant(row: Row, cfg: BenchConfig) -> dict:
+    """What else decides a row's samples: compiled kernels (--compile: the oneDNN int8 path, inductor's
+    fusions) and a GPU compute other numbers than the eager CPU kernels, so their features are not
+    an eager CPU run's. Empty for eager CPU rows (the keys features were always cached under)."""
+    from diffpro_cli.devices import net_device
+
+    variant = {"compiled": True} if cfg.compile else {}
+    try:
+        kind = net_device(row.model.net).type
+    except AttributeError:   # a model without a plain .net: keyed as before
+        kind = "cpu"
+    return variant | ({"device": kind} if kind != "cpu" else {})
 
 
 def fid_inputs(rows: list[Row], cfg: BenchConfig, device: str = "cpu") -> tuple:
