@@ -28,3 +28,13 @@ def test_rows_that_all_need_an_absent_input_say_which_input(cli, tmp_path):
     assert rc == 2 and len(lines) == 1 and lines[0].startswith("error:"), err
     assert "no quantized checkpoint" in lines[0] and "diffpro quantize" in lines[0] and "no timesteps" in lines[0]
     assert not (tmp_path / "w" / "bench" / "report.json").exists()
+
+
+def test_a_reference_step_count_beyond_the_model_names_reference_steps(cli, tmp_path):
+    """Catches: `--reference-steps 5000` answered "error: --steps 5000: must be between 1 and 1000",
+    naming an option the user did not pass (and --steps checked only when a ddim row was built)."""
+    for option in ("--reference-steps", "--steps"):
+        rc, _, err = cli("bench", "random:dit-tiny", "--rows", "fp32", option, 5000, "--repeats", 1,
+                         "--latency-batch", 1, "-w", tmp_path / option.strip("-"))
+        lines = [line for line in err.splitlines() if line.strip() and not line.startswith("bench:")]
+        assert rc == 2 and len(lines) == 1 and lines[0].startswith(f"error: {option} 5000: must be between 1 and 1000"), err

@@ -161,6 +161,9 @@ def build_rows(ctx, cfg: BenchConfig, quantized: Path | None, timesteps: list[in
     notes = []
     workdir, model_spec = ctx.workdir, ctx.model_spec
     fp = ctx.model()   # memory is measured later, in fresh processes (measure_memory)
+    for option, value in (("--reference-steps", cfg.reference_steps), ("--steps", cfg.steps)):   # sampling names only --steps
+        if value is not None and not 1 <= value <= fp.num_train_timesteps:
+            raise UsageError(f"{option} {value}: must be between 1 and {fp.num_train_timesteps} (the model's timesteps)")
     ref_ts = uniform_timesteps(fp.num_train_timesteps, cfg.reference_steps)
     qinfo = checkpoint_info(quantized) if quantized is not None else None
     if qinfo is not None:   # a checkpoint of another model would be benched against this one's baselines
