@@ -44,6 +44,18 @@ def _wrap_module(spec: str, module: nn.Module, sample_shape) -> DiffusionModel:
     )
 
 
+def _search_current_directory() -> None:
+    """`diffpro ... mymod:make` run beside mymod.py: the `diffpro` console script, unlike `python -m`, does
+    not put the current directory on sys.path, so the module was "not found". It is searched last, so a
+    local file cannot shadow an installed package."""
+    import os
+    import sys
+
+    here = os.getcwd()
+    if "" not in sys.path and here not in sys.path:
+        sys.path.append(here)
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0][:160]}" if text else type(exc).__name__
@@ -57,13 +69,15 @@ def load_custom(spec: str, weights: str | Path | None = None, trust_code: bool =
     module_name, _, factory_name = spec.partition(":")
     if not trust_code:
         raise TrustError(f"refusing to import {module_name}: pass --trust-code to run its code")
+    _search_current_directory()
     try:
         mod = importlib.import_module(module_name)
     except ImportError as exc:
         missing = getattr(exc, "name", None)
         if missing and module_name != missing and not module_name.startswith(missing + "."):   # the module's own import
             raise InputError(f"{spec}: {module_name} imports {missing}, which is not installed ({exc}); install it") from None
-        raise InputError(f"{spec}: cannot import {module_name} ({exc}); check the module name and PYTHONPATH") from None
+        raise InputError(f"{spec}: cannot import {module_name} ({exc}); check the module name, and run from its folder "
+                         f"or put that folder on PYTHONPATH") from None
     except (Exception, SystemExit) as exc:   # the user's module failed while importing: their bug, one line, not ours
         raise InputError(f"{spec}: importing {module_name} raised {_first_line(exc)}; fix the module "
                          f"(`python -c 'import {module_name}'` shows the traceback)") from None
