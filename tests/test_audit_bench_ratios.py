@@ -24,3 +24,18 @@ def test_a_ratio_that_prints_as_1_00x_is_a_tie_not_slower_or_faster():
     assert "0.83x SLOWER" in versus_step_cut(rep)[0]["line"]
     rows[-1]["latency_s_per_image"]["median"] = 0.8
     assert "1.25x faster" in versus_step_cut(rep)[0]["line"]
+
+
+def test_size_words_say_larger_when_diffpro_holds_more_bytes_than_the_row():
+    """Catches: a plan keeping most layers float (more than 16 average bits) against bf16-ddim-K read
+    "0.80x smaller", diffpro-nocache (the same checkpoint) "1.00x smaller", and a row without sizes
+    "0.00x smaller"."""
+    def row(name, size):
+        return {**_row(name, 25, 1.0), "size_bytes": size}
+
+    rep = {"rows": [row("bf16-ddim-25", 800), row("diffpro-nocache", 1000), row("diffpro", 1000)], "derived": {}}
+    lines = {v["row"]: v["line"] for v in versus_step_cut(rep) + versus_cache(rep)}
+    assert lines["bf16-ddim-25"].endswith("1.25x LARGER") and "smaller" not in lines["bf16-ddim-25"]
+    assert lines["diffpro-nocache"].endswith("the same size")
+    rep["rows"][0]["size_bytes"] = None
+    assert versus_step_cut(rep)[0]["line"].endswith("size n/a")

@@ -37,6 +37,16 @@ def speed_verdict(ratio: float, slower: str = "SLOWER") -> str:
     return f"{ratio:.2f}x " + ("faster" if ratio > 1.0 else slower)
 
 
+def size_words(smaller: float) -> str:
+    """'7.05x smaller' for the other row's bytes over diffpro's; '1.25x LARGER' below 1 (a plan keeping
+    many layers float against a bf16 row), not '0.80x smaller'; 'the same size' at 1.00x."""
+    if not smaller:
+        return "size n/a"
+    if f"{smaller:.2f}" == "1.00":
+        return "the same size"
+    return f"{smaller:.2f}x smaller" if smaller > 1 else f"{1 / smaller:.2f}x LARGER"
+
+
 def steps_note(p: dict) -> str:
     """One line for prune's paired comparison of drift-selected and uniform steps."""
     lo, hi = p["ci95"]
@@ -130,6 +140,6 @@ def _versus(report: dict, replicates, pick, describe, slower: str = "SLOWER") ->
         # smaller than this row (a bf16 row holds half of fp32's bytes); else than the baseline
         smaller = (r["size_bytes"] / dp["size_bytes"] if r.get("size_bytes") and dp.get("size_bytes")
                    else report["derived"].get("diffpro", {}).get("compression") or 0)
-        entry["line"] = f"diffpro vs {name} ({describe(r)}): {speed_verdict(ratio, slower)}{quality}, {smaller:.2f}x smaller"
+        entry["line"] = f"diffpro vs {name} ({describe(r)}): {speed_verdict(ratio, slower)}{quality}, {size_words(smaller)}"
         out.append(entry)
     return out
