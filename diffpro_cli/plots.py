@@ -107,6 +107,15 @@ def _decorate(ax, title, xlabel, ylabel, logx, logy) -> None:
     ax.grid(True, alpha=0.25, linewidth=0.5)
 
 
+def _legend(ax, empty: str) -> None:
+    """The axis' legend, or `empty` written on it where nothing was drawn (matplotlib warned "No artists
+    with labels found to put in legend" on stderr, even under --quiet)."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, empty, transform=ax.transAxes, ha="center", va="center", fontsize=9)
+
+
 def _positive(values):
     """Values clamped to 1e-12 so that a log axis can draw them."""
     return [max(v, 1e-12) for v in values]
@@ -143,7 +152,7 @@ def plot_drift(payload: dict, path: str | Path) -> Path:
     if payload.get("model", {}).get("untrained"):
         title += " (UNTRAINED model)"
     ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
+    _legend(ax, "no drift to draw: every step of the teacher's schedule kept")
     if len(sweep) > 1:
         ax = axes[1]
         ks = [s["steps"] for s in sweep]
@@ -170,7 +179,7 @@ def plot_pareto(pareto: dict, path: str | Path) -> Path:
     ax.set_xlabel(pareto.get("x_label", x_key))
     ax.set_ylabel("predicted error (log; zero-error plans not drawn)")
     ax.set_yscale("log")
-    ax.legend(fontsize=8)
+    _legend(ax, "every plan predicts zero error (nothing to draw on a log axis)")
     ax.set_title(pareto.get("title", "allocation Pareto front"), fontsize=9)
     return save_figure(fig, path)
 
