@@ -11,6 +11,7 @@ all-gather the CPU tensors and objects a CPU run exchanges.
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from typing import Callable
 
 import numpy as np
@@ -20,6 +21,10 @@ import torch.distributed as dist
 from diffpro_cli.errors import UsageError
 
 DEVICE_ENV = "DIFFPRO_DEVICE"   # the device a run computes on, if the runner sets it (default cpu)
+TIMEOUT_ENV = "DIFFPRO_DIST_TIMEOUT_S"   # how long a rank may wait in a collective (default DEFAULT_TIMEOUT_S)
+# bench's other ranks wait in a barrier while rank 0 times every row and measures each row's memory in a
+# fresh process: tens of minutes for a large model, past torch's defaults (gloo 30 min, nccl 10 min)
+DEFAULT_TIMEOUT_S = 6 * 3600
 
 
 def backend_for(device: str | torch.device | None = None) -> str:
@@ -47,8 +52,22 @@ def init_from_env(device: str | torch.device | None = None) -> tuple[int, int]:
         backend = backend_for(device)
         if backend == "nccl":   # one GPU per rank
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend=backend)
+        dist.init_process_group(backend=backend, timeout=timedelta(seconds=collective_timeout_s()))
     return rank_world()
+
+
+def collective_timeout_s() -> float:
+    """Seconds a collective may wait: $DIFFPRO_DIST_TIMEOUT_S, else DEFAULT_TIMEOUT_S."""
+    raw = os.environ.get(TIMEOUT_ENV)
+    if raw is None:
+        return DEFAULT_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise UsageError(f"{TIMEOUT_ENV}={raw}: not a positive number of seconds; unset it or give e.g. 21600")
+    return value
 
 
 def rank_world() -> tuple[int, int]:

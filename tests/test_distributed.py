@@ -117,3 +117,26 @@ def test_backend_refuses_cuda_without_cuda_and_unknown_devices(monkeypatch):
         backend_for("cuda")
     with pytest.raises(UsageError, match="not a torch device"):
         backend_for("gpu0")
+
+
+def test_the_process_group_waits_longer_than_rank_0s_timing_and_memory_phase(monkeypatch):
+    """Catches: init_process_group with torch's default timeout (gloo 30 min, nccl 10 min) while bench's
+    other ranks wait in a barrier for rank 0 to time every row and measure each row's memory in a fresh
+    process: a large model's sharded bench died of a collective timeout before FID sampling began."""
+    import torch.distributed as dist
+
+    from diffpro_cli import distributed as D
+
+    seen = {}
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda **kw: seen.update(kw))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv(D.TIMEOUT_ENV, raising=False)
+    D.init_from_env("cpu")
+    assert seen["backend"] == "gloo" and seen["timeout"].total_seconds() >= 3 * 3600
+    monkeypatch.setenv(D.TIMEOUT_ENV, "7200")
+    D.init_from_env("cpu")
+    assert seen["timeout"].total_seconds() == 7200
+    monkeypatch.setenv(D.TIMEOUT_ENV, "soon")
+    with pytest.raises(UsageError, match="DIFFPRO_DIST_TIMEOUT_S"):
+        D.init_from_env("cpu")
