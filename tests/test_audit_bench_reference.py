@@ -23,7 +23,10 @@ def stand_in_inception(monkeypatch):
     (lambda p: np.savez(p, mu=np.zeros(64), sigma=np.eye(64)), "64-d"),
     # catches: mu and sigma that disagree in size accepted the same way
     (lambda p: np.savez(p, mu=np.zeros(2048), sigma=np.eye(3)), "not a mean and its covariance"),
-], ids=["npy", "wrong-width", "mismatched"])
+    # catches: NaN statistics (a broken fid-stats run) accepted, then every FID NaN and the bootstrap's
+    # "no finite bootstrap replicates" ValueError after sampling
+    (lambda p: np.savez(p, mu=np.zeros(2048), sigma=np.full((2048, 2048), np.nan)), "NaN"),
+], ids=["npy", "wrong-width", "mismatched", "nan"])
 def test_bench_refuses_a_reference_that_is_not_inception_statistics(cli, tmp_path, stand_in_inception, make, needle):
     ref = tmp_path / "ref.npy" if needle == "not an .npz" else tmp_path / "ref.npz"
     make(ref)

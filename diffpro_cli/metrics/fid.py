@@ -281,6 +281,8 @@ def load_reference_stats(name_or_path: str | Path) -> tuple[np.ndarray, np.ndarr
             n = int(f["n"]) if "n" in f.files else None
         if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
             raise ValueError(f"mu {mu.shape} and sigma {sigma.shape} are not a mean and its covariance")
+        if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+            raise ValueError("mu or sigma holds NaN or infinity")
     except (OSError, KeyError, ValueError, TypeError) as exc:
         raise InputError(f"{path}: not FID statistics with mu and sigma ({exc}); re-create it with `diffpro fid-stats`") from None
     return mu, sigma, n
