@@ -336,3 +336,17 @@ def test_relative_path_beside_the_config_but_not_in_the_current_directory_is_nam
     assert code == 3 and len(lines) == 1 and "is read relative to the current directory" in lines[0], err
     assert str(here / "digits.txt") in lines[0]
     assert not (tmp_path / "work").exists()
+
+
+@pytest.mark.parametrize("key,value,needle", [("rounding", '"best"', "[quantize] --rounding best"),
+                                              ("calib_steps", "0", "[quantize] calib_steps 0"),
+                                              ("bits", "5", "[quantize] --bits 5")])
+def test_a_bad_quantize_value_fails_before_the_first_stage(cli, tmp_path, key, value, needle):
+    """[quantize] rounding = "best" failed only at quantize's turn, after profile, score, prune and allocate
+    had run (minutes on a real model): quantize's checks were inline in its stage, not in validate_config."""
+    config = tmp_path / "c.toml"
+    config.write_text(f'model = "random:dit-tiny"\nworkdir = "{tmp_path / "w"}"\n[allocate]\nbudget = "avg-bits=6"\n'
+                      f"[quantize]\n{key} = {value}\n")
+    code, _, err = cli("run", config)
+    assert code == 2 and needle in err and err.count("error:") == 1, err
+    assert not (tmp_path / "w").exists()

@@ -6,7 +6,6 @@ from typing import Annotated, Optional
 import typer
 
 from diffpro_cli.commands.common import ModelArg, Seed, parse_role_list, stage_command
-from diffpro_cli.errors import UsageError
 
 
 @stage_command
@@ -34,8 +33,6 @@ def quantize_cmd(
     m = ctx.model()
     if m.untrained:
         ui.warn(f"{m.spec} is UNTRAINED (seeded random weights): the checkpoint is for speed and size only")
-    if calib_samples < 1:
-        raise UsageError(f"--calib-samples {calib_samples}: must be at least 1")
     cfg = QuantizeConfig(bits=bits, act_bits=act_bits, act_mode=act_mode, group_size=group_size, rounding=rounding,
                          calib_samples=calib_samples, seed=seed, pair_bound=pair_bound,
                          float_act=parse_role_list(float_act))

@@ -313,12 +313,11 @@ def cache_timesteps(plan: dict, timesteps: list[int] | None, model: DiffusionMod
     return list(policy.timesteps)
 
 
-def run_quantize(ctx, cfg: QuantizeConfig, *, plan_path: Path | None = None, timesteps_path: Path | None = None,
-                 out_dir: Path | None = None):
-    """Everything `diffpro quantize` does; all inputs are validated before anything is written.
-    Returns a StageResult (value: the checkpoint's diffpro.json record)."""
-
-    out_dir = Path(out_dir) if out_dir is not None else ctx.workdir / "quantized"
+def validate_config(cfg: QuantizeConfig) -> None:
+    """Every option on its own (one `error:` line each), before anything loads: also what `run` checks
+    before its first stage, so a bad [quantize] value cannot fail after profile, score and prune ran."""
+    if cfg.bits is not None and cfg.bits not in (*STORAGE_BITS, 16):
+        raise UsageError(f"--bits {cfg.bits}: supported weight widths are {', '.join(map(str, STORAGE_BITS))} (16 = float)")
     if cfg.act_mode is not None and cfg.act_mode not in ACT_MODES:
         raise UsageError(f"--act-mode {cfg.act_mode}: use one of {', '.join(ACT_MODES)}")
     if cfg.rounding not in ("nearest", "gptq"):
@@ -328,10 +327,23 @@ def run_quantize(ctx, cfg: QuantizeConfig, *, plan_path: Path | None = None, tim
         raise UsageError(f"--act-bits {cfg.act_bits}: use 8 (int8 activations) or 16 (weight-only)")
     if cfg.group_size is not None and cfg.group_size <= 0:
         raise UsageError(f"--group-size {cfg.group_size}: must be a positive divisor of the layers' input sizes")
+    if cfg.calib_samples < 1:
+        raise UsageError(f"--calib-samples {cfg.calib_samples}: must be at least 1")
+    if cfg.calib_steps < 1:   # a config key only ([quantize] calib_steps): static calibration without a timesteps file
+        raise UsageError(f"calib_steps {cfg.calib_steps}: must be at least 1 (the uniform steps static ranges are calibrated on)")
     from diffpro_cli.models.base import ROLES
     unknown = [r for r in cfg.float_act if r not in ROLES]
     if unknown:
         raise UsageError(f"--float-act {','.join(unknown)}: unknown role; use a comma list of {','.join(ROLES)} or none")
+
+
+def run_quantize(ctx, cfg: QuantizeConfig, *, plan_path: Path | None = None, timesteps_path: Path | None = None,
+                 out_dir: Path | None = None):
+    """Everything `diffpro quantize` does; all inputs are validated before anything is written.
+    Returns a StageResult (value: the checkpoint's diffpro.json record)."""
+
+    out_dir = Path(out_dir) if out_dir is not None else ctx.workdir / "quantized"
+    validate_config(cfg)
     if plan_path is not None and cfg.bits is not None:
         raise UsageError("--plan and --bits both given; use --plan for a mixed-precision plan or --bits for a uniform baseline")
     from diffpro_cli.loading import is_quantized_checkpoint
