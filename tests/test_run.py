@@ -350,3 +350,25 @@ def test_a_bad_quantize_value_fails_before_the_first_stage(cli, tmp_path, key, v
     code, _, err = cli("run", config)
     assert code == 2 and needle in err and err.count("error:") == 1, err
     assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("key,value,needle", [("repeats", "0", "[bench] --repeats"), ("cfg_scale", "nan", "[bench] --cfg nan"),
+                                              ("grid_n", "0", "[bench] sample_batch 50 / grid_n 0")])
+def test_a_bad_bench_value_fails_before_the_first_stage(cli, tmp_path, key, value, needle):
+    """[bench] repeats = 0 ended in 'StatisticsError: no median for empty data' after profile, score,
+    prune, allocate and quantize had run: bench's checks lived in its CLI command only."""
+    config = tmp_path / "c.toml"
+    config.write_text(f'model = "random:dit-tiny"\nworkdir = "{tmp_path / "w"}"\n[allocate]\nbudget = "avg-bits=6"\n'
+                      f"[bench]\n{key} = {value}\n")
+    code, _, err = cli("run", config)
+    assert code == 2 and needle in err and err.count("error:") == 1, err
+    assert not (tmp_path / "w").exists()
+
+
+def test_the_api_bench_checks_its_options_before_loading(tmp_path):
+    # catches: diffpro.bench(repeats=0) reaching the timing loop (the checks were in the CLI command only)
+    import diffpro
+    from diffpro_cli.errors import UsageError
+
+    with pytest.raises(UsageError, match="--repeats"):
+        diffpro.bench("random:dit-tiny", tmp_path / "w", repeats=0)

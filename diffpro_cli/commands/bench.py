@@ -36,19 +36,16 @@ def bench_cmd(
     import torch
 
     from diffpro_cli.artifacts import read_json
-    from diffpro_cli.stages.bench import ALL_ROWS, CACHE_ROWS, BenchConfig, default_rows, run_bench
+    from diffpro_cli.stages.bench import BenchConfig, default_rows, run_bench
 
     ui = ctx.ui
     names = default_rows(ctx.device) if rows is None else [r.strip() for r in rows.split(",") if r.strip()]
-    bad = [r for r in names if r not in ALL_ROWS + CACHE_ROWS]
-    if bad:
-        raise UsageError(f"--rows: unknown row(s) {', '.join(bad)}; choose from {', '.join(ALL_ROWS + CACHE_ROWS)}")
-    if repeats < 1 or latency_batch < 1 or fid_n < 2 or reference_steps < 1:
-        raise UsageError("--repeats, --latency-batch, --reference-steps must be ≥ 1 and --fid-n ≥ 2")
-    if (steps is not None and steps < 1) or (latency_steps is not None and latency_steps < 1) or (threads is not None and threads < 1):
-        raise UsageError("--steps, --latency-steps and --threads must be at least 1 when given")
-    if method not in ("ddim", "ddpm", "euler"):
-        raise UsageError(f"--method {method}: use ddim or ddpm (euler for flow-matching models)")
+    cfg = BenchConfig(rows=names, reference_steps=reference_steps, steps=steps, method=method, cfg_scale=cfg_scale,
+                      fid=fid, fid_n=fid_n, reference=reference, inception_weights=inception_weights, seed=seed,
+                      repeats=repeats, latency_batch=latency_batch, latency_steps=latency_steps, compile=compile,
+                      cache=cache)   # its options are checked first thing in run_bench
+    if threads is not None and threads < 1:
+        raise UsageError(f"--threads {threads}: must be at least 1 when given")
     if threads:
         torch.set_num_threads(threads)
     from diffpro_cli.distributed import init_from_env
@@ -60,10 +57,6 @@ def bench_cmd(
         raise InputError(f"--quantized {quantized}: no diffpro.json there; run `diffpro quantize` first")
     if timesteps is None and (ctx.workdir / "timesteps.json").exists():
         timesteps = ctx.workdir / "timesteps.json"
-    cfg = BenchConfig(rows=names, reference_steps=reference_steps, steps=steps, method=method, cfg_scale=cfg_scale,
-                      fid=fid, fid_n=fid_n, reference=reference, inception_weights=inception_weights, seed=seed,
-                      repeats=repeats, latency_batch=latency_batch, latency_steps=latency_steps, compile=compile,
-                      cache=cache)
     outcome = run_bench(ctx, cfg, quantized=quantized, timesteps_path=timesteps).outcome
     from diffpro_cli.distributed import is_main
 

@@ -450,9 +450,11 @@ def run_bench(ctx, cfg: BenchConfig, *, quantized: Path | None = None, timesteps
     unchanged. Returns a StageResult (value: the report, or None when up to date)."""
     from diffpro_cli.artifacts import input_record
     from diffpro_cli.distributed import rank_world
+    from diffpro_cli.stages.bench_options import validate_config
     from diffpro_cli.stages.common import StageOutcome
     from diffpro_cli.stages.context import StageResult
 
+    validate_config(cfg)   # before the model loads: the CLI, the API and run share it
     workdir = ctx.workdir
     inputs = {"model": ctx.model_record()}
     if quantized is not None:

@@ -171,10 +171,11 @@ def check_values(built: dict, model) -> None:
     """The running stages' own option checks, before the first stage runs: `[prune] steps = 1` or a bad
     `[allocate] method` failed only when that stage's turn came, after the stages before it had run.
     Each error is prefixed with its section."""
-    from diffpro_cli.stages import allocate, profile, prune, quantize, score
+    from diffpro_cli.stages import allocate, bench_options, profile, prune, quantize, score
 
     checks = {"profile": profile.validate_config, "score": score.validate_config, "allocate": allocate.validate_config,
-              "prune": lambda c: prune.validate_config(c, model.num_train_timesteps), "quantize": quantize.validate_config}
+              "prune": lambda c: prune.validate_config(c, model.num_train_timesteps), "quantize": quantize.validate_config,
+              "bench": bench_options.validate_config}
     for name, stage_cfg in built.items():
         if name in checks:
             try:

@@ -1,0 +1,28 @@
+"""bench's option checks, one `error:` line each, in one function: `diffpro bench` calls it before loading
+anything, and `run` before its first stage (a `[bench] repeats = 0` used to end in a StatisticsError
+traceback after every stage before bench had run)."""
+
+from __future__ import annotations
+
+import math
+
+from diffpro_cli.errors import UsageError
+
+
+def validate_config(cfg) -> None:
+    """`cfg`: a stages.bench.BenchConfig."""
+    from diffpro_cli.stages.bench import ALL_ROWS, CACHE_ROWS
+
+    bad = [r for r in cfg.rows if r not in ALL_ROWS + CACHE_ROWS]
+    if bad:
+        raise UsageError(f"--rows: unknown row(s) {', '.join(bad)}; choose from {', '.join(ALL_ROWS + CACHE_ROWS)}")
+    if cfg.repeats < 1 or cfg.latency_batch < 1 or cfg.fid_n < 2 or cfg.reference_steps < 1:
+        raise UsageError("--repeats, --latency-batch, --reference-steps must be ≥ 1 and --fid-n ≥ 2")
+    if (cfg.steps is not None and cfg.steps < 1) or (cfg.latency_steps is not None and cfg.latency_steps < 1):
+        raise UsageError("--steps and --latency-steps must be at least 1 when given")
+    if cfg.sample_batch < 1 or cfg.grid_n < 1:   # config keys only ([bench] sample_batch, grid_n)
+        raise UsageError(f"sample_batch {cfg.sample_batch} / grid_n {cfg.grid_n}: each must be at least 1")
+    if cfg.method not in ("ddim", "ddpm", "euler"):
+        raise UsageError(f"--method {cfg.method}: use ddim or ddpm (euler for flow-matching models)")
+    if not math.isfinite(cfg.cfg_scale):
+        raise UsageError(f"--cfg {cfg.cfg_scale}: must be a finite guidance scale (1 = off), e.g. 4")
