@@ -38,3 +38,11 @@ def test_a_reference_step_count_beyond_the_model_names_reference_steps(cli, tmp_
                          "--latency-batch", 1, "-w", tmp_path / option.strip("-"))
         lines = [line for line in err.splitlines() if line.strip() and not line.startswith("bench:")]
         assert rc == 2 and len(lines) == 1 and lines[0].startswith(f"error: {option} 5000: must be between 1 and 1000"), err
+
+
+def test_the_nocache_row_without_a_checkpoint_says_there_is_no_checkpoint(cli, tmp_path):
+    """Catches: `--rows diffpro-nocache` without a checkpoint said "the checkpoint has no cache section",
+    sending the user to re-plan a cache for a checkpoint that does not exist."""
+    rc, _, err = cli("bench", "random:dit-tiny", "--rows", "diffpro-nocache", "--repeats", 1, "--latency-batch", 1,
+                     "--reference-steps", 2, "-w", tmp_path / "w")
+    assert rc == 2 and "diffpro-nocache row skipped: no quantized checkpoint" in err and "cache section" not in err, err

@@ -68,7 +68,10 @@ def diffpro_nocache_row(ctx, qinfo: dict | None, quantized, ts: list[int] | None
     `--no-cache` makes of the diffpro row, kept beside it in the same report."""
     from diffpro_cli.stages.bench import Row
 
-    if qinfo is None or not qinfo["meta"].get("cache"):
+    if qinfo is None:
+        notes.append("diffpro-nocache row skipped: no quantized checkpoint (run `diffpro quantize` or pass --quantized)")
+        return []
+    if not qinfo["meta"].get("cache"):
         notes.append("diffpro-nocache row skipped: the checkpoint has no cache section")
         return []
     if not qinfo["meta"]["cache"].get("enabled"):   # the diffpro row already is the plan without a cache
