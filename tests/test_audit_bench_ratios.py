@@ -21,7 +21,7 @@ def test_a_ratio_that_prints_as_1_00x_is_a_tie_not_slower_or_faster():
     assert best["row"] == "ddim-25" and "diffpro 1.00x, a tie" in best["line"] and "SLOWER" not in best["line"]
     # a real difference keeps its word
     rows[-1]["latency_s_per_image"]["median"] = 1.2
-    assert "0.83x SLOWER" in versus_step_cut(rep)[0]["line"]
+    assert "1.20x SLOWER" in versus_step_cut(rep)[0]["line"]   # diffpro's latency over the row's, not 0.83x
     rows[-1]["latency_s_per_image"]["median"] = 0.8
     assert "1.25x faster" in versus_step_cut(rep)[0]["line"]
 

@@ -105,13 +105,13 @@ def test_diffpro_is_compared_with_bf16_ddim_at_the_same_steps_and_called_slower_
 
     rep["rows"][-1]["latency_s_per_image"]["median"] = 0.8      # bf16 at the same steps beats the plan
     out = {v["row"]: v for v in versus_step_cut(rep)}
-    assert "0.75x SLOWER" in out["bf16-ddim-25"]["line"] and "1.25x faster" in out["ddim-25"]["line"]
+    assert "1.33x SLOWER" in out["bf16-ddim-25"]["line"] and "1.25x faster" in out["ddim-25"]["line"]
     best = strongest_float_baseline(rep)
     assert best["row"] == "bf16-ddim-25" and "SLOWER" in best["line"] and best["diffpro_speedup"] == 0.75
 
     rep["rows"][3]["latency_s_per_image"]["min"], rep["rows"][-1]["latency_s_per_image"]["min"] = 0.5, 0.4
     best = strongest_float_baseline(rep)     # the fastest repeats disagree with the medians: both are shown
-    assert best["diffpro_speedup_min"] == 1.25 and "0.75x SLOWER (fastest repeats: 1.25x)" in best["line"]
+    assert best["diffpro_speedup_min"] == 1.25 and "1.33x SLOWER (fastest repeats: 1.25x faster)" in best["line"]
     rep["rows"][3]["latency_s_per_image"]["median"] = 1.5       # emulated bf16: ddim-K is the one to beat
     assert strongest_float_baseline(rep)["row"] == "ddim-25"
     assert strongest_float_baseline({"rows": rep["rows"][:-1]}) is None

@@ -30,11 +30,12 @@ def derived_ratios(report: dict, replicates=None) -> dict:
 
 
 def speed_verdict(ratio: float, slower: str = "SLOWER") -> str:
-    """'1.23x faster' / '0.81x SLOWER...' for other row's latency over diffpro's; a ratio that prints as
-    1.00x is a tie, not 'SLOWER' (0.996) or 'faster' (1.004): the text must not contradict its number."""
-    if f"{ratio:.2f}" == "1.00":
+    """'1.23x faster' / '1.23x SLOWER...' for the other row's latency over diffpro's (slower: the inverse,
+    diffpro's latency over the row's, not '0.81x SLOWER'); a ratio that prints as 1.00x is a tie, not
+    'SLOWER' (0.996) or 'faster' (1.004): the text must not contradict its number."""
+    if f"{ratio:.2f}" == "1.00" or f"{1 / ratio:.2f}" == "1.00":
         return "1.00x, a tie"
-    return f"{ratio:.2f}x " + ("faster" if ratio > 1.0 else slower)
+    return f"{ratio:.2f}x faster" if ratio > 1.0 else f"{1 / ratio:.2f}x {slower}"
 
 
 def size_words(smaller: float) -> str:
@@ -93,7 +94,7 @@ def strongest_float_baseline(report: dict) -> dict | None:
     if best["latency_s_per_image"].get("min") and dp["latency_s_per_image"].get("min"):
         # fastest repeats too (as derived's speedup_min): on a busy machine the medians can disagree
         out["diffpro_speedup_min"] = round(best["latency_s_per_image"]["min"] / dp["latency_s_per_image"]["min"], 3)
-        out["line"] += f" (fastest repeats: {out['diffpro_speedup_min']:.2f}x)"
+        out["line"] += f" (fastest repeats: {speed_verdict(out['diffpro_speedup_min'], 'slower')})"
     return out
 
 
