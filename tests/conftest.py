@@ -57,3 +57,17 @@ def tiny_model():
     return DiffusionModel(spec="test:tiny", net=TinyEps().eval(), kind="custom", sample_shape=(1, 8, 8),
                           alphas_cumprod=linear_alphas_cumprod(), num_classes=10,
                           forward_fn=lambda net, x, t, y: net(x, t, y))
+
+
+@pytest.fixture
+def stand_in_inception(monkeypatch):
+    """A seeded 2048-d feature net in place of InceptionV3 (no weights download): FID code paths only."""
+    import torch
+    from torch import nn
+
+    from diffpro_cli.metrics import fid
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(48, 2048), nn.ReLU()).eval()
+    monkeypatch.setattr(fid, "load_inception", lambda weights=None, device="cpu": net)
+    return net

@@ -1,22 +1,11 @@
 """bench's FID feature cache and --compile: a compiled run samples with other kernels, so it must not
 read an eager run's features (and the other way round)."""
 
-import pytest
-import torch
-from torch import nn
 
 from diffpro_cli.stages import bench as B
 from diffpro_cli.stages.context import StageContext
 
 
-@pytest.fixture
-def stand_in_inception(monkeypatch):
-    from diffpro_cli.metrics import fid
-
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(48, 2048), nn.ReLU()).eval()
-    monkeypatch.setattr(fid, "load_inception", lambda weights=None, device="cpu": net)
-    return net
 
 
 def test_a_compiled_run_does_not_reuse_an_eager_runs_fid_features(tmp_path, stand_in_inception, monkeypatch):

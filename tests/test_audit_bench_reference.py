@@ -3,16 +3,8 @@ sampled, exit 3, no report (a stand-in Inception network: no weights needed)."""
 
 import numpy as np
 import pytest
-from torch import nn
 
 
-@pytest.fixture
-def stand_in_inception(monkeypatch):
-    from diffpro_cli.metrics import fid
-
-    net = nn.Sequential(nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(48, 2048)).eval()
-    monkeypatch.setattr(fid, "load_inception", lambda weights=None, device="cpu": net)
-    return net
 
 
 @pytest.mark.parametrize("make, needle", [

@@ -4,7 +4,6 @@ in report.md; from MIN_INTERVAL_N on the intervals are back."""
 import json
 
 import numpy as np
-import pytest
 import torch
 
 from diffpro_cli.metrics import evidence
@@ -37,16 +36,6 @@ def test_no_interval_and_no_paired_ci_below_the_minimum_n():
     assert reps.paired_ci("ddim-2", "fp32", "fid") is not None
 
 
-@pytest.fixture
-def stand_in_inception(monkeypatch):
-    from torch import nn
-
-    from diffpro_cli.metrics import fid
-
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(48, 2048), nn.ReLU()).eval()
-    monkeypatch.setattr(fid, "load_inception", lambda weights=None, device="cpu": net)
-    return net
 
 
 def test_report_says_why_a_tiny_fid_n_has_no_intervals(tmp_path, stand_in_inception):
