@@ -136,25 +136,69 @@ class Layer:
         return default
 
 
+def _count(d: dict, key: str, least: int, default=None) -> int:
+    value = d.get(key, default) if default is not None else d[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or int(value) < least:
+        raise ValueError(f"{key} ({value!r}: an integer of at least {least})")
+    return int(value)
+
+
+def _errors(d: dict, key: str) -> dict[int, float]:
+    """A {bits: relative error} map of scores.json; a NaN, infinite or negative error would make the
+    solver fail (NaN) or pick the layer as if quantizing it removed error (negative)."""
+    raw = d.get(key) or {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{key} ({type(raw).__name__}: a map of bit width to error)")
+    out = {}
+    for k, v in raw.items():
+        if v is None:
+            continue
+        try:
+            bits, error = int(k), float(v)
+        except (TypeError, ValueError):
+            raise ValueError(f"{key} ({k!r}: {v!r}: a bit width and a number)") from None
+        if not (math.isfinite(error) and error >= 0):
+            raise ValueError(f"{key} ({bits} bits: {error!r}: a finite error of at least 0)")
+        out[bits] = error
+    return out
+
+
+def _number(d: dict, key: str, default: float) -> float:
+    value = d.get(key, default)
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{key} ({value!r}: a number)") from None
+
+
 def load_layers(scores: dict, path: str | Path = "scores.json") -> list[Layer]:
+    """scores.json's layers, each field checked: a hand-edited or damaged file is one InputError naming the
+    layer and the field, not a solver traceback or a plan priced on a negative or NaN error."""
     layers = []
-    raw = scores.get("layers")
+    raw = scores.get("layers") if isinstance(scores, dict) else None
     if not isinstance(raw, dict) or not raw:
         raise InputError(f"{path}: has no layers; re-run `diffpro score`")
     for name, d in raw.items():
         try:
+            if not isinstance(d, dict):
+                raise ValueError(f"entry ({type(d).__name__}: a JSON object)")
+            proxy = d.get("output_error_proxy")
+            if proxy is not None:
+                proxy = _number(d, "output_error_proxy", 0.0)
+                if not math.isfinite(proxy):
+                    raise ValueError(f"output_error_proxy ({proxy!r}: a finite log10 error)")
             layers.append(Layer(
-                name=name, role=str(d.get("role", "other")), kind=str(d.get("kind", "Linear")),
-                in_features=int(d["in_features"]), out_features=int(d["out_features"]), params=int(d["params"]),
-                macs=int(d.get("macs") or 0), score=float(d.get("combined_score", 0.0)), cdf=float(d.get("cdf", 0.5)),
-                measured={int(k): float(v) for k, v in (d.get("measured_error") or {}).items() if v is not None},
-                proxy=float(d["output_error_proxy"]) if d.get("output_error_proxy") is not None else None,
-                taylor={int(k): float(v) for k, v in (d.get("taylor_error") or {}).items() if v is not None},
-                measured_act={int(k): float(v) for k, v in (d.get("measured_act_error") or {}).items() if v is not None},
-                measured_pair_bounded={int(k): float(v) for k, v in (d.get("measured_error_pair_bounded") or {}).items()
-                                       if v is not None}))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise InputError(f"{path}: layer {name} lacks a valid {exc}; re-run `diffpro score`") from None
+                name=name, role=str(d.get("role") or "other"), kind=str(d.get("kind") or "Linear"),
+                in_features=_count(d, "in_features", 1), out_features=_count(d, "out_features", 1),
+                params=_count(d, "params", 1), macs=_count(d, "macs", 0, default=0) if d.get("macs") is not None else 0,
+                score=_number(d, "combined_score", 0.0), cdf=_number(d, "cdf", 0.5),
+                measured=_errors(d, "measured_error"), proxy=proxy, taylor=_errors(d, "taylor_error"),
+                measured_act=_errors(d, "measured_act_error"),
+                measured_pair_bounded=_errors(d, "measured_error_pair_bounded")))
+        except KeyError as exc:
+            raise InputError(f"{path}: layer {name} has no {exc.args[0]}; re-run `diffpro score`") from None
+        except ValueError as exc:
+            raise InputError(f"{path}: layer {name} has an invalid {exc}; re-run `diffpro score`") from None
     return layers
 
 
