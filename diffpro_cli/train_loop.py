@@ -13,6 +13,7 @@ uninterrupted one exactly.
 from __future__ import annotations
 
 import math
+import pickle
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,12 +32,13 @@ def warmup_cosine_lr(step: int, total: int, base: float, warmup: int = 200, floo
 
 def load_training_images(data_dir: Path | None, out_dir: Path, threads: int | None):
     """MNIST in model space plus its labels; out_dir is created only after the data loaded (bad --data leaves nothing)."""
+    from diffpro_cli.artifacts import ensure_dir
     from diffpro_cli.mnist import load_mnist, to_model_space
 
     if threads:
         torch.set_num_threads(threads)
     images, labels = load_mnist(data_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    ensure_dir(out_dir)   # a file at --out: one error line, not FileExistsError
     return to_model_space(images), labels
 
 
@@ -51,20 +53,40 @@ class Trainer:
         self.opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
         self.gen = torch.Generator().manual_seed(seed)
         self.step, self.losses, self.elapsed_before = 0, [], 0.0
+        self.name: str | None = None
 
     def resume(self, name: str, check: Callable[[dict], None] | None = None) -> dict | None:
         """Restore from ckpt_path if it exists and return the checkpoint (None for a fresh run).
-        `check` sees the checkpoint first and may refuse it (ValueError) before anything is restored."""
+        `check` sees the checkpoint first and may refuse it (ValueError) before anything is restored.
+        An unreadable checkpoint, or one of another model, is an InputError (one line, exit 3)."""
+        from diffpro_cli.errors import InputError
+
+        self.name = name
         if not self.ckpt_path.exists():
             return None
-        ck = torch.load(self.ckpt_path, weights_only=True)
+        fix = "delete it or choose another --out"
+        try:
+            ck = torch.load(self.ckpt_path, weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:  # garbage, truncated zip
+            raise InputError(f"{self.ckpt_path}: not a readable training checkpoint ({type(exc).__name__}; truncated "
+                             f"or not a checkpoint); {fix}") from None
+        other = ck.get("built_in") if isinstance(ck, dict) else None
+        if other is not None and other != name:
+            raise InputError(f"{self.ckpt_path}: a training checkpoint of {other}, not {name}; {fix}")
+        if not isinstance(ck, dict) or not isinstance(ck.get(self.model_key), dict) or \
+                set(ck[self.model_key]) != set(self.model.state_dict()):
+            raise InputError(f"{self.ckpt_path}: not a training checkpoint of {name} (its weights do not fit); {fix}")
         if check is not None:
             check(ck)
-        self.model.load_state_dict(ck[self.model_key])
-        self.ema.load_state_dict(ck["ema"])
-        self.opt.load_state_dict(ck["opt"])
-        self.gen.set_state(ck["gen"])
-        self.step, self.losses, self.elapsed_before = int(ck["step"]), list(ck["losses"]), float(ck["elapsed"])
+        try:
+            self.model.load_state_dict(ck[self.model_key])
+            self.ema.load_state_dict(ck["ema"])
+            self.opt.load_state_dict(ck["opt"])
+            self.gen.set_state(ck["gen"])
+            self.step, self.losses, self.elapsed_before = int(ck["step"]), list(ck["losses"]), float(ck["elapsed"])
+        except (KeyError, RuntimeError, ValueError, TypeError) as exc:
+            raise InputError(f"{self.ckpt_path}: a damaged training checkpoint of {name} "
+                             f"({str(exc).splitlines()[0][:120]}); {fix}") from None
         self.log(f"resumed {name} at step {self.step}")
         return ck
 
@@ -77,7 +99,7 @@ class Trainer:
         atomic_torch_save({
             self.model_key: self.model.state_dict(), "ema": self.ema.state_dict(), "opt": self.opt.state_dict(),
             "gen": self.gen.get_state(), "step": self.step, "losses": self.losses, "elapsed": self._elapsed(),
-            **extra_state(),
+            "built_in": self.name, **extra_state(),
         }, self.ckpt_path)
 
     def run(self, x_all: torch.Tensor, *, steps: int, batch: int, ema_decay: float, lr_at: Callable[[int], float],
@@ -95,6 +117,11 @@ class Trainer:
         running = None
         while self.step < steps:
             if max_minutes is not None and self._elapsed() / 60 > max_minutes:
+                if self.step == 0:   # nothing trained: exporting the random init would pass for a model
+                    from diffpro_cli.errors import BudgetError
+
+                    raise BudgetError(f"--max-minutes {max_minutes:g} ran out before the first training step; "
+                                      "give it more time")
                 self.log(f"time budget reached at step {self.step}")
                 break
             idx = torch.randint(0, n, (batch,), generator=self.gen)

@@ -71,3 +71,52 @@ def test_train_cli_errors_new_phase_without_steps_bad_weighting_missing_data(cli
     assert code == 2 and "--loss-weighting" in _error_line(err)
     code, _, err = cli("train", "unet-mnist", "--out", tmp_path / "never", "--data", tmp_path / "no-data", "-q")
     assert code == 3 and "--data" in _error_line(err) and not (tmp_path / "never").exists()
+
+
+def test_train_cli_refuses_corrupt_or_foreign_checkpoint_and_file_out(cli, tmp_path):
+    """Each of these ended in a traceback (UnpicklingError, RuntimeError from load_state_dict, KeyError
+    'settings', FileExistsError) instead of one error line; nothing is written in their place."""
+    data = _fake_mnist(tmp_path / "mnist")
+    args = ("--data", data, "--steps", "1", "--batch", "2", "-q")
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "ckpt.pt").write_bytes(b"garbage")
+    code, _, err = cli("train", "unet-mnist", "--out", corrupt, *args)
+    assert code == 3 and "not a readable training checkpoint" in _error_line(err)
+    assert (corrupt / "ckpt.pt").read_bytes() == b"garbage" and not (corrupt / "unet-mnist.safetensors").exists()
+
+    unet = tmp_path / "unet"
+    train("unet-mnist", unet, data_dir=data, steps=1, batch=2, log=lambda *a: None)
+    before = (unet / "ckpt.pt").read_bytes()
+    for other in ("dit-mnist", "flow-mnist"):      # RuntimeError (missing keys), KeyError 'settings'
+        code, _, err = cli("train", other, "--out", unet, *args)
+        assert code == 3 and "checkpoint of unet-mnist, not " + other in _error_line(err)
+    assert (unet / "ckpt.pt").read_bytes() == before
+
+    # a checkpoint from before the model name was recorded: caught by its weights' keys
+    ck = torch.load(unet / "ckpt.pt", weights_only=True)
+    del ck["built_in"]
+    torch.save(ck, unet / "ckpt.pt")
+    code, _, err = cli("train", "dit-mnist", "--out", unet, *args)
+    assert code == 3 and "not a training checkpoint of dit-mnist" in _error_line(err)
+
+    a_file = tmp_path / "a-file"
+    a_file.write_text("mine")
+    code, _, err = cli("train", "unet-mnist", "--out", a_file, *args)
+    assert code == 2 and "is a file" in _error_line(err) and a_file.read_text() == "mine"
+
+
+def test_train_cli_refuses_nan_or_infinite_rates_and_a_budget_that_trains_nothing(cli, tmp_path):
+    """--lr inf and --snr-gamma nan passed the `> 0` checks and exported NaN weights with exit 0; a
+    --max-minutes that ran out before step 1 exported the random init and then crashed formatting
+    final_loss None (TypeError)."""
+    data = _fake_mnist(tmp_path / "mnist")
+    args = ("--data", data, "--steps", "1", "--batch", "2", "-q")
+    code, _, err = cli("train", "unet-mnist", "--out", tmp_path / "a", "--lr", "inf", *args)
+    assert code == 2 and "--lr" in _error_line(err) and not (tmp_path / "a").exists()
+    code, _, err = cli("train", "unet-mnist", "--out", tmp_path / "b", "--loss-weighting", "min-snr",
+                       "--snr-gamma", "nan", *args)
+    assert code == 2 and "--snr-gamma" in _error_line(err) and not (tmp_path / "b").exists()
+    code, _, err = cli("train", "unet-mnist", "--out", tmp_path / "c", "--max-minutes", "1e-12", *args)
+    assert code == 4 and "--max-minutes" in _error_line(err)
+    assert not list((tmp_path / "c").glob("*"))

@@ -26,6 +26,7 @@ def train_cmd(
     quiet: Quiet = False,
 ):
     """Train (or resume training) a built-in MNIST model and export fp16 weights with a model card."""
+    import math
     import shutil
 
     from diffpro_cli.models.builtin import BUILTIN_CONFIGS, WEIGHTS_DIR
@@ -38,10 +39,12 @@ def train_cmd(
         raise UsageError("--steps and --batch must be at least 1")
     if loss_weighting not in LOSS_WEIGHTINGS:
         raise UsageError(f"--loss-weighting {loss_weighting}: unknown; choose one of {', '.join(LOSS_WEIGHTINGS)}")
-    if snr_gamma <= 0:
-        raise UsageError("--snr-gamma must be positive")
-    if not lr > 0 or (max_minutes is not None and not max_minutes > 0) or (threads is not None and threads < 1):
-        raise UsageError("--lr and --max-minutes must be positive and --threads at least 1")
+    if not snr_gamma > 0:   # NaN passed `<= 0` and turned every loss weight (and then the model) into NaN
+        raise UsageError(f"--snr-gamma {snr_gamma:g}: must be positive")
+    if not 0 < lr < math.inf:
+        raise UsageError(f"--lr {lr:g}: must be a positive finite number (an infinite rate exports NaN weights)")
+    if (max_minutes is not None and not max_minutes > 0) or (threads is not None and threads < 1):
+        raise UsageError("--max-minutes must be positive and --threads at least 1")
     if name == "flow-mnist" and loss_weighting != "uniform":
         raise UsageError("--loss-weighting is for the epsilon models; flow-mnist trains on the plain velocity MSE (drop the option)")
     out = out or Path(".train") / name
