@@ -325,12 +325,52 @@ def resolve_profile_path(path: str | Path) -> Path:
     return path
 
 
+def _row_problem(row) -> str | None:
+    """What is wrong with one profile.json layer row (None: nothing score reads is missing or malformed)."""
+    if not isinstance(row, dict):
+        return f"is not an object ({type(row).__name__})"
+    for key in ("name", "role", "kind", "pca_method"):
+        if not isinstance(row.get(key), str) or not row.get(key):
+            return f"has no {key} text"
+    for key, least in (("in_features", 1), ("out_features", 1), ("params", 1), ("macs", 0), ("pca_width", 1)):
+        v = row.get(key)
+        if isinstance(v, bool) or not isinstance(v, int) or v < least:
+            return f"has {key} {v!r}, not an integer >= {least}"
+    return None
+
+
+def check_profile_doc(doc: dict, json_path: Path) -> None:
+    """The fields of profile.json that score reads, checked once: a hand-edited or damaged file is one
+    InputError naming the layer and field, not a KeyError / IndexError traceback half-way through score."""
+    def bad(what: str):
+        raise InputError(f"{json_path}: {what}, so it is incomplete or hand-edited; re-run `diffpro profile --force`")
+
+    if not doc["layers"]:
+        bad("lists no layers")
+    seen = set()
+    for i, row in enumerate(doc["layers"]):
+        problem = _row_problem(row)
+        if problem:
+            bad(f"layer {row.get('name') if isinstance(row, dict) and isinstance(row.get('name'), str) else f'#{i}'} {problem}")
+        if row["name"] in seen:
+            bad(f"layer {row['name']} is listed twice")
+        seen.add(row["name"])
+    if not isinstance(doc["model"].get("spec"), str):
+        bad("its model has no spec")
+    cal = doc["calibration"]
+    for key, least in (("seed", 0), ("batch", 1)):
+        v = cal.get(key)
+        if isinstance(v, bool) or not isinstance(v, int) or v < least:
+            bad(f"its calibration has {key} {v!r}, not an integer >= {least}")
+
+
 def load_profile(path: str | Path) -> tuple[dict, dict[str, torch.Tensor], Path]:
     """(profile.json, stats tensors, profile.json path); checks the schema and the stats file hash."""
     from diffpro_cli.artifacts import load_safetensors, read_json, sha256_file
 
     json_path = resolve_profile_path(path)
     doc = read_json(json_path, SCHEMA)
+    check_profile_doc(doc, json_path)
     stats_path = json_path.parent / doc.get("stats_file", "stats.safetensors")
     if not stats_path.exists():
         raise InputError(f"{stats_path}: missing next to {json_path.name}; re-run `diffpro profile`")

@@ -96,6 +96,8 @@ def parse_weights(text: str) -> dict:
             weights[key] = float(value)
         except ValueError:
             raise UsageError(f"--component-weights {text!r}: {value.strip()!r} is not a number") from None
+        if not math.isfinite(weights[key]):   # nan / inf made every combined score NaN or ±inf
+            raise UsageError(f"--component-weights {text!r}: {value.strip()!r} is not a finite number, e.g. 1 or -0.5")
     return weights
 
 
@@ -106,6 +108,8 @@ def validate_config(cfg: ScoreConfig) -> None:
         raise UsageError(f"--normalize {cfg.normalize}: unknown; choose zscore or rank")
     if cfg.pca_metric not in PCA_METRICS:
         raise UsageError(f"--pca-metric {cfg.pca_metric}: unknown; choose one of {', '.join(PCA_METRICS)}")
+    if any(not isinstance(w, (int, float)) or not math.isfinite(w) for w in cfg.weights.values()):
+        raise UsageError(f"component weights {cfg.weights}: each must be a finite number, e.g. pca=1,energy=1,k95=-1,range=1")
     if not 0 < cfg.variance < 1:
         raise UsageError(f"--variance {cfg.variance}: must be a fraction in (0, 1), e.g. 0.95")
     if not cfg.bits or any(b < 2 or b > 8 for b in cfg.bits):
@@ -129,6 +133,8 @@ def spearman(a: list[float], b: list[float]) -> dict:
 
     if len(a) < 3:
         return {"rho": None, "p": None}
+    if len(set(a)) < 2 or len(set(b)) < 2:   # undefined (a constant signal, e.g. range over one timestep);
+        return {"rho": None, "p": None}      # scipy would say so on stderr, through --quiet
     res = spearmanr(a, b)
     rho, p = float(res.statistic), float(res.pvalue)
     return {"rho": None if math.isnan(rho) else round(rho, 4), "p": None if math.isnan(p) else float(f"{p:.3g}")}
@@ -357,12 +363,13 @@ def run_score(ctx, cfg: ScoreConfig, *, profile_path: str | Path | None = None):
     The context's model spec may be empty (`diffpro score` without --model): the profiled model's spec is
     used then, loaded with the context's trust flag and weights."""
     from diffpro_cli.artifacts import input_record, read_json
-    from diffpro_cli.stages.profile import SCHEMA as PROFILE_SCHEMA, resolve_profile_path
+    from diffpro_cli.stages.profile import SCHEMA as PROFILE_SCHEMA, check_profile_doc, resolve_profile_path
 
     ui = ctx.ui
     validate_config(cfg)
     json_path = resolve_profile_path(profile_path if profile_path is not None else ctx.workdir / "profile")
     doc = read_json(json_path, PROFILE_SCHEMA)
+    check_profile_doc(doc, json_path)
     names = [r["name"] for r in doc["layers"]]
     if cfg.figure_layer is not None and cfg.figure_layer not in names:
         raise UsageError(f"--layer {cfg.figure_layer}: not a profiled layer; see the names in {json_path}")
