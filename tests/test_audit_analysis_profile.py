@@ -71,3 +71,12 @@ def test_measure_on_a_constant_signal_prints_nothing_under_quiet(cli, work):
     doc = json.loads((work / "scores.json").read_text())
     assert doc["validation"]["spearman"]["8"]["range_variability"] == {"rho": None, "p": None}
     assert doc["validation"]["spearman"]["8"]["combined_score"]["rho"] is not None
+
+
+def test_bad_classes_fail_before_the_stage_says_recomputing(cli, work):
+    """A bad --classes on an existing profile printed 'profile: recomputing (config changed: classes)'
+    and only then the error: it is checked with the other options now, the profile left as it was."""
+    before = (work / "profile" / "profile.json").read_bytes()
+    code, out, err = cli("profile", "random:dit-tiny", "-w", work, "--samples", "2", "--timesteps", "3", "--classes", "99")
+    assert code == 2 and "--classes" in err and "recomputing" not in out + err
+    assert (work / "profile" / "profile.json").read_bytes() == before

@@ -299,6 +299,7 @@ def run_profile(ctx, cfg: ProfileConfig):
     validate_config(cfg)
     model = ctx.model()
     n_steps = len(parse_timesteps(cfg.timesteps, model.num_train_timesteps))
+    calibration_labels(model, cfg.samples, cfg.classes)   # a bad --classes fails here, not after "recomputing"
     out_dir = ctx.workdir / "profile"
     outputs = {"profile": out_dir / "profile.json", "stats": out_dir / "stats.safetensors"}
 
