@@ -293,3 +293,29 @@ def test_shipped_kid_reference_features_are_the_subsets_inception_features(incep
     assert ran == [] and np.array_equal(feats, shipped)
     more, _ = R.reference_features("builtin:mnist", R.KID_REFERENCE_MIN + 2, inception, M.FeatureCache(tmp_path / "c"))
     assert ran == [2] and np.array_equal(more[:R.KID_REFERENCE_MIN], shipped)   # only the two beyond the shipped ones
+
+
+def test_fid_stats_cli_refuses_unwritable_out_or_cache_before_any_feature(tmp_path, cli, monkeypatch):
+    """Catches: `--out` naming a directory (or a path under a file) failing only at the final write,
+    after every image went through Inception, and `--cache FILE` failing with a message about
+    '--workdir / --out'. Inception must not even load."""
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(2):
+        Image.fromarray(np.full((8, 8, 3), 40 * i, dtype=np.uint8)).save(folder / f"{i}.png")
+
+    def no_inception(*a, **k):
+        raise AssertionError("Inception loaded before the destinations were checked")
+
+    monkeypatch.setattr(M, "load_inception", no_inception)
+    (tmp_path / "dir.npz").mkdir()
+    (tmp_path / "a-file").write_text("mine")
+    for args, needle in (([folder, "--out", tmp_path / "dir.npz"], "is a directory"),
+                         ([folder, "--out", tmp_path / "a-file" / "s.npz"], "is a file"),
+                         ([folder, "--out", tmp_path / "s.npz", "--cache", tmp_path / "a-file"], "--cache")):
+        code, _, err = cli("fid-stats", *args)
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], err
+    assert (tmp_path / "a-file").read_text() == "mine" and not (tmp_path / "s.npz").exists()

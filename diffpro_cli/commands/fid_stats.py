@@ -95,6 +95,20 @@ def write_stats(out: Path, mu, sigma, n: int, info: dict) -> Path:
     return out.with_suffix(".json")
 
 
+def _check_destinations(out: Path, cache: Path | None) -> None:
+    """Refuse an --out or --cache that cannot be written before any feature is computed (they failed
+    only at the first write: after the whole folder for --out, and naming --workdir / --out for --cache)."""
+    if out.is_dir():
+        raise UsageError(f"--out {out}: is a directory; give a file path ending in .npz")
+    for parent in (out.parent, *out.parent.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise UsageError(f"--out {out}: {parent} is a file, not a directory; choose another --out")
+            break
+    if cache is not None and cache.exists() and not cache.is_dir():
+        raise UsageError(f"--cache {cache}: is a file, not a directory; give a folder for the feature cache")
+
+
 def fid_stats_cmd(
     images: Annotated[str, typer.Argument(help="Image folder (png/jpg/...) or builtin:mnist.")],
     out: Annotated[Path, typer.Option("--out", help="Output .npz with mu/sigma (pytorch-fid format); a .json with provenance goes next to it.")] = Path("stats.npz"),
@@ -123,6 +137,7 @@ def fid_stats_cmd(
         torch.set_num_threads(threads)
     if out.suffix != ".npz":
         raise UsageError(f"--out {out}: must end in .npz (pytorch-fid's statistics format)")
+    _check_destinations(out, cache)
     data, n, info = load_source(images)
     if n < 2:
         raise UsageError(f"{images}: has {n} image; FID statistics need at least 2")
