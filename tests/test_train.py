@@ -120,3 +120,27 @@ def test_train_cli_refuses_nan_or_infinite_rates_and_a_budget_that_trains_nothin
     code, _, err = cli("train", "unet-mnist", "--out", tmp_path / "c", "--max-minutes", "1e-12", *args)
     assert code == 4 and "--max-minutes" in _error_line(err)
     assert not list((tmp_path / "c").glob("*"))
+
+
+def test_train_install_copies_whole_files_and_an_unwritable_package_is_one_line(cli, tmp_path, monkeypatch):
+    """--install used shutil.copy: a package folder it cannot write ended in a NotADirectoryError /
+    PermissionError traceback after the whole training run, and an interrupted copy left a
+    half-written weights file in the package."""
+    from diffpro_cli.models import builtin
+
+    data = _fake_mnist(tmp_path / "mnist")
+    args = ("--data", data, "--steps", "1", "--batch", "2", "-q", "--install")
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    monkeypatch.setattr(builtin, "WEIGHTS_DIR", pkg)
+    code, _, err = cli("train", "unet-mnist", "--out", tmp_path / "run", *args)
+    assert code == 0, err
+    for ext in (".safetensors", ".json"):
+        assert (pkg / f"unet-mnist{ext}").read_bytes() == (tmp_path / "run" / f"unet-mnist{ext}").read_bytes()
+
+    (tmp_path / "a-file").write_text("mine")
+    monkeypatch.setattr(builtin, "WEIGHTS_DIR", tmp_path / "a-file" / "weights")
+    code, _, err = cli("train", "unet-mnist", "--out", tmp_path / "run2", *args)
+    assert code == 2 and "--install: cannot write" in _error_line(err)
+    assert (tmp_path / "a-file").read_text() == "mine"
+    assert not (tmp_path / "run2").exists()      # refused before training, not after it

@@ -27,7 +27,6 @@ def train_cmd(
 ):
     """Train (or resume training) a built-in MNIST model and export fp16 weights with a model card."""
     import math
-    import shutil
 
     from diffpro_cli.models.builtin import BUILTIN_CONFIGS, WEIGHTS_DIR
     from diffpro_cli.train import LOSS_WEIGHTINGS, train
@@ -48,6 +47,14 @@ def train_cmd(
     if name == "flow-mnist" and loss_weighting != "uniform":
         raise UsageError("--loss-weighting is for the epsilon models; flow-mnist trains on the plain velocity MSE (drop the option)")
     out = out or Path(".train") / name
+    if install:   # before training, not after it
+        from diffpro_cli.artifacts import writable_dir
+
+        try:
+            writable_dir(WEIGHTS_DIR)
+        except UsageError:
+            raise UsageError(f"--install: cannot write the package's weights folder {WEIGHTS_DIR}; train without "
+                             "--install and load the exported files from --out") from None
     try:
         if name == "flow-mnist":   # its own objective and prompts: train_flow (epsilon-only options do not apply)
             from diffpro_cli.train_flow import train_flow
@@ -60,7 +67,9 @@ def train_cmd(
                          snr_gamma=snr_gamma, log=ui.info)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    if install:
+    if install:   # atomic copies: an interrupted or refused install leaves the package's old files whole
+        from diffpro_cli.artifacts import atomic_write_bytes
+
         for ext in (".safetensors", ".json"):
-            shutil.copy(out / f"{name}{ext}", WEIGHTS_DIR / f"{name}{ext}")
+            atomic_write_bytes(WEIGHTS_DIR / f"{name}{ext}", (out / f"{name}{ext}").read_bytes())
     ui.result(card, human=f"trained {name}: {card['steps']} steps, final loss {card['final_loss']:.4f} → {out}")
