@@ -17,6 +17,7 @@ refused unless the user passes it explicitly (`allocate --cost-table`), which pl
 from __future__ import annotations
 
 import copy
+import math
 import time
 from pathlib import Path
 from typing import Callable
@@ -380,7 +381,32 @@ def read_cost_table(path: Path) -> dict:
     doc = read_json(path, COST_SCHEMA)
     if not isinstance(doc.get("layers"), dict) or "remainder_ms" not in doc:
         raise InputError(f"{path}: not a complete cost table; delete it to re-measure")
+    problem = _table_problem(doc)
+    if problem:
+        raise InputError(f"{path}: {problem}, so it is damaged or hand-edited; delete it to re-measure")
     return doc
+
+
+def _time_ok(v, allow_none: bool) -> bool:
+    return (v is None and allow_none) or (not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v) and v >= 0)
+
+
+def _table_problem(doc: dict) -> str | None:
+    """What in a read cost table would be a traceback (a row that is not an object) or a silently wrong plan
+    (a NaN or negative time); None: nothing. A null cell is a path the kernel cannot run, as measured."""
+    for label, table in [("", doc), *((f"world {k}: ", w) for k, w in (doc.get("worlds") or {}).items())]:
+        if not isinstance(table, dict) or not isinstance(table.get("layers", {}), dict):
+            return f"{label}not an object of layers"
+        for key in ("remainder_ms", "forward_ms"):
+            if key in table and not _time_ok(table[key], allow_none=key == "forward_ms"):
+                return f"{label}{key} is {table[key]!r}, not a time of at least 0 ms"
+        for name, row in table.get("layers", {}).items():
+            if not isinstance(row, dict) or not isinstance(row.get("ms", {}), dict):
+                return f"{label}layer {name}: its row is not an object with an 'ms' map"
+            bad = [(k, v) for k, v in row.get("ms", {}).items() if not _time_ok(v, allow_none=True)]
+            if bad:
+                return f"{label}layer {name}: {bad[0][0]} is {bad[0][1]!r} ms, not a time of at least 0 ms"
+    return None
 
 
 def table_latency_fn(doc: dict, analytic: bool = False) -> Callable[[Layer, Option], float]:

@@ -456,6 +456,10 @@ def obtain_cost_table(ctx, cfg: AllocateConfig, layers: list[Layer]) -> dict:
         if not path.exists():
             raise InputError(f"--cost-table {path}: no such file; measure one with `diffpro allocate` on the target machine")
         doc = read_cost_table(path)
+        missing = [l.name for l in layers if l.name not in doc["layers"]]
+        if missing:   # not "delete it or pass --force" (costs.py): that is the user's target-machine table
+            raise InputError(f"--cost-table {path}: has no layer {missing[0]} (timed for {_spec_of(doc) or 'another model'}); "
+                             "pass a table measured for the scored model, or drop --cost-table to time one here")
         check_fingerprint(doc, path, explicit=True, ui=ctx.ui, device=ctx.device)
         return doc
     path = cost_table_path(ctx)
