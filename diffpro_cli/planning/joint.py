@@ -28,7 +28,9 @@ def step_entries(cfg, timesteps: dict | None, num_train: int = 1000) -> list[Ste
     (--steps K), its single subset, or the uniform subset of K steps when no artifact is given."""
     if timesteps is None:
         if cfg.steps is None or cfg.steps == "auto":
-            raise UsageError("--latency-budget needs steps: pass --timesteps timesteps.json (from `diffpro prune`) or --steps K")
+            raise UsageError("a latency budget (--budget latency=F or --latency-budget MS) chooses among pruned step counts: "
+                             "run `diffpro prune --sweep` into this workdir, pass --timesteps timesteps.json, or --steps K "
+                             "(the uniform subset of K steps)")
         from diffpro_cli.sampling import uniform_timesteps
 
         k = _int_steps(cfg.steps)

@@ -330,7 +330,8 @@ def run_allocate(ctx, cfg: AllocateConfig, *, scores_path: str | Path | None = N
     scores_path = Path(scores_path) if scores_path is not None else workdir / "scores.json"
     scores = read_json(scores_path, SCORES_SCHEMA)
     timesteps = None
-    joint = cfg.steps == "auto" or any(b.kind == "latency" for b in parse_budgets(cfg.budget))
+    joint = cfg.steps == "auto" or any(b.kind == "latency" for b in parse_budgets(cfg.budget)) \
+        or (cfg.latency_budget is not None and cfg.steps is None)   # --latency-budget alone: as latency=F does
     if joint and timesteps_path is None and (cfg.steps == "auto" or (workdir / "timesteps.json").exists()):
         timesteps_path = workdir / "timesteps.json"   # the step counts the joint plan chooses from
     if timesteps_path is not None:
