@@ -128,6 +128,8 @@ class Trainer:
             for g in opt.param_groups:
                 g["lr"] = lr_at(self.step)
             loss, recorded = batch_loss(model, x_all[idx], idx)
+            if not torch.isfinite(loss):
+                self._diverged(f"the loss is {loss.item()} at step {self.step + 1}")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -143,8 +145,21 @@ class Trainer:
                 rate = self.step * batch / max(1e-6, self._elapsed())
                 self.log(f"step {self.step}/{steps} loss {running:.4f} lr {lr_at(self.step):.2e} ~{rate:.0f} img/s(avg)")
             if self.step % checkpoint_every == 0:
+                self._check_finite()
                 self._save(extra_state)
+        self._check_finite()
         self._save(extra_state)
+
+    def _check_finite(self) -> None:
+        if not all(bool(torch.isfinite(p).all()) for p in (*self.model.parameters(), *self.ema.parameters())):
+            self._diverged(f"the weights hold NaN or infinity at step {self.step}")
+
+    def _diverged(self, what: str) -> None:
+        """Stop without saving: the last checkpoint (finite, if any) stays, and nothing NaN is exported."""
+        from diffpro_cli.errors import UsageError
+
+        kept = f"{self.ckpt_path} keeps the last good step" if self.ckpt_path.exists() else "nothing was saved"
+        raise UsageError(f"training diverged: {what}; lower --lr ({kept})")
 
 
 def save_fp16_weights(state: dict, weights: Path, name: str) -> dict:
@@ -152,6 +167,11 @@ def save_fp16_weights(state: dict, weights: Path, name: str) -> dict:
     from diffpro_cli.artifacts import atomic_save_safetensors
 
     state = {k: v.half().contiguous() for k, v in state.items()}
+    wide = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if wide:   # beyond float16's ±65504 (or NaN): the export would load as inf
+        from diffpro_cli.errors import UsageError
+
+        raise UsageError(f"{name}: {len(wide)} weight tensors ({wide[0]}, ...) do not fit float16; lower --lr and train again")
     atomic_save_safetensors(weights, state, metadata={"diffpro": f"builtin:{name}"})
     return state
 

@@ -144,3 +144,23 @@ def test_train_install_copies_whole_files_and_an_unwritable_package_is_one_line(
     assert code == 2 and "--install: cannot write" in _error_line(err)
     assert (tmp_path / "a-file").read_text() == "mine"
     assert not (tmp_path / "run2").exists()      # refused before training, not after it
+
+
+def test_a_diverging_run_stops_with_one_line_and_exports_no_nan_weights(cli, tmp_path):
+    """--lr 1e6 turned every weight into NaN within two steps and still exported them (exit 0, a model
+    card with "final_loss": NaN); the last good checkpoint must stay as it was."""
+    from diffpro_cli.train_loop import save_fp16_weights
+
+    data = _fake_mnist(tmp_path / "mnist")
+    out = tmp_path / "run"
+    train("unet-mnist", out, data_dir=data, steps=1, batch=2, log=lambda *a: None)
+    good = (out / "ckpt.pt").read_bytes()
+    weights = (out / "unet-mnist.safetensors").read_bytes()
+    code, _, err = cli("train", "unet-mnist", "--out", out, "--data", data, "--steps", "8", "--batch", "2",
+                       "--lr", "1e6", "-q")
+    assert code == 2 and "training diverged" in _error_line(err) and "--lr" in _error_line(err)
+    assert (out / "ckpt.pt").read_bytes() == good and (out / "unet-mnist.safetensors").read_bytes() == weights
+
+    with pytest.raises(Exception, match="do not fit float16"):   # 1e6 is inf in float16
+        save_fp16_weights({"w": torch.tensor([1e6])}, tmp_path / "w.safetensors", "unet-mnist")
+    assert not (tmp_path / "w.safetensors").exists()
