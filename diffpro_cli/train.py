@@ -84,7 +84,14 @@ def train(
     trainer = Trainer(net, build_net(name, seed=seed), lr=lr, seed=seed, ckpt_path=out_dir / "ckpt.pt",
                       model_key="net", log=log)
     phases: list[dict] = []
-    ck = trainer.resume(name)
+
+    def same_seed(ck):
+        # the generator's state comes from the checkpoint: another --seed would change nothing but the card's label
+        if ck.get("seed", seed) != seed:
+            raise ValueError(f"{out_dir / 'ckpt.pt'} was trained with --seed {ck['seed']}; resume with --seed {ck['seed']} "
+                             "or use another --out")
+
+    ck = trainer.resume(name, check=same_seed)
     if ck is not None:
         # checkpoints from before phases were recorded: one plain phase up to their step
         phases = [dict(p) for p in ck.get("phases", [])] or [
@@ -117,7 +124,7 @@ def train(
         return loss, per_sample.mean()
 
     trainer.run(x_all, steps=steps, batch=batch, ema_decay=ema_decay, lr_at=lambda s: _phase_lr(s, phase),
-                batch_loss=batch_loss, extra_state=lambda: {"phases": phases}, max_minutes=max_minutes,
+                batch_loss=batch_loss, extra_state=lambda: {"phases": phases, "seed": seed}, max_minutes=max_minutes,
                 checkpoint_every=checkpoint_every)
     return export(name, out_dir, data_dir=data_dir, batch=batch, lr=lr, seed=seed)
 

@@ -164,3 +164,17 @@ def test_a_diverging_run_stops_with_one_line_and_exports_no_nan_weights(cli, tmp
     with pytest.raises(Exception, match="do not fit float16"):   # 1e6 is inf in float16
         save_fp16_weights({"w": torch.tensor([1e6])}, tmp_path / "w.safetensors", "unet-mnist")
     assert not (tmp_path / "w.safetensors").exists()
+
+
+def test_resuming_with_another_seed_is_refused_not_mislabelled(cli, tmp_path):
+    """Resuming restored the checkpoint's generator, so a new --seed changed nothing but the model
+    card, which then named a seed the model was never trained with."""
+    data = _fake_mnist(tmp_path / "mnist")
+    out = tmp_path / "run"
+    card = train("unet-mnist", out, data_dir=data, steps=1, batch=2, seed=3, log=lambda *a: None)
+    assert card["seed"] == 3
+    code, _, err = cli("train", "unet-mnist", "--out", out, "--data", data, "--steps", "2", "--batch", "2",
+                       "--seed", "4", "-q")
+    assert code == 2 and "--seed 3" in _error_line(err)
+    card = train("unet-mnist", out, data_dir=data, steps=2, batch=2, seed=3, log=lambda *a: None)
+    assert card["seed"] == 3 and card["steps"] == 2
