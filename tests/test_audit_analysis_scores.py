@@ -59,3 +59,13 @@ def test_intact_scores_still_plan():
     scores = _damaged(lambda layers, n: layers[n].update(measured_error={"4": 0.0, "8": 0.0}, macs=None))
     plan, _ = _plan(scores)
     assert plan["totals"]["error"] >= 0
+
+
+@pytest.mark.parametrize("floor", [99, 17, 1, 0])
+def test_protect_bits_outside_the_weight_widths_is_a_usage_error(floor):
+    """--protect-bits 99 was accepted: no option meets it, so every plan warned 'the budget forces N
+    protected layer(s) below 99 bits' whatever the budget (avg-bits=40 included)."""
+    from diffpro_cli.errors import UsageError
+
+    with pytest.raises(UsageError, match="--protect-bits"):
+        allocate_plan(make_scores(n=6), AllocateConfig(budget="avg-bits=40", protect_bits=floor), latency_fn=fake_latency)

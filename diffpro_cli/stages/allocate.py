@@ -120,6 +120,8 @@ def validate_config(cfg: AllocateConfig) -> None:
     if cfg.remainder_ms is not None and not (math.isfinite(cfg.remainder_ms) and cfg.remainder_ms >= 0):
         raise UsageError(f"--remainder-ms {cfg.remainder_ms}: must be a non-negative time per step (omit it to measure)")
     make_options(cfg.bits, cfg.act_bits, cfg.act_mode, cfg.group_size)
+    if not 2 <= cfg.protect_bits <= 16:   # above 16 no option meets it: "the budget forces ..." under any budget
+        raise UsageError(f"--protect-bits {cfg.protect_bits}: a weight-bit floor from 2 to 16 (16 = protected roles stay fp32)")
     unknown = [r for r in cfg.protect if r not in ROLES]
     if unknown:
         raise UsageError(f"--protect {','.join(unknown)}: unknown role; use a comma list of {','.join(ROLES)} or none")
