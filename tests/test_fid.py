@@ -319,3 +319,20 @@ def test_fid_stats_cli_refuses_unwritable_out_or_cache_before_any_feature(tmp_pa
         lines = [line for line in err.splitlines() if line.strip()]
         assert code == 2 and len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], err
     assert (tmp_path / "a-file").read_text() == "mine" and not (tmp_path / "s.npz").exists()
+
+
+def test_fid_stats_cli_an_oversized_image_is_one_error_line(tmp_path, cli, monkeypatch, stand_in_inception):
+    """PIL's DecompressionBombError (an image over 2 x MAX_IMAGE_PIXELS, e.g. a 200-megapixel scan) is not
+    an OSError: read_image let it through as a traceback."""
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(2):
+        Image.fromarray(np.full((64, 64, 3), 40 * i, dtype=np.uint8)).save(folder / f"{i}.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)   # 64 x 64 = 4096 > 2 x 1000
+    monkeypatch.setattr(stand_in_inception, "weights_source", "stand-in", raising=False)
+    code, _, err = cli("fid-stats", folder, "--out", tmp_path / "s.npz", "-q")
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 3 and len(lines) == 1 and lines[0].startswith("error:") and "0.png" in lines[0], err
+    assert not (tmp_path / "s.npz").exists()

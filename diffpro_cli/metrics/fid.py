@@ -323,6 +323,8 @@ def read_image(path: Path) -> torch.Tensor:
             arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
     except (OSError, UnidentifiedImageError) as exc:
         raise InputError(f"{path}: cannot read image ({exc}); remove or re-save it") from None
+    except Image.DecompressionBombError as exc:   # not an OSError: over PIL's 2 x MAX_IMAGE_PIXELS
+        raise InputError(f"{path}: cannot read image ({exc}); downscale it or remove it") from None
     return torch.from_numpy(arr.copy()).permute(2, 0, 1)
 
 
