@@ -42,9 +42,10 @@ def load_source(images: str) -> tuple[object, int, dict]:
                                  "models produce them, grayscale replicated to 3 channels"}
         return x, len(x), info
     from diffpro_cli.artifacts import input_record
-    from diffpro_cli.metrics.fid import image_files
+    from diffpro_cli.metrics.fid import check_images, image_files
 
     files = image_files(images)
+    check_images(files)
     info = {"source": str(Path(images).resolve()),
             "source_files": [{"name": Path(images).name, "sha256": input_record(images)["sha256"], "files": len(files)}],
             "preprocessing": "PIL convert('RGB'), as pytorch-fid reads image folders"}
