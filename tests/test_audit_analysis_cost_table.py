@@ -68,3 +68,17 @@ def test_intact_cost_table_still_plans(cli, work, tmp_path):
     path, _ = _table(work, tmp_path, lambda d, n: None)
     code, _, err = cli("allocate", "-w", work, *PLAN, "--cost-table", path)
     assert code == 0 and (work / "plan.json").exists(), err
+
+
+def test_a_changed_cost_table_is_not_up_to_date(cli, work, tmp_path):
+    """The --cost-table file was recorded by path only: replacing it with a new measurement (same name)
+    left allocate 'up to date' with the plan priced on the old timings."""
+    path, first = _table(work, tmp_path, lambda d, n: None)
+    assert cli("allocate", "-w", work, *PLAN, "--cost-table", path)[0] == 0
+    code, out, err = cli("allocate", "-w", work, *PLAN[:-1], "--json", "--cost-table", path)
+    assert code == 0 and json.loads(out)["status"] == "up to date", err
+    doc = json.loads(path.read_text())
+    doc["layers"][first]["ms"]["fp32"] *= 100           # the target machine, re-measured
+    path.write_text(json.dumps(doc))
+    code, out, err = cli("allocate", "-w", work, *PLAN[:-1], "--json", "--cost-table", path)
+    assert code == 0 and json.loads(out)["status"] == "computed", err

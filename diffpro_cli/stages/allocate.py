@@ -359,6 +359,8 @@ def run_allocate(ctx, cfg: AllocateConfig, *, scores_path: str | Path | None = N
     inputs = {"scores": input_record(scores_path)}
     if timesteps_path is not None:
         inputs["timesteps"] = input_record(timesteps_path)
+    if cfg.cost_table and Path(cfg.cost_table).is_file():   # its timings price the plan: a new table is not up to date
+        inputs["cost_table"] = input_record(cfg.cost_table)
     out = workdir / "plan.json"
     outputs = {"plan": out}
     if cfg.pareto:
