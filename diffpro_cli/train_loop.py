@@ -38,6 +38,12 @@ def load_training_images(data_dir: Path | None, out_dir: Path, threads: int | No
     if threads:
         torch.set_num_threads(threads)
     images, labels = load_mnist(data_dir)
+    if len(labels) and not (0 <= int(labels.min()) and int(labels.max()) <= 9):
+        from diffpro_cli.errors import InputError
+
+        bad = int(labels.max()) if int(labels.max()) > 9 else int(labels.min())
+        raise InputError(f"{data_dir or 'the MNIST files'}: a label {bad} outside the digits 0-9 (the conditioning has "
+                         "10 classes); use the MNIST label file")
     ensure_dir(out_dir)   # a file at --out: one error line, not FileExistsError
     return to_model_space(images), labels
 

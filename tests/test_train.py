@@ -178,3 +178,12 @@ def test_resuming_with_another_seed_is_refused_not_mislabelled(cli, tmp_path):
     assert code == 2 and "--seed 3" in _error_line(err)
     card = train("unet-mnist", out, data_dir=data, steps=2, batch=2, seed=3, log=lambda *a: None)
     assert card["seed"] == 3 and card["steps"] == 2
+
+
+def test_a_label_file_with_a_label_beyond_9_is_refused_before_training(cli, tmp_path):
+    """A label 200 reached the class embedding as an IndexError traceback mid-run (--out already created)."""
+    data = _fake_mnist(tmp_path / "mnist")
+    (data / "t10k-labels-idx1-ubyte").write_bytes(struct.pack(">ii", LABEL_MAGIC, 8) + bytes([0, 1, 2, 3, 4, 5, 6, 200]))
+    for name in ("unet-mnist", "flow-mnist"):
+        code, _, err = cli("train", name, "--out", tmp_path / name, "--data", data, "--steps", "2", "--batch", "8", "-q")
+        assert code == 3 and "label 200" in _error_line(err) and not (tmp_path / name).exists()
