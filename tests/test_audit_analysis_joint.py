@@ -49,3 +49,46 @@ def test_latency_budget_alone_reads_the_workdir_timesteps_like_latency_fraction(
     code, _, err = cli("allocate", "-w", work, "--latency-budget", "1000", "--steps", "4", "--timesteps",
                        work / "timesteps.json", "--batch", "1", "-q")
     assert code == 0 and json.loads((work / "plan.json").read_text())["joint"]["steps"] == 4, err
+
+
+@pytest.fixture(scope="module")
+def pruned(scored, tmp_path_factory):
+    work = tmp_path_factory.mktemp("pruned") / "w"
+    shutil.copytree(scored, work)
+    (work / "plan.json").unlink()
+    assert main(["prune", "random:dit-tiny", "-w", str(work), "--steps", "4", "--sweep", "2,6", "--n", "2",
+                 "--reference-steps", "20", "-q"]) == 0
+    return work
+
+
+@pytest.mark.parametrize("edit, needle", [
+    # tracebacks before the fix (KeyError 'steps', TypeError, ValueError from int())
+    (lambda d: d.update(sweep=[{}]), "sweep entry 0 has no list of timesteps"),
+    (lambda d: d["sweep"][0].update(timesteps=5), "sweep entry 0 has no list of timesteps"),
+    (lambda d: d["sweep"][0].update(steps="x"), "says 'x' steps"),
+    (lambda d: d.update(sweep=5), "sweep is not a list"),
+    # written into plan.json as is before the fix
+    (lambda d: d["sweep"][0].update(timesteps=[9, 3]), "strictly increasing"),
+    (lambda d: d["sweep"][0].update(timesteps=[3, 5000]), "must lie in"),
+    (lambda d: d["sweep"][0].update(steps=7), "says 7 steps but lists 2"),
+    (lambda d: d["sweep"][0].update(drift=float("nan")), "drift nan"),
+    (lambda d: d["sweep"][0].update(drift=-1.0), "drift -1.0"),
+])
+def test_damaged_timesteps_sweep_is_one_input_error(cli, pruned, tmp_path, edit, needle):
+    doc = json.loads((pruned / "timesteps.json").read_text())
+    edit(doc)
+    path = tmp_path / "ts.json"
+    path.write_text(json.dumps(doc))
+    code, _, err = cli("allocate", "-w", pruned, "--budget", "latency=0.5", "--timesteps", path, "--batch", "1", "-q")
+    assert code == 3 and needle in err and str(path) in err and len(err.strip().splitlines()) == 1, err
+    assert not (pruned / "plan.json").exists()
+
+
+def test_a_size_plan_refuses_a_damaged_subset_it_would_carry(cli, pruned, tmp_path):
+    """Without a latency budget the plan carries timesteps.json's subset as is: [9, 3] reached plan.json."""
+    doc = json.loads((pruned / "timesteps.json").read_text())
+    doc["timesteps"] = [9, 3]
+    path = tmp_path / "ts.json"
+    path.write_text(json.dumps(doc))
+    code, _, err = cli("allocate", "-w", pruned, "--budget", "avg-bits=6", "--timesteps", path, "--batch", "1", "-q")
+    assert code == 3 and "strictly increasing" in err and not (pruned / "plan.json").exists()

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from diffpro_cli.console import QUIET_UI, UI
-from diffpro_cli.errors import BudgetError, UsageError
+from diffpro_cli.errors import BudgetError, InputError, UsageError
 from diffpro_cli.planning.options import METHODS, Budget
 from diffpro_cli.planning.solvers import (Constraint, Solution, Table, budget_value, chosen_total, smallest_feasible,
                                           solve, summarize, _require_latency)
@@ -23,7 +23,26 @@ class StepEntry:
     drift: float | None
 
 
-def step_entries(cfg, timesteps: dict | None, num_train: int = 1000) -> list[StepEntry]:
+def _checked_entry(entry, where: str, path, num_train: int) -> StepEntry:
+    """One step count of timesteps.json, checked: a damaged sweep entry was a KeyError / TypeError traceback,
+    or it reached plan.json as is (timesteps out of range or not increasing, a step count that is not the
+    subset's length, a NaN or negative drift that the joint choice compares against)."""
+    from diffpro_cli.sampling import timesteps_of
+
+    if not isinstance(entry, dict) or not isinstance(entry.get("timesteps"), list):
+        raise InputError(f"{path}: its {where} has no list of timesteps; re-run `diffpro prune`")
+    ts = timesteps_of({"timesteps": entry["timesteps"]}, f"{path} ({where})", num_train)
+    steps = entry.get("steps")
+    if steps is not None and (isinstance(steps, bool) or steps != len(ts)):
+        raise InputError(f"{path}: its {where} says {steps!r} steps but lists {len(ts)}; re-run `diffpro prune`")
+    drift = entry.get("drift")
+    if drift is not None and (isinstance(drift, bool) or not isinstance(drift, (int, float))
+                              or not math.isfinite(drift) or drift < 0):
+        raise InputError(f"{path}: its {where} has drift {drift!r}, not a finite number >= 0; re-run `diffpro prune`")
+    return StepEntry(len(ts), ts, None if drift is None else float(drift))
+
+
+def step_entries(cfg, timesteps: dict | None, num_train: int = 1000, path="timesteps.json") -> list[StepEntry]:
     """Candidate step counts for the joint plan: the artifact's sweep (--steps auto), one of its entries
     (--steps K), its single subset, or the uniform subset of K steps when no artifact is given."""
     if timesteps is None:
@@ -35,10 +54,12 @@ def step_entries(cfg, timesteps: dict | None, num_train: int = 1000) -> list[Ste
 
         k = _int_steps(cfg.steps)
         return [StepEntry(k, uniform_timesteps(num_train, k), None)]
+    num_train = int(timesteps.get("num_train_timesteps") or num_train)
     sweep = timesteps.get("sweep") or []
-    entries = [StepEntry(int(s["steps"]), list(s["timesteps"]), s.get("drift")) for s in sweep]
-    if not entries:
-        entries = [StepEntry(len(timesteps["timesteps"]), list(timesteps["timesteps"]), timesteps.get("drift"))]
+    if not isinstance(sweep, list):
+        raise InputError(f"{path}: its sweep is not a list; re-run `diffpro prune`")
+    top = _checked_entry({**timesteps, "steps": None}, "timesteps", path, num_train)   # a plan without steps carries it
+    entries = [_checked_entry(s, f"sweep entry {i}", path, num_train) for i, s in enumerate(sweep)] or [top]
     if cfg.steps is None or cfg.steps == "auto":
         return entries
     k = _int_steps(cfg.steps)

@@ -345,8 +345,8 @@ def run_allocate(ctx, cfg: AllocateConfig, *, scores_path: str | Path | None = N
         t_spec, s_spec = _spec_of(timesteps), _spec_of(scores)
         if t_spec and s_spec and t_spec != s_spec:
             ui.warn(f"{timesteps_path} was pruned for {t_spec} but the scores are for {s_spec}")
-    if cfg.latency_budget is not None or joint:   # a bad --steps fails before the cost table is timed
-        step_entries(cfg, timesteps)   # steps None reads as "auto" there; `steps or "auto"` hid steps = 0
+    if cfg.latency_budget is not None or joint or timesteps is not None:   # a bad --steps or timesteps.json fails
+        step_entries(cfg, timesteps, path=timesteps_path)   # before the cost table is timed; steps None reads as "auto"
     size_budgets = [b for b in parse_budgets(cfg.budget) if b.kind in ("avg-bits", "size-mb")]
     if size_budgets:   # size budgets: fail before timing anything
         table = build_table(layers, make_options(cfg.bits, cfg.act_bits, cfg.act_mode, cfg.group_size), cfg, None)
