@@ -357,3 +357,24 @@ def test_fid_stats_cli_finds_a_non_image_before_the_inception_pass(tmp_path, cli
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 3 and len(lines) == 1 and "z.png" in lines[0] and lines[0].startswith("error:"), err
     assert not (tmp_path / "s.npz").exists()
+
+
+def test_fid_stats_cli_warns_that_16_bit_images_are_clipped(tmp_path, cli, stand_in_inception, monkeypatch):
+    """A folder of 16-bit PNGs gave statistics of near-white images without a word: convert('RGB') clips
+    every value above 255 (pytorch-fid reads them the same way, so the reading stays; the warning is new)."""
+    from PIL import Image
+
+    monkeypatch.setattr(stand_in_inception, "weights_source", "stand-in", raising=False)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.fromarray(np.array([[0, 1000], [30000, 65535]], dtype=np.uint16)).save(folder / "deep.png")
+    Image.fromarray(np.full((2, 2, 3), 90, dtype=np.uint8)).save(folder / "plain.png")
+    assert M.read_image(folder / "deep.png")[0].flatten().tolist() == [0, 255, 255, 255]
+    code, _, err = cli("fid-stats", folder, "--out", tmp_path / "s.npz", "-q")
+    assert code == 0 and (tmp_path / "s.npz").exists()
+    warnings = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "1 of 2 images" in warnings[0] and "deep.png" in warnings[0], err
+    (folder / "deep.png").unlink()
+    Image.fromarray(np.full((2, 2), 30, dtype=np.uint8), "L").save(folder / "gray.png")   # 8-bit: no warning
+    code, _, err = cli("fid-stats", folder, "--out", tmp_path / "s2.npz", "-q")
+    assert code == 0 and "warning:" not in err, err

@@ -18,7 +18,7 @@ BUILTIN_SOURCES = ("builtin:mnist",)
 CHUNK = 500  # images between cache saves, so a long run resumes where it stopped
 
 
-def load_source(images: str) -> tuple[object, int, dict]:
+def load_source(images: str, warn=lambda message: None) -> tuple[object, int, dict]:
     """(uint8 tensor [N, 1, 32, 32] or list of image files, N, provenance) for builtin:mnist or a folder."""
     if images.startswith("builtin:"):
         if images not in BUILTIN_SOURCES:
@@ -45,7 +45,11 @@ def load_source(images: str) -> tuple[object, int, dict]:
     from diffpro_cli.metrics.fid import check_images, image_files
 
     files = image_files(images)
-    check_images(files)
+    wide = check_images(files)
+    if wide:   # kept as pytorch-fid reads them (statistics stay comparable), but never silently
+        warn(f"{len(wide)} of {len(files)} images have more than 8 bits per sample (e.g. {wide[0].name}); PIL's "
+             "convert('RGB') clips them to 0-255 as pytorch-fid does, so they read as mostly white: save them as "
+             "8-bit images for meaningful statistics")
     info = {"source": str(Path(images).resolve()),
             "source_files": [{"name": Path(images).name, "sha256": input_record(images)["sha256"], "files": len(files)}],
             "preprocessing": "PIL convert('RGB'), as pytorch-fid reads image folders"}
@@ -139,7 +143,7 @@ def fid_stats_cmd(
     if out.suffix != ".npz":
         raise UsageError(f"--out {out}: must end in .npz (pytorch-fid's statistics format)")
     _check_destinations(out, cache)
-    data, n, info = load_source(images)
+    data, n, info = load_source(images, warn=ui.warn)
     if n < 2:
         raise UsageError(f"{images}: has {n} image; FID statistics need at least 2")
     model = load_inception(inception_weights)

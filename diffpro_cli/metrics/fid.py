@@ -314,20 +314,27 @@ def image_files(folder: str | Path) -> list[Path]:
     return files
 
 
-def check_images(files: list[Path]) -> None:
-    """Open every file's header (no decoding, ~0.1 ms each) so a non-image or an oversized one fails
-    before the Inception pass over the folder, not an hour into it. A truncated body still fails later,
-    when read_image decodes it."""
+WIDE_MODES = ("I;16", "I;16B", "I;16L", "I", "F")   # PIL's convert('RGB') clips these to 0..255
+
+
+def check_images(files: list[Path]) -> list[Path]:
+    """Open every file's header (no decoding, ~0.02 ms each) so a non-image or an oversized one fails
+    before the Inception pass over the folder, not an hour into it (a truncated body still fails later,
+    when read_image decodes it). Returns the files with more than 8 bits per sample (16-bit PNG, float
+    TIFF): convert('RGB') clips them, as pytorch-fid does, so most of their pixels read as white."""
     from PIL import Image, UnidentifiedImageError
 
+    wide = []
     for path in files:
         try:
-            with Image.open(path):
-                pass
+            with Image.open(path) as im:
+                if im.mode in WIDE_MODES:
+                    wide.append(path)
         except (OSError, UnidentifiedImageError) as exc:
             raise InputError(f"{path}: cannot read image ({exc}); remove or re-save it") from None
         except Image.DecompressionBombError as exc:
             raise InputError(f"{path}: cannot read image ({exc}); downscale it or remove it") from None
+    return wide
 
 
 def read_image(path: Path) -> torch.Tensor:
