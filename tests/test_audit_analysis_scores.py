@@ -19,6 +19,13 @@ def _damaged(edit):
     return scores
 
 
+def _cdf_priced(layers, name, cdf):
+    """Scores that error_model 'auto' prices by cdf (no measured errors, a combined score <= 0), one cdf set."""
+    for d in layers.values():
+        d.pop("measured_error", None)
+    layers[name].update(combined_score=-1.0, cdf=cdf)
+
+
 def _plan(scores):
     return allocate_plan(scores, AllocateConfig(budget="avg-bits=6", protect=[]), latency_fn=fake_latency)
 
@@ -38,6 +45,9 @@ def _plan(scores):
     (lambda layers, n: layers[n].update(in_features=0), "in_features"),
     (lambda layers, n: layers[n].update(params=-5), "params"),
     (lambda layers, n: layers[n].update(out_features="wide"), "out_features"),
+    # the cdf error model (no measured/taylor errors) prices with cdf: NaN crashed the MILP, -5 planned silently
+    (lambda layers, n: _cdf_priced(layers, n, float("nan")), "cdf"),
+    (lambda layers, n: _cdf_priced(layers, n, -5.0), "cdf"),
 ])
 def test_damaged_scores_field_is_one_input_error_naming_layer_and_field(edit, named):
     scores = _damaged(edit)

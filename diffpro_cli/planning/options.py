@@ -182,6 +182,9 @@ def load_layers(scores: dict, path: str | Path = "scores.json") -> list[Layer]:
         try:
             if not isinstance(d, dict):
                 raise ValueError(f"entry ({type(d).__name__}: a JSON object)")
+            cdf = _number(d, "cdf", 0.5)
+            if not 0 <= cdf <= 1:   # a fraction of layers; the cdf error model prices with it (NaN: a solver traceback)
+                raise ValueError(f"cdf ({cdf!r}: a fraction from 0 to 1)")
             proxy = d.get("output_error_proxy")
             if proxy is not None:
                 proxy = _number(d, "output_error_proxy", 0.0)
@@ -191,7 +194,7 @@ def load_layers(scores: dict, path: str | Path = "scores.json") -> list[Layer]:
                 name=name, role=str(d.get("role") or "other"), kind=str(d.get("kind") or "Linear"),
                 in_features=_count(d, "in_features", 1), out_features=_count(d, "out_features", 1),
                 params=_count(d, "params", 1), macs=_count(d, "macs", 0, default=0) if d.get("macs") is not None else 0,
-                score=_number(d, "combined_score", 0.0), cdf=_number(d, "cdf", 0.5),
+                score=_number(d, "combined_score", 0.0), cdf=cdf,
                 measured=_errors(d, "measured_error"), proxy=proxy, taylor=_errors(d, "taylor_error"),
                 measured_act=_errors(d, "measured_act_error"),
                 measured_pair_bounded=_errors(d, "measured_error_pair_bounded")))
