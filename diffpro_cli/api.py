@@ -179,7 +179,9 @@ _HOOK_CONTEXTS: contextvars.ContextVar = contextvars.ContextVar("diffpro_timeste
 
 def install_timestep_hook(net: nn.Module) -> nn.Module:
     """A forward pre-hook that hands the call's timestep (keyword `timestep`, else the second positional
-    argument) to the static-activation layers for the duration of the call; idempotent."""
+    argument) to the static-activation layers for the duration of the call, and runs the call under
+    autocast in the model's compute dtype where one is set (`set_compute_dtype`; a checkpoint planned for
+    bf16), so a pipeline calling the network computes as diffpro's sampler does; idempotent."""
     _module(net, "install_timestep_hook")
     if getattr(net, "_diffpro_timestep_hook", False):
         return net
@@ -196,8 +198,22 @@ def _enter_timestep_hook(module, args, kwargs):
     from diffpro_cli.models.base import index_of_timestep
     from diffpro_cli.quant.layers import timestep_context
 
-    cm = timestep_context(index_of_timestep(module, kwargs.get("timestep", args[1] if len(args) > 1 else None)))
-    cm.__enter__()
+    import contextlib
+
+    import torch
+
+    from diffpro_cli.devices import net_device
+    from diffpro_cli.models.base import COMPUTE_DTYPE_ATTR
+
+    cm = contextlib.ExitStack()
+    cm.enter_context(timestep_context(index_of_timestep(module, kwargs.get("timestep", args[1] if len(args) > 1 else None))))
+    dtype = module.__dict__.get(COMPUTE_DTYPE_ATTR)
+    if dtype is not None:   # bf16/fp16 float math for any caller, not only DiffusionModel.raw (which nests it)
+        try:
+            cm.enter_context(torch.autocast(net_device(module).type, dtype=dtype))
+        except BaseException:
+            cm.close()
+            raise
     _HOOK_CONTEXTS.set((*_HOOK_CONTEXTS.get(), (module, cm)))
 
 

@@ -69,5 +69,6 @@ def stand_in_inception(monkeypatch):
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(48, 2048), nn.ReLU()).eval()
+    net.weights_source = "stand-in (tests)"   # fid-stats records where the Inception weights came from
     monkeypatch.setattr(fid, "load_inception", lambda weights=None, device="cpu": net)
     return net

@@ -65,3 +65,21 @@ def test_quantized_unet_in_ddpm_pipeline_matches_diffpros_sampler(ddpm_dir, tmp_
     assert float((ref - ours).norm() / ref.norm()) < 1e-5
     float_images = _pipeline(diffpro.load(str(ddpm_dir)).net)
     assert not torch.equal(ref, float_images)      # the integer network really ran
+
+
+def test_a_bf16_plan_computes_in_bf16_inside_the_pipeline(ddpm_dir, tmp_path):
+    """Catches: set_compute_dtype (and a checkpoint planned for bf16) reaching only DiffusionModel.raw, so a
+    pipeline calling `.net` ran the float math in fp32, not as the plan was priced (the output was bit
+    identical to the fp32 run's). The network's own calls now run under the same autocast."""
+    diffpro.quantize(str(ddpm_dir), tmp_path / "work", bits=8, calib_samples=1, out_dir=tmp_path / "q", quiet=True)
+    fp32 = _pipeline(diffpro.load(tmp_path / "q").net)
+    q = diffpro.load(tmp_path / "q", dtype="bfloat16")
+    ours, piped = _ours(q), _pipeline(q.net)
+    def rel(a, b):
+        return float((a - b).norm() / b.norm())
+
+    # measured: 1.0e-3 (bf16 rounding flips on the schedulers' ~1e-8 float differences) against 5.8e-2 for
+    # the pipeline computing in fp32
+    assert rel(piped, ours) < 5e-3 and rel(piped, ours) < rel(fp32, ours) / 10   # as diffpro's sampler runs it
+    diffpro.set_compute_dtype(q, "float32")                           # and undoing it undoes it for the pipeline
+    assert torch.equal(_pipeline(q.net), fp32)

@@ -331,7 +331,6 @@ def test_fid_stats_cli_an_oversized_image_is_one_error_line(tmp_path, cli, monke
     for i in range(2):
         Image.fromarray(np.full((64, 64, 3), 40 * i, dtype=np.uint8)).save(folder / f"{i}.png")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)   # 64 x 64 = 4096 > 2 x 1000
-    monkeypatch.setattr(stand_in_inception, "weights_source", "stand-in", raising=False)
     code, _, err = cli("fid-stats", folder, "--out", tmp_path / "s.npz", "-q")
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 3 and len(lines) == 1 and lines[0].startswith("error:") and "0.png" in lines[0], err
@@ -364,7 +363,6 @@ def test_fid_stats_cli_warns_that_16_bit_images_are_clipped(tmp_path, cli, stand
     every value above 255 (pytorch-fid reads them the same way, so the reading stays; the warning is new)."""
     from PIL import Image
 
-    monkeypatch.setattr(stand_in_inception, "weights_source", "stand-in", raising=False)
     folder = tmp_path / "imgs"
     folder.mkdir()
     Image.fromarray(np.array([[0, 1000], [30000, 65535]], dtype=np.uint16)).save(folder / "deep.png")

@@ -82,3 +82,19 @@ def test_an_inner_network_whose_pre_hook_failed_leaves_the_outer_calls_timestep(
     with torch.no_grad():
         outer(torch.randn(2, 16), torch.tensor([999, 999]))
     assert seen[0] is not None and seen[0].tolist() == [999, 999]
+
+
+def test_a_strided_timestep_tensor_reaches_the_layers_contiguous():
+    """DiTPipeline passes the timestep as a strided view (t.expand / a slice); the static layers' searchsorted
+    then printed torch's non-contiguous-input UserWarning once per process. The context stores it contiguous."""
+    import warnings
+
+    from diffpro_cli.quant.layers import _TIMESTEPS, _nearest, timestep_context
+
+    strided = torch.arange(10)[::2]
+    assert not strided.is_contiguous()
+    with timestep_context(strided), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ts = _TIMESTEPS.get()
+        assert ts.is_contiguous() and ts.tolist() == [0, 2, 4, 6, 8]
+        assert _nearest(torch.tensor([0.0, 4.0, 8.0]), ts).tolist() == [0, 1, 1, 2, 2]   # ties go up

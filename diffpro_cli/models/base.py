@@ -229,6 +229,9 @@ def _diffusers_quiet():
         dlog.set_verbosity(level)
 
 
+COMPUTE_DTYPE_ATTR = "_diffpro_compute_dtype"   # on the network: the dtype its own calls compute in
+
+
 @dataclass
 class DiffusionModel:
     """A denoising network plus everything a sampler and a quantizer need to know about it.
@@ -271,6 +274,8 @@ class DiffusionModel:
             self.flow_shift = float(cfg.get("flow_shift", 1.0))
         if self.conditioning is None:
             self.conditioning = cfg.get("conditioning") or ("class" if self.num_classes is not None else "none")
+        if self.compute_dtype is not None:   # a checkpoint loaded with its planned dtype: the network's own calls too
+            self.net.__dict__[COMPUTE_DTYPE_ATTR] = self.compute_dtype
         if self.conditioning_fields is None and cfg.get("conditioning_fields"):
             self.conditioning_fields = cfg["conditioning_fields"]
 
@@ -314,6 +319,9 @@ class DiffusionModel:
             with _diffusers_quiet():   # its "modules that should be kept in float32: []" note at every cast
                 self.net.to(dtype)
         self.compute_dtype = None if dtype == torch.float32 else dtype
+        # for callers of the network itself (a diffusers pipeline): diffpro's timestep hook runs each call
+        # under autocast in this dtype, as `raw` does (api.install_timestep_hook)
+        self.net.__dict__[COMPUTE_DTYPE_ATTR] = self.compute_dtype
         return self
 
     @property

@@ -41,7 +41,7 @@ _TIMESTEPS: contextvars.ContextVar = contextvars.ContextVar("diffpro_timesteps",
 @contextlib.contextmanager
 def timestep_context(t: torch.Tensor | int | None):
     """Tell static-activation layers which timestep(s) the current forward pass is at ([B] or a scalar)."""
-    token = _TIMESTEPS.set(None if t is None else torch.as_tensor(t).reshape(-1).cpu())
+    token = _TIMESTEPS.set(None if t is None else torch.as_tensor(t).reshape(-1).contiguous().cpu())
     try:
         yield
     finally:
