@@ -80,3 +80,13 @@ def test_bad_classes_fail_before_the_stage_says_recomputing(cli, work):
     code, out, err = cli("profile", "random:dit-tiny", "-w", work, "--samples", "2", "--timesteps", "3", "--classes", "99")
     assert code == 2 and "--classes" in err and "recomputing" not in out + err
     assert (work / "profile" / "profile.json").read_bytes() == before
+
+
+@pytest.mark.parametrize("scale", ["nan", "inf"])
+def test_non_finite_cfg_is_a_usage_error_not_blamed_on_the_weights(cli, tmp_path, scale):
+    """`profile --cfg nan` sampled NaN latents and stopped with 'layer pos_embed.proj sees NaN/Inf
+    activations; check the model weights' (exit 3): the option is refused now, nothing written."""
+    code, _, err = cli("profile", "random:dit-tiny", "-w", tmp_path / "w", "--samples", "2", "--timesteps", "999,3",
+                       "--cfg", scale, "-q")
+    assert code == 2 and "--cfg" in err and "weights" not in err, err
+    assert not (tmp_path / "w" / "profile" / "profile.json").exists()

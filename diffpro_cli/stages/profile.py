@@ -19,6 +19,7 @@ fed the very same input tensor (q/k/v projections) share one accumulator.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -164,6 +165,8 @@ def validate_config(cfg: ProfileConfig) -> None:
         raise UsageError("--max-dim and --max-rows must be at least 2")
     if cfg.method not in ("ddim", "ddpm"):
         raise UsageError(f"--method {cfg.method}: unknown sampler; use ddim or ddpm")
+    if not math.isfinite(cfg.cfg_scale):   # NaN guidance made every activation NaN, blamed on the model's weights
+        raise UsageError(f"--cfg {cfg.cfg_scale}: give a finite guidance scale (1 = off), e.g. --cfg 4")
 
 
 def profiled_layers(model) -> tuple[dict[str, tuple[nn.Module, str]], list[str]]:
