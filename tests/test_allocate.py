@@ -169,7 +169,8 @@ def test_joint_plan_picks_steps_and_bits_under_total_latency():
 
 
 def test_bad_budget_strings():
-    for text in ("avg-bits", "bits=4", "avg-bits=-1", "latency-ms=abc"):
+    # "avg-bits=6_0" catches Python's float reading the underscore typo as a ten times larger budget (60)
+    for text in ("avg-bits", "bits=4", "avg-bits=-1", "latency-ms=abc", "avg-bits=6_0"):
         with pytest.raises(UsageError):
             parse_budget(text)
 

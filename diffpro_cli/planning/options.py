@@ -44,8 +44,8 @@ def parse_budget(text: str) -> Budget:
     fp32 full-schedule latency per image; chooses the step count jointly)."""
     kind, sep, value = text.partition("=")
     kind = kind.strip().lower()
-    try:
-        number = float(value)
+    try:   # Python's float takes "6_0" as 60: a typo there must not become a ten times larger budget
+        number = float(value) if "_" not in value else float("nan")
     except ValueError:
         number = float("nan")
     if not sep or kind not in BUDGET_KINDS or not math.isfinite(number) or number <= 0 or (kind == "latency" and number > 1):
