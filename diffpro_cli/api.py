@@ -195,15 +195,13 @@ def install_timestep_hook(net: nn.Module) -> nn.Module:
 
 # module-level (not closures) so that a network carrying them pickles: torch.save(model.net)
 def _enter_timestep_hook(module, args, kwargs):
-    from diffpro_cli.models.base import index_of_timestep
-    from diffpro_cli.quant.layers import timestep_context
-
     import contextlib
 
     import torch
 
     from diffpro_cli.devices import net_device
-    from diffpro_cli.models.base import COMPUTE_DTYPE_ATTR
+    from diffpro_cli.models.base import COMPUTE_DTYPE_ATTR, index_of_timestep
+    from diffpro_cli.quant.layers import timestep_context
 
     cm = contextlib.ExitStack()
     cm.enter_context(timestep_context(index_of_timestep(module, kwargs.get("timestep", args[1] if len(args) > 1 else None))))
