@@ -258,8 +258,11 @@ def finalize(model, prof: Profiler, ts: list[int], ui=None) -> tuple[dict[str, t
     return tensors, rows
 
 
-def write_profile(model, cfg: ProfileConfig, out_dir: Path, ui=None, advance=lambda n=1: None) -> tuple[Path, Path]:
-    """Profile `model` and write out_dir/stats.safetensors and out_dir/profile.json atomically."""
+def write_profile(model, cfg: ProfileConfig, out_dir: Path, ui=None, advance=lambda n=1: None,
+                  inputs_sha256: str | None = None) -> tuple[Path, Path]:
+    """Profile `model` and write out_dir/stats.safetensors and out_dir/profile.json atomically.
+    `inputs_sha256`: the run's model record hash (the model with its conditioning: StageContext.model_record),
+    which score --measure compares so that it never measures on prompts other than the profiled ones."""
     from diffpro_cli.artifacts import atomic_save_safetensors, atomic_write_json, sha256_file
     from diffpro_cli.checkpoint import non_layer_bytes
 
@@ -288,6 +291,7 @@ def write_profile(model, cfg: ProfileConfig, out_dir: Path, ui=None, advance=lam
         "checkpoint_other_bytes": non_layer_bytes(model, [r["name"] for r in rows]),
         "layers": rows,
         "skipped": skipped,
+        **({"inputs_sha256": inputs_sha256} if inputs_sha256 else {}),
     }
     json_path = Path(out_dir) / "profile.json"
     atomic_write_json(json_path, doc)
@@ -312,9 +316,10 @@ def run_profile(ctx, cfg: ProfileConfig):
         if model.random_weights:
             ui.warn(f"{model.spec} has RANDOM weights: use its profile for speed and memory only")
         with ui.progress("profiling", total=cfg.samples * n_steps) as advance:
-            write_profile(model, cfg, out_dir, ui, advance)
+            write_profile(model, cfg, out_dir, ui, advance, inputs_sha256=record["sha256"])
 
-    result = ctx.run_stage("profile", {"model": ctx.model_record(model)}, cfg.as_dict(), outputs, compute, seed=cfg.seed)
+    record = ctx.model_record(model)
+    result = ctx.run_stage("profile", {"model": record}, cfg.as_dict(), outputs, compute, seed=cfg.seed)
     result.value = model
     return result
 

@@ -354,6 +354,10 @@ def load_profiled_model(doc: dict, ctx):
     if (profiled.get("sha256") or same["sha256"]) and profiled.get("sha256") != same["sha256"] \
             or bool(profiled.get("untrained")) != bool(same["untrained"]) or profiled.get("params") != same["params"]:
         raise InputError(f"{ctx.model_spec}: is not the profiled model ({profiled['spec']}); re-run `diffpro profile` on it, or pass --model with the profiled one")
+    recorded = doc.get("inputs_sha256")   # the model with its conditioning (profiles before it was recorded: not checked)
+    if recorded and recorded != ctx.model_record(model)["sha256"]:
+        raise InputError(f"{ctx.model_spec}: was profiled with other conditioning than this run's (--conditioning / "
+                         f"--prompts); pass the ones the profile used, or re-run `diffpro profile` with these")
     return model
 
 
