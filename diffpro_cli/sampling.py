@@ -20,6 +20,7 @@ batch and passed through unchanged.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -210,6 +211,13 @@ def flow_step(x: torch.Tensor, v: torch.Tensor, sigma: float, sigma_next: float,
     x0 = (x - sigma * v).clamp(-1, 1)
     eps = (x - (1 - sigma) * x0) / sigma
     return (1 - sigma_next) * x0 + sigma_next * eps
+
+
+def check_guidance(cfg_scale: float) -> None:
+    """--cfg as every sampling command takes it: a NaN or infinite scale turns every sample NaN, which
+    later surfaces as the model's fault (profile: NaN activations; prune: no subset fits the grid)."""
+    if not math.isfinite(cfg_scale):
+        raise UsageError(f"--cfg {cfg_scale}: must be a finite guidance scale (1 = off), e.g. 4")
 
 
 def check_method(model: DiffusionModel, cfg: SamplerConfig) -> None:

@@ -53,6 +53,7 @@ def sample_cmd(
     from diffpro_cli.loading import load_model
     from diffpro_cli.sampling import (
         SamplerConfig,
+        check_guidance,
         check_method,
         sample,
         save_grid,
@@ -68,8 +69,7 @@ def sample_cmd(
         raise UsageError(f"--method {method}: unknown sampler; use ddim or ddpm (euler for flow-matching models)")
     if not (math.isfinite(eta) and 0 <= eta <= 1):   # a negative or NaN eta silently bent the DDIM update
         raise UsageError(f"--eta {eta}: must be between 0 (deterministic DDIM) and 1 (DDPM-like noise)")
-    if not math.isfinite(cfg_scale):
-        raise UsageError(f"--cfg {cfg_scale}: must be a finite guidance scale (1 = off), e.g. 4")
+    check_guidance(cfg_scale)
     m = load_model(model, trust_code=trust_code, weights=weights, seed=seed, device=device)
     attach_conditioning(m, conditioning, prompts, negative_prompt, device=device)
     if m.untrained:

@@ -4,13 +4,13 @@ traceback after every stage before bench had run)."""
 
 from __future__ import annotations
 
-import math
 
 from diffpro_cli.errors import UsageError
 
 
 def validate_config(cfg) -> None:
     """`cfg`: a stages.bench.BenchConfig."""
+    from diffpro_cli.sampling import check_guidance
     from diffpro_cli.stages.bench import ALL_ROWS, CACHE_ROWS
 
     bad = [r for r in cfg.rows if r not in ALL_ROWS + CACHE_ROWS]
@@ -24,5 +24,4 @@ def validate_config(cfg) -> None:
         raise UsageError(f"sample_batch {cfg.sample_batch} / grid_n {cfg.grid_n}: each must be at least 1")
     if cfg.method not in ("ddim", "ddpm", "euler"):
         raise UsageError(f"--method {cfg.method}: use ddim or ddpm (euler for flow-matching models)")
-    if not math.isfinite(cfg.cfg_scale):
-        raise UsageError(f"--cfg {cfg.cfg_scale}: must be a finite guidance scale (1 = off), e.g. 4")
+    check_guidance(cfg.cfg_scale)

@@ -19,7 +19,6 @@ fed the very same input tensor (q/k/v projections) share one accumulator.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -159,14 +158,15 @@ def calibration_labels(model, n: int, classes: list[int] | None) -> torch.Tensor
 
 
 def validate_config(cfg: ProfileConfig) -> None:
+    from diffpro_cli.sampling import check_guidance
+
     if cfg.samples < 1 or cfg.batch < 1:
         raise UsageError("--samples and --batch must be at least 1")
     if cfg.max_dim < 2 or cfg.max_rows < 2:
         raise UsageError("--max-dim and --max-rows must be at least 2")
     if cfg.method not in ("ddim", "ddpm"):
         raise UsageError(f"--method {cfg.method}: unknown sampler; use ddim or ddpm")
-    if not math.isfinite(cfg.cfg_scale):   # NaN guidance made every activation NaN, blamed on the model's weights
-        raise UsageError(f"--cfg {cfg.cfg_scale}: give a finite guidance scale (1 = off), e.g. --cfg 4")
+    check_guidance(cfg.cfg_scale)
 
 
 def profiled_layers(model) -> tuple[dict[str, tuple[nn.Module, str]], list[str]]:

@@ -28,7 +28,7 @@ import torch
 from diffpro_cli.console import QUIET_UI, UI
 from diffpro_cli.errors import InputError, UsageError
 from diffpro_cli.models.base import DiffusionModel
-from diffpro_cli.sampling import SamplerConfig, default_labels, sample, uniform_timesteps
+from diffpro_cli.sampling import SamplerConfig, check_guidance, default_labels, sample, uniform_timesteps
 
 SCHEMA = "diffpro.timesteps/1"
 SEARCHES = ("best", "dp", "greedy")
@@ -324,8 +324,7 @@ def _check(cfg: PruneConfig, num_train: int) -> tuple[int, int, list[int], list[
         raise UsageError(f"--metric {cfg.metric}: unknown; use final or trajectory")
     if cfg.n < 1 or cfg.batch < 1:
         raise UsageError("--n and --batch must be at least 1")
-    if not math.isfinite(cfg.cfg_scale):   # NaN drift ended in "no subset fits the candidate grid" after the teacher ran
-        raise UsageError(f"--cfg {cfg.cfg_scale}: must be a finite guidance scale (1 = off), e.g. 4")
+    check_guidance(cfg.cfg_scale)
     K = resolve_steps(num_train, cfg.steps, cfg.fraction)
     T = default_tail(K) if cfg.protect_tail is None else cfg.protect_tail
     if not 0 <= T <= K - 1:
