@@ -96,8 +96,6 @@ def parse_weights(text: str) -> dict:
             weights[key] = float(value)
         except ValueError:
             raise UsageError(f"--component-weights {text!r}: {value.strip()!r} is not a number") from None
-        if not math.isfinite(weights[key]):   # nan / inf made every combined score NaN or ±inf
-            raise UsageError(f"--component-weights {text!r}: {value.strip()!r} is not a finite number, e.g. 1 or -0.5")
     return weights
 
 
@@ -108,6 +106,7 @@ def validate_config(cfg: ScoreConfig) -> None:
         raise UsageError(f"--normalize {cfg.normalize}: unknown; choose zscore or rank")
     if cfg.pca_metric not in PCA_METRICS:
         raise UsageError(f"--pca-metric {cfg.pca_metric}: unknown; choose one of {', '.join(PCA_METRICS)}")
+    # nan / inf made every combined score NaN or ±inf (--component-weights, a config's or the API's weights)
     if any(not isinstance(w, (int, float)) or not math.isfinite(w) for w in cfg.weights.values()):
         raise UsageError(f"component weights {cfg.weights}: each must be a finite number, e.g. pca=1,energy=1,k95=-1,range=1")
     if not 0 < cfg.variance < 1:
