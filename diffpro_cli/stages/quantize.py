@@ -144,13 +144,18 @@ def check_plan_options(plan: dict, cfg: QuantizeConfig, source: str = "plan") ->
                          f"(allocate chose them); re-run `diffpro allocate --act-mode {cfg.act_mode}`, or leave --act-mode out")
 
 
+def check_uniform_bits(bits: int) -> None:
+    """--bits of a uniform baseline: a storage width, or 16 for float."""
+    if bits not in (*STORAGE_BITS, 16):
+        raise UsageError(f"--bits {bits}: supported weight widths are {', '.join(map(str, STORAGE_BITS))} (16 = float)")
+
+
 def uniform_plan(model: DiffusionModel, bits: int, act_bits: int = 8, act_mode: str = "dynamic", group_size: int | None = None,
                  float_act: tuple[str, ...] | list[str] = FLOAT_ACT_ROLES) -> dict:
     """Every quantizable layer at `bits` (the uniform baselines). Layers a group size does not divide
     keep per-channel scales; layers of a `float_act` role (default: patch embedding and final layer,
     planning.options.FLOAT_ACT_ROLES) compute on float activations from the same stored weights."""
-    if bits not in (*STORAGE_BITS, 16):
-        raise UsageError(f"--bits {bits}: supported weight widths are {', '.join(map(str, STORAGE_BITS))} (16 = float)")
+    check_uniform_bits(bits)
     layers = {}
     for name, (mod, role) in model.quantizable_layers().items():
         in_flat = mod.weight[0].numel()
@@ -316,8 +321,8 @@ def cache_timesteps(plan: dict, timesteps: list[int] | None, model: DiffusionMod
 def validate_config(cfg: QuantizeConfig) -> None:
     """Every option on its own (one `error:` line each), before anything loads: also what `run` checks
     before its first stage, so a bad [quantize] value cannot fail after profile, score and prune ran."""
-    if cfg.bits is not None and cfg.bits not in (*STORAGE_BITS, 16):
-        raise UsageError(f"--bits {cfg.bits}: supported weight widths are {', '.join(map(str, STORAGE_BITS))} (16 = float)")
+    if cfg.bits is not None:
+        check_uniform_bits(cfg.bits)
     if cfg.act_mode is not None and cfg.act_mode not in ACT_MODES:
         raise UsageError(f"--act-mode {cfg.act_mode}: use one of {', '.join(ACT_MODES)}")
     if cfg.rounding not in ("nearest", "gptq"):
