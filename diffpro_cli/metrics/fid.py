@@ -317,37 +317,38 @@ def image_files(folder: str | Path) -> list[Path]:
 WIDE_MODES = ("I;16", "I;16B", "I;16L", "I", "F")   # PIL's convert('RGB') clips these to 0..255
 
 
+@contextlib.contextmanager
+def _opened_image(path: Path):
+    """PIL's Image.open with its failures as one InputError naming the file (a decompression bomb is not
+    an OSError: over PIL's 2 x MAX_IMAGE_PIXELS)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            yield im
+    except (OSError, UnidentifiedImageError) as exc:
+        raise InputError(f"{path}: cannot read image ({exc}); remove or re-save it") from None
+    except Image.DecompressionBombError as exc:
+        raise InputError(f"{path}: cannot read image ({exc}); downscale it or remove it") from None
+
+
 def check_images(files: list[Path]) -> list[Path]:
     """Open every file's header (no decoding, ~0.02 ms each) so a non-image or an oversized one fails
     before the Inception pass over the folder, not an hour into it (a truncated body still fails later,
     when read_image decodes it). Returns the files with more than 8 bits per sample (16-bit PNG, float
     TIFF): convert('RGB') clips them, as pytorch-fid does, so most of their pixels read as white."""
-    from PIL import Image, UnidentifiedImageError
-
     wide = []
     for path in files:
-        try:
-            with Image.open(path) as im:
-                if im.mode in WIDE_MODES:
-                    wide.append(path)
-        except (OSError, UnidentifiedImageError) as exc:
-            raise InputError(f"{path}: cannot read image ({exc}); remove or re-save it") from None
-        except Image.DecompressionBombError as exc:
-            raise InputError(f"{path}: cannot read image ({exc}); downscale it or remove it") from None
+        with _opened_image(path) as im:
+            if im.mode in WIDE_MODES:
+                wide.append(path)
     return wide
 
 
 def read_image(path: Path) -> torch.Tensor:
     """uint8 [3, H, W] via PIL's convert('RGB'), as pytorch-fid reads images."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
-    except (OSError, UnidentifiedImageError) as exc:
-        raise InputError(f"{path}: cannot read image ({exc}); remove or re-save it") from None
-    except Image.DecompressionBombError as exc:   # not an OSError: over PIL's 2 x MAX_IMAGE_PIXELS
-        raise InputError(f"{path}: cannot read image ({exc}); downscale it or remove it") from None
+    with _opened_image(path) as im:
+        arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
     return torch.from_numpy(arr.copy()).permute(2, 0, 1)
 
 
