@@ -320,14 +320,18 @@ def load_lora(model_or_net, lora, scale: float = 1.0, adapter_name: str = "defau
     return order
 
 
+def _parent(net: nn.Module, name: str) -> nn.Module:
+    parent_name = name.rpartition(".")[0]
+    return net.get_submodule(parent_name) if parent_name else net
+
+
 def _fused_parent(net: nn.Module, name: str) -> nn.Module | None:
     """The GELU module whose activation epilogue.fuse_activations moved into layer `name`, or None."""
     from diffpro_cli.quant.epilogue import activation_after
 
-    parent_name = name.rpartition(".")[0]
     if activation_after(net, name) is None:
         return None
-    parent = net.get_submodule(parent_name) if parent_name else net
+    parent = _parent(net, name)
     return parent if "forward" in parent.__dict__ else None
 
 
@@ -345,8 +349,7 @@ def _fuse_back(net: nn.Module, name: str, layer: nn.Module) -> None:
     from diffpro_cli.quant.epilogue import fuse_activations
 
     if layer.__dict__.pop("_diffpro_lora_unfused", False):
-        parent_name = name.rpartition(".")[0]
-        fuse_activations(net.get_submodule(parent_name) if parent_name else net)
+        fuse_activations(_parent(net, name))
 
 
 def unload_lora(model_or_net, adapter_name: str | None = None) -> list[str]:
