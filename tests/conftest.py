@@ -72,3 +72,27 @@ def stand_in_inception(monkeypatch):
     net.weights_source = "stand-in (tests)"   # fid-stats records where the Inception weights came from
     monkeypatch.setattr(fid, "load_inception", lambda weights=None, device="cpu": net)
     return net
+
+
+@pytest.fixture(scope="session")
+def tiny_allocated(tmp_path_factory):
+    """A random:dit-tiny workdir through profile, score and allocate (avg-bits=6; a cost table timed at
+    batch 1, one round), made once; copy it before changing anything (allocated_work)."""
+    from diffpro_cli.app import main
+
+    work = tmp_path_factory.mktemp("allocated")
+    assert main(["profile", "random:dit-tiny", "-w", str(work), "--samples", "2", "--timesteps", "3", "-q"]) == 0
+    assert main(["score", "-w", str(work), "-q"]) == 0
+    assert main(["allocate", "-w", str(work), "--budget", "avg-bits=6", "--repeats", "1", "--batch", "1", "-q"]) == 0
+    return work
+
+
+@pytest.fixture
+def allocated_work(tiny_allocated, tmp_path):
+    """A private copy of tiny_allocated without its plan.json (the next allocate computes)."""
+    import shutil
+
+    dst = tmp_path / "w"
+    shutil.copytree(tiny_allocated, dst)
+    (dst / "plan.json").unlink()
+    return dst

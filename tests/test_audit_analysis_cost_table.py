@@ -1,33 +1,19 @@
 """Audit of the analysis surfaces: `allocate --cost-table` given a damaged table or one timed for another model.
 
-One random:dit-tiny workdir (profile, score, a cost table timed at batch 1, one round) is made per module.
+One random:dit-tiny workdir (profile, score, a cost table timed at batch 1, one round) is made once per
+session (conftest.tiny_allocated).
 """
 
 import json
-import shutil
 
 import pytest
-
-from diffpro_cli.app import main
 
 PLAN = ("--budget", "avg-bits=6", "-q")
 
 
-@pytest.fixture(scope="module")
-def scored(tmp_path_factory):
-    work = tmp_path_factory.mktemp("alloc")
-    assert main(["profile", "random:dit-tiny", "-w", str(work), "--samples", "2", "--timesteps", "3", "-q"]) == 0
-    assert main(["score", "-w", str(work), "-q"]) == 0
-    assert main(["allocate", "-w", str(work), *PLAN, "--repeats", "1", "--batch", "1"]) == 0
-    return work
-
-
 @pytest.fixture
-def work(scored, tmp_path):
-    dst = tmp_path / "w"
-    shutil.copytree(scored, dst)
-    (dst / "plan.json").unlink()
-    return dst
+def work(allocated_work):   # conftest: a copy of the shared profiled, scored and allocated workdir
+    return allocated_work
 
 
 def _table(work, tmp_path, edit):

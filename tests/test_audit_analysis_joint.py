@@ -1,7 +1,7 @@
 """Audit of the analysis surfaces: the joint steps x bits plan's step source.
 
-One random:dit-tiny workdir (profile, score, a cost table timed at batch 1, one round) is made per module;
-prune runs only in the test that needs its timesteps.json.
+One random:dit-tiny workdir (profile, score, a cost table timed at batch 1, one round) is made once per
+session (conftest.tiny_allocated); prune runs only in the test that needs its timesteps.json.
 """
 
 import json
@@ -12,21 +12,9 @@ import pytest
 from diffpro_cli.app import main
 
 
-@pytest.fixture(scope="module")
-def scored(tmp_path_factory):
-    work = tmp_path_factory.mktemp("joint")
-    assert main(["profile", "random:dit-tiny", "-w", str(work), "--samples", "2", "--timesteps", "3", "-q"]) == 0
-    assert main(["score", "-w", str(work), "-q"]) == 0
-    assert main(["allocate", "-w", str(work), "--budget", "avg-bits=6", "--repeats", "1", "--batch", "1", "-q"]) == 0
-    return work
-
-
 @pytest.fixture
-def work(scored, tmp_path):
-    dst = tmp_path / "w"
-    shutil.copytree(scored, dst)
-    (dst / "plan.json").unlink()
-    return dst
+def work(allocated_work):   # conftest: a copy of the shared profiled, scored and allocated workdir
+    return allocated_work
 
 
 def test_latency_fraction_without_steps_names_the_option_given(cli, work):
@@ -52,9 +40,9 @@ def test_latency_budget_alone_reads_the_workdir_timesteps_like_latency_fraction(
 
 
 @pytest.fixture(scope="module")
-def pruned(scored, tmp_path_factory):
+def pruned(tiny_allocated, tmp_path_factory):
     work = tmp_path_factory.mktemp("pruned") / "w"
-    shutil.copytree(scored, work)
+    shutil.copytree(tiny_allocated, work)
     (work / "plan.json").unlink()
     assert main(["prune", "random:dit-tiny", "-w", str(work), "--steps", "4", "--sweep", "2,6", "--n", "2",
                  "--reference-steps", "20", "-q"]) == 0

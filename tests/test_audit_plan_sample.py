@@ -4,14 +4,7 @@ one `error:` line with its documented exit code before any sampling, and nothing
 import json
 
 import pytest
-
-TINY = "random:dit-tiny"
-
-
-def _one_error_line(err):
-    lines = [line for line in err.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    return lines[0]
+from test_bad_input_audit import TINY, _one_error_line
 
 
 def test_flow_model_samples_with_euler_the_method_its_own_error_names(cli, tmp_path):
