@@ -69,6 +69,11 @@ def test_cli_writes_plan_with_explicit_cost_table_skips_when_up_to_date_and_pare
     assert pareto["front"] and (work / "figures" / "pareto.png").stat().st_size > 1000
     code, out, err = cli("allocate", scores_file, "-w", work, "--budget", "avg-bits=6", "--pareto", *args)
     assert code == 0 and "up to date" in err
+    # the same budget spelled otherwise: the lock compared the raw string and recomputed
+    code, out, err = cli("allocate", scores_file, "-w", work, "--budget", " AVG-BITS=6.0 ,", "--pareto", *args)
+    assert code == 0 and "up to date" in err
+    code, out, err = cli("allocate", scores_file, "-w", work, "--budget", "avg-bits=6.0001", "--pareto", *args)
+    assert code == 0 and "up to date" not in err and "budget" in err
 
 
 def _refused_table_of(cli, scores_file, tmp_path, **fingerprint):

@@ -1,5 +1,6 @@
 """prune: local drift matrix, exact DP (vs brute force), protected tail, sampler compatibility, drift vs uniform."""
 
+import dataclasses
 import itertools
 import json
 
@@ -150,6 +151,9 @@ def test_search_beats_uniform_on_builtin_model_and_the_stage_writes_then_skips(t
     assert (tmp_path / "figures" / "drift.png").stat().st_size > 1000
     again, _ = run_prune(ctx, cfg)
     assert again.status == "up to date"
+    # --batch only groups the per-sample-seeded calibration samples: recomputing the teacher for it was waste
+    regrouped, _ = run_prune(ctx, dataclasses.replace(cfg, batch=2))
+    assert regrouped.status == "up to date"
 
 
 @pytest.mark.parametrize("args,needle", [

@@ -65,6 +65,13 @@ def parse_budgets(text: str | None) -> list[Budget]:
     return budgets
 
 
+def canonical_budgets(text: str | None) -> str | None:
+    """The budget list in one spelling (kinds sorted, lower case, exact values), so the lock sees that
+    "avg-bits=6 " and "AVG-BITS=6.0" are the budget it already planned for."""
+    budgets = sorted(parse_budgets(text), key=lambda b: b.kind)
+    return ",".join(f"{b.kind}={b.value!r}" for b in budgets) or None
+
+
 @dataclass(frozen=True)
 class Option:
     weight_bits: int

@@ -33,7 +33,7 @@ from diffpro_cli.planning.costs_compiled import is_compiled
 from diffpro_cli.planning.error_model import error_model, plan_pair_bound
 from diffpro_cli.planning.joint import pareto_front, solve_joint, step_entries
 from diffpro_cli.planning.options import (DEFAULT_PROTECT, FLOAT_ACT_ROLES, METHODS, Layer, Option, load_layers, make_options,
-                                          parse_budgets)
+                                          canonical_budgets, parse_budgets)
 from diffpro_cli.stages.allocate_dtype import SILENT_UI, WORLDS, plan_per_world
 from diffpro_cli.planning.solvers import (Constraint, budget_constraint, chosen_total, build_table, infeasible_message, plan_layers,
                                           predicted_speedup, smallest_feasible, solve, speedup_constraint, summarize)
@@ -419,7 +419,7 @@ def run_allocate(ctx, cfg: AllocateConfig, *, scores_path: str | Path | None = N
 
     if latency_fn is None and cfg.cost_table is None:
         outputs["cost_table"] = cost_table_path(ctx)
-    config = {**cfg.as_dict(), "latency_injected": latency_fn is not None}
+    config = {**cfg.as_dict(), "budget": canonical_budgets(cfg.budget), "latency_injected": latency_fn is not None}
     if latency_fn is None:
         # a plan is priced for one machine: the same inputs on another machine are not up to date
         config["machine"] = fingerprint_id(machine_fingerprint(ctx.device))

@@ -478,6 +478,7 @@ def run_prune(ctx, cfg: PruneConfig, *, figure: bool = True):
         atomic_write_json(out, payload)
         return payload
 
-    config = {"model": model.spec, **cfg.as_dict(), "figure": figure}
+    # --batch only groups the seeded samples (each has its own generator): changing it is not a new result
+    config = {"model": model.spec, **{k: v for k, v in cfg.as_dict().items() if k != "batch"}, "figure": figure}
     return ctx.run_stage("prune", {"model": ctx.model_record(model)}, config, outputs, compute, seed=cfg.seed,
                          reread=lambda: read_json(out, SCHEMA))
