@@ -42,11 +42,26 @@ def is_cuda(device: str | torch.device | None) -> bool:
 
 
 def net_device(net: torch.nn.Module) -> torch.device:
-    """Where a network lives: its first parameter or buffer (the CPU for an empty one)."""
+    """Where a network lives: its first parameter or buffer (the CPU for an empty one). Under accelerate's
+    offload (weights on the meta device, moved in by hooks for each call) it is the hooks' execution device."""
     first = next(iter(net.parameters()), None)
     if first is None:
         first = next(iter(net.buffers()), None)
+    if first is not None and first.device.type == "meta":
+        return _offload_execution_device(net)
     return torch.device("cpu") if first is None else first.device
+
+
+def _offload_execution_device(net: torch.nn.Module) -> torch.device:
+    """The execution device of accelerate's AlignDevicesHook(s) on `net` (cpu_offload, disk_offload,
+    device_map dispatch); the CPU where no hook names one."""
+    for mod in net.modules():
+        hook = getattr(mod, "_hf_hook", None)
+        for h in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):   # SequentialHook or one hook
+            device = getattr(h, "execution_device", None)
+            if device is not None:
+                return torch.device(f"cuda:{device}" if isinstance(device, int) else device)
+    return torch.device("cpu")
 
 
 def place(model, device: str | torch.device | None):

@@ -139,3 +139,39 @@ rows = "fp32,bf16,w8a8-uniform,ddim,diffpro"
     assert (tmp_path / "w" / "cost_table-cuda.json").exists()
     table = json.loads((tmp_path / "w" / "cost_table-cuda.json").read_text())
     assert table["fingerprint"]["device"] == "cuda" and table["fingerprint"]["gpu"]
+
+
+def test_an_offloaded_network_runs_where_its_offload_hooks_execute():
+    """accelerate's cpu_offload leaves the weights on the meta device and moves them in per call; eps()
+    followed the first parameter and sent x to meta ("Cannot copy out of meta tensor"). The hook's
+    execution device is where the inputs go (an int is a CUDA index)."""
+    from types import SimpleNamespace
+
+    from diffpro_cli.devices import net_device
+
+    net = torch.nn.Sequential(torch.nn.Linear(2, 2, device="meta"))
+    assert net_device(net) == torch.device("cpu")            # no hook names a device
+    net[0]._hf_hook = SimpleNamespace(hooks=[SimpleNamespace(execution_device=0)])   # a SequentialHook
+    assert net_device(net) == torch.device("cuda:0")
+    net[0]._hf_hook = SimpleNamespace(execution_device="cpu")
+    assert net_device(net) == torch.device("cpu")
+
+
+def test_eps_of_a_quantized_network_under_accelerate_cpu_offload():
+    pytest.importorskip("accelerate", reason="accelerate is not installed (optional)")
+    from accelerate import cpu_offload
+
+    import diffpro
+    from diffpro_cli.loading import load_model
+
+    m = load_model("random:dit-tiny")
+    plan = {"layers": {n: {"weight_bits": 8, "act_bits": 8, "act_mode": "dynamic"}
+                       for n, (mod, _) in m.quantizable_layers().items() if isinstance(mod, torch.nn.Linear)}}
+    diffpro.quantize_(m, plan)
+    x, t, y = torch.randn(2, *m.sample_shape), torch.tensor([500, 20]), torch.tensor([1, 2])
+    with torch.no_grad():
+        ref = m.eps(x, t, y)
+        cpu_offload(m.net, execution_device=torch.device("cpu"))
+        assert next(m.net.parameters()).device.type == "meta"
+        out = m.eps(x, t, y)
+    assert out.device == x.device and torch.equal(out, ref)
