@@ -65,6 +65,24 @@ def test_quantize_in_place_from_a_plan_swaps_exactly_the_planned_layers(pipeline
     assert 0 < rel < 0.5          # really quantized, still the same network
 
 
+def test_a_call_outside_no_grad_runs_without_warnings_and_gives_the_same_output():
+    """A user calling the network without torch.no_grad(): the per-tensor kernels' scale came from a tensor
+    that required grad, and torch warned on every integer layer's call."""
+    import warnings
+
+    model = diffpro.load("random:dit-tiny", seed=2)
+    plan = {"layers": {n: {"weight_bits": 8, "act_bits": 8, "act_mode": "dynamic"}
+                       for n, (m, _) in model.quantizable_layers().items() if isinstance(m, torch.nn.Linear)}}
+    diffpro.quantize_(model, plan)
+    x, t, y = torch.randn(2, *model.sample_shape), torch.tensor([500, 20]), torch.tensor([0, 3])
+    with torch.no_grad():
+        ref = model.eps(x, t, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = model.eps(x, t, y)
+    assert torch.equal(out.detach(), ref)
+
+
 def test_quantize_in_place_refuses_a_plan_for_another_network(pipeline):
     plan = dict(pipeline[4])
     plan["layers"] = {"no.such.layer": {"weight_bits": 8, "act_bits": 8, "act_mode": "dynamic"}}
