@@ -132,13 +132,15 @@ def load(spec: str | Path, *, device: str = "cpu", dtype=None, trust_code: bool 
     return model
 
 
-def compile(model: DiffusionModel, *, device: str | None = None) -> DiffusionModel:  # noqa: A001 - torch.compile's name
+def compile(model: DiffusionModel, *, device: str | None = None, in_place: bool = False) -> DiffusionModel:  # noqa: A001 - torch.compile's name
     """The model torch.compile'd for where it runs, as `bench --compile` does: on the CPU its integer layers
     on oneDNN's compiled int8 path (inductor with freezing), on a GPU its CUDA kernels traced into the
     graph. A model running a cache schedule (a checkpoint loaded with one) gets each block compiled on
     its own, the skip decisions staying Python, and is returned as it is; otherwise a new
     `DiffusionModel` whose `eps` calls the compiled network (`.net` is the same module: its state_dict and
-    checkpoint are unchanged). Call it under `torch.no_grad()`; the first call per input shape compiles.
+    checkpoint are unchanged). `in_place=True`: `.net` itself runs compiled at every call (as
+    nn.Module.compile does), for a diffusers pipeline holding it; the model is returned as it is.
+    Call it under `torch.no_grad()`; the first call per input shape compiles.
     Where compile is unavailable: one notice line and the model as it was."""
     import torch
 
@@ -159,6 +161,10 @@ def compile(model: DiffusionModel, *, device: str | None = None) -> DiffusionMod
     if "_diffpro_cache" in vars(model.net):   # install_cache: the runner's wrappers stay Python
         if compiled_cuda.compile_regions_on([m for unit in unit_modules(model.net) for m in unit], device):
             model.net.__dict__[COMPILED_MARK] = True   # lora.py refuses adapter changes the graph would ignore
+        return model
+    if in_place:
+        if compiled_cuda.compile_in_place_on(model.net, device):
+            model.net.__dict__[COMPILED_MARK] = True
         return model
     out = compiled_cuda.compile_model_on(model, device)
     if out is not model:

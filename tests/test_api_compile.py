@@ -60,3 +60,51 @@ def test_a_model_on_a_gpu_takes_the_cuda_compile(monkeypatch):
     model = diffpro.load("random:dit-tiny")
     diffpro.compile(model, device="cuda")
     assert calls == ["cuda"]
+
+
+@needs_compile
+def test_in_place_compile_runs_the_network_itself_compiled_for_a_pipeline():
+    """`diffpro.compile(q, in_place=True)`: a diffusers pipeline holding `q.net` calls the compiled graph.
+    Catches: `.net` left eager (the default returns a new model whose `eps` alone is compiled, so a
+    pipeline got none of the speed), a compile that changed the module's type or state_dict keys (what a
+    pipeline and a checkpoint see), or an in-place graph computing something other than the default's."""
+    from torch._dynamo.utils import counters
+
+    def quantized():
+        model = diffpro.load("random:dit-tiny", seed=2)
+        plan = {"layers": {n: {"weight_bits": 8, "act_bits": 8, "act_mode": "dynamic"}
+                           for n, (m, _) in model.quantizable_layers().items() if isinstance(m, torch.nn.Linear)}}
+        return diffpro.quantize_(model, plan)
+
+    torch.manual_seed(0)
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([900, 30]), torch.tensor([1, 2])
+    try:
+        with torch.no_grad():
+            torch._dynamo.reset()
+            want = diffpro.compile(quantized()).eps(x, t, y)
+            model = quantized()
+            cls, keys = type(model.net), list(model.net.state_dict())
+            assert diffpro.compile(model, in_place=True) is model
+            counters.clear()
+            got = model.net(x, timestep=t, class_labels=y, return_dict=False)[0][:, :4]   # the pipeline's call
+            assert counters["frames"]["ok"] > 0
+            assert type(model.net) is cls and list(model.net.state_dict()) == keys
+            assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+            model.net._compiled_call_impl = None          # back to eager, as after nn.Module.compile
+            counters.clear()
+            model.net(x, timestep=t, class_labels=y)
+            assert counters["frames"]["ok"] == 0
+    finally:
+        torch._dynamo.reset()
+
+
+def test_in_place_compile_of_a_gpu_model_prepares_its_cuda_kernels(monkeypatch):
+    """Catches: in_place sending a GPU model to the CPU's oneDNN path, or compiling before its quant
+    layers are packed for the GPU (a layer first prepared inside a trace stays an opaque call)."""
+    prepared = []
+    monkeypatch.setattr(compiled_cuda, "unavailable_reason", lambda device_type="cuda": None)
+    monkeypatch.setattr(compiled_cuda, "prepare_kernels", lambda module, device: prepared.append(str(device)))
+    monkeypatch.setattr(compiled, "compile_in_place", lambda m: pytest.fail("the CPU compile ran for a GPU model"))
+    model = diffpro.load("random:dit-tiny")
+    assert diffpro.compile(model, device="cuda", in_place=True) is model
+    assert prepared == ["cuda"] and model.net._compiled_call_impl is not None

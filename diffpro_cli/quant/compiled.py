@@ -354,6 +354,21 @@ def compile_module(module: nn.Module, **compile_kwargs):
     return _Frozen(torch.compile(module, dynamic=compile_kwargs.pop("dynamic", False), **compile_kwargs), module)
 
 
+def compile_in_place(module: nn.Module) -> bool:
+    """compile_module, but the module itself runs compiled at every call (nn.Module.compile's mechanism:
+    its `_compiled_call_impl`), so a diffusers pipeline holding it runs the compiled graph. Its type,
+    attributes and state_dict stay; `module._compiled_call_impl = None` goes back to eager. False, after
+    one notice line, where compile is unavailable."""
+    reason = unavailable_reason()
+    if reason is not None:
+        _notice(reason)
+        return False
+    enable(module)
+    _quiet_lowering_warning()
+    module._compiled_call_impl = _Frozen(torch.compile(module._call_impl, dynamic=False), module)
+    return True
+
+
 def compile_model(model, **compile_kwargs):
     """A DiffusionModel whose network runs compiled (see compile_module); the model's `net` stays the
     eager module (its state_dict and checkpoint are unchanged), `forward_fn` calls the compiled one."""

@@ -114,6 +114,22 @@ def compile_model_on(model, device):
     return compile_model(model, device) if on_gpu(device) else compiled.compile_model(model)
 
 
+def compile_in_place_on(module: nn.Module, device) -> bool:
+    """compiled.compile_in_place for where `device` is (on a GPU: its kernels prepared there, then
+    nn.Module.compile). False, after one notice line, where compile is unavailable."""
+    from diffpro_cli.quant import compiled
+
+    if not on_gpu(device):
+        return compiled.compile_in_place(module)
+    reason = unavailable_reason("cuda")
+    if reason is not None:
+        _notice(reason)
+        return False
+    prepare_kernels(module, device)
+    module.compile(dynamic=False)
+    return True
+
+
 def compile_regions_on(modules, device) -> int:
     """compile_regions for where `device` is: compiled.compile_regions on the CPU, this module's on a GPU."""
     from diffpro_cli.quant import compiled
