@@ -68,7 +68,8 @@ def _explicit_padding(layer) -> tuple[list[int], list[int] | None]:
 
 
 def _pad(layer, x: torch.Tensor, extra: list[int] | None) -> torch.Tensor:
+    """The explicit pad in the layer's padding mode (a "same" padding is reflected, replicated or wrapped
+    too when the mode says so, as nn.Conv2d does)."""
     if extra is None:
         return x
-    zeros = layer.padding_mode == "zeros" or isinstance(layer.padding, str)
-    return F.pad(x, extra, mode="constant" if zeros else layer.padding_mode)
+    return F.pad(x, extra, mode="constant" if layer.padding_mode == "zeros" else layer.padding_mode)

@@ -27,6 +27,7 @@ from diffpro_cli.errors import InputError, UsageError
 from diffpro_cli.quant import kernels
 from diffpro_cli.quant.epilogue import apply_post_op
 from diffpro_cli.quant.formats import STORAGE_BITS, dequantize_weight, fp16_exact, gptq_quantize, layout_name, pack_bits, packed_numel, quantize_weight, unpack_bits
+from diffpro_cli.quant.kernel_common import _explicit_padding, _pad
 
 if TYPE_CHECKING:
     from diffpro_cli.quant.groups import SharedInputGroup
@@ -376,10 +377,9 @@ class QuantConv2d(_QuantBase):
 
     def float_conv(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         """The float convolution with this layer's geometry (fallback kernel and reference)."""
-        if self.padding_mode != "zeros":
-            ph, pw = self.padding
-            x = F.pad(x, [pw, pw, ph, ph], mode=self.padding_mode)
-            return F.conv2d(x, w, b, self.stride, 0, self.dilation, self.groups)
+        if self.padding_mode != "zeros":   # "same"/"valid" padding too: the pad amounts as nn.Conv2d takes them
+            _, extra = _explicit_padding(self)
+            return F.conv2d(_pad(self, x, extra), w, b, self.stride, 0, self.dilation, self.groups)
         return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
 
     def _extra_config(self) -> dict:
