@@ -69,3 +69,22 @@ def test_string_padding_with_a_non_zero_padding_mode(padding, padding_mode, mode
     assert y.shape == ref.shape
     assert _rel(y, ref) < 0.03
     assert _conv_excess(conv, layer, x) <= 0
+
+
+# -- Conv2d input layouts -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "dynamic-token", "static", "none"])
+def test_unbatched_conv_input(mode):
+    """Bug: an unbatched [C, H, W] input, which nn.Conv2d takes, raised IndexError ("Dimension out of
+    range") inside the integer conv kernel; the output must be the batched result without its batch dim."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 16, 3, padding=1)
+    x = torch.randn(8, 9, 9)
+    layer = quantize_module(conv, 8, 16 if mode == "none" else 8, "dynamic" if mode == "none" else mode,
+                            static_absmax=float(x.abs().max()) if mode == "static" else None)
+    with torch.no_grad():
+        y, batched, ref = layer(x), layer(x.unsqueeze(0)), conv(x)
+    assert y.shape == ref.shape == (16, 9, 9)
+    assert torch.equal(y, batched[0])
+    assert _rel(y, ref) < 0.03

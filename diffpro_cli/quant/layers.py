@@ -375,6 +375,11 @@ class QuantConv2d(_QuantBase):
         layer.set_weight(conv.weight, conv.bias)
         return layer
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 3:   # unbatched [C, H, W], which nn.Conv2d accepts: every kernel takes [B, C, H, W]
+            return super().forward(x.unsqueeze(0)).squeeze(0)
+        return super().forward(x)
+
     def float_conv(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         """The float convolution with this layer's geometry (fallback kernel and reference)."""
         if self.padding_mode != "zeros":   # "same"/"valid" padding too: the pad amounts as nn.Conv2d takes them
