@@ -345,13 +345,21 @@ def compile_module(module: nn.Module, **compile_kwargs):
     (a float module is compiled as it is: the honest baseline). Call it under torch.no_grad() or
     inference_mode (freezing is inference-only); the first call with each new input shape compiles.
     Returns the module itself, with a one-line notice, where compile is unavailable."""
+    if not _ready(module):
+        return module
+    return _Frozen(torch.compile(module, dynamic=compile_kwargs.pop("dynamic", False), **compile_kwargs), module)
+
+
+def _ready(module: nn.Module) -> bool:
+    """Switch `module`'s quant layers to the compiled path; False (after one notice line) where compile
+    is unavailable here."""
     reason = unavailable_reason()
     if reason is not None:
         _notice(reason)
-        return module
+        return False
     enable(module)
     _quiet_lowering_warning()
-    return _Frozen(torch.compile(module, dynamic=compile_kwargs.pop("dynamic", False), **compile_kwargs), module)
+    return True
 
 
 def compile_in_place(module: nn.Module) -> bool:
@@ -359,12 +367,8 @@ def compile_in_place(module: nn.Module) -> bool:
     its `_compiled_call_impl`), so a diffusers pipeline holding it runs the compiled graph. Its type,
     attributes and state_dict stay; `module._compiled_call_impl = None` goes back to eager. False, after
     one notice line, where compile is unavailable."""
-    reason = unavailable_reason()
-    if reason is not None:
-        _notice(reason)
+    if not _ready(module):
         return False
-    enable(module)
-    _quiet_lowering_warning()
     module._compiled_call_impl = _Frozen(torch.compile(module._call_impl, dynamic=False), module)
     return True
 
