@@ -11,8 +11,9 @@ network computes exactly what it computed before.
 State-dict layouts read (module names as in `net.named_modules()`; a leading `transformer.`, `unet.`,
 `base_model.model.` or `model.` is stripped):
   PEFT / diffusers   <module>.lora_A.weight, <module>.lora_B.weight   (optional <module>.alpha; else
-                     `lora_alpha` / `alpha_pattern` / `use_rslora` from an adapter_config.json next to
-                     the file; else alpha = r)
+                     `lora_alpha` / `alpha_pattern` / `use_rslora` from the config diffusers writes into
+                     the safetensors header (`lora_adapter_metadata`, the denoiser's entries), else from
+                     an adapter_config.json next to the file; else alpha = r)
   kohya              <module>.lora_down.weight, <module>.lora_up.weight, <module>.alpha
                      (also kohya's flattened names, lora_unet_<module with dots as _>)
 from a dict of tensors, a .safetensors file, a directory holding one (adapter_model.safetensors,
@@ -109,10 +110,11 @@ def _read_source(lora) -> tuple[dict, dict, str]:
         path = found
     if not path.exists():
         raise InputError(f"{path}: no such file; check the LoRA path")
+    header: dict = {}
     if path.suffix == ".safetensors":
         from diffpro_cli.artifacts import load_safetensors
 
-        tensors = load_safetensors(path)[0]
+        tensors, header = load_safetensors(path)
     elif path.suffix in (".bin", ".pt", ".pth"):
         try:
             tensors = torch.load(path, map_location="cpu", weights_only=True)
@@ -125,7 +127,9 @@ def _read_source(lora) -> tuple[dict, dict, str]:
         raise UsageError(f"{path}: unsupported LoRA file type {path.suffix or '(none)'}; use .safetensors (or .bin/.pt state dicts)")
     config = {}
     cfg_path = path.parent / "adapter_config.json"
-    if cfg_path.is_file():
+    if header.get(_META_KEY):
+        config = _metadata_config(header[_META_KEY], path)
+    elif cfg_path.is_file():
         try:
             config = json.loads(cfg_path.read_text())
         except (OSError, ValueError) as exc:
@@ -133,6 +137,27 @@ def _read_source(lora) -> tuple[dict, dict, str]:
         if not isinstance(config, dict):
             raise InputError(f"{cfg_path}: expected a JSON object (PEFT's adapter_config.json); fix or remove it")
     return dict(tensors), config, str(path)
+
+
+_META_KEY = "lora_adapter_metadata"      # diffusers >= 0.35: the adapter's PEFT config in the safetensors header
+_COMPONENTS = ("transformer.", "unet.", "prior.")    # the denoiser's prefixes in a pipeline's metadata
+
+
+def _metadata_config(text: str, path: Path) -> dict:
+    """The PEFT config diffusers writes into the file's header: bare keys (model.save_lora_adapter) or one
+    set per pipeline component ("transformer.lora_alpha", "text_encoder.lora_alpha", ...: save_lora_weights),
+    of which the denoiser's is the one that applies here."""
+    try:
+        meta = json.loads(text)
+    except ValueError as exc:
+        raise InputError(f"{path}: the header's {_META_KEY} is not JSON ({str(exc)[:60]}); re-save the LoRA") from None
+    if not isinstance(meta, dict):
+        raise InputError(f"{path}: the header's {_META_KEY} is not a JSON object; re-save the LoRA")
+    for prefix in _COMPONENTS:
+        own = {k[len(prefix):]: v for k, v in meta.items() if k.startswith(prefix)}
+        if own:
+            return own
+    return meta
 
 
 def _resolve(name: str, modules: dict[str, nn.Module], flat: dict[str, str]) -> str | None:
@@ -148,11 +173,19 @@ def _resolve(name: str, modules: dict[str, nn.Module], flat: dict[str, str]) -> 
     return None
 
 
-def _config_alpha(module_name: str, config: dict) -> float | None:
-    for pattern, alpha in (config.get("alpha_pattern") or {}).items():
+def _config_alpha(module_name: str, config: dict, label: str) -> float | None:
+    patterns = config.get("alpha_pattern") or {}
+    alpha = config.get("lora_alpha")
+    if not isinstance(patterns, dict) or not all(_is_number(v) for v in (*patterns.values(), alpha) if v is not None):
+        raise InputError(f"{label}: the adapter config's lora_alpha/alpha_pattern are not numbers; fix the config")
+    for pattern, value in patterns.items():
         if re.match(rf"(.*\.)?({pattern})$", module_name):
-            return float(alpha)
-    return float(config["lora_alpha"]) if config.get("lora_alpha") is not None else None
+            return float(value)
+    return None if alpha is None else float(alpha)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
 def _geometry(name: str, layer: nn.Module) -> tuple[str, int, int, dict | None]:
@@ -246,7 +279,7 @@ def _parse(tensors: dict, config: dict, modules: dict[str, nn.Module], label: st
             continue
         alpha = alphas.get(key)
         if alpha is None:
-            alpha = _config_alpha(target, config)
+            alpha = _config_alpha(target, config, label)
         out[target] = {"down": pair["down"], "up": pair["up"], "alpha": alpha}
     if unknown:
         example = next((n for n, m in modules.items() if isinstance(m, (nn.Linear, nn.Conv2d)) or
