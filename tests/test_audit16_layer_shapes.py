@@ -88,3 +88,59 @@ def test_unbatched_conv_input(mode):
     assert y.shape == ref.shape == (16, 9, 9)
     assert torch.equal(y, batched[0])
     assert _rel(y, ref) < 0.03
+
+
+# -- Non-finite inputs ----------------------------------------------------------------------------------
+
+
+def _layer_pair(kind: str, mode: str, bits: int = 8):
+    torch.manual_seed(0)
+    if kind == "linear":
+        module, x = nn.Linear(32, 16), torch.randn(4, 32)
+    else:
+        module, x = nn.Conv2d(4, 8, 3, padding=1), torch.randn(3, 4, 6, 6)
+    layer = quantize_module(module, bits, 16 if mode == "none" else 8, "dynamic" if mode == "none" else mode,
+                            static_absmax=4.0 if mode == "static" else None)
+    return module, layer, x
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("mode", ["dynamic", "dynamic-token", "static", "none"])
+@pytest.mark.parametrize("kind", ["linear", "conv2d"])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_a_non_finite_input_never_comes_out_finite(bits, kind, mode, value):
+    """What is right for a NaN/±inf input (decided in audit 16): no exception, and every output the float
+    layer makes non-finite is non-finite in the integer layer too (the row of a Linear's token, the
+    sample of a Conv2d: the quantized one may spread it over its whole scale group: a per-sample conv
+    scale makes the sample non-finite, a per-tensor Linear scale may make every row so). Rows and samples
+    without one compute as usual where their scale is their own (per token, per sample, calibrated).
+    Bug: fbgemm's dynamic Linear quantized a NaN to a valid integer and the static kernels (fbgemm,
+    oneDNN Linear and conv) clamped NaN/±inf into the calibrated range, so the row came out finite and wrong."""
+    module, layer, x = _layer_pair(kind, mode, bits)
+    bad = x.clone()
+    bad[(1, 2, 3, 3) if kind == "conv2d" else (1, 2)] = value
+    with torch.no_grad():
+        y, clean, ref = layer(bad), layer(x), module(bad)
+    assert y.shape == ref.shape
+    assert bool((~y.isfinite())[~ref.isfinite()].all()), f"{layer.kernel_name}: a non-finite input came out finite"
+    own_scale = mode in ("dynamic-token", "static", "none") or kind == "conv2d"
+    if own_scale:
+        others = [0, 2, 3] if kind == "linear" else [0, 2]
+        assert torch.equal(y[others], clean[others]), f"{layer.kernel_name}: rows without a non-finite input changed"
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "static"])
+def test_a_non_finite_input_on_the_onednn_linear(mode):
+    """The same rule on the oneDNN Linear kernel (the one a layer with a fused GELU, or a CPU without fbgemm's
+    full-range static op, runs). Bug: its static path clamped a NaN into the calibrated range (finite row)."""
+    module, layer, x = _layer_pair("linear", mode)
+    layer.prefer = "cpu-onednn-int8"
+    layer.prepare("cpu")
+    assert layer.kernel_name.startswith("cpu-onednn-int8:")
+    bad = x.clone()
+    bad[1, 2] = float("nan")
+    with torch.no_grad():
+        y, clean = layer(bad), layer(x)
+    assert bool(y[1].isnan().all())
+    if mode == "static":
+        assert torch.equal(y[[0, 2, 3]], clean[[0, 2, 3]])

@@ -5,6 +5,8 @@ the selection rule) and kernels_cuda.py build on it.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -36,6 +38,20 @@ def tensor_scale(x: torch.Tensor, qmax: int) -> float:
 def sample_scales(x: torch.Tensor, qmax: int) -> torch.Tensor:
     """Per-sample symmetric scale [B, 1, 1, 1] for NCHW input."""
     return x.abs().amax(dim=(1, 2, 3), keepdim=True).clamp_min_(1e-12).div_(qmax)
+
+
+def nan_rows_of_nonfinite(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """`y` with NaN in every row (first dim: token of a Linear, sample of a Conv2d) whose input row in `x`
+    holds a NaN or ±inf. For kernels whose quantization hides them: fbgemm turns a NaN into a valid
+    integer, and a calibrated (static) scale clamps ±inf, so the row would come out finite and wrong.
+    The fast test is one sum over x (any NaN/inf makes it non-finite; a finite sum that overflows only
+    costs the exact per-row test)."""
+    if x.numel() == 0 or math.isfinite(float(x.detach().sum())):
+        return y
+    bad = ~torch.isfinite(x.detach().reshape(x.shape[0], -1)).all(dim=1)
+    if bool(bad.any()):
+        y[bad] = float("nan")
+    return y
 
 
 def _stacked_weights(layers):

@@ -44,6 +44,7 @@ from diffpro_cli.quant.kernel_common import (
     _explicit_padding,
     _pad,
     _stacked_weights,
+    nan_rows_of_nonfinite,
     register,
     row_scales,
     sample_scales,
@@ -203,6 +204,8 @@ class CpuOnednnLinear:
         out_dtype = dtype if dtype in (torch.bfloat16, torch.float32) else torch.float32
         y = torch.ops.onednn.qlinear_pointwise(xq, scale, zp, self.w, self.w_scale, self.w_zp, self.bias,
                                                1.0, 0, out_dtype, post, [], algorithm)
+        if layer.act_mode == "static":   # (a dynamic scale is NaN/inf already, and so is every output)
+            y = nan_rows_of_nonfinite(x2, y)
         return y.reshape(*shape[:-1], self.out_features).to(dtype)
 
     def act_scheme(self, layer) -> str:
@@ -248,6 +251,7 @@ class CpuFbgemmLinear:
             y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(x2, scale, ACT_ZERO_POINT[self.act_qmax], self.packed)
         else:
             y = torch.ops.quantized.linear_dynamic(x2, self.packed, self.reduce_range)
+        y = nan_rows_of_nonfinite(x2, y)   # fbgemm's range search skips a NaN and quantizes it to a valid integer
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
 
     def act_scheme(self, layer) -> str:
@@ -292,6 +296,8 @@ class CpuOnednnConv2d:
                                                self.dilation, self.groups, 1.0, 0, torch.float32, "none", [], "")
         scale = torch.as_tensor(scale, dtype=torch.float32)
         y = y.mul_(scale) if self.bias is None else torch.addcmul(self.bias, y, scale)
+        if static:   # (a per-sample scale is NaN/inf already where a sample holds one)
+            y = nan_rows_of_nonfinite(x, y)
         return y.contiguous().to(dtype)
 
     def act_scheme(self, layer) -> str:
