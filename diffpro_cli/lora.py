@@ -251,6 +251,8 @@ def _parse(tensors: dict, config: dict, modules: dict[str, nn.Module], label: st
             a = _ALPHA.match(key)
             if a is None:
                 unrecognised.append(key)
+            elif value.numel() != 1:
+                raise InputError(f"{label}: {key} holds {value.numel()} values, not one alpha; the file is damaged, re-create it")
             else:
                 alphas[a["mod"]] = float(value.reshape(-1)[0])
             continue
@@ -271,16 +273,42 @@ def _parse(tensors: dict, config: dict, modules: dict[str, nn.Module], label: st
     if incomplete:
         raise InputError(f"{label}: {len(incomplete)} module(s) have only one of the two LoRA matrices "
                          f"({', '.join(incomplete[:3])}); the file is incomplete, re-export it")
+    # keys and alphas meet on the layer they resolve to, not on their spelling: `x.alpha` belongs to
+    # `transformer.x.lora_A.weight`; two spellings of one layer would silently replace each other
     out: dict[str, dict] = {}
+    spelled: dict[str, str] = {}
+    twice: list[str] = []
     for key, pair in found.items():
         target = _resolve(key, modules, flat)
         if target is None:
             unknown.append(key)
-            continue
-        alpha = alphas.get(key)
-        if alpha is None:
-            alpha = _config_alpha(target, config, label)
-        out[target] = {"down": pair["down"], "up": pair["up"], "alpha": alpha}
+        elif target in spelled:
+            twice.append(f"{spelled[target]} and {key}")
+        else:
+            spelled[target] = key
+            out[target] = {"down": pair["down"], "up": pair["up"], "alpha": None}
+    if twice:
+        raise InputError(f"{label}: names {len(twice)} layer(s) more than once ({'; '.join(twice[:2])}); "
+                         f"keep one spelling per layer")
+    alpha_of: dict[str, float] = {}
+    lone: list[str] = []
+    for key, value in alphas.items():
+        target = _resolve(key, modules, flat)
+        if target is None:
+            if key not in found:
+                unknown.append(key)
+        elif target not in out:
+            lone.append(key)
+        elif alpha_of.setdefault(target, value) != value:
+            twice.append(key)
+    if lone or twice:
+        raise InputError(f"{label}: {len(lone) + len(twice)} alpha(s) have no single LoRA pair to go with "
+                         f"({', '.join((lone + twice)[:3])}: {'an alpha but no LoRA matrices' if lone else 'two different alphas'}); "
+                         f"the file is incomplete or mixed, re-export it")
+    for target, entry in out.items():
+        entry["alpha"] = alpha_of.get(target)
+        if entry["alpha"] is None:
+            entry["alpha"] = _config_alpha(target, config, label)
     if unknown:
         example = next((n for n, m in modules.items() if isinstance(m, (nn.Linear, nn.Conv2d)) or
                         getattr(m, "is_diffpro_quant", False)), "")

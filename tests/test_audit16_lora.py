@@ -272,3 +272,36 @@ def test_unreadable_lora_metadata_fails_with_one_line(tmp_path, meta, text):
     with pytest.raises(InputError, match=text) as err:
         diffpro.load_lora(net, tmp_path / "l.safetensors")
     assert "\n" not in err.value.message and not hasattr(net[0], "lora")
+
+
+def test_an_alpha_key_spelled_with_another_prefix_than_its_weights_still_applies(dit_dir):
+    """Bug caught: alpha keys were matched to weights by their raw spelling, so `x.alpha` next to
+    `transformer.x.lora_A.weight` (or a kohya flattened alpha next to dotted weights) was silently dropped and
+    alpha = r used instead."""
+    model = diffpro.load(dit_dir)
+    names = DIT_TARGETS[1:3]
+    lora = make_lora(model.net, names)
+    sd = peft_keys(lora, "transformer.")
+    sd[f"{names[0]}.alpha"] = torch.tensor(6.0)
+    sd["lora_unet_" + names[1].replace(".", "_") + ".alpha"] = torch.tensor(1.5)
+    diffpro.load_lora(model, sd)
+    assert_float_delta(model, lora, {names[0]: 2.0, names[1]: 0.5})
+
+
+@pytest.mark.parametrize("extra, text", [
+    # the same layer under two spellings: one pair silently replaced the other
+    ({"transformer.transformer_blocks.0.attn1.to_k.lora_A.weight": torch.zeros(3, 192),
+      "transformer.transformer_blocks.0.attn1.to_k.lora_B.weight": torch.zeros(192, 3)}, "more than once"),
+    # an alpha for a layer the file has no matrices for: the file is cut short, it was ignored
+    ({"transformer_blocks.2.attn1.to_q.alpha": torch.tensor(4.0)}, "alpha but no LoRA matrices"),
+    # an alpha for a module the network does not have: ignored silently
+    ({"transformer_blocks.9.attn1.to_q.alpha": torch.tensor(4.0)}, "does not have"),
+    # an empty alpha tensor: an IndexError traceback
+    ({"transformer_blocks.0.attn1.to_k.alpha": torch.zeros(0)}, "not one alpha"),
+])
+def test_lora_entries_that_would_be_dropped_silently_fail_with_one_line(dit_dir, extra, text):
+    model = diffpro.load(dit_dir)
+    lora = make_lora(model.net, ["transformer_blocks.0.attn1.to_k"])
+    with pytest.raises(InputError, match=text) as err:
+        diffpro.load_lora(model, peft_keys(lora) | extra)
+    assert "\n" not in err.value.message and not any(hasattr(m, "lora") for m in model.net.modules())
