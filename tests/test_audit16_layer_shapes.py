@@ -144,3 +144,53 @@ def test_a_non_finite_input_on_the_onednn_linear(mode):
     assert bool(y[1].isnan().all())
     if mode == "static":
         assert torch.equal(y[[0, 2, 3]], clean[[0, 2, 3]])
+
+
+# -- Weight magnitudes ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("magnitude", [1e-4, 1e-6, 1e-8, 1e7])
+@pytest.mark.parametrize("mode", ["dynamic", "dynamic-token", "none"])
+@pytest.mark.parametrize("kind", ["linear", "conv2d"])
+def test_small_and_large_weights_keep_their_precision(kind, mode, magnitude):
+    """Bug: every scale was rounded to fp16 and clamped to [2^-24, 65504]. A layer with small weights
+    (max |w| below ~1e-3 at 8 bits: zero-initialised projections after little training) got fp16
+    subnormal scales rounded down by up to half their value: 1e-6 weights came out 23% off the float
+    layer, 1e-8 weights all rounded to 0 (100%); 1e7 weights at 4 bits were clamped (47%). Such scales
+    now stay float32 (stored so in the checkpoint), so the error is the usual one."""
+    torch.manual_seed(0)
+    if kind == "linear":
+        module, x = nn.Linear(64, 32), torch.randn(8, 64)
+    else:
+        module, x = nn.Conv2d(8, 16, 3, padding=1), torch.randn(2, 8, 6, 6)
+    with torch.no_grad():
+        module.weight.mul_(magnitude)
+        module.bias.mul_(magnitude)
+    for bits, limit in ((8, 0.03), (4, 0.15)):
+        layer = _quantize(module, bits, mode)
+        with torch.no_grad():
+            err = _rel(layer(x), module(x))
+        assert err < limit, f"{layer.kernel_name}: {err:.3f} off the float layer with weights of {magnitude:g}"
+
+
+def test_float32_scales_survive_a_state_dict_round_trip():
+    """The scales fp16 cannot hold are kept float32 in the stored state (checkpoint._half_if_exact keeps
+    a tensor float32 unless fp16 holds all of it) and a layer rebuilt from its record and state computes
+    the same outputs."""
+    from diffpro_cli.checkpoint import _half_if_exact
+    from diffpro_cli.quant.layers import empty_from_record
+
+    torch.manual_seed(0)
+    module, x = nn.Linear(64, 32), torch.randn(8, 64)
+    with torch.no_grad():
+        module.weight[:4].mul_(1e-6)   # four tiny rows: their scales are not fp16 values
+    layer = _quantize(module, 8, "dynamic-token")
+    stored = _half_if_exact(layer.weight_scale)
+    assert stored.dtype == torch.float32
+    again = empty_from_record(layer.describe())
+    state = layer.state_dict()
+    state["weight_scale"] = stored
+    again.load_state_dict(state)
+    with torch.no_grad():
+        assert torch.equal(again(x), layer(x))
+        assert _rel(layer(x)[:, :4], module(x)[:, :4]) < 0.03

@@ -3,9 +3,10 @@
 A quantized weight is stored as
   * `qweight`: the signed integers q in [-(2^(b-1)-1), 2^(b-1)-1], row-major over [out, in·kh·kw];
     8-bit as int8 (no packing), fewer bits packed into uint8 bytes (`pack_bits`);
-  * `weight_scale`: [out, groups] (groups = 1: per output channel), w ≈ q · scale; every scale is an
-    fp16 value (`fp16_scale`), so the checkpoint stores them as fp16 losslessly (half the bytes of
-    fp32: 0.25 bit a weight on a 128-wide layer) while layers hold and compute with them in float32.
+  * `weight_scale`: [out, groups] (groups = 1: per output channel), w ≈ q · scale; every scale in fp16's
+    normal range is an fp16 value (`fp16_scale`), so the checkpoint stores them as fp16 losslessly (half
+    the bytes of fp32: 0.25 bit a weight on a 128-wide layer) while layers hold and compute with them in
+    float32; a layer with scales outside it (tiny or huge weights) keeps and stores them in float32.
 
 Packing uses offset binary (u = q + 2^(b-1)) and groups of values that fill whole bytes: 4-bit packs
 two values per byte (low nibble first), 2-bit four per byte, 3-bit eight values into three bytes,
@@ -21,13 +22,20 @@ import torch
 STORAGE_BITS = (2, 3, 4, 6, 8)
 
 
-FP16_TINY, FP16_MAX = 2.0 ** -24, 65504.0
+FP16_TINY, FP16_NORMAL_MIN, FP16_MAX = 2.0 ** -24, 2.0 ** -14, 65504.0
 
 
 def fp16_scale(scale: torch.Tensor) -> torch.Tensor:
-    """Round scales to the nearest fp16 value (float32 out), kept within fp16's range so none is 0 or inf.
+    """Round scales to the nearest fp16 value (float32 out) where fp16 holds them to full precision (its
+    normal range); smaller or larger ones stay float32 (the checkpoint then stores that tensor in
+    float32: checkpoint._half_if_exact). fp16's subnormals round a scale by up to 2^-25 absolute, so a
+    layer with small weights (max |w| below ~1e-3 at 8 bits) got a scale rounded down by more than half a
+    step, saturating its largest weights, and below 2^-24 everything rounded to 0; above 65504 the
+    scale was clamped. A zero scale (an all-zero row or group) becomes 2^-24: any nonzero one gives q = 0.
     Quantizing with the rounded scale (not rounding it afterwards) keeps q · scale exact after a reload."""
-    return scale.clamp(FP16_TINY, FP16_MAX).half().float()
+    half = scale.clamp(FP16_TINY, FP16_MAX).half().float()
+    keep_float = ((scale > 0) & (scale < FP16_NORMAL_MIN)) | (scale > FP16_MAX)
+    return torch.where(keep_float, scale.float(), half)
 
 
 def fp16_exact(t: torch.Tensor) -> bool:
