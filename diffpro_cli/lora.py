@@ -61,7 +61,14 @@ class LoRAAdapter(nn.Module):
         return int(self.down.shape[0])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.down.dtype)
+        # a model run in bf16/fp16 computes under autocast (set_compute_dtype), which would run these float32
+        # matmuls in half precision; the adapter stays float32 like the integer layers' outputs it adds to
+        if x.device.type not in ("cpu", "cuda"):    # no autocast to leave (meta tensors tracing shapes)
+            return self._delta(x.to(self.down.dtype))
+        with torch.autocast(x.device.type, enabled=False):
+            return self._delta(x.to(self.down.dtype))
+
+    def _delta(self, x: torch.Tensor) -> torch.Tensor:
         if self.conv is None:
             return F.linear(F.linear(x, self.down), self.up) * self.scaling
         c = self.conv

@@ -305,3 +305,20 @@ def test_lora_entries_that_would_be_dropped_silently_fail_with_one_line(dit_dir,
     with pytest.raises(InputError, match=text) as err:
         diffpro.load_lora(model, peft_keys(lora) | extra)
     assert "\n" not in err.value.message and not any(hasattr(m, "lora") for m in model.net.modules())
+
+
+def test_a_bf16_plan_leaves_the_adapter_in_float32(dit_dir):
+    """Bug caught: a model run in bf16 (a bf16 plan, or load(dtype=torch.bfloat16)) computes under autocast,
+    which silently ran the float32 adapter's two matmuls in bf16: the delta added to the integer layers'
+    float32 outputs was off by 0.5% of itself."""
+    model = diffpro.load(dit_dir, dtype=torch.bfloat16)
+    names = ["transformer_blocks.0.attn1.to_k", "transformer_blocks.0.attn1.to_out.0", "transformer_blocks.1.norm1.linear"]
+    lora = make_lora(model.net, names)
+    dtypes = {}
+    handles = [model.net.get_submodule(n).register_forward_hook(lambda m, a, out, n=n: dtypes.__setitem__(n, out.dtype))
+               for n in names]
+    diffpro.load_lora(model, peft_keys(lora))
+    assert_float_delta(model, lora, {n: 1.0 for n in names})
+    for h in handles:
+        h.remove()
+    assert set(dtypes.values()) == {torch.float32}     # the integer layers' own outputs stay float32
