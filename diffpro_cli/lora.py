@@ -16,6 +16,8 @@ State-dict layouts read (module names as in `net.named_modules()`; a leading `tr
                      an adapter_config.json next to the file; else alpha = r)
   kohya              <module>.lora_down.weight, <module>.lora_up.weight, <module>.alpha
                      (also kohya's flattened names, lora_unet_<module with dots as _>)
+  older diffusers    <module>.lora.down.weight / lora.up.weight (also lora_linear_layer.down/up), and
+                     attention-processor files: <attn>.processor.to_q_lora.down.weight (to_out_lora: to_out.0)
 from a dict of tensors, a .safetensors file, a directory holding one (adapter_model.safetensors,
 pytorch_lora_weights.safetensors), or a .bin/.pt file read with torch.load(weights_only=True).
 """
@@ -41,6 +43,10 @@ _PREFIXES = ("base_model.model.", "transformer.", "unet.", "model.", "diffusion_
 _FLAT_PREFIXES = ("lora_unet_", "lora_transformer_", "lora_")
 _WEIGHT = re.compile(r"^(?P<mod>.+)\.(?P<part>lora_A|lora_B|lora_down|lora_up)(?:\.(?P<adapter>[^.]+))?\.weight$")
 _ALPHA = re.compile(r"^(?P<mod>.+)\.alpha$")
+# diffusers before PEFT: LoRACompatibleLinear/Conv (`lora`), text encoders (`lora_linear_layer`), and the
+# attention-processor files (`<attn>.processor.to_q_lora.down.weight`; to_out_lora is to_out.0)
+_OLD_WEIGHT = re.compile(r"^(?P<mod>.+)\.(?:lora|lora_linear_layer)\.(?P<part>down|up)\.weight$")
+_PROCESSOR_WEIGHT = re.compile(r"^(?P<attn>.+)\.processor\.(?P<leaf>\w+?)_lora\.(?P<part>down|up)\.weight$")
 _DIR_FILES = ("adapter_model.safetensors", "pytorch_lora_weights.safetensors", "adapter_model.bin", "pytorch_lora_weights.bin")
 
 
@@ -244,6 +250,21 @@ def _build(name: str, layer: nn.Module, down: torch.Tensor, up: torch.Tensor, al
         k: conv[k] for k in ("stride", "padding", "dilation", "padding_mode")})
 
 
+def _weight_key(key: str) -> tuple[str, str, str] | None:
+    """(module, "down" or "up", PEFT adapter name or "") of a LoRA matrix's key, in any spelling read."""
+    m = _WEIGHT.match(key)
+    if m is not None:
+        return m["mod"], "down" if m["part"] in ("lora_A", "lora_down") else "up", m["adapter"] or ""
+    m = _OLD_WEIGHT.match(key)
+    if m is not None:
+        return m["mod"], m["part"], ""
+    m = _PROCESSOR_WEIGHT.match(key)
+    if m is not None:
+        leaf = "to_out.0" if m["leaf"] == "to_out" else m["leaf"]
+        return f"{m['attn']}.{leaf}", m["part"], ""
+    return None
+
+
 def _parse(tensors: dict, config: dict, modules: dict[str, nn.Module], label: str) -> dict[str, dict]:
     """{network module name: {"down", "up", "alpha"}} from a LoRA state dict."""
     flat = {n.replace(".", "_"): n for n in modules if n}
@@ -252,9 +273,10 @@ def _parse(tensors: dict, config: dict, modules: dict[str, nn.Module], label: st
     unrecognised: list[str] = []
     alphas: dict[str, float] = {}
     named: set[str] = set()     # PEFT adapter names inside the keys (<module>.lora_A.<adapter>.weight)
+    spellings: set[tuple[str, str, str]] = set()
     for key, value in tensors.items():
-        m = _WEIGHT.match(key)
-        if m is None:
+        w = _weight_key(key)
+        if w is None:
             a = _ALPHA.match(key)
             if a is None:
                 unrecognised.append(key)
@@ -263,16 +285,20 @@ def _parse(tensors: dict, config: dict, modules: dict[str, nn.Module], label: st
             else:
                 alphas[a["mod"]] = float(value.reshape(-1)[0])
             continue
-        part = "down" if m["part"] in ("lora_A", "lora_down") else "up"
-        found.setdefault(m["mod"], {})[part] = value
-        named.add(m["adapter"] or "")
+        mod, part, adapter = w
+        if (mod, part, adapter) in spellings:    # two spellings of one matrix (a.lora_A.weight and a.lora.down.weight)
+            raise InputError(f"{label}: holds the LoRA {'A' if part == 'down' else 'B'} matrix of {mod} twice (under two "
+                             f"spellings, e.g. {key}); keep one")
+        spellings.add((mod, part, adapter))
+        found.setdefault(mod, {})[part] = value
+        named.add(adapter)
     if len(named) > 1:   # one module's A/B pairs would overwrite each other: the adapters mixed silently
         raise InputError(f"{label}: holds {len(named)} adapters ({', '.join(sorted(n or '(unnamed)' for n in named))}); "
                          f"save each adapter to its own file (PEFT: save_pretrained(..., selected_adapters=[name]))")
     if unrecognised:
         raise InputError(f"{label}: {len(unrecognised)} key(s) are not LoRA weights this loader reads "
-                         f"({', '.join(unrecognised[:3])}); expected <module>.lora_A/lora_B.weight or "
-                         f"lora_down/lora_up.weight (+ .alpha); DoRA and LoRA biases are not supported")
+                         f"({', '.join(unrecognised[:3])}); expected <module>.lora_A/lora_B.weight, lora_down/lora_up.weight "
+                         f"or lora.down/lora.up.weight (+ .alpha); DoRA and LoRA biases are not supported")
     if not found:
         raise InputError(f"{label}: no LoRA weights found (expected <module>.lora_A.weight / lora_B.weight or "
                          f"lora_down.weight / lora_up.weight); pass a LoRA state dict")

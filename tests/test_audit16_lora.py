@@ -322,3 +322,33 @@ def test_a_bf16_plan_leaves_the_adapter_in_float32(dit_dir):
     for h in handles:
         h.remove()
     assert set(dtypes.values()) == {torch.float32}     # the integer layers' own outputs stay float32
+
+
+def test_older_diffusers_lora_spellings_load_like_peft(unet_dir, dit_dir):
+    """Bug caught: the LoRA files diffusers wrote before PEFT (`<module>.lora.down.weight` / `lora.up.weight`
+    of LoRACompatibleLinear/Conv, and the attention-processor files `<attn>.processor.to_q_lora.down.weight`,
+    to_out_lora meaning to_out.0) were refused as unreadable."""
+    model = diffpro.load(unet_dir)
+    lora = make_lora(model.net, UNET_TARGETS, seed=3)
+    assert sorted(diffpro.load_lora(model, old_diffusers_keys(lora, "unet."))) == sorted(UNET_TARGETS)
+    assert_float_delta(model, lora, {n: 1.0 for n in lora})
+
+    model = diffpro.load(dit_dir)
+    attn = "transformer_blocks.1.attn1"
+    names = [f"{attn}.to_q", f"{attn}.to_v", f"{attn}.to_out.0"]
+    lora = make_lora(model.net, names, seed=4)
+    sd = {}
+    for n, (a, b) in lora.items():
+        leaf = n[len(attn) + 1:].replace("to_out.0", "to_out")
+        sd[f"{attn}.processor.{leaf}_lora.down.weight"], sd[f"{attn}.processor.{leaf}_lora.up.weight"] = a, b
+    assert sorted(diffpro.load_lora(model, sd, scale=0.5)) == sorted(names)
+    assert_float_delta(model, lora, {n: 0.5 for n in lora})
+
+
+def test_one_matrix_under_two_spellings_fails_with_one_line():
+    """A.k.a. a file mixing PEFT and older diffusers keys for one layer: one matrix would replace the other."""
+    net = nn.Sequential(nn.Linear(8, 16))
+    sd = {"0.lora_A.weight": torch.randn(2, 8), "0.lora_B.weight": torch.randn(16, 2), "0.lora.down.weight": torch.randn(2, 8)}
+    with pytest.raises(InputError, match="twice") as err:
+        diffpro.load_lora(net, sd)
+    assert "\n" not in err.value.message and not hasattr(net[0], "lora")
