@@ -40,6 +40,7 @@ from diffpro_cli.errors import InputError, UsageError
 __all__ = ["LoRAAdapter", "load_lora", "unload_lora"]
 
 _PREFIXES = ("base_model.model.", "transformer.", "unet.", "model.", "diffusion_model.")
+_TEXT_ENCODER_PREFIXES = ("text_encoder", "te_", "te1_", "te2_", "te3_", "lora_te_", "lora_te1_", "lora_te2_", "lora_te3_")
 _FLAT_PREFIXES = ("lora_unet_", "lora_transformer_", "lora_")
 _WEIGHT = re.compile(r"^(?P<mod>.+)\.(?P<part>lora_A|lora_B|lora_down|lora_up)(?:\.(?P<adapter>[^.]+))?\.weight$")
 _ALPHA = re.compile(r"^(?P<mod>.+)\.alpha$")
@@ -342,6 +343,13 @@ def _parse(tensors: dict, config: dict, modules: dict[str, nn.Module], label: st
         entry["alpha"] = alpha_of.get(target)
         if entry["alpha"] is None:
             entry["alpha"] = _config_alpha(target, config, label)
+    text = [k for k in unknown if k.startswith(_TEXT_ENCODER_PREFIXES)]
+    if text:    # an SD-style LoRA adapting the text encoder too: the advice is to drop that part, not the file
+        raise InputError(f"{label}: {len(text)} of its layers adapt a text encoder ({text[0]}, ...), which load_lora "
+                         f"does not adapt (it adapts the denoiser network only); pass the rest as a state dict, without "
+                         f"the keys starting with text_encoder/lora_te"
+                         + (f" ({len(unknown) - len(text)} other module(s) are not in this network either: "
+                            f"{next(k for k in unknown if k not in text)})" if len(unknown) > len(text) else ""))
     if unknown:
         example = next((n for n, m in modules.items() if isinstance(m, (nn.Linear, nn.Conv2d)) or
                         getattr(m, "is_diffpro_quant", False)), "")

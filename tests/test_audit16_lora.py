@@ -352,3 +352,23 @@ def test_one_matrix_under_two_spellings_fails_with_one_line():
     with pytest.raises(InputError, match="twice") as err:
         diffpro.load_lora(net, sd)
     assert "\n" not in err.value.message and not hasattr(net[0], "lora")
+
+
+@pytest.mark.parametrize("te_keys", [
+    {"text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(3, 32),
+     "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_B.weight": torch.zeros(32, 3)},
+    {"lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.zeros(3, 32),
+     "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": torch.zeros(32, 3),
+     "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.alpha": torch.tensor(3.0)},
+])
+def test_a_lora_that_also_adapts_the_text_encoder_says_so(unet_dir, te_keys):
+    """Bug caught: an SD-style LoRA (U-Net + text-encoder keys, the common case) failed with "names module(s)
+    this network does not have ... load a LoRA made for this model", wrong advice for a LoRA made for it."""
+    model = diffpro.load(unet_dir)
+    lora = make_lora(model.net, UNET_TARGETS[:2])
+    with pytest.raises(InputError, match="text encoder") as err:
+        diffpro.load_lora(model, peft_keys(lora, "unet.") | te_keys)
+    assert "\n" not in err.value.message and "made for this model" not in err.value.message
+    assert not any(hasattr(m, "lora") for m in model.net.modules())
+    # the advised fix works: the denoiser's part alone loads
+    assert sorted(diffpro.load_lora(model, peft_keys(lora, "unet."))) == sorted(UNET_TARGETS[:2])
