@@ -235,6 +235,8 @@ def _build(name: str, layer: nn.Module, down: torch.Tensor, up: torch.Tensor, al
         down = down[:, :, None, None]
     if kind == "conv" and up.dim() == 2:
         up = up[:, :, None, None]
+    if kind == "linear":     # a 1×1-conv-shaped LoRA on a Linear (kohya: SD's proj_in/proj_out, conv in SD1, linear in SDXL)
+        down, up = (t[:, :, 0, 0] if t.dim() == 4 and t.shape[2:] == (1, 1) else t for t in (down, up))
     want_down = (r, n_in) if kind == "linear" else (r, n_in, *conv["kernel_size"])
     want_up = (n_out, r) if kind == "linear" else (n_out, r, 1, 1)
     if r == 0 or tuple(down.shape) != want_down or tuple(up.shape) != want_up:

@@ -372,3 +372,18 @@ def test_a_lora_that_also_adapts_the_text_encoder_says_so(unet_dir, te_keys):
     assert not any(hasattr(m, "lora") for m in model.net.modules())
     # the advised fix works: the denoiser's part alone loads
     assert sorted(diffpro.load_lora(model, peft_keys(lora, "unet."))) == sorted(UNET_TARGETS[:2])
+
+
+def test_a_1x1_conv_shaped_lora_on_a_linear_layer_loads(dit_dir):
+    """Bug caught: kohya saves the LoRA of SD's proj_in/proj_out as 1×1 convs ([r, in, 1, 1]) even where the
+    model has Linear layers there (SD2/SDXL); the shapes were refused as not fitting, though they are the
+    same matrices (the 2-D-on-1×1-conv direction already loaded)."""
+    model = diffpro.load(dit_dir)
+    names = ["transformer_blocks.0.attn1.to_out.0", "proj_out_2"]
+    lora = make_lora(model.net, names)
+    sd = {}
+    for n, (a, b) in lora.items():
+        k = "lora_unet_" + n.replace(".", "_")
+        sd[f"{k}.lora_down.weight"], sd[f"{k}.lora_up.weight"] = a[:, :, None, None], b[:, :, None, None]
+    assert sorted(diffpro.load_lora(model, sd)) == sorted(names)
+    assert_float_delta(model, lora, {n: 1.0 for n in names})
