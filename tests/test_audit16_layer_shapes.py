@@ -329,3 +329,29 @@ def test_linear_shapes_match_the_float_layer_and_the_reference(name):
         assert _linear_excess(layer, x) <= 0, where
         if name == "zero-input":
             assert torch.equal(y, linear.bias.expand_as(y)), where
+
+
+# -- Inputs the float layer refuses ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "dynamic-token", "static", "none"])
+def test_an_input_of_the_wrong_size_is_refused_naming_the_sizes(mode):
+    """Bug: an input the float layer refuses (wrong feature or channel count, a padded image smaller than
+    the kernel) failed inside the kernel with "could not create a primitive descriptor for the matmul
+    primitive" (oneDNN), "The number of rows in the packB should be equal to K" (fbgemm) or "Trying to
+    create tensor with negative dimension"; it is now a RuntimeError naming the layer's and the input's sizes."""
+    torch.manual_seed(0)
+    kwargs = dict(act_bits=16 if mode == "none" else 8, act_mode="dynamic" if mode == "none" else mode,
+                  static_absmax=3.0 if mode == "static" else None)
+    linear = quantize_module(nn.Linear(16, 8), 8, **kwargs)
+    conv = quantize_module(nn.Conv2d(4, 8, 5), 8, **kwargs)
+    with torch.no_grad():
+        with pytest.raises(RuntimeError, match=r"QuantLinear\(16 → 8\) takes inputs of 16 features .* shape \(3, 17\)"):
+            linear(torch.randn(3, 17))
+        with pytest.raises(RuntimeError, match=r"QuantConv2d\(4 → 8\) takes \[B, 4, H, W\] .* shape \(1, 5, 8, 8\)"):
+            conv(torch.randn(1, 5, 8, 8))
+        with pytest.raises(RuntimeError, match=r"padded input \(3x3\) is smaller than the kernel's reach \(5x5\)"):
+            conv(torch.randn(1, 4, 3, 3))
+        # the right sizes still run after a refusal (the shape check is remembered per shape)
+        assert linear(torch.randn(3, 16)).shape == (3, 8)
+        assert conv(torch.randn(1, 4, 5, 5)).shape == (1, 8, 1, 1)

@@ -86,6 +86,7 @@ def call_kernel(kernel, layer, x: torch.Tensor) -> torch.Tensor:
 class _QuantBase(nn.Module):
     is_diffpro_quant = True
     kind = "?"
+    _checked_shape: torch.Size | None = None   # the last input shape _check_input passed (checked once per shape)
 
     def _init_state(self, out_features: int, in_flat: int, bias: bool, weight_bits: int, act_mode: str,
                     group_size: int | None, num_act_timesteps: int, device=None):
@@ -283,6 +284,9 @@ class _QuantBase(nn.Module):
         return call_kernel(kernel, self, x) if self._group is None else self._group.traced(self, x)
 
     def _eager_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape != self._checked_shape:
+            self._check_input(x)
+            self._checked_shape = x.shape
         if self._group is not None:
             return self._group.run(self, x)
         if self._kernel is None or self._kernel_device != x.device:
@@ -325,6 +329,10 @@ class _QuantBase(nn.Module):
     def _extra_config(self) -> dict:
         return {}
 
+    def _check_input(self, x: torch.Tensor) -> None:
+        """Raise, naming the sizes, for an input the float layer would refuse too (the integer kernels
+        otherwise fail inside oneDNN/fbgemm: "could not create a primitive descriptor")."""
+
 
 @torch.compiler.disable
 def _eager_forward_opaque(layer: _QuantBase, x: torch.Tensor) -> torch.Tensor:
@@ -347,6 +355,11 @@ class QuantLinear(_QuantBase):
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, weight_bits, act_mode, group_size)
         layer.set_weight(linear.weight, linear.bias, hessian)
         return layer
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise RuntimeError(f"QuantLinear({self.in_features} → {self.out_features}) takes inputs of {self.in_features} features "
+                               f"(the last dimension); got one of shape {tuple(x.shape)}")
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, w{self.weight_bits}, act={self.act_mode}, group={self.group_size}"
@@ -379,6 +392,19 @@ class QuantConv2d(_QuantBase):
         if x.dim() == 3:   # unbatched [C, H, W], which nn.Conv2d accepts: every kernel takes [B, C, H, W]
             return super().forward(x.unsqueeze(0)).squeeze(0)
         return super().forward(x)
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        name = f"QuantConv2d({self.in_channels} → {self.out_channels})"
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise RuntimeError(f"{name} takes [B, {self.in_channels}, H, W] or [{self.in_channels}, H, W] inputs; got one of shape {tuple(x.shape)}")
+        if isinstance(self.padding, str) and self.padding == "same":
+            return
+        pad = (0, 0) if isinstance(self.padding, str) else self.padding
+        size = [x.shape[2 + i] + 2 * pad[i] for i in (0, 1)]
+        reach = [self.dilation[i] * (self.kernel_size[i] - 1) + 1 for i in (0, 1)]
+        if size[0] < reach[0] or size[1] < reach[1]:
+            raise RuntimeError(f"{name}: the padded input ({size[0]}x{size[1]}) is smaller than the kernel's reach "
+                               f"({reach[0]}x{reach[1]}); got an input of shape {tuple(x.shape)}")
 
     def float_conv(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         """The float convolution with this layer's geometry (fallback kernel and reference)."""
