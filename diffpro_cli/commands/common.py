@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import functools
 import inspect
+import signal
+import threading
 import typing
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from diffpro_cli.console import UI
-from diffpro_cli.errors import UsageError
+from diffpro_cli.errors import EXIT_INTERRUPTED, DiffproError, UsageError
 
 Workdir = Annotated[Path, typer.Option("--workdir", "-w", help="Work directory for artifacts and the lock file.")]
 JsonOut = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
@@ -78,6 +81,34 @@ def attach_conditioning(model, conditioning=None, prompts=None, negative_prompt:
     return model
 
 
+class Interrupted(DiffproError):
+    exit_code = EXIT_INTERRUPTED
+
+
+@contextmanager
+def interruptible():
+    """Ctrl-C or SIGTERM during a command: one `error:` line and exit 130. Why here: typer turns a
+    KeyboardInterrupt into an exit code that the CLI's non-standalone main drops (Ctrl-C exited 0), and
+    SIGTERM's default action killed the process with no message, before the atomic writes' cleanup ran.
+    SIGTERM is raised as KeyboardInterrupt so both unwind the same way (temp files removed, lock untouched)."""
+    got = []
+
+    def on_term(signum, frame):
+        got.append(signum)
+        raise KeyboardInterrupt
+
+    main = threading.current_thread() is threading.main_thread()   # handlers can only be set there
+    previous = signal.signal(signal.SIGTERM, on_term) if main else None
+    try:
+        yield
+    except KeyboardInterrupt:
+        what = "SIGTERM" if got else "Ctrl-C"
+        raise Interrupted(f"interrupted ({what}); finished artifacts are kept, re-run to resume") from None
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)
+
+
 STAGE_OPTIONS = (("workdir", Workdir, DEFAULT_WORKDIR), ("trust_code", TrustCode, False), ("weights", Weights, None),
                  ("conditioning", Conditioning, None), ("prompts", Prompts, None), ("negative_prompt", NegativePrompt, ""),
                  ("device", Device, "cpu"), ("force", Force, False), ("wait", Wait, False), ("json_output", JsonOut, False), ("quiet", Quiet, False))
@@ -97,8 +128,9 @@ def stage_command(fn):
     @functools.wraps(fn)
     def command(**kwargs):
         opts = {name: kwargs.pop(name) for name, _, _ in STAGE_OPTIONS}
-        ctx = make_context(kwargs.get("model"), opts.pop("workdir"), seed=kwargs.get("seed", 0), **opts)
-        return fn(ctx, **kwargs)
+        with interruptible():
+            ctx = make_context(kwargs.get("model"), opts.pop("workdir"), seed=kwargs.get("seed", 0), **opts)
+            return fn(ctx, **kwargs)
 
     command.__signature__ = inspect.Signature(own + shared)
     command.__annotations__ = {p.name: p.annotation for p in own + shared}

@@ -5,7 +5,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from diffpro_cli.commands.common import Force, Wait, JsonOut, Quiet, TrustCode, Weights, make_ui
+from diffpro_cli.commands.common import Force, Wait, JsonOut, Quiet, TrustCode, Weights, interruptible, make_ui
 
 
 def run_cmd(
@@ -21,6 +21,11 @@ def run_cmd(
     quiet: Quiet = False,
 ):
     """Run profile → score → prune → allocate → quantize → bench from one config, skipping up-to-date stages."""
+    with interruptible():   # Ctrl-C / SIGTERM: one error line, exit 130
+        _run(config, workdir, stages, trust_code, weights, device, force, wait, json_output, quiet)
+
+
+def _run(config, workdir, stages, trust_code, weights, device, force, wait, json_output, quiet):
     from diffpro_cli.errors import UsageError
     from diffpro_cli.stages.run import STAGES, load_run_config, run_pipeline
 

@@ -1,0 +1,108 @@
+"""Audit 16 (second pass): resume, the lock file and interruption, probed as a user would on random:dit-tiny.
+
+Each test names the defect it caught. The kill tests start the CLI as a real process and send the signal
+once the stage has printed that it is computing (a marker on stderr, not a fixed sleep).
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from diffpro_cli.artifacts import LOCK_NAME
+
+TINY = "random:dit-tiny"
+PRUNE = ["--reference-steps", "12", "--n", "2", "--batch", "2"]
+# a prune long enough to be interrupted: a 200-step teacher on 8 samples after its marker line
+SLOW_PRUNE = ["--steps", "5", "--reference-steps", "200", "--n", "8", "--batch", "2"]
+MARKER = "prune: teacher DDIM on"
+
+
+@pytest.fixture(scope="module")
+def pruned_base(tmp_path_factory):
+    """A workdir through profile, score and prune (4 steps), made once; tests copy it (`work`)."""
+    from diffpro_cli.app import main
+
+    work = tmp_path_factory.mktemp("resume16")
+    assert main(["profile", TINY, "-w", str(work), "--samples", "2", "--timesteps", "3", "-q"]) == 0
+    assert main(["score", "-w", str(work), "-q"]) == 0
+    assert main(["prune", TINY, "-w", str(work), "--steps", "4", *PRUNE, "-q"]) == 0
+    return work
+
+
+@pytest.fixture
+def work(pruned_base, tmp_path):
+    dst = tmp_path / "w"
+    shutil.copytree(pruned_base, dst)
+    return dst
+
+
+def _snapshot(root: Path) -> dict:
+    """Every file under `root` (the run-lock sidecars aside: they hold a pid) → its sha256."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*"))
+            if p.is_file() and not p.name.startswith(".diffpro.")}
+
+
+def _start(*args) -> subprocess.Popen:
+    """The CLI as a real process, SIGINT at its default disposition (a shell's `cmd &` ignores it in the child)."""
+    env = {**os.environ, "CI": "true", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "diffpro_cli", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+def _read_until(proc: subprocess.Popen, marker: str) -> str:
+    """stderr up to and including `marker` (all of it if the process ends first)."""
+    seen = ""
+    while marker not in seen:
+        line = proc.stderr.readline()
+        if not line:
+            break
+        seen += line
+    return seen
+
+
+def _error_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("error:")]
+
+
+@pytest.mark.parametrize("how", ["prune-SIGINT", "prune-SIGTERM", "run-SIGTERM"])
+def test_a_stage_interrupted_mid_compute_exits_130_with_one_line_and_keeps_everything(work, tmp_path, cli, how):
+    """Ctrl-C in a stage exited 0 with no message (typer turned KeyboardInterrupt into an exit code that
+    the CLI dropped), so scripts took an interrupted stage for a finished one; SIGTERM (kill, timeout,
+    a scheduler) ended the process with no message at all and left its temp file."""
+    command, sig = how.split("-")
+    if command == "run":
+        cfg = tmp_path / "run.toml"
+        cfg.write_text(f'model = "{TINY}"\nworkdir = "{work}"\nstages = ["prune"]\n\n[prune]\nsteps = 5\n'
+                       'reference_steps = 200\nn = 8\nbatch = 2\n')
+        args = ["run", cfg]
+    else:
+        args = ["prune", TINY, "-w", work, *SLOW_PRUNE]
+    before = _snapshot(work)
+    lock_before = json.loads((work / LOCK_NAME).read_text())["stages"]
+    proc = _start(*args)
+    seen = _read_until(proc, MARKER)
+    assert MARKER in seen, seen
+    proc.send_signal(getattr(signal, sig))
+    out, rest = proc.communicate(timeout=120)
+    err = seen + rest
+    assert proc.returncode == 130, (proc.returncode, err)
+    assert "Traceback" not in err
+    errors = _error_lines(err)
+    assert len(errors) == 1 and "interrupted" in errors[0] and "re-run" in errors[0], err
+    assert _snapshot(work) == before            # previous artifacts and the lock untouched
+    assert not list(work.rglob("*.tmp")), "a temporary file was left behind"
+    if command == "run":   # the next run recomputes exactly the interrupted stage (its config changed)
+        code, out, err = cli(*args, "--json", "-q")
+        assert code == 0, err
+        assert [(o["stage"], o["status"]) for o in json.loads(out)["stages"]] == [("prune", "computed")]
+        lock = json.loads((work / LOCK_NAME).read_text())["stages"]
+        assert lock["prune"]["config"]["steps"] == 5
+        assert {k: lock_before[k] for k in ("profile", "score")} == {k: lock[k] for k in ("profile", "score")}
