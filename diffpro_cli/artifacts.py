@@ -406,6 +406,17 @@ def _release(key: Path, state: list) -> None:
     os.close(state[0])
 
 
+def _well_formed(record) -> bool:
+    """Whether a stage's lock record has the shape `check` reads: a hand-edited or other-version record
+    crashed it with a traceback; such a stage recomputes instead (the record is provenance, not an artifact)."""
+    def digests(recs, *keys):
+        return isinstance(recs, dict) and all(isinstance(r, dict) and all(isinstance(r.get(k), str) for k in keys)
+                                              for r in recs.values())
+
+    return (isinstance(record, dict) and digests(record.get("inputs", {}), "sha256")
+            and digests(record.get("outputs", {}), "path", "sha256"))
+
+
 class Lock:
     """The work directory's `diffpro.lock.json`.
 
@@ -441,6 +452,8 @@ class Lock:
             last = self.entry(stage)
         if last is None:
             return StageCheck(False, "never run")
+        if not _well_formed(last):
+            return StageCheck(False, "its lock record is malformed: hand-edited or from another diffpro version")
         changed = [k for k in inputs if last.get("inputs", {}).get(k, {}).get("sha256") != inputs[k]]
         changed += [k for k in last.get("inputs", {}) if k not in inputs]
         if changed:

@@ -106,3 +106,39 @@ def test_a_stage_interrupted_mid_compute_exits_130_with_one_line_and_keeps_every
         lock = json.loads((work / LOCK_NAME).read_text())["stages"]
         assert lock["prune"]["config"]["steps"] == 5
         assert {k: lock_before[k] for k in ("profile", "score")} == {k: lock[k] for k in ("profile", "score")}
+
+
+def _edit_lock(work: Path, edit) -> dict:
+    path = work / LOCK_NAME
+    lock = json.loads(path.read_text())
+    edit(lock)
+    path.write_text(json.dumps(lock))
+    return lock
+
+
+@pytest.mark.parametrize("record", [
+    "not a record",
+    {"inputs": [1, 2], "config": {}, "outputs": {}},
+    {"inputs": {"profile": "f2a960d5"}, "config": {}, "outputs": {}},
+    "outputs-without-path",
+])
+def test_a_malformed_stage_record_in_the_lock_recomputes_that_stage_instead_of_a_traceback(work, cli, record):
+    """A hand-edited (or other-version) stage record in diffpro.lock.json crashed the up-to-date check with
+    an AttributeError/KeyError traceback (exit 1); the record is only a cache of provenance, so the stage
+    recomputes, says why, and the other stages' records are kept."""
+    def edit(lock):
+        if record == "outputs-without-path":
+            for rec in lock["stages"]["score"]["outputs"].values():
+                del rec["path"]
+        else:
+            lock["stages"]["score"] = record
+
+    before = _edit_lock(work, edit)["stages"]
+    code, out, err = cli("score", "-w", work, "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["status"] == "computed" and result["reason"].startswith("its lock record is malformed"), result
+    after = json.loads((work / LOCK_NAME).read_text())["stages"]
+    assert {k: after[k] for k in ("profile", "prune")} == {k: before[k] for k in ("profile", "prune")}
+    code, out, err = cli("score", "-w", work, "--json")   # the new record is whole: up to date now
+    assert code == 0 and json.loads(out)["status"] == "up to date", (out, err)
