@@ -337,10 +337,11 @@ def _parse(tensors: dict, config: dict, modules: dict[str, nn.Module], label: st
             lone.append(key)
         elif alpha_of.setdefault(target, value) != value:
             twice.append(key)
-    if lone or twice:
-        raise InputError(f"{label}: {len(lone) + len(twice)} alpha(s) have no single LoRA pair to go with "
-                         f"({', '.join((lone + twice)[:3])}: {'an alpha but no LoRA matrices' if lone else 'two different alphas'}); "
-                         f"the file is incomplete or mixed, re-export it")
+    if lone:
+        raise InputError(f"{label}: {len(lone)} alpha(s) name layers without LoRA matrices ({', '.join(lone[:3])}); "
+                         f"the file is incomplete, re-export it")
+    if twice:
+        raise InputError(f"{label}: {len(twice)} layer(s) have two different alphas ({', '.join(twice[:3])}); keep one")
     for target, entry in out.items():
         entry["alpha"] = alpha_of.get(target)
         if entry["alpha"] is None:

@@ -293,7 +293,10 @@ def test_an_alpha_key_spelled_with_another_prefix_than_its_weights_still_applies
     ({"transformer.transformer_blocks.0.attn1.to_k.lora_A.weight": torch.zeros(3, 192),
       "transformer.transformer_blocks.0.attn1.to_k.lora_B.weight": torch.zeros(192, 3)}, "more than once"),
     # an alpha for a layer the file has no matrices for: the file is cut short, it was ignored
-    ({"transformer_blocks.2.attn1.to_q.alpha": torch.tensor(4.0)}, "alpha but no LoRA matrices"),
+    ({"transformer_blocks.2.attn1.to_q.alpha": torch.tensor(4.0)}, "without LoRA matrices"),
+    # two spellings of one layer's alpha, disagreeing: whichever came last won
+    ({"transformer_blocks.0.attn1.to_k.alpha": torch.tensor(4.0),
+      "transformer.transformer_blocks.0.attn1.to_k.alpha": torch.tensor(2.0)}, "two different alphas"),
     # an alpha for a module the network does not have: ignored silently
     ({"transformer_blocks.9.attn1.to_q.alpha": torch.tensor(4.0)}, "does not have"),
     # an empty alpha tensor: an IndexError traceback
