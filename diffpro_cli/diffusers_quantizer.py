@@ -19,7 +19,7 @@ below through its loading hooks:
    place with their stored dtypes (a `torch_dtype` cast would change the integer grid's scales).
 4. `_process_model_after_weight_loading` fuses q/k/v, packs each layer for its CPU kernel and drops
    the unpacked integers, as `diffpro.load` does, and installs the timestep pre-hook that static
-   activation layers read.
+   activation layers read (and that runs each call under autocast in the plan's compute_dtype).
 
 The result computes what `diffpro.load(OUT, cache=False).net` computes (a plan's cache schedule needs
 diffpro's own loader). It is inference-only: not serializable, not trainable, CPU only.
@@ -78,10 +78,13 @@ def _classes():
     from diffpro_cli.checkpoint import (
         EMB_Q,
         EMB_S,
+        META,
         SCHEDULE_KEY,
+        _compute_dtype,
         _net_patches,
         set_submodule,
     )
+    from diffpro_cli.models.base import COMPUTE_DTYPE_ATTR
     from diffpro_cli.quant.epilogue import fuse_activations
     from diffpro_cli.quant.groups import fuse_shared_inputs
     from diffpro_cli.quant.layers import Int8Embedding, _QuantBase, empty_from_record
@@ -241,6 +244,11 @@ def _classes():
             for layer in layers:    # the kernels hold their own packed copies (inference-only, as diffpro.load)
                 layer.release_integers()
             install_timestep_hook(model)
+            # a plan made for bf16/fp16 float math: the hook runs each call under autocast in it, as
+            # diffpro.load's network does (without this, the float layers computed in float32 here)
+            dtype = _compute_dtype(self.meta.get("compute_dtype"), self.folder / META)
+            if dtype is not None:
+                model.__dict__[COMPUTE_DTYPE_ATTR] = dtype
             return model
 
         @property

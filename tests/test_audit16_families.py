@@ -4,6 +4,8 @@ in-process pipelines): one regression test per defect found."""
 import re
 from pathlib import Path
 
+import pytest
+import torch
 import typer
 
 from diffpro_cli.app import app
@@ -38,3 +40,37 @@ def test_family_recipes_pass_the_model_only_where_the_command_takes_one():
             if '"$PIPE"' in words and args[:1] != ["model"]:
                 wrong.append(f"{doc.name}:{number}: diffpro {name} takes {args}, not the pipeline")
     assert not wrong, "\n".join(wrong)
+
+
+# --- diffusers' from_pretrained on an export planned for bf16 ----------------------------------------
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("accelerate") is None, reason="needs accelerate")
+def test_from_pretrained_of_a_bf16_planned_export_computes_as_diffpro_load(tmp_path, tiny_dit):
+    """Catches: a plan whose compute_dtype is bfloat16 (allocate picks it where the float math is faster in
+    bf16) exported to diffusers and loaded with from_pretrained ran its float math in float32, while
+    diffpro.load(OUT).net runs it under bf16 autocast: the two 'same' networks differed (5.6 max abs on a
+    tiny PixArt pipeline's latents)."""
+    from diffusers import DiTTransformer2DModel
+
+    import diffpro
+    from diffpro_cli.checkpoint import save_quantized
+    from diffpro_cli.export import export_diffusers
+    from diffpro_cli.models.diffusers_dir import load_diffusers_dir
+    from diffpro_cli.stages.quantize import uniform_plan
+
+    tiny_dit().save_pretrained(tmp_path / "dit")
+    model = load_diffusers_dir(tmp_path / "dit")
+    save_quantized(model, uniform_plan(model, 8) | {"compute_dtype": "bfloat16"}, tmp_path / "q")
+    export_diffusers(tmp_path / "q", tmp_path / "out")
+    diffpro.register_diffusers_quantizer()
+    ours, theirs = diffpro.load(str(tmp_path / "out"), cache=False).net, DiTTransformer2DModel.from_pretrained(tmp_path / "out")
+    torch.manual_seed(1)
+    x = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        a = ours(x, timestep=torch.tensor([900, 30]), class_labels=torch.tensor([1, 2])).sample
+        b = theirs(x, timestep=torch.tensor([900, 30]), class_labels=torch.tensor([1, 2])).sample
+        theirs.__dict__.pop("_diffpro_compute_dtype", None)    # the float32 math the bug ran
+        c = theirs(x, timestep=torch.tensor([900, 30]), class_labels=torch.tensor([1, 2])).sample
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)     # bf16 really changes the output, so the equality above means something
