@@ -142,3 +142,56 @@ def test_a_malformed_stage_record_in_the_lock_recomputes_that_stage_instead_of_a
     assert {k: after[k] for k in ("profile", "prune")} == {k: before[k] for k in ("profile", "prune")}
     code, out, err = cli("score", "-w", work, "--json")   # the new record is whole: up to date now
     assert code == 0 and json.loads(out)["status"] == "up to date", (out, err)
+
+
+def _hold_then_profile(workdir: str, held, go) -> None:
+    """Another diffpro process: holds the workdir, then re-profiles it (other samples) before letting go."""
+    from diffpro_cli.app import main
+    from diffpro_cli.artifacts import workdir_lock
+
+    with workdir_lock(workdir):
+        held.set()
+        go.wait(120)
+        assert main(["profile", TINY, "-w", workdir, "--samples", "3", "--timesteps", "3", "-q"]) == 0
+
+
+def test_a_stage_that_waited_for_the_workdir_sees_the_inputs_the_holder_rewrote(work):
+    """`score --wait` hashed profile.json before waiting for the process that held the workdir; that
+    process re-profiled, and score then compared the stale hash with its record and said 'up to date'
+    on scores of the old profile. The command now waits before it reads anything."""
+    import multiprocessing as mp
+
+    from diffpro_cli.artifacts import sha256_file
+
+    spawn = mp.get_context("spawn")
+    held, go = spawn.Event(), spawn.Event()
+    holder = spawn.Process(target=_hold_then_profile, args=(str(work), held, go))
+    holder.start()
+    try:
+        assert held.wait(120)
+        proc = _start("score", "-w", work, "--wait")
+        seen = _read_until(proc, "waiting for workdir")
+        assert "waiting for workdir" in seen, seen
+        go.set()
+        holder.join(120)
+        assert holder.exitcode == 0
+        out, rest = proc.communicate(timeout=120)
+    finally:
+        go.set()
+        holder.join(5)
+    assert proc.returncode == 0, seen + rest
+    assert "score: recomputing (inputs changed: profile" in seen + rest, seen + rest
+    score = json.loads((work / LOCK_NAME).read_text())["stages"]["score"]
+    assert score["inputs"]["profile"]["sha256"] == sha256_file(work / "profile" / "profile.json")
+
+
+@pytest.mark.parametrize("command", [["score"], ["allocate", "--budget", "avg-bits=6"], ["quantize", TINY, "--bits", "8"]])
+def test_a_workdir_that_is_a_file_is_named_so_by_every_stage_command(cli, tmp_path, command):
+    """score/allocate/quantize -w FILE said 'FILE/profile: no profile here' (or another missing input,
+    exit 3): the file in the way was never named. The workdir is now taken (and checked) first."""
+    blocker = tmp_path / "work"
+    blocker.write_text("not a directory")
+    code, _, err = cli(*command, "-w", blocker, "-q")
+    errors = _error_lines(err)
+    assert code == 2 and len(errors) == 1 and "is a file, not a directory" in errors[0], err
+    assert blocker.read_text() == "not a directory"

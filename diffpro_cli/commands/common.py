@@ -109,6 +109,21 @@ def interruptible():
             signal.signal(signal.SIGTERM, previous)
 
 
+@contextmanager
+def holding_workdir(ctx):
+    """Hold an existing workdir's run lock for the whole command, as `run` does for its stages. Why: a stage
+    hashes its inputs before the lock check, so a command that waited (--wait) for another process compared
+    the inputs as they were before that process rewrote them, and called itself up to date. A workdir not
+    there yet has no inputs to go stale; the stage's own lock creates it."""
+    if not ctx.workdir.exists():
+        yield
+        return
+    from diffpro_cli.artifacts import workdir_lock
+
+    with workdir_lock(ctx.workdir, wait=ctx.wait, ui=ctx.ui):
+        yield
+
+
 STAGE_OPTIONS = (("workdir", Workdir, DEFAULT_WORKDIR), ("trust_code", TrustCode, False), ("weights", Weights, None),
                  ("conditioning", Conditioning, None), ("prompts", Prompts, None), ("negative_prompt", NegativePrompt, ""),
                  ("device", Device, "cpu"), ("force", Force, False), ("wait", Wait, False), ("json_output", JsonOut, False), ("quiet", Quiet, False))
@@ -130,7 +145,8 @@ def stage_command(fn):
         opts = {name: kwargs.pop(name) for name, _, _ in STAGE_OPTIONS}
         with interruptible():
             ctx = make_context(kwargs.get("model"), opts.pop("workdir"), seed=kwargs.get("seed", 0), **opts)
-            return fn(ctx, **kwargs)
+            with holding_workdir(ctx):
+                return fn(ctx, **kwargs)
 
     command.__signature__ = inspect.Signature(own + shared)
     command.__annotations__ = {p.name: p.annotation for p in own + shared}
