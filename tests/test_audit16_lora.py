@@ -26,7 +26,7 @@ DIT_TARGETS = ["pos_embed.proj",                                    # QuantConv2
                "transformer_blocks.0.ff.net.0.proj",                # GELU fused into its int8 GEMM
                "transformer_blocks.1.norm1.linear",
                "proj_out_2"]                                        # kept in float by the plan
-UNET_TARGETS = ["down_blocks.0.resnets.0.conv1",                    # 3×3 conv
+UNET_TARGETS = ["down_blocks.0.resnets.0.conv1",                    # 3×3 conv kept in float by the plan
                 "down_blocks.0.downsamplers.0.conv",                # 3×3 stride 2
                 "down_blocks.1.resnets.0.conv_shortcut",            # 1×1 conv
                 "down_blocks.1.attentions.0.to_k",                  # fused q/k/v member
@@ -51,7 +51,7 @@ def dit_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def unet_dir(tmp_path_factory):
-    return _quantized_dir(tmp_path_factory.mktemp("a16-unet"), "builtin:unet-mnist")
+    return _quantized_dir(tmp_path_factory.mktemp("a16-unet"), "builtin:unet-mnist", keep_float=[UNET_TARGETS[0]])
 
 
 def _is_conv(layer):
@@ -159,6 +159,8 @@ def test_unet_conv_and_fused_lora_files_add_the_float_merged_delta(unet_dir, tmp
     """Catches a wrong conv geometry (3×3, stride 2, 1×1 given as a 2-D A), a delta landing on the whole
     fused q/k/v output instead of to_k's slice, a kohya alpha or fp16 file read wrongly."""
     model = diffpro.load(unet_dir)
+    assert type(model.net.get_submodule(UNET_TARGETS[0])) is nn.Conv2d
+    assert isinstance(model.net.get_submodule(UNET_TARGETS[1]), QuantConv2d)
     assert isinstance(model.net.get_submodule(UNET_TARGETS[3]), QuantLinear)
     assert model.net.get_submodule(UNET_TARGETS[3])._group is not None      # the fused path is what is tested
     lora = make_lora(model.net, UNET_TARGETS, flat_1x1=layout == "peft-bare-2d-1x1")
