@@ -195,3 +195,16 @@ def test_a_workdir_that_is_a_file_is_named_so_by_every_stage_command(cli, tmp_pa
     errors = _error_lines(err)
     assert code == 2 and len(errors) == 1 and "is a file, not a directory" in errors[0], err
     assert blocker.read_text() == "not a directory"
+
+
+def test_a_stage_command_removes_the_temp_files_a_killed_earlier_command_left(work, cli):
+    """A stage killed with SIGKILL (OOM killer, kill -9) mid-write leaves its `.NAME.*.tmp`; only `run`
+    removed those, so a user of the stage commands kept every half-written checkpoint forever."""
+    stale = [work / ".scores.json.k9x2.tmp", work / "profile" / ".stats.safetensors.a1b2.tmp"]
+    for p in stale:
+        p.write_bytes(b"half-written")
+        os.utime(p, (1, 1))
+    code, _, err = cli("score", "-w", work)
+    assert code == 0, err
+    assert not any(p.exists() for p in stale)
+    assert f"removed {stale[0]}: left by an interrupted earlier run" in err

@@ -114,13 +114,15 @@ def holding_workdir(ctx):
     """Hold an existing workdir's run lock for the whole command, as `run` does for its stages. Why: a stage
     hashes its inputs before the lock check, so a command that waited (--wait) for another process compared
     the inputs as they were before that process rewrote them, and called itself up to date. A workdir not
-    there yet has no inputs to go stale; the stage's own lock creates it."""
+    there yet has no inputs to go stale; the stage's own lock creates it. Held, it is also the moment to
+    remove the temp files a killed earlier command left (only `run` did, so stage commands kept them)."""
     if not ctx.workdir.exists():
         yield
         return
-    from diffpro_cli.artifacts import workdir_lock
+    from diffpro_cli.artifacts import clean_stale_temp_files, workdir_lock
 
     with workdir_lock(ctx.workdir, wait=ctx.wait, ui=ctx.ui):
+        clean_stale_temp_files(ctx.workdir, ctx.ui)
         yield
 
 
