@@ -104,46 +104,58 @@ def _layer_pair(kind: str, mode: str, bits: int = 8):
     return module, layer, x
 
 
+@pytest.mark.parametrize("at", ["first", "inside"])
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])
 @pytest.mark.parametrize("mode", ["dynamic", "dynamic-token", "static", "none"])
 @pytest.mark.parametrize("kind", ["linear", "conv2d"])
 @pytest.mark.parametrize("bits", [8, 4])
-def test_a_non_finite_input_never_comes_out_finite(bits, kind, mode, value):
-    """What is right for a NaN/±inf input (decided in audit 16): no exception, and every output the float
-    layer makes non-finite is non-finite in the integer layer too (the row of a Linear's token, the
-    sample of a Conv2d: the quantized one may spread it over its whole scale group: a per-sample conv
-    scale makes the sample non-finite, a per-tensor Linear scale may make every row so). Rows and samples
-    without one compute as usual where their scale is their own (per token, per sample, calibrated).
-    Bug: fbgemm's dynamic Linear quantized a NaN to a valid integer and the static kernels (fbgemm,
-    oneDNN Linear and conv) clamped NaN/±inf into the calibrated range, so the row came out finite and wrong."""
+def test_a_non_finite_input_never_comes_out_finite(bits, kind, mode, value, at):
+    """What is right for a NaN/±inf input (decided in audit 16): no exception, the row holding it (a
+    Linear's token, a Conv2d's sample: its scale group; the weight-only conv, float math, as the float
+    layer) comes out non-finite, covering every output the float layer makes non-finite, and the other rows compute as they would with that row zeroed: equal
+    to a clean run where their scale is their own (per token, per sample, calibrated), while a per-tensor
+    scale is found from the finite rows only.
+    Bugs: fbgemm's dynamic Linear quantized a NaN to a valid integer (a finite, wrong row) and raised
+    "In ChooseQuantizationParams, min should be less than or equal to max" where the NaN was the input's
+    first element; the static kernels (fbgemm, oneDNN Linear and conv) clamped NaN/±inf into the
+    calibrated range (finite, wrong rows); one ±inf made every row of a per-tensor Linear non-finite."""
     module, layer, x = _layer_pair(kind, mode, bits)
+    row = 0 if at == "first" else 1
+    where = (row, 0, 0, 0) if at == "first" else (row, 2, 3, 3)
     bad = x.clone()
-    bad[(1, 2, 3, 3) if kind == "conv2d" else (1, 2)] = value
+    bad[where if kind == "conv2d" else where[:2]] = value
+    zeroed = bad.clone()
+    zeroed[row] = 0
     with torch.no_grad():
-        y, clean, ref = layer(bad), layer(x), module(bad)
+        y, clean, without, ref = layer(bad), layer(x), layer(zeroed), module(bad)
+    name = layer.kernel_name
     assert y.shape == ref.shape
-    assert bool((~y.isfinite())[~ref.isfinite()].all()), f"{layer.kernel_name}: a non-finite input came out finite"
-    own_scale = mode in ("dynamic-token", "static", "none") or kind == "conv2d"
-    if own_scale:
-        others = [0, 2, 3] if kind == "linear" else [0, 2]
-        assert torch.equal(y[others], clean[others]), f"{layer.kernel_name}: rows without a non-finite input changed"
+    if kind == "linear" or mode != "none":   # (the weight-only conv is float math: the float layer's receptive field)
+        assert bool((~y[row].isfinite()).all()), f"{name}: the row with a non-finite input came out (partly) finite"
+    assert bool((~y.isfinite())[~ref.isfinite()].all()), f"{name}: a non-finite float output came out finite"
+    others = [i for i in range(x.shape[0]) if i != row]
+    assert torch.equal(y[others], without[others]), f"{name}: rows without a non-finite input changed"
+    if mode != "dynamic" or kind == "conv2d":
+        assert torch.equal(y[others], clean[others]), f"{name}: rows with their own scale changed"
 
 
 @pytest.mark.parametrize("mode", ["dynamic", "static"])
 def test_a_non_finite_input_on_the_onednn_linear(mode):
     """The same rule on the oneDNN Linear kernel (the one a layer with a fused GELU, or a CPU without fbgemm's
-    full-range static op, runs). Bug: its static path clamped a NaN into the calibrated range (finite row)."""
+    full-range static op, runs). Bugs: its static path clamped a NaN into the calibrated range (a finite
+    row); its per-tensor dynamic scale turned every row NaN."""
     module, layer, x = _layer_pair("linear", mode)
     layer.prefer = "cpu-onednn-int8"
     layer.prepare("cpu")
     assert layer.kernel_name.startswith("cpu-onednn-int8:")
     bad = x.clone()
     bad[1, 2] = float("nan")
+    zeroed = bad.clone()
+    zeroed[1] = 0
     with torch.no_grad():
-        y, clean = layer(bad), layer(x)
+        y, without = layer(bad), layer(zeroed)
     assert bool(y[1].isnan().all())
-    if mode == "static":
-        assert torch.equal(y[[0, 2, 3]], clean[[0, 2, 3]])
+    assert torch.equal(y[[0, 2, 3]], without[[0, 2, 3]])
 
 
 # -- Weight magnitudes ----------------------------------------------------------------------------------

@@ -40,16 +40,26 @@ def sample_scales(x: torch.Tensor, qmax: int) -> torch.Tensor:
     return x.abs().amax(dim=(1, 2, 3), keepdim=True).clamp_min_(1e-12).div_(qmax)
 
 
-def nan_rows_of_nonfinite(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """`y` with NaN in every row (first dim: token of a Linear, sample of a Conv2d) whose input row in `x`
-    holds a NaN or ±inf. For kernels whose quantization hides them: fbgemm turns a NaN into a valid
-    integer, and a calibrated (static) scale clamps ±inf, so the row would come out finite and wrong.
-    The fast test is one sum over x (any NaN/inf makes it non-finite; a finite sum that overflows only
-    costs the exact per-row test)."""
-    if x.numel() == 0 or math.isfinite(float(x.detach().sum())):
-        return y
-    bad = ~torch.isfinite(x.detach().reshape(x.shape[0], -1)).all(dim=1)
-    if bool(bad.any()):
+def split_nonfinite_rows(x: torch.Tensor, known: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(x with every row holding a NaN or ±inf zeroed, the mask of those rows), or (x, None) where every
+    value is finite; a row is a Linear's token or a Conv2d's sample (the first dim). For the kernels
+    whose quantization would hide a non-finite value or trip on it: fbgemm quantizes a NaN to a valid
+    integer (and raises "min should be less than or equal to max" where a NaN is the first element), a
+    calibrated (static) scale clamps ±inf, and one per-tensor scale would let one bad token spoil every
+    row. The kernel computes the zeroed input and `mark_rows` sets those rows to NaN. The fast test is
+    one sum over x, skipped where the caller `known` x is not finite (any NaN/inf makes the sum
+    non-finite; a finite sum that overflows only costs the exact per-row test). Never writes into x."""
+    if x.numel() == 0 or (not known and math.isfinite(float((x.detach() if x.requires_grad else x).sum()))):
+        return x, None   # (detach: float() of a grad tensor warns)
+    bad = ~torch.isfinite(x.reshape(x.shape[0], -1)).all(dim=1)
+    if not bool(bad.any()):
+        return x, None
+    return x.masked_fill(bad.reshape(-1, *([1] * (x.dim() - 1))), 0.0), bad
+
+
+def mark_rows(y: torch.Tensor, bad: torch.Tensor | None) -> torch.Tensor:
+    """NaN in the rows of `y` whose input held a NaN or ±inf (split_nonfinite_rows)."""
+    if bad is not None:
         y[bad] = float("nan")
     return y
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
 import warnings
 
@@ -44,10 +45,11 @@ from diffpro_cli.quant.kernel_common import (
     _explicit_padding,
     _pad,
     _stacked_weights,
-    nan_rows_of_nonfinite,
+    mark_rows,
     register,
     row_scales,
     sample_scales,
+    split_nonfinite_rows,
     tensor_scale,
 )
 
@@ -195,18 +197,20 @@ class CpuOnednnLinear:
             return y.reshape(*shape[:-1], self.out_features).to(dtype)
         # one scale for the whole input: oneDNN applies it, the bias and the post-op, and writes `dtype`
         if layer.act_mode == "static":
+            x2, bad = split_nonfinite_rows(x2)
             scale = layer.static_scale(qmax)
             xq = quantize_u8(x2, scale, qmax, clamp=True)
         else:
-            scale = tensor_scale(x2, qmax)
+            scale, bad = tensor_scale(x2, qmax), None
+            if not math.isfinite(scale):   # a NaN/inf somewhere (the max found it at no extra cost)
+                x2, bad = split_nonfinite_rows(x2, known=True)
+                scale = tensor_scale(x2, qmax)
             xq = quantize_u8_fast(x2, scale, qmax)
         post, algorithm = ("gelu", POST_OP_ALGORITHMS[layer.post_op]) if self.fuses(layer) else ("none", "")
         out_dtype = dtype if dtype in (torch.bfloat16, torch.float32) else torch.float32
         y = torch.ops.onednn.qlinear_pointwise(xq, scale, zp, self.w, self.w_scale, self.w_zp, self.bias,
                                                1.0, 0, out_dtype, post, [], algorithm)
-        if layer.act_mode == "static":   # (a dynamic scale is NaN/inf already, and so is every output)
-            y = nan_rows_of_nonfinite(x2, y)
-        return y.reshape(*shape[:-1], self.out_features).to(dtype)
+        return mark_rows(y, bad).reshape(*shape[:-1], self.out_features).to(dtype)
 
     def act_scheme(self, layer) -> str:
         return {"dynamic-token": "token", "dynamic": "tensor"}.get(layer.act_mode, "static")
@@ -245,14 +249,13 @@ class CpuFbgemmLinear:
 
     def __call__(self, layer, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        x2 = x.reshape(-1, shape[-1]).float()
+        x2, bad = split_nonfinite_rows(x.reshape(-1, shape[-1]).float())
         if layer.act_mode == "static":
             scale = layer.static_scale(self.act_qmax)
             y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(x2, scale, ACT_ZERO_POINT[self.act_qmax], self.packed)
         else:
             y = torch.ops.quantized.linear_dynamic(x2, self.packed, self.reduce_range)
-        y = nan_rows_of_nonfinite(x2, y)   # fbgemm's range search skips a NaN and quantizes it to a valid integer
-        return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+        return mark_rows(y, bad).reshape(*shape[:-1], self.out_features).to(x.dtype)
 
     def act_scheme(self, layer) -> str:
         return "static" if layer.act_mode == "static" else "tensor-asym"
@@ -290,15 +293,15 @@ class CpuOnednnConv2d:
         x = _pad(layer, x.float(), self.extra_pad)
         qmax, zp = self.act_qmax, ACT_ZERO_POINT[self.act_qmax]
         static = layer.act_mode == "static"
+        # (a per-sample scale is NaN/inf already where its sample holds one, and so is that sample's output)
+        x, bad = split_nonfinite_rows(x) if static else (x, None)
         scale = layer.static_scale(qmax) if static else sample_scales(x, qmax)
         xq = quantize_u8(x, scale, qmax, clamp=static).contiguous(memory_format=torch.channels_last)
         y = torch.ops.onednn.qconv2d_pointwise(xq, 1.0, zp, self.w, self.w_scale, self.w_zp, None, self.stride, self.padding,
                                                self.dilation, self.groups, 1.0, 0, torch.float32, "none", [], "")
         scale = torch.as_tensor(scale, dtype=torch.float32)
         y = y.mul_(scale) if self.bias is None else torch.addcmul(self.bias, y, scale)
-        if static:   # (a per-sample scale is NaN/inf already where a sample holds one)
-            y = nan_rows_of_nonfinite(x, y)
-        return y.contiguous().to(dtype)
+        return mark_rows(y, bad).contiguous().to(dtype)
 
     def act_scheme(self, layer) -> str:
         return "static" if layer.act_mode == "static" else "sample"
