@@ -407,14 +407,12 @@ def _release(key: Path, state: list) -> None:
 
 
 def _well_formed(record) -> bool:
-    """Whether a stage's lock record has the shape `check` reads: a hand-edited or other-version record
-    crashed it with a traceback; such a stage recomputes instead (the record is provenance, not an artifact)."""
+    """Whether a stage's lock record has the shape `check` reads (a hand-edited one crashed it)."""
     def digests(recs, *keys):
         return isinstance(recs, dict) and all(isinstance(r, dict) and all(isinstance(r.get(k), str) for k in keys)
                                               for r in recs.values())
-
-    return (isinstance(record, dict) and digests(record.get("inputs", {}), "sha256")
-            and digests(record.get("outputs", {}), "path", "sha256"))
+    return isinstance(record, dict) and digests(record.get("inputs", {}), "sha256") and \
+        digests(record.get("outputs", {}), "path", "sha256")
 
 
 class Lock:
@@ -439,9 +437,22 @@ class Lock:
             yield fd
 
     def read(self) -> dict:
+        """The records. An unreadable lock file is refused, naming the fix that works from any stage."""
         if not self.path.exists():
             return {"schema": LOCK_SCHEMA, "stages": {}}
-        return read_json(self.path, LOCK_SCHEMA)
+        fix = "delete it to start the workdir's records afresh (each stage then recomputes once)"
+        obj = read_json(self.path, fix=fix)
+        found = obj.get("schema") if isinstance(obj, dict) else None
+        if found == LOCK_SCHEMA and isinstance(obj.get("stages"), dict):
+            return obj
+        if found == LOCK_SCHEMA:
+            why = "its 'stages' is missing or not a JSON object;"
+        elif isinstance(found, str) and found.startswith("diffpro.lock/"):
+            why = (f"schema {found} cannot be read by diffpro {__version__} (reads {LOCK_SCHEMA}): another diffpro "
+                   "version wrote it; run that version on this workdir, or")
+        else:
+            why = f"not a diffpro lock file (no schema {LOCK_SCHEMA});"
+        raise InputError(f"{self.path}: {why} {fix}")
 
     def entry(self, stage: str) -> dict | None:
         return self.read()["stages"].get(stage)

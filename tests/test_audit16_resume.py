@@ -208,3 +208,23 @@ def test_a_stage_command_removes_the_temp_files_a_killed_earlier_command_left(wo
     assert code == 0, err
     assert not any(p.exists() for p in stale)
     assert f"removed {stale[0]}: left by an interrupted earlier run" in err
+
+
+@pytest.mark.parametrize("content", ["", '{"schema": "diffpro.lock/1", "stages": {', '[]',
+                                     '{"schema": "diffpro.lock/2", "stages": {}}', '{"schema": "diffpro.lock/1"}'])
+def test_a_truncated_invalid_or_future_lock_file_names_a_fix_that_works(work, cli, content):
+    """A lock file of a future schema said 're-run the stage with this version': every stage refused the
+    same way, so that fix led nowhere; a truncated one said 're-run the stage that writes it', which is
+    every stage and none. The line now says what deleting it costs (each stage recomputes once); the file
+    is left as it was."""
+    (work / LOCK_NAME).write_text(content)
+    code, _, err = cli("score", "-w", work, "-q")
+    errors = _error_lines(err)
+    assert code == 3 and len(errors) == 1 and "Traceback" not in err, err
+    assert "delete it" in errors[0] and "recomputes once" in errors[0] and "re-run the stage" not in errors[0], errors
+    if "lock/2" in content:
+        assert "another diffpro version" in errors[0]
+    assert (work / LOCK_NAME).read_text() == content
+    (work / LOCK_NAME).unlink()                  # the fix it names works
+    code, _, err = cli("score", "-w", work, "-q")
+    assert code == 0, err
