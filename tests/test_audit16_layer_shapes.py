@@ -367,3 +367,23 @@ def test_an_input_of_the_wrong_size_is_refused_naming_the_sizes(mode):
         # the right sizes still run after a refusal (the shape check is remembered per shape)
         assert linear(torch.randn(3, 16)).shape == (3, 8)
         assert conv(torch.randn(1, 4, 5, 5)).shape == (1, 8, 1, 1)
+
+
+def test_each_fused_member_reports_its_own_weight_width():
+    """Bug: the members of a fused q/k/v group all reported the first member's label, so a 4-bit to_k
+    fused with an 8-bit to_q showed "w8a8" in diffpro.json and the bench report. Also: a fused group
+    computes each member within 3% (W8) / 15% (W4) of its float layer, bf16 in, bf16 out."""
+    from diffpro_cli.quant.groups import SharedInputGroup
+
+    torch.manual_seed(0)
+    floats = [nn.Linear(32, 16), nn.Linear(32, 24, bias=False), nn.Linear(32, 16)]
+    members = [quantize_module(f, bits, group_size=group) for f, bits, group in zip(floats, (8, 4, 4), (None, 32, None))]
+    SharedInputGroup(members)
+    x = torch.randn(2, 5, 32).bfloat16()
+    with torch.no_grad():
+        ys = [m(x) for m in members]
+        refs = [f.bfloat16()(x) for f in floats]
+    assert [m.kernel_name.split(":")[1].split("-")[0] for m in members] == ["w8a8", "w4a8", "w4a8"]
+    assert all(m.kernel_name.endswith("+fused3") for m in members)
+    for y, ref, limit in zip(ys, refs, (0.03, 0.15, 0.15)):
+        assert y.dtype == torch.bfloat16 and _rel(y, ref) < limit

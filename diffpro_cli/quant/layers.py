@@ -254,8 +254,9 @@ class _QuantBase(nn.Module):
         """The kernel this layer runs (or would run on the CPU, if not prepared yet), for reports."""
         if self._compiled_lead is not None:
             return self._compiled_state["label"] + (f"+fused{len(self._compiled_state['sizes'])}" if self._group is not None else "")
-        if self._group is not None and self._group.kernel is not None:
-            return self._group.label
+        if self._group is not None and self._group.kernel is not None:   # this member's widths, not the lead's
+            kernel = self._group.kernel
+            return kernels.describe(type(kernel), self, kernel.act_qmax) + f"+fused{len(self._group.members)}"
         if self._kernel is not None:
             return self._kernel_label
         cls = kernels.select(self, torch.device("cpu"), self.prefer)
