@@ -23,6 +23,12 @@ Each kernel says which activation scheme it computes (`act_scheme`), so tests pi
 reference; rounding may differ from the reference only for values within float rounding of a half step
 (reference.rounding_ambiguity), which reference.kernel_tolerance accounts for.
 
+Non-finite inputs: a token (Linear) or sample (Conv2d) holding a NaN or ±inf comes out NaN (the
+weight-only path: as the float layer computes it), never finite; the other tokens and samples compute
+as they would without it (a per-tensor scale is found from the finite rows). Kernels whose scale cannot
+see a non-finite value (fbgemm, the static ones) zero those rows first and mark them after
+(kernel_common.split_nonfinite_rows / mark_rows): one sum over the input per call.
+
 CUDA kernels (`torch._int_mm`, tinygemm int4 weight-only, FP8 `_scaled_mm`) live in kernels_cuda.py,
 the shared pieces (registry dict, scales, stacked weights, conv padding) in kernel_common.py.
 """
