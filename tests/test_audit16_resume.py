@@ -228,3 +228,15 @@ def test_a_truncated_invalid_or_future_lock_file_names_a_fix_that_works(work, cl
     (work / LOCK_NAME).unlink()                  # the fix it names works
     code, _, err = cli("score", "-w", work, "-q")
     assert code == 0, err
+
+
+def test_quantize_is_up_to_date_whether_the_workdir_is_spelled_relative_or_absolute(work, cli, monkeypatch):
+    """quantize recorded its output directory as typed (`-w w` → 'w/quantized'), so the same workdir given
+    as an absolute path (or by `run` from another directory) was 'config changed: out' and re-quantized."""
+    monkeypatch.chdir(work.parent)
+    args = ("quantize", TINY, "--bits", "8", "--calib-samples", "1", "--json", "-q")
+    code, out, err = cli(*args, "-w", work.name)
+    assert code == 0 and json.loads(out)["status"] == "computed", err
+    code, out, err = cli(*args, "-w", work.resolve())
+    assert code == 0, err
+    assert json.loads(out)["status"] == "up to date", json.loads(out)

@@ -4,6 +4,7 @@ integer checkpoint (checkpoint.py) through the resumable stage skeleton."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from os.path import relpath as _relpath
 from pathlib import Path
 
 import torch
@@ -378,7 +379,7 @@ def run_quantize(ctx, cfg: QuantizeConfig, *, plan_path: Path | None = None, tim
     elif plan.get("timesteps"):
         timesteps = [int(t) for t in plan["timesteps"]]
     timesteps = cache_timesteps(plan, timesteps, model, ctx.ui)
-    config = asdict(cfg) | {"out": str(out_dir)}
+    config = asdict(cfg) | {"out": _relpath(out_dir.resolve(), ctx.workdir.resolve())}   # one spelling of one place
     provenance = {"plan_sha256": sha256_json(plan), "timesteps_sha256": None if timesteps is None else sha256_json(timesteps),
                   "inputs": {k: v["sha256"] for k, v in inputs.items()}}
     return ctx.run_stage("quantize", inputs, config,
