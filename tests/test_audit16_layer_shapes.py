@@ -29,6 +29,14 @@ def _rel(y: torch.Tensor, ref: torch.Tensor) -> float:
     return float((y.double() - ref.double()).norm() / ref.double().norm())
 
 
+def _limit(layer) -> float:
+    """Relative error allowed against the float layer on Gaussian data: 3% for W8A8, twice that for W8A7
+    (the 7-bit activation grid of a CPU without VNNI: kernels.cpu_act_qmax), 15% for W4 and below."""
+    if layer.weight_bits < 8:
+        return 0.15
+    return 0.06 if layer.act_qmax == 63 else 0.03
+
+
 def _kernel_weight(layer) -> torch.Tensor:
     """The weight the integer kernel multiplies: group-wise scales folded onto one int8 grid per channel."""
     q8, s8 = fold_to_channel_grid(layer.int_weight(), layer.weight_scale)
@@ -67,7 +75,7 @@ def test_string_padding_with_a_non_zero_padding_mode(padding, padding_mode, mode
     with torch.no_grad():
         y, ref = layer(x), conv(x)
     assert y.shape == ref.shape
-    assert _rel(y, ref) < 0.03
+    assert _rel(y, ref) < _limit(layer)
     assert _conv_excess(conv, layer, x) <= 0
 
 
@@ -87,7 +95,7 @@ def test_unbatched_conv_input(mode):
         y, batched, ref = layer(x), layer(x.unsqueeze(0)), conv(x)
     assert y.shape == ref.shape == (16, 9, 9)
     assert torch.equal(y, batched[0])
-    assert _rel(y, ref) < 0.03
+    assert _rel(y, ref) < _limit(layer)
 
 
 # -- Non-finite inputs ----------------------------------------------------------------------------------
@@ -178,11 +186,11 @@ def test_small_and_large_weights_keep_their_precision(kind, mode, magnitude):
     with torch.no_grad():
         module.weight.mul_(magnitude)
         module.bias.mul_(magnitude)
-    for bits, limit in ((8, 0.03), (4, 0.15)):
+    for bits in (8, 4):
         layer = _quantize(module, bits, mode)
         with torch.no_grad():
             err = _rel(layer(x), module(x))
-        assert err < limit, f"{layer.kernel_name}: {err:.3f} off the float layer with weights of {magnitude:g}"
+        assert err < _limit(layer), f"{layer.kernel_name}: {err:.3f} off the float layer with weights of {magnitude:g}"
 
 
 def test_float32_scales_survive_a_state_dict_round_trip():
@@ -205,7 +213,7 @@ def test_float32_scales_survive_a_state_dict_round_trip():
     again.load_state_dict(state)
     with torch.no_grad():
         assert torch.equal(again(x), layer(x))
-        assert _rel(layer(x)[:, :4], module(x)[:, :4]) < 0.03
+        assert _rel(layer(x)[:, :4], module(x)[:, :4]) < _limit(layer)
 
 
 # -- The shape sweep: every geometry against the float layer and the reference --------------------------
@@ -255,7 +263,7 @@ def test_conv_geometries_match_the_float_layer_and_the_reference(name):
                 y, ref = layer(xl), conv(xl)
             where = f"{name} w{bits} g{group} {mode} {layout} [{layer.kernel_name}]"
             assert y.shape == ref.shape, where
-            assert _rel(y, ref) < (0.03 if bits == 8 else 0.15), where
+            assert _rel(y, ref) < _limit(layer), where
             assert _conv_excess(conv, layer, xl) <= 0, where
 
 
@@ -337,7 +345,7 @@ def test_linear_shapes_match_the_float_layer_and_the_reference(name):
         where = f"{name} w{bits} g{group} {mode} [{layer.kernel_name}]"
         assert y.shape == ref.shape and y.dtype == ref.dtype, where
         if ref.numel() and bool(ref.ne(0).any()):
-            assert _rel(y, ref) < (0.03 if bits == 8 else 0.15), where
+            assert _rel(y, ref) < _limit(layer), where
         assert _linear_excess(layer, x) <= 0, where
         if name == "zero-input":
             assert torch.equal(y, linear.bias.expand_as(y)), where
@@ -383,7 +391,7 @@ def test_each_fused_member_reports_its_own_weight_width():
     with torch.no_grad():
         ys = [m(x) for m in members]
         refs = [f.bfloat16()(x) for f in floats]
-    assert [m.kernel_name.split(":")[1].split("-")[0] for m in members] == ["w8a8", "w4a8", "w4a8"]
+    assert [m.kernel_name.split(":")[1].split("a")[0] for m in members] == ["w8", "w4", "w4"]
     assert all(m.kernel_name.endswith("+fused3") for m in members)
-    for y, ref, limit in zip(ys, refs, (0.03, 0.15, 0.15)):
-        assert y.dtype == torch.bfloat16 and _rel(y, ref) < limit
+    for y, ref, member in zip(ys, refs, members):
+        assert y.dtype == torch.bfloat16 and _rel(y, ref) < _limit(member)
