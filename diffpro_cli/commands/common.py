@@ -98,14 +98,14 @@ def interruptible():
         raise KeyboardInterrupt
 
     main = threading.current_thread() is threading.main_thread()   # handlers can only be set there
-    previous = signal.signal(signal.SIGTERM, on_term) if main else None
+    previous = signal.signal(signal.SIGTERM, on_term) if main else None   # None too: a handler set from C
     try:
         yield
     except KeyboardInterrupt:
         what = "SIGTERM" if got else "Ctrl-C"
         raise Interrupted(f"interrupted ({what}); finished artifacts are kept, re-run to resume") from None
     finally:
-        if main:
+        if previous is not None:
             signal.signal(signal.SIGTERM, previous)
 
 
