@@ -331,8 +331,7 @@ class _QuantBase(nn.Module):
         return {}
 
     def _check_input(self, x: torch.Tensor) -> None:
-        """Raise, naming the sizes, for an input the float layer would refuse too (the integer kernels
-        otherwise fail inside oneDNN/fbgemm: "could not create a primitive descriptor")."""
+        """Raise, naming the sizes, for an input the float layer refuses too (the kernels would fail inside oneDNN/fbgemm)."""
 
 
 @torch.compiler.disable
@@ -398,12 +397,9 @@ class QuantConv2d(_QuantBase):
         name = f"QuantConv2d({self.in_channels} → {self.out_channels})"
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise RuntimeError(f"{name} takes [B, {self.in_channels}, H, W] or [{self.in_channels}, H, W] inputs; got one of shape {tuple(x.shape)}")
-        if isinstance(self.padding, str) and self.padding == "same":
-            return
-        pad = (0, 0) if isinstance(self.padding, str) else self.padding
-        size = [x.shape[2 + i] + 2 * pad[i] for i in (0, 1)]
-        reach = [self.dilation[i] * (self.kernel_size[i] - 1) + 1 for i in (0, 1)]
-        if size[0] < reach[0] or size[1] < reach[1]:
+        pad = (0, 0) if isinstance(self.padding, str) else self.padding   # ("same" fits any size)
+        size, reach = [x.shape[2 + i] + 2 * pad[i] for i in (0, 1)], [self.dilation[i] * (self.kernel_size[i] - 1) + 1 for i in (0, 1)]
+        if self.padding != "same" and (size[0] < reach[0] or size[1] < reach[1]):
             raise RuntimeError(f"{name}: the padded input ({size[0]}x{size[1]}) is smaller than the kernel's reach "
                                f"({reach[0]}x{reach[1]}); got an input of shape {tuple(x.shape)}")
 
