@@ -15,7 +15,8 @@ State-dict layouts read (module names as in `net.named_modules()`; a leading `tr
                      the safetensors header (`lora_adapter_metadata`, the denoiser's entries), else from
                      an adapter_config.json next to the file; else alpha = r)
   kohya              <module>.lora_down.weight, <module>.lora_up.weight, <module>.alpha
-                     (also kohya's flattened names, lora_unet_<module with dots as _>)
+                     (also kohya's flattened names, lora_unet_<module with dots as _>, and its LDM/SGM
+                     U-Net and FLUX names, lora_unet_input_blocks_4_1_..., via lora_names.py)
   older diffusers    <module>.lora.down.weight / lora.up.weight (also lora_linear_layer.down/up), and
                      attention-processor files: <attn>.processor.to_q_lora.down.weight (to_out_lora: to_out.0)
 from a dict of tensors, a .safetensors file, a directory holding one (adapter_model.safetensors,
@@ -36,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffpro_cli.errors import InputError, UsageError
+from diffpro_cli.lora_names import kohya_to_modules
 
 __all__ = ["LoRAAdapter", "load_lora", "unload_lora"]
 
@@ -349,8 +351,8 @@ def _parse(tensors: dict, config: dict, modules: dict[str, nn.Module], label: st
     text = [k for k in unknown if k.startswith(_TEXT_ENCODER_PREFIXES)]
     if text:    # an SD-style LoRA adapting the text encoder too: the advice is to drop that part, not the file
         raise InputError(f"{label}: {len(text)} of its layers adapt a text encoder ({text[0]}, ...), which load_lora "
-                         f"does not adapt (it adapts the denoiser network only); pass the rest as a state dict, without "
-                         f"the keys starting with text_encoder/lora_te"
+                         f"does not adapt (it adapts the denoiser network only); pass ignore_text_encoder=True to load "
+                         f"the rest"
                          + (f" ({len(unknown) - len(text)} other module(s) are not in this network either: "
                             f"{next(k for k in unknown if k not in text)})" if len(unknown) > len(text) else ""))
     if unknown:
@@ -384,18 +386,27 @@ def _net_of(model_or_net, verb: str) -> nn.Module:
     return net
 
 
-def load_lora(model_or_net, lora, scale: float = 1.0, adapter_name: str = "default") -> list[str]:
+def load_lora(model_or_net, lora, scale: float = 1.0, adapter_name: str = "default",
+              ignore_text_encoder: bool = False) -> list[str]:
     """Attach a float LoRA adapter to the layers `lora` names (a state dict, a .safetensors file or a
     PEFT/diffusers LoRA directory), on a `DiffusionModel` (its `.net`) or any module. Each adapted layer
     computes base(x) + scale·(alpha/r)·B(A(x)); the base layer keeps its integer weights and kernel.
     Several adapters (distinct `adapter_name`s) add up. Returns the adapted layers' names. Nothing is
-    attached when any entry fails to validate."""
+    attached when any entry fails to validate. A file's text-encoder layers are refused, or left out
+    with `ignore_text_encoder=True`."""
     net = _net_of(model_or_net, "load")
     if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
         raise UsageError(f"adapter_name {adapter_name!r}: use a non-empty name without dots")
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
         raise UsageError(f"scale {scale!r}: use a finite number (the adapter's weight, e.g. 0.8)")
+    if not isinstance(ignore_text_encoder, bool):
+        raise UsageError(f"ignore_text_encoder {ignore_text_encoder!r}: use True or False")
     tensors, config, label = _read_source(lora)
+    if ignore_text_encoder:
+        tensors = {k: v for k, v in tensors.items() if not k.startswith(_TEXT_ENCODER_PREFIXES)}
+        if not tensors:
+            raise InputError(f"{label}: adapts only a text encoder; load_lora adapts the denoiser network only")
+    tensors = kohya_to_modules(tensors, net, label)
     modules = dict(net.named_modules())
     entries = _parse(tensors, config, modules, label)
     rslora = bool(config.get("use_rslora", False))
