@@ -199,6 +199,46 @@ def test_ldm_and_diffusers_flattened_names_in_one_file_both_load(sd15):
     assert "\n" not in err.value.message and _no_adapters(sd15)
 
 
+_RESNET_LDM = {"conv1": "in_layers_2", "conv2": "out_layers_3", "time_emb_proj": "emb_layers_1", "conv_shortcut": "skip_connection"}
+_TOP_LDM = {"conv_in": "input_blocks_0_0", "conv_out": "out_2", "time_embedding.linear_1": "time_embed_0",
+            "time_embedding.linear_2": "time_embed_2", "add_embedding.linear_1": "label_emb_0_0",
+            "add_embedding.linear_2": "label_emb_0_2"}
+
+
+def ldm_name(module: str, net, per_block: int = 2) -> str:
+    """The kohya LDM name (after lora_unet_) of a diffusers U-Net module: the module docstring's correspondence."""
+    if module in _TOP_LDM:
+        return _TOP_LDM[module]
+    p = module.split(".")
+    if p[0] == "mid_block":
+        index = {("resnets", "0"): 0, ("attentions", "0"): 1, ("resnets", "1"): 2}[(p[1], p[2])]
+        return f"middle_block_{index}_" + (_RESNET_LDM[p[3]] if p[1] == "resnets" else "_".join(p[3:]))
+    b, kind = int(p[1]), p[2]
+    if kind == "downsamplers":
+        return f"input_blocks_{b * (per_block + 1) + per_block + 1}_0_op"
+    if kind == "upsamplers":
+        return f"output_blocks_{b * (per_block + 1) + per_block}_{2 if hasattr(net.up_blocks[b], 'attentions') else 1}_conv"
+    i = b * (per_block + 1) + int(p[3]) + (1 if p[0] == "down_blocks" else 0)
+    inner = f"0_{_RESNET_LDM[p[4]]}" if kind == "resnets" else "1_" + "_".join(p[4:])
+    return f"{'input' if p[0] == 'down_blocks' else 'output'}_blocks_{i}_{inner}"
+
+
+@pytest.mark.parametrize("xl", [False, True], ids=["sd15", "sdxl"])
+def test_every_layer_of_the_unet_loads_under_its_ldm_name(sd15, sdxl, xl):
+    """All Linear/Conv2d layers of the tiny U-Nets (121 / 183), each under its LDM name: catches any layer kind
+    the tables above leave out (attn2 k/v/out, ff.net.2, proj_out, time_embed_2, label_emb_0_2,
+    every resnet part in every block) mapped to another layer or refused."""
+    net = sdxl if xl else sd15
+    layers = [n for n, m in net.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d, QuantLinear, QuantConv2d))]
+    sd, lora = _kohya_file(net, {ldm_name(n, net): n for n in layers}, seed=7)
+    try:
+        assert sorted(diffpro.load_lora(net, sd)) == sorted(layers)
+        errors = _layer_errors(net, _run_unet, lora, 1.5 / 3)
+        assert max(errors.values()) <= 1e-5, max(errors.items(), key=lambda kv: kv[1])
+    finally:
+        diffpro.unload_lora(net)
+
+
 TE_KEYS = {"lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.zeros(3, 32, dtype=torch.float16),
            "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": torch.zeros(32, 3, dtype=torch.float16),
            "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.alpha": torch.tensor(3.0),
