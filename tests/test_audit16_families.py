@@ -74,3 +74,46 @@ def test_from_pretrained_of_a_bf16_planned_export_computes_as_diffpro_load(tmp_p
         c = theirs(x, timestep=torch.tensor([900, 30]), class_labels=torch.tensor([1, 2])).sample
     assert torch.equal(a, b)
     assert not torch.equal(a, c)     # bf16 really changes the output, so the equality above means something
+
+
+# --- conditioning files: a wrong shape is one error line, exit 3, nothing written -----------------------
+
+
+def _error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), err
+    return lines[0]
+
+
+def _sample_with(cli, model, tmp_path, name, tensors):
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp_path / f"{name}.safetensors"))
+    out = tmp_path / name / "s.png"
+    code, _, err = cli("sample", model, "--conditioning", tmp_path / f"{name}.safetensors", "--n", 2, "--steps", 1, "--batch", 2,
+                       "--out", out, "--quiet")
+    return code, err, out
+
+
+def test_sdxl_added_condition_widths_are_checked_against_the_unet(tmp_path, cli):
+    """Catches: an SDXL conditioning file whose pooled text_embeds width or time-id count does not fit the
+    U-Net's add_embedding (projection_class_embeddings_input_dim = pooled + 6 × addition_time_embed_dim) got
+    through the shape check (both fields were [None]) and stopped in the U-Net with a 'mat1 and mat2 shapes
+    cannot be multiplied' traceback, exit 1; the right widths still sample."""
+    from diffusers import EulerDiscreteScheduler
+    from test_prompts import sd_unet
+    from test_text_loaders import _pipeline
+
+    unet = sd_unet(cross=16, addition_embed_type="text_time", addition_time_embed_dim=4, projection_class_embeddings_input_dim=4 + 6 * 4)
+    xl = _pipeline(tmp_path / "xl", "unet", unet, EulerDiscreteScheduler(), cls="StableDiffusionXLPipeline")
+    g = torch.Generator().manual_seed(0)
+    pe, ids = torch.randn(2, 5, 16, generator=g), torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2)
+    code, err, out = _sample_with(cli, xl, tmp_path, "ok", {"prompt_embeds": pe, "added_cond_kwargs.text_embeds": torch.randn(2, 4, generator=g),
+                                                           "added_cond_kwargs.time_ids": ids})
+    assert code == 0 and out.is_file(), err
+    for name, pooled, time_ids, words in (("wide", torch.randn(2, 5, generator=g), ids, "text_embeds has trailing shape [5]"),
+                                          ("ids5", torch.randn(2, 4, generator=g), ids[:, :5], "six time ids")):
+        code, err, out = _sample_with(cli, xl, tmp_path, name, {"prompt_embeds": pe, "added_cond_kwargs.text_embeds": pooled,
+                                                                "added_cond_kwargs.time_ids": time_ids})
+        assert code == 3 and words in _error_line(err), (name, err)
+        assert not out.parent.exists(), name

@@ -243,8 +243,10 @@ def check_fits(cond: Conditioning, expected: dict | None, source: str | Path = "
             continue
         shape = list(have[name].shape[1:])
         if len(shape) != len(dims) or any(d is not None and d != s for d, s in zip(dims, shape)):
-            raise InputError(f"{source}: {name} has trailing shape {shape} but the model expects {dims}; "
-                             "encode the prompts with the text encoder this model was trained with")
+            fix = ("give SDXL's six time ids per prompt (original height, width, crop top, crop left, target height, width; "
+                   "the refiner's aesthetic-score ids are not supported)" if name.endswith(".time_ids")
+                   else "encode the prompts with the text encoder this model was trained with")
+            raise InputError(f"{source}: {name} has trailing shape {shape} but the model expects {dims}; {fix}")
 
 
 def conditioning_to_tensors(cond: Conditioning) -> dict[str, torch.Tensor]:

@@ -127,7 +127,11 @@ def family_settings(class_name: str, cfg: dict, raw_config: dict, model_dir: Pat
     channels = int(cfg["in_channels"])
     out = {"kind": kind, "fields": fields_of(cfg), "patches": {}}
     if class_name == "UNet2DConditionModel" and cfg.get("addition_embed_type") == "text_time":   # SDXL
-        out["fields"] |= {"added_cond_kwargs.text_embeds": [None], "added_cond_kwargs.time_ids": [None]}
+        # add_embedding reads text_embeds ‖ the six time ids' sinusoidal embeddings: its input width fixes
+        # the pooled width (without it a wrong width was a matmul traceback inside the U-Net)
+        total, per_id = cfg.get("projection_class_embeddings_input_dim"), cfg.get("addition_time_embed_dim")
+        width = int(total) - 6 * int(per_id) if total and per_id else None
+        out["fields"] |= {"added_cond_kwargs.text_embeds": [width], "added_cond_kwargs.time_ids": [6]}
     seq_len, scale, max_shift = None, 1.0, 1.15
     if class_name == "SD3Transformer2DModel":   # StableDiffusion3Pipeline's mu: patches of the latent, max_shift 1.16
         p = int(cfg.get("patch_size", 2))
