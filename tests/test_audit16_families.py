@@ -117,3 +117,29 @@ def test_sdxl_added_condition_widths_are_checked_against_the_unet(tmp_path, cli)
                                                                 "added_cond_kwargs.time_ids": time_ids})
         assert code == 3 and words in _error_line(err), (name, err)
         assert not out.parent.exists(), name
+
+
+def test_attention_masks_and_guidance_of_another_shape_are_one_error_line(tmp_path, cli):
+    """Catches: a prompt_attention_mask whose length is not the embeddings' (PixArt, SANA) reached the
+    attention as a 'size of tensor a (5) must match ... b (9)' traceback, and a FLUX guidance of shape [M, 1]
+    as 'Timesteps should be a 1d-array' (exit 1 both); the loader now names the shapes (exit 3)."""
+    from diffusers import DDIMScheduler
+    from test_pipeline_parity import _flux_scheduler, _tiny_pixart
+    from test_text_loaders import _embeds, _pipeline, _tiny_flux, flux_pipeline
+
+    pixart = _pipeline(tmp_path / "pixart", "transformer", _tiny_pixart(), DDIMScheduler(), cls="PixArtSigmaPipeline")
+    emb = _embeds(2, 5, 12)
+    for name, mask in (("short", torch.ones(2, 4, dtype=torch.long)), ("3d", torch.ones(2, 5, 1, dtype=torch.long))):
+        code, err, out = _sample_with(cli, pixart, tmp_path, name, emb | {"prompt_attention_mask": mask})
+        assert code == 3 and "encoder_attention_mask has shape" in _error_line(err), (name, err)
+        assert not out.parent.exists()
+    code, err, out = _sample_with(cli, pixart, tmp_path, "negshort", emb | {
+        "prompt_attention_mask": torch.ones(2, 5, dtype=torch.long), "negative_prompt_embeds": torch.zeros(1, 5, 12),
+        "negative_prompt_attention_mask": torch.ones(1, 4, dtype=torch.long)})
+    assert code == 3 and "negative_encoder_attention_mask" in _error_line(err), err
+    flux = flux_pipeline(tmp_path / "flux", _tiny_flux(), _flux_scheduler())
+    emb = _embeds(2, 5, 12, pooled=10)
+    code, err, out = _sample_with(cli, flux, tmp_path, "g2d", emb | {"guidance": torch.full((2, 1), 3.5)})
+    assert code == 3 and "guidance has shape (2, 1)" in _error_line(err), err
+    code, err, out = _sample_with(cli, flux, tmp_path, "g1d", emb | {"guidance": torch.full((2,), 3.5)})
+    assert code == 0 and out.is_file(), err

@@ -198,6 +198,7 @@ def conditioning_from_tensors(tensors: dict[str, torch.Tensor], source: str | Pa
         added = {k.split(".", 1)[1]: v for k, v in d.items() if k.startswith("added_cond_kwargs.")}
         return Conditioning(**{k: v for k, v in d.items() if k in TENSOR_FIELDS}, added_cond_kwargs=added)
 
+    _check_companions(main, source)
     cond = build(main)
     if neg:
         missing = sorted(set(main) - set(neg) - {"guidance", "class_labels"})
@@ -211,11 +212,25 @@ def conditioning_from_tensors(tensors: dict[str, torch.Tensor], source: str | Pa
             if main.get(k) is not None and tuple(neg[k].shape[1:]) != tuple(main[k].shape[1:]):
                 raise InputError(f"{source}: negative_{k} has shape {tuple(v.shape)} but {k} {tuple(main[k].shape)}; "
                                  "encode both with the same text encoder settings")
+        _check_companions(neg, source, "negative_")
         for k in ("guidance",):   # shared by both halves of a CFG batch
             if k in main and k not in neg:
                 neg[k] = main[k]
         cond.uncond = build(neg)
     return cond
+
+
+def _check_companions(d: dict[str, torch.Tensor], source, prefix: str = "") -> None:
+    """The mask is [M, L] of its own embeddings and guidance one value per prompt [M]: the networks take
+    them as they come, so a mask of another length was a size-mismatch traceback inside the attention and a
+    [M, 1] guidance FLUX's 'Timesteps should be a 1d-array' assertion."""
+    mask, states = d.get("encoder_attention_mask"), d.get("encoder_hidden_states")
+    if mask is not None and states is not None and (mask.ndim != 2 or tuple(mask.shape) != tuple(states.shape[:2])):
+        raise InputError(f"{source}: {prefix}encoder_attention_mask has shape {tuple(mask.shape)} but {prefix}encoder_hidden_states "
+                         f"{tuple(states.shape)}; give one mask entry per token ([M, L]), as the pipeline's encode_prompt returns them")
+    guidance = d.get("guidance")
+    if guidance is not None and guidance.ndim != 1:
+        raise InputError(f"{source}: {prefix}guidance has shape {tuple(guidance.shape)}; give one guidance value per prompt ([M])")
 
 
 def load_conditioning(path: str | Path) -> Conditioning:
