@@ -240,3 +240,17 @@ def test_quantize_is_up_to_date_whether_the_workdir_is_spelled_relative_or_absol
     code, out, err = cli(*args, "-w", work.resolve())
     assert code == 0, err
     assert json.loads(out)["status"] == "up to date", json.loads(out)
+
+
+def test_prune_is_up_to_date_whichever_way_the_model_path_is_spelled(tiny_dit, tmp_path, cli, monkeypatch):
+    """prune put the model spec as typed into its lock config, so `prune dit` then `prune /abs/dit` (or a
+    run config spelling it './dit') re-ran the teacher on the same weights: 'config changed: model'. The
+    model's identity is its input record (the directory's sha256), as for profile."""
+    tiny_dit().save_pretrained(tmp_path / "dit")
+    monkeypatch.chdir(tmp_path)
+    args = ("prune", "--steps", "3", "--reference-steps", "6", "--n", "1", "-w", "w", "--json", "-q")
+    code, out, err = cli(args[0], "dit", *args[1:])
+    assert code == 0 and json.loads(out)["status"] == "computed", err
+    code, out, err = cli(args[0], tmp_path / "dit", *args[1:])
+    assert code == 0, err
+    assert json.loads(out)["status"] == "up to date", json.loads(out)

@@ -478,7 +478,8 @@ def run_prune(ctx, cfg: PruneConfig, *, figure: bool = True):
         atomic_write_json(out, payload)
         return payload
 
-    # --batch only groups the seeded samples (each has its own generator): changing it is not a new result
-    config = {"model": model.spec, **{k: v for k, v in cfg.as_dict().items() if k != "batch"}, "figure": figure}
+    # --batch only groups the seeded samples (each has its own generator): changing it is not a new result;
+    # the model is its input record (its sha256), not the spec as typed (./dit and /abs/dit are one model)
+    config = {**{k: v for k, v in cfg.as_dict().items() if k != "batch"}, "figure": figure}
     return ctx.run_stage("prune", {"model": ctx.model_record(model)}, config, outputs, compute, seed=cfg.seed,
                          reread=lambda: read_json(out, SCHEMA))
