@@ -127,6 +127,15 @@ def shard_failure(rank: int, part: tuple, world: int) -> Exception:
     return err
 
 
+def broadcast_from_main(value):
+    """Rank 0's `value` on every rank (the others pass anything); the value itself without torchrun."""
+    if rank_world()[1] == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def barrier() -> None:
     if rank_world()[1] > 1:
         dist.barrier()

@@ -36,6 +36,7 @@ from diffpro_cli.stages.bench_cache import (
 )
 from diffpro_cli.stages.bench_compile import compile_rows
 from diffpro_cli.stages.bench_float import FLOAT_ROWS
+from diffpro_cli.stages.bench_same_latency import TOKEN as SAME_LATENCY, add_same_latency_row, same_latency_steps
 from diffpro_cli.stages.comparisons import (
     derived_ratios,
     steps_note,
@@ -51,7 +52,8 @@ EVIDENCE_FIELDS = ("fid_ci95", "fid_vs_fp_ci95", "kid", "kid_std", "psnr_vs_fp32
 BUILTIN_REFERENCE_NOTE = ("built-in models were trained on MNIST's test images, which are also the FID/KID "
                           "reference (builtin:mnist): their FID measures memorisation as much as quality")
 # every row a default run may hold; FLOAT_ROWS (bf16) only where the device runs bf16 natively (default_rows)
-ALL_ROWS = ("fp32", "bf16", "w8a8-uniform", "w4-uniform", "ddim", "bf16-ddim", "dpmsolver", "subset", "diffpro")
+ALL_ROWS = ("fp32", "bf16", "w8a8-uniform", "w4-uniform", "ddim", "bf16-ddim", "dpmsolver", "subset", "diffpro",
+            SAME_LATENCY)
 
 
 def default_rows(device: str = "cpu") -> list[str]:
@@ -101,6 +103,7 @@ class Row:
     cache: object | None = None          # a diffpro_cli.cache policy run around the sampler (cache rows)
     block_counts: list[int] = field(default_factory=lambda: [0, 0])   # block evaluations run, possible
     cache_log: list[dict] = field(default_factory=list)   # per network call: step, units computed (cache rows)
+    same_latency: bool = False           # the float step cut at diffpro's measured latency (bench_same_latency)
 
     def compute_fraction(self) -> float | None:
         """Share of block evaluations run, measured over every sampler call of this row (1.0 uncached)."""
@@ -230,6 +233,8 @@ def build_rows(ctx, cfg: BenchConfig, quantized: Path | None, timesteps: list[in
                             load_spec=str(quantized), cache=policy,
                             notes=[f"cache schedule of the plan: compute fraction {policy.compute_fraction():.3f}"]
                             if policy is not None else []))
+        elif name == SAME_LATENCY:   # its step count comes from the timing round (measure_bench)
+            continue
         elif name in FLOAT_ROWS:
             rows.extend(bench_float.bf16_row(name, fp, ref_ts, k, fp_id, bf16_shared, ctx.device))
         elif name == "diffpro-nocache":
@@ -363,11 +368,17 @@ def measure_bench(ctx, cfg: BenchConfig, quantized: Path | None = None, timestep
     if not rows:
         skipped = [n for n in notes if " row skipped: " in n]   # why each requested row could not be built
         raise UsageError("--rows selects nothing to measure: " + ("; ".join(skipped) if skipped else "name at least one row"))
-    from diffpro_cli.distributed import barrier, is_main, rank_world
+    from diffpro_cli.distributed import barrier, broadcast_from_main, is_main, rank_world
 
     fp_model = rows[0].model if rows[0].name == "fp32" else None
     fid_setup = fid_inputs(rows, cfg, ctx.device) if cfg.fid else None
     timing = measure_latency(rows, cfg, ui, ctx.device) if is_main() else {}   # other ranks would skew the timing
+    if SAME_LATENCY in cfg.rows:
+        k_same, why = broadcast_from_main(same_latency_steps(rows, timing) if is_main() else None)
+        if k_same is not None:
+            add_same_latency_row(rows, timing, k_same, Row)
+        elif is_main():
+            notes.append(why)
     if is_main() and cfg.memory:
         notes.append("peak_mem_bytes: " + measure_memory(rows, cfg, ctx)
                      + f", batch {cfg.latency_batch}; load_mem_bytes: the load alone")
@@ -418,6 +429,7 @@ def measure_bench(ctx, cfg: BenchConfig, quantized: Path | None = None, timestep
             **{k: f.get(k) for k in EVIDENCE_FIELDS},
             "kernels": kernel_counts(row.model),
             "notes": row.notes,
+            **({"same_latency_as": "diffpro"} if row.same_latency else {}),
         })
     report["derived"] = derived_ratios(report, fid_results.get("_replicates"))
     report["versus_step_cut"] = versus_step_cut(report, fid_results.get("_replicates"))

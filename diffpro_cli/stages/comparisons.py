@@ -72,7 +72,28 @@ def versus_step_cut(report: dict, replicates=None) -> list[dict]:
                     slower="SLOWER: quantized compute does not pay on this machine")
             + _versus(report, replicates, same_steps(("bf16-ddim-",)),
                       lambda r: f"same {r['steps']} steps, float weights computing in bf16",
-                      slower="SLOWER: plain bf16 at the same steps beats the plan on this machine"))
+                      slower="SLOWER: plain bf16 at the same steps beats the plan on this machine")
+            + [_quality_at_same_latency(v) for v in _versus(
+                report, replicates, lambda name, r: r.get("same_latency_as") == "diffpro",
+                lambda r: f"float DDIM on {r['steps']} steps, as fast as diffpro")])
+
+
+def _quality_at_same_latency(entry: dict) -> dict:
+    """The same-latency step cut's line ends with who has the samples closer to fp32's when a user spends
+    the same time either way (the paired interval decides where there is one)."""
+    d, ci = entry.get("delta_fid_vs_fp"), entry.get("delta_fid_vs_fp_ci95")
+    if d is None:
+        return entry
+    if d == 0 or (ci is not None and not (ci[0] > 0 or ci[1] < 0)):
+        verdict = "no significant difference in FID vs fp32"
+    elif d > 0:
+        verdict = ("FEWER FLOAT STEPS WIN: at this latency float DDIM is closer to fp32; plan steps and bits together "
+                   "(allocate --budget latency=F) or keep more steps")
+    else:
+        verdict = "diffpro is closer to fp32"
+    entry["same_latency_verdict"] = verdict
+    entry["line"] += f"; at the same latency: {verdict}"
+    return entry
 
 
 def strongest_float_baseline(report: dict) -> dict | None:
