@@ -254,3 +254,39 @@ def test_prune_is_up_to_date_whichever_way_the_model_path_is_spelled(tiny_dit, t
     code, out, err = cli(args[0], tmp_path / "dit", *args[1:])
     assert code == 0, err
     assert json.loads(out)["status"] == "up to date", json.loads(out)
+
+
+def _hold(workdir: str, held, release) -> None:
+    from diffpro_cli.artifacts import workdir_lock
+
+    with workdir_lock(workdir):
+        held.set()
+        release.wait(120)
+
+
+def test_torchrun_ranks_other_than_0_do_not_take_the_workdir_rank_0_holds(tmp_path, monkeypatch):
+    """Holding the workdir for a whole stage command made `torchrun --nproc-per-node 2 -m diffpro_cli bench`
+    fail on rank 1 ('workdir in use by pid <rank 0>', exit 2): the other ranks only compute, rank 0 writes."""
+    import multiprocessing as mp
+
+    from diffpro_cli.commands.common import holding_workdir, make_context
+    from diffpro_cli.errors import UsageError
+
+    spawn = mp.get_context("spawn")
+    held, release = spawn.Event(), spawn.Event()
+    holder = spawn.Process(target=_hold, args=(str(tmp_path), held, release))   # rank 0, holding it
+    holder.start()
+    try:
+        assert held.wait(120)
+        ctx = make_context(TINY, tmp_path, quiet=True)
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        monkeypatch.setenv("RANK", "1")
+        with holding_workdir(ctx):
+            pass
+        monkeypatch.setenv("RANK", "0")                      # a second rank 0 is another run: refused
+        with pytest.raises(UsageError, match="in use by pid"):
+            with holding_workdir(ctx):
+                pass
+    finally:
+        release.set()
+        holder.join(30)

@@ -115,8 +115,11 @@ def holding_workdir(ctx):
     hashes its inputs before the lock check, so a command that waited (--wait) for another process compared
     the inputs as they were before that process rewrote them, and called itself up to date. A workdir not
     there yet has no inputs to go stale; the stage's own lock creates it. Held, it is also the moment to
-    remove the temp files a killed earlier command left (only `run` did, so stage commands kept them)."""
-    if not ctx.workdir.exists():
+    remove the temp files a killed earlier command left (only `run` did, so stage commands kept them).
+    torchrun's ranks other than 0 share rank 0's hold: they write nothing (distributed.py)."""
+    import os
+
+    if not ctx.workdir.exists() or (os.environ.get("WORLD_SIZE", "1") != "1" and os.environ.get("RANK", "0") != "0"):
         yield
         return
     from diffpro_cli.artifacts import clean_stale_temp_files, workdir_lock
