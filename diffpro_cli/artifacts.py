@@ -49,8 +49,8 @@ def sha256_json(obj: Any) -> str:
 def cannot_write(path: str | Path, exc: OSError) -> UsageError:
     """The one-line error for an output location the user chose but diffpro cannot write (read-only,
     a file where a directory belongs or the reverse, a full disk): a usage error, not a bug."""
-    return UsageError(f"{path}: cannot write there ({exc.strerror or exc}); make it writable or choose another "
-                      "--workdir / --out")
+    fix = "remove or rename that directory" if isinstance(exc, IsADirectoryError) else "make it writable"
+    return UsageError(f"{path}: cannot write there ({exc.strerror or exc}); {fix} or choose another --workdir / --out")
 
 
 def ensure_dir(path: str | Path) -> Path:
@@ -441,6 +441,8 @@ class Lock:
         if not self.path.exists():
             return {"schema": LOCK_SCHEMA, "stages": {}}
         fix = "delete it to start the workdir's records afresh (each stage then recomputes once)"
+        if self.path.is_dir():   # read_json said 'no such file; run the stage that writes it'
+            raise InputError(f"{self.path}: is a directory, not the lock file; remove or rename it (each stage then recomputes once)")
         obj = read_json(self.path, fix=fix)
         found = obj.get("schema") if isinstance(obj, dict) else None
         if found == LOCK_SCHEMA and isinstance(obj.get("stages"), dict):

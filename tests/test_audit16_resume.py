@@ -290,3 +290,24 @@ def test_torchrun_ranks_other_than_0_do_not_take_the_workdir_rank_0_holds(tmp_pa
     finally:
         release.set()
         holder.join(30)
+
+
+def test_a_directory_in_place_of_the_lock_file_or_an_output_is_named_with_the_fix(work, cli):
+    """A directory named diffpro.lock.json was reported as 'no such file; run the stage that writes it
+    first' (the stage being run writes it), and a directory in place of an output as 'cannot write there
+    (Is a directory); make it writable': neither said to move the directory out of the way."""
+    lock = work / LOCK_NAME
+    lock.rename(work / "lock.bak")
+    lock.mkdir()
+    code, _, err = cli("score", "-w", work, "-q")
+    errors = _error_lines(err)
+    assert code == 3 and len(errors) == 1 and "is a directory" in errors[0] and "remove" in errors[0], err
+    lock.rmdir()
+    (work / "lock.bak").rename(lock)
+    scores = work / "scores.json"
+    scores.unlink()
+    scores.mkdir()
+    code, _, err = cli("score", "-w", work, "-q")
+    errors = _error_lines(err)
+    assert code == 2 and len(errors) == 1 and "is a directory" in errors[0] and "remove" in errors[0], err
+    assert scores.is_dir() and not list(work.rglob("*.tmp"))

@@ -9,6 +9,7 @@ from typing import Callable
 
 from diffpro_cli.artifacts import Lock, workdir_lock
 from diffpro_cli.console import UI, QUIET_UI
+from diffpro_cli.errors import UsageError
 
 
 @dataclass
@@ -61,6 +62,9 @@ def _run_locked(workdir: Path, stage: str, inputs: dict[str, dict], config: dict
     reason = "forced" if force else check.reason
     if check.reason != "never run" or force:
         ui.info(f"{stage}: recomputing ({reason})")
+    blocked = [str(p) for p in outputs.values() if Path(p).is_dir()]
+    if blocked:   # found before the work, not when its result is renamed into place
+        raise UsageError(f"{blocked[0]}: is a directory where {stage} writes a file; remove or rename it")
     t0 = time.time()
     compute()
     wall = time.time() - t0
