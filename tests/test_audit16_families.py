@@ -143,3 +143,35 @@ def test_attention_masks_and_guidance_of_another_shape_are_one_error_line(tmp_pa
     assert code == 3 and "guidance has shape (2, 1)" in _error_line(err), err
     code, err, out = _sample_with(cli, flux, tmp_path, "g1d", emb | {"guidance": torch.full((2,), 3.5)})
     assert code == 0 and out.is_file(), err
+
+
+def test_pixart_alpha_size_conditions_are_a_documented_field_of_the_file(tmp_path, cli, capsys):
+    """Catches: a PixArt-α 1024-style transformer (use_additional_conditions) given a conditioning file without
+    added_cond_kwargs.resolution / aspect_ratio stopped inside adaln_single with "'NoneType' object has no
+    attribute 'flatten'" (exit 1), and one with a flat resolution with a size-mismatch traceback; now one error
+    line naming both fields and their shapes (exit 3). The file the doc describes, and --prompts (which fills
+    them), still sample."""
+    from diffusers import DDIMScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
+    from test_prompts import t5_encoder, t5_tokenizer, write_prompts
+
+    torch.manual_seed(3)    # inner dim divisible by 3: adaln_single splits it among timestep, resolution and aspect ratio
+    net = PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=8, num_layers=1,
+                                   cross_attention_dim=24, caption_channels=12, sample_size=8, patch_size=2,
+                                   use_additional_conditions=True).eval()
+    PixArtAlphaPipeline(tokenizer=t5_tokenizer(), text_encoder=t5_encoder(), vae=None, transformer=net,
+                        scheduler=DDIMScheduler()).save_pretrained(tmp_path / "alpha")
+    alpha = tmp_path / "alpha"
+    capsys.readouterr()                 # the builders' own output is not the CLI's
+    pe = torch.randn(2, 5, 12, generator=torch.Generator().manual_seed(0))
+    sizes = {"added_cond_kwargs.resolution": torch.tensor([[64.0, 64.0]] * 2), "added_cond_kwargs.aspect_ratio": torch.tensor([[1.0]] * 2)}
+    for name, extra, words in (("plain", {}, "needs added_cond_kwargs.resolution"),
+                               ("flat", sizes | {"added_cond_kwargs.resolution": torch.tensor([64.0, 64.0])}, "resolution has trailing shape []")):
+        code, err, out = _sample_with(cli, alpha, tmp_path, name, {"prompt_embeds": pe, **extra})
+        line = _error_line(err)
+        assert code == 3 and words in line and "aspect_ratio [M, 1]" in line, (name, err)
+        assert not out.parent.exists()
+    code, err, out = _sample_with(cli, alpha, tmp_path, "sized", {"prompt_embeds": pe, **sizes})
+    assert code == 0 and out.is_file(), err
+    code, _, err = cli("sample", alpha, "--prompts", write_prompts(tmp_path / "p.txt", ["a cat"]), "--n", 1, "--steps", 1,
+                       "--out", tmp_path / "p" / "s.png", "--quiet")
+    assert code == 0, err

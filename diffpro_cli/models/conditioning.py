@@ -246,22 +246,29 @@ def load_conditioning(path: str | Path) -> Conditioning:
     return conditioning_from_tensors(obj, path)
 
 
+# what to give, for the added conditions whose values are not text-encoder outputs
+_SIZE_CONDITIONS = ("give PixArt-α's size conditions per prompt: added_cond_kwargs.resolution [M, 2] (pixel height, width) "
+                    "and added_cond_kwargs.aspect_ratio [M, 1] (height / width), as --prompts does")
+_FIXES = {".time_ids": "give SDXL's six time ids per prompt (original height, width, crop top, crop left, target height, "
+                       "width; the refiner's aesthetic-score ids are not supported)",
+          ".resolution": _SIZE_CONDITIONS, ".aspect_ratio": _SIZE_CONDITIONS}
+
+
 def check_fits(cond: Conditioning, expected: dict | None, source: str | Path = "conditioning") -> None:
     """Check a Conditioning's trailing shapes against a model's expectation {field: [dims, None = any]}."""
     if not expected:
         return
     have = cond.tensors()
     for name, dims in expected.items():
+        fix = next((text for suffix, text in _FIXES.items() if str(name).endswith(suffix)), None)
         if name not in have:
             if dims is not None and not str(name).startswith("optional:"):
-                raise InputError(f"{source}: the model needs {name} (trailing shape {dims}); encode the prompts with its pipeline")
+                raise InputError(f"{source}: the model needs {name} (trailing shape {dims}); {fix or 'encode the prompts with its pipeline'}")
             continue
         shape = list(have[name].shape[1:])
         if len(shape) != len(dims) or any(d is not None and d != s for d, s in zip(dims, shape)):
-            fix = ("give SDXL's six time ids per prompt (original height, width, crop top, crop left, target height, width; "
-                   "the refiner's aesthetic-score ids are not supported)" if name.endswith(".time_ids")
-                   else "encode the prompts with the text encoder this model was trained with")
-            raise InputError(f"{source}: {name} has trailing shape {shape} but the model expects {dims}; {fix}")
+            raise InputError(f"{source}: {name} has trailing shape {shape} but the model expects {dims}; "
+                             f"{fix or 'encode the prompts with the text encoder this model was trained with'}")
 
 
 def conditioning_to_tensors(cond: Conditioning) -> dict[str, torch.Tensor]:

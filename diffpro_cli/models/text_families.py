@@ -117,6 +117,13 @@ def check_family(class_name: str, cfg: dict, model_dir: Path, scheduler: dict | 
         raise InputError(f"{model_dir}: SANA-Sprint (guidance_embeds, TrigFlow/SCM scheduler) is not supported; use a SANA flow model")
 
 
+def _pixart_size_conditions(cfg: dict) -> bool:
+    """Whether a PixArt transformer takes resolution / aspect_ratio (its config's use_additional_conditions;
+    unset means sample_size 128, PixArt-α 1024, as diffusers decides)."""
+    given = cfg.get("use_additional_conditions")
+    return bool(given) if given is not None else int(cfg.get("sample_size") or 0) == 128
+
+
 def family_settings(class_name: str, cfg: dict, raw_config: dict, model_dir: Path, scheduler: dict | None,
                     scheduler_file: Path) -> dict:
     """Everything the loader records for a text-conditioned family: kind, sample (C, H, W), conditioning fields,
@@ -132,6 +139,10 @@ def family_settings(class_name: str, cfg: dict, raw_config: dict, model_dir: Pat
         total, per_id = cfg.get("projection_class_embeddings_input_dim"), cfg.get("addition_time_embed_dim")
         width = int(total) - 6 * int(per_id) if total and per_id else None
         out["fields"] |= {"added_cond_kwargs.text_embeds": [width], "added_cond_kwargs.time_ids": [6]}
+    if class_name == "PixArtTransformer2DModel" and _pixart_size_conditions(cfg):   # PixArt-α 1024
+        # adaln_single embeds each image's pixel size and aspect ratio: without them the network stopped
+        # with "'NoneType' object has no attribute 'flatten'"
+        out["fields"] |= {"added_cond_kwargs.resolution": [2], "added_cond_kwargs.aspect_ratio": [1]}
     seq_len, scale, max_shift = None, 1.0, 1.15
     if class_name == "SD3Transformer2DModel":   # StableDiffusion3Pipeline's mu: patches of the latent, max_shift 1.16
         p = int(cfg.get("patch_size", 2))
