@@ -49,12 +49,17 @@ def _snapshot(root: Path) -> dict:
             if p.is_file() and not p.name.startswith(".diffpro.")}
 
 
+# the CLI with Python's own Ctrl-C handler set: a shell's `cmd &` starts the child with SIGINT ignored
+# (and a preexec_fn is not safe in a process with torch's threads)
+LAUNCH = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+          "sys.argv[0] = 'diffpro'; runpy.run_module('diffpro_cli', run_name='__main__')")
+
+
 def _start(*args) -> subprocess.Popen:
-    """The CLI as a real process, SIGINT at its default disposition (a shell's `cmd &` ignores it in the child)."""
+    """The CLI as a real process (stderr plain text: CI set)."""
     env = {**os.environ, "CI": "true", "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "diffpro_cli", *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    return subprocess.Popen([sys.executable, "-c", LAUNCH, *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
 
 
 def _read_until(proc: subprocess.Popen, marker: str) -> str:
