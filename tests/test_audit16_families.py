@@ -1,6 +1,7 @@
 """Audit 16, the model families end to end as a new user (docs/families/*.md followed literally on tiny
 in-process pipelines): one regression test per defect found."""
 
+import json
 import re
 from pathlib import Path
 
@@ -175,3 +176,34 @@ def test_pixart_alpha_size_conditions_are_a_documented_field_of_the_file(tmp_pat
     code, _, err = cli("sample", alpha, "--prompts", write_prompts(tmp_path / "p.txt", ["a cat"]), "--n", 1, "--steps", 1,
                        "--out", tmp_path / "p" / "s.png", "--quiet")
     assert code == 0, err
+
+
+# --- what `diffpro models` shows, as the recipes say ------------------------------------------------------
+
+# a recipe comment's words → where `diffpro models --json` holds them (None: it does not)
+_DESCRIBED = {"kind": "kind", "prediction type": "prediction_type", "sample shape": "sample_shape",
+              "role": "layers", "class": None, "schedule": None, "conditioning fields": None}
+
+
+def test_the_models_line_of_a_recipe_promises_only_what_the_command_prints(tmp_path, cli):
+    """Catches: pixart.md's `diffpro models "$PIPE"  # class, schedule, conditioning fields, layer roles` while
+    the command prints one line (kind, parameters, layer count, sample shape) and even --json has no schedule
+    and no conditioning fields: the new user looked there for the file format and found nothing."""
+    from diffusers import DDIMScheduler
+    from test_pipeline_parity import _tiny_pixart
+    from test_text_loaders import _pipeline
+
+    pipe = _pipeline(tmp_path / "pixart", "transformer", _tiny_pixart(), DDIMScheduler(), cls="PixArtSigmaPipeline")
+    code, out, err = cli("models", pipe, "--json")
+    assert code == 0, err
+    described = json.loads(out)
+    assert described["layers"] and all(layer["role"] for layer in described["layers"])
+    for doc in sorted((ROOT / "docs" / "families").glob("*.md")):
+        for number, name, words in _recipe_commands(doc):
+            line = doc.read_text().splitlines()[number - 1]
+            comment = line.split("#", 1)[1].lower() if name == "models" and "#" in line else ""
+            for term, key in _DESCRIBED.items():
+                if re.search(rf"\b{term}\b", comment):
+                    assert key is not None and key in described, f"{doc.name}:{number} promises {term!r}"
+            if comment and "--json" not in words:
+                assert "role" not in comment, f"{doc.name}:{number}: the roles are in --json only"
