@@ -207,3 +207,22 @@ def test_the_models_line_of_a_recipe_promises_only_what_the_command_prints(tmp_p
                     assert key is not None and key in described, f"{doc.name}:{number} promises {term!r}"
             if comment and "--json" not in words:
                 assert "role" not in comment, f"{doc.name}:{number}: the roles are in --json only"
+
+
+# --- U-Nets the loader cannot run are refused when loaded, not at the first step -------------------------
+
+
+@pytest.mark.parametrize("extra", [{"addition_embed_type": "text"}, {"encoder_hid_dim": 10, "encoder_hid_dim_type": "text_proj"}],
+                         ids=["addition-text", "encoder-hid-proj"])
+def test_unet_variants_other_than_sd_and_sdxl_are_refused_with_one_line(tmp_path, cli, extra):
+    """Catches: a UNet2DConditionModel of the IF / Kandinsky / UnCLIP kind (projected text, addition_embed_type
+    'text') loaded as kind unet_cond, described by `diffpro models` (exit 0), and then every stage stopped at
+    its first step with a shape traceback ('shape [2, -1, 64, 0] is invalid', 'mat1 and mat2 shapes cannot be
+    multiplied'): docs/families/unet-sd.md covers SD 1.x/2.x and SDXL only."""
+    from diffusers import DDIMScheduler
+    from test_prompts import sd_unet
+    from test_text_loaders import _pipeline
+
+    pipe = _pipeline(tmp_path / "unet", "unet", sd_unet(cross=12, **extra), DDIMScheduler(), cls="StableDiffusionPipeline")
+    code, _, err = cli("models", pipe)
+    assert code == 3 and "is not supported" in _error_line(err) and "SDXL" in err, err

@@ -110,6 +110,14 @@ def check_family(class_name: str, cfg: dict, model_dir: Path, scheduler: dict | 
                          "(FlowMatchEulerDiscreteScheduler, or flow_prediction with use_flow_sigmas); pass the whole pipeline directory")
     if class_name == "UNet2DConditionModel" and (cfg.get("class_embed_type") or cfg.get("num_class_embeds")):
         raise InputError(f"{model_dir}: class-conditioned UNet2DConditionModel is not supported; use a text-conditioned one")
+    if class_name == "UNet2DConditionModel" and (cfg.get("addition_embed_type") not in (None, "text_time")
+                                                 or cfg.get("encoder_hid_dim") or cfg.get("encoder_hid_dim_type")):
+        # IF / Kandinsky / UnCLIP-style U-Nets take other inputs (projected text, image embeddings): the forward
+        # failed at the first step with a shape error
+        what = (f"addition_embed_type {cfg['addition_embed_type']!r}" if cfg.get("addition_embed_type") not in (None, "text_time")
+                else f"encoder_hid_dim_type {cfg.get('encoder_hid_dim_type') or 'text_proj'!r}")
+        raise InputError(f"{model_dir}: a UNet2DConditionModel with {what} is not supported; diffpro loads SD 1.x/2.x "
+                         "(CLIP prompt embeddings) and SDXL (addition_embed_type text_time) U-Nets")
     if class_name == "FluxTransformer2DModel" and (int(cfg.get("patch_size", 1)) != 1 or int(cfg["in_channels"]) % 4):
         raise InputError(f"{model_dir}: FLUX with patch_size {cfg.get('patch_size')} / in_channels {cfg['in_channels']} is not "
                          "supported; diffpro packs 2×2 latent patches (patch_size 1, in_channels = 4 × latent channels)")
