@@ -316,3 +316,38 @@ def test_a_directory_in_place_of_the_lock_file_or_an_output_is_named_with_the_fi
     errors = _error_lines(err)
     assert code == 2 and len(errors) == 1 and "is a directory" in errors[0] and "remove" in errors[0], err
     assert scores.is_dir() and not list(work.rglob("*.tmp"))
+
+
+def _as_unprivileged() -> list[str]:
+    """A prefix that runs a command without root's permission overrides (mode bits then apply), or []."""
+    if os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    caps = "-dac_override,-dac_read_search"
+    if setpriv is None or subprocess.run([setpriv, f"--inh-caps={caps}", f"--bounding-set={caps}", "--", "true"]).returncode:
+        pytest.skip("root without setpriv: a mode-555 workdir is writable here")
+    return [setpriv, f"--inh-caps={caps}", f"--bounding-set={caps}", "--"]
+
+
+def test_a_read_only_workdir_of_finished_stages_reports_them_up_to_date(work):
+    """A read-only workdir (an archived or shared result) refused even the up-to-date check ('cannot write
+    there', exit 2): the run lock file was opened for writing. Up-to-date stages are now reported as such;
+    a stage that must compute is refused before its work, in one line."""
+    prefix = _as_unprivileged()
+    for p in [work, *work.rglob("*")]:
+        p.chmod(p.stat().st_mode & ~0o222)
+    env = {**os.environ, "CI": "true", "OMP_NUM_THREADS": "1"}
+    try:
+        before = _snapshot(work)
+        cli = [*prefix, sys.executable, "-m", "diffpro_cli"]
+        done = subprocess.run([*cli, "score", "-w", work, "--json", "-q"], capture_output=True, text=True, env=env)
+        assert done.returncode == 0 and json.loads(done.stdout)["status"] == "up to date", done.stderr
+        again = subprocess.run([*cli, "prune", TINY, "-w", work, "--steps", "5", *PRUNE, "-q"], capture_output=True,
+                               text=True, env=env)
+        errors = _error_lines(again.stderr)
+        assert again.returncode == 2 and len(errors) == 1 and "cannot write there" in errors[0], again.stderr
+        assert "teacher" not in again.stderr            # refused before the work, not after it
+        assert _snapshot(work) == before
+    finally:
+        for p in [work, *work.rglob("*")]:
+            p.chmod(p.stat().st_mode | 0o200)

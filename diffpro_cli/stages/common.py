@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +64,9 @@ def _run_locked(workdir: Path, stage: str, inputs: dict[str, dict], config: dict
     reason = "forced" if force else check.reason
     if check.reason != "never run" or force:
         ui.info(f"{stage}: recomputing ({reason})")
+    if not os.access(workdir, os.W_OK):   # a read-only workdir: refused before the work, not at its end
+        raise UsageError(f"{workdir}: cannot write there ({os.strerror(errno.EACCES)}) and {stage} must recompute "
+                         f"({reason}); make it writable or choose another --workdir")
     blocked = [str(p) for p in outputs.values() if Path(p).is_dir()]
     if blocked:   # found before the work, not when its result is renamed into place
         raise UsageError(f"{blocked[0]}: is a directory where {stage} writes a file; remove or rename it")
