@@ -226,3 +226,19 @@ def test_unet_variants_other_than_sd_and_sdxl_are_refused_with_one_line(tmp_path
     pipe = _pipeline(tmp_path / "unet", "unet", sd_unet(cross=12, **extra), DDIMScheduler(), cls="StableDiffusionPipeline")
     code, _, err = cli("models", pipe)
     assert code == 3 and "is not supported" in _error_line(err) and "SDXL" in err, err
+
+
+def test_guidance_without_negative_embeddings_names_the_cli_options(tmp_path, cli):
+    """Catches: `--cfg 3` with a conditioning file that has no negative_* entries told the CLI user to 'use
+    cfg_scale 1', an option no command has (the API's keyword); the line now names --cfg 1 and --prompts."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from test_text_loaders import _embeds, _pipeline, _tiny_sd3
+
+    sd3 = _pipeline(tmp_path / "sd3", "transformer", _tiny_sd3(), FlowMatchEulerDiscreteScheduler(shift=3.0))
+    from safetensors.torch import save_file
+
+    save_file(_embeds(2, 5, 12, pooled=10), str(tmp_path / "e.safetensors"))
+    code, _, err = cli("sample", sd3, "--conditioning", tmp_path / "e.safetensors", "--cfg", 3, "--n", 1, "--steps", 1,
+                       "--out", tmp_path / "s.png", "--quiet")
+    line = _error_line(err)
+    assert code == 2 and "--cfg 1" in line and "--prompts" in line, line

@@ -116,7 +116,8 @@ class Conditioning:
         if self.is_class and null_class is not None:
             return Conditioning(class_labels=torch.full_like(self.class_labels, null_class))
         raise UsageError("classifier-free guidance needs unconditional embeddings (negative_prompt_embeds / negative_* in the "
-                         "conditioning file); add them or use cfg_scale 1")
+                         "conditioning file); add them, pass --prompts (it encodes the --negative-prompt), or guide with "
+                         "--cfg 1 (cfg_scale=1 in the API)")
 
     # -- description ----------------------------------------------------------------------------
 
