@@ -242,3 +242,20 @@ def test_guidance_without_negative_embeddings_names_the_cli_options(tmp_path, cl
                        "--out", tmp_path / "s.png", "--quiet")
     line = _error_line(err)
     assert code == 2 and "--cfg 1" in line and "--prompts" in line, line
+
+
+def test_the_sdxl_refiner_is_refused_by_name(tmp_path, cli):
+    """Catches: docs/families/unet-sd.md says the SDXL refiner is not supported, but its pipeline loaded as
+    an SDXL U-Net: --prompts then blamed text_encoder_2 for the width (pooled + 6 time ids ≠ the U-Net's
+    pooled + 5 aesthetic-score ids) and a file of the refiner's real 5 time ids was refused as a wrong
+    count; the pipeline is now refused as the refiner (exit 3)."""
+    from diffusers import EulerDiscreteScheduler
+    from test_prompts import sd_unet
+    from test_text_loaders import _pipeline
+
+    unet = sd_unet(cross=16, addition_embed_type="text_time", addition_time_embed_dim=4, projection_class_embeddings_input_dim=4 + 5 * 4)
+    refiner = _pipeline(tmp_path / "refiner", "unet", unet, EulerDiscreteScheduler(), cls="StableDiffusionXLImg2ImgPipeline")
+    index = json.loads((refiner / "model_index.json").read_text())
+    (refiner / "model_index.json").write_text(json.dumps(index | {"requires_aesthetics_score": True}))
+    code, _, err = cli("models", refiner)
+    assert code == 3 and "SDXL refiner" in _error_line(err), err

@@ -276,6 +276,9 @@ def load_diffusers_dir(path: str | Path) -> DiffusionModel:
         model_dir, scheduler_file, vae_dir = path, path / "scheduler_config.json", None
     elif (path / "model_index.json").is_file() or (path / "transformer").is_dir() or (path / "unet").is_dir():
         index = _read_json(path / "model_index.json") if (path / "model_index.json").is_file() else {}
+        if index.get("requires_aesthetics_score"):   # its U-Net reads 5 time ids (aesthetic score), not 6
+            raise InputError(f"{path}: is an SDXL refiner (img2img, aesthetic-score time ids), which diffpro does not load; "
+                             "use the SDXL base pipeline")
         sub = next((s for s in ("transformer", "unet") if (path / s / "config.json").is_file()), None)
         if sub is None:
             raise InputError(f"{path}: pipeline has no transformer/config.json or unet/config.json; diffpro loads DiT, DDPM, PixArt, SD3, FLUX, SANA and Stable Diffusion pipelines")
