@@ -259,3 +259,22 @@ def test_the_sdxl_refiner_is_refused_by_name(tmp_path, cli):
     (refiner / "model_index.json").write_text(json.dumps(index | {"requires_aesthetics_score": True}))
     code, _, err = cli("models", refiner)
     assert code == 3 and "SDXL refiner" in _error_line(err), err
+
+
+def test_prompts_on_a_checkpoint_whose_pipeline_moved_say_so(tmp_path, cli, capsys):
+    """Catches: `sample QDIR --prompts` after the source pipeline was moved said the old path 'is not a diffusers
+    pipeline directory (no model_index.json)', as if the user had quantized a bare model folder; the line now
+    says the pipeline is no longer there and what to do (exit 3, nothing written)."""
+    from test_prompts import sd_pipeline, write_prompts
+
+    pipe = sd_pipeline(tmp_path / "sd")
+    prompts = write_prompts(tmp_path / "p.txt", ["a cat"])
+    capsys.readouterr()
+    code, _, err = cli("quantize", pipe, "--bits", 8, "--prompts", prompts, "--workdir", tmp_path / "w", "--quiet")
+    assert code == 0, err
+    pipe.rename(tmp_path / "sd-moved")
+    out = tmp_path / "o" / "s.png"
+    code, _, err = cli("sample", tmp_path / "w" / "quantized", "--prompts", prompts, "--n", 1, "--steps", 1, "--out", out, "--quiet")
+    line = _error_line(err)
+    assert code == 3 and "no longer there" in line and "--conditioning FILE" in line, line
+    assert not out.parent.exists()

@@ -93,6 +93,9 @@ def pipeline_dir(model) -> Path:
     if model.conditioning != "embeddings":
         raise UsageError(f"{model.spec}: takes {'class labels' if model.num_classes is not None else 'no conditioning'}, "
                          "not prompts; drop --prompts")
+    if source and model.spec != source and not Path(source).exists():   # a checkpoint whose pipeline was moved
+        raise InputError(f"{model.spec}: its text encoders are in the pipeline it was quantized from, {source}, which is no "
+                         "longer there; put the pipeline back, or pass the embeddings with --conditioning FILE")
     if not source or not (Path(source) / "model_index.json").is_file():
         raise _no_encoder(source or model.spec, "is not a diffusers pipeline directory (no model_index.json), so it has no text encoders")
     return Path(source)
