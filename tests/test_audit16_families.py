@@ -278,3 +278,21 @@ def test_prompts_on_a_checkpoint_whose_pipeline_moved_say_so(tmp_path, cli, caps
     line = _error_line(err)
     assert code == 3 and "no longer there" in line and "--conditioning FILE" in line, line
     assert not out.parent.exists()
+
+
+def test_original_dit_shape_errors_name_the_file_and_a_fix_the_cli_user_can_use(tmp_path, cli):
+    """Catches: an original-layout DiT checkpoint of an unpublished width stopped with 'hidden size 32 is not
+    a published DiT size; pass heads= to load_original_dit': no file named, and a keyword no command takes;
+    an MLP ratio other than 4 likewise named no file."""
+    from test_loaders import random_original_state
+
+    torch.save(random_original_state(hidden=32, depth=1, grid=4), tmp_path / "DiT-h32.pt")
+    code, _, err = cli("models", tmp_path / "DiT-h32.pt")
+    line = _error_line(err)
+    assert code == 3 and str(tmp_path / "DiT-h32.pt") in line and "DiTTransformer2DModel folder" in line, line
+    state = random_original_state(hidden=128, depth=1, grid=4)
+    state |= {"blocks.0.mlp.fc1.weight": torch.zeros(256, 128), "blocks.0.mlp.fc1.bias": torch.zeros(256),
+              "blocks.0.mlp.fc2.weight": torch.zeros(128, 256)}
+    torch.save(state, tmp_path / "DiT-mlp2.pt")
+    code, _, err = cli("models", tmp_path / "DiT-mlp2.pt")
+    assert code == 3 and str(tmp_path / "DiT-mlp2.pt") in _error_line(err), err

@@ -69,8 +69,10 @@ def _depth(keys, prefix: str) -> int:
     return max(found) + 1 if found else 0
 
 
-def infer_dit_config(state: dict, heads: int | None = None, sample_size: int | None = None) -> dict:
-    """DiTTransformer2DModel kwargs from the shapes in an original-layout state dict."""
+def infer_dit_config(state: dict, heads: int | None = None, sample_size: int | None = None, source=None) -> dict:
+    """DiTTransformer2DModel kwargs from the shapes in an original-layout state dict (`source`: the file, named
+    in the errors)."""
+    where = f"{source}: " if source else ""
     proj = state["x_embedder.proj.weight"]
     hidden, in_channels, patch = proj.shape[0], proj.shape[1], proj.shape[2]
     out_channels = state["final_layer.linear.weight"].shape[0] // (patch * patch)
@@ -79,12 +81,15 @@ def infer_dit_config(state: dict, heads: int | None = None, sample_size: int | N
     if heads is None:
         heads = HEADS_BY_HIDDEN.get(hidden, hidden // 64 if hidden % 64 == 0 else None)
         if heads is None:
-            raise InputError(f"hidden size {hidden} is not a published DiT size; pass heads= to load_original_dit")
+            raise InputError(f"{where}hidden size {hidden} is neither a published DiT size (384, 768, 1024, 1152) nor a "
+                             "multiple of 64, so its head count is unknown; in Python pass load_original_dit(path, heads=N), "
+                             "or save it as a diffusers DiTTransformer2DModel folder (its config names the heads)")
     if hidden % heads:
-        raise InputError(f"hidden size {hidden} is not divisible by heads={heads}; pass the right head count")
+        raise InputError(f"{where}hidden size {hidden} is not divisible by heads={heads}; pass the right head count")
     fc1 = state.get("blocks.0.mlp.fc1.weight")
     if fc1 is not None and fc1.shape[0] != 4 * hidden:
-        raise InputError(f"MLP width {fc1.shape[0]} is not 4 x hidden ({hidden}); diffusers' DiT only supports mlp_ratio 4")
+        raise InputError(f"{where}MLP width {fc1.shape[0]} is not 4 x hidden ({hidden}); diffusers' DiT only supports mlp_ratio 4, "
+                         "so this checkpoint cannot be loaded")
     if sample_size is None:
         pos = state.get("pos_embed")
         sample_size = int(round(pos.shape[1] ** 0.5)) * patch if pos is not None else 32
@@ -180,7 +185,7 @@ def load_original_dit(path: str | Path, *, heads: int | None = None, sample_size
     _check_layout(state, path)
     if sample_size is None and "pos_embed" not in state and (m := re.search(r"(\d+)x\1", path.name)):
         sample_size = int(m.group(1)) // 8
-    config = infer_dit_config(state, heads=heads, sample_size=sample_size)
+    config = infer_dit_config(state, heads=heads, sample_size=sample_size, source=path)
     if not diffusers_compat:
         config["norm_eps"] = 1e-6
     try:
