@@ -296,3 +296,23 @@ def test_original_dit_shape_errors_name_the_file_and_a_fix_the_cli_user_can_use(
     torch.save(state, tmp_path / "DiT-mlp2.pt")
     code, _, err = cli("models", tmp_path / "DiT-mlp2.pt")
     assert code == 3 and str(tmp_path / "DiT-mlp2.pt") in _error_line(err), err
+
+
+def test_a_checkpoint_quantized_from_a_relative_pipeline_path_finds_its_encoders_from_elsewhere(tmp_path, cli, capsys,
+                                                                                                 monkeypatch):
+    """Catches: `diffpro quantize sd15 --prompts ...` (a relative pipeline path, as a new user types it) recorded
+    source 'sd15', so `sample QDIR --prompts` run from any other directory could not find the text encoders
+    (the VAE path was already absolute)."""
+    from test_prompts import sd_pipeline, write_prompts
+
+    sd_pipeline(tmp_path / "sd")
+    prompts = write_prompts(tmp_path / "p.txt", ["a cat"])
+    capsys.readouterr()
+    monkeypatch.chdir(tmp_path)
+    code, _, err = cli("quantize", "sd", "--bits", 8, "--prompts", prompts, "--workdir", "w", "--quiet")
+    assert code == 0, err
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    code, _, err = cli("sample", tmp_path / "w" / "quantized", "--prompts", prompts, "--n", 1, "--steps", 1, "--out", "s.png",
+                       "--quiet")
+    assert code == 0, err

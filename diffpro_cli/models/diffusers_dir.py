@@ -338,7 +338,8 @@ def load_diffusers_dir(path: str | Path) -> DiffusionModel:
             decode_record["shift_factor"] = vae_info["shift_factor"] = shift
     decode = build_decoder(decode_record)
 
-    config = {"class": class_name, "config": json.loads(json.dumps(cfg, default=list)), "source": str(path),
+    # source absolute: a quantized checkpoint finds the pipeline (text encoders for --prompts) from any directory
+    config = {"class": class_name, "config": json.loads(json.dumps(cfg, default=list)), "source": str(path.resolve()),
               "scheduler": scheduler, "vae": vae_info, "decode": decode_record, **extra}
     if index and index.get("id2label"):
         config["id2label"] = index["id2label"]
