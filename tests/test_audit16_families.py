@@ -316,3 +316,24 @@ def test_a_checkpoint_quantized_from_a_relative_pipeline_path_finds_its_encoders
     code, _, err = cli("sample", tmp_path / "w" / "quantized", "--prompts", prompts, "--n", 1, "--steps", 1, "--out", "s.png",
                        "--quiet")
     assert code == 0, err
+
+
+def test_inpainting_and_control_variants_are_refused_when_loaded(tmp_path, cli):
+    """Catches: an SD inpainting U-Net (9 input channels: latents, mask, masked image; 4 out) and a FLUX Fill-style
+    transformer (extra control channels) loaded as text-to-image models, so every stage sampled plain latents
+    of the input width and died with 'The size of tensor a (9) must match the size of tensor b (4)' (exit 1)."""
+    from diffusers import DDIMScheduler, FluxTransformer2DModel, UNet2DConditionModel
+    from test_pipeline_parity import _flux_scheduler
+    from test_text_loaders import _pipeline, flux_pipeline
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=9, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
+                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+                                cross_attention_dim=16, attention_head_dim=4, norm_num_groups=4).eval()
+    fill = FluxTransformer2DModel(patch_size=1, in_channels=48, out_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8,
+                                  num_attention_heads=2, joint_attention_dim=12, pooled_projection_dim=10, axes_dims_rope=(2, 2, 4)).eval()
+    for pipe in (_pipeline(tmp_path / "inpaint", "unet", unet, DDIMScheduler(), cls="StableDiffusionInpaintPipeline"),
+                 flux_pipeline(tmp_path / "fill", fill, _flux_scheduler())):
+        code, _, err = cli("models", pipe)
+        line = _error_line(err)
+        assert code == 3 and "out_channels" in line and "not supported" in line, line

@@ -121,6 +121,14 @@ def check_family(class_name: str, cfg: dict, model_dir: Path, scheduler: dict | 
     if class_name == "FluxTransformer2DModel" and (int(cfg.get("patch_size", 1)) != 1 or int(cfg["in_channels"]) % 4):
         raise InputError(f"{model_dir}: FLUX with patch_size {cfg.get('patch_size')} / in_channels {cfg['in_channels']} is not "
                          "supported; diffpro packs 2×2 latent patches (patch_size 1, in_channels = 4 × latent channels)")
+    out_channels = cfg.get("out_channels")
+    if class_name in ("UNet2DConditionModel", "FluxTransformer2DModel", "SD3Transformer2DModel") and \
+            out_channels is not None and int(out_channels) != int(cfg["in_channels"]):
+        # inpainting / InstructPix2Pix U-Nets and FLUX Fill/Depth/Canny read the latents with an image or mask
+        # concatenated: sampled as plain latents they failed at the first step with a channel-count traceback
+        raise InputError(f"{model_dir}: in_channels {cfg['in_channels']} but out_channels {out_channels}: a model that reads "
+                         "extra image/mask channels beside the latents (inpainting, InstructPix2Pix, FLUX Fill/Depth/Canny) "
+                         "is not supported; use the text-to-image model")
     if class_name == "SanaTransformer2DModel" and cfg.get("guidance_embeds"):
         raise InputError(f"{model_dir}: SANA-Sprint (guidance_embeds, TrigFlow/SCM scheduler) is not supported; use a SANA flow model")
 
