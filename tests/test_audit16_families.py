@@ -337,3 +337,25 @@ def test_inpainting_and_control_variants_are_refused_when_loaded(tmp_path, cli):
         code, _, err = cli("models", pipe)
         line = _error_line(err)
         assert code == 3 and "out_channels" in line and "not supported" in line, line
+
+
+def test_sd35_second_self_attention_is_labelled_self_attention(tmp_path):
+    """Catches: SD3.5-medium's attn2 (MMDiT-X dual attention: a second image self-attention) labelled
+    cross_attn_* because every `.attn2.` was taken for cross-attention to the text (sd3.md listed it as a
+    known mislabel in every report); PixArt's attn2 stays cross-attention."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from test_text_loaders import _pipeline
+
+    from diffpro_cli.models.diffusers_dir import load_diffusers_dir
+
+    torch.manual_seed(0)
+    net = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+                                joint_attention_dim=12, caption_projection_dim=16, pooled_projection_dim=10, out_channels=4,
+                                pos_embed_max_size=16, dual_attention_layers=(0,), qk_norm="rms_norm").eval()
+    model = load_diffusers_dir(_pipeline(tmp_path / "sd35", "transformer", net, FlowMatchEulerDiscreteScheduler(shift=3.0)))
+    roles = {name: role for name, (_, role) in model.quantizable_layers().items()}
+    assert roles["transformer_blocks.0.attn2.to_q"] == "attn_qkv" and roles["transformer_blocks.0.attn2.to_out.0"] == "attn_out"
+    assert roles["transformer_blocks.0.attn.add_q_proj"] == "cross_attn_qkv"
+    from diffpro_cli.models.roles import layer_role
+
+    assert layer_role("pixart", "transformer_blocks.0.attn2.to_k", torch.nn.Linear(2, 2)) == "cross_attn_qkv"

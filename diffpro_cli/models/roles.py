@@ -1,8 +1,9 @@
 """Assign a role to each quantizable layer from its qualified name (diffusers naming).
 
-Roles (models.base.ROLES): attention projections of the image stream (attn_qkv, attn_out), cross-attention
-to the text (cross_attn_qkv, cross_attn_out: PixArt/UNet2DConditionModel `attn2`, and the context stream of
-SD3's joint attention `add_{q,k,v}_proj` / `to_add_out`), mlp (also SD3's `ff_context`), adaln (modulation),
+Roles (models.base.ROLES): attention projections of the image stream (attn_qkv, attn_out; also SD3.5's `attn2`,
+a second image self-attention), cross-attention to the text (cross_attn_qkv, cross_attn_out:
+PixArt/UNet2DConditionModel/SANA `attn2`, and the context stream of SD3's joint attention `add_{q,k,v}_proj` /
+`to_add_out`), mlp (also SD3's `ff_context`), adaln (modulation),
 time_embed, class_embed, context_embed (text/caption projections: SD3 `context_embedder` and
 `time_text_embed.text_embedder`, PixArt `caption_projection`, SDXL `add_embedding`), patch_embed, final, conv.
 
@@ -36,7 +37,7 @@ def layer_role(kind: str, name: str, module: nn.Module) -> str:
     if ("norm1.linear" in n or "norm1_context.linear" in n or "adaln" in n or n.endswith("norm.linear")
             or n.endswith("norm_out.linear") or "emb.linear" in n):
         return "adaln"
-    if ".attn2." in n:
+    if ".attn2." in n and kind != "sd3":   # SD3.5's (MMDiT-X) attn2 is a second image self-attention
         return "cross_attn_out" if n.endswith("to_out.0") else "cross_attn_qkv"
     if n.endswith(("add_q_proj", "add_k_proj", "add_v_proj")):
         return "cross_attn_qkv"
