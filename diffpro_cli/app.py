@@ -6,8 +6,11 @@ Exit codes are stable (see errors.py): 0 ok, 1 internal error, 2 usage / not yet
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import sys
+import threading
 
 import typer
 
@@ -63,13 +66,33 @@ def _click_exceptions():
     return exceptions
 
 
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM unwinds like Ctrl-C (temp files removed, one line, exit 130) instead of killing the process
+    silently; stage commands and `run` name which of the two it was (commands.common.interruptible)."""
+    def on_term(signum, frame):
+        raise KeyboardInterrupt
+
+    main_thread = threading.current_thread() is threading.main_thread()   # handlers can only be set there
+    previous = signal.signal(signal.SIGTERM, on_term) if main_thread else None
+    try:
+        yield
+    finally:
+        if previous is not None:   # None too for a handler set from C: leave it
+            signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code. Known errors print one line on stderr, never a traceback."""
     os.environ.setdefault("MPLBACKEND", "Agg")  # the one backend choice (headless); plots.py itself needs none
     cx = _click_exceptions()
     command = typer.main.get_command(app)
     try:
-        command.main(args=argv if argv is not None else sys.argv[1:], prog_name="diffpro", standalone_mode=False)
+        with _sigterm_as_interrupt():
+            rv = command.main(args=argv if argv is not None else sys.argv[1:], prog_name="diffpro", standalone_mode=False)
+        if rv == EXIT_INTERRUPTED:   # typer turns a KeyboardInterrupt into this return value (not an exception)
+            print("error: interrupted; finished artifacts are kept, re-run to resume", file=sys.stderr)
+            return EXIT_INTERRUPTED
         return 0
     except DiffproError as exc:
         print(f"error: {exc.message}", file=sys.stderr)

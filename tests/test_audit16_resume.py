@@ -351,3 +351,35 @@ def test_a_read_only_workdir_of_finished_stages_reports_them_up_to_date(work):
     finally:
         for p in [work, *work.rglob("*")]:
             p.chmod(p.stat().st_mode | 0o200)
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_an_interrupted_sample_exits_130_with_one_line_and_writes_nothing(tmp_path, capsys, monkeypatch, sig):
+    """sample, train, export and fid-stats are not stages: Ctrl-C there exited 0 with no message (typer
+    returns 130 from a KeyboardInterrupt and the CLI's main dropped it) and SIGTERM killed the process
+    silently. The signal is raised at the sampler's first call (deterministic, in-process)."""
+    import diffpro_cli.sampling as sampling
+    from diffpro_cli.app import main
+
+    def interrupted(*args, **kwargs):
+        signal.raise_signal(getattr(signal, sig))
+        pytest.fail("the signal did not interrupt the sampler")
+
+    monkeypatch.setattr(sampling, "sample", interrupted)   # (the command imports it at call time)
+    class NotHandled(Exception):
+        pass
+
+    def fallback(signum, frame):   # where the CLI installs no handler, fail the test, not the test run
+        raise NotHandled
+
+    previous = signal.signal(signal.SIGTERM, fallback)
+    out = tmp_path / "grid.png"
+    try:
+        assert main(["sample", "--n", "2", "--steps", "2", "--out", str(out), "-q"]) == 130
+        after = signal.getsignal(signal.SIGTERM)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    errors = _error_lines(capsys.readouterr().err)
+    assert len(errors) == 1 and "interrupted" in errors[0], errors
+    assert not out.exists() and not out.with_suffix(".safetensors").exists()
+    assert after is fallback     # the CLI's handler did not outlive the call
