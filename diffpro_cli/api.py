@@ -212,13 +212,16 @@ def _enter_timestep_hook(module, args, kwargs):
     cm = contextlib.ExitStack()
     cm.enter_context(timestep_context(index_of_timestep(module, kwargs.get("timestep", args[1] if len(args) > 1 else None))))
     dtype = module.__dict__.get(COMPUTE_DTYPE_ATTR)
+    in_dtype = None
     if dtype is not None:   # bf16/fp16 float math for any caller, not only DiffusionModel.raw (which nests it)
         try:
             cm.enter_context(torch.autocast(net_device(module).type, dtype=dtype))
         except BaseException:
             cm.close()
             raise
-    _HOOK_CONTEXTS.set((*_HOOK_CONTEXTS.get(), (module, cm)))
+        x = args[0] if args else kwargs.get("hidden_states", kwargs.get("sample"))
+        in_dtype = x.dtype if isinstance(x, torch.Tensor) and x.is_floating_point() else None
+    _HOOK_CONTEXTS.set((*_HOOK_CONTEXTS.get(), (module, cm, in_dtype)))
 
 
 def _exit_timestep_hook(module, args, kwargs, output):
@@ -226,9 +229,27 @@ def _exit_timestep_hook(module, args, kwargs, output):
     pre-hook raised), so a failed inner network cannot pop the context of the call around it."""
     stack = _HOOK_CONTEXTS.get()
     if not stack or stack[-1][0] is not module:
-        return
+        return None
     _HOOK_CONTEXTS.set(stack[:-1])
-    stack[-1][1].__exit__(None, None, None)
+    _, cm, in_dtype = stack[-1]
+    cm.__exit__(None, None, None)
+    # under autocast the prediction comes out bf16: a pipeline would keep its latents in bf16 from there on
+    # (FluxPipeline's VAE then failed: "Input type (BFloat16) and bias type (float)"); give it the input's dtype
+    return None if in_dtype is None else _cast_floats(output, in_dtype)
+
+
+def _cast_floats(output, dtype):
+    """`output` (a tensor, a tuple, or a diffusers output: a dict-like dataclass) with its floating tensors in `dtype`."""
+    import torch
+
+    if isinstance(output, torch.Tensor):
+        return output.to(dtype) if output.is_floating_point() else output
+    if isinstance(output, tuple) and not hasattr(output, "_fields"):
+        return tuple(_cast_floats(o, dtype) for o in output)
+    if hasattr(output, "keys") and hasattr(output, "__setitem__"):   # diffusers' BaseOutput
+        for key in list(output.keys()):
+            output[key] = _cast_floats(output[key], dtype)
+    return output
 
 
 def quantize_(model: nn.Module | DiffusionModel, plan: dict | str | Path, *, fuse: bool = True) -> nn.Module:

@@ -83,6 +83,23 @@ def test_a_call_outside_no_grad_runs_without_warnings_and_gives_the_same_output(
     assert torch.equal(out.detach(), ref)
 
 
+def test_a_bf16_plan_hands_a_pipeline_its_prediction_in_the_latents_dtype():
+    """The hook runs a bf16 model's float math under autocast; its output came back bf16, so a pipeline
+    kept its latents in bf16 and FluxPipeline's fp32 VAE failed ('Input type (BFloat16) and bias type
+    (float)'). Catches the output left in the compute dtype, for the tuple and the dataclass output."""
+    model = diffpro.load("random:dit-tiny", seed=2)
+    diffpro.set_compute_dtype(model, torch.bfloat16)
+    x, t, y = torch.randn(2, *model.sample_shape), torch.tensor([500, 20]), torch.tensor([0, 3])
+    with torch.no_grad():
+        as_tuple = model.net(x, timestep=t, class_labels=y, return_dict=False)[0]
+        as_output = model.net(x, timestep=t, class_labels=y).sample
+        half = model.net(x.bfloat16(), timestep=t, class_labels=y, return_dict=False)[0]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            want = model.net.forward(x, timestep=t, class_labels=y, return_dict=False)[0]   # no hooks
+    assert as_tuple.dtype == as_output.dtype == torch.float32 and half.dtype == torch.bfloat16
+    assert torch.equal(as_tuple, want.float()) and torch.equal(as_output, as_tuple)
+
+
 def test_quantize_in_place_refuses_a_plan_for_another_network(pipeline):
     plan = dict(pipeline[4])
     plan["layers"] = {"no.such.layer": {"weight_bits": 8, "act_bits": 8, "act_mode": "dynamic"}}
