@@ -120,7 +120,7 @@ def default_labels(model: DiffusionModel, n: int):
     cond_set = model.conditioning_set
     if model.conditioning == "embeddings":
         if cond_set is None:
-            raise UsageError(f"{model.spec}: is conditioned on text embeddings; pass a conditioning file of prompt embeddings (--conditioning FILE)")
+            raise UsageError(f"{model.spec}: is conditioned on text embeddings; pass --prompts FILE (prompts encoded with the pipeline's text encoders) or --conditioning FILE (prompt embeddings)")
         return cond_set.cycle(n)
     if cond_set is not None and model.num_classes is not None:   # a class-label set: plain labels, cycled
         return cond_set.cycle(n).class_labels

@@ -359,3 +359,22 @@ def test_sd35_second_self_attention_is_labelled_self_attention(tmp_path):
     from diffpro_cli.models.roles import layer_role
 
     assert layer_role("pixart", "transformer_blocks.0.attn2.to_k", torch.nn.Linear(2, 2)) == "cross_attn_qkv"
+
+
+def test_a_text_model_called_without_conditioning_names_both_ways_to_give_it():
+    """The sampler's and eps()'s line named only --conditioning FILE (prompt embeddings), not --prompts,
+    the way most users give prompts."""
+    import dataclasses
+
+    import torch
+
+    from diffpro_cli.errors import UsageError
+    from diffpro_cli.loading import load_model
+    from diffpro_cli.sampling import default_labels
+
+    m = load_model("builtin:flow-mnist")
+    bare = dataclasses.replace(m, conditioning_set=None)   # a text model without its shipped prompt set
+    for call in (lambda: default_labels(bare, 1), lambda: m.eps(torch.randn(1, *m.sample_shape), torch.tensor([500]))):
+        with pytest.raises(UsageError) as err:
+            call()
+        assert "--prompts FILE" in err.value.message and "--conditioning FILE" in err.value.message

@@ -352,7 +352,7 @@ class DiffusionModel:
 
         if self.conditioning == "embeddings":
             if not isinstance(y, Conditioning) or y.encoder_hidden_states is None:
-                raise UsageError(f"{self.spec}: is conditioned on text embeddings; pass a conditioning file of prompt embeddings (--conditioning FILE)")
+                raise UsageError(f"{self.spec}: is conditioned on text embeddings; pass --prompts FILE (prompts encoded with the pipeline's text encoders) or --conditioning FILE (prompt embeddings)")
             return y
         if isinstance(y, Conditioning):   # class-conditioned / unconditional networks keep their label convention
             return y.class_labels
