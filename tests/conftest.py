@@ -96,3 +96,14 @@ def allocated_work(tiny_allocated, tmp_path):
     shutil.copytree(tiny_allocated, dst)
     (dst / "plan.json").unlink()
     return dst
+
+
+def w8a8_dit_tiny(seed: int = 2):
+    """random:dit-tiny loaded through diffpro.load with every Linear W8A8 (dynamic activations) in place
+    (diffpro.quantize_): the smallest real integer network for API-level tests."""
+    import diffpro
+
+    model = diffpro.load("random:dit-tiny", seed=seed)
+    plan = {"layers": {n: {"weight_bits": 8, "act_bits": 8, "act_mode": "dynamic"}
+                       for n, (m, _) in model.quantizable_layers().items() if isinstance(m, torch.nn.Linear)}}
+    return diffpro.quantize_(model, plan)

@@ -8,6 +8,7 @@ import torch
 import diffpro
 from diffpro_cli.errors import UsageError
 from diffpro_cli.quant.layers import QuantLinear
+from conftest import w8a8_dit_tiny
 
 
 @pytest.fixture(scope="module")
@@ -70,10 +71,7 @@ def test_a_call_outside_no_grad_runs_without_warnings_and_gives_the_same_output(
     that required grad, and torch warned on every integer layer's call."""
     import warnings
 
-    model = diffpro.load("random:dit-tiny", seed=2)
-    plan = {"layers": {n: {"weight_bits": 8, "act_bits": 8, "act_mode": "dynamic"}
-                       for n, (m, _) in model.quantizable_layers().items() if isinstance(m, torch.nn.Linear)}}
-    diffpro.quantize_(model, plan)
+    model = w8a8_dit_tiny()
     x, t, y = torch.randn(2, *model.sample_shape), torch.tensor([500, 20]), torch.tensor([0, 3])
     with torch.no_grad():
         ref = model.eps(x, t, y)

@@ -5,6 +5,7 @@ import torch
 
 import diffpro
 from diffpro_cli.quant import compiled, compiled_cuda
+from conftest import w8a8_dit_tiny
 
 needs_compile = pytest.mark.skipif(not compiled.compiled_available(),
                                    reason=f"compiled path unavailable: {compiled.unavailable_reason()}")
@@ -70,19 +71,13 @@ def test_in_place_compile_runs_the_network_itself_compiled_for_a_pipeline():
     pipeline and a checkpoint see), or an in-place graph computing something other than the default's."""
     from torch._dynamo.utils import counters
 
-    def quantized():
-        model = diffpro.load("random:dit-tiny", seed=2)
-        plan = {"layers": {n: {"weight_bits": 8, "act_bits": 8, "act_mode": "dynamic"}
-                           for n, (m, _) in model.quantizable_layers().items() if isinstance(m, torch.nn.Linear)}}
-        return diffpro.quantize_(model, plan)
-
     torch.manual_seed(0)
     x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([900, 30]), torch.tensor([1, 2])
     try:
         with torch.no_grad():
             torch._dynamo.reset()
-            want = diffpro.compile(quantized()).eps(x, t, y)
-            model = quantized()
+            want = diffpro.compile(w8a8_dit_tiny()).eps(x, t, y)
+            model = w8a8_dit_tiny()
             cls, keys = type(model.net), list(model.net.state_dict())
             assert diffpro.compile(model, in_place=True) is model
             counters.clear()

@@ -161,13 +161,9 @@ def test_eps_of_a_quantized_network_under_accelerate_cpu_offload():
     pytest.importorskip("accelerate", reason="accelerate is not installed (optional)")
     from accelerate import cpu_offload
 
-    import diffpro
-    from diffpro_cli.loading import load_model
+    from conftest import w8a8_dit_tiny
 
-    m = load_model("random:dit-tiny")
-    plan = {"layers": {n: {"weight_bits": 8, "act_bits": 8, "act_mode": "dynamic"}
-                       for n, (mod, _) in m.quantizable_layers().items() if isinstance(mod, torch.nn.Linear)}}
-    diffpro.quantize_(m, plan)
+    m = w8a8_dit_tiny()
     x, t, y = torch.randn(2, *m.sample_shape), torch.tensor([500, 20]), torch.tensor([1, 2])
     with torch.no_grad():
         ref = m.eps(x, t, y)
