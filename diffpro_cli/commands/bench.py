@@ -14,7 +14,7 @@ def bench_cmd(
     ctx,
     model: ModelArg = "builtin:dit-mnist",
     quantized: Annotated[Optional[Path], typer.Option("--quantized", help="diffpro checkpoint dir (default WORKDIR/quantized if present).")] = None,
-    timesteps: Annotated[Optional[Path], typer.Option("--timesteps", help="timesteps.json for the diffpro row (default WORKDIR/timesteps.json, else the checkpoint's).")] = None,
+    timesteps: Annotated[Optional[Path], typer.Option("--timesteps", help="timesteps.json for the diffpro row (default WORKDIR/timesteps.json where it holds the checkpoint's steps, else the checkpoint's).")] = None,
     rows: Annotated[Optional[str], typer.Option("--rows", help="Comma list of rows: fp32,bf16,w8a8-uniform,w4-uniform,ddim,bf16-ddim,dpmsolver,subset (fp32 on diffpro's timesteps),diffpro,ddim-same-latency (float DDIM on as many steps as cost diffpro's measured latency) (default: all of them, bf16 and bf16-ddim only where the device runs bf16 natively); on request cache-only, fbcache-0.08, fbcache-0.12 (DiTs), deepcache-2, deepcache-3 (U-Nets), diffpro-nocache.")] = None,
     reference_steps: Annotated[int, typer.Option("--reference-steps", help="Steps of the full-precision schedule.")] = 100,
     steps: Annotated[Optional[int], typer.Option("--steps", help="Reduced step count for ddim/dpmsolver rows (default: diffpro's timesteps' count; without timesteps, half of --reference-steps).")] = None,
@@ -55,8 +55,10 @@ def bench_cmd(
         quantized = ctx.workdir / "quantized"
     if quantized is not None and not (quantized / "diffpro.json").exists():
         raise InputError(f"--quantized {quantized}: no diffpro.json there; run `diffpro quantize` first")
-    if timesteps is None and (ctx.workdir / "timesteps.json").exists():
-        timesteps = ctx.workdir / "timesteps.json"
+    if timesteps is None:
+        from diffpro_cli.stages.bench_options import default_timesteps
+
+        timesteps = default_timesteps(ctx.workdir, quantized)
     outcome = run_bench(ctx, cfg, quantized=quantized, timesteps_path=timesteps).outcome
     from diffpro_cli.distributed import is_main
 

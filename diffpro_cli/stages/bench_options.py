@@ -1,6 +1,6 @@
 """bench's option checks, one `error:` line each, in one function: `diffpro bench` calls it before loading
 anything, and `run` before its first stage (a `[bench] repeats = 0` used to end in a StatisticsError
-traceback after every stage before bench had run)."""
+traceback after every stage before bench had run), and the default inputs `diffpro bench` and `run` wire in."""
 
 from __future__ import annotations
 
@@ -25,3 +25,23 @@ def validate_config(cfg) -> None:
     if cfg.method not in ("ddim", "ddpm", "euler"):
         raise UsageError(f"--method {cfg.method}: use ddim or ddpm (euler for flow-matching models)")
     check_guidance(cfg.cfg_scale)
+
+
+def default_timesteps(workdir, quantized):
+    """WORKDIR/timesteps.json for the diffpro row when it holds the checkpoint's own steps (or the checkpoint
+    records none); None when the checkpoint chose other steps (a joint plan: allocate --budget latency=...),
+    which then come from the checkpoint. Before, the file's subset silently replaced the plan's choice."""
+    import json
+    from pathlib import Path
+
+    path = Path(workdir) / "timesteps.json"
+    if not path.exists():
+        return None
+    if quantized is None:
+        return path
+    try:
+        own = json.loads((Path(quantized) / "diffpro.json").read_text()).get("timesteps")
+        listed = json.loads(path.read_text()).get("timesteps")
+    except (OSError, ValueError, AttributeError):
+        return path   # unreadable: the stage's own reads say what is wrong
+    return path if not own or own == listed else None

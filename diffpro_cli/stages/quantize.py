@@ -376,7 +376,14 @@ def run_quantize(ctx, cfg: QuantizeConfig, *, plan_path: Path | None = None, tim
     if timesteps_path is not None:
         timesteps = read_timesteps(timesteps_path, model)[1]
         inputs["timesteps"] = input_record(timesteps_path)
-    elif plan.get("timesteps"):
+    if plan.get("joint") and plan.get("timesteps") and [int(t) for t in plan["timesteps"]] != timesteps:
+        # a joint plan chose its step count with its bits: prune's subset (run and a plain --timesteps pass
+        # WORKDIR/timesteps.json) would silently undo that choice
+        if timesteps is not None:
+            ctx.ui.warn(f"quantize: the plan chose {len(plan['timesteps'])} steps jointly with its bits (allocate "
+                        f"--budget latency=...); {timesteps_path}'s {len(timesteps)} are not used")
+        timesteps = [int(t) for t in plan["timesteps"]]
+    elif timesteps is None and plan.get("timesteps"):
         timesteps = [int(t) for t in plan["timesteps"]]
     timesteps = cache_timesteps(plan, timesteps, model, ctx.ui)
     config = asdict(cfg) | {"out": _relpath(out_dir.resolve(), ctx.workdir.resolve())}   # one spelling of one place

@@ -258,7 +258,9 @@ def _runners() -> dict:
 
     def bench(ctx, c):
         quantized = ctx.workdir / "quantized" if (ctx.workdir / "quantized" / "diffpro.json").exists() else None
-        return run_bench(ctx, c, quantized=quantized, timesteps_path=_existing(ctx.workdir / "timesteps.json"))
+        from diffpro_cli.stages.bench_options import default_timesteps
+
+        return run_bench(ctx, c, quantized=quantized, timesteps_path=default_timesteps(ctx.workdir, quantized))
 
     return {"profile": run_profile, "score": run_score, "prune": run_prune, "allocate": allocate,
             "quantize": quantize, "bench": bench}
