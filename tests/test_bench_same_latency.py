@@ -91,3 +91,10 @@ def test_bench_adds_the_row_after_timing_with_its_latency_from_the_float_steps(t
     assert rows["ddim-3"]["latency_s_per_image"]["median"] == pytest.approx(0.3)
     assert "same_latency_as" not in rows["ddim-8"]
     assert any(v["row"] == "ddim-3" for v in rep["versus_step_cut"])
+
+
+def test_the_row_alone_is_one_line_naming_what_it_needs(cli, tmp_path):
+    """Catches the bare 'name at least one row' for a --rows that did name one."""
+    code, _, err = cli("bench", "random:dit-tiny", "-w", tmp_path / "w", "--rows", "ddim-same-latency", "--repeats", "1")
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(lines) == 1 and "add diffpro and ddim" in lines[0], err

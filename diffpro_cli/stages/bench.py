@@ -367,6 +367,8 @@ def measure_bench(ctx, cfg: BenchConfig, quantized: Path | None = None, timestep
         notes.append(compile_rows(rows, ctx.device))
     if not rows:
         skipped = [n for n in notes if " row skipped: " in n]   # why each requested row could not be built
+        if SAME_LATENCY in cfg.rows:
+            skipped.append(f"{SAME_LATENCY} is chosen from the diffpro row's timing: add diffpro and ddim (or fp32)")
         raise UsageError("--rows selects nothing to measure: " + ("; ".join(skipped) if skipped else "name at least one row"))
     from diffpro_cli.distributed import barrier, broadcast_from_main, is_main, rank_world
 
