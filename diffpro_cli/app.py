@@ -70,8 +70,10 @@ def _click_exceptions():
 def _sigterm_as_interrupt():
     """SIGTERM unwinds like Ctrl-C (temp files removed, one line, exit 130) instead of killing the process
     silently; stage commands and `run` name which of the two it was (commands.common.interruptible)."""
+    from diffpro_cli.commands.common import Terminated
+
     def on_term(signum, frame):
-        raise KeyboardInterrupt
+        raise Terminated
 
     main_thread = threading.current_thread() is threading.main_thread()   # handlers can only be set there
     previous = signal.signal(signal.SIGTERM, on_term) if main_thread else None

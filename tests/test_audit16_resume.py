@@ -102,6 +102,7 @@ def test_a_stage_interrupted_mid_compute_exits_130_with_one_line_and_keeps_every
     assert "Traceback" not in err
     errors = _error_lines(err)
     assert len(errors) == 1 and "interrupted" in errors[0] and "re-run" in errors[0], err
+    assert {"SIGINT": "(Ctrl-C)", "SIGTERM": "(SIGTERM)"}[sig] in errors[0], err   # which one, for the logs
     assert _snapshot(work) == before            # previous artifacts and the lock untouched
     assert not list(work.rglob("*.tmp")), "a temporary file was left behind"
     if command == "run":   # the next run recomputes exactly the interrupted stage (its config changed)

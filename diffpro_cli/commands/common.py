@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import signal
-import threading
 import typing
 from contextlib import contextmanager
 from pathlib import Path
@@ -85,28 +83,21 @@ class Interrupted(DiffproError):
     exit_code = EXIT_INTERRUPTED
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process was (app.main installs the handler for every command), so it
+    unwinds like Ctrl-C: temp files removed, the lock untouched, one line, exit 130."""
+
+
 @contextmanager
 def interruptible():
-    """Ctrl-C or SIGTERM during a command: one `error:` line and exit 130. Why here: typer turns a
-    KeyboardInterrupt into an exit code that the CLI's non-standalone main drops (Ctrl-C exited 0), and
-    SIGTERM's default action killed the process with no message, before the atomic writes' cleanup ran.
-    SIGTERM is raised as KeyboardInterrupt so both unwind the same way (temp files removed, lock untouched)."""
-    got = []
-
-    def on_term(signum, frame):
-        got.append(signum)
-        raise KeyboardInterrupt
-
-    main = threading.current_thread() is threading.main_thread()   # handlers can only be set there
-    previous = signal.signal(signal.SIGTERM, on_term) if main else None   # None too: a handler set from C
+    """Ctrl-C or SIGTERM during a stage command or `run`: one `error:` line naming which, and exit 130
+    (typer would turn the KeyboardInterrupt into a bare return value; app.main reports that one for the
+    other commands)."""
     try:
         yield
-    except KeyboardInterrupt:
-        what = "SIGTERM" if got else "Ctrl-C"
+    except KeyboardInterrupt as exc:
+        what = "SIGTERM" if isinstance(exc, Terminated) else "Ctrl-C"
         raise Interrupted(f"interrupted ({what}); finished artifacts are kept, re-run to resume") from None
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
 
 
 @contextmanager
