@@ -19,6 +19,7 @@ from diffpro_cli.quant.epilogue import fuse_activations, unfuse_activations
 from diffpro_cli.quant.layers import QuantConv2d, QuantLinear
 from diffpro_cli.sampling import sample
 from diffpro_cli.stages.quantize import uniform_plan
+from test_lora import lora_pair
 
 DIT_TARGETS = ["pos_embed.proj",                                    # QuantConv2d 4×4 stride 4 (patch embedding)
                "transformer_blocks.0.attn1.to_k",                   # alone, inside the fused q/k/v GEMM
@@ -65,14 +66,9 @@ def make_lora(net, names, rank=3, seed=0, flat_1x1=False):
     out = {}
     for n in names:
         m = net.get_submodule(n)
-        if _is_conv(m):
-            a = torch.randn(rank, m.in_channels, *m.kernel_size, generator=g) * 0.1
-            if flat_1x1 and tuple(m.kernel_size) == (1, 1):
-                a = a[:, :, 0, 0].contiguous()
-            b = torch.randn(m.out_channels, rank, 1, 1, generator=g) * 0.1
-        else:
-            a = torch.randn(rank, m.in_features, generator=g) * 0.1
-            b = torch.randn(m.out_features, rank, generator=g) * 0.1
+        a, b = lora_pair(m, rank, g, 0.1)
+        if flat_1x1 and _is_conv(m) and tuple(m.kernel_size) == (1, 1):
+            a = a[:, :, 0, 0].contiguous()
         out[n] = (a, b)
     return out
 

@@ -18,6 +18,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 from test_audit16_lora import base_output, merged_delta
+from test_lora import lora_pair
 from torch import nn
 
 import diffpro
@@ -107,13 +108,7 @@ def _kohya_file(net, table, rank=3, alpha=1.5, seed=0, conv_shaped=()):
     g = torch.Generator().manual_seed(seed)
     sd, lora = {}, {}
     for kohya, module in table.items():
-        m = net.get_submodule(module)
-        if isinstance(m, (nn.Conv2d, QuantConv2d)):
-            a = torch.randn(rank, m.in_channels, *m.kernel_size, generator=g) * 0.1
-            b = torch.randn(m.out_channels, rank, 1, 1, generator=g) * 0.1
-        else:
-            a = torch.randn(rank, m.in_features, generator=g) * 0.1
-            b = torch.randn(m.out_features, rank, generator=g) * 0.1
+        a, b = lora_pair(net.get_submodule(module), rank, g, 0.1)
         a, b = a.half(), b.half()
         lora[module] = (a.float(), b.float())
         if module in conv_shaped:

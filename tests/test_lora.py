@@ -42,21 +42,22 @@ def qdir(tmp_path_factory):
     return work / "q"
 
 
+def lora_pair(layer, rank: int, generator: torch.Generator, scale: float):
+    """Random (A, B) for one Linear/Conv2d (float or quantized), shaped as PEFT saves them: a conv's A is
+    [r, in, kh, kw] and its B [out, r, 1, 1]. B is non-zero, unlike a freshly initialised adapter's."""
+    if isinstance(layer, (nn.Conv2d, QuantConv2d)):
+        a = torch.randn(rank, layer.in_channels, *layer.kernel_size, generator=generator) * scale
+        b = torch.randn(layer.out_channels, rank, 1, 1, generator=generator) * scale
+    else:
+        a = torch.randn(rank, layer.in_features, generator=generator) * scale
+        b = torch.randn(layer.out_features, rank, generator=generator) * scale
+    return a, b
+
+
 def random_lora(net, names=TARGETS, seed=0):
-    """{name: (A, B)} with random A and B (B non-zero, unlike a freshly initialised PEFT adapter)."""
+    """{name: (A, B)} with random A and B."""
     g = torch.Generator().manual_seed(seed)
-    modules = dict(net.named_modules())
-    out = {}
-    for n in names:
-        m = modules[n]
-        if isinstance(m, (nn.Conv2d, QuantConv2d)):
-            a = torch.randn(RANK, m.in_channels, *m.kernel_size, generator=g) * 0.05
-            b = torch.randn(m.out_channels, RANK, 1, 1, generator=g) * 0.05
-        else:
-            a = torch.randn(RANK, m.in_features, generator=g) * 0.05
-            b = torch.randn(m.out_features, RANK, generator=g) * 0.05
-        out[n] = (a, b)
-    return out
+    return {n: lora_pair(net.get_submodule(n), RANK, g, 0.05) for n in names}
 
 
 def write_peft(dirpath, lora):
