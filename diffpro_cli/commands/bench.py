@@ -51,14 +51,11 @@ def bench_cmd(
     from diffpro_cli.distributed import init_from_env
 
     init_from_env(ctx.device)  # no-op unless started by torchrun
-    if quantized is None and (ctx.workdir / "quantized" / "diffpro.json").exists():
-        quantized = ctx.workdir / "quantized"
     if quantized is not None and not (quantized / "diffpro.json").exists():
         raise InputError(f"--quantized {quantized}: no diffpro.json there; run `diffpro quantize` first")
-    if timesteps is None:
-        from diffpro_cli.stages.bench_options import default_timesteps
+    from diffpro_cli.stages.bench_options import default_inputs
 
-        timesteps = default_timesteps(ctx.workdir, quantized)
+    quantized, timesteps = default_inputs(ctx.workdir, quantized, timesteps)
     outcome = run_bench(ctx, cfg, quantized=quantized, timesteps_path=timesteps).outcome
     from diffpro_cli.distributed import is_main
 

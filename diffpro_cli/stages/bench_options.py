@@ -27,6 +27,16 @@ def validate_config(cfg) -> None:
     check_guidance(cfg.cfg_scale)
 
 
+def default_inputs(workdir, quantized=None, timesteps=None):
+    """(checkpoint, timesteps.json) for bench, as `diffpro bench` and `run` wire them: the ones given, else
+    WORKDIR/quantized where it holds a checkpoint and default_timesteps' file."""
+    from pathlib import Path
+
+    if quantized is None and (Path(workdir) / "quantized" / "diffpro.json").exists():
+        quantized = Path(workdir) / "quantized"
+    return quantized, timesteps if timesteps is not None else default_timesteps(workdir, quantized)
+
+
 def default_timesteps(workdir, quantized):
     """WORKDIR/timesteps.json for the diffpro row when it holds the checkpoint's own steps (or the checkpoint
     records none); None when the checkpoint chose other steps (a joint plan: allocate --budget latency=...),

@@ -257,10 +257,10 @@ def _runners() -> dict:
         return run_quantize(ctx, c, plan_path=plan, timesteps_path=_existing(ctx.workdir / "timesteps.json"))
 
     def bench(ctx, c):
-        quantized = ctx.workdir / "quantized" if (ctx.workdir / "quantized" / "diffpro.json").exists() else None
-        from diffpro_cli.stages.bench_options import default_timesteps
+        from diffpro_cli.stages.bench_options import default_inputs
 
-        return run_bench(ctx, c, quantized=quantized, timesteps_path=default_timesteps(ctx.workdir, quantized))
+        quantized, timesteps = default_inputs(ctx.workdir)
+        return run_bench(ctx, c, quantized=quantized, timesteps_path=timesteps)
 
     return {"profile": run_profile, "score": run_score, "prune": run_prune, "allocate": allocate,
             "quantize": quantize, "bench": bench}
