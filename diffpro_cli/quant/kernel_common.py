@@ -49,8 +49,8 @@ def split_nonfinite_rows(x: torch.Tensor, known: bool = False) -> tuple[torch.Te
     row. The kernel computes the zeroed input and `mark_rows` sets those rows to NaN. The fast test is
     one sum over x, skipped where the caller `known` x is not finite (any NaN/inf makes the sum
     non-finite; a finite sum that overflows only costs the exact per-row test). Never writes into x."""
-    if x.numel() == 0 or (not known and math.isfinite(float((x.detach() if x.requires_grad else x).sum()))):
-        return x, None   # (detach: float() of a grad tensor warns)
+    if x.numel() == 0 or (not known and math.isfinite(float(x.detach().sum()))):
+        return x, None   # (detach, as tensor_scale: float() of a grad tensor warns)
     bad = ~torch.isfinite(x.reshape(x.shape[0], -1)).all(dim=1)
     if not bool(bad.any()):
         return x, None
