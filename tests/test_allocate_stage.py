@@ -34,6 +34,9 @@ def test_cli_infeasible_budget_one_line_and_nothing_written(cli, scores_file, tm
     assert code == 3 and err.count("error:") == 1
     code, out, err = cli("allocate", scores_file, "-w", work, "--budget", "avg-bits=5", "--min-speedup", "0", *CLI_FAST)
     assert code == 2 and err.count("error:") == 1 and "--min-speedup" in err and not (work / "plan.json").exists()
+    # a bad option with no scores yet: the option's line (exit 2), not 'scores.json: no such file' (exit 3)
+    code, out, err = cli("allocate", "-w", tmp_path / "empty", "--budget", "latency=2", *CLI_FAST)
+    assert code == 2 and err.count("error:") == 1 and "latency=2" in err
 
 
 def synthetic_cost_table(scores: dict, latency=None, fingerprint: dict | None = None) -> dict:

@@ -329,6 +329,7 @@ def run_allocate(ctx, cfg: AllocateConfig, *, scores_path: str | Path | None = N
 
     ui = ctx.ui
     workdir = ctx.workdir
+    validate_config(cfg)          # every option before reading or measuring anything
     scores_path = Path(scores_path) if scores_path is not None else workdir / "scores.json"
     scores = read_json(scores_path, SCORES_SCHEMA)
     timesteps = None
@@ -338,7 +339,6 @@ def run_allocate(ctx, cfg: AllocateConfig, *, scores_path: str | Path | None = N
         timesteps_path = workdir / "timesteps.json"   # the step counts the joint plan chooses from
     if timesteps_path is not None:
         timesteps = read_json(timesteps_path, TIMESTEPS_SCHEMA)
-    validate_config(cfg)          # every option before measuring anything
     layers = load_layers(scores, scores_path)
     error_model(layers, cfg.error_model)
     if timesteps is not None:
