@@ -4,6 +4,8 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
+# no wheel cache: the install takes ~6 GB in the venv alone (CI once ran out of disk while installing)
+export PIP_NO_CACHE_DIR := 1
 
 .PHONY: install demo test bench cuda-check gpu-wheels gpu-image-test lint clean
 
