@@ -26,14 +26,22 @@ def _timing(**medians):
 def test_the_step_count_is_the_most_float_steps_within_diffpros_latency(diffpro_s, want):
     rows = [_row("fp32", 50), _row("ddim-25", 25), _row("diffpro", 25)]
     k, why = same_latency_steps(rows, _timing(fp32=2.5, ddim_25=1.0, diffpro=diffpro_s))
-    assert (k, why) == (want, None)
+    assert (k, why) == ((want, "ddim-25"), None)
+
+
+def test_the_fastest_float_step_cut_prices_the_steps():
+    """Where bf16-ddim-K ran faster per step than ddim-K, the user's float alternative is bf16: K' comes
+    from its per-step time (more steps) and the row is built from it; catches the fp32 row always pricing."""
+    rows = [_row("fp32", 50), _row("ddim-25", 25), _row("bf16-ddim-25", 25), _row("diffpro", 25)]
+    assert same_latency_steps(rows, _timing(fp32=2.5, ddim_25=1.0, bf16_ddim_25=0.5, diffpro=0.44)) == ((22, "bf16-ddim-25"), None)
+    assert same_latency_steps(rows, _timing(fp32=2.5, ddim_25=1.0, bf16_ddim_25=1.5, diffpro=0.44)) == ((11, "ddim-25"), None)
 
 
 def test_without_a_float_step_row_or_when_diffpro_is_not_faster_it_says_why():
     k, why = same_latency_steps([_row("diffpro", 25)], _timing(diffpro=0.4))
     assert k is None and "needs the diffpro row and a float step-cut row" in why
     rows = [_row("fp32", 50), _row("diffpro", 25)]       # priced from fp32's per-step time when no ddim row
-    assert same_latency_steps(rows, _timing(fp32=2.0, diffpro=0.4)) == (10, None)
+    assert same_latency_steps(rows, _timing(fp32=2.0, diffpro=0.4)) == ((10, "fp32"), None)
     k, why = same_latency_steps(rows, _timing(fp32=2.0, diffpro=1.2))   # slower per image than 25 float steps
     assert k is None and "is not faster per image" in why
 
@@ -52,9 +60,14 @@ def test_the_report_line_says_who_is_closer_to_fp32_at_the_same_latency():
     assert versus_step_cut(rep)[-1]["same_latency_verdict"] == "diffpro is closer to fp32"
 
 
-def test_bench_adds_the_row_after_timing_with_its_latency_from_the_float_steps(tmp_path):
-    """Through measure_bench on a tiny checkpoint: the row is ddim-K' with K' < diffpro's steps, marked
-    same_latency_as, its latency ddim-K's per step × K' (not a placeholder), and it is sampled like any row."""
+@pytest.mark.parametrize("bf16_s, want, want_s", [
+    (None, "ddim-3", 0.3),           # floor(0.35 / 0.1) = 3
+    (0.4, "bf16-ddim-7", 0.35),      # bf16-ddim-8 is faster per step: floor(0.35 / 0.05) = 7, in bf16
+])
+def test_bench_adds_the_row_after_timing_with_its_latency_from_the_float_steps(tmp_path, bf16_s, want, want_s):
+    """Through measure_bench on a tiny checkpoint: the row is ddim-K' (bf16-ddim-K' where that row was
+    faster) with K' < diffpro's steps, marked same_latency_as, its latency the pricing row's per step × K'
+    (not a placeholder), and it is sampled like any row."""
     import diffpro
     from diffpro_cli.stages.bench import BenchConfig, measure_bench
     from diffpro_cli.stages.context import StageContext
@@ -65,9 +78,11 @@ def test_bench_adds_the_row_after_timing_with_its_latency_from_the_float_steps(t
     diffpro.prune("random:dit-tiny", work, steps=8, reference_steps=16, n=2, batch=2)
     diffpro.allocate("random:dit-tiny", work, budget="avg-bits=6", repeats=1, batch=2)
     diffpro.quantize("random:dit-tiny", work)
-    cfg = BenchConfig(rows=["fp32", "ddim", "diffpro", "ddim-same-latency"], reference_steps=16, repeats=1,
-                      latency_batch=2, memory=False)
+    cfg = BenchConfig(rows=["fp32", "ddim", "diffpro", "ddim-same-latency"] + (["bf16-ddim"] if bf16_s else []),
+                      reference_steps=16, repeats=1, latency_batch=2, memory=False, fid=False)
     timings = {"ddim-8": 0.8, "diffpro": 0.35, "fp32": 1.6}   # injected: the rule, not this machine's speed
+    if bf16_s:
+        timings["bf16-ddim-8"] = bf16_s
 
     import diffpro_cli.stages.bench as bench_mod
 
@@ -87,10 +102,10 @@ def test_bench_adds_the_row_after_timing_with_its_latency_from_the_float_steps(t
         mp.undo()
     rep = json.loads((work / "bench" / "report.json").read_text())
     rows = {r["name"]: r for r in rep["rows"]}
-    assert "ddim-3" in rows and rows["ddim-3"]["same_latency_as"] == "diffpro"   # floor(0.35 / 0.1) = 3
-    assert rows["ddim-3"]["latency_s_per_image"]["median"] == pytest.approx(0.3)
+    assert want in rows and rows[want]["same_latency_as"] == "diffpro"
+    assert rows[want]["latency_s_per_image"]["median"] == pytest.approx(want_s)
     assert "same_latency_as" not in rows["ddim-8"]
-    assert any(v["row"] == "ddim-3" for v in rep["versus_step_cut"])
+    assert any(v["row"] == want for v in rep["versus_step_cut"])
 
 
 def test_the_row_alone_is_one_line_naming_what_it_needs(cli, tmp_path):

@@ -378,7 +378,7 @@ def measure_bench(ctx, cfg: BenchConfig, quantized: Path | None = None, timestep
     if SAME_LATENCY in cfg.rows:
         k_same, why = broadcast_from_main(same_latency_steps(rows, timing) if is_main() else None)
         if k_same is not None:
-            add_same_latency_row(rows, timing, k_same, Row)
+            add_same_latency_row(rows, timing, k_same[0], Row, k_same[1])
         elif is_main():
             notes.append(why)
     if is_main() and cfg.memory:
