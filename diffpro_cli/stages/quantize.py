@@ -252,16 +252,17 @@ def apply_plan(model: DiffusionModel, plan: dict, static_ranges: dict | None = N
 
 
 def swap_planned_layers(net: nn.Module, modules: dict[str, nn.Module], entries: dict, static_ranges: dict | None = None,
-                        fuse: bool = True) -> nn.Module:
+                        fuse: bool = True, hessians: dict | None = None) -> nn.Module:
     """Replace each of `modules` (name in `net` → its float layer) that `entries` quantizes with its quant
     layer, in place, the kernel packed on that layer's device; then fuse q/k/v inputs and MLP
-    activations. apply_plan and the API's quantize_ both swap through here."""
+    activations. apply_plan and the API's quantize_ both swap through here. `hessians`: GPTQ rounding
+    for the Linear layers they name."""
     from diffpro_cli.checkpoint import plan_layer, set_submodule
     from diffpro_cli.quant.epilogue import fuse_activations
     from diffpro_cli.quant.groups import fuse_shared_inputs
 
     for name, mod in modules.items():
-        layer = plan_layer(mod, entries.get(name), (static_ranges or {}).get(name))
+        layer = plan_layer(mod, entries.get(name), (static_ranges or {}).get(name), (hessians or {}).get(name))
         if layer is not None and layer is not mod:
             device = mod.weight.device     # the network's device: its kernel is packed there
             set_submodule(net, name, layer.to(device).prepare(device))
@@ -275,10 +276,21 @@ def quantize_to_dir(model: DiffusionModel, plan: dict, out_dir: Path, timesteps:
                     cfg: QuantizeConfig | None = None, provenance: dict | None = None, ui: UI = QUIET_UI) -> dict:
     """Calibrate (static ranges; GPTQ inputs with rounding "gptq") and write the checkpoint; returns diffpro.json's content."""
     from diffpro_cli.checkpoint import save_quantized
-    from diffpro_cli.sampling import uniform_timesteps
 
     cfg = cfg or QuantizeConfig()
     provenance = {"plan_sha256": sha256_json(plan), **(provenance or {})}   # the plan as given, not as marked below
+    plan, ranges, hessians = prepare_plan(model, plan, timesteps, cfg, ui)
+    with ui.progress("quantize: rounding layers", total=len(model.quantizable_layers())) as advance:
+        return save_quantized(model, plan, out_dir, timesteps, static_ranges=ranges, provenance=provenance, hessians=hessians,
+                              cache=plan.get("cache"), advance=advance)
+
+
+def prepare_plan(model: DiffusionModel, plan: dict, timesteps: list[int] | None, cfg: QuantizeConfig, ui: UI = QUIET_UI,
+                 known_hessians: dict | None = None) -> tuple[dict, dict | None, dict | None]:
+    """(plan marked for this CPU's pair bound, static ranges, GPTQ Hessians): everything quantize_to_dir
+    calibrates before rounding. `known_hessians` (name → Hessian) are reused, not calibrated again."""
+    from diffpro_cli.sampling import uniform_timesteps
+
     if wants_pair_bound(cfg.pair_bound, str(net_device(model.net))):   # every entry asks; layers.bound_pairs applies where it can
         plan = {**plan, "layers": {n: {**e, "pair_bound": True} for n, e in plan["layers"].items()}}
     static = [n for n, e in plan["layers"].items() if e.get("act_mode") == "static" and e.get("act_bits", 8) < 16 and e.get("weight_bits", 16) < 16]
@@ -287,14 +299,28 @@ def quantize_to_dir(model: DiffusionModel, plan: dict, out_dir: Path, timesteps:
     if cfg.rounding == "gptq":
         layers = model.quantizable_layers()
         linear = [n for n, e in plan["layers"].items() if e.get("weight_bits", 16) < 16 and isinstance(layers[n][0], nn.Linear)]
-    ranges = hessians = None
-    if static or linear:
-        what = [f"{len(static)} static ranges"] * bool(static) + [f"GPTQ inputs of {len(linear)} Linear layers"] * bool(linear)
+    known = known_hessians or {}
+    need = [n for n in linear if n not in known]
+    ranges, hessians = None, ({n: known[n] for n in linear if n in known} or None)
+    if static or need:
+        what = [f"{len(static)} static ranges"] * bool(static) + [f"GPTQ inputs of {len(need)} Linear layers"] * bool(need)
         ui.info(f"quantize: calibrating {' and '.join(what)} over {len(cal_ts)} timesteps ({cfg.calib_samples} samples, one pass)")
-        ranges, hessians = calibrate(model, static, linear, cal_ts, cfg.calib_samples, cfg.seed)
-    with ui.progress("quantize: rounding layers", total=len(model.quantizable_layers())) as advance:
-        return save_quantized(model, plan, out_dir, timesteps, static_ranges=ranges, provenance=provenance, hessians=hessians,
-                              cache=plan.get("cache"), advance=advance)
+        ranges, new = calibrate(model, static, need, cal_ts, cfg.calib_samples, cfg.seed)
+        hessians = {**(hessians or {}), **new} or None
+    return plan, ranges, hessians
+
+
+def quantize_in_memory(model: DiffusionModel, plan: dict, timesteps: list[int] | None, cfg: QuantizeConfig,
+                       known_hessians: dict | None = None, ui: UI = QUIET_UI) -> tuple[DiffusionModel, dict | None]:
+    """A copy of `model` quantized as quantize_to_dir would write it (pair bound, calibration, rounding),
+    without writing; returns it and the Hessians used (pass them back to reuse them)."""
+    import copy
+
+    plan, ranges, hessians = prepare_plan(model, plan, timesteps, cfg, ui, known_hessians)
+    q = copy.deepcopy(model)
+    swap_planned_layers(q.net, {name: mod for name, (mod, _) in q.quantizable_layers().items()}, plan["layers"], ranges,
+                        hessians=hessians)
+    return q, hessians
 
 
 def quantize_uniform_to_dir(model: DiffusionModel, bits: int, out_dir: Path, act_mode: str = "dynamic") -> dict:
