@@ -128,7 +128,7 @@ def test_allocate_inception_without_weights_falls_back_to_mse_and_records_it(tmp
     monkeypatch.setattr(fid, "load_inception", missing)
     sec, err = _cache_section(tmp_path, "inception", capsys, monkeypatch)
     assert sec["metric"] == "mse" and sec["drift_definition"].startswith("MSE")
-    notes = [line for line in err.splitlines() if "uses mse" in line]
+    notes = [line for line in err.splitlines() if "using mse" in line]
     assert len(notes) == 1 and "Inception weights" in notes[0]
     measured = [c for c in sec["candidates"] if c["drift"] is not None]
     assert sec["drift"] == min([sec["base"]["drift"]] + [c["drift"] for c in measured])
@@ -140,7 +140,7 @@ def test_allocate_inception_records_the_feature_distance_with_one_teacher_pass(t
     net = FakeInception().eval()
     monkeypatch.setattr(fid, "load_inception", lambda weights=None, device="cpu": net)
     sec, err = _cache_section(tmp_path, "inception", capsys, monkeypatch)
-    assert sec["metric"] == "inception" and "Inception" in sec["drift_definition"] and "uses mse" not in err
+    assert sec["metric"] == "inception" and "Inception" in sec["drift_definition"] and "using mse" not in err
     measured = [c for c in sec["candidates"] if c["drift"] is not None]
     assert measured and net.calls == 2 + len(measured)   # teacher once, the plan once, each measured schedule once
 

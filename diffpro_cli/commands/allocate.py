@@ -39,6 +39,10 @@ def allocate_cmd(
     cache_objective: Annotated[str, typer.Option("--cache-objective", help="With --cache: latency (the fastest schedule that drifts no more than the plan) or drift (the least drift at the plan's latency).")] = "latency",
     cache_metric: Annotated[str, typer.Option("--cache-metric", help="With --cache: the drift of that comparison: inception (paired FID Inception features of the decoded samples vs the float teacher's; mse when the weights are missing) or mse (final samples).")] = "inception",
     cache_n: Annotated[int, typer.Option("--cache-n", help="With --cache: calibration samples of the drift comparison.")] = 8,
+    check: Annotated[bool, typer.Option("--check/--no-check", help="Measure the plan against float DDIM on as many steps as fit its predicted latency (paired, fp32 on --full-steps as the reference); a joint plan keeps the step count measured closest to fp32.")] = True,
+    check_n: Annotated[int, typer.Option("--check-n", help="Calibration samples of that check.")] = 16,
+    check_metric: Annotated[str, typer.Option("--check-metric", help="Distance to fp32 of that check: inception (paired FID features; mse where the weights are missing) or mse (final samples).")] = "inception",
+    check_rounding: Annotated[str, typer.Option("--check-rounding", help="How that check rounds the plan's weights: as quantize --rounding will (nearest or gptq).")] = "nearest",
     compile_: Annotated[bool, typer.Option("--compile/--no-compile", help="Plan for torch.compile'd execution (bench --compile, diffpro.compile): the cost table also times every path compiled, and the plan must beat compiled float.")] = False,
     model: Annotated[Optional[str], typer.Option("--model", help="Model timed for the non-GEMM remainder (default: the scored one).")] = None,
 ):
@@ -54,7 +58,8 @@ def allocate_cmd(
                          cost_table=None if cost_table is None else str(cost_table), full_steps=full_steps,
                          latency_source=latency_source, repeats=repeats, remainder_ms=remainder_ms, pareto=pareto,
                          error_model=error_model, cache=cache, cache_objective=cache_objective, cache_metric=cache_metric,
-                         cache_n=cache_n, compile=compile_)
+                         cache_n=cache_n, compile=compile_, check=check, check_n=check_n, check_metric=check_metric,
+                         check_rounding=check_rounding)
     result = run_allocate(ctx, cfg, scores_path=scores, timesteps_path=timesteps)
     outcome, plan = result.outcome, result.value
     t = plan["totals"]
@@ -63,6 +68,8 @@ def allocate_cmd(
         lat += f" ({t['predicted_speedup']:.2f}x float in {plan.get('world') or plan.get('compute_dtype') or 'float32'})"
     joint = plan.get("joint")
     steps_txt = f", {joint['steps']} steps ({joint['total_latency_ms']:.1f} ms/image)" if joint else ""
+    if (plan.get("step_cut_check") or {}).get("verdict"):
+        steps_txt += f"; {plan['step_cut_check']['verdict']}"
     if (plan.get("cache") or {}).get("verdict"):
         steps_txt += f"; cache: {plan['cache']['verdict']}"
     result = {**outcome.as_dict(), "totals": t, "solver": plan["solver"], "joint": joint}

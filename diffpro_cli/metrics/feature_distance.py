@@ -26,12 +26,16 @@ class PairedFeatureDistance:
         self._teacher_features: np.ndarray | None = None
 
     def __call__(self, candidate: torch.Tensor, teacher: torch.Tensor) -> float:
+        return float(self.per_sample(candidate, teacher).mean())
+
+    def per_sample(self, candidate: torch.Tensor, teacher: torch.Tensor) -> np.ndarray:
+        """‖f(candidate_i) − f(teacher_i)‖² / feature dim for every i (paired tests bootstrap these)."""
         if len(candidate) != len(teacher):
             raise ValueError(f"paired distance needs as many samples as the teacher ({len(candidate)} vs {len(teacher)})")
         if teacher is not self._teacher:
             self._teacher, self._teacher_features = teacher, np.asarray(self.features(teacher), dtype=np.float64)
         f = np.asarray(self.features(candidate), dtype=np.float64)
-        return float(((f - self._teacher_features) ** 2).sum(axis=1).mean() / f.shape[1])
+        return ((f - self._teacher_features) ** 2).sum(axis=1) / f.shape[1]
 
 
 def inception_distance(weights=None) -> PairedFeatureDistance:

@@ -154,6 +154,36 @@ def pareto_front(table: Table, cfg, budget: Budget | None, constraints: list[Con
 
 
 
+def float_step_cut_check(table, sol, remainder_ms: float, step_list, timesteps: dict | None, joint: dict | None) -> dict | None:
+    """The plan against what a user gets by cutting steps alone in float (ddim-K / fp32-subset-K): the
+    predicted speed-up at the same step count, and the float step count that costs the plan's latency
+    with its drift when prune measured it. A plan that does not beat float at the same steps says so."""
+    if table.fp_latency is None or np.isnan(table.fp_latency).any():
+        return None
+    fp_step = float(table.fp_latency.sum()) + remainder_ms
+    plan_step = float(chosen_total(table.latency, sol.choice)) + remainder_ms
+    ratio = fp_step / plan_step
+    ints = sum(1 for i, j in enumerate(sol.choice) if not table.options[j].full_precision and table.options[j].act_bits < 16)
+    out = {"fp32_step_ms": fp_step, "plan_step_ms": plan_step, "speedup_vs_float_same_steps": ratio, "integer_layers": ints}
+    k = len(step_list) if step_list else None
+    if k:
+        k_float = max(1, int(k * plan_step / fp_step))
+        out.update(steps=k, float_steps_same_latency=k_float)
+        sweep = {int(e["steps"]): e.get("drift") for e in (timesteps or {}).get("sweep") or []}
+        if joint is not None and k_float in sweep and sweep[k_float] is not None:
+            out.update(float_drift_same_latency=sweep[k_float], plan_combined_error=joint["combined_error"])
+    if ints == 0:
+        out["verdict"] = ("no integer kernel beats float compute on this machine: every layer runs in float from its "
+                          "stored low-bit weights (the plan saves size; its speed-up is the step cut's)")
+    elif ratio < 1.0:
+        out["verdict"] = (f"WARNING: predicted {ratio:.2f}x of float at the same steps; quantized compute does not pay "
+                          f"here: allow float execution (--act-bits 8,16) to keep float compute")
+    else:
+        out["verdict"] = (f"predicted {ratio:.2f}x faster per step than float at the same steps "
+                          f"({ints} layers on integer kernels)" + (f"; float alone at this latency: {out['float_steps_same_latency']} steps" if k else ""))
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # bits × steps × cache: the same predicted latency spent on more steps with reused computation
 # ---------------------------------------------------------------------------------------------

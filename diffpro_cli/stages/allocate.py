@@ -31,11 +31,11 @@ from diffpro_cli.planning.costs import attach_kernels, measure_cost_table, read_
 from diffpro_cli.planning.fingerprint import FINGERPRINT_VERSION, check_fingerprint, fingerprint_id, machine_fingerprint
 from diffpro_cli.planning.costs_compiled import is_compiled
 from diffpro_cli.planning.error_model import error_model, plan_pair_bound
-from diffpro_cli.planning.joint import pareto_front, solve_joint, step_entries
+from diffpro_cli.planning.joint import float_step_cut_check, pareto_front, solve_joint, step_entries
 from diffpro_cli.planning.options import (DEFAULT_PROTECT, FLOAT_ACT_ROLES, METHODS, Layer, Option, load_layers, make_options,
                                           canonical_budgets, parse_budgets)
 from diffpro_cli.stages.allocate_dtype import SILENT_UI, WORLDS, plan_per_world
-from diffpro_cli.planning.solvers import (Constraint, budget_constraint, chosen_total, build_table, infeasible_message, plan_layers,
+from diffpro_cli.planning.solvers import (Constraint, budget_constraint, build_table, infeasible_message, plan_layers,
                                           predicted_speedup, smallest_feasible, solve, speedup_constraint, summarize)
 
 PLAN_SCHEMA = "diffpro.plan/1"
@@ -82,6 +82,10 @@ class AllocateConfig:
     cache_tolerance: float = 0.0         # latency objective: drift allowed over the plan's, as a fraction of it
     cache_metric: str = "inception"      # drift of that comparison: inception (paired FID features of decoded samples) | mse
     compile: bool = False                # price and plan for torch.compile'd execution (planning/costs_compiled.py)
+    check: bool = True                   # measure the plan against the float step cut at its latency (allocate_check.py)
+    check_n: int = 16                    # calibration samples of that check (paired, seeded)
+    check_metric: str = "inception"      # its distance to fp32: inception (paired FID features) | mse (final samples)
+    check_rounding: str = "nearest"      # the plan's weights rounded as quantize will (run: [quantize] rounding)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -111,6 +115,12 @@ def validate_config(cfg: AllocateConfig) -> None:
         raise UsageError(f"--cache-metric {cfg.cache_metric}: use inception (paired FID features of the decoded samples) or mse (final samples)")
     if not (math.isfinite(cfg.cache_tolerance) and 0 <= cfg.cache_tolerance < 1):
         raise UsageError(f"cache_tolerance {cfg.cache_tolerance}: must be in [0, 1), e.g. 0.05 allows 5% more drift than the plan")
+    if cfg.check_metric not in CACHE_METRICS:
+        raise UsageError(f"--check-metric {cfg.check_metric}: use inception (paired FID features of the decoded samples) or mse (final samples)")
+    if cfg.check_rounding not in ("nearest", "gptq"):
+        raise UsageError(f"--check-rounding {cfg.check_rounding}: use nearest or gptq (quantize's --rounding)")
+    if cfg.check_n < 2:
+        raise UsageError(f"--check-n {cfg.check_n}: the paired check needs at least 2 calibration samples")
     if cfg.cache_n < 1:
         raise UsageError(f"cache_n {cfg.cache_n}: must be at least 1 calibration sample")
     if not 0 <= cfg.int_margin < 1:
@@ -287,36 +297,6 @@ def full_schedule_ms(table, remainder_ms: float, full_steps: int) -> float:
     return full_steps * (float(table.fp_latency.sum()) + remainder_ms)
 
 
-def float_step_cut_check(table, sol, remainder_ms: float, step_list, timesteps: dict | None, joint: dict | None) -> dict | None:
-    """The plan against what a user gets by cutting steps alone in float (ddim-K / fp32-subset-K): the
-    predicted speed-up at the same step count, and the float step count that costs the plan's latency
-    with its drift when prune measured it. A plan that does not beat float at the same steps says so."""
-    if table.fp_latency is None or np.isnan(table.fp_latency).any():
-        return None
-    fp_step = float(table.fp_latency.sum()) + remainder_ms
-    plan_step = float(chosen_total(table.latency, sol.choice)) + remainder_ms
-    ratio = fp_step / plan_step
-    ints = sum(1 for i, j in enumerate(sol.choice) if not table.options[j].full_precision and table.options[j].act_bits < 16)
-    out = {"fp32_step_ms": fp_step, "plan_step_ms": plan_step, "speedup_vs_float_same_steps": ratio, "integer_layers": ints}
-    k = len(step_list) if step_list else None
-    if k:
-        k_float = max(1, int(k * plan_step / fp_step))
-        out.update(steps=k, float_steps_same_latency=k_float)
-        sweep = {int(e["steps"]): e.get("drift") for e in (timesteps or {}).get("sweep") or []}
-        if joint is not None and k_float in sweep and sweep[k_float] is not None:
-            out.update(float_drift_same_latency=sweep[k_float], plan_combined_error=joint["combined_error"])
-    if ints == 0:
-        out["verdict"] = ("no integer kernel beats float compute on this machine: every layer runs in float from its "
-                          "stored low-bit weights (the plan saves size; its speed-up is the step cut's)")
-    elif ratio < 1.0:
-        out["verdict"] = (f"WARNING: predicted {ratio:.2f}x of float at the same steps; quantized compute does not pay "
-                          f"here: allow float execution (--act-bits 8,16) to keep float compute")
-    else:
-        out["verdict"] = (f"predicted {ratio:.2f}x faster per step than float at the same steps "
-                          f"({ints} layers on integer kernels)" + (f"; float alone at this latency: {out['float_steps_same_latency']} steps" if k else ""))
-    return out
-
-
 def run_allocate(ctx, cfg: AllocateConfig, *, scores_path: str | Path | None = None,
                  timesteps_path: str | Path | None = None, latency_fn: Callable[[Layer, Option], float] | None = None):
     """Write WORKDIR/plan.json (+ pareto.json and figures/pareto.png with cfg.pareto). Returns a
@@ -381,20 +361,32 @@ def run_allocate(ctx, cfg: AllocateConfig, *, scores_path: str | Path | None = N
         float_steps = {} if doc is None else {w: world_float_step_ms(world_table(doc, w), layers, cfg.remainder_ms) for w in worlds}
         fastest_float = min((v for v in float_steps.values() if v), default=None)
 
-        def solve_world(world: str):
+        def solve_world(world: str, steps: int | None = None):
             fn, remainder, rsource, lsource = latency_fn, cfg.remainder_ms or 0.0, "given", "injected"
             if doc is not None:
                 view = world_table(doc, world)
                 fn, lsource = table_latency_fn(view, analytic=cfg.latency_source == "analytic"), cfg.latency_source
                 if cfg.remainder_ms is None:
                     remainder, rsource = float(view["remainder_ms"]), "measured"
-            return allocate_plan(scores, cfg, latency_fn=fn, remainder_ms=remainder, remainder_source=rsource,
+            return allocate_plan(scores, cfg if steps is None else dataclasses.replace(cfg, steps=str(steps)), latency_fn=fn,
+                                 remainder_ms=remainder, remainder_source=rsource,
                                  latency_source=lsource, timesteps=timesteps, scores_path=scores_path, ui=SILENT_UI,
                                  reference_float_ms=fastest_float)
 
+        def finish(p: dict) -> dict:
+            if doc is not None:   # each integer layer runs the kernel its cost-table cell was fastest with
+                attach_kernels(p["layers"], world_table(doc, p.get("compute_dtype", "float32")))
+            return p
+
         plan, pareto = plan_per_world(solve_world, worlds, trades_latency_of(cfg), ui, float_steps)
-        if doc is not None:   # each integer layer runs the kernel its cost-table cell was fastest with
-            attach_kernels(plan["layers"], world_table(doc, plan.get("compute_dtype", "float32")))
+        plan = finish(plan)
+        if cfg.check and doc is not None:   # measured in one unit against the float step cut (allocate_check.py)
+            from diffpro_cli.stages.allocate_check import step_cut_check
+
+            plan = step_cut_check(ctx, cfg, plan, timesteps, finish=finish, plan_for_steps=lambda k: plan_per_world(
+                lambda w: solve_world(w, k), worlds, trades_latency_of(cfg), SILENT_UI, float_steps)[0])
+            if pareto is not None and plan.get("joint"):
+                pareto["chosen"] = {"total_latency_ms": plan["joint"]["total_latency_ms"], "error": plan["joint"]["combined_error"]}
         if plan["solver"]["protected_relaxed"]:
             ui.warn(f"the budget forces {plan['solver']['protected_relaxed']} protected layer(s) below {cfg.protect_bits} bits")
         if plan.get("baseline_check"):

@@ -77,7 +77,7 @@ def joint_cache_section(ctx, cfg: AllocateConfig, plan: dict, doc: dict, timeste
             "config": ccfg.as_dict(), **rec}
 
 
-def cache_distance(ctx, cfg: AllocateConfig, model) -> tuple[str, Callable | None, str]:
+def cache_distance(ctx, cfg: AllocateConfig, model, metric: str | None = None) -> tuple[str, Callable | None, str]:
     """(metric used, distance for plan_joint_cache on decoded samples or None for its MSE, definition),
     built here so that planning/ needs no metrics/ (docs/caching.md: why inception is the default).
     "inception" falls back to mse, with one info line, when the Inception weights are missing or the
@@ -85,20 +85,21 @@ def cache_distance(ctx, cfg: AllocateConfig, model) -> tuple[str, Callable | Non
     import torch
 
     mse = ("mse", None, "MSE of final samples (model space)")
-    if cfg.cache_metric == "mse":
+    metric = metric or cfg.cache_metric   # the cache decision's, or allocate's step-cut check's (check_metric)
+    if metric == "mse":
         return mse
     with torch.no_grad():
         channels = model.decode(torch.zeros(1, *model.sample_shape)).shape[1]
     if channels not in (1, 3):
-        ctx.ui.info(f"allocate: cache_metric inception needs 1- or 3-channel decoded images ({model.spec} decodes "
-                    f"to {channels}); the cache decision uses mse")
+        ctx.ui.info(f"allocate: inception distance needs 1- or 3-channel decoded images ({model.spec} decodes "
+                    f"to {channels}); using mse")
         return mse
     from diffpro_cli.metrics.feature_distance import inception_distance
 
     try:
         distance = inception_distance()
     except InputError as exc:
-        ctx.ui.info(f"allocate: cache_metric inception: {exc.message.split(';')[0]}; the cache decision uses mse")
+        ctx.ui.info(f"allocate: inception distance: {exc.message.split(';')[0]}; using mse")
         return mse
     return "inception", distance, ("mean over samples of the squared L2 distance (/ 2048) of FID Inception pool3 features of "
                                     "the decoded samples")

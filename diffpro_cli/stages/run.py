@@ -222,6 +222,9 @@ def run_pipeline(cfg: RunConfig, *, force: bool = False, wait: bool = False, ui:
             if name not in cfg.stages:
                 continue
             stage_cfg = section(classes[name], cfg.sections[name], name, seed=cfg.seed)
+            if name == "allocate" and "check_rounding" not in cfg.sections["allocate"]:
+                # allocate's check quantizes as the quantize stage will
+                stage_cfg.check_rounding = section(classes["quantize"], cfg.sections["quantize"], "quantize", seed=cfg.seed).rounding
             outcome = runners[name](ctx, stage_cfg).outcome
             outcomes.append(outcome.as_dict())
             ui.info(f"{outcome.stage}: {outcome.status}" + (f" ({outcome.wall_s:.1f} s)" if outcome.status == "computed" else ""))
