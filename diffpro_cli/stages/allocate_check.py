@@ -87,8 +87,11 @@ def step_cut_check(ctx, cfg: AllocateConfig, plan: dict, timesteps: dict | None,
     sampler = SamplerConfig(method="ddim", eta=0.0, cfg_scale=cfg_scale)
     labels = default_labels(model, n)
 
+    advance = [lambda k=1: None]   # the progress bar's, once it is open
+
     def final(m, ts) -> torch.Tensor:
-        return sample(m, n, sorted(ts), sampler, labels=labels, seed=ctx.seed, batch_size=n, decode=distance is not None)
+        return sample(m, n, sorted(ts), sampler, labels=labels, seed=ctx.seed, batch_size=n,
+                      decode=distance is not None, advance=advance[0])
 
     from diffpro_cli.stages.quantize import QuantizeConfig, quantize_in_memory
 
@@ -103,17 +106,22 @@ def step_cut_check(ctx, cfg: AllocateConfig, plan: dict, timesteps: dict | None,
         return q
 
     ui = ctx.ui
-    with ui.heartbeat("allocate: plan vs float step cut"):
-        ui.info(f"allocate: measuring the plan against the float step cut ({metric}, {n} samples, "
-                f"fp32 on {cfg.full_steps} steps as the reference)")
+    joint = plan.get("joint")
+    others = [r["steps"] for r in (joint or {}).get("candidates") or [] if r.get("feasible") and r["steps"] != joint["steps"]] \
+        if plan_for_steps is not None else []
+    k_max = max([len(plan["timesteps"]), *others])   # the kept plan's own K and the cut's K' are at most this
+    total = n * (cfg.full_steps + len(plan["timesteps"]) + sum(others) + 2 * k_max)
+    ui.info(f"allocate: measuring the plan against the float step cut ({metric}, {n} samples, "
+            f"fp32 on {cfg.full_steps} steps as the reference; --no-check skips it)")
+    with ui.progress("allocate: plan vs float step cut (sampling steps)", total=total) as bar:
+        advance[0] = bar
         teacher = final(model, uniform_timesteps(N, cfg.full_steps))
 
         def measured(p: dict) -> np.ndarray:
             return per_sample(final(quantized(p), p["timesteps"]), teacher)
 
         plan_d = measured(plan)
-        joint = plan.get("joint")
-        if joint is not None and plan_for_steps is not None and len(joint.get("candidates") or []) > 1:
+        if others:
             chosen_k = joint["steps"]
             cands, plans = [], {chosen_k: (plan, plan_d)}
             for row in joint["candidates"]:
