@@ -121,3 +121,20 @@ def test_verdict_names_the_size_budget_when_float_steps_win():
     assert "joint plan" in verdict_line(rec, None)
     rec["paired"]["closer_to_fp32"] = "plan"
     assert verdict_line(rec, None).endswith("the plan is closer to fp32")
+
+
+def test_the_checks_verdict_travels_to_the_checkpoint_and_the_bench_row(cli, work):
+    """quantize records the plan's check and bench shows it on the diffpro row, beside what bench measures
+    (catches a verdict that stays in plan.json where a bench reader never looks)."""
+    assert cli("allocate", "-w", work, "--budget", "avg-bits=6", "--timesteps", work / "timesteps.json",
+               "--check-metric", "mse", *FAST)[0] == 0
+    verdict = _plan(work)["step_cut_check"]["verdict"]
+    code, _, err = cli("quantize", "random:dit-tiny", "-w", work, "--plan", work / "plan.json", "-q")
+    assert code == 0, err
+    meta = json.loads((work / "quantized" / "diffpro.json").read_text())
+    assert meta["provenance"]["plan_check"] == verdict
+    code, _, err = cli("bench", "random:dit-tiny", "-w", work, "--rows", "diffpro", "--repeats", "1", "--no-fid",
+                       "--latency-batch", "1", "--latency-steps", "1", "--reference-steps", "8", "-q")
+    assert code == 0, err
+    row = next(r for r in json.loads((work / "bench" / "report.json").read_text())["rows"] if r["name"] == "diffpro")
+    assert f"allocate's check before quantize: {verdict}" in row["notes"]

@@ -231,8 +231,8 @@ def build_rows(ctx, cfg: BenchConfig, quantized: Path | None, timesteps: list[in
                             f"diffpro:{qinfo['meta'].get('provenance', {})}:{sha256_json(list(ts))}"
                             + (f":{sha256_json(policy.as_dict())}" if policy is not None else ""),
                             load_spec=str(quantized), cache=policy,
-                            notes=[f"cache schedule of the plan: compute fraction {policy.compute_fraction():.3f}"]
-                            if policy is not None else []))
+                            notes=([f"cache schedule of the plan: compute fraction {policy.compute_fraction():.3f}"] if policy is not None else [])
+                            + [f"allocate's check before quantize: {v}" for v in [qinfo["meta"].get("provenance", {}).get("plan_check")] if v]))
         elif name == SAME_LATENCY:   # its step count comes from the timing round (measure_bench)
             continue
         elif name in FLOAT_ROWS:

@@ -415,6 +415,8 @@ def run_quantize(ctx, cfg: QuantizeConfig, *, plan_path: Path | None = None, tim
     config = asdict(cfg) | {"out": _relpath(out_dir.resolve(), ctx.workdir.resolve())}   # one spelling of one place
     provenance = {"plan_sha256": sha256_json(plan), "timesteps_sha256": None if timesteps is None else sha256_json(timesteps),
                   "inputs": {k: v["sha256"] for k, v in inputs.items()}}
+    if (plan.get("step_cut_check") or {}).get("verdict"):   # bench shows it beside what it measures
+        provenance["plan_check"] = plan["step_cut_check"]["verdict"]
     return ctx.run_stage("quantize", inputs, config,
                          {"weights": out_dir / "model.safetensors", "meta": out_dir / "diffpro.json"},
                          lambda: quantize_to_dir(model, plan, out_dir, timesteps, cfg, provenance, ctx.ui), seed=cfg.seed,
