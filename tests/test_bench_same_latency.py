@@ -113,3 +113,16 @@ def test_the_row_alone_is_one_line_naming_what_it_needs(cli, tmp_path):
     code, _, err = cli("bench", "random:dit-tiny", "-w", tmp_path / "w", "--rows", "ddim-same-latency", "--repeats", "1")
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert code == 2 and len(lines) == 1 and "add diffpro and ddim" in lines[0], err
+
+
+def test_checkpoint_identity_ignores_the_write_time_but_not_the_tensors():
+    """bench's diffpro row cache key: a re-quantize to the same tensors (new `created`) keeps it, so cached
+    FID features are reused; new tensors, plan or timesteps change it."""
+    from diffpro_cli.stages.bench_options import checkpoint_identity
+
+    base = {"provenance": {"tensors_sha256": "a", "plan_sha256": "p", "timesteps_sha256": "t", "created": "2026-12-07T10:00:00"}}
+    again = {"provenance": {**base["provenance"], "created": "2026-12-07T11:00:00", "plan_check": "measured ..."}}
+    assert checkpoint_identity(base) == checkpoint_identity(again)
+    for key in ("tensors_sha256", "plan_sha256", "timesteps_sha256"):
+        other = {"provenance": {**base["provenance"], key: "changed"}}
+        assert checkpoint_identity(other) != checkpoint_identity(base)

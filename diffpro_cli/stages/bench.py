@@ -35,6 +35,7 @@ from diffpro_cli.stages.bench_cache import (
     CACHE_ROWS,  # rows on request (docs/caching.md)
 )
 from diffpro_cli.stages.bench_compile import compile_rows
+from diffpro_cli.stages.bench_options import checkpoint_identity
 from diffpro_cli.stages.bench_float import FLOAT_ROWS
 from diffpro_cli.stages.bench_same_latency import TOKEN as SAME_LATENCY, add_same_latency_row, same_latency_steps
 from diffpro_cli.stages.comparisons import (
@@ -228,7 +229,7 @@ def build_rows(ctx, cfg: BenchConfig, quantized: Path | None, timesteps: list[in
             qm = ctx.load(quantized)
             ts = policy.timesteps if policy is not None else (diffpro_ts or ref_ts)
             rows.append(Row("diffpro", qm, list(ts), len(ts), qinfo["size_bytes"], qinfo["avg_bits"],
-                            f"diffpro:{qinfo['meta'].get('provenance', {})}:{sha256_json(list(ts))}"
+                            f"diffpro:{checkpoint_identity(qinfo['meta'])}:{sha256_json(list(ts))}"
                             + (f":{sha256_json(policy.as_dict())}" if policy is not None else ""),
                             load_spec=str(quantized), cache=policy,
                             notes=([f"cache schedule of the plan: compute fraction {policy.compute_fraction():.3f}"] if policy is not None else [])

@@ -11,6 +11,7 @@ and the cache schedule a diffpro checkpoint carries.
 from __future__ import annotations
 
 from diffpro_cli.artifacts import sha256_json
+from diffpro_cli.stages.bench_options import checkpoint_identity
 
 CACHE_ROWS = ("cache-only", "fbcache-0.08", "fbcache-0.12", "deepcache-2", "deepcache-3", "diffpro-nocache")
 
@@ -83,7 +84,7 @@ def diffpro_nocache_row(ctx, qinfo: dict | None, quantized, ts: list[int] | None
         return []
     qm = ctx.load(quantized)
     return [Row("diffpro-nocache", qm, list(ts), len(ts), qinfo["size_bytes"], qinfo["avg_bits"],
-                f"diffpro-nocache:{qinfo['meta'].get('provenance', {})}:{sha256_json(list(ts))}",
+                f"diffpro-nocache:{checkpoint_identity(qinfo['meta'])}:{sha256_json(list(ts))}",
                 load_spec=str(quantized), notes=["the diffpro checkpoint without its cache schedule, on the pruned steps"])]
 
 

@@ -55,3 +55,13 @@ def default_timesteps(workdir, quantized):
     except (OSError, ValueError, AttributeError):
         return path   # unreadable: the stage's own reads say what is wrong
     return path if not own or own == listed else None
+
+
+def checkpoint_identity(meta: dict) -> str:
+    """What a quantized checkpoint's samples depend on, for bench's row caches: its provenance (tensors,
+    plan, timesteps, inputs) without the write time and the plan's check note, so re-quantizing to the
+    same tensors keeps the cached FID features (the whole provenance, `created` included, was the key)."""
+    from diffpro_cli.artifacts import sha256_json
+
+    prov = meta.get("provenance", {})
+    return sha256_json({k: v for k, v in prov.items() if k not in ("created", "plan_check")})
