@@ -378,3 +378,17 @@ def test_a_text_model_called_without_conditioning_names_both_ways_to_give_it():
         with pytest.raises(UsageError) as err:
             call()
         assert "--prompts FILE" in err.value.message and "--conditioning FILE" in err.value.message
+
+
+def test_bench_of_a_text_model_without_conditioning_fails_before_writing_baselines(tmp_path, cli, capsys):
+    """Catches: the missing --prompts / --conditioning surfaced at the first model call, after bench had
+    quantized and written the uniform baseline checkpoints into the workdir."""
+    from test_prompts import sd_pipeline
+
+    pipe = sd_pipeline(tmp_path / "sd")
+    capsys.readouterr()
+    work = tmp_path / "w"
+    code, _, err = cli("bench", pipe, "-w", work, "--rows", "w8a8-uniform,fp32", "--repeats", 1, "--no-fid", "--quiet")
+    line = _error_line(err)
+    assert code == 2 and "--prompts FILE" in line and "--conditioning FILE" in line, err
+    assert not (work / "bench" / "baselines").exists()

@@ -351,10 +351,11 @@ def measure_bench(ctx, cfg: BenchConfig, quantized: Path | None = None, timestep
     ui, workdir, model_spec = ctx.ui, ctx.workdir, ctx.model_spec
     bench_dir = workdir / "bench"
     from diffpro_cli.artifacts import writable_dir
-    from diffpro_cli.sampling import SamplerConfig, check_method
+    from diffpro_cli.sampling import SamplerConfig, check_method, default_labels
     from diffpro_cli.stages.bench_fid import fid_for_rows, fid_inputs
 
     check_method(ctx.model(), SamplerConfig(method=cfg.method))   # before any row is built or timed
+    default_labels(ctx.model(), 1)   # a text model without --prompts / --conditioning: now, not after the baselines are written
     if ctx.model().is_quantized:
         raise InputError(f"{ctx.model().spec}: is a diffpro quantized checkpoint, not a float model; bench the float "
                          f"model it was made from, with this checkpoint as --quantized")
