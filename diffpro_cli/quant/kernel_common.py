@@ -31,8 +31,9 @@ def row_scales(x2d: torch.Tensor, qmax: int) -> torch.Tensor:
 
 
 def tensor_scale(x: torch.Tensor, qmax: int) -> float:
-    """One symmetric scale for the whole input (detached: an input that requires grad warned on every call)."""
-    return max(float(x.detach().abs().amax()), 1e-12) / qmax
+    """One symmetric scale for the whole input (detached: an input that requires grad warned on every call;
+    an empty input, which amax refuses, gets the floor)."""
+    return max(float(x.detach().abs().amax()) if x.numel() else 0.0, 1e-12) / qmax
 
 
 def sample_scales(x: torch.Tensor, qmax: int) -> torch.Tensor:
