@@ -113,3 +113,43 @@ def test_layers_of_one_shape_share_one_measurement(monkeypatch):
         shapes.setdefault(lead, set()).add(name)
     assert "same_as" not in rows["pos_embed.proj"]          # the only conv: its own cell
     assert len(timed_names - {"__forward__"}) == len(shapes) < len(rows)
+
+
+@pytest.mark.parametrize("amx", [True, False])
+def test_default_linear_kernel_follows_amx(monkeypatch, amx):
+    """Without a measured choice, an AMX CPU runs W8A8 Linear on oneDNN (its AMX int8 tiles: 1.4-2.3x
+    fbgemm measured, docs/results.md session 17), others keep fbgemm; a named kernel still wins.
+    Catches the registry's fbgemm-first order ignoring AMX (uniform baselines and quantize --bits ran
+    the slower kernel there)."""
+    from diffpro_cli.quant.layers import QuantLinear
+
+    monkeypatch.setattr(kernels, "cpu_has_amx_int8", lambda: amx)
+    lin = torch.nn.Linear(64, 32)
+    q = QuantLinear.from_float(lin, 8, "dynamic").prepare("cpu")
+    assert q.kernel_name.startswith(ONEDNN if amx else FBGEMM)
+    named = QuantLinear.from_float(lin, 8, "dynamic")
+    named.prefer = FBGEMM
+    assert named.prepare("cpu").kernel_name.startswith(FBGEMM)
+
+
+def test_amx_is_off_under_a_onednn_isa_cap(monkeypatch):
+    """ONEDNN_MAX_CPU_ISA below AMX (e.g. the AVX2 emulation env) keeps fbgemm first even on an AMX CPU."""
+    kernels.cpu_has_amx_int8.cache_clear()
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_VNNI")
+    try:
+        assert kernels.cpu_has_amx_int8() is False
+    finally:
+        kernels.cpu_has_amx_int8.cache_clear()
+
+
+@pytest.mark.parametrize("kernel", [FBGEMM, ONEDNN])
+def test_both_linear_kernels_take_an_empty_input(kernel):
+    """Zero tokens in, zero tokens out on either kernel: oneDNN's per-tensor scale called amax on the empty
+    input and raised (only fbgemm's path had been exercised, until AMX CPUs made oneDNN the default)."""
+    from diffpro_cli.quant.layers import QuantLinear
+
+    q = QuantLinear.from_float(torch.nn.Linear(16, 8), 8, "dynamic")
+    q.prefer = kernel
+    q.prepare("cpu")
+    assert q.kernel_name.startswith(kernel)
+    assert q(torch.randn(0, 16)).shape == (0, 8) and q(torch.randn(2, 0, 16)).shape == (2, 0, 8)

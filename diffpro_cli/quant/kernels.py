@@ -104,6 +104,23 @@ def cpu_has_vnni() -> bool:
     return any(flag in flags.split() for flag in ("avx512_vnni", "avx_vnni", "amx_int8"))
 
 
+@functools.lru_cache(maxsize=None)
+def cpu_has_amx_int8() -> bool:
+    """AMX int8 tiles that oneDNN uses (fbgemm does not): the amx_int8 flag and no oneDNN ISA cap below
+    AMX. Measured on an Intel Xeon with AMX, 2 threads (docs/results.md, session 17): oneDNN's int8
+    Linear 1.4-2.3x fbgemm's on DiT-XL/2 and built-in shapes. Cached like cpu_has_vnni."""
+    for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
+        cap = os.environ.get(name, "").strip().upper()
+        if cap and cap != "ALL" and "AMX" not in cap:
+            return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return "amx_int8" in flags.split()
+
+
 SATURATION_FREE_QMAX = 64   # |q_w| ≤ 64: 2·255·64 = 32640 fits vpmaddubsw's int16 pair sum
 
 
@@ -391,6 +408,8 @@ def select(layer, device: torch.device, prefer: str | None = None) -> type:
     names = candidates(layer.kind, device.type, layer.weight_bits, layer.act_mode)
     if prefer is None and getattr(layer, "post_op", None) in POST_OP_ALGORITHMS and "cpu-onednn-int8" in names:
         prefer = "cpu-onednn-int8"   # fbgemm's fused op cannot take an epilogue: the GELU would be its own pass
+    if prefer is None and device.type == "cpu" and "cpu-onednn-int8" in names and cpu_has_amx_int8():
+        prefer = "cpu-onednn-int8"   # AMX int8: oneDNN's tiles beat fbgemm's AVX-512 (a plan's measured choice still wins)
     order = ([prefer] if prefer in names else []) + [n for n in names if n not in OPT_IN]
     for name in order:
         if KERNELS[name].usable(layer, device):
