@@ -37,6 +37,15 @@ from torch import nn  # noqa: E402
 
 warnings.filterwarnings("ignore")
 
+
+def _native_bf16() -> bool:
+    from diffpro_cli.planning.fingerprint import bf16_support
+
+    return bf16_support("cpu")[0]
+
+
+BF16 = _native_bf16()   # a bf16 row in every table where the CPU computes bf16 in hardware
+
 # (name, tokens, in, out): DiT-XL/2 at 256 px, batch 2 (2 × 256 tokens), hidden 1152
 DIT_XL_LAYERS = [
     ("attn qkv (fused)", 512, 1152, 3456),
@@ -146,7 +155,11 @@ def bench_layers(repeats: int, with_torchao: bool, shapes=DIT_XL_LAYERS, title="
                     models[key] = compile_timed(module)
                     models[key](x)
                     compile_s[f"{name} {key}"] = time.perf_counter() - t0
-        times = interleaved({k: (lambda m=m: m(x)) for k, m in models.items()}, repeats)
+        fns = {k: (lambda m=m: m(x)) for k, m in models.items()}
+        if BF16:   # the strongest float where the CPU has bf16 in hardware (AMX / AVX512_BF16): activations in bf16
+            lin_bf, xb = copy.deepcopy(lin).bfloat16(), x.bfloat16()
+            fns["bf16"] = lambda: lin_bf(xb)
+        times = interleaved(fns, repeats)
         r = ratios(times)
         if with_compiled:
             rc = ratios({k: v for k, v in times.items() if k.endswith("-compiled")}, "fp32-compiled")
@@ -204,6 +217,8 @@ def bench_forward(model, batch: int, repeats: int, with_torchao: bool, title: st
     ranges = one_step_ranges(model, x, t, y)
     torch_dyn = dataclasses.replace(model, net=torch_dynamic(copy.deepcopy(model.net)))
     variants = {"fp32": model, "torch-dyn": torch_dyn}
+    if BF16:   # bench's bf16 row: the float model computing in bf16
+        variants["bf16"] = copy.deepcopy(model).set_compute_dtype(torch.bfloat16)
     if with_torchao:
         variants.update({k: dataclasses.replace(model, net=m) for k, m in torchao_variants(model.net).items()})
     for key, (bits, mode) in {"diffpro-w8a8-dyn": (8, "dynamic"), "diffpro-w8a8-token": (8, "dynamic-token"),
@@ -296,6 +311,8 @@ def bench_forward_lean(model, out_root: Path, repeats: int, with_token: bool) ->
     gc.collect()
     variants = {"fp32": model, "torch-dyn": None, "diffpro-w8a8-dyn": load_quantized(out_root / "w8a8"),
                 "diffpro-w4a8-dyn": load_quantized(out_root / "w4a8")}
+    if BF16:   # the strongest float on a CPU with bf16 in hardware
+        variants["bf16"] = copy.deepcopy(model).set_compute_dtype(torch.bfloat16)
     if with_token:
         save_quantized(model, uniform_plan(model, 8, 8, "dynamic-token"), out_root / "w8a8-token")
         variants["diffpro-w8a8-token"] = load_quantized(out_root / "w8a8-token")
@@ -379,10 +396,11 @@ def main(argv=None) -> None:
     print(f"malloc: {steady_allocator()}")   # what diffpro's stages run under (allocator.py)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from diffpro_cli.quant.kernels import cpu_has_vnni
+    from diffpro_cli.quant.kernels import cpu_has_amx_int8, cpu_has_vnni
 
     print(f"# diffpro kernel benchmark — torch {torch.__version__}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads, "
-          f"capability {torch.backends.cpu.get_cpu_capability()}, VNNI {cpu_has_vnni()}")
+          f"capability {torch.backends.cpu.get_cpu_capability()}, VNNI {cpu_has_vnni()}, AMX int8 {cpu_has_amx_int8()}, "
+          f"native bf16 {BF16}")
     with_torchao = not args.no_torchao
     if args.compiled:
         from diffpro_cli.quant.compiled import unavailable_reason

@@ -117,16 +117,20 @@ def test_layers_of_one_shape_share_one_measurement(monkeypatch):
 
 @pytest.mark.parametrize("amx", [True, False])
 def test_default_linear_kernel_follows_amx(monkeypatch, amx):
-    """Without a measured choice, an AMX CPU runs W8A8 Linear on oneDNN (its AMX int8 tiles: 1.4-2.3x
-    fbgemm measured, docs/results.md session 17), others keep fbgemm; a named kernel still wins.
+    """Without a measured choice, an AMX CPU runs large W8A8 Linear layers on oneDNN (its AMX int8 tiles:
+    1.4-2.3x fbgemm on DiT-XL/2 shapes, docs/results.md session 17), small ones and other CPUs keep
+    fbgemm; a named kernel still wins.
     Catches the registry's fbgemm-first order ignoring AMX (uniform baselines and quantize --bits ran
     the slower kernel there)."""
     from diffpro_cli.quant.layers import QuantLinear
 
     monkeypatch.setattr(kernels, "cpu_has_amx_int8", lambda: amx)
-    lin = torch.nn.Linear(64, 32)
+    lin = torch.nn.Linear(1024, 1024)   # at AMX_MIN_WEIGHTS: large enough for oneDNN's tiles to pay
     q = QuantLinear.from_float(lin, 8, "dynamic").prepare("cpu")
     assert q.kernel_name.startswith(ONEDNN if amx else FBGEMM)
+    small = QuantLinear.from_float(torch.nn.Linear(192, 768), 8, "dynamic").prepare("cpu")   # the built-in's widths
+    assert small.kernel_name.startswith(FBGEMM)
+    lin = torch.nn.Linear(64, 32)
     named = QuantLinear.from_float(lin, 8, "dynamic")
     named.prefer = FBGEMM
     assert named.prepare("cpu").kernel_name.startswith(FBGEMM)
