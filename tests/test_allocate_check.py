@@ -46,8 +46,12 @@ def test_float_plan_measures_as_float_on_its_own_timesteps(cli, work):
     rec = _plan(work)["step_cut_check"]
     assert rec["metric"] == "mse" and rec["n"] == 4 and rec["plan"]["steps"] == 4
     assert rec["plan"]["distance"] == rec["float_same_timesteps"]["distance"]
-    assert rec["float_step_cut"]["steps"] == _plan(work)["baseline_check"]["float_steps_same_latency"] == 4
+    assert rec["float_step_cut"]["predicted_steps"] == _plan(work)["baseline_check"]["float_steps_same_latency"] == 4
     assert rec["verdict"].startswith("measured against fp32 (mse, 4 samples)")
+    # the cut's steps come from the measured forwards (the same float network twice here: about 1x)
+    fw = rec["forward"]
+    assert fw["float_dtype"] == "float32" and fw["plan_ms"] > 0 and fw["float_ms"] > 0
+    assert rec["float_step_cut"]["steps"] == max(1, min(8, int(4 * fw["plan_ms"] / fw["float_ms"] + 1e-9)))
 
 
 def test_quantized_plan_is_measured_quantized(cli, work):
@@ -115,9 +119,13 @@ def test_select_measured_least_distance_then_fewer_steps():
 
 def test_verdict_names_the_size_budget_when_float_steps_win():
     rec = {"metric": "inception", "n": 16, "plan": {"steps": 25, "distance": 2.0},
-           "float_step_cut": {"steps": 12, "distance": 1.0}, "paired": {"closer_to_fp32": "float step cut"}}
+           "float_step_cut": {"steps": 12, "distance": 1.0}, "paired": {"closer_to_fp32": "float step cut"},
+           "forward": {"plan_speedup": 0.5, "float_dtype": "bfloat16"}}
     line = verdict_line(rec, "avg-bits=4.4")
     assert "FEWER FLOAT STEPS WIN" in line and "avg-bits=4.4 excludes" in line and "12 steps" in line
+    assert "2.00x SLOWER than bfloat16's" in line
+    rec["forward"]["plan_speedup"] = 2.0
+    assert "its forward 2.00x bfloat16's" in verdict_line(rec, None)
     assert "joint plan" in verdict_line(rec, None)
     rec["paired"]["closer_to_fp32"] = "plan"
     assert verdict_line(rec, None).endswith("the plan is closer to fp32")

@@ -15,6 +15,8 @@ measured and the closest to fp32 is kept: the step count is chosen on measured q
 
 from __future__ import annotations
 
+import copy
+import math
 from typing import Callable
 
 import numpy as np
@@ -44,6 +46,21 @@ def paired_verdict(plan_d: np.ndarray, cut_d: np.ndarray, seed: int, resamples: 
             "closer_to_fp32": winner}
 
 
+def time_forwards(model, q, float_world: str | None, batch: int, repeats: int, seed: int) -> dict:
+    """The plan's network and the fastest float (its world's dtype; eager) timed on the same forward
+    (cost-table inputs: seeded noise, mid timestep, default labels), round-robin, minimum of `repeats`."""
+    from diffpro_cli.planning.costs import capture_inputs, interleaved_min_ms
+    from diffpro_cli.planning.costs_compiled import world_dtype
+
+    dtype = world_dtype(float_world or "float32")
+    fl = model if dtype in (None, "float32") else copy.deepcopy(model).set_compute_dtype(getattr(torch, dtype))
+    _, (x, t, y) = capture_inputs(model, {}, batch, seed)
+    with torch.no_grad():
+        ms = interleaved_min_ms({"plan": lambda: q.eps(x, t, y), "float": lambda: fl.eps(x, t, y)}, repeats, device=str(x.device))
+    return {"batch": batch, "repeats": repeats, "float_dtype": dtype or "float32", "plan_ms": ms["plan"], "float_ms": ms["float"],
+            "plan_speedup": ms["float"] / ms["plan"]}
+
+
 def select_measured(candidates: list[dict]) -> dict:
     """The candidate with the least measured distance to fp32; ties keep the fewer steps (cheaper)."""
     ok = [c for c in candidates if c.get("distance") is not None]
@@ -51,9 +68,11 @@ def select_measured(candidates: list[dict]) -> dict:
 
 
 def verdict_line(rec: dict, size_budget: str | None) -> str:
-    plan, cut, v = rec["plan"], rec["float_step_cut"], rec["paired"]
+    plan, cut, v, fw = rec["plan"], rec["float_step_cut"], rec["paired"], rec.get("forward")
+    speed = "" if fw is None else (f" (its forward {fw['plan_speedup']:.2f}x {fw['float_dtype']}'s)" if fw["plan_speedup"] >= 1
+                                   else f" (its forward {1 / fw['plan_speedup']:.2f}x SLOWER than {fw['float_dtype']}'s)")
     head = (f"measured against fp32 ({rec['metric']}, {rec['n']} samples): the plan on {plan['steps']} steps "
-            f"{plan['distance']:.4g}, float DDIM on {cut['steps']} steps (same predicted latency) {cut['distance']:.4g}")
+            f"{plan['distance']:.4g}{speed}, float DDIM on {cut['steps']} steps (same measured latency) {cut['distance']:.4g}")
     if v["closer_to_fp32"] == "plan":
         return head + ": the plan is closer to fp32"
     if v["closer_to_fp32"] is None:
@@ -141,14 +160,20 @@ def step_cut_check(ctx, cfg: AllocateConfig, plan: dict, timesteps: dict | None,
             plan["joint"]["selected_by"] = "measured distance to fp32"
             plan["joint"]["predicted_choice"] = chosen_k
         base = plan["baseline_check"]
-        k_cut = int(base["float_steps_same_latency"])
+        forward = time_forwards(model, quantized(plan), base.get("fastest_float_dtype") or base.get("float_dtype"),
+                                cfg.batch, min(cfg.repeats, 9), ctx.seed)
+        K = len(plan["timesteps"])   # the float steps that cost the plan's MEASURED time (the table's prediction is kept)
+        k_cut = max(1, min(cfg.full_steps, math.floor(K * forward["plan_ms"] / forward["float_ms"] + 1e-9)))
         cut_d = per_sample(final(model, uniform_timesteps(N, k_cut)), teacher)
         same_d = per_sample(final(model, plan["timesteps"]), teacher)
     rec = {"schema": CHECK_SCHEMA, "metric": metric, "definition": f"{definition} vs the float model on {cfg.full_steps} "
            f"uniform DDIM steps (same seeds and labels)", "n": n, "seed": ctx.seed, "cfg_scale": cfg_scale,
            "plan": {"steps": len(plan["timesteps"]), "distance": float(plan_d.mean()),
                     "quantized_in_memory": f"as quantize writes it ({cfg.check_rounding} rounding), on the cost table's kernels"},
-           "float_step_cut": {"steps": k_cut, "distance": float(cut_d.mean()), "timesteps": "uniform (bench's ddim row)"},
+           "float_step_cut": {"steps": k_cut, "distance": float(cut_d.mean()), "timesteps": "uniform (bench's ddim row)",
+                              "predicted_steps": int(base["float_steps_same_latency"]),
+                              "steps_from": "the measured forward times: floor(K x plan / float)"},
+           "forward": forward,
            "float_same_timesteps": {"steps": len(plan["timesteps"]), "distance": float(same_d.mean())},
            "paired": paired_verdict(plan_d, cut_d, ctx.seed)}
     size = [b for b in parse_budgets(cfg.budget) if b.kind in ("avg-bits", "size-mb")]
