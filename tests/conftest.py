@@ -87,6 +87,22 @@ def tiny_allocated(tmp_path_factory):
     return work
 
 
+@pytest.fixture(scope="session")
+def tiny_pruned(tiny_allocated, tmp_path_factory):
+    """tiny_allocated without its plan, pruned to 4 steps with a sweep of 2 and 6 (n 2, 20 reference
+    steps), made once; copy it before writing into it."""
+    import shutil
+
+    from diffpro_cli.app import main
+
+    work = tmp_path_factory.mktemp("pruned") / "w"
+    shutil.copytree(tiny_allocated, work)
+    (work / "plan.json").unlink()
+    assert main(["prune", "random:dit-tiny", "-w", str(work), "--steps", "4", "--sweep", "2,6", "--n", "2",
+                 "--reference-steps", "20", "-q"]) == 0
+    return work
+
+
 @pytest.fixture
 def allocated_work(tiny_allocated, tmp_path):
     """A private copy of tiny_allocated without its plan.json (the next allocate computes)."""

@@ -8,27 +8,16 @@ import shutil
 import numpy as np
 import pytest
 
-from diffpro_cli.app import main
 from diffpro_cli.stages.allocate_check import paired_verdict, select_measured, verdict_line
 
 FAST = ["--batch", "1", "--repeats", "1", "--full-steps", "8", "--check-n", "4", "-q"]
 
 
-@pytest.fixture(scope="module")
-def pruned(tiny_allocated, tmp_path_factory):
-    """conftest's profiled and scored random:dit-tiny workdir with a pruned sweep of 2, 4 and 6 steps."""
-    work = tmp_path_factory.mktemp("checked") / "w"
-    shutil.copytree(tiny_allocated, work)
-    (work / "plan.json").unlink()
-    assert main(["prune", "random:dit-tiny", "-w", str(work), "--steps", "4", "--sweep", "2,6", "--n", "2",
-                 "--reference-steps", "20", "-q"]) == 0
-    return work
-
-
 @pytest.fixture
-def work(pruned, tmp_path):
+def work(tiny_pruned, tmp_path):
+    """A private copy of conftest's profiled, scored random:dit-tiny workdir pruned to 2, 4 and 6 steps."""
     dst = tmp_path / "w"
-    shutil.copytree(pruned, dst)
+    shutil.copytree(tiny_pruned, dst)
     return dst
 
 

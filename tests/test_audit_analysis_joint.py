@@ -5,11 +5,9 @@ session (conftest.tiny_allocated); prune runs only in the test that needs its ti
 """
 
 import json
-import shutil
 
 import pytest
 
-from diffpro_cli.app import main
 
 
 @pytest.fixture
@@ -39,14 +37,9 @@ def test_latency_budget_alone_reads_the_workdir_timesteps_like_latency_fraction(
     assert code == 0 and json.loads((work / "plan.json").read_text())["joint"]["steps"] == 4, err
 
 
-@pytest.fixture(scope="module")
-def pruned(tiny_allocated, tmp_path_factory):
-    work = tmp_path_factory.mktemp("pruned") / "w"
-    shutil.copytree(tiny_allocated, work)
-    (work / "plan.json").unlink()
-    assert main(["prune", "random:dit-tiny", "-w", str(work), "--steps", "4", "--sweep", "2,6", "--n", "2",
-                 "--reference-steps", "20", "-q"]) == 0
-    return work
+@pytest.fixture
+def pruned(tiny_pruned):   # conftest's shared pruned workdir (the tests below write nothing into it)
+    return tiny_pruned
 
 
 @pytest.mark.parametrize("edit, needle", [

@@ -96,12 +96,16 @@ def cpu_has_vnni() -> bool:
     themselves only read them at their first use, so real kernels need a fresh process)."""
     if isa_cap_without_vnni() is not None:
         return False
+    return any(flag in _cpu_flags() for flag in ("avx512_vnni", "avx_vnni", "amx_int8"))
+
+
+def _cpu_flags() -> set[str]:
+    """The first CPU's flags in /proc/cpuinfo (empty where it cannot be read: not Linux)."""
     try:
         with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "")
+            return set(next((line for line in f if line.startswith("flags")), "").split())
     except OSError:
-        return False
-    return any(flag in flags.split() for flag in ("avx512_vnni", "avx_vnni", "amx_int8"))
+        return set()
 
 
 @functools.lru_cache(maxsize=None)
@@ -113,12 +117,7 @@ def cpu_has_amx_int8() -> bool:
         cap = os.environ.get(name, "").strip().upper()
         if cap and cap != "ALL" and "AMX" not in cap:
             return False
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        return False
-    return "amx_int8" in flags.split()
+    return "amx_int8" in _cpu_flags()
 
 
 # Below this many weights fbgemm stays first on AMX too: the built-in DiT's 192-wide layers ran its whole
