@@ -374,12 +374,16 @@ def test_an_interrupted_sample_exits_130_with_one_line_and_writes_nothing(tmp_pa
         raise NotHandled
 
     previous = signal.signal(signal.SIGTERM, fallback)
+    # Python's own Ctrl-C handler, as a terminal gives it: a test run started with `cmd &` inherits
+    # SIGINT ignored, and the raised SIGINT would then do nothing (LAUNCH above does the same)
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     out = tmp_path / "grid.png"
     try:
         assert main(["sample", "--n", "2", "--steps", "2", "--out", str(out), "-q"]) == 130
         after = signal.getsignal(signal.SIGTERM)
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
     errors = _error_lines(capsys.readouterr().err)
     assert len(errors) == 1 and "interrupted" in errors[0], errors
     assert not out.exists() and not out.with_suffix(".safetensors").exists()
