@@ -158,6 +158,8 @@ batch = 2
 budget = "avg-bits=8"
 repeats = 1
 batch = 2
+check_n = 2
+full_steps = 6
 [bench]
 rows = ["fp32", "w8a8-uniform", "ddim", "diffpro"]
 method = "euler"
@@ -175,6 +177,9 @@ grid_n = 2
     prune = json.loads((tmp_path / "work" / "timesteps.json").read_text())
     assert rows["diffpro"]["steps"] == len(prune["timesteps"]) == 3
     assert all(r["peak_mem_bytes"] for r in report["rows"])
+    # allocate's check sampled the flow model with its shipped prompts (against fp32 on 6 steps)
+    check = json.loads((tmp_path / "work" / "plan.json").read_text())["step_cut_check"]
+    assert check["n"] == 2 and check["plan"]["steps"] == 3 and "measured against fp32" in check["verdict"]
 
 
 def test_bench_cli_takes_the_flow_euler_sampler_and_refuses_it_for_an_epsilon_model(tmp_path, cli):
