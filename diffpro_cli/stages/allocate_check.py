@@ -1,7 +1,8 @@
 """allocate's measured check against the float step cut (issue #19, item 3; docs/planning.md).
 
 A user who does not quantize can spend the plan's latency on float steps instead: ddim-K' with K' the
-most uniform steps whose predicted float time fits the plan's (`baseline_check`). Predicted error
+most uniform steps whose float time fits the plan's (both forwards timed here; `baseline_check`'s
+prediction is kept beside it). Predicted error
 (quantization error + step drift) cannot say which is closer to fp32, because its two terms are in
 different units. So both are measured in one unit, end to end, on the same seeded calibration batch:
 the plan's network quantized in memory as quantize will write it (`check_rounding`, which `run` takes
@@ -25,7 +26,6 @@ import torch
 from diffpro_cli.stages.allocate import AllocateConfig
 
 CHECK_SCHEMA = "diffpro.step-cut-check/1"
-METRICS = ("inception", "mse")
 
 
 def per_sample_mse(candidate: torch.Tensor, teacher: torch.Tensor) -> np.ndarray:
@@ -53,11 +53,11 @@ def time_forwards(model, q, float_world: str | None, batch: int, repeats: int, s
     from diffpro_cli.planning.costs_compiled import world_dtype
 
     dtype = world_dtype(float_world or "float32")
-    fl = model if dtype in (None, "float32") else copy.deepcopy(model).set_compute_dtype(getattr(torch, dtype))
+    fl = model if dtype == "float32" else copy.deepcopy(model).set_compute_dtype(getattr(torch, dtype))
     _, (x, t, y) = capture_inputs(model, {}, batch, seed)
     with torch.no_grad():
         ms = interleaved_min_ms({"plan": lambda: q.eps(x, t, y), "float": lambda: fl.eps(x, t, y)}, repeats, device=str(x.device))
-    return {"batch": batch, "repeats": repeats, "float_dtype": dtype or "float32", "plan_ms": ms["plan"], "float_ms": ms["float"],
+    return {"batch": batch, "repeats": repeats, "float_dtype": dtype, "plan_ms": ms["plan"], "float_ms": ms["float"],
             "plan_speedup": ms["float"] / ms["plan"]}
 
 
@@ -136,31 +136,33 @@ def step_cut_check(ctx, cfg: AllocateConfig, plan: dict, timesteps: dict | None,
         advance[0] = bar
         teacher = final(model, uniform_timesteps(N, cfg.full_steps))
 
-        def measured(p: dict) -> np.ndarray:
-            return per_sample(final(quantized(p), p["timesteps"]), teacher)
+        def measured(p: dict) -> tuple[np.ndarray, object]:
+            q = quantized(p)
+            return per_sample(final(q, p["timesteps"]), teacher), q
 
-        plan_d = measured(plan)
+        plan_d, plan_q = measured(plan)
         if others:
             chosen_k = joint["steps"]
-            cands, plans = [], {chosen_k: (plan, plan_d)}
+            best, kept = {"steps": chosen_k, "distance": float(plan_d.mean())}, None
             for row in joint["candidates"]:
-                if row.get("feasible") and row["steps"] != chosen_k:
+                if row["steps"] == chosen_k:
+                    row["measured_distance"] = best["distance"]
+                elif row.get("feasible"):
                     p = finish(plan_for_steps(row["steps"]))
-                    plans[row["steps"]] = (p, measured(p))
-            for row in joint["candidates"]:
-                if row["steps"] in plans:
-                    row["measured_distance"] = float(plans[row["steps"]][1].mean())
-                    cands.append({"steps": row["steps"], "distance": row["measured_distance"]})
-            best = select_measured(cands)["steps"]
-            if best != chosen_k:
-                ui.info(f"allocate: {best} steps are closer to fp32 than the predicted choice {chosen_k} "
-                        f"(measured {plans[best][1].mean():.4g} vs {plan_d.mean():.4g}); keeping {best}")
-                plan, plan_d = plans[best]
+                    d, q = measured(p)
+                    row["measured_distance"] = float(d.mean())
+                    cand = {"steps": row["steps"], "distance": row["measured_distance"]}
+                    if select_measured([best, cand]) is cand:   # only the leader's network is kept (timed below)
+                        best, kept = cand, (p, d, q)
+            if kept is not None:
+                ui.info(f"allocate: {best['steps']} steps are closer to fp32 than the predicted choice {chosen_k} "
+                        f"(measured {best['distance']:.4g} vs {plan_d.mean():.4g}); keeping {best['steps']}")
+                plan, plan_d, plan_q = kept
                 plan["joint"]["candidates"] = joint["candidates"]
             plan["joint"]["selected_by"] = "measured distance to fp32"
             plan["joint"]["predicted_choice"] = chosen_k
         base = plan["baseline_check"]
-        forward = time_forwards(model, quantized(plan), base.get("fastest_float_dtype") or base.get("float_dtype"),
+        forward = time_forwards(model, plan_q, base.get("fastest_float_dtype") or base.get("float_dtype"),
                                 cfg.batch, min(cfg.repeats, 9), ctx.seed)
         K = len(plan["timesteps"])   # the float steps that cost the plan's MEASURED time (the table's prediction is kept)
         k_cut = max(1, min(cfg.full_steps, math.floor(K * forward["plan_ms"] / forward["float_ms"] + 1e-9)))
