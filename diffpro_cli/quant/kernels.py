@@ -112,7 +112,8 @@ def _cpu_flags() -> set[str]:
 def cpu_has_amx_int8() -> bool:
     """AMX int8 tiles that oneDNN uses (fbgemm does not): the amx_int8 flag and no oneDNN ISA cap below
     AMX. Measured on an Intel Xeon with AMX, 2 threads (docs/results.md, session 17): oneDNN's int8
-    Linear 1.4-2.3x fbgemm's on DiT-XL/2 and built-in shapes. Cached like cpu_has_vnni."""
+    Linear 1.4-2.3x fbgemm's at DiT-XL/2's widths (not at the built-ins': AMX_MIN_WEIGHTS). Cached like
+    cpu_has_vnni."""
     for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
         cap = os.environ.get(name, "").strip().upper()
         if cap and cap != "ALL" and "AMX" not in cap:
